@@ -1,0 +1,3 @@
+from lora4diffusion.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,343 @@
+"""The command line: a thin layer over the Python API (train.train_base, pipeline.Pipeline, ...).
+
+Every named bad input raises UserError somewhere below; here it becomes one line on stderr and exit status 2,
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from lora4diffusion import __version__
+from lora4diffusion.errors import UserError
+
+log = logging.getLogger("lora4diffusion")
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {value}")
+        return value
+
+    return parse
+
+
+def _nonneg_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not value >= 0:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
+def _out_dir(path: str) -> Path:
+    """An output directory: may exist (as a directory) or not yet; a file there is refused."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out {p} is a file, not a directory")
+    return p
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own convention, minus the usage block)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lora4diffusion", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"lora4diffusion {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a base diffusion UNet on MNIST")
+    t.add_argument("--preset", default="fast", help="tiny (seconds, smoke test) | fast (CPU recipe) | base")
+    t.add_argument("--out", required=True, help="run directory (checkpoints, logs, pictures)")
+    t.add_argument(
+        "--data", default="embedded", help="embedded (default, offline) | download | PATH to IDX files"
+    )
+    t.add_argument("--steps", type=_positive_int("--steps"), help="override the preset's number of steps")
+    t.add_argument("--batch-size", type=_positive_int("--batch-size"))
+    t.add_argument("--lr", type=float)
+    t.add_argument("--image-size", type=int, help="train at this size (28 native; 32, 48 resized)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--no-bf16", action="store_true", help="train in fp32 (bf16 autocast is the default)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+
+    s = sub.add_parser("sample", help="sample digits from a model")
+    s.add_argument("--checkpoint", help="model or run directory (default: the shipped base model)")
+    s.add_argument("--digits", default="0-9", help="e.g. 0-9 or 3,5,7")
+    s.add_argument("--per-digit", type=_positive_int("--per-digit"), default=8)
+    s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    s.add_argument(
+        "--steps", type=_positive_int("--steps"), help="sampling steps (default: 50 DDIM, 1000 DDPM)"
+    )
+    s.add_argument(
+        "--guidance", type=_nonneg_float("--guidance"), help="classifier-free guidance scale w (1 = none)"
+    )
+    s.add_argument("--eta", type=_nonneg_float("--eta"), default=0.0, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast (faster on CPUs with bf16, not bit-exact)"
+    )
+    s.add_argument("--trajectory", action="store_true", help="also write the denoising strip trajectory.png")
+    s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
+    _lora_args(s)
+
+    tl = sub.add_parser("train-lora", help="train a LoRA adapter that teaches the frozen base a style")
+    tl.add_argument("--base", help="base model directory (default: the shipped base)")
+    tl.add_argument("--style", required=True, help="bold | thin | italic | FOLDER (0-9) | FILE.csv")
+    tl.add_argument("--out", required=True, help="run directory; the adapter is OUT/adapter.safetensors")
+    tl.add_argument("--steps", type=_positive_int("--steps"))
+    tl.add_argument("--rank", type=int, default=4)
+    tl.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank, i.e. scale 1)")
+    tl.add_argument("--targets", default="attention",
+                    help="preset (attention | reference | all-linear | conv, combinable: attention+conv),"
+                    " module names/suffixes (to_q,to_v) or re:REGEX")
+    tl.add_argument("--init", choices=["normal", "kaiming"], default="normal")
+    tl.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+    tl.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    tl.add_argument("--per-digit", type=_positive_int("--per-digit"), help="few-shot: N examples per digit")
+    tl.add_argument("--data", default="embedded", help="MNIST source for the built-in styles")
+    tl.add_argument("--lr", type=float)
+    tl.add_argument("--batch-size", type=_positive_int("--batch-size"))
+    tl.add_argument("--ema", type=float, help="EMA decay of the adapter weights (default: off)")
+    tl.add_argument("--seed", type=int)
+    tl.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (for comparison)")
+    tl.add_argument("--resume", action="store_true")
+    tl.set_defaults(func=cmd_train_lora)
+
+    m = sub.add_parser("merge", help="merge adapters into the base and write a standalone checkpoint")
+    m.add_argument("--checkpoint", help="base model directory (default: the shipped base)")
+    m.add_argument("--out", required=True)
+    _lora_args(m, required=True)
+    m.set_defaults(func=cmd_merge)
+
+    ex = sub.add_parser("extract", help="extract a rank-r LoRA from a fully fine-tuned checkpoint (SVD)")
+    ex.add_argument("--base", help="base model directory (default: the shipped base)")
+    ex.add_argument("--tuned", required=True, help="the fine-tuned model directory")
+    ex.add_argument("--rank", type=_positive_int("--rank"), required=True)
+    ex.add_argument("--targets", default="attention")
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(func=cmd_extract)
+
+    rs = sub.add_parser("resize", help="change an adapter's rank by SVD")
+    rs.add_argument("--lora", required=True, help="adapter directory or file")
+    rs.add_argument("--rank", type=_positive_int("--rank"), required=True)
+    rs.add_argument("--out", required=True)
+    rs.set_defaults(func=cmd_resize)
+
+    xp = sub.add_parser("export-peft", help="write an adapter in PEFT's layout")
+    xp.add_argument("--lora", required=True)
+    xp.add_argument("--out", required=True)
+    xp.set_defaults(func=cmd_export_peft)
+
+    ip = sub.add_parser("import-peft", help="convert a PEFT LoRA adapter directory into ours")
+    ip.add_argument("--peft", required=True, help="directory with adapter_config.json")
+    ip.add_argument("--checkpoint", help="base model to fingerprint the adapter against (default: shipped)")
+    ip.add_argument("--out", required=True)
+    ip.set_defaults(func=cmd_import_peft)
+
+    from lora4diffusion import evaluate
+
+    evaluate.add_parser(sub)
+    evaluate.add_classifier_parser(sub)
+    t.set_defaults(func=cmd_train)
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lora4diffusion.train import NonFiniteLoss, train_base
+
+    out = _out_dir(args.out)
+    try:
+        summary = train_base(
+            args.preset,
+            out,
+            data=args.data,
+            steps=args.steps,
+            resume=args.resume,
+            image_size=args.image_size,
+            progress=not args.quiet,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            bf16=False if args.no_bf16 else None,
+        )
+    except NonFiniteLoss as e:
+        print(f"lora4diffusion: {e}", file=sys.stderr)
+        return 1
+    state = "interrupted" if summary["interrupted"] else "done"
+    print(
+        f"{state}: step {summary['step']}, loss {summary['loss']:.4f}, "
+        f"{summary['train_seconds']:.0f} s of training; run directory {out}"
+    )
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lora4diffusion.data import parse_digits
+    from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
+    from lora4diffusion.plots import save_grid, save_trajectory
+
+    digits = parse_digits(args.digits)
+    out = _out_dir(args.out)
+    pipe = Pipeline.load(args.checkpoint)
+    for path, weight in _parse_loras(args.lora):
+        pipe.add_lora(path, weight, force=args.force)
+    steps = args.steps or (DEFAULT_STEPS if args.sampler == "ddim" else None)
+    if steps is not None and steps > pipe.diffusion.timesteps:
+        raise UserError(f"--steps {steps} exceeds the model's {pipe.diffusion.timesteps} diffusion timesteps")
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    labels = [d for d in digits for _ in range(args.per_digit)]
+    traj_every = max(1, (steps or pipe.diffusion.timesteps) // 10) if args.trajectory else 0
+    images, trajectory = pipe.generate(
+        labels,
+        sampler=args.sampler,
+        steps=steps,
+        guidance=guidance,
+        seed=args.seed,
+        eta=args.eta,
+        trajectory_every=traj_every,
+        bf16=args.bf16,
+        progress=not args.quiet,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(images, args.per_digit, out / "samples.png")
+    np.savez(
+        out / "samples.npz", images=images.numpy().astype(np.float32), labels=np.array(labels, dtype=np.int64)
+    )
+    if args.trajectory:
+        save_trajectory(trajectory, out / "trajectory.png")
+    print(f"wrote {len(labels)} samples to {out / 'samples.png'} and {out / 'samples.npz'}")
+    return 0
+
+
+def _lora_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--lora", action="append", default=[], required=required, metavar="PATH[:SCALE]",
+                   help="adapter directory or file, optionally with a scale; repeat to mix adapters")
+    p.add_argument("--force", action="store_true", help="load adapters trained on a different base")
+
+
+def _parse_loras(items: list[str]) -> list[tuple[str, float]]:
+    from lora4diffusion.adapters import parse_lora_arg
+
+    out = []
+    for text in items:
+        path, weight = parse_lora_arg(text)
+        head, sep, tail = text.rpartition(":")
+        if sep and path == text and not Path(text).exists():
+            raise UserError(f"--lora {text}: scale {tail!r} is not a number")
+        out.append((path, weight))
+    return out
+
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from lora4diffusion.finetune import LoRAConfig, train_lora
+    from lora4diffusion.train import NonFiniteLoss
+
+    out = _out_dir(args.out)
+    lora = LoRAConfig(rank=args.rank, alpha=float(args.rank) if args.alpha is None else args.alpha,
+                      targets=args.targets, init=args.init, rslora=args.rslora, dropout=args.dropout)
+    try:
+        r = train_lora(args.style, out, base=args.base, lora=lora, data=args.data, per_digit=args.per_digit,
+                       resume=args.resume, full=args.full, progress=not args.quiet, steps=args.steps,
+                       lr=args.lr, batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema)
+    except NonFiniteLoss as e:
+        print(f"lora4diffusion: {e}", file=sys.stderr)
+        return 1
+    what = "model" if args.full else "adapter"
+    print(f"{'interrupted' if r['interrupted'] else 'done'}: {what} in {out}, step {r['step']}, "
+          f"{r['trainable_params']} trainable parameters ({100 * r['share']:.2f}% of the base), "
+          f"{r['train_seconds']:.0f} s of training")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lora4diffusion.checkpoint import save_model
+    from lora4diffusion.lora import unload_lora
+    from lora4diffusion.pipeline import Pipeline
+
+    out = _out_dir(args.out)
+    loras = _parse_loras(args.lora)
+    pipe = Pipeline.load(args.checkpoint)
+    names = [pipe.add_lora(path, weight, force=args.force) for path, weight in loras]
+    model = unload_lora(pipe.unet, merge=True)
+    merged_from = [{"adapter": p, "scale": w, "name": n} for (p, w), n in zip(loras, names, strict=True)]
+    save_model(out, model, pipe.diffusion, {"merged_from": merged_from, "base": pipe.config.get("base_path")})
+    print(f"merged {len(loras)} adapter(s) into {out}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from lora4diffusion.adapters import base_fingerprint, extract_lora
+    from lora4diffusion.checkpoint import load_model
+    from lora4diffusion.finetune import load_base
+
+    out = _out_dir(args.out)
+    base, _, _, _ = load_base(args.base)
+    tuned, _, _ = load_model(Path(args.tuned))
+    adapter, errors = extract_lora(base, tuned, args.rank, args.targets)
+    adapter.fingerprint = base_fingerprint(base)
+    adapter.save(out)
+    print(f"extracted rank-{args.rank} adapter ({len(adapter.modules)} modules) to {out}; "
+          f"relative approximation error {errors['overall']:.4g}")
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    from lora4diffusion.adapters import resize_adapter
+
+    out = _out_dir(args.out)
+    adapter, errors = resize_adapter(args.lora, args.rank)
+    adapter.save(out)
+    worst = max((v for k, v in errors.items() if k != "overall"), default=0.0)
+    print(f"resized to rank {args.rank} in {out}; relative approximation error {errors['overall']:.4g} "
+          f"overall, {worst:.4g} worst module")
+    return 0
+
+
+def cmd_export_peft(args: argparse.Namespace) -> int:
+    from lora4diffusion.adapters import export_peft
+
+    out = _out_dir(args.out)
+    export_peft(args.lora, out)
+    print(f"wrote PEFT adapter (adapter_config.json, adapter_model.safetensors) to {out}")
+    return 0
+
+
+def cmd_import_peft(args: argparse.Namespace) -> int:
+    from lora4diffusion.adapters import import_peft
+    from lora4diffusion.finetune import load_base
+
+    out = _out_dir(args.out)
+    base, _, _, _ = load_base(args.checkpoint)
+    import_peft(args.peft, base_model=base).save(out)
+    print(f"imported PEFT adapter into {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"lora4diffusion: error: {e}", file=sys.stderr)
+        return 2

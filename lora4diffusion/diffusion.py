@@ -1,0 +1,240 @@
+"""Noise schedule, training loss, DDPM/DDIM samplers and classifier-free guidance, written from the papers.
+
+DDPM = Ho et al. 2020 (eq. 4, 7, 15, Algorithms 1 and 2); DDIM = Song et al. 2021 (eq. 12, 16);
+cosine schedule = Nichol & Dhariwal 2021 (eq. 17); CFG = Ho & Salimans 2022 (eq. 6).
+
+As in diffusers, the schedule and the samplers are small objects apart from the network: a sampler is told
+its timesteps (``set_timesteps``) and turns (eps, t, x_t) into x_prev (``step``). The model convention is
+``model(x, t, labels) -> eps``; ``labels == NULL_LABEL`` is the learned "no condition" context for CFG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lora4diffusion.errors import UserError
+from lora4diffusion.unet import NULL_LABEL
+
+EpsModel = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    schedule: str = "linear"  # "linear" (DDPM) or "cosine" (Nichol & Dhariwal, s=0.008, betas <= 0.999)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    loss: str = "mse"  # "mse" (DDPM's L_simple) or "l1" (the reference implementation's choice)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.timesteps < 1:
+            raise UserError(f"timesteps must be >= 1, got {self.timesteps}")
+        if self.schedule not in ("linear", "cosine"):
+            raise UserError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        if not 0.0 < self.beta_start <= self.beta_end < 1.0:
+            raise UserError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        if self.loss not in ("mse", "l1"):
+            raise UserError(f"loss must be 'mse' or 'l1', got {self.loss!r}")
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    # Draw on the generator's own device (a CPU generator cannot fill a CUDA tensor), like diffusers.
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+class NoiseSchedule:
+    """The fixed forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I), t = 0..T-1."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        cfg.validate()
+        self.cfg, self.T = cfg, cfg.timesteps
+        if cfg.schedule == "linear":
+            betas = torch.linspace(cfg.beta_start, cfg.beta_end, self.T, dtype=torch.float64)
+        else:
+            # abar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2); beta_t = 1 - abar_t/abar_{t-1}
+            # capped at 0.999 against the singularity at t = T (Nichol & Dhariwal eq. 17, sec. 3.2).
+            u = torch.arange(self.T + 1, dtype=torch.float64) / self.T
+            f = torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        alphas = 1 - betas
+        abar = torch.cumprod(alphas, 0)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        self.betas = betas.float()
+        self.alphas = alphas.float()
+        self.alphas_cumprod = abar.float()
+        self.alphas_cumprod_prev = abar_prev.float()
+        # beta tilde of DDPM eq. 7: the variance of the true posterior q(x_{t-1} | x_t, x_0).
+        self.posterior_variance = (betas * (1 - abar_prev) / (1 - abar)).float()
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """DDPM eq. 4 in closed form: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        abar = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def training_loss(self, model: EpsModel, x0: Tensor, labels: Tensor,
+                      generator: torch.Generator | None = None, p_uncond: float = 0.0) -> Tensor:
+        """DDPM Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), loss(eps_theta(x_t, t), eps), mean over everything.
+
+        ``p_uncond`` > 0 replaces that fraction of labels by NULL_LABEL, so the same network also learns the
+        unconditional eps that classifier-free guidance needs (Ho & Salimans, Algorithm 1).
+        """
+        if not 0.0 <= p_uncond <= 1.0:
+            raise UserError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        gen_device = generator.device if generator is not None else x0.device
+        t = torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=gen_device).to(x0.device)
+        noise = _randn(tuple(x0.shape), generator, x0.device).to(x0.dtype)
+        if p_uncond > 0:
+            drop = torch.rand(x0.shape[0], generator=generator, device=gen_device) < p_uncond
+            drop = drop.to(labels.device)
+            labels = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
+        eps = model(self.q_sample(x0, t, noise), t, labels).float()
+        loss_fn = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
+        return loss_fn(eps, noise.float())
+
+
+class _Sampler:
+    """Shared timestep bookkeeping: which timesteps to visit and, for each, the one that follows it."""
+
+    def __init__(self, schedule: NoiseSchedule, clip_sample: bool, spacing: str):
+        if spacing not in ("leading", "trailing"):
+            raise UserError(f"spacing must be 'leading' or 'trailing', got {spacing!r}")
+        self.schedule, self.clip_sample, self.spacing = schedule, clip_sample, spacing
+        self.alphas_cumprod = schedule.alphas_cumprod
+        self.set_timesteps(schedule.T)
+
+    def set_timesteps(self, num_steps: int | None = None) -> None:
+        T = self.schedule.T
+        n = T if num_steps is None else int(num_steps)
+        if not 1 <= n <= T:
+            raise UserError(f"number of sampling steps must be in 1..{T}, got {num_steps}")
+        if self.spacing == "leading":  # (n-1) r, ..., r, 0 with r = T // n (diffusers' default, offset 0)
+            self.timesteps = (torch.arange(n) * (T // n)).flip(0)
+        else:  # T-1, ...: always starts from the noisiest step (Lin et al. 2023, Table 2)
+            self.timesteps = (T - torch.arange(n, dtype=torch.float64) * (T / n)).round().long() - 1
+        self.num_steps = n
+        nxt = self.timesteps.tolist()[1:] + [-1]
+        self._prev = dict(zip(self.timesteps.tolist(), nxt, strict=True))
+
+    def _alphas(self, t: int) -> tuple[Tensor, Tensor]:
+        """abar_t and abar_prev for the kept step after t; the last step goes to abar = 1 (clean data)."""
+        if t not in self._prev:
+            raise UserError(f"timestep {t} is not in this sampler's schedule; call set_timesteps first")
+        prev = self._prev[t]
+        return self.alphas_cumprod[t], self.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
+
+    def variance(self, t: int) -> Tensor:
+        """beta tilde (DDPM eq. 7) from t to the next kept step; posterior_variance[t] when all T are kept."""
+        abar_t, abar_prev = self._alphas(int(t))
+        return (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+
+    def _predict_x0(self, eps: Tensor, abar_t: Tensor, x: Tensor) -> Tensor:
+        # DDPM eq. 15 solved for x0; clipping to the data range [-1, 1] = diffusers' clip_sample=True default.
+        x0 = (x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+        return x0.clamp(-1, 1) if self.clip_sample else x0
+
+
+class DDPMSampler(_Sampler):
+    """Ancestral sampling, DDPM Algorithm 2; with fewer steps, the same posterior between the kept steps."""
+
+    def __init__(self, schedule: NoiseSchedule, clip_sample: bool = True, spacing: str = "leading"):
+        super().__init__(schedule, clip_sample, spacing)
+
+    def step(self, eps: Tensor, t: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        t = int(t)
+        eps = eps.float()
+        abar_t, abar_prev = self._alphas(t)
+        alpha_t = abar_t / abar_prev  # = alphas[t] for consecutive steps, the strided alpha otherwise
+        x0 = self._predict_x0(eps, abar_t, x)
+        # Posterior mean mu~(x_t, x0) of DDPM eq. 7; unclipped, it is algebraically Algorithm 2's mean. The
+        # float32 ratios above are diffusers' arithmetic (matched to 1e-6); they cost ~1e-4 near t = 0.
+        c0 = abar_prev.sqrt() * (1 - alpha_t) / (1 - abar_t)
+        ct = alpha_t.sqrt() * (1 - abar_prev) / (1 - abar_t)
+        mean = c0 * x0 + ct * x
+        if self._prev[t] < 0:  # Algorithm 2: z = 0 at the last step
+            return mean
+        var = self.variance(t).clamp(min=1e-20)
+        return mean + var.sqrt() * _randn(tuple(x.shape), generator, x.device)
+
+
+class DDIMSampler(_Sampler):
+    """DDIM (Song et al. eq. 12); eta = 0 is deterministic, eta = 1 has DDPM's posterior variance (eq. 16)."""
+
+    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, clip_sample: bool = True,
+                 spacing: str = "leading"):
+        if eta < 0:
+            raise UserError(f"eta must be >= 0, got {eta}")
+        super().__init__(schedule, clip_sample, spacing)
+        self.eta = eta
+
+    def step(self, eps: Tensor, t: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        t = int(t)
+        eps = eps.float()
+        abar_t, abar_prev = self._alphas(t)
+        x0 = self._predict_x0(eps, abar_t, x)
+        sigma = self.eta * self.variance(t).sqrt()  # eq. 16
+        # eq. 12: sqrt(abar_prev) * "predicted x0" + "direction pointing to x_t" + sigma * noise.
+        x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps
+        if self.eta > 0:  # draw even when sigma = 0 (last step) so the RNG stream matches diffusers
+            x_prev = x_prev + sigma * _randn(tuple(x.shape), generator, x.device)
+        return x_prev
+
+
+def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: float) -> Tensor:
+    """Classifier-free guidance, eps_u + w (eps_c - eps_u), in float32 (Ho & Salimans eq. 6 with their w + 1).
+
+    w = 1 is the plain conditional model and w = 0 the unconditional one, one forward of size B each;
+    any other w runs conditional and null labels as one batch of size 2B.
+    """
+    if guidance < 0:
+        raise UserError(f"guidance must be >= 0, got {guidance}")
+    if guidance == 1.0:
+        return model(x, t, labels).float()
+    null = torch.full_like(labels, NULL_LABEL)
+    if guidance == 0.0:
+        return model(x, t, null).float()
+    eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def sample(model: EpsModel, sampler: DDPMSampler | DDIMSampler, labels: Tensor, shape: tuple[int, int, int],
+           guidance: float = 1.0, generator: torch.Generator | None = None, trajectory_every: int = 0,
+           progress: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """Run ``sampler.timesteps`` from x_T ~ N(0, I); returns (x0 in [-1, 1], [B, *shape] float32, trajectory).
+
+    The trajectory holds x (on the CPU) after every ``trajectory_every``-th step, plus the final x0; [] if 0.
+    """
+    if guidance < 0:
+        raise UserError(f"guidance must be >= 0, got {guidance}")
+    if trajectory_every < 0:
+        raise UserError(f"trajectory_every must be >= 0, got {trajectory_every}")
+    if labels.dim() != 1 or labels.dtype != torch.int64:
+        raise UserError(f"labels must be a 1-D int64 tensor, got shape {tuple(labels.shape)} {labels.dtype}")
+    device = labels.device
+    x = _randn((labels.shape[0], *shape), generator, device)
+    trajectory: list[Tensor] = []
+    steps = sampler.timesteps.tolist()
+    for i, t in enumerate(tqdm(steps, disable=not progress, desc="sampling", leave=False), start=1):
+        t_batch = torch.full((labels.shape[0],), t, dtype=torch.int64, device=device)
+        x = sampler.step(guided_eps(model, x, t_batch, labels, guidance), t, x, generator)
+        if i == len(steps):
+            x = x.clamp(-1, 1)  # already in range with clip_sample; guarantees it without
+        if trajectory_every and (i % trajectory_every == 0 or i == len(steps)):
+            trajectory.append(x.cpu())
+    return x, trajectory
+
+
+__all__ = [
+    "NULL_LABEL", "DiffusionConfig", "NoiseSchedule", "DDPMSampler", "DDIMSampler", "guided_eps", "sample",
+]

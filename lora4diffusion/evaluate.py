@@ -1,0 +1,318 @@
+"""Scoring generated digits with the project's own MNIST classifier.
+
+Numbers: conditional accuracy (the classifier reads the digit that was asked for), per-digit accuracy,
+FID in the classifier's feature space against the held-out real digits (``fid_classifier``), mean ink.
+Each comes with the same number measured on real digits, so it can be read on a scale:
+    real_vs_real_fid   FID of a slice of TRAIN digits against the held-out digits, with as many train digits
+                       as there are samples and the same label mix (FID is biased upward at small n, so the
+                       floor must use a comparable n). Train digits were seen by the classifier: a floor,
+                       not an unbiased estimate.
+    heldout accuracy and mean ink of the real held-out digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lora4diffusion.classifier import Classifier, load_classifier, to_input, train_classifier
+from lora4diffusion.data import MNISTSplits, load_mnist, parse_digits
+from lora4diffusion.errors import UserError
+
+log = logging.getLogger("lora4diffusion")
+
+
+# ------------------------------------------------------------------------------------------------ samples
+
+
+def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read an ``.npz`` written by ``lora4diffusion sample`` -> (images float32 [N, H, W] in [0, 1], labels).
+
+    ``images`` may also be [N, 1, H, W] (squeezed to [N, H, W]); any real dtype is accepted but every value
+    must be finite and in [0, 1]. ``labels`` must be N integers 0..9. Anything else is a UserError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+    try:
+        f = np.load(path, allow_pickle=False)  # no pickle: object arrays raise ValueError when read
+    except unreadable as e:
+        raise UserError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy file loads as a bare array
+        raise UserError(f"{path}: not an .npz archive (expected arrays 'images' and 'labels')")
+    with f:
+        missing = [k for k in ("images", "labels") if k not in f.files]
+        if missing:
+            raise UserError(f"{path}: no array {' or '.join(repr(k) for k in missing)} (has {f.files})")
+        try:
+            images, labels = f["images"], f["labels"]
+        except unreadable as e:
+            raise UserError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+    return _check_samples(images, labels, str(path))
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _check_samples(images: np.ndarray, labels: np.ndarray, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3 or min(images.shape[1:], default=0) < 8:
+        raise UserError(f"{where}: images must be [N, H, W] or [N, 1, H, W], H, W >= 8; got {images.shape}")
+    if not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
+        raise UserError(f"{where}: images must be numbers in [0, 1], got dtype {images.dtype}")
+    if len(images) == 0:
+        raise UserError(f"{where}: no images")
+    images = images.astype(np.float32)
+    bad = int((~np.isfinite(images)).sum())
+    if bad:
+        raise UserError(f"{where}: {bad} image values are NaN or infinite")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0 or hi > 1:
+        raise UserError(f"{where}: image values must lie in [0, 1], found {lo:g}..{hi:g}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if len(labels) != len(images):
+        raise UserError(f"{where}: {len(images)} images but {len(labels)} labels")
+    if labels.min() < 0 or labels.max() > 9:
+        raise UserError(f"{where}: labels must be digits 0..9, found {labels.min()}..{labels.max()}")
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------------ FID
+
+
+def _sqrt_psd(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # tiny negative eigenvalues are rounding noise
+
+
+def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(s1 + s2 - 2 (s1 s2)^(1/2)) for two Gaussians, in float64.
+
+    Tr (s1 s2)^(1/2) = Tr (r s2 r)^(1/2) with r = s1^(1/2): ``s1 s2`` is similar to the symmetric PSD matrix
+    ``r s2 r``, so two symmetric eigendecompositions replace a general (complex, less stable) sqrtm.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(s1, np.float64)), np.atleast_2d(np.asarray(s2, np.float64))
+    d = len(mu1)
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"shape mismatch: means {mu1.shape} {mu2.shape}, covariances {s1.shape} {s2.shape}")
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+    r = _sqrt_psd(s1)
+    m = r @ s2 @ r
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    diff = mu1 - mu2
+    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean))
+
+
+def gaussian_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of [N, F] features, in float64."""
+    f = features.double().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def _fid(a: torch.Tensor, b: torch.Tensor) -> float:
+    return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+
+
+# ------------------------------------------------------------------------------------------------ scores
+
+
+def _matching_train_slice(splits: MNISTSplits, labels: torch.Tensor) -> torch.Tensor:
+    """Indices of train digits with the same label counts as ``labels`` (capped per class), fixed order."""
+    perm = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))
+    train_labels = splits.train.labels[perm]
+    counts = torch.bincount(labels, minlength=10)
+    picks = [perm[train_labels == c][: int(counts[c])] for c in range(10)]
+    return torch.cat(picks).sort().values
+
+
+def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, classifier: Classifier | None = None,
+                     reference: MNISTSplits | str | None = None) -> dict:
+    """Score generated ``images`` (float [N, H, W] in [0, 1]) that were asked to be digits ``labels``.
+
+    ``classifier``: default the shipped one. ``reference``: real digits, as splits or a ``load_mnist``
+    source (default ``"embedded"``). Returns a JSON-ready dict (see the module docstring).
+    """
+    images, labels = _check_samples(np.asarray(images), np.asarray(labels), "samples")
+    n = len(labels)
+    if n < 2:
+        raise UserError("need at least 2 samples (FID needs a covariance)")
+    clf = classifier if classifier is not None else load_classifier()
+    splits = load_mnist(reference or "embedded") if not isinstance(reference, MNISTSplits) else reference
+    held_x, held_y = splits.heldout.images.float() / 255, splits.heldout.labels
+    if len(held_y) < 2:
+        raise UserError(f"reference {splits.source} has {len(held_y)} held-out digits, need at least 2")
+
+    floor_idx = _matching_train_slice(splits, labels)
+    floor_x = splits.train.images[floor_idx].float() / 255
+    # one pass over samples, held-out and floor digits (resized to 28 px first so they concatenate)
+    logits, all_feats = clf.embed(torch.cat([to_input(images), to_input(held_x), to_input(floor_x)]))
+    feats, held_feats, floor_feats = all_feats.split([n, len(held_y), len(floor_idx)])
+    pred, held_pred = logits[:n].argmax(1), logits[n : n + len(held_y)].argmax(1)
+
+    correct = pred == labels
+    per_digit = {d: float(correct[labels == d].double().mean()) if (labels == d).any() else None
+                 for d in range(10)}
+    return {
+        "n": n,
+        "image_size": list(images.shape[1:]),
+        "accuracy": float(correct.double().mean()),
+        "per_digit_accuracy": per_digit,
+        "per_digit_n": {d: int((labels == d).sum()) for d in range(10)},
+        "fid_classifier": _fid(feats, held_feats),
+        "fid_n": {"samples": n, "heldout": len(held_y)},
+        "mean_ink": float(images.double().mean()),
+        "reference": {
+            "source": splits.source,
+            "heldout_n": len(held_y),
+            "heldout_accuracy": float((held_pred == held_y).double().mean()),
+            "heldout_mean_ink": float(held_x.double().mean()),
+            "real_vs_real_fid": _fid(floor_feats, held_feats) if len(floor_idx) >= 2 else None,
+            "real_vs_real_n": {"train_slice": len(floor_idx), "heldout": len(held_y)},
+            "real_vs_real_note": "train digits (same label mix; seen by the classifier) vs held-out digits",
+        },
+        "classifier": {"feature_dim": clf.cfg.feature_dim,
+                       "recorded_heldout_accuracy": clf.info.get("heldout_accuracy"),
+                       "trained_on": clf.info.get("data_source")},
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def format_report(result: dict, as_json: bool = False) -> str:
+    """The result of ``evaluate_samples`` as an aligned table (or as indented JSON)."""
+    if as_json:
+        return json.dumps(result, indent=2)
+    ref = result["reference"]
+    fn, rn = result["fid_n"], ref["real_vs_real_n"]
+    floor = "-" if ref["real_vs_real_fid"] is None else f"{ref['real_vs_real_fid']:.3f}"
+    h, w = result["image_size"]
+    rows = [
+        ("", "generated", "real"),
+        ("digits (n)", str(result["n"]), f"{ref['heldout_n']} held-out"),
+        ("classifier accuracy", _pct(result["accuracy"]), _pct(ref["heldout_accuracy"])),
+        ("FID (classifier features)", f"{result['fid_classifier']:.3f}", f"{floor} (floor)"),
+        ("  FID n (vs held-out)", f"{fn['samples']} vs {fn['heldout']}",
+         f"{rn['train_slice']} train vs {rn['heldout']}"),
+        ("mean ink", f"{result['mean_ink']:.4f}", f"{ref['heldout_mean_ink']:.4f}"),
+    ]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{a:<{width[0]}}  {b:>{width[1]}}  {c:>{width[2]}}".rstrip() for a, b, c in rows]
+    lines.append("")
+    digits = [d for d in range(10) if result["per_digit_n"][d]]
+    lines.append("digit     " + "".join(f"{d:>7}" for d in digits))
+    lines.append("n         " + "".join(f"{result['per_digit_n'][d]:>7}" for d in digits))
+    lines.append("accuracy  " + "".join(f"{_pct(result['per_digit_accuracy'][d]):>7}" for d in digits))
+    lines.append("")
+    lines.append(f"samples {h}x{w}; real digits: {ref['source']}; floor = {ref['real_vs_real_note']}")
+    if "source" in result:  # added by run(): the .npz path, or the checkpoint and sampling settings
+        lines.append("samples from " + ", ".join(f"{k} {v}" for k, v in result["source"].items()))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a value > 0, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a value >= 0, got {text}")
+    return value
+
+
+def add_parser(subparsers) -> None:
+    """Add ``evaluate`` to an argparse subparsers object; the parsed args carry ``func=run``."""
+    p = subparsers.add_parser("evaluate", help="score samples with the MNIST classifier (accuracy, FID)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--samples", metavar="PATH.npz", help="samples.npz written by `lora4diffusion sample`")
+    src.add_argument("--checkpoint", metavar="DIR", help="model or run directory: sample first, then score")
+    p.add_argument("--digits", help="digits to sample with --checkpoint (default 0-9)")
+    p.add_argument("--per-digit", type=_positive_int, help="samples per digit (default 100)")
+    p.add_argument("--steps", type=_positive_int, help="DDIM steps with --checkpoint (default 50)")
+    p.add_argument("--guidance", type=_nonneg_float, help="guidance scale with --checkpoint (default 2)")
+    p.add_argument("--seed", type=int, help="sampling seed with --checkpoint (default 0)")
+    p.add_argument("--classifier", metavar="PATH", help="classifier directory (default: the shipped one)")
+    p.add_argument("--data", default="embedded", help="real digits: embedded | download | IDX folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=run)
+
+
+def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
+
+    digits = parse_digits(args.digits or "0-9")
+    per_digit = args.per_digit or 100
+    pipe = Pipeline.load(args.checkpoint)
+    steps = args.steps or DEFAULT_STEPS
+    if steps > pipe.diffusion.timesteps:
+        raise UserError(f"--steps {steps} exceeds the model's {pipe.diffusion.timesteps} diffusion timesteps")
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    seed = args.seed or 0
+    labels = [d for d in digits for _ in range(per_digit)]
+    images, _ = pipe.generate(labels, steps=steps, guidance=guidance, seed=seed,
+                              progress=not getattr(args, "quiet", False))
+    settings = {"checkpoint": str(args.checkpoint), "sampler": "ddim", "steps": steps, "guidance": guidance,
+                "seed": seed, "per_digit": per_digit, "digits": digits}
+    return images, torch.tensor(labels, dtype=torch.int64), settings
+
+
+def run(args: argparse.Namespace) -> int:
+    """``lora4diffusion evaluate``: print the report (table or JSON); bad input raises UserError."""
+    if args.samples is not None:
+        sampling = ("digits", "per_digit", "steps", "guidance", "seed")
+        given = [o for o in sampling if getattr(args, o) is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} only applies with --checkpoint, not --samples")
+        images, labels = load_samples(args.samples)
+        origin = {"samples": str(args.samples)}
+    else:
+        images, labels, origin = _generate(args)
+    classifier = load_classifier(args.classifier)
+    result = {"source": origin, **evaluate_samples(images, labels, classifier, args.data)}
+    print(format_report(result, as_json=args.json))
+    return 0
+
+
+def add_classifier_parser(subparsers) -> None:
+    """Add ``train-classifier`` to an argparse subparsers object; the parsed args carry ``func``."""
+    p = subparsers.add_parser("train-classifier", help="train the MNIST classifier used by evaluate")
+    p.add_argument("--out", required=True, help="directory for classifier.safetensors and classifier.json")
+    p.add_argument("--data", default="embedded", help="embedded (default) | download | IDX folder")
+    p.add_argument("--epochs", type=_positive_int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_train_classifier)
+
+
+def run_train_classifier(args: argparse.Namespace) -> int:
+    command = (f"lora4diffusion train-classifier --out {args.out} --data {args.data} "
+               f"--epochs {args.epochs} --seed {args.seed}")
+    info = train_classifier(args.out, data=args.data, epochs=args.epochs, seed=args.seed, command=command)
+    print(f"held-out accuracy {_pct(info['heldout_accuracy'])} on {info['heldout_digits']} digits after "
+          f"{info['train_seconds']:.0f} s; wrote {Path(args.out)}")
+    return 0

@@ -1,0 +1,103 @@
+"""Teaching the frozen base a new style: LoRA training (and full fine-tuning, for comparison).
+
+Both go through the one training loop in train.py; only what is trainable and what is exported differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora4diffusion.adapters import save_adapter
+from lora4diffusion.checkpoint import load_model, pretrained_dir, save_model
+from lora4diffusion.data import to_model_range
+from lora4diffusion.diffusion import NoiseSchedule
+from lora4diffusion.errors import UserError
+from lora4diffusion.lora import inject_lora, lora_summary
+from lora4diffusion.styles import load_style_data
+from lora4diffusion.train import STATE_NAME, TrainConfig, Trainer, preview_grid
+
+log = logging.getLogger("lora4diffusion")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 4
+    alpha: float = 4.0
+    targets: str = "attention"
+    init: str = "normal"  # the seed's N(0, 1/r); "kaiming" as PEFT
+    rslora: bool = False
+    dropout: float = 0.0
+
+
+def default_lora_train_config() -> TrainConfig:
+    # Chosen so `bold` reaches its target on 2 CPU cores in <= 3 minutes (benchmarks/RESULTS.md).
+    return TrainConfig(steps=300, batch_size=64, lr=2e-3, warmup=20, ema_decay=0.0, label_dropout=0.1,
+                       log_every=10, checkpoint_every=100, sample_every=0)
+
+
+def load_base(base: str | Path | None) -> tuple[nn.Module, object, dict, Path]:
+    path = Path(base) if base is not None else pretrained_dir()
+    if base is None and not (path / "config.json").is_file():
+        raise UserError("no shipped base model in this install; pass --base DIR")
+    model, diffusion, config = load_model(path)
+    return model, diffusion, config, path
+
+
+def train_lora(style: str, out: Path, base: str | Path | None = None, lora: LoRAConfig | None = None,
+               data: str = "embedded", per_digit: int | None = None, resume: bool = False, full: bool = False,
+               progress: bool = True, **overrides) -> dict:
+    """Train a LoRA adapter (or, with ``full=True``, every weight) for ``style`` into run directory ``out``.
+
+    Writes ``out/adapter.safetensors`` (LoRA) or ``out/config.json`` + ``model.safetensors`` (full).
+    """
+    lora = lora or LoRAConfig()
+    cfg = default_lora_train_config()
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    cfg.validate()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    if not resume and (out / STATE_NAME).exists():
+        raise UserError(f"--out {out} already holds a training run; pass --resume or pick another --out")
+    model, diffusion, base_config, base_path = load_base(base)
+    styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
+    images = to_model_range(styled.images, model.cfg.image_size)
+    run_info = {"base": str(base_path), "style": style, "data": styled.source, "full": full}
+    if full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        summary = {"trainable_params": sum(p.numel() for p in model.parameters()), "share": 1.0}
+    else:
+        torch.manual_seed(cfg.seed)  # LoRA init
+        inject_lora(model, lora.targets, lora.rank, lora.alpha, name="default", init=lora.init,
+                    rslora=lora.rslora, dropout=lora.dropout)
+        s = lora_summary(model, "default")
+        summary = {"trainable_params": s["lora_params"], "share": s["share"], "modules": s["modules"]}
+        run_info["lora"] = asdict(lora)
+    log.info("%s: %d trainable parameters (%.2f%% of the base)", "full fine-tuning" if full else "LoRA",
+             summary["trainable_params"], 100 * summary["share"])
+    schedule = NoiseSchedule(diffusion)
+    model.train()
+
+    def export(m: nn.Module, directory: Path) -> None:
+        meta = {"style": style, "steps": trainer.step, "base": str(base_path), "data": styled.source,
+                "train": asdict(cfg), "target_spec": lora.targets}
+        if full:
+            save_model(directory, m, diffusion, {"finetune": meta})
+        else:
+            save_adapter(m, directory, "default", metadata=meta)
+
+    trainer = Trainer(model, schedule, images, styled.labels, cfg, out, export,
+                      preview=lambda m, p: preview_grid(m, schedule, p), run_info=run_info)
+    if resume:
+        trainer.resume()
+    result = trainer.fit(progress=progress)
+    result.update(summary, out=str(out))
+    return result

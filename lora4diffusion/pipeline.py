@@ -1,0 +1,98 @@
+"""Sampling API: a loaded model plus its noise schedule, turning digit labels into images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora4diffusion.checkpoint import load_model, pretrained_dir
+from lora4diffusion.diffusion import DDIMSampler, DDPMSampler, DiffusionConfig, NoiseSchedule, sample
+from lora4diffusion.errors import UserError
+from lora4diffusion.unet import UNet
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 2.0
+
+
+@dataclass
+class Pipeline:
+    unet: UNet
+    diffusion: DiffusionConfig
+    config: dict
+
+    @classmethod
+    def load(cls, checkpoint: str | Path | None = None) -> Pipeline:
+        """Load a model directory; None means the base model shipped with the package."""
+        if checkpoint is None:
+            checkpoint = pretrained_dir()
+            if not (checkpoint / "config.json").is_file():
+                raise UserError(
+                    "no shipped base model in this install; pass --checkpoint DIR (train one first)"
+                )
+        unet, diffusion, config = load_model(Path(checkpoint))
+        return cls(unet, diffusion, config)
+
+    def add_lora(self, path: str | Path, weight: float = 1.0, force: bool = False) -> str:
+        """Load an adapter (ours or PEFT's) into the UNet at ``weight``; returns its name."""
+        from lora4diffusion.adapters import load_adapter
+
+        return load_adapter(self.unet, path, weight=weight, force=force)
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.cfg.image_size
+
+    def sampler(self, kind: str = "ddim", steps: int | None = DEFAULT_STEPS, eta: float = 0.0):
+        schedule = NoiseSchedule(self.diffusion)
+        if kind == "ddim":
+            s = DDIMSampler(schedule, eta=eta)
+        elif kind == "ddpm":
+            s = DDPMSampler(schedule)
+        else:
+            raise UserError(f"unknown sampler {kind!r} (choose ddim or ddpm)")
+        s.set_timesteps(steps)
+        return s
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: list[int] | torch.Tensor,
+        sampler: str = "ddim",
+        steps: int | None = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        seed: int = 0,
+        eta: float = 0.0,
+        batch_size: int = 250,
+        trajectory_every: int = 0,
+        bf16: bool = False,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Sample one image per label; returns (images [N, H, W] in [0, 1], trajectory of the first batch).
+
+        The same seed gives the same images bit for bit. Batches are seeded (seed, batch index), so the result
+        does not depend on how many other digits are asked for in later batches.
+        """
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        s = self.sampler(sampler, steps, eta)
+        self.unet.eval()
+        shape = (self.unet.cfg.in_channels, self.image_size, self.image_size)
+        out, traj = [], []
+        for b, start in enumerate(range(0, len(labels), batch_size)):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                x, t = sample(
+                    self.unet,
+                    s,
+                    labels[start : start + batch_size],
+                    shape,
+                    guidance,
+                    g,
+                    trajectory_every if b == 0 else 0,
+                    progress,
+                )
+            out.append(x.float())
+            traj = traj or t
+        images = ((torch.cat(out) + 1) / 2).clamp(0, 1)[:, 0]
+        return images, traj

@@ -1,0 +1,481 @@
+"""The one training loop, for the base model and (later) for LoRA adapters.
+
+It trains whatever parameters of ``model`` have requires_grad=True on the diffusion loss (DDPM Algorithm 1,
+with label dropout for classifier-free guidance), with AdamW, linear LR warm-up, gradient clipping and an EMA
+of the trained parameters. What gets exported (a full model, or only an adapter) is the caller's ``export``.
+
+Reproducibility and resume: every step draws its batch, timesteps and noise from a generator seeded with
+(seed, step), and the data order from (seed, epoch). So nothing but the weights, the EMA, the optimizer state
+and the step needs saving, and a resumed run continues bit-for-bit like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
+from lora4diffusion.diffusion import NoiseSchedule
+from lora4diffusion.errors import UserError
+from lora4diffusion.unet import UNetConfig
+
+log = logging.getLogger("lora4diffusion")
+STATE_NAME = "train_state.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 disables the EMA
+    label_dropout: float = 0.1  # share of labels replaced by the null label (CFG training)
+    seed: int = 0
+    bf16: bool = True  # autocast on CPUs with bf16 support / CUDA; the master weights stay fp32
+    channels_last: bool = True
+    log_every: int = 10
+    checkpoint_every: int = 250
+    sample_every: int = 500  # 0 disables the periodic sample grid
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"learning rate must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+def bf16_supported() -> bool:
+    return (
+        torch.backends.mkldnn.is_available()
+        and getattr(torch.backends.mkldnn, "is_bf16_supported", lambda: True)()
+    )
+
+
+class EMA:
+    """Exponential moving average of the trained parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, params: dict[str, nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().clone().float() for k, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, nn.Parameter], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, p in params.items():
+            self.shadow[k].lerp_(p.detach().float(), 1 - d)
+
+    @torch.no_grad()
+    def swap(self, params: dict[str, nn.Parameter]) -> None:
+        """Exchange live and EMA values in place (call twice to undo)."""
+        for k, p in params.items():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[k])
+            self.shadow[k].copy_(tmp)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: NoiseSchedule,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        cfg: TrainConfig,
+        run_dir: Path,
+        export: Callable[[nn.Module, Path], None],
+        preview: Callable[[nn.Module, Path], None] | None = None,
+        run_info: dict | None = None,
+    ):
+        cfg.validate()
+        self.model, self.schedule, self.cfg = model, schedule, cfg
+        self.images, self.labels = images, labels
+        self.run_dir = Path(run_dir)
+        self.export, self.preview = export, preview
+        self.run_info = run_info or {}
+        self.params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise UserError("nothing to train: no parameter has requires_grad=True")
+        self.use_bf16 = cfg.bf16 and bf16_supported()
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        # Decay only matrices/kernels, as is usual for AdamW; norms, biases and embeddings are not decayed.
+        decay = [p for p in self.params.values() if p.dim() >= 2]
+        no_decay = [p for p in self.params.values() if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+        )
+        self._opt_names = [k for k, p in self.params.items() if p.dim() >= 2] + [
+            k for k, p in self.params.items() if p.dim() < 2
+        ]
+        self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.step = 0
+        self.train_seconds = 0.0
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+
+    # ----- data order and learning rate: pure functions of (seed, step) -----
+    def batch_indices(self, step: int) -> torch.Tensor:
+        n, b = self.images.shape[0], self.cfg.batch_size
+        per_epoch = max(1, n // b)
+        epoch, pos = divmod(step, per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            self._perm_epoch, self._perm = epoch, torch.randperm(n, generator=g)
+        if n < b:  # few-shot data sets: sample with replacement
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+            return torch.randint(0, n, (b,), generator=g)
+        return self._perm[pos * b : (pos + 1) * b]
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup))
+
+    # ----- checkpoints -----
+    def _opt_params(self) -> list[nn.Parameter]:
+        return [p for g in self.opt.param_groups for p in g["params"]]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"param.{k}": p.detach() for k, p in self.params.items()}
+        if self.ema:
+            out.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
+        for name, p in zip(self._opt_names, self._opt_params(), strict=True):
+            st = self.opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                if key in st:
+                    out[f"optim.{name}.{key}"] = (
+                        st[key].detach().reshape(-1) if key == "step" else st[key].detach()
+                    )
+        return out
+
+    def save_checkpoint(self) -> None:
+        meta = {
+            "step": str(self.step),
+            "train_seconds": f"{self.train_seconds:.3f}",
+            "config": json.dumps(asdict(self.cfg)),
+            "run": json.dumps(self.run_info, default=str),
+        }
+        save_tensors(self.run_dir / STATE_NAME, self.state_tensors(), metadata=meta)
+        self._export_ema()
+
+    def _export_ema(self) -> None:
+        if self.ema:
+            self.ema.swap(self.params)
+        try:
+            self.export(self.model, self.run_dir)
+        finally:
+            if self.ema:
+                self.ema.swap(self.params)
+
+    def resume(self) -> None:
+        path = self.run_dir / STATE_NAME
+        if not path.is_file():
+            raise UserError(f"--resume: no training state at {path}")
+        meta = read_metadata(path)
+        tensors = load_tensors(path)
+        saved_run = json.loads(meta.get("run", "{}"))
+        for key in ("unet", "diffusion", "lora"):
+            if key in self.run_info and saved_run.get(key) != json.loads(
+                json.dumps(self.run_info[key], default=str)
+            ):
+                raise UserError(f"--resume: {path} was trained with a different {key} config")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                if f"param.{k}" not in tensors:
+                    raise UserError(f"--resume: {path} has no tensor for {k}")
+                p.copy_(tensors[f"param.{k}"])
+                if self.ema and f"ema.{k}" in tensors:
+                    self.ema.shadow[k].copy_(tensors[f"ema.{k}"])
+        for name, p in zip(self._opt_names, self._opt_params(), strict=True):
+            if f"optim.{name}.exp_avg" in tensors:
+                self.opt.state[p] = {
+                    "step": tensors[f"optim.{name}.step"].reshape(()),
+                    "exp_avg": tensors[f"optim.{name}.exp_avg"].clone(),
+                    "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].clone(),
+                }
+        self.step = int(meta["step"])
+        self.train_seconds = float(meta.get("train_seconds", 0.0))
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ----- the loop -----
+    def _loss(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        idx = self.batch_indices(step)
+        x0 = self.images[idx]
+        if self.cfg.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
+            return self.schedule.training_loss(self.model, x0, self.labels[idx], g, self.cfg.label_dropout)
+
+    def fit(self, progress: bool = True) -> dict:
+        """Train until cfg.steps; returns a summary. Ctrl-C saves a resumable checkpoint and returns."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.run_dir / "metrics.csv"
+        new_file = not metrics_path.exists() or self.step == 0
+        mf = metrics_path.open("w" if new_file else "a", newline="")
+        writer = csv.writer(mf)
+        if new_file:
+            writer.writerow(["step", "loss", "lr", "grad_norm", "images_per_s", "train_seconds"])
+        tb = _tensorboard(self.run_dir)
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", unit="step")
+        interrupted, last_loss, window = False, float("nan"), []
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                for group in self.opt.param_groups:
+                    group["lr"] = self.lr_at(self.step)
+                loss = self._loss(self.step)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"non-finite loss ({loss.item()}) at step {self.step}; stopped, the last good"
+                        f" checkpoint in {self.run_dir} is kept (try a lower --lr)"
+                    )
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
+                self.opt.step()
+                if self.ema:
+                    self.ema.update(self.params, self.step)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                self.train_seconds += dt
+                last_loss = loss.item()
+                window.append(last_loss)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    mean_loss = sum(window) / len(window)
+                    window.clear()
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{cfg.batch_size / dt:.0f}")
+                    writer.writerow(
+                        [
+                            self.step,
+                            f"{mean_loss:.6f}",
+                            f"{self.lr_at(self.step - 1):.3g}",
+                            f"{float(grad_norm):.4f}",
+                            f"{cfg.batch_size / dt:.1f}",
+                            f"{self.train_seconds:.2f}",
+                        ]
+                    )
+                    mf.flush()
+                    if tb:
+                        tb.add_scalar("loss", mean_loss, self.step)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+                    _plot_loss(metrics_path, self.run_dir / "loss.png")
+                if (
+                    self.preview
+                    and cfg.sample_every
+                    and (self.step % cfg.sample_every == 0 or self.step == cfg.steps)
+                ):
+                    self._preview()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.save_checkpoint()
+            log.warning("interrupted at step %d: checkpoint saved, continue with --resume", self.step)
+        finally:
+            bar.close()
+            mf.close()
+            if tb:
+                tb.close()
+        return {
+            "step": self.step,
+            "loss": last_loss,
+            "train_seconds": self.train_seconds,
+            "interrupted": interrupted,
+        }
+
+    def _preview(self) -> None:
+        if self.ema:
+            self.ema.swap(self.params)
+        self.model.eval()
+        try:
+            self.preview(self.model, self.run_dir / "samples" / f"step_{self.step:07d}.png")
+        finally:
+            self.model.train()
+            if self.ema:
+                self.ema.swap(self.params)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _plot_loss(metrics_path: Path, out: Path) -> None:
+    from lora4diffusion.plots import plot_loss
+
+    rows = list(csv.DictReader(metrics_path.open()))
+    if rows:
+        plot_loss([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], out)
+
+
+# ----- the base model: presets and the `train` command's Python API -----
+def _presets() -> dict[str, tuple[UNetConfig, TrainConfig]]:
+    # `fast`/`base` share the architecture chosen by measurement (benchmarks/RESULTS.md): ~0.41 GFLOP/forward
+    # at 28x28, Transformer blocks (self- + cross-attention) at 7x7 and in the middle.
+    model = UNetConfig(
+        image_size=28, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_levels=(2,)
+    )
+    return {
+        "tiny": (
+            UNetConfig(
+                image_size=28,
+                base_channels=16,
+                channel_mults=(1, 2),
+                num_res_blocks=1,
+                attn_levels=(1,),
+                context_dim=32,
+            ),
+            TrainConfig(
+                steps=30,
+                batch_size=32,
+                lr=2e-3,
+                warmup=5,
+                ema_decay=0.9,
+                log_every=5,
+                checkpoint_every=10,
+                sample_every=30,
+            ),
+        ),
+        "fast": (
+            model,
+            TrainConfig(
+                steps=1000,
+                batch_size=128,
+                lr=1e-3,
+                warmup=100,
+                ema_decay=0.995,
+                checkpoint_every=100,
+                sample_every=250,
+            ),
+        ),
+        "base": (
+            model,
+            TrainConfig(
+                steps=20000,
+                batch_size=128,
+                lr=5e-4,
+                warmup=200,
+                ema_decay=0.9995,
+                checkpoint_every=200,
+                sample_every=1000,
+            ),
+        ),
+    }
+
+
+PRESET_NAMES = ("tiny", "fast", "base")
+
+
+def preview_grid(model: nn.Module, schedule: NoiseSchedule, path: Path, steps: int = 20) -> None:
+    """One DDIM sample per digit (fixed seed), for watching training progress."""
+    from lora4diffusion.diffusion import DDIMSampler, sample
+    from lora4diffusion.plots import save_grid
+
+    s = DDIMSampler(schedule)
+    s.set_timesteps(steps)
+    size = model.cfg.image_size
+    with torch.no_grad():
+        x, _ = sample(model, s, torch.arange(10), (1, size, size), 2.0, torch.Generator().manual_seed(0))
+    save_grid(((x[:, 0] + 1) / 2).clamp(0, 1), 10, path)
+
+
+def train_base(
+    preset: str,
+    out: Path,
+    data: str = "embedded",
+    steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    image_size: int | None = None,
+    **overrides,
+) -> dict:
+    """Train a base UNet from a preset into run directory ``out``; returns a summary dict."""
+    from lora4diffusion.checkpoint import save_model
+    from lora4diffusion.data import load_mnist, to_model_range
+    from lora4diffusion.diffusion import DiffusionConfig
+    from lora4diffusion.unet import UNet
+
+    if preset not in PRESET_NAMES:
+        raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
+    unet_cfg, cfg = _presets()[preset]
+    if image_size is not None:
+        unet_cfg = replace(unet_cfg, image_size=image_size)  # validated by UNetConfig.__post_init__
+    if steps is not None:
+        cfg.steps = steps
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    cfg.validate()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    if not resume and (out / STATE_NAME).exists():
+        raise UserError(
+            f"--out {out} already holds a training run; pass --resume to continue it or pick another --out"
+        )
+    diffusion = DiffusionConfig()
+    splits = load_mnist(data)
+    images = to_model_range(splits.train.images, unet_cfg.image_size)
+    torch.manual_seed(cfg.seed)  # initial weights
+    model = UNet(unet_cfg)
+    schedule = NoiseSchedule(diffusion)
+    run_info = {
+        "unet": unet_cfg.to_dict(),
+        "diffusion": asdict(diffusion),
+        "preset": preset,
+        "data": splits.source,
+    }
+
+    def export(m: nn.Module, directory: Path) -> None:
+        save_model(
+            directory,
+            m,
+            diffusion,
+            {
+                "train": asdict(cfg),
+                "preset": preset,
+                "data": splits.source,
+                "step": trainer.step,
+                "train_seconds": round(trainer.train_seconds, 1),
+            },
+        )
+
+    trainer = Trainer(
+        model,
+        schedule,
+        images,
+        splits.train.labels,
+        cfg,
+        out,
+        export,
+        preview=lambda m, p: preview_grid(m, schedule, p, steps=5 if preset == "tiny" else 20),
+        run_info=run_info,
+    )
+    if resume:
+        trainer.resume()
+    summary = trainer.fit(progress=progress)
+    summary["out"] = str(out)
+    return summary
