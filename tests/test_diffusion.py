@@ -70,7 +70,10 @@ def test_linear_schedule_closed_forms():
 
 def test_cosine_schedule_matches_formula_and_is_monotone():
     s = COSINE
-    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+
+    def f(u):
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
     expected = torch.tensor([f((i + 1) / 1000) / f(0) for i in range(1000)], dtype=torch.float64)
     unclipped = s.betas < 0.999
     assert unclipped[:-1].all() and not unclipped[-1]  # only the singular last beta is capped
@@ -268,8 +271,14 @@ def test_sample_recovers_single_point_data(make, sched):
     sampler = make(sched)
     sampler.set_timesteps(7 if isinstance(sampler, DDIMSampler) else 25)
     labels = torch.tensor([1, 2, 3])
-    x, traj = sample(_analytic_model(sched), sampler, labels, (1, 4, 4), guidance=3.0,
-                     generator=torch.Generator().manual_seed(0))
+    x, traj = sample(
+        _analytic_model(sched),
+        sampler,
+        labels,
+        (1, 4, 4),
+        guidance=3.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert x.shape == (3, 1, 4, 4) and x.dtype == torch.float32 and traj == []
     torch.testing.assert_close(x, X0_STAR.expand(3, -1, -1, -1), rtol=0, atol=1e-4)
 
@@ -292,8 +301,18 @@ def test_sample_is_reproducible_and_traces(make):
     sampler = make(LINEAR)
     sampler.set_timesteps(10)
     model, labels = TinyEps(), torch.tensor([0, 5, NULL_LABEL])
-    run = lambda seed, **kw: sample(model, sampler, labels, (1, 6, 6), guidance=2.0,  # noqa: E731
-                                    generator=torch.Generator().manual_seed(seed), **kw)
+
+    def run(seed, **kw):
+        return sample(
+            model,
+            sampler,
+            labels,
+            (1, 6, 6),
+            guidance=2.0,
+            generator=torch.Generator().manual_seed(seed),
+            **kw,
+        )
+
     (a, _), (b, _), (c, _) = run(0), run(0), run(1)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.abs().max() <= 1.0

@@ -123,8 +123,11 @@ def test_load_classifier_errors(tmp_path):
 def test_train_classifier_cli_on_a_small_subset(tmp_path, monkeypatch, splits):
     # 200 train digits, 1 epoch: checks the plumbing (files, JSON, reload), not the accuracy
     train, held = splits.train, splits.heldout  # sorted by label: stride through them for every class
-    small = MNISTSplits(Digits(train.images[::22][:200], train.labels[::22][:200], "small"),
-                        Digits(held.images[::10], held.labels[::10], "small held-out"), "small")
+    small = MNISTSplits(
+        Digits(train.images[::22][:200], train.labels[::22][:200], "small"),
+        Digits(held.images[::10], held.labels[::10], "small held-out"),
+        "small",
+    )
     monkeypatch.setattr(classifier_mod, "load_mnist", lambda source: small)
     args = _cli("train-classifier", "--out", str(tmp_path / "c"), "--epochs", "1")
     assert args.func(args) == 0
@@ -276,16 +279,26 @@ def test_run_bad_input(tmp_path, real_npz):
         evaluate.run(_cli("evaluate", "--samples", str(real_npz), "--classifier", str(tmp_path / "none")))
     with pytest.raises(UserError):
         evaluate.run(_cli("evaluate", "--checkpoint", str(tmp_path / "no-model")))
-    for argv in (["evaluate"], ["evaluate", "--samples", "a.npz", "--checkpoint", "d"],
-                 ["evaluate", "--checkpoint", "d", "--per-digit", "0"]):
+    for argv in (
+        ["evaluate"],
+        ["evaluate", "--samples", "a.npz", "--checkpoint", "d"],
+        ["evaluate", "--checkpoint", "d", "--per-digit", "0"],
+    ):
         with pytest.raises(SystemExit):
             _cli(*argv)
 
 
 def test_run_samples_a_checkpoint_first(tmp_path, capsys, no_reload):
     torch.manual_seed(0)
-    cfg = UNetConfig(image_size=16, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,),
-                     context_dim=16, groups=4)
+    cfg = UNetConfig(
+        image_size=16,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attn_levels=(1,),
+        context_dim=16,
+        groups=4,
+    )
     save_model(tmp_path / "m", UNet(cfg), DiffusionConfig(timesteps=10))
     args = _cli("evaluate", "--checkpoint", str(tmp_path / "m"), "--per-digit", "2", "--steps", "2", "--json")
     assert args.func(args) == 0

@@ -52,8 +52,9 @@ from lora4diffusion.lora import (
 from lora4diffusion.train import TrainConfig, Trainer
 from lora4diffusion.unet import UNet, UNetConfig
 
-CFG = UNetConfig(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,),
-                 context_dim=32)
+CFG = UNetConfig(
+    image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), context_dim=32
+)
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
 T = torch.tensor([3, 500])
 Y = torch.tensor([1, 10])  # a digit and the null label
@@ -113,8 +114,9 @@ def test_presets_and_patterns():
     linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert resolve_targets(model, "all-linear") == linears
     ref = resolve_targets(model, "reference")
-    assert len(ref) == 4 * 3 and all(p.split(".")[-2:][0] == "attn2" and p[-4:] in ("to_q", "to_k", "to_v")
-                                 for p in ref)
+    assert len(ref) == 4 * 3 and all(
+        p.split(".")[-2:][0] == "attn2" and p[-4:] in ("to_q", "to_k", "to_v") for p in ref
+    )
     conv = resolve_targets(model, "conv")
     assert conv and all(p.rsplit(".", 1)[1] in ("conv1", "conv2", "skip") for p in conv)
     assert "conv_in" not in conv and "mid_res1.conv1" in conv
@@ -126,17 +128,20 @@ def test_presets_and_patterns():
     assert resolve_targets(model, ["mid_attn.attn1.to_out"]) == ["mid_attn.attn1.to_out"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"targets": "to_z"}, "'to_z'"),
-    ({"targets": ["to_q", "nothing.here"]}, "'nothing.here'"),
-    ({"targets": "re:to_(q"}, "not a valid regular expression"),
-    ({"rank": 0}, "positive integer"),
-    ({"rank": 33}, "mid_attn.attn1.to_q"),  # 32 channels: rank 33 cannot exist
-    ({"alpha": 0.0}, "alpha"),
-    ({"alpha": -1.0}, "alpha"),
-    ({"init": "xavier"}, "init"),
-    ({"dropout": 1.0}, "dropout"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"targets": "to_z"}, "'to_z'"),
+        ({"targets": ["to_q", "nothing.here"]}, "'nothing.here'"),
+        ({"targets": "re:to_(q"}, "not a valid regular expression"),
+        ({"rank": 0}, "positive integer"),
+        ({"rank": 33}, "mid_attn.attn1.to_q"),  # 32 channels: rank 33 cannot exist
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"init": "xavier"}, "init"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
 def test_bad_injection_is_a_user_error_and_leaves_the_model_alone(kwargs, message):
     model = make_base()
     args = {"targets": ["mid_attn.attn1.to_q"], "rank": 4, "alpha": 4.0, **kwargs}
@@ -186,10 +191,26 @@ def test_trainer_trains_and_exports_only_the_adapter(tmp_path):
     inject_lora(model, "reference", rank=2, alpha=2.0)
     before = {k: v.clone() for k, v in base_state_dict(model).items()}
     images = torch.rand(8, 1, 16, 16) * 2 - 1
-    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup=1, ema_decay=0.0, checkpoint_every=2,
-                      sample_every=0, bf16=False, channels_last=False)
-    trainer = Trainer(model, NoiseSchedule(DiffusionConfig()), images, torch.arange(8) % 10, cfg, tmp_path,
-                      export=lambda m, d: save_adapter(m, d, metadata={"steps": trainer.step}))
+    cfg = TrainConfig(
+        steps=2,
+        batch_size=4,
+        lr=1e-2,
+        warmup=1,
+        ema_decay=0.0,
+        checkpoint_every=2,
+        sample_every=0,
+        bf16=False,
+        channels_last=False,
+    )
+    trainer = Trainer(
+        model,
+        NoiseSchedule(DiffusionConfig()),
+        images,
+        torch.arange(8) % 10,
+        cfg,
+        tmp_path,
+        export=lambda m, d: save_adapter(m, d, metadata={"steps": trainer.step}),
+    )
     assert all(".lora_" in k for k in trainer.params)
     trainer.fit(progress=False)
     assert all(torch.equal(base_state_dict(model)[k], v) for k, v in before.items())
@@ -246,10 +267,15 @@ def test_two_adapters_with_weights_equal_the_manual_sum():
     # and at one layer, eq. 3 written out
     layer = model.mid_attn.attn2.to_q
     h = torch.randn(3, 5, 32)
-    a, b = (layer.lora_down["a"].weight, layer.lora_up["a"].weight), (layer.lora_down["b"].weight,
-                                                                       layer.lora_up["b"].weight)
-    want = (F.linear(h, layer.base_layer.weight) + 0.5 * 2.0 * h @ a[0].T @ a[1].T
-            + 3 / 3**0.5 * h @ b[0].T @ b[1].T)
+    a, b = (
+        (layer.lora_down["a"].weight, layer.lora_up["a"].weight),
+        (layer.lora_down["b"].weight, layer.lora_up["b"].weight),
+    )
+    want = (
+        F.linear(h, layer.base_layer.weight)
+        + 0.5 * 2.0 * h @ a[0].T @ a[1].T
+        + 3 / 3**0.5 * h @ b[0].T @ b[1].T
+    )
     assert torch.allclose(layer(h), want, atol=1e-5, rtol=0)
 
 
@@ -316,11 +342,17 @@ def test_fingerprint_is_stable_and_tracks_the_weights(tmp_path):
     fp = base_fingerprint(model)
     assert base_fingerprint(load_model(tmp_path / "m")[0]) == fp
     assert base_fingerprint(load_model(tmp_path / "m")[0]) == fp  # loaded twice
-    code = ("import torch; torch.set_num_threads(1); from lora4diffusion.checkpoint import load_model;"
-            "from lora4diffusion.adapters import base_fingerprint;"
-            f"print(base_fingerprint(load_model({str(tmp_path / 'm')!r})[0]))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == fp
+    code = (
+        "import torch; torch.set_num_threads(1); from lora4diffusion.checkpoint import load_model;"
+        "from lora4diffusion.adapters import base_fingerprint;"
+        f"print(base_fingerprint(load_model({str(tmp_path / 'm')!r})[0]))"
+    )
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == fp
+    )
     inject_lora(model, "attention", rank=2, alpha=2.0)
     randomize(model)
     merge_lora(model)
@@ -337,8 +369,11 @@ def test_fingerprint_mismatch_refused_unless_forced(tmp_path):
     randomize(model)
     save_adapter(model, tmp_path)
     other = make_base(seed=1)
-    with pytest.raises(UserError, match=r"different base model \(fingerprint [0-9a-f]{12}, this base"
-                                        r" [0-9a-f]{12}\); use --force"):
+    with pytest.raises(
+        UserError,
+        match=r"different base model \(fingerprint [0-9a-f]{12}, this base"
+        r" [0-9a-f]{12}\); use --force",
+    ):
         load_adapter(other, tmp_path)
     assert not lora_layers(other)
     load_adapter(other, tmp_path, force=True)
@@ -402,8 +437,13 @@ def test_export_loads_in_peft_with_the_same_outputs(tmp_path, init, rslora):
 
 def test_peft_adapter_imports_with_the_same_outputs(tmp_path):
     base = make_base()
-    config = peft.LoraConfig(r=4, lora_alpha=6, use_rslora=True, init_lora_weights="gaussian",
-                             target_modules=["to_q", "to_k", "to_v", "to_out", "conv1"])
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=6,
+        use_rslora=True,
+        init_lora_weights="gaussian",
+        target_modules=["to_q", "to_k", "to_v", "to_out", "conv1"],
+    )
     peft_model = peft.get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
