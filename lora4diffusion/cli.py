@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--no-bf16", action="store_true", help="train in fp32 (bf16 autocast is the default)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    _device_args(t, train=True)
 
     s = sub.add_parser("sample", help="sample digits from a model")
     s.add_argument("--checkpoint", help="model or run directory (default: the shipped base model)")
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trajectory", action="store_true", help="also write the denoising strip trajectory.png")
     s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
     _lora_args(s)
+    _device_args(s)
 
     tl = sub.add_parser("train-lora", help="train a LoRA adapter that teaches the frozen base a style")
     tl.add_argument("--base", help="base model directory (default: the shipped base)")
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--seed", type=int)
     tl.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (for comparison)")
     tl.add_argument("--resume", action="store_true")
+    _device_args(tl, train=True)
     tl.set_defaults(func=cmd_train_lora)
 
     m = sub.add_parser("merge", help="merge adapters into the base and write a standalone checkpoint")
@@ -151,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--out", required=True)
     ip.set_defaults(func=cmd_import_peft)
 
+    dm = sub.add_parser("demo", help="base vs LoRA, scale sweep, mixing, merging: an offline HTML report")
+    dm.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
+    dm.add_argument("--base", help="base model directory (default: the shipped base)")
+    dm.add_argument("--from-scratch", action="store_true", help="train a fast base first, into OUT/base")
+    dm.add_argument("--overwrite", action="store_true", help="replace the demo already in --out")
+    dm.add_argument("--lora-steps", type=_positive_int("--lora-steps"), help="LoRA steps (default 300)")
+    dm.add_argument("--per-digit", type=_positive_int("--per-digit"), help="samples per digit (default 8)")
+    dm.add_argument("--steps", type=_positive_int("--steps"), help="DDIM sampling steps (default 20)")
+    dm.add_argument("--scratch-preset", choices=["tiny", "fast"], default="fast", help=argparse.SUPPRESS)
+    dm.set_defaults(func=cmd_demo)
+
     from lora4diffusion import evaluate
 
     evaluate.add_parser(sub)
@@ -160,7 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _device_args(p: argparse.ArgumentParser, train: bool = False) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto (default): CUDA if available, else CPU")
+    if train:
+        p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from lora4diffusion import distributed
     from lora4diffusion.train import NonFiniteLoss, train_base
 
     out = _out_dir(args.out)
@@ -177,10 +199,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             lr=args.lr,
             seed=args.seed,
             bf16=False if args.no_bf16 else None,
+            device=args.device,
+            compile=args.compile,
         )
+        main = distributed.is_main()
     except NonFiniteLoss as e:
         print(f"lora4diffusion: {e}", file=sys.stderr)
         return 1
+    finally:
+        distributed.cleanup()
+    if not main:  # under torchrun, rank 0 reports
+        return 0
     state = "interrupted" if summary["interrupted"] else "done"
     print(
         f"{state}: step {summary['step']}, loss {summary['loss']:.4f}, "
@@ -193,14 +222,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lora4diffusion.data import parse_digits
+    from lora4diffusion.distributed import resolve_device
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
     from lora4diffusion.plots import save_grid, save_trajectory
 
     digits = parse_digits(args.digits)
     out = _out_dir(args.out)
+    device = resolve_device(args.device)
     pipe = Pipeline.load(args.checkpoint)
     for path, weight in _parse_loras(args.lora):
         pipe.add_lora(path, weight, force=args.force)
+    pipe.to(device)
     steps = args.steps or (DEFAULT_STEPS if args.sampler == "ddim" else None)
     if steps is not None and steps > pipe.diffusion.timesteps:
         raise UserError(f"--steps {steps} exceeds the model's {pipe.diffusion.timesteps} diffusion timesteps")
@@ -249,6 +281,7 @@ def _parse_loras(items: list[str]) -> list[tuple[str, float]]:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
+    from lora4diffusion import distributed
     from lora4diffusion.finetune import LoRAConfig, train_lora
     from lora4diffusion.train import NonFiniteLoss
 
@@ -258,10 +291,16 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     try:
         r = train_lora(args.style, out, base=args.base, lora=lora, data=args.data, per_digit=args.per_digit,
                        resume=args.resume, full=args.full, progress=not args.quiet, steps=args.steps,
-                       lr=args.lr, batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema)
+                       lr=args.lr, batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema,
+                       device=args.device, compile=args.compile)
+        main = distributed.is_main()
     except NonFiniteLoss as e:
         print(f"lora4diffusion: {e}", file=sys.stderr)
         return 1
+    finally:
+        distributed.cleanup()
+    if not main:  # under torchrun, rank 0 reports
+        return 0
     what = "model" if args.full else "adapter"
     print(f"{'interrupted' if r['interrupted'] else 'done'}: {what} in {out}, step {r['step']}, "
           f"{r['trainable_params']} trainable parameters ({100 * r['share']:.2f}% of the base), "
@@ -330,6 +369,22 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
     base, _, _, _ = load_base(args.checkpoint)
     import_peft(args.peft, base_model=base).save(out)
     print(f"imported PEFT adapter into {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lora4diffusion.demo import format_summary, run_demo
+
+    sizes = {k: v for k, v in (("per_digit", args.per_digit), ("steps", args.steps)) if v is not None}
+    try:
+        result = run_demo(args.out, base=args.base, from_scratch=args.from_scratch, overwrite=args.overwrite,
+                          lora_steps=args.lora_steps, scratch_preset=args.scratch_preset,
+                          progress=not args.quiet, **sizes)
+    except KeyboardInterrupt:  # training runs saved resumable checkpoints; no report was written
+        print("lora4diffusion: demo interrupted, no report written", file=sys.stderr)
+        return 130
+    print(format_summary(result))
+    print(f"report: {result['report']}")
     return 0
 
 

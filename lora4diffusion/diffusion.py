@@ -82,25 +82,39 @@ class NoiseSchedule:
         abar = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def training_loss(self, model: EpsModel, x0: Tensor, labels: Tensor,
-                      generator: torch.Generator | None = None, p_uncond: float = 0.0) -> Tensor:
-        """DDPM Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), loss(eps_theta(x_t, t), eps), mean over everything.
+    def draw_training_inputs(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                             p_uncond: float = 0.0, device: torch.device | str = "cpu",
+                             ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The random part of Algorithm 1 for a batch of ``shape``: (t, eps, label-dropout mask or None).
 
-        ``p_uncond`` > 0 replaces that fraction of labels by NULL_LABEL, so the same network also learns the
-        unconditional eps that classifier-free guidance needs (Ho & Salimans, Algorithm 1).
+        Drawn in a fixed order (t, eps, mask) from ``generator``, so a run is reproducible and a distributed
+        run can draw the whole global batch and keep its own rows.
         """
         if not 0.0 <= p_uncond <= 1.0:
             raise UserError(f"p_uncond must be in [0, 1], got {p_uncond}")
-        gen_device = generator.device if generator is not None else x0.device
-        t = torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=gen_device).to(x0.device)
-        noise = _randn(tuple(x0.shape), generator, x0.device).to(x0.dtype)
+        gen_device = generator.device if generator is not None else device
+        t = torch.randint(0, self.T, (shape[0],), generator=generator, device=gen_device).to(device)
+        noise = _randn(tuple(shape), generator, torch.device(device))
+        drop = None
         if p_uncond > 0:
-            drop = torch.rand(x0.shape[0], generator=generator, device=gen_device) < p_uncond
-            drop = drop.to(labels.device)
+            drop = (torch.rand(shape[0], generator=generator, device=gen_device) < p_uncond).to(device)
+        return t, noise, drop
+
+    def loss(self, model: EpsModel, x0: Tensor, labels: Tensor, t: Tensor, noise: Tensor,
+             drop: Tensor | None = None) -> Tensor:
+        """loss(eps_theta(x_t, t, label), eps), mean over everything; dropped labels become NULL_LABEL so the
+        same network also learns the unconditional eps that classifier-free guidance needs (Ho & Salimans)."""
+        if drop is not None:
             labels = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
-        eps = model(self.q_sample(x0, t, noise), t, labels).float()
+        eps = model(self.q_sample(x0, t, noise.to(x0.dtype)), t, labels).float()
         loss_fn = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
         return loss_fn(eps, noise.float())
+
+    def training_loss(self, model: EpsModel, x0: Tensor, labels: Tensor,
+                      generator: torch.Generator | None = None, p_uncond: float = 0.0) -> Tensor:
+        """DDPM Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), loss(eps_theta(x_t, t), eps)."""
+        t, noise, drop = self.draw_training_inputs(tuple(x0.shape), generator, p_uncond, x0.device)
+        return self.loss(model, x0, labels, t, noise, drop)
 
 
 class _Sampler:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lora4diffusion import distributed
 from lora4diffusion.adapters import save_adapter
 from lora4diffusion.checkpoint import load_model, pretrained_dir, save_model
 from lora4diffusion.data import to_model_range
@@ -50,10 +51,12 @@ def load_base(base: str | Path | None) -> tuple[nn.Module, object, dict, Path]:
 
 def train_lora(style: str, out: Path, base: str | Path | None = None, lora: LoRAConfig | None = None,
                data: str = "embedded", per_digit: int | None = None, resume: bool = False, full: bool = False,
-               progress: bool = True, **overrides) -> dict:
+               progress: bool = True, device: str | torch.device = "auto", compile: bool = False,
+               **overrides) -> dict:
     """Train a LoRA adapter (or, with ``full=True``, every weight) for ``style`` into run directory ``out``.
 
     Writes ``out/adapter.safetensors`` (LoRA) or ``out/config.json`` + ``model.safetensors`` (full).
+    ``device``: auto (CUDA if available) | cpu | cuda; under torchrun every process calls this.
     """
     lora = lora or LoRAConfig()
     cfg = default_lora_train_config()
@@ -61,6 +64,8 @@ def train_lora(style: str, out: Path, base: str | Path | None = None, lora: LoRA
         if v is not None:
             setattr(cfg, k, v)
     cfg.validate()
+    device = distributed.resolve_device(device)  # fail before loading anything
+    distributed.init(device)  # under torchrun; from here on only rank 0 logs
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
@@ -95,7 +100,8 @@ def train_lora(style: str, out: Path, base: str | Path | None = None, lora: LoRA
             save_adapter(m, directory, "default", metadata=meta)
 
     trainer = Trainer(model, schedule, images, styled.labels, cfg, out, export,
-                      preview=lambda m, p: preview_grid(m, schedule, p), run_info=run_info)
+                      preview=lambda m, p: preview_grid(m, schedule, p), run_info=run_info, device=device,
+                      compile=compile)
     if resume:
         trainer.resume()
     result = trainer.fit(progress=progress)

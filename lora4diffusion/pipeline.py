@@ -40,6 +40,17 @@ class Pipeline:
 
         return load_adapter(self.unet, path, weight=weight, force=force)
 
+    def to(self, device: str | torch.device) -> Pipeline:
+        """Move the UNet (adapters included) to ``device``: auto | cpu | cuda or a torch.device."""
+        from lora4diffusion.distributed import resolve_device
+
+        self.unet.to(resolve_device(device))
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
     @property
     def image_size(self) -> int:
         return self.unet.cfg.image_size
@@ -71,17 +82,19 @@ class Pipeline:
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Sample one image per label; returns (images [N, H, W] in [0, 1], trajectory of the first batch).
 
-        The same seed gives the same images bit for bit. Batches are seeded (seed, batch index), so the result
-        does not depend on how many other digits are asked for in later batches.
+        The same seed gives the same images bit for bit (on one device). Batches are seeded (seed, batch
+        index), so the result does not depend on how many other digits are asked for in later batches. Noise
+        is drawn by a CPU generator on every device, so a GPU run starts from the same x_T as a CPU run.
         """
-        labels = torch.as_tensor(labels, dtype=torch.int64)
+        device = self.device
+        labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         s = self.sampler(sampler, steps, eta)
         self.unet.eval()
         shape = (self.unet.cfg.in_channels, self.image_size, self.image_size)
         out, traj = [], []
         for b, start in enumerate(range(0, len(labels), batch_size)):
             g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 x, t = sample(
                     self.unet,
                     s,
@@ -92,7 +105,7 @@ class Pipeline:
                     trajectory_every if b == 0 else 0,
                     progress,
                 )
-            out.append(x.float())
+            out.append(x.float().cpu())
             traj = traj or t
         images = ((torch.cat(out) + 1) / 2).clamp(0, 1)[:, 0]
         return images, traj

@@ -7,6 +7,10 @@ of the trained parameters. What gets exported (a full model, or only an adapter)
 Reproducibility and resume: every step draws its batch, timesteps and noise from a generator seeded with
 (seed, step), and the data order from (seed, epoch). So nothing but the weights, the EMA, the optimizer state
 and the step needs saving, and a resumed run continues bit-for-bit like an uninterrupted one.
+
+Several processes (torchrun, see distributed.py): the model is wrapped in DistributedDataParallel; each rank
+takes a contiguous slice of the very batch one process would use, with the t/noise/dropout draws one process
+makes for those rows, so K ranks match one process up to float rounding. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lora4diffusion import distributed
 from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
@@ -57,13 +62,17 @@ class TrainConfig:
             raise UserError(f"learning rate must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.label_dropout <= 1:
+            raise UserError(f"label dropout must be in [0, 1], got {self.label_dropout}")
 
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
 
 
-def bf16_supported() -> bool:
+def bf16_supported(device: torch.device | None = None) -> bool:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
     return (
         torch.backends.mkldnn.is_available()
         and getattr(torch.backends.mkldnn, "is_bf16_supported", lambda: True)()
@@ -93,6 +102,12 @@ class EMA:
 
 
 class Trainer:
+    """Trains ``model`` (the plain module: export, EMA and preview see it unwrapped) on ``device``.
+
+    ``device`` None keeps the model where it is; under torchrun (WORLD_SIZE > 1) the process group is joined
+    here and the forward pass goes through DistributedDataParallel. ``compile`` runs it through torch.compile.
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -104,17 +119,33 @@ class Trainer:
         export: Callable[[nn.Module, Path], None],
         preview: Callable[[nn.Module, Path], None] | None = None,
         run_info: dict | None = None,
+        device: str | torch.device | None = None,
+        compile: bool = False,
     ):
         cfg.validate()
-        self.model, self.schedule, self.cfg = model, schedule, cfg
-        self.images, self.labels = images, labels
+        self.device = (
+            distributed.resolve_device(device) if device is not None else next(model.parameters()).device
+        )
+        distributed.init(self.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if cfg.batch_size % self.world:
+            raise UserError(
+                f"batch size {cfg.batch_size} is not divisible by the {self.world} processes"
+                " (each takes an equal slice of the global batch)"
+            )
+        self.model, self.schedule, self.cfg = model.to(self.device), schedule, cfg
+        # The data set is small (MNIST: <= 60k x 28x28 fp32, 188 MB): it lives on the device once, instead of
+        # a host-to-device copy of every batch.
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.run_dir = Path(run_dir)
         self.export, self.preview = export, preview
         self.run_info = run_info or {}
+        self.compile = compile
+        self._net: nn.Module | None = None  # what the forward pass runs through (DDP / compiled); see fit()
         self.params = {k: p for k, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise UserError("nothing to train: no parameter has requires_grad=True")
-        self.use_bf16 = cfg.bf16 and bf16_supported()
+        self.use_bf16 = cfg.bf16 and bf16_supported(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         # Decay only matrices/kernels, as is usual for AdamW; norms, biases and embeddings are not decayed.
@@ -153,7 +184,7 @@ class Trainer:
         return [p for g in self.opt.param_groups for p in g["params"]]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"param.{k}": p.detach() for k, p in self.params.items()}
+        out = {f"param.{k}": p.detach() for k, p in self.params.items()}  # save_tensors moves to the CPU
         if self.ema:
             out.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
         for name, p in zip(self._opt_names, self._opt_params(), strict=True):
@@ -166,6 +197,9 @@ class Trainer:
         return out
 
     def save_checkpoint(self) -> None:
+        """Write the training state and the export (rank 0 only: every rank holds the same weights)."""
+        if not distributed.is_main():
+            return
         meta = {
             "step": str(self.step),
             "train_seconds": f"{self.train_seconds:.3f}",
@@ -206,37 +240,80 @@ class Trainer:
         for name, p in zip(self._opt_names, self._opt_params(), strict=True):
             if f"optim.{name}.exp_avg" in tensors:
                 self.opt.state[p] = {
-                    "step": tensors[f"optim.{name}.step"].reshape(()),
-                    "exp_avg": tensors[f"optim.{name}.exp_avg"].clone(),
-                    "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].clone(),
+                    "step": tensors[f"optim.{name}.step"].reshape(()),  # AdamW keeps it on the CPU
+                    "exp_avg": tensors[f"optim.{name}.exp_avg"].to(p.device, copy=True),
+                    "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].to(p.device, copy=True),
                 }
         self.step = int(meta["step"])
         self.train_seconds = float(meta.get("train_seconds", 0.0))
         log.info("resumed from %s at step %d", path, self.step)
 
     # ----- the loop -----
+    def net(self) -> nn.Module:
+        """The module the training forward runs through: ``model``, DDP-wrapped and/or compiled."""
+        if self._net is None:
+            net = self.model
+            if self.world > 1:  # built after resume(): DDP's initial broadcast then agrees with every rank
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                net = DistributedDataParallel(net, device_ids=ids)
+            if self.compile:
+                net = torch.compile(net)
+            self._net = net
+        return self._net
+
     def _loss(self, step: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        """This rank's mean loss for ``step``; DDP's gradient averaging makes it the global batch's mean."""
+        cfg, schedule = self.cfg, self.schedule
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = self.batch_indices(step)
+        n = idx.shape[0]
+        # Draw for the whole global batch on every rank (one process: exactly training_loss's draws), keep
+        # this rank's rows: it sees the t, noise and label dropout one process has for them.
+        t, noise, drop = schedule.draw_training_inputs((n, *self.images.shape[1:]), g, cfg.label_dropout)
+        rows = slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+        idx, t, noise = idx[rows].to(self.device), t[rows].to(self.device), noise[rows].to(self.device)
+        drop = drop[rows].to(self.device) if drop is not None else None
         x0 = self.images[idx]
-        if self.cfg.channels_last:
+        if cfg.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
-            return self.schedule.training_loss(self.model, x0, self.labels[idx], g, self.cfg.label_dropout)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            return schedule.loss(self.net(), x0, self.labels[idx], t, noise, drop)
 
     def fit(self, progress: bool = True) -> dict:
-        """Train until cfg.steps; returns a summary. Ctrl-C saves a resumable checkpoint and returns."""
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Train until cfg.steps; returns a summary. Ctrl-C saves a resumable checkpoint and returns.
+
+        Only rank 0 writes (metrics, tensorboard, checkpoints, samples, progress bar); the other ranks wait at
+        a barrier after each checkpoint, so when fit returns the run directory is complete for every rank.
+        """
+        cfg, main = self.cfg, distributed.is_main()
         metrics_path = self.run_dir / "metrics.csv"
-        new_file = not metrics_path.exists() or self.step == 0
-        mf = metrics_path.open("w" if new_file else "a", newline="")
-        writer = csv.writer(mf)
-        if new_file:
-            writer.writerow(["step", "loss", "lr", "grad_norm", "images_per_s", "train_seconds"])
-        tb = _tensorboard(self.run_dir)
-        self.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", unit="step")
+        mf, writer, tb = None, None, None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            new_file = not metrics_path.exists() or self.step == 0
+            mf = metrics_path.open("w" if new_file else "a", newline="")
+            writer = csv.writer(mf)
+            if new_file:
+                writer.writerow(["step", "loss", "lr", "grad_norm", "images_per_s", "train_seconds"])
+            tb = _tensorboard(self.run_dir)
+            log.info(
+                "training on %s%s: global batch %d = %d process(es) x %d, lr %.3g (warm-up %d), step %d->%d",
+                self.device,
+                " (bf16 autocast)" if self.use_bf16 else "",
+                cfg.batch_size,
+                self.world,
+                cfg.batch_size // self.world,
+                cfg.lr,
+                cfg.warmup,
+                self.step,
+                cfg.steps,
+            )
+        self.net().train()
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not (progress and main), desc="train", unit="step"
+        )
         interrupted, last_loss, window = False, float("nan"), []
         try:
             while self.step < cfg.steps:
@@ -244,24 +321,26 @@ class Trainer:
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr_at(self.step)
                 loss = self._loss(self.step)
-                if not torch.isfinite(loss):
+                # The global batch's loss: the logged value, and one verdict on non-finite for every rank.
+                global_loss = distributed.mean(loss.detach())
+                if not torch.isfinite(global_loss):
                     raise NonFiniteLoss(
-                        f"non-finite loss ({loss.item()}) at step {self.step}; stopped, the last good"
+                        f"non-finite loss ({global_loss.item()}) at step {self.step}; stopped, the last good"
                         f" checkpoint in {self.run_dir} is kept (try a lower --lr)"
                     )
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # under DDP, also averages the gradients over the ranks
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
                 self.opt.step()
                 if self.ema:
                     self.ema.update(self.params, self.step)
                 self.step += 1
+                last_loss = global_loss.item()  # also waits for the device, so dt is the real step time
                 dt = time.perf_counter() - t0
                 self.train_seconds += dt
-                last_loss = loss.item()
                 window.append(last_loss)
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if writer and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     mean_loss = sum(window) / len(window)
                     window.clear()
                     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{cfg.batch_size / dt:.0f}")
@@ -279,21 +358,28 @@ class Trainer:
                     if tb:
                         tb.add_scalar("loss", mean_loss, self.step)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.save_checkpoint()
-                    _plot_loss(metrics_path, self.run_dir / "loss.png")
+                    if main:
+                        self.save_checkpoint()
+                        _plot_loss(metrics_path, self.run_dir / "loss.png")
+                    distributed.barrier()
                 if (
-                    self.preview
+                    main
+                    and self.preview
                     and cfg.sample_every
                     and (self.step % cfg.sample_every == 0 or self.step == cfg.steps)
                 ):
                     self._preview()
+            distributed.barrier()  # the last preview is written too when fit returns on any rank
         except KeyboardInterrupt:
+            # No barrier here: under torchrun the other ranks are being interrupted too (or are gone).
             interrupted = True
             self.save_checkpoint()
-            log.warning("interrupted at step %d: checkpoint saved, continue with --resume", self.step)
+            if main:
+                log.warning("interrupted at step %d: checkpoint saved, continue with --resume", self.step)
         finally:
             bar.close()
-            mf.close()
+            if mf:
+                mf.close()
             if tb:
                 tb.close()
         return {
@@ -397,9 +483,10 @@ def preview_grid(model: nn.Module, schedule: NoiseSchedule, path: Path, steps: i
     s = DDIMSampler(schedule)
     s.set_timesteps(steps)
     size = model.cfg.image_size
+    labels = torch.arange(10, device=next(model.parameters()).device)  # sample() runs on the labels' device
     with torch.no_grad():
-        x, _ = sample(model, s, torch.arange(10), (1, size, size), 2.0, torch.Generator().manual_seed(0))
-    save_grid(((x[:, 0] + 1) / 2).clamp(0, 1), 10, path)
+        x, _ = sample(model, s, labels, (1, size, size), 2.0, torch.Generator().manual_seed(0))
+    save_grid(((x[:, 0].cpu() + 1) / 2).clamp(0, 1), 10, path)
 
 
 def train_base(
@@ -410,9 +497,14 @@ def train_base(
     resume: bool = False,
     progress: bool = True,
     image_size: int | None = None,
+    device: str | torch.device = "auto",
+    compile: bool = False,
     **overrides,
 ) -> dict:
-    """Train a base UNet from a preset into run directory ``out``; returns a summary dict."""
+    """Train a base UNet from a preset into run directory ``out``; returns a summary dict.
+
+    ``device``: auto (CUDA if available) | cpu | cuda. Under torchrun every process calls this (see Trainer).
+    """
     from lora4diffusion.checkpoint import save_model
     from lora4diffusion.data import load_mnist, to_model_range
     from lora4diffusion.diffusion import DiffusionConfig
@@ -429,6 +521,8 @@ def train_base(
         if v is not None:
             setattr(cfg, k, v)
     cfg.validate()
+    device = distributed.resolve_device(device)  # fail before loading anything
+    distributed.init(device)  # under torchrun; from here on only rank 0 logs
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
@@ -473,6 +567,8 @@ def train_base(
         export,
         preview=lambda m, p: preview_grid(m, schedule, p, steps=5 if preset == "tiny" else 20),
         run_info=run_info,
+        device=device,
+        compile=compile,
     )
     if resume:
         trainer.resume()
