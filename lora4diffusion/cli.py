@@ -17,30 +17,26 @@ from lora4diffusion.errors import UserError
 log = logging.getLogger("lora4diffusion")
 
 
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {value}")
-        return value
-
-    return parse
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (argparse names the option in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
 
 
-def _nonneg_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not value >= 0:  # also rejects nan
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text}")
-        return value
-
-    return parse
+def nonneg_float(text: str) -> float:
+    """argparse type: a number >= 0 (rejects nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def _out_dir(path: str) -> Path:
@@ -69,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--data", default="embedded", help="embedded (default, offline) | download | PATH to IDX files"
     )
-    t.add_argument("--steps", type=_positive_int("--steps"), help="override the preset's number of steps")
-    t.add_argument("--batch-size", type=_positive_int("--batch-size"))
+    t.add_argument("--steps", type=positive_int, help="override the preset's number of steps")
+    t.add_argument("--batch-size", type=positive_int)
     t.add_argument("--lr", type=float)
     t.add_argument("--image-size", type=int, help="train at this size (28 native; 32, 48 resized)")
     t.add_argument("--seed", type=int)
@@ -81,15 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample digits from a model")
     s.add_argument("--checkpoint", help="model or run directory (default: the shipped base model)")
     s.add_argument("--digits", default="0-9", help="e.g. 0-9 or 3,5,7")
-    s.add_argument("--per-digit", type=_positive_int("--per-digit"), default=8)
+    s.add_argument("--per-digit", type=positive_int, default=8)
     s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     s.add_argument(
-        "--steps", type=_positive_int("--steps"), help="sampling steps (default: 50 DDIM, 1000 DDPM)"
+        "--steps", type=positive_int, help="sampling steps (default: 50 DDIM, 1000 DDPM)"
     )
     s.add_argument(
-        "--guidance", type=_nonneg_float("--guidance"), help="classifier-free guidance scale w (1 = none)"
+        "--guidance", type=nonneg_float, help="classifier-free guidance scale w (1 = none)"
     )
-    s.add_argument("--eta", type=_nonneg_float("--eta"), default=0.0, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM eta (0 = deterministic)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--bf16", action="store_true", help="bf16 autocast (faster on CPUs with bf16, not bit-exact)"
@@ -103,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--base", help="base model directory (default: the shipped base)")
     tl.add_argument("--style", required=True, help="bold | thin | italic | FOLDER (0-9) | FILE.csv")
     tl.add_argument("--out", required=True, help="run directory; the adapter is OUT/adapter.safetensors")
-    tl.add_argument("--steps", type=_positive_int("--steps"))
+    tl.add_argument("--steps", type=positive_int)
     tl.add_argument("--rank", type=int, default=4)
     tl.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank, i.e. scale 1)")
     tl.add_argument("--targets", default="attention",
@@ -112,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--init", choices=["normal", "kaiming"], default="normal")
     tl.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     tl.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    tl.add_argument("--per-digit", type=_positive_int("--per-digit"), help="few-shot: N examples per digit")
+    tl.add_argument("--per-digit", type=positive_int, help="few-shot: N examples per digit")
     tl.add_argument("--data", default="embedded", help="MNIST source for the built-in styles")
     tl.add_argument("--lr", type=float)
-    tl.add_argument("--batch-size", type=_positive_int("--batch-size"))
+    tl.add_argument("--batch-size", type=positive_int)
     tl.add_argument("--ema", type=float, help="EMA decay of the adapter weights (default: off)")
     tl.add_argument("--seed", type=int)
     tl.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (for comparison)")
@@ -132,14 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("extract", help="extract a rank-r LoRA from a fully fine-tuned checkpoint (SVD)")
     ex.add_argument("--base", help="base model directory (default: the shipped base)")
     ex.add_argument("--tuned", required=True, help="the fine-tuned model directory")
-    ex.add_argument("--rank", type=_positive_int("--rank"), required=True)
+    ex.add_argument("--rank", type=positive_int, required=True)
     ex.add_argument("--targets", default="attention")
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=cmd_extract)
 
     rs = sub.add_parser("resize", help="change an adapter's rank by SVD")
     rs.add_argument("--lora", required=True, help="adapter directory or file")
-    rs.add_argument("--rank", type=_positive_int("--rank"), required=True)
+    rs.add_argument("--rank", type=positive_int, required=True)
     rs.add_argument("--out", required=True)
     rs.set_defaults(func=cmd_resize)
 
@@ -159,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--base", help="base model directory (default: the shipped base)")
     dm.add_argument("--from-scratch", action="store_true", help="train a fast base first, into OUT/base")
     dm.add_argument("--overwrite", action="store_true", help="replace the demo already in --out")
-    dm.add_argument("--lora-steps", type=_positive_int("--lora-steps"), help="LoRA steps (default 300)")
-    dm.add_argument("--per-digit", type=_positive_int("--per-digit"), help="samples per digit (default 8)")
-    dm.add_argument("--steps", type=_positive_int("--steps"), help="DDIM sampling steps (default 20)")
+    dm.add_argument("--lora-steps", type=positive_int, help="LoRA steps (default 300)")
+    dm.add_argument("--per-digit", type=positive_int, help="samples per digit (default 8)")
+    dm.add_argument("--steps", type=positive_int, help="DDIM sampling steps (default 20)")
     dm.add_argument("--scratch-preset", choices=["tiny", "fast"], default="fast", help=argparse.SUPPRESS)
     dm.set_defaults(func=cmd_demo)
 

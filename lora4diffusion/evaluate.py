@@ -226,36 +226,18 @@ def format_report(result: dict, as_json: bool = False) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a value > 0, got {value}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"expected a value >= 0, got {text}")
-    return value
-
-
 def add_parser(subparsers) -> None:
     """Add ``evaluate`` to an argparse subparsers object; the parsed args carry ``func=run``."""
+    from lora4diffusion.cli import nonneg_float, positive_int  # the CLI owns its argument types
+
     p = subparsers.add_parser("evaluate", help="score samples with the MNIST classifier (accuracy, FID)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", metavar="PATH.npz", help="samples.npz written by `lora4diffusion sample`")
     src.add_argument("--checkpoint", metavar="DIR", help="model or run directory: sample first, then score")
     p.add_argument("--digits", help="digits to sample with --checkpoint (default 0-9)")
-    p.add_argument("--per-digit", type=_positive_int, help="samples per digit (default 100)")
-    p.add_argument("--steps", type=_positive_int, help="DDIM steps with --checkpoint (default 50)")
-    p.add_argument("--guidance", type=_nonneg_float, help="guidance scale with --checkpoint (default 2)")
+    p.add_argument("--per-digit", type=positive_int, help="samples per digit (default 100)")
+    p.add_argument("--steps", type=positive_int, help="DDIM steps with --checkpoint (default 50)")
+    p.add_argument("--guidance", type=nonneg_float, help="guidance scale with --checkpoint (default 2)")
     p.add_argument("--seed", type=int, help="sampling seed with --checkpoint (default 0)")
     p.add_argument("--classifier", metavar="PATH", help="classifier directory (default: the shipped one)")
     p.add_argument("--data", default="embedded", help="real digits: embedded | download | IDX folder")
@@ -301,10 +283,12 @@ def run(args: argparse.Namespace) -> int:
 
 def add_classifier_parser(subparsers) -> None:
     """Add ``train-classifier`` to an argparse subparsers object; the parsed args carry ``func``."""
+    from lora4diffusion.cli import positive_int  # the CLI owns its argument types
+
     p = subparsers.add_parser("train-classifier", help="train the MNIST classifier used by evaluate")
     p.add_argument("--out", required=True, help="directory for classifier.safetensors and classifier.json")
     p.add_argument("--data", default="embedded", help="embedded (default) | download | IDX folder")
-    p.add_argument("--epochs", type=_positive_int, default=12)
+    p.add_argument("--epochs", type=positive_int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train_classifier)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora4diffusion import distributed
 from lora4diffusion.adapters import save_adapter
 from lora4diffusion.checkpoint import load_model, pretrained_dir, save_model
 from lora4diffusion.data import to_model_range
@@ -20,7 +19,7 @@ from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora import inject_lora, lora_summary
 from lora4diffusion.styles import load_style_data
-from lora4diffusion.train import STATE_NAME, TrainConfig, Trainer, preview_grid
+from lora4diffusion.train import TrainConfig, Trainer, prepare_run, preview_grid
 
 log = logging.getLogger("lora4diffusion")
 
@@ -37,8 +36,17 @@ class LoRAConfig:
 
 def default_lora_train_config() -> TrainConfig:
     # Chosen so `bold` reaches its target on 2 CPU cores in <= 3 minutes (benchmarks/RESULTS.md).
-    return TrainConfig(steps=300, batch_size=64, lr=2e-3, warmup=20, ema_decay=0.0, label_dropout=0.1,
-                       log_every=10, checkpoint_every=100, sample_every=0)
+    return TrainConfig(
+        steps=300,
+        batch_size=64,
+        lr=2e-3,
+        warmup=20,
+        ema_decay=0.0,
+        label_dropout=0.1,
+        log_every=10,
+        checkpoint_every=100,
+        sample_every=0,
+    )
 
 
 def load_base(base: str | Path | None) -> tuple[nn.Module, object, dict, Path]:
@@ -49,28 +57,27 @@ def load_base(base: str | Path | None) -> tuple[nn.Module, object, dict, Path]:
     return model, diffusion, config, path
 
 
-def train_lora(style: str, out: Path, base: str | Path | None = None, lora: LoRAConfig | None = None,
-               data: str = "embedded", per_digit: int | None = None, resume: bool = False, full: bool = False,
-               progress: bool = True, device: str | torch.device = "auto", compile: bool = False,
-               **overrides) -> dict:
+def train_lora(
+    style: str,
+    out: Path,
+    base: str | Path | None = None,
+    lora: LoRAConfig | None = None,
+    data: str = "embedded",
+    per_digit: int | None = None,
+    resume: bool = False,
+    full: bool = False,
+    progress: bool = True,
+    device: str | torch.device = "auto",
+    compile: bool = False,
+    **overrides,
+) -> dict:
     """Train a LoRA adapter (or, with ``full=True``, every weight) for ``style`` into run directory ``out``.
 
     Writes ``out/adapter.safetensors`` (LoRA) or ``out/config.json`` + ``model.safetensors`` (full).
     ``device``: auto (CUDA if available) | cpu | cuda; under torchrun every process calls this.
     """
     lora = lora or LoRAConfig()
-    cfg = default_lora_train_config()
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(cfg, k, v)
-    cfg.validate()
-    device = distributed.resolve_device(device)  # fail before loading anything
-    distributed.init(device)  # under torchrun; from here on only rank 0 logs
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
-    if not resume and (out / STATE_NAME).exists():
-        raise UserError(f"--out {out} already holds a training run; pass --resume or pick another --out")
+    cfg, out, device = prepare_run(default_lora_train_config(), out, resume, device, **overrides)
     model, diffusion, base_config, base_path = load_base(base)
     styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
     images = to_model_range(styled.images, model.cfg.image_size)
@@ -81,27 +88,55 @@ def train_lora(style: str, out: Path, base: str | Path | None = None, lora: LoRA
         summary = {"trainable_params": sum(p.numel() for p in model.parameters()), "share": 1.0}
     else:
         torch.manual_seed(cfg.seed)  # LoRA init
-        inject_lora(model, lora.targets, lora.rank, lora.alpha, name="default", init=lora.init,
-                    rslora=lora.rslora, dropout=lora.dropout)
+        inject_lora(
+            model,
+            lora.targets,
+            lora.rank,
+            lora.alpha,
+            name="default",
+            init=lora.init,
+            rslora=lora.rslora,
+            dropout=lora.dropout,
+        )
         s = lora_summary(model, "default")
         summary = {"trainable_params": s["lora_params"], "share": s["share"], "modules": s["modules"]}
         run_info["lora"] = asdict(lora)
-    log.info("%s: %d trainable parameters (%.2f%% of the base)", "full fine-tuning" if full else "LoRA",
-             summary["trainable_params"], 100 * summary["share"])
+    log.info(
+        "%s: %d trainable parameters (%.2f%% of the base)",
+        "full fine-tuning" if full else "LoRA",
+        summary["trainable_params"],
+        100 * summary["share"],
+    )
     schedule = NoiseSchedule(diffusion)
     model.train()
 
     def export(m: nn.Module, directory: Path) -> None:
-        meta = {"style": style, "steps": trainer.step, "base": str(base_path), "data": styled.source,
-                "train": asdict(cfg), "target_spec": lora.targets}
+        meta = {
+            "style": style,
+            "steps": trainer.step,
+            "base": str(base_path),
+            "data": styled.source,
+            "train": asdict(cfg),
+            "target_spec": lora.targets,
+        }
         if full:
             save_model(directory, m, diffusion, {"finetune": meta})
         else:
             save_adapter(m, directory, "default", metadata=meta)
 
-    trainer = Trainer(model, schedule, images, styled.labels, cfg, out, export,
-                      preview=lambda m, p: preview_grid(m, schedule, p), run_info=run_info, device=device,
-                      compile=compile)
+    trainer = Trainer(
+        model,
+        schedule,
+        images,
+        styled.labels,
+        cfg,
+        out,
+        export,
+        preview=lambda m, p: preview_grid(m, schedule, p),
+        run_info=run_info,
+        device=device,
+        compile=compile,
+    )
     if resume:
         trainer.resume()
     result = trainer.fit(progress=progress)

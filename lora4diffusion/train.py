@@ -489,6 +489,24 @@ def preview_grid(model: nn.Module, schedule: NoiseSchedule, path: Path, steps: i
     save_grid(((x[:, 0].cpu() + 1) / 2).clamp(0, 1), 10, path)
 
 
+def prepare_run(
+    cfg: TrainConfig, out: str | Path, resume: bool, device: str | torch.device = "auto", **overrides
+) -> tuple[TrainConfig, Path, torch.device]:
+    """Apply CLI overrides (None = keep), validate, and check the run directory before anything is written."""
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    cfg.validate()
+    device = distributed.resolve_device(device)  # fail before loading anything
+    distributed.init(device)  # under torchrun; from here on only rank 0 logs
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    if not resume and (out / STATE_NAME).exists():
+        raise UserError(
+            f"--out {out} already holds a training run; pass --resume to continue it or pick another --out"
+        )
+    return cfg, out, device
+
+
 def train_base(
     preset: str,
     out: Path,
@@ -515,21 +533,7 @@ def train_base(
     unet_cfg, cfg = _presets()[preset]
     if image_size is not None:
         unet_cfg = replace(unet_cfg, image_size=image_size)  # validated by UNetConfig.__post_init__
-    if steps is not None:
-        cfg.steps = steps
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(cfg, k, v)
-    cfg.validate()
-    device = distributed.resolve_device(device)  # fail before loading anything
-    distributed.init(device)  # under torchrun; from here on only rank 0 logs
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
-    if not resume and (out / STATE_NAME).exists():
-        raise UserError(
-            f"--out {out} already holds a training run; pass --resume to continue it or pick another --out"
-        )
+    cfg, out, device = prepare_run(cfg, out, resume, device, steps=steps, **overrides)
     diffusion = DiffusionConfig()
     splits = load_mnist(data)
     images = to_model_range(splits.train.images, unet_cfg.image_size)
