@@ -100,7 +100,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     base_dir = tmp_path / "base_for_lora"
     train_base("tiny", base_dir, steps=2, progress=False, device="cpu", sample_every=0)
     _spawn(tmp_path, base_dir)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     single = _train_all(tmp_path, base_dir, "single")
 
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == WORLD for r in ranks)
