@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=int, help="train at this size (28 native; 32, 48 resized)")
     t.add_argument("--seed", type=int)
     t.add_argument("--no-bf16", action="store_true", help="train in fp32 (bf16 autocast is the default)")
+    t.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
+    t.add_argument("--loss", choices=["mse", "l1"], default="mse", help="l1 is the reference's choice")
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     _device_args(t, train=True)
 
@@ -190,6 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             steps=args.steps,
             resume=args.resume,
             image_size=args.image_size,
+            diffusion_overrides={"schedule": args.schedule, "loss": args.loss},
             progress=not args.quiet,
             batch_size=args.batch_size,
             lr=args.lr,

@@ -515,6 +515,7 @@ def train_base(
     resume: bool = False,
     progress: bool = True,
     image_size: int | None = None,
+    diffusion_overrides: dict | None = None,
     device: str | torch.device = "auto",
     compile: bool = False,
     **overrides,
@@ -534,7 +535,7 @@ def train_base(
     if image_size is not None:
         unet_cfg = replace(unet_cfg, image_size=image_size)  # validated by UNetConfig.__post_init__
     cfg, out, device = prepare_run(cfg, out, resume, device, steps=steps, **overrides)
-    diffusion = DiffusionConfig()
+    diffusion = DiffusionConfig(**(diffusion_overrides or {}))  # DDPM's linear schedule and MSE by default
     splits = load_mnist(data)
     images = to_model_range(splits.train.images, unet_cfg.image_size)
     torch.manual_seed(cfg.seed)  # initial weights

@@ -87,3 +87,32 @@ def test_bad_train_options(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         train_base("tiny", tmp_path / "file")
+
+
+def test_schedule_and_loss_options_are_recorded_and_checked_on_resume(tmp_path):
+    from lora4diffusion.cli import main
+
+    run = tmp_path / "a"
+    assert (
+        main(
+            [
+                "-q",
+                "train",
+                "--preset",
+                "tiny",
+                "--steps",
+                "2",
+                "--loss",
+                "l1",
+                "--schedule",
+                "cosine",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
+    _, diffusion, _ = load_model(run)
+    assert (diffusion.loss, diffusion.schedule) == ("l1", "cosine")
+    with pytest.raises(UserError, match="different diffusion config"):
+        train_base("tiny", run, steps=4, resume=True, progress=False)
