@@ -81,12 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--digits", default="0-9", help="e.g. 0-9 or 3,5,7")
     s.add_argument("--per-digit", type=positive_int, default=8)
     s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    s.add_argument(
-        "--steps", type=positive_int, help="sampling steps (default: 50 DDIM, 1000 DDPM)"
-    )
-    s.add_argument(
-        "--guidance", type=nonneg_float, help="classifier-free guidance scale w (1 = none)"
-    )
+    s.add_argument("--steps", type=positive_int, help="sampling steps (default: 20 DDIM, 1000 DDPM)")
+    s.add_argument("--guidance", type=nonneg_float, help="classifier-free guidance scale w (1 = none)")
     s.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM eta (0 = deterministic)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
@@ -104,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--steps", type=positive_int)
     tl.add_argument("--rank", type=int, default=4)
     tl.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank, i.e. scale 1)")
-    tl.add_argument("--targets", default="attention",
-                    help="preset (attention | reference | all-linear | conv, combinable: attention+conv),"
-                    " module names/suffixes (to_q,to_v) or re:REGEX")
+    tl.add_argument(
+        "--targets",
+        default="attention",
+        help="preset (attention | reference | all-linear | conv, combinable: attention+conv),"
+        " module names/suffixes (to_q,to_v) or re:REGEX",
+    )
     tl.add_argument("--init", choices=["normal", "kaiming"], default="normal")
     tl.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     tl.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
@@ -173,41 +172,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device_args(p: argparse.ArgumentParser, train: bool = False) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto (default): CUDA if available, else CPU")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto (default): CUDA if available, else CPU",
+    )
     if train:
         p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _run_training(fn, *args, **kwargs) -> dict | None:
+    """Run train_base/train_lora; None on ranks other than 0 (under torchrun rank 0 reports)."""
     from lora4diffusion import distributed
-    from lora4diffusion.train import NonFiniteLoss, train_base
 
-    out = _out_dir(args.out)
     try:
-        summary = train_base(
-            args.preset,
-            out,
-            data=args.data,
-            steps=args.steps,
-            resume=args.resume,
-            image_size=args.image_size,
-            diffusion_overrides={"schedule": args.schedule, "loss": args.loss},
-            progress=not args.quiet,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            bf16=False if args.no_bf16 else None,
-            device=args.device,
-            compile=args.compile,
-        )
+        result = fn(*args, **kwargs)
         main = distributed.is_main()
-    except NonFiniteLoss as e:
-        print(f"lora4diffusion: {e}", file=sys.stderr)
-        return 1
     finally:
         distributed.cleanup()
-    if not main:  # under torchrun, rank 0 reports
+    return result if main else None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lora4diffusion.train import train_base
+
+    out = _out_dir(args.out)
+    summary = _run_training(
+        train_base,
+        args.preset,
+        out,
+        data=args.data,
+        steps=args.steps,
+        resume=args.resume,
+        image_size=args.image_size,
+        diffusion_overrides={"schedule": args.schedule, "loss": args.loss},
+        progress=not args.quiet,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        bf16=False if args.no_bf16 else None,
+        device=args.device,
+        compile=args.compile,
+    )
+    if summary is None:
         return 0
     state = "interrupted" if summary["interrupted"] else "done"
     print(
@@ -261,8 +269,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _lora_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--lora", action="append", default=[], required=required, metavar="PATH[:SCALE]",
-                   help="adapter directory or file, optionally with a scale; repeat to mix adapters")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        required=required,
+        metavar="PATH[:SCALE]",
+        help="adapter directory or file, optionally with a scale; repeat to mix adapters",
+    )
     p.add_argument("--force", action="store_true", help="load adapters trained on a different base")
 
 
@@ -280,30 +294,44 @@ def _parse_loras(items: list[str]) -> list[tuple[str, float]]:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
-    from lora4diffusion import distributed
     from lora4diffusion.finetune import LoRAConfig, train_lora
-    from lora4diffusion.train import NonFiniteLoss
 
     out = _out_dir(args.out)
-    lora = LoRAConfig(rank=args.rank, alpha=float(args.rank) if args.alpha is None else args.alpha,
-                      targets=args.targets, init=args.init, rslora=args.rslora, dropout=args.dropout)
-    try:
-        r = train_lora(args.style, out, base=args.base, lora=lora, data=args.data, per_digit=args.per_digit,
-                       resume=args.resume, full=args.full, progress=not args.quiet, steps=args.steps,
-                       lr=args.lr, batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema,
-                       device=args.device, compile=args.compile)
-        main = distributed.is_main()
-    except NonFiniteLoss as e:
-        print(f"lora4diffusion: {e}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.cleanup()
-    if not main:  # under torchrun, rank 0 reports
+    lora = LoRAConfig(
+        rank=args.rank,
+        alpha=float(args.rank) if args.alpha is None else args.alpha,
+        targets=args.targets,
+        init=args.init,
+        rslora=args.rslora,
+        dropout=args.dropout,
+    )
+    r = _run_training(
+        train_lora,
+        args.style,
+        out,
+        base=args.base,
+        lora=lora,
+        data=args.data,
+        per_digit=args.per_digit,
+        resume=args.resume,
+        full=args.full,
+        progress=not args.quiet,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        ema_decay=args.ema,
+        device=args.device,
+        compile=args.compile,
+    )
+    if r is None:
         return 0
     what = "model" if args.full else "adapter"
-    print(f"{'interrupted' if r['interrupted'] else 'done'}: {what} in {out}, step {r['step']}, "
-          f"{r['trainable_params']} trainable parameters ({100 * r['share']:.2f}% of the base), "
-          f"{r['train_seconds']:.0f} s of training")
+    print(
+        f"{'interrupted' if r['interrupted'] else 'done'}: {what} in {out}, step {r['step']}, "
+        f"{r['trainable_params']} trainable parameters ({100 * r['share']:.2f}% of the base), "
+        f"{r['train_seconds']:.0f} s of training"
+    )
     return 0
 
 
@@ -334,8 +362,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     adapter, errors = extract_lora(base, tuned, args.rank, args.targets)
     adapter.fingerprint = base_fingerprint(base)
     adapter.save(out)
-    print(f"extracted rank-{args.rank} adapter ({len(adapter.modules)} modules) to {out}; "
-          f"relative approximation error {errors['overall']:.4g}")
+    print(
+        f"extracted rank-{args.rank} adapter ({len(adapter.modules)} modules) to {out}; "
+        f"relative approximation error {errors['overall']:.4g}"
+    )
     return 0
 
 
@@ -346,8 +376,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
     adapter, errors = resize_adapter(args.lora, args.rank)
     adapter.save(out)
     worst = max((v for k, v in errors.items() if k != "overall"), default=0.0)
-    print(f"resized to rank {args.rank} in {out}; relative approximation error {errors['overall']:.4g} "
-          f"overall, {worst:.4g} worst module")
+    print(
+        f"resized to rank {args.rank} in {out}; relative approximation error {errors['overall']:.4g} "
+        f"overall, {worst:.4g} worst module"
+    )
     return 0
 
 
@@ -376,9 +408,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     sizes = {k: v for k, v in (("per_digit", args.per_digit), ("steps", args.steps)) if v is not None}
     try:
-        result = run_demo(args.out, base=args.base, from_scratch=args.from_scratch, overwrite=args.overwrite,
-                          lora_steps=args.lora_steps, scratch_preset=args.scratch_preset,
-                          progress=not args.quiet, **sizes)
+        result = run_demo(
+            args.out,
+            base=args.base,
+            from_scratch=args.from_scratch,
+            overwrite=args.overwrite,
+            lora_steps=args.lora_steps,
+            scratch_preset=args.scratch_preset,
+            progress=not args.quiet,
+            **sizes,
+        )
     except KeyboardInterrupt:  # training runs saved resumable checkpoints; no report was written
         print("lora4diffusion: demo interrupted, no report written", file=sys.stderr)
         return 130
@@ -390,8 +429,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from lora4diffusion.train import NonFiniteLoss
+
     try:
         return args.func(args)
     except UserError as e:
         print(f"lora4diffusion: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:  # not a bad input: exit 1, the last good checkpoint is kept
+        print(f"lora4diffusion: {e}", file=sys.stderr)
+        return 1

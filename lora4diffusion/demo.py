@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from lora4diffusion.errors import UserError
+from lora4diffusion.pipeline import DEFAULT_STEPS
 
 log = logging.getLogger("lora4diffusion")
 
 DEFAULT_PER_DIGIT = 8  # 80 samples per set: the default run stays under 10 min on 2 CPU cores
-DEFAULT_STEPS = 20  # DDIM steps: keeps the 7 sample sets inside the time budget on 2 CPU cores
 STYLES = ("bold", "italic")
 # 0.7 + 0.7 rather than 1 + 1: both adapters adapt the same attention projections and their weight deltas
 # add up, so 1 + 1 pushes the model as far as two full adapters, beyond what either was trained for.

@@ -23,15 +23,6 @@ from lora4diffusion.evaluate import evaluate_samples, format_report, frechet_dis
 from lora4diffusion.unet import UNet, UNetConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the machine has 2 cores shared with other work; 2 threads under contention is slower than 1
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def splits() -> MNISTSplits:
     return load_mnist("embedded")

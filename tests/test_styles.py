@@ -17,15 +17,6 @@ from lora4diffusion.errors import UserError
 from lora4diffusion.styles import STYLES, apply_style, load_style_data, style_description
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two cores shared with a background job: keep these tests to one thread, then restore
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def train():
     return load_mnist("embedded").train
