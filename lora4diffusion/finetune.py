@@ -35,7 +35,8 @@ class LoRAConfig:
 
 
 def default_lora_train_config() -> TrainConfig:
-    # Chosen so `bold` reaches its target on 2 CPU cores in <= 3 minutes (benchmarks/RESULTS.md).
+    # Provisional: 300 steps of 64 take ~3 minutes on 2 CPU cores (0.3-0.57 s/step measured). Whether `bold`
+    # reaches its targets with them is to be measured on the finished base (issue 4).
     return TrainConfig(
         steps=300,
         batch_size=64,
