@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora4diffusion.checkpoint import load_tensors, read_json, read_metadata, save_tensors, write_json
+from lora4diffusion.checkpoint import (
+    load_tensors,
+    pretrained_dir,
+    read_json,
+    read_metadata,
+    save_tensors,
+    write_json,
+)
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora import (
     INITS,
@@ -126,8 +133,21 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     return adapter.save(directory)
 
 
+def shipped_adapters() -> dict[str, Path]:
+    """The example adapters shipped inside the package (trained on the shipped base), by name."""
+    root = pretrained_dir().parent / "adapters"
+    found = root.glob(f"*/{ADAPTER_FILE}") if root.is_dir() else []
+    return {f.parent.name: f.parent for f in sorted(found)}
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """A path; or, where no such path exists, the name of a shipped adapter (``bold``, ``italic``)."""
+    p = Path(path)
+    return shipped_adapters().get(str(path), p) if not p.exists() else p
+
+
 def _adapter_file(path: str | Path) -> Path:
-    path = Path(path)
+    path = resolve_adapter(path)
     if path.is_dir():
         path = path / ADAPTER_FILE
     if not path.is_file():
@@ -190,6 +210,8 @@ def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None 
     to the directory (file) name, made unique. Refuses an adapter trained on a different base (fingerprint
     mismatch) unless ``force``, and checks every module's shapes before touching the model.
     """
+    if not isinstance(path, Adapter):
+        path = resolve_adapter(path)
     if isinstance(path, Adapter):
         adapter = path
     elif (Path(path) / PEFT_CONFIG).is_file() and not (Path(path) / ADAPTER_FILE).exists():

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--trajectory", action="store_true", help="also write the denoising strip trajectory.png")
     s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
-    _lora_args(s)
+    lora_args(s)
     _device_args(s)
 
     tl = sub.add_parser("train-lora", help="train a LoRA adapter that teaches the frozen base a style")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge adapters into the base and write a standalone checkpoint")
     m.add_argument("--checkpoint", help="base model directory (default: the shipped base)")
     m.add_argument("--out", required=True)
-    _lora_args(m, required=True)
+    lora_args(m, required=True)
     m.set_defaults(func=cmd_merge)
 
     ex = sub.add_parser("extract", help="extract a rank-r LoRA from a fully fine-tuned checkpoint (SVD)")
@@ -135,13 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_extract)
 
     rs = sub.add_parser("resize", help="change an adapter's rank by SVD")
-    rs.add_argument("--lora", required=True, help="adapter directory or file")
+    rs.add_argument("--lora", required=True, help="adapter directory or file, or a shipped adapter's name")
     rs.add_argument("--rank", type=positive_int, required=True)
     rs.add_argument("--out", required=True)
     rs.set_defaults(func=cmd_resize)
 
     xp = sub.add_parser("export-peft", help="write an adapter in PEFT's layout")
-    xp.add_argument("--lora", required=True)
+    xp.add_argument("--lora", required=True, help="adapter directory or file, or a shipped adapter's name")
     xp.add_argument("--out", required=True)
     xp.set_defaults(func=cmd_export_peft)
 
@@ -237,7 +237,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     device = resolve_device(args.device)
     pipe = Pipeline.load(args.checkpoint)
-    for path, weight in _parse_loras(args.lora):
+    for path, weight in parse_loras(args.lora):
         pipe.add_lora(path, weight, force=args.force)
     pipe.to(device)
     steps = args.steps or (DEFAULT_STEPS if args.sampler == "ddim" else None)
@@ -268,19 +268,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lora_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+def lora_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--lora",
         action="append",
         default=[],
         required=required,
         metavar="PATH[:SCALE]",
-        help="adapter directory or file, optionally with a scale; repeat to mix adapters",
+        help="adapter directory or file, or a shipped adapter's name (bold, italic), optionally with a scale;"
+        " repeat to mix adapters",
     )
     p.add_argument("--force", action="store_true", help="load adapters trained on a different base")
 
 
-def _parse_loras(items: list[str]) -> list[tuple[str, float]]:
+def parse_loras(items: list[str]) -> list[tuple[str, float]]:
     from lora4diffusion.adapters import parse_lora_arg
 
     out = []
@@ -341,7 +342,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lora4diffusion.pipeline import Pipeline
 
     out = _out_dir(args.out)
-    loras = _parse_loras(args.lora)
+    loras = parse_loras(args.lora)
     pipe = Pipeline.load(args.checkpoint)
     names = [pipe.add_lora(path, weight, force=args.force) for path, weight in loras]
     model = unload_lora(pipe.unet, merge=True)
@@ -429,8 +430,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from lora4diffusion.distributed import keep_freed_memory
     from lora4diffusion.train import NonFiniteLoss
 
+    keep_freed_memory()
     try:
         return args.func(args)
     except UserError as e:

@@ -109,16 +109,6 @@ def _prepare(out: Path, base, from_scratch: bool, overwrite: bool, steps: int, p
     return base_dir.absolute(), shipped, pipe
 
 
-def _styled_splits(splits, style: str):
-    from lora4diffusion.data import Digits, MNISTSplits
-    from lora4diffusion.styles import apply_style
-
-    def restyle(d: Digits) -> Digits:
-        return Digits(apply_style(d.images, style), d.labels, f"{style} {d.source}")
-
-    return MNISTSplits(restyle(splits.train), restyle(splits.heldout), f"{style} {splits.source}")
-
-
 def _plot_csv(metrics_csv: Path, png: Path, title: str) -> str | None:
     from lora4diffusion.plots import plot_loss
 
@@ -135,9 +125,10 @@ def _score(images: dict, labels: list[int], per_digit: int, out: Path) -> tuple[
     from lora4diffusion.data import load_mnist
     from lora4diffusion.evaluate import evaluate_samples
     from lora4diffusion.plots import save_grid
+    from lora4diffusion.styles import style_splits
 
     classifier, plain = load_classifier(), load_mnist("embedded")
-    refs = {"plain": plain} | {s: _styled_splits(plain, s) for s in STYLES}
+    refs = {"plain": plain} | {s: style_splits(plain, s) for s in STYLES}
     captions = {k: c for k, c, _ in SETS} | dict([MERGED])
     sets, label_t = {}, torch.tensor(labels)
     for key, imgs in images.items():

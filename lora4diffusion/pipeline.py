@@ -77,7 +77,7 @@ class Pipeline:
         guidance: float = DEFAULT_GUIDANCE,
         seed: int = 0,
         eta: float = 0.0,
-        batch_size: int = 250,
+        batch_size: int = 50,
         trajectory_every: int = 0,
         bf16: bool = False,
         progress: bool = False,
@@ -87,6 +87,8 @@ class Pipeline:
         The same seed gives the same images bit for bit (on one device). Batches are seeded (seed, batch
         index), so the result does not depend on how many other digits are asked for in later batches. Noise
         is drawn by a CPU generator on every device, so a GPU run starts from the same x_T as a CPU run.
+        ``batch_size`` 50 (100 rows with guidance) keeps every activation under glibc's 32 MiB mmap ceiling:
+        250 was 1.4x slower on CPU, most of it page faults (benchmarks/RESULTS.md). Raise it on a GPU.
         """
         device = self.device
         labels = torch.as_tensor(labels, dtype=torch.int64).to(device)

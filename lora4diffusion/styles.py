@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lora4diffusion.data import Digits, load_mnist
+from lora4diffusion.data import Digits, MNISTSplits, load_mnist
 from lora4diffusion.errors import UserError
 
 log = logging.getLogger("lora4diffusion")
@@ -94,6 +94,15 @@ def apply_style(images_uint8: torch.Tensor, style: str) -> torch.Tensor:
             x = images_uint8[start : start + _CHUNK].float().unsqueeze(1)
             out[start : start + _CHUNK] = _OPS[style](x).squeeze(1).round().clamp(0, 255).to(torch.uint8)
     return out
+
+
+def style_splits(splits: MNISTSplits, style: str) -> MNISTSplits:
+    """Both splits of real digits in a built-in ``style``: the reference a style's FID is measured against."""
+
+    def restyle(d: Digits) -> Digits:
+        return Digits(apply_style(d.images, style), d.labels, f"{style} {d.source}")
+
+    return MNISTSplits(restyle(splits.train), restyle(splits.heldout), f"{style} {splits.source}")
 
 
 def _resolve(style: str) -> tuple[str, Path | None]:

@@ -14,12 +14,14 @@ import torch
 
 from lora4diffusion import classifier as classifier_mod
 from lora4diffusion import evaluate
-from lora4diffusion.checkpoint import save_model
+from lora4diffusion.adapters import save_adapter
+from lora4diffusion.checkpoint import load_model, save_model
 from lora4diffusion.classifier import default_dir, load_classifier
 from lora4diffusion.data import Digits, MNISTSplits, from_model_range, load_mnist, to_model_range
 from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError
 from lora4diffusion.evaluate import evaluate_samples, format_report, frechet_distance, load_samples
+from lora4diffusion.lora import inject_lora, lora_layers
 from lora4diffusion.unet import UNet, UNetConfig
 
 
@@ -264,8 +266,9 @@ def test_run_json_and_table(real_npz, capsys, no_reload):
 def test_run_bad_input(tmp_path, real_npz):
     with pytest.raises(UserError, match="file not found"):
         evaluate.run(_cli("evaluate", "--samples", str(tmp_path / "missing.npz")))
-    with pytest.raises(UserError, match="only applies with --checkpoint"):
-        evaluate.run(_cli("evaluate", "--samples", str(real_npz), "--steps", "5"))
+    for extra in (["--steps", "5"], ["--bf16"], ["--lora", "a"]):
+        with pytest.raises(UserError, match="only applies with --checkpoint"):
+            evaluate.run(_cli("evaluate", "--samples", str(real_npz), *extra))
     with pytest.raises(UserError, match="does not exist"):
         evaluate.run(_cli("evaluate", "--samples", str(real_npz), "--classifier", str(tmp_path / "none")))
     with pytest.raises(UserError):
@@ -279,7 +282,8 @@ def test_run_bad_input(tmp_path, real_npz):
             _cli(*argv)
 
 
-def test_run_samples_a_checkpoint_first(tmp_path, capsys, no_reload):
+@pytest.fixture
+def small_model(tmp_path):
     torch.manual_seed(0)
     cfg = UNetConfig(
         image_size=16,
@@ -290,7 +294,13 @@ def test_run_samples_a_checkpoint_first(tmp_path, capsys, no_reload):
         context_dim=16,
         groups=4,
     )
-    save_model(tmp_path / "m", UNet(cfg), DiffusionConfig(timesteps=10))
+    model = UNet(cfg)
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)  # zero-initialised: eps would not depend on x
+    save_model(tmp_path / "m", model, DiffusionConfig(timesteps=10))
+    return tmp_path / "m"
+
+
+def test_run_samples_a_checkpoint_first(tmp_path, small_model, capsys, no_reload):
     args = _cli("evaluate", "--checkpoint", str(tmp_path / "m"), "--per-digit", "2", "--steps", "2", "--json")
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
@@ -299,3 +309,22 @@ def test_run_samples_a_checkpoint_first(tmp_path, capsys, no_reload):
     assert out["reference"]["real_vs_real_n"]["train_slice"] == 20
     with pytest.raises(UserError, match="exceeds"):
         evaluate.run(_cli("evaluate", "--checkpoint", str(tmp_path / "m"), "--steps", "11"))
+
+
+def test_run_scores_a_checkpoint_with_adapters(tmp_path, small_model, capsys, no_reload):
+    model, _, _ = load_model(small_model)
+    inject_lora(model, "attention", 2, 2.0)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_up["default"].weight, std=0.5)
+    save_adapter(model, tmp_path / "a")
+
+    def scores(*extra):
+        argv = ["evaluate", "--checkpoint", str(small_model), "--per-digit", "2", "--steps", "2", "--json"]
+        assert evaluate.run(_cli(*argv, *extra)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain, off, on = scores(), scores("--lora", f"{tmp_path / 'a'}:0"), scores("--lora", str(tmp_path / "a"))
+    assert off["mean_ink"] == plain["mean_ink"] and off["fid_classifier"] == plain["fid_classifier"]
+    assert on["mean_ink"] != plain["mean_ink"]
+    assert on["source"]["loras"] == [f"{tmp_path / 'a'}:1"] and on["source"]["bf16"] is False
+    assert scores("--bf16")["source"]["bf16"] is True
