@@ -76,17 +76,17 @@ def m_flops() -> dict:
     }
 
 
-def m_train(threads: int, bf16: bool, batch: int = 128, steps: int = 6) -> dict:
+def _train_step(model, cfg, batch: int, bf16: bool, channels_last: bool):
+    """One optimiser step on a fixed random batch, set up as train.Trainer does (AdamW on what trains)."""
     import torch
 
     from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
 
-    torch.set_num_threads(threads)
-    model, cfg = _model()
-    model.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     sched = NoiseSchedule(DiffusionConfig())
-    opt = torch.optim.AdamW(model.parameters(), 1e-4)
-    x0 = torch.randn(batch, 1, cfg.image_size, cfg.image_size).contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
+    x0 = torch.randn(batch, 1, cfg.image_size, cfg.image_size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
 
     def step():
@@ -96,7 +96,15 @@ def m_train(threads: int, bf16: bool, batch: int = 128, steps: int = 6) -> dict:
         loss.backward()
         opt.step()
 
-    t = _median_time(step, repeats=steps, warmup=2)
+    return step
+
+
+def m_train(threads: int, bf16: bool, batch: int = 128, steps: int = 6, channels_last: bool = False) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    model, cfg = _model()
+    t = _median_time(_train_step(model, cfg, batch, bf16, channels_last), repeats=steps, warmup=2)
     return {"train_images_per_s": batch / t, "peak_rss_mb": _rss_mb()}
 
 
@@ -153,7 +161,6 @@ def m_attention(threads: int) -> dict:
 def m_lora(threads: int, targets: str, rank: int, full: bool, batch: int = 64) -> dict:
     import torch
 
-    from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
     from lora4diffusion.lora import inject_lora, lora_summary
 
     torch.set_num_threads(threads)
@@ -164,21 +171,7 @@ def m_lora(threads: int, targets: str, rank: int, full: bool, batch: int = 64) -
     else:
         inject_lora(model, targets, rank, float(rank))
         trainable = lora_summary(model)["lora_params"]
-    model.to(memory_format=torch.channels_last)
-    sched = NoiseSchedule(DiffusionConfig())
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, 1e-4)
-    x0 = torch.randn(batch, 1, cfg.image_size, cfg.image_size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-
-    def step():
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = sched.training_loss(model, x0, y, p_uncond=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    t = _median_time(step, repeats=6, warmup=2)
+    t = _median_time(_train_step(model, cfg, batch, True, False), repeats=6, warmup=2)
     return {
         "step_s": t,
         "trainable": trainable,
@@ -227,12 +220,13 @@ def main() -> None:
         )
         print("\n| measurement | value | achieved GFLOP/s | share of GEMM peak | peak RSS MB |")
         print("|---|---|---|---|---|")
-        for bf16 in (False, True):
-            r = _child("train", threads=th, bf16=bf16)
+        for bf16, cl in ((False, False), (True, False), (True, True)):
+            r = _child("train", threads=th, bf16=bf16, channels_last=cl)
             dt = "bfloat16" if bf16 else "float32"
             gf = 3 * fl["gflop_per_forward"] * r["train_images_per_s"]  # backward ~ 2x forward
+            what = ("bf16 autocast" if bf16 else "fp32") + (", channels_last" if cl else "")
             print(
-                f"| train images/s ({'bf16 autocast' if bf16 else 'fp32'}) | {r['train_images_per_s']:.0f} | "
+                f"| train images/s ({what}) | {r['train_images_per_s']:.0f} | "
                 f"{gf:.0f} | {100 * gf / gemm[dt]:.0f}% of {dt} | {r['peak_rss_mb']:.0f} |"
             )
         for bf16 in (False, True):

@@ -18,6 +18,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -37,6 +39,25 @@ log = logging.getLogger("lora4diffusion")
 STATE_NAME = "train_state.safetensors"
 
 
+class _TermFlag:
+    """Turns SIGTERM into a flag the training loop checks between steps (then saves a resumable checkpoint).
+
+    Background jobs (`nohup ... &`) ignore Ctrl-C's SIGINT, and schedulers stop jobs with SIGTERM.
+    """
+
+    def __init__(self) -> None:
+        self.set, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.set = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 2000
@@ -49,7 +70,9 @@ class TrainConfig:
     label_dropout: float = 0.1  # share of labels replaced by the null label (CFG training)
     seed: int = 0
     bf16: bool = True  # autocast on CPUs with bf16 support / CUDA; the master weights stay fp32
-    channels_last: bool = True
+    # Off: on CPU, GroupNorm's channels_last kernel is 4.6x slower than NCHW and costs more than the convs
+    # gain (bf16 step, batch 128, 2 cores: 0.81 s channels_last vs 0.71 s NCHW). Worth trying on CUDA.
+    channels_last: bool = False
     log_every: int = 10
     checkpoint_every: int = 250
     sample_every: int = 500  # 0 disables the periodic sample grid
@@ -282,7 +305,7 @@ class Trainer:
             return schedule.loss(self.net(), x0, self.labels[idx], t, noise, drop)
 
     def fit(self, progress: bool = True) -> dict:
-        """Train until cfg.steps; returns a summary. Ctrl-C saves a resumable checkpoint and returns.
+        """Train until cfg.steps; returns a summary. Ctrl-C (or SIGTERM) saves a resumable checkpoint and returns.
 
         Only rank 0 writes (metrics, tensorboard, checkpoints, samples, progress bar); the other ranks wait at
         a barrier after each checkpoint, so when fit returns the run directory is complete for every rank.
@@ -315,8 +338,11 @@ class Trainer:
             total=cfg.steps, initial=self.step, disable=not (progress and main), desc="train", unit="step"
         )
         interrupted, last_loss, window = False, float("nan"), []
+        terminated = _TermFlag()
         try:
             while self.step < cfg.steps:
+                if terminated.set:  # `kill`, a batch scheduler's preemption: like Ctrl-C, between two steps
+                    raise KeyboardInterrupt
                 t0 = time.perf_counter()
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr_at(self.step)
@@ -377,6 +403,7 @@ class Trainer:
             if main:
                 log.warning("interrupted at step %d: checkpoint saved, continue with --resume", self.step)
         finally:
+            terminated.restore()
             bar.close()
             if mf:
                 mf.close()

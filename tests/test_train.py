@@ -1,10 +1,14 @@
 import csv
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora4diffusion.checkpoint import load_model
+from lora4diffusion.checkpoint import load_model, read_metadata
 from lora4diffusion.errors import UserError
 from lora4diffusion.train import STATE_NAME, NonFiniteLoss, Trainer, train_base
 
@@ -116,3 +120,22 @@ def test_schedule_and_loss_options_are_recorded_and_checked_on_resume(tmp_path):
     assert (diffusion.loss, diffusion.schedule) == ("l1", "cosine")
     with pytest.raises(UserError, match="different diffusion config"):
         train_base("tiny", run, steps=4, resume=True, progress=False)
+
+
+def test_sigterm_stops_between_steps_with_a_resumable_checkpoint(tmp_path):
+    """`kill` (a scheduler's preemption) of a background run: exit 0, checkpoint at a whole step."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lora4diffusion", "train", "--preset", "tiny", "--steps", "100000",
+           "--out", str(run)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(_losses(run) if (run / "metrics.csv").is_file() else []) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "interrupted at step" in err
+    meta_step = int(read_metadata(run / STATE_NAME)["step"])
+    assert 10 <= meta_step < 100000
+    summary = train_base("tiny", run, steps=meta_step + 2, resume=True, progress=False)
+    assert summary["step"] == meta_step + 2 and not summary["interrupted"]
