@@ -82,7 +82,8 @@ def train_lora(
     model, diffusion, base_config, base_path = load_base(base)
     styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
     images = to_model_range(styled.images, model.cfg.image_size)
-    run_info = {"base": str(base_path), "style": style, "data": styled.source, "full": full}
+    base_name = "shipped base" if base is None else str(base_path)  # no machine-specific path in shipped files
+    run_info = {"base": base_name, "style": style, "data": styled.source, "full": full}
     if full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -115,7 +116,7 @@ def train_lora(
         meta = {
             "style": style,
             "steps": trainer.step,
-            "base": str(base_path),
+            "base": base_name,
             "data": styled.source,
             "train": asdict(cfg),
             "target_spec": lora.targets,
