@@ -251,7 +251,7 @@ def main() -> None:
         )
         full = _child("lora", threads=th, targets="", rank=0, full=True)
         rows = [("full fine-tuning", full)]
-        for targets, rank in (("attention", 4), ("reference", 4), ("attention+conv", 4), ("all-linear", 4)):
+        for targets, rank in (("all-linear", 4), ("attention", 4), ("reference", 4), ("attention+conv", 4)):
             rows.append(
                 (
                     f"LoRA {targets} r={rank}",

@@ -102,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank, i.e. scale 1)")
     tl.add_argument(
         "--targets",
-        default="attention",
-        help="preset (attention | reference | all-linear | conv, combinable: attention+conv),"
+        help="preset (all-linear, the default | attention | reference | conv, combinable: attention+conv),"
         " module names/suffixes (to_q,to_v) or re:REGEX",
     )
     tl.add_argument("--init", choices=["normal", "kaiming"], default="normal")
@@ -156,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--base", help="base model directory (default: the shipped base)")
     dm.add_argument("--from-scratch", action="store_true", help="train a fast base first, into OUT/base")
     dm.add_argument("--overwrite", action="store_true", help="replace the demo already in --out")
-    dm.add_argument("--lora-steps", type=positive_int, help="LoRA steps (default 300)")
+    dm.add_argument("--lora-steps", type=positive_int, help="LoRA steps (default 500)")
     dm.add_argument("--per-digit", type=positive_int, help="samples per digit (default 8)")
     dm.add_argument("--steps", type=positive_int, help="DDIM sampling steps (default 20)")
     dm.add_argument("--scratch-preset", choices=["tiny", "fast"], default="fast", help=argparse.SUPPRESS)
@@ -301,7 +300,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     lora = LoRAConfig(
         rank=args.rank,
         alpha=float(args.rank) if args.alpha is None else args.alpha,
-        targets=args.targets,
+        targets=args.targets or LoRAConfig.targets,
         init=args.init,
         rslora=args.rslora,
         dropout=args.dropout,

@@ -305,7 +305,7 @@ class Trainer:
             return schedule.loss(self.net(), x0, self.labels[idx], t, noise, drop)
 
     def fit(self, progress: bool = True) -> dict:
-        """Train until cfg.steps; returns a summary. Ctrl-C (or SIGTERM) saves a resumable checkpoint and returns.
+        """Train until cfg.steps; returns a summary. Ctrl-C or SIGTERM saves a resumable checkpoint, returns.
 
         Only rank 0 writes (metrics, tensorboard, checkpoints, samples, progress bar); the other ranks wait at
         a barrier after each checkpoint, so when fit returns the run directory is complete for every rank.
@@ -503,8 +503,9 @@ PRESET_NAMES = ("tiny", "fast", "base")
 
 
 def preview_grid(model: nn.Module, schedule: NoiseSchedule, path: Path, steps: int = 20) -> None:
-    """One DDIM sample per digit (fixed seed), for watching training progress."""
+    """One DDIM sample per digit (fixed seed, default guidance), for watching training progress."""
     from lora4diffusion.diffusion import DDIMSampler, sample
+    from lora4diffusion.pipeline import DEFAULT_GUIDANCE
     from lora4diffusion.plots import save_grid
 
     s = DDIMSampler(schedule)
@@ -512,7 +513,7 @@ def preview_grid(model: nn.Module, schedule: NoiseSchedule, path: Path, steps: i
     size = model.cfg.image_size
     labels = torch.arange(10, device=next(model.parameters()).device)  # sample() runs on the labels' device
     with torch.no_grad():
-        x, _ = sample(model, s, labels, (1, size, size), 2.0, torch.Generator().manual_seed(0))
+        x, _ = sample(model, s, labels, (1, size, size), DEFAULT_GUIDANCE, torch.Generator().manual_seed(0))
     save_grid(((x[:, 0].cpu() + 1) / 2).clamp(0, 1), 10, path)
 
 
