@@ -109,27 +109,21 @@ def m_train(threads: int, bf16: bool, batch: int = 128, steps: int = 6, channels
 
 
 def m_sample(threads: int, bf16: bool, steps: int, guidance: float) -> dict:
+    """100 digits through Pipeline.generate, as `sample` runs them (its batch size, glibc setting)."""
     import torch
 
-    from lora4diffusion.diffusion import DDIMSampler, DiffusionConfig, NoiseSchedule, sample
+    from lora4diffusion.diffusion import DiffusionConfig
+    from lora4diffusion.distributed import keep_freed_memory
+    from lora4diffusion.pipeline import Pipeline
 
     torch.set_num_threads(threads)
-    model, cfg = _model()
-    model.eval()
-    s = DDIMSampler(NoiseSchedule(DiffusionConfig()))
-    s.set_timesteps(steps)
-    labels = torch.arange(100) % 10
+    keep_freed_memory()
+    model, _ = _model()
+    pipe = Pipeline(model, DiffusionConfig(), {})
+    labels = [d % 10 for d in range(100)]
 
     def run():
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            sample(
-                model,
-                s,
-                labels,
-                (1, cfg.image_size, cfg.image_size),
-                guidance,
-                torch.Generator().manual_seed(0),
-            )
+        pipe.generate(labels, steps=steps, guidance=guidance, bf16=bf16)
 
     t = _median_time(run, repeats=3, warmup=0)  # 100 x steps forwards per run: long enough to need no warm-up
     return {"sample_s_per_100": t, "peak_rss_mb": _rss_mb()}

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from lora4diffusion.distributed import keep_freed_memory
 from lora4diffusion.evaluate import evaluate_samples
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.train import _presets, train_base
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--preset", default="fast", help="another preset (tiny: a smoke test of this script)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the CLI does
     total = _presets()[args.preset][1].steps
     labels = [d for d in range(10) for _ in range(args.per_digit)]
     print(f"--preset {args.preset}, {total} steps, {len(labels)} samples per point (DDIM 20, w 1.25, bf16), "

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lora4diffusion.data import load_mnist
+from lora4diffusion.distributed import keep_freed_memory
 from lora4diffusion.evaluate import evaluate_samples
 from lora4diffusion.finetune import LoRAConfig, train_lora
 from lora4diffusion.lora import set_adapter_weight
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the CLI does
     labels = [d for d in range(10) for _ in range(args.per_digit)]
     label_t, ref = torch.tensor(labels), style_splits(load_mnist("embedded"), args.style)
     gen = {"seed": 0, "bf16": True}

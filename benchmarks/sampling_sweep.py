@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from lora4diffusion.distributed import keep_freed_memory
 from lora4diffusion.evaluate import evaluate_samples
 from lora4diffusion.pipeline import Pipeline
 
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the CLI does
     pipe = Pipeline.load(args.checkpoint)
     labels = [d for d in range(10) for _ in range(args.per_digit)]
     print(

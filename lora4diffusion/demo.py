@@ -263,7 +263,8 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
 
 def _commands(out: Path, base_dir: Path, shipped: bool, from_scratch: bool, preset: str,
               lora_steps: int | None, per_digit: int, kw: dict) -> list[list[str]]:  # fmt: skip
-    """[what, command] pairs that redo each part into OUT/repro; the sample commands give the same pixels."""
+    """[what, command] pairs that redo each part into OUT/repro; the sample commands give the same pixels
+    up to float rounding (~1e-7: a fresh process may pick other kernel paths for the small LoRA matmuls)."""
 
     def q(p: Path | str) -> str:
         return shlex.quote(str(p))

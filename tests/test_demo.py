@@ -102,7 +102,8 @@ def test_commands_reproduce_the_samples(demo, tmp_path):
         assert argv[0] == "lora4diffusion"
         assert main(["-q", *argv[1:]]) == 0
     repro = np.load(demo / "repro" / "bold_0.5" / "samples.npz")["images"]
-    assert np.array_equal(repro, np.load(demo / "samples" / "bold_0.5.npz")["images"])
+    # same seed, same adapter: equal up to float rounding (measured 6e-8; the demo's model also holds italic)
+    np.testing.assert_allclose(repro, np.load(demo / "samples" / "bold_0.5.npz")["images"], rtol=0, atol=1e-5)
     assert any(c.startswith("lora4diffusion merge ") for c in cmds.values())
     assert any(c.startswith("lora4diffusion evaluate --samples ") for c in cmds.values())
 
