@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -440,4 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except NonFiniteLoss as e:  # not a bad input: exit 1, the last good checkpoint is kept
         print(f"lora4diffusion: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader went away (`evaluate ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit flush raises again
         return 1

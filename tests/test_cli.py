@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -208,3 +209,19 @@ def test_bad_input_via_subprocess_has_no_traceback(tmp_path):
         text=True,
     )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_closed_stdout_pipe_ends_quietly(tiny_run, tmp_path):
+    """`lora4diffusion sample ... | head -c 0`: the reader is gone before the summary line; no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "lora4diffusion", "-q", "sample", "--checkpoint", str(tiny_run),
+             "--digits", "0", "--steps", "2", "--out", str(tmp_path / "s")],
+            stdout=write_end, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "s" / "samples.npz").is_file()  # the work was done before the print failed
