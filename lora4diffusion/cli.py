@@ -237,8 +237,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     device = resolve_device(args.device)
     pipe = Pipeline.load(args.checkpoint)
-    for path, weight in parse_loras(args.lora):
-        pipe.add_lora(path, weight, force=args.force)
+    add_loras(pipe, args)
     pipe.to(device)
     steps = args.steps or (DEFAULT_STEPS if args.sampler == "ddim" else None)
     if steps is not None and steps > pipe.diffusion.timesteps:
@@ -294,6 +293,12 @@ def parse_loras(items: list[str]) -> list[tuple[str, float]]:
     return out
 
 
+def add_loras(pipe, args: argparse.Namespace) -> list[tuple[str, float, str]]:
+    """Load each ``--lora PATH[:SCALE]`` (``--force``: any base) into ``pipe``; -> [(path, scale, name)]."""
+    loras = parse_loras(args.lora)  # every argument checked before any adapter is read
+    return [(path, weight, pipe.add_lora(path, weight, force=args.force)) for path, weight in loras]
+
+
 def cmd_train_lora(args: argparse.Namespace) -> int:
     from lora4diffusion.finetune import LoRAConfig, train_lora
 
@@ -342,11 +347,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lora4diffusion.pipeline import Pipeline
 
     out = _out_dir(args.out)
-    loras = parse_loras(args.lora)
     pipe = Pipeline.load(args.checkpoint)
-    names = [pipe.add_lora(path, weight, force=args.force) for path, weight in loras]
+    loras = add_loras(pipe, args)
     model = unload_lora(pipe.unet, merge=True)
-    merged_from = [{"adapter": p, "scale": w, "name": n} for (p, w), n in zip(loras, names, strict=True)]
+    merged_from = [{"adapter": p, "scale": w, "name": n} for p, w, n in loras]
     save_model(out, model, pipe.diffusion, {"merged_from": merged_from, "base": pipe.config.get("base_path")})
     print(f"merged {len(loras)} adapter(s) into {out}")
     return 0

@@ -26,7 +26,7 @@ log = logging.getLogger("lora4diffusion")
 
 DEFAULT_PER_DIGIT = 8  # 80 samples per set: the default run stays under 10 min on 2 CPU cores
 STYLES = ("bold", "italic")
-# 0.7 + 0.7 rather than 1 + 1: both adapters adapt the same attention projections and their weight deltas
+# 0.7 + 0.7 rather than 1 + 1: both adapters adapt the same layers (the LoRA targets) and their weight deltas
 # add up, so 1 + 1 pushes the model as far as two full adapters, beyond what either was trained for.
 MIX = (0.7, 0.7)
 MERGE_TOLERANCE = 1e-4  # merged vs unmerged, fp32, DDIM eta 0: only rounding differs

@@ -249,15 +249,13 @@ def add_parser(subparsers) -> None:
 
 
 def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    from lora4diffusion.cli import parse_loras
+    from lora4diffusion.cli import add_loras
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
 
     digits = parse_digits(args.digits or "0-9")
     per_digit = args.per_digit or 100
     pipe = Pipeline.load(args.checkpoint)
-    loras = parse_loras(args.lora)
-    for path, weight in loras:
-        pipe.add_lora(path, weight, force=args.force)
+    loras = add_loras(pipe, args)
     steps = args.steps or DEFAULT_STEPS
     if steps > pipe.diffusion.timesteps:
         raise UserError(f"--steps {steps} exceeds the model's {pipe.diffusion.timesteps} diffusion timesteps")
@@ -269,7 +267,7 @@ def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dic
                               progress=not getattr(args, "quiet", False))
     settings = {"checkpoint": str(args.checkpoint), "sampler": "ddim", "steps": steps, "guidance": guidance,
                 "seed": seed, "per_digit": per_digit, "digits": digits, "bf16": args.bf16,
-                "loras": [f"{p}:{w:g}" for p, w in loras],
+                "loras": [f"{p}:{w:g}" for p, w, _ in loras],
                 "sample_seconds_per_100": round(100 * (time.perf_counter() - t0) / len(labels), 2)}
     return images, torch.tensor(labels, dtype=torch.int64), settings
 
