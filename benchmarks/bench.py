@@ -51,8 +51,8 @@ def m_gemm(threads: int) -> dict:
 def _model():
     import torch
 
+    from lora4diffusion.models.unet import UNet
     from lora4diffusion.train import _presets
-    from lora4diffusion.unet import UNet
 
     torch.manual_seed(0)
     cfg = _presets()["base"][0]
@@ -63,7 +63,7 @@ def m_flops() -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lora4diffusion.unet import count_parameters
+    from lora4diffusion.models.unet import count_parameters
 
     model, cfg = _model()
     x = torch.randn(1, 1, cfg.image_size, cfg.image_size)
@@ -155,7 +155,7 @@ def m_attention(threads: int) -> dict:
 def m_lora(threads: int, targets: str, rank: int, full: bool, batch: int = 64) -> dict:
     import torch
 
-    from lora4diffusion.lora import inject_lora, lora_summary
+    from lora4diffusion.lora.layers import inject_lora, lora_summary
 
     torch.set_num_threads(threads)
     model, cfg = _model()

@@ -96,7 +96,7 @@ from lora4diffusion.data import load_mnist, to_model_range
 from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.train import TrainConfig, Trainer, _presets
-from lora4diffusion.unet import UNet
+from lora4diffusion.models.unet import UNet
 
 logging.disable(logging.INFO)
 dev, dry, out = torch.device(sys.argv[1]), sys.argv[2] == "1", Path(sys.argv[3])

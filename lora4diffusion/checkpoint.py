@@ -22,7 +22,7 @@ from torch import nn
 
 from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError
-from lora4diffusion.unet import UNet, UNetConfig
+from lora4diffusion.models.unet import UNet, UNetConfig
 
 FORMAT = "lora4diffusion-model"
 VERSION = 1

@@ -281,7 +281,7 @@ def lora_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def parse_loras(items: list[str]) -> list[tuple[str, float]]:
-    from lora4diffusion.adapters import parse_lora_arg
+    from lora4diffusion.lora.adapters import parse_lora_arg
 
     out = []
     for text in items:
@@ -300,7 +300,7 @@ def add_loras(pipe, args: argparse.Namespace) -> list[tuple[str, float, str]]:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
-    from lora4diffusion.finetune import LoRAConfig, train_lora
+    from lora4diffusion.lora.finetune import LoRAConfig, train_lora
 
     out = _out_dir(args.out)
     lora = LoRAConfig(
@@ -343,7 +343,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from lora4diffusion.checkpoint import save_model
-    from lora4diffusion.lora import unload_lora
+    from lora4diffusion.lora.layers import unload_lora
     from lora4diffusion.pipeline import Pipeline
 
     out = _out_dir(args.out)
@@ -357,9 +357,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from lora4diffusion.adapters import base_fingerprint, extract_lora
     from lora4diffusion.checkpoint import load_model
-    from lora4diffusion.finetune import load_base
+    from lora4diffusion.lora.adapters import base_fingerprint, extract_lora
+    from lora4diffusion.lora.finetune import load_base
 
     out = _out_dir(args.out)
     base, _, _, _ = load_base(args.base)
@@ -375,7 +375,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from lora4diffusion.adapters import resize_adapter
+    from lora4diffusion.lora.adapters import resize_adapter
 
     out = _out_dir(args.out)
     adapter, errors = resize_adapter(args.lora, args.rank)
@@ -389,7 +389,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def cmd_export_peft(args: argparse.Namespace) -> int:
-    from lora4diffusion.adapters import export_peft
+    from lora4diffusion.lora.adapters import export_peft
 
     out = _out_dir(args.out)
     export_peft(args.lora, out)
@@ -398,8 +398,8 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 
 def cmd_import_peft(args: argparse.Namespace) -> int:
-    from lora4diffusion.adapters import import_peft
-    from lora4diffusion.finetune import load_base
+    from lora4diffusion.lora.adapters import import_peft
+    from lora4diffusion.lora.finetune import load_base
 
     out = _out_dir(args.out)
     base, _, _, _ = load_base(args.checkpoint)

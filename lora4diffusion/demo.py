@@ -156,10 +156,10 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
     into ``out/base`` instead. Bad input raises UserError before anything is written. Ctrl-C during training
     raises KeyboardInterrupt after the training run saved a resumable checkpoint.
     """
-    from lora4diffusion.adapters import load_adapter
     from lora4diffusion.checkpoint import save_model, write_json
-    from lora4diffusion.finetune import LoRAConfig, default_lora_train_config, train_lora
-    from lora4diffusion.lora import lora_summary, set_adapter_weight, unload_lora
+    from lora4diffusion.lora.adapters import load_adapter
+    from lora4diffusion.lora.finetune import LoRAConfig, default_lora_train_config, train_lora
+    from lora4diffusion.lora.layers import lora_summary, set_adapter_weight, unload_lora
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE, Pipeline
     from lora4diffusion.plots import save_trajectory
     from lora4diffusion.train import train_base

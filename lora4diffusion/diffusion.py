@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lora4diffusion.errors import UserError
-from lora4diffusion.unet import NULL_LABEL
+from lora4diffusion.models.unet import NULL_LABEL
 
 EpsModel = Callable[[Tensor, Tensor, Tensor], Tensor]
 

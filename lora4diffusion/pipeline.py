@@ -10,7 +10,7 @@ import torch
 from lora4diffusion.checkpoint import load_model, pretrained_dir
 from lora4diffusion.diffusion import DDIMSampler, DDPMSampler, DiffusionConfig, NoiseSchedule, sample
 from lora4diffusion.errors import UserError
-from lora4diffusion.unet import UNet
+from lora4diffusion.models.unet import UNet
 
 # Measured on the shipped base (benchmarks/RESULTS.md, sampling sweep): 20 DDIM steps score as well as 50, and
 # guidance above ~1.5 over-saturates this model's strokes (its label also enters the timestep embedding).
@@ -38,7 +38,7 @@ class Pipeline:
 
     def add_lora(self, path: str | Path, weight: float = 1.0, force: bool = False) -> str:
         """Load an adapter (ours or PEFT's) into the UNet at ``weight``; returns its name."""
-        from lora4diffusion.adapters import load_adapter
+        from lora4diffusion.lora.adapters import load_adapter
 
         return load_adapter(self.unet, path, weight=weight, force=force)
 

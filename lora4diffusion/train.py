@@ -33,7 +33,7 @@ from lora4diffusion import distributed
 from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
-from lora4diffusion.unet import UNetConfig
+from lora4diffusion.models.unet import UNetConfig
 
 log = logging.getLogger("lora4diffusion")
 STATE_NAME = "train_state.safetensors"
@@ -555,7 +555,7 @@ def train_base(
     from lora4diffusion.checkpoint import save_model
     from lora4diffusion.data import load_mnist, to_model_range
     from lora4diffusion.diffusion import DiffusionConfig
-    from lora4diffusion.unet import UNet
+    from lora4diffusion.models.unet import UNet
 
     if preset not in PRESET_NAMES:
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from lora4diffusion.unet import UNetConfig
+from lora4diffusion.models.unet import UNetConfig
 
 # CI has 2 cores: use both, unless the caller pinned a thread count (OMP_NUM_THREADS=1 beside a training job).
 if "OMP_NUM_THREADS" not in os.environ:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from lora4diffusion import distributed
 from lora4diffusion.cli import main
 from lora4diffusion.errors import UserError
-from lora4diffusion.finetune import train_lora
+from lora4diffusion.lora.finetune import train_lora
 from lora4diffusion.train import STATE_NAME, Trainer, train_base
 
 WORLD = 2
@@ -137,8 +137,8 @@ def test_trainer_loss_is_bit_identical_to_training_loss(tmp_path):
     """The Trainer draws t/noise/dropout itself (to slice them per rank); one process must not notice."""
     from lora4diffusion.data import load_mnist, to_model_range
     from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
+    from lora4diffusion.models.unet import UNet, UNetConfig
     from lora4diffusion.train import TrainConfig
-    from lora4diffusion.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
     model = UNet(UNetConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,)))

@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 
 from lora4diffusion.cli import main
-from lora4diffusion.finetune import LoRAConfig, train_lora
-from lora4diffusion.lora import lora_layers
+from lora4diffusion.lora.finetune import LoRAConfig, train_lora
+from lora4diffusion.lora.layers import lora_layers
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.train import train_base
 

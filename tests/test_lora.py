@@ -1,4 +1,4 @@
-"""Tests for lora4diffusion.lora and lora4diffusion.adapters: LoRA layers, injection, merging, adapter files,
+"""Tests for lora4diffusion.lora.layers and .lora.adapters: LoRA layers, injection, merging, adapter files,
 fingerprints, PEFT interop (the real ``peft`` package as the oracle), extraction and resizing.
 
 peft is a declared test dependency (pyproject [test]); it is imported only here, never by the package.
@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora4diffusion.adapters import (
+from lora4diffusion.checkpoint import load_model, read_metadata, save_model, save_tensors
+from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
+from lora4diffusion.errors import UserError
+from lora4diffusion.lora.adapters import (
     ADAPTER_FILE,
     FORMAT,
     Adapter,
@@ -30,10 +33,7 @@ from lora4diffusion.adapters import (
     resize_adapter,
     save_adapter,
 )
-from lora4diffusion.checkpoint import load_model, read_metadata, save_model, save_tensors
-from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
-from lora4diffusion.errors import UserError
-from lora4diffusion.lora import (
+from lora4diffusion.lora.layers import (
     LoRAConv2d,
     LoRALayer,
     LoRALinear,
@@ -49,8 +49,8 @@ from lora4diffusion.lora import (
     unload_lora,
     unmerge_lora,
 )
+from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.train import TrainConfig, Trainer
-from lora4diffusion.unet import UNet, UNetConfig
 
 CFG = UNetConfig(
     image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), context_dim=32
@@ -344,7 +344,7 @@ def test_fingerprint_is_stable_and_tracks_the_weights(tmp_path):
     assert base_fingerprint(load_model(tmp_path / "m")[0]) == fp  # loaded twice
     code = (
         "import torch; torch.set_num_threads(1); from lora4diffusion.checkpoint import load_model;"
-        "from lora4diffusion.adapters import base_fingerprint;"
+        "from lora4diffusion.lora.adapters import base_fingerprint;"
         f"print(base_fingerprint(load_model({str(tmp_path / 'm')!r})[0]))"
     )
     assert (

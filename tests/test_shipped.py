@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lora4diffusion.adapters import base_fingerprint, read_adapter, shipped_adapters
 from lora4diffusion.cli import main
 from lora4diffusion.evaluate import evaluate_samples
-from lora4diffusion.lora import set_adapter_weight
+from lora4diffusion.lora.adapters import base_fingerprint, read_adapter, shipped_adapters
+from lora4diffusion.lora.layers import set_adapter_weight
 from lora4diffusion.pipeline import Pipeline
 
 LABELS = [d for d in range(10) for _ in range(2)]

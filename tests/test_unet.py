@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from lora4diffusion.errors import UserError
-from lora4diffusion.unet import NULL_LABEL, Attention, UNet, UNetConfig, timestep_embedding
+from lora4diffusion.models.unet import NULL_LABEL, Attention, UNet, UNetConfig, timestep_embedding
 
 
 def _batch(cfg, b=4, seed=0):

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora4diffusion.adapters import save_adapter
 from lora4diffusion.checkpoint import load_model, pretrained_dir, save_model
 from lora4diffusion.data import to_model_range
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora import inject_lora, lora_summary
+from lora4diffusion.lora.adapters import save_adapter
+from lora4diffusion.lora.layers import inject_lora, lora_summary
 from lora4diffusion.styles import load_style_data
 from lora4diffusion.train import TrainConfig, Trainer, prepare_run, preview_grid
 

@@ -33,7 +33,7 @@ from lora4diffusion.checkpoint import (
     write_json,
 )
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora import (
+from lora4diffusion.lora.layers import (
     INITS,
     adaptable_modules,
     adapter_names,

@@ -8,7 +8,7 @@ default; ``--lora a:0.5`` sets 0.5), so its branch adds weight * scale * B A x.
 
 In the model's state dict adapter NAME is ``<path>.lora_down.NAME.weight`` and ``<path>.lora_up.NAME.weight``;
 the base weights become ``<path>.base_layer.weight`` (``base_state_dict`` gives them their original names).
-Files, fingerprints, PEFT interop, extraction and resizing are in ``lora4diffusion.adapters``.
+Files, fingerprints, PEFT interop, extraction and resizing are in ``lora4diffusion.lora.adapters``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lora4diffusion.errors import UserError
-from lora4diffusion.unet import ResBlock
+from lora4diffusion.models.unet import ResBlock
 
 INITS = ("normal", "kaiming")  # normal: the seed's N(0, (1/r)^2) (PEFT "gaussian"); kaiming: PEFT's default
 
