@@ -13,39 +13,10 @@ import sys
 from pathlib import Path
 
 from lora4diffusion import __version__
+from lora4diffusion.args import add_loras, lora_args, nonneg_float, out_dir, positive_int
 from lora4diffusion.errors import UserError
 
 log = logging.getLogger("lora4diffusion")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0 (argparse names the option in its one-line error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    """argparse type: a number >= 0 (rejects nan)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _out_dir(path: str) -> Path:
-    """An output directory: may exist (as a directory) or not yet; a file there is refused."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise UserError(f"--out {p} is a file, not a directory")
-    return p
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,7 +168,7 @@ def _run_training(fn, *args, **kwargs) -> dict | None:
 def cmd_train(args: argparse.Namespace) -> int:
     from lora4diffusion.train import train_base
 
-    out = _out_dir(args.out)
+    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
     summary = _run_training(
         train_base,
         args.preset,
@@ -234,7 +205,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from lora4diffusion.plots import save_grid, save_trajectory
 
     digits = parse_digits(args.digits)
-    out = _out_dir(args.out)
+    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
     device = resolve_device(args.device)
     pipe = Pipeline.load(args.checkpoint)
     add_loras(pipe, args)
@@ -267,42 +238,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def lora_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        required=required,
-        metavar="PATH[:SCALE]",
-        help="adapter directory or file, or a shipped adapter's name (bold, italic), optionally with a scale;"
-        " repeat to mix adapters",
-    )
-    p.add_argument("--force", action="store_true", help="load adapters trained on a different base")
-
-
-def parse_loras(items: list[str]) -> list[tuple[str, float]]:
-    from lora4diffusion.lora.adapters import parse_lora_arg
-
-    out = []
-    for text in items:
-        path, weight = parse_lora_arg(text)
-        head, sep, tail = text.rpartition(":")
-        if sep and path == text and not Path(text).exists():
-            raise UserError(f"--lora {text}: scale {tail!r} is not a number")
-        out.append((path, weight))
-    return out
-
-
-def add_loras(pipe, args: argparse.Namespace) -> list[tuple[str, float, str]]:
-    """Load each ``--lora PATH[:SCALE]`` (``--force``: any base) into ``pipe``; -> [(path, scale, name)]."""
-    loras = parse_loras(args.lora)  # every argument checked before any adapter is read
-    return [(path, weight, pipe.add_lora(path, weight, force=args.force)) for path, weight in loras]
-
-
 def cmd_train_lora(args: argparse.Namespace) -> int:
     from lora4diffusion.lora.finetune import LoRAConfig, train_lora
 
-    out = _out_dir(args.out)
+    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
     lora = LoRAConfig(
         rank=args.rank,
         alpha=float(args.rank) if args.alpha is None else args.alpha,
@@ -346,7 +285,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lora4diffusion.lora.layers import unload_lora
     from lora4diffusion.pipeline import Pipeline
 
-    out = _out_dir(args.out)
+    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
     pipe = Pipeline.load(args.checkpoint)
     loras = add_loras(pipe, args)
     model = unload_lora(pipe.unet, merge=True)
@@ -361,7 +300,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from lora4diffusion.lora.adapters import base_fingerprint, extract_lora
     from lora4diffusion.lora.finetune import load_base
 
-    out = _out_dir(args.out)
+    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
     base, _, _, _ = load_base(args.base)
     tuned, _, _ = load_model(Path(args.tuned))
     adapter, errors = extract_lora(base, tuned, args.rank, args.targets)
@@ -377,7 +316,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_resize(args: argparse.Namespace) -> int:
     from lora4diffusion.lora.adapters import resize_adapter
 
-    out = _out_dir(args.out)
+    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
     adapter, errors = resize_adapter(args.lora, args.rank)
     adapter.save(out)
     worst = max((v for k, v in errors.items() if k != "overall"), default=0.0)
@@ -391,7 +330,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 def cmd_export_peft(args: argparse.Namespace) -> int:
     from lora4diffusion.lora.adapters import export_peft
 
-    out = _out_dir(args.out)
+    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
     export_peft(args.lora, out)
     print(f"wrote PEFT adapter (adapter_config.json, adapter_model.safetensors) to {out}")
     return 0
@@ -401,7 +340,7 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
     from lora4diffusion.lora.adapters import import_peft
     from lora4diffusion.lora.finetune import load_base
 
-    out = _out_dir(args.out)
+    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
     base, _, _, _ = load_base(args.checkpoint)
     import_peft(args.peft, base_model=base).save(out)
     print(f"imported PEFT adapter into {out}")

@@ -229,7 +229,7 @@ def format_report(result: dict, as_json: bool = False) -> str:
 
 def add_parser(subparsers) -> None:
     """Add ``evaluate`` to an argparse subparsers object; the parsed args carry ``func=run``."""
-    from lora4diffusion.cli import lora_args, nonneg_float, positive_int  # the CLI owns its argument types
+    from lora4diffusion.args import lora_args, nonneg_float, positive_int
 
     p = subparsers.add_parser("evaluate", help="score samples with the MNIST classifier (accuracy, FID)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -249,7 +249,7 @@ def add_parser(subparsers) -> None:
 
 
 def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    from lora4diffusion.cli import add_loras
+    from lora4diffusion.args import add_loras
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
 
     digits = parse_digits(args.digits or "0-9")
@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_classifier_parser(subparsers) -> None:
     """Add ``train-classifier`` to an argparse subparsers object; the parsed args carry ``func``."""
-    from lora4diffusion.cli import positive_int  # the CLI owns its argument types
+    from lora4diffusion.args import positive_int
 
     p = subparsers.add_parser("train-classifier", help="train the MNIST classifier used by evaluate")
     p.add_argument("--out", required=True, help="directory for classifier.safetensors and classifier.json")
