@@ -42,7 +42,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "word": ("{w}",),
     "handwritten": ("a handwritten {w}", "a handwritten {n}", "{w}, handwritten"),
     "digit": ("the digit {n}", "the digit {w}", "a digit {w}"),
-    "picture": ("a picture of the number {w}", "a picture of a {w}", "a photo of the digit {n}", "a drawing of a {w}"),
+    "picture": (
+        "a picture of the number {w}", "a picture of a {w}", "a photo of the digit {n}", "a drawing of a {w}"
+    ),
     "number": ("the number {w}", "number {n}", "the numeral {n}"),
 }
 HELD_OUT = "held_out"
@@ -166,7 +168,8 @@ def digit_of(prompt: str) -> int:
 
 
 def iter_every_caption() -> Iterator[str]:
-    """Every string the templates can produce: digits x families (held-out too) x triggers x styles x forms."""
+    """Every string the templates can produce: digits x families (held-out too) x triggers x styles x
+    placements, and the empty prompt."""
     for d in range(10):
         for trigger in (None, *TRIGGER_WORDS):
             for style in (None, *STYLE_WORDS):

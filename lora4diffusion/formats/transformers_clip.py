@@ -64,7 +64,8 @@ def to_transformers(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str
     for k, v in state.items():
         if k == TOKEN_EMBEDDING:
             if vocab_size < v.shape[0]:
-                raise UserError(f"CLIP vocabulary of {vocab_size} ids is smaller than the model's {v.shape[0]}")
+                raise UserError(f"CLIP vocabulary of {vocab_size} ids is smaller than the model's"
+                                f" {v.shape[0]}")
             v = torch.cat([v, v.new_zeros(vocab_size - v.shape[0], v.shape[1])])
         out[to_transformers_name(k)] = v
     return out
@@ -86,7 +87,9 @@ def from_transformers(state: dict[str, torch.Tensor], cfg: TextEncoderConfig) ->
     expected = TextEncoder(cfg).state_dict()
     missing = sorted(set(expected) - set(out))
     if missing:
-        raise UserError(f"CLIPTextModel weights lack {to_transformers_name(missing[0])} (and {len(missing) - 1} more)")
+        raise UserError(
+            f"CLIPTextModel weights lack {to_transformers_name(missing[0])} (and {len(missing) - 1} more)"
+        )
     for k, v in out.items():
         if k not in expected:
             raise UserError(f"CLIPTextModel weight {to_transformers_name(k)} does not fit the config")
@@ -105,7 +108,9 @@ def transformers_config(cfg: TextEncoderConfig, tokenizer: Tokenizer) -> dict:
     if tokenizer.vocab_size != cfg.vocab_size or tokenizer.eos_id != cfg.eos_token_id:
         raise UserError("the tokenizer does not fit this text encoder (vocabulary size or eos id differ)")
     if tokenizer.context_length > cfg.context_length:
-        raise UserError(f"tokenizer context {tokenizer.context_length} exceeds the encoder's {cfg.context_length}")
+        raise UserError(
+            f"tokenizer context {tokenizer.context_length} exceeds the encoder's {cfg.context_length}"
+        )
     return {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
@@ -138,13 +143,16 @@ def config_from_transformers(config: dict) -> TextEncoderConfig:
     try:
         width, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         inter, eos = int(config["intermediate_size"]), int(config["eos_token_id"])
-        cfg = {"vocab_size": eos + 1, "eos_token_id": eos, "context_length": int(config["max_position_embeddings"]),
-               "width": width, "layers": int(config["num_hidden_layers"]), "heads": heads,
+        cfg = {"vocab_size": eos + 1, "eos_token_id": eos, "width": width, "heads": heads,
+               "context_length": int(config["max_position_embeddings"]),
+               "layers": int(config["num_hidden_layers"]),
                "layer_norm_eps": float(config.get("layer_norm_eps", 1e-5))}
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"text encoder config: missing or bad field ({e})") from None
     if inter % width:
-        raise UserError(f"text encoder config: intermediate_size {inter} is not a multiple of hidden_size {width}")
+        raise UserError(
+            f"text encoder config: intermediate_size {inter} is not a multiple of hidden_size {width}"
+        )
     return TextEncoderConfig(mlp_ratio=inter // width, **cfg)
 
 

@@ -57,7 +57,9 @@ class TextEncoderConfig:
         if self.width % self.heads:
             raise UserError(f"text encoder config: width {self.width} is not divisible by heads {self.heads}")
         if not (isinstance(self.layer_norm_eps, float) and self.layer_norm_eps > 0):
-            raise UserError(f"text encoder config: layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
+            raise UserError(
+                f"text encoder config: layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}"
+            )
 
     @classmethod
     def for_tokenizer(cls, tokenizer, **overrides) -> TextEncoderConfig:
@@ -98,7 +100,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         h = self.heads
-        q, k, v = (p(x).reshape(b, n, h, d // h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).reshape(b, n, h, d // h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         w = (q @ k.transpose(-1, -2)) * (d // h) ** -0.5
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)  # True = a later position
         w = w.masked_fill(causal, float("-inf"))
@@ -159,7 +163,8 @@ class TextEncoder(nn.Module):
         """ids [B, L] (L <= context_length) -> (last hidden state [B, L, D], pooled eos state [B, D])."""
         if ids.dim() != 2 or ids.shape[1] > self.cfg.context_length:
             raise UserError(
-                f"text encoder input must be [batch, <= {self.cfg.context_length}] ids, got {tuple(ids.shape)}"
+                f"text encoder input must be [batch, <= {self.cfg.context_length}] ids,"
+                f" got {tuple(ids.shape)}"
             )
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.token_embedding(ids) + self.position_embedding(positions)

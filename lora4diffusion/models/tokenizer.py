@@ -139,7 +139,9 @@ class Tokenizer:
             if p not in self._ids:
                 near = difflib.get_close_matches(p, self.words, n=3, cutoff=0.5)
                 hint = f"nearest: {', '.join(near)}" if near else "no vocabulary word is close"
-                raise UserError(f"unknown word {p!r} in prompt {prompt!r} ({hint}; the words are in {self.source})")
+                raise UserError(
+                    f"unknown word {p!r} in prompt {prompt!r} ({hint}; the words are in {self.source})"
+                )
         limit = self.context_length - 2
         if len(pieces) > limit:
             raise UserError(
@@ -205,7 +207,9 @@ class Tokenizer:
         vocab_path, config_path = folder / VOCAB_NAME, folder / CONFIG_NAME
         for p in (vocab_path, config_path):
             if not p.is_file():
-                raise UserError(f"{p}: file not found (a tokenizer folder holds {VOCAB_NAME} and {CONFIG_NAME})")
+                raise UserError(
+                    f"{p}: file not found (a tokenizer folder holds {VOCAB_NAME} and {CONFIG_NAME})"
+                )
         try:
             config = json.loads(config_path.read_text())
             lines = vocab_path.read_text().splitlines()
@@ -229,8 +233,9 @@ class Tokenizer:
         The merges build each word from its END: word c1..cn starts as c1, ..., c(n-1), cn</w>, and the only
         merges are (c_j, c_(j+1)..cn</w>) -> c_j..cn</w>. Every merge's right side ends in </w>, so at every
         step exactly one adjacent pair can be a merge (the last plain letter and the suffix piece): the result
-        does not depend on merge ranks and is always the whole word. Every intermediate piece is in vocab.json,
-        as the tokenizers-backed BPE needs. Words keep their ids; the BPE-only pieces come after eos.
+        does not depend on merge ranks and is always the whole word. Every intermediate piece is in
+        vocab.json, as the tokenizers-backed BPE needs. Words keep their ids; the BPE-only pieces come after
+        eos.
         """
         vocab = {w + END_OF_WORD: i for i, w in enumerate(self.words)}
         vocab[BOS], vocab[EOS] = self.bos_id, self.eos_id
@@ -291,11 +296,14 @@ class Tokenizer:
         by_id = {i: t for t, i in vocab.items()}
         words = [by_id.get(i, "") for i in range(vocab[BOS])]
         if not all(t.endswith(END_OF_WORD) for t in words):
-            raise UserError(f"{folder}/vocab.json: ids below bos must all be whole words ending in {END_OF_WORD}")
+            raise UserError(
+                f"{folder}/vocab.json: ids below bos must all be whole words ending in {END_OF_WORD}"
+            )
         length = context_length if context_length is not None else config.get("model_max_length")
         if not isinstance(length, int) or isinstance(length, bool):
             raise UserError(f"{folder}/tokenizer_config.json: no integer model_max_length")
-        tok = cls([t[: -len(END_OF_WORD)] for t in words], context_length=length, source=f"{folder}/vocab.json")
+        words = [t[: -len(END_OF_WORD)] for t in words]
+        tok = cls(words, context_length=length, source=f"{folder}/vocab.json")
         again = tok.clip_bpe_files()
         if json.loads(again["vocab.json"]) != vocab or again["merges.txt"] != merges:
             raise UserError(f"{folder}: a CLIP tokenizer this word-level tokenizer cannot reproduce")
