@@ -197,6 +197,9 @@ def test_random_text_is_accepted_exactly_when_clip_reads_words(tok, clip, text):
 def test_reader_of_exported_clip_folder(tok, clip, tmp_path):
     again = Tokenizer.from_clip_bpe(clip[2])
     assert again.words == tok.words and again.context_length == tok.context_length
+    clip[0].save_pretrained(tmp_path / "resaved")  # transformers 5 writes tokenizer.json only
+    assert not (tmp_path / "resaved" / "vocab.json").exists()
+    assert Tokenizer.from_clip_bpe(tmp_path / "resaved").words == tok.words
     tok.export_clip_bpe(tmp_path)
     merges = (tmp_path / "merges.txt").read_text().splitlines()
     (tmp_path / "merges.txt").write_text("\n".join(merges[:-1]) + "\n")

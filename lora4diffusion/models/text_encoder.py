@@ -23,11 +23,15 @@ unchanged; heads of 16 match the UNet's head_dim. A 12-layer 512-wide CLIP would
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lora4diffusion.errors import UserError
+
+if TYPE_CHECKING:
+    from lora4diffusion.models.tokenizer import Tokenizer
 
 
 @dataclass
@@ -62,7 +66,7 @@ class TextEncoderConfig:
             )
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, **overrides) -> TextEncoderConfig:
+    def for_tokenizer(cls, tokenizer: Tokenizer, **overrides: int | float) -> TextEncoderConfig:
         """The config that fits a `Tokenizer` (vocabulary, eos id, context length), plus size overrides."""
         return cls(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
                    context_length=tokenizer.context_length, **overrides)

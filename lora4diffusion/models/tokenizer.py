@@ -278,36 +278,56 @@ class Tokenizer:
 
     @classmethod
     def from_clip_bpe(cls, folder: str | Path, context_length: int | None = None) -> Tokenizer:
-        """Read back a folder `export_clip_bpe` wrote (e.g. a diffusers `tokenizer/`).
+        """Read back a CLIP tokenizer folder that `export_clip_bpe` wrote (e.g. a diffusers `tokenizer/`):
+        vocab.json + merges.txt, or the tokenizer.json alone that transformers 5's save_pretrained writes.
 
         The words are the tokens with ids below bos; the folder is accepted only if exporting those words
-        again gives the same vocab.json and merges.txt, so a CLIP tokenizer we would tokenize differently is
+        again gives the same vocabulary and merges, so a CLIP tokenizer we would tokenize differently is
         refused rather than half-read.
         """
         folder = Path(folder)
         try:
-            vocab = json.loads((folder / "vocab.json").read_text())
-            merges = (folder / "merges.txt").read_text()
             config = json.loads((folder / "tokenizer_config.json").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+                vocab = json.loads((folder / "vocab.json").read_text())
+                merges = _merge_pairs((folder / "merges.txt").read_text().splitlines())
+            else:
+                model = json.loads((folder / "tokenizer.json").read_text()).get("model") or {}
+                if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
+                    raise UserError(f"{folder}/tokenizer.json: not CLIP's BPE with {END_OF_WORD} word ends")
+                vocab, merges = model.get("vocab"), _merge_pairs(model.get("merges") or [])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
             raise UserError(f"{folder}: not a readable CLIP tokenizer folder ({e})") from None
         if not isinstance(vocab, dict) or vocab.get(BOS) is None or vocab.get(EOS) != vocab[BOS] + 1:
-            raise UserError(f"{folder}/vocab.json: not written by lora4diffusion (bos/eos ids do not fit)")
+            raise UserError(f"{folder}: vocabulary not written by lora4diffusion (bos/eos ids do not fit)")
         by_id = {i: t for t, i in vocab.items()}
         words = [by_id.get(i, "") for i in range(vocab[BOS])]
         if not all(t.endswith(END_OF_WORD) for t in words):
-            raise UserError(
-                f"{folder}/vocab.json: ids below bos must all be whole words ending in {END_OF_WORD}"
-            )
+            raise UserError(f"{folder}: ids below bos must all be whole words ending in {END_OF_WORD}")
         length = context_length if context_length is not None else config.get("model_max_length")
         if not isinstance(length, int) or isinstance(length, bool):
             raise UserError(f"{folder}/tokenizer_config.json: no integer model_max_length")
         words = [t[: -len(END_OF_WORD)] for t in words]
-        tok = cls(words, context_length=length, source=f"{folder}/vocab.json")
+        tok = cls(words, context_length=length, source=f"{folder} (CLIP vocabulary)")
         again = tok.clip_bpe_files()
-        if json.loads(again["vocab.json"]) != vocab or again["merges.txt"] != merges:
+        same_merges = _merge_pairs(again["merges.txt"].splitlines()) == merges
+        if json.loads(again["vocab.json"]) != vocab or not same_merges:
             raise UserError(f"{folder}: a CLIP tokenizer this word-level tokenizer cannot reproduce")
         return tok
+
+
+def _merge_pairs(lines: list) -> list[tuple[str, str]]:
+    """merges.txt lines ("a b", a "#version" header) or tokenizer.json merges ("a b" or [a, b])."""
+    pairs = []
+    for line in lines:
+        if isinstance(line, str):
+            if line.startswith("#version") or not line.strip():
+                continue
+            line = line.split(" ")
+        if len(line) != 2:
+            raise UserError(f"malformed BPE merge {line!r}")
+        pairs.append((str(line[0]), str(line[1])))
+    return pairs
 
 
 def shipped_dir() -> Path:
