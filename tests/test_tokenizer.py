@@ -149,6 +149,22 @@ def test_clip_tokenizer_gives_our_ids_for_every_template_prompt(tok, clip):
     assert torch.equal(ours.argmax(-1), first_eos)
 
 
+def test_merge_order_does_not_matter(tok, tmp_path):
+    """The design claim behind the export: with suffix-first merges only one pair is ever mergeable, so any
+    ranking of the merges (a reversed or shuffled merges.txt) gives the same ids."""
+    from transformers import CLIPTokenizer
+
+    tok.export_clip_bpe(tmp_path)
+    header, *merges = (tmp_path / "merges.txt").read_text().splitlines()
+    prompts = [p for p in iter_every_caption() if p][::5]
+    ours = tok.encode(prompts)
+    order = torch.randperm(len(merges), generator=torch.Generator().manual_seed(0)).tolist()
+    for lines in (merges[::-1], [merges[i] for i in order]):
+        (tmp_path / "merges.txt").write_text("\n".join([header, *lines]) + "\n")
+        h = CLIPTokenizer.from_pretrained(tmp_path)
+        assert torch.equal(clip_ids(h, prompts, tok.context_length), ours)
+
+
 def test_clip_tokenizer_decodes_our_ids(tok, clip):
     prompts = ["a handwritten sks seven", "the digit 7 in bold style"]
     assert clip[0].batch_decode(tok.encode(prompts), skip_special_tokens=True) == [
