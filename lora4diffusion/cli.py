@@ -374,13 +374,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----- file formats (issue 12): diffusers folders, LoRA files in diffusers / kohya / PEFT layouts -----
 def _add_format_parsers(sub) -> None:
-    xd = sub.add_parser("export-diffusers", help="write the UNet, scheduler and label context as a diffusers folder")
+    xd = sub.add_parser("export-diffusers", help="write a diffusers folder (UNet, scheduler, labels)")
     xd.add_argument("--checkpoint", help="model directory (default: the shipped base)")
     xd.add_argument("--out", required=True, help="folder for unet/, scheduler/, label_context.safetensors")
     xd.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     xd.set_defaults(func=cmd_export_diffusers)
 
-    idf = sub.add_parser("import-diffusers", help="convert a diffusers folder of export-diffusers' shape to ours")
+    idf = sub.add_parser("import-diffusers", help="convert a diffusers folder to our model")
     idf.add_argument("folder", help="folder with unet/, scheduler/, label_context.safetensors")
     idf.add_argument("--out", required=True, help="model directory (config.json + model.safetensors)")
     idf.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")

@@ -30,14 +30,29 @@ from lora4diffusion.lora.adapters import (
     read_adapter,
     shipped_adapters,
 )
-from lora4diffusion.lora.layers import adaptable_modules, inject_lora, lora_layers, merge_lora, set_adapter_weight
+from lora4diffusion.lora.layers import (
+    adaptable_modules,
+    inject_lora,
+    lora_layers,
+    merge_lora,
+    set_adapter_weight,
+)
 from lora4diffusion.models.unet import NULL_LABEL, UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")  # installed as a test oracle (pyproject [test])
 from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
 
-CFG = UNetConfig(image_size=8, base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1, attn_levels=(0, 2),
-                 head_dim=8, context_tokens=2, context_dim=16, groups=4)
+CFG = UNetConfig(
+    image_size=8,
+    base_channels=16,
+    channel_mults=(1, 2, 2),
+    num_res_blocks=1,
+    attn_levels=(0, 2),
+    head_dim=8,
+    context_tokens=2,
+    context_dim=16,
+    groups=4,
+)
 
 
 def make_unet(seed: int = 0, cfg: UNetConfig = CFG) -> UNet:
@@ -50,8 +65,14 @@ def make_unet(seed: int = 0, cfg: UNetConfig = CFG) -> UNet:
     return model.eval()
 
 
-def make_adapter(model: UNet, targets: str = "all-linear+conv", rank: int = 4, alpha: float = 8.0,
-                 rslora: bool = False, seed: int = 1) -> None:
+def make_adapter(
+    model: UNet,
+    targets: str = "all-linear+conv",
+    rank: int = 4,
+    alpha: float = 8.0,
+    rslora: bool = False,
+    seed: int = 1,
+) -> None:
     """Inject adapter 'default' with random A and B (as after training)."""
     inject_lora(model, targets, rank=rank, alpha=alpha, rslora=rslora)
     g = torch.Generator().manual_seed(seed)
@@ -61,8 +82,11 @@ def make_adapter(model: UNet, targets: str = "all-linear+conv", rank: int = 4, a
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-INPUTS = (torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(7)), torch.tensor([0, 1, 500, 999]),
-          torch.tensor([0, 3, 9, NULL_LABEL]))
+INPUTS = (
+    torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(7)),
+    torch.tensor([0, 1, 500, 999]),
+    torch.tensor([0, 3, 9, NULL_LABEL]),
+)
 
 
 def ours_eps(model: UNet) -> torch.Tensor:
@@ -71,7 +95,7 @@ def ours_eps(model: UNet) -> torch.Tensor:
 
 
 def theirs_eps(dunet: nn.Module, model: UNet) -> torch.Tensor:
-    """diffusers' UNet on the same inputs: context tokens as encoder_hidden_states, their mean as class_labels."""
+    """diffusers' UNet, same inputs: context tokens = encoder_hidden_states, their mean = class_labels."""
     x, t, y = INPUTS
     with torch.no_grad():
         ctx = model.context(y)
@@ -90,13 +114,18 @@ def test_every_weight_has_a_diffusers_name_and_back():
     ours = UNet(CFG).state_dict()
     theirs = UNet2DConditionModel.from_config(_config(CFG)).state_dict()
     mapped = {to_diffusers(k): v.shape for k, v in ours.items() if not k.startswith("label_context")}
-    assert mapped == {k: v.shape for k, v in theirs.items()}  # a bijection onto diffusers' weights, same shapes
+    assert mapped == {
+        k: v.shape for k, v in theirs.items()
+    }  # a bijection onto diffusers' weights, same shapes
     for k in ours:
         if not k.startswith("label_context"):
             assert from_diffusers(to_diffusers(k)) == k
     for path in adaptable_modules(UNet(CFG)):
         assert from_kohya(to_kohya(path)) == path
-    assert to_kohya("down.0.0.attn.attn1.to_out") == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    assert (
+        to_kohya("down.0.0.attn.attn1.to_out")
+        == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    )
     with pytest.raises(UserError, match="label_context"):
         to_diffusers("label_context")
     with pytest.raises(UserError, match="lora_unet_foo_bar"):
@@ -128,7 +157,9 @@ def test_ddim_loop_with_diffusers_scheduler_reproduces_our_sample(tmp_path, sche
     labels, w, steps = torch.tensor([2, 7]), 1.25, 5
     ours_sampler = DDIMSampler(NoiseSchedule(diffusion))
     ours_sampler.set_timesteps(steps)
-    ours, _ = sample(model, ours_sampler, labels, (1, 8, 8), guidance=w, generator=torch.Generator().manual_seed(3))
+    ours, _ = sample(
+        model, ours_sampler, labels, (1, 8, 8), guidance=w, generator=torch.Generator().manual_seed(3)
+    )
 
     sched.set_timesteps(steps)
     assert sched.timesteps.tolist() == ours_sampler.timesteps.tolist()
@@ -136,8 +167,9 @@ def test_ddim_loop_with_diffusers_scheduler_reproduces_our_sample(tmp_path, sche
     ctx = model.context(torch.cat([labels, torch.full_like(labels, NULL_LABEL)])).detach()
     for t in sched.timesteps:
         with torch.no_grad():
-            eps_c, eps_u = dunet(torch.cat([x, x]), t, encoder_hidden_states=ctx,
-                                 class_labels=ctx.mean(1)).sample.chunk(2)
+            eps_c, eps_u = dunet(
+                torch.cat([x, x]), t, encoder_hidden_states=ctx, class_labels=ctx.mean(1)
+            ).sample.chunk(2)
         x = sched.step(eps_u + w * (eps_c - eps_u), t, x).prev_sample
     diff = (ours - x).abs().max().item()
     assert diff <= 1e-4, diff
@@ -146,7 +178,10 @@ def test_ddim_loop_with_diffusers_scheduler_reproduces_our_sample(tmp_path, sche
 def test_export_import_round_trip_is_bit_identical(tmp_path):
     model = make_unet()
     save_model(tmp_path / "m", model, DiffusionConfig(schedule="cosine", beta_end=0.03))
-    assert main(["-q", "export-diffusers", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "d")]) == 0
+    assert (
+        main(["-q", "export-diffusers", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "d")])
+        == 0
+    )
     assert main(["-q", "import-diffusers", str(tmp_path / "d"), "--out", str(tmp_path / "back")]) == 0
     back, diffusion, _ = load_model(tmp_path / "back")
     assert back.cfg == model.cfg and diffusion.schedule == "cosine" and diffusion.beta_end == 0.03
@@ -159,8 +194,13 @@ def test_import_refuses_what_our_unet_cannot_represent(tmp_path, capsys):
     export_diffusers(make_unet(), DiffusionConfig(), tmp_path / "d")
     cfg_file = tmp_path / "d" / "unet" / "config.json"
     good = json.loads(cfg_file.read_text())
-    for key, value in [("norm_eps", 1e-6), ("layers_per_block", [1, 2, 1]), ("upcast_attention", True),
-                       ("attention_head_dim", [4, 4, 4]), ("class_embed_type", None)]:
+    for key, value in [
+        ("norm_eps", 1e-6),
+        ("layers_per_block", [1, 2, 1]),
+        ("upcast_attention", True),
+        ("attention_head_dim", [4, 4, 4]),
+        ("class_embed_type", None),
+    ]:
         cfg_file.write_text(json.dumps({**good, key: value}))
         assert main(["-q", "import-diffusers", str(tmp_path / "d"), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
@@ -271,14 +311,52 @@ def test_cli_export_lora_and_sample_with_any_layout(tmp_path, capsys):
     adapter_from_model(model).save(tmp_path / "ours")
     for fmt in ("diffusers", "kohya", "peft"):
         out = tmp_path / f"x_{fmt}"
-        assert main(["-q", "export-lora", "--lora", str(tmp_path / "ours"), "--format", fmt, "--out", str(out)]) == 0
-        assert main(["-q", "export-lora", "--lora", str(tmp_path / "ours"), "--format", fmt, "--out", str(out)]) == 2
+        assert (
+            main(["-q", "export-lora", "--lora", str(tmp_path / "ours"), "--format", fmt, "--out", str(out)])
+            == 0
+        )
+        assert (
+            main(["-q", "export-lora", "--lora", str(tmp_path / "ours"), "--format", fmt, "--out", str(out)])
+            == 2
+        )
         assert "--overwrite" in capsys.readouterr().err
         target = out if fmt == "peft" else next(out.glob("*.safetensors"))
-        assert main(["-q", "sample", "--checkpoint", str(tmp_path / "base"), "--lora", f"{target}:0.5", "--digits",
-                     "3", "--per-digit", "1", "--steps", "2", "--out", str(tmp_path / f"s_{fmt}")]) == 0
-    assert main(["-q", "export-lora", "--lora", str(tmp_path / "nothing"), "--format", "kohya", "--out",
-                 str(tmp_path / "o")]) == 2
+        assert (
+            main(
+                [
+                    "-q",
+                    "sample",
+                    "--checkpoint",
+                    str(tmp_path / "base"),
+                    "--lora",
+                    f"{target}:0.5",
+                    "--digits",
+                    "3",
+                    "--per-digit",
+                    "1",
+                    "--steps",
+                    "2",
+                    "--out",
+                    str(tmp_path / f"s_{fmt}"),
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(
+            [
+                "-q",
+                "export-lora",
+                "--lora",
+                str(tmp_path / "nothing"),
+                "--format",
+                "kohya",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -303,7 +381,7 @@ def test_diffusers_loads_our_diffusers_lora_at_weights_1_and_half_and_fused(expo
 
 def test_diffusers_kohya_converter_on_our_kohya_file(exported, tmp_path):
     """diffusers' own kohya converter maps every module of ours except class_embedding (our context_pool):
-    its '_' -> '.' has no rule back for 'class.embedding', so that LoRA lands on no module (docs/INTEROP.md)."""
+    its '_' -> '.' has no rule back for 'class.embedding': that LoRA lands on no module (docs/INTEROP.md)."""
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
 
     model, folder = exported
@@ -334,18 +412,36 @@ def test_we_import_an_adapter_made_by_diffusers_and_peft(exported, tmp_path):
 
     model, folder = exported
     dunet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-               "time_emb_proj", "linear_1", "linear_2", "class_embedding", "conv1", "conv2", "conv_shortcut"]
-    dunet.add_adapter(LoraConfig(r=4, lora_alpha=6, target_modules=targets, init_lora_weights="gaussian",
-                                 use_rslora=True))
+    targets = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "proj_in",
+        "proj_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "time_emb_proj",
+        "linear_1",
+        "linear_2",
+        "class_embedding",
+        "conv1",
+        "conv2",
+        "conv_shortcut",
+    ]
+    dunet.add_adapter(
+        LoraConfig(r=4, lora_alpha=6, target_modules=targets, init_lora_weights="gaussian", use_rslora=True)
+    )
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in dunet.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     StableDiffusionPipeline.save_lora_weights(
-        tmp_path / "pipe", unet_lora_layers=get_peft_model_state_dict(dunet),
-        unet_lora_adapter_metadata=dunet.peft_config["default"].to_dict())
+        tmp_path / "pipe",
+        unet_lora_layers=get_peft_model_state_dict(dunet),
+        unet_lora_adapter_metadata=dunet.peft_config["default"].to_dict(),
+    )
     dunet.save_lora_adapter(tmp_path / "bare")  # a bare model's file: no "unet." prefix
     for folder_ in ("pipe", "bare"):
         ours = make_unet()

@@ -29,7 +29,7 @@ def _keys(path: Path) -> list[str]:
 
 
 def detect(path: str | Path) -> tuple[str, Path]:
-    """(layout, file or folder to read): ours | peft | diffusers | kohya. Unknown or mixed layouts are refused."""
+    """(layout, file or folder to read): ours | peft | diffusers | kohya; unknown or mixed layouts refused."""
     path = resolve_adapter(path)
     if path.is_dir():
         if (path / ADAPTER_FILE).is_file():
@@ -41,8 +41,10 @@ def detect(path: str | Path) -> tuple[str, Path]:
             found = [path / diffusers_lora.WEIGHTS]
         if len(found) != 1:
             what = "no" if not found else f"{len(found)}"
-            raise UserError(f"{path}: {what} LoRA files found (expected {ADAPTER_FILE}, a PEFT folder, or one"
-                            " .safetensors file)")
+            raise UserError(
+                f"{path}: {what} LoRA files found (expected {ADAPTER_FILE}, a PEFT folder, or one"
+                " .safetensors file)"
+            )
         path = found[0]
     if not path.is_file():
         raise UserError(f"adapter {path}: file not found")
@@ -56,8 +58,9 @@ def detect(path: str | Path) -> tuple[str, Path]:
         raise UserError(f"{path}: mixed LoRA layouts in one file ({' and '.join(hits)} keys)")
     if not hits:
         example = keys[0] if keys else "no tensors"
-        raise UserError(f"{path}: unknown LoRA layout (first key {example!r}); expected ours, PEFT, diffusers"
-                        " or kohya")
+        raise UserError(
+            f"{path}: unknown LoRA layout (first key {example!r}); expected ours, PEFT, diffusers or kohya"
+        )
     if hits == ["peft"]:
         if not (path.parent / "adapter_config.json").is_file():
             raise UserError(f"{path}: PEFT weights without their adapter_config.json beside them")
@@ -78,7 +81,7 @@ def read_any(path: str | Path) -> Adapter:
 
 
 def write_lora(adapter: Adapter, fmt: str, out_dir: str | Path, title: str = "adapter") -> Path:
-    """Write ``adapter`` in ``fmt`` (diffusers | kohya | peft) into ``out_dir``; returns the file or folder."""
+    """Write ``adapter`` as ``fmt`` (diffusers | kohya | peft) in ``out_dir``; returns the file or folder."""
     out_dir = Path(out_dir)
     if fmt == "diffusers":
         return diffusers_lora.write(adapter, out_dir)

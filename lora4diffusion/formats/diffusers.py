@@ -57,10 +57,13 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         "center_input_sample": False,
         "flip_sin_to_cos": True,  # our timestep embedding is [cos, sin]
         "freq_shift": 0,
-        "down_block_types": ["CrossAttnDownBlock2D" if lv in cfg.attn_levels else "DownBlock2D" for lv in levels],
+        "down_block_types": [
+            "CrossAttnDownBlock2D" if lv in cfg.attn_levels else "DownBlock2D" for lv in levels
+        ],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": ["CrossAttnUpBlock2D" if lv in cfg.attn_levels else "UpBlock2D"
-                           for lv in reversed(levels)],
+        "up_block_types": [
+            "CrossAttnUpBlock2D" if lv in cfg.attn_levels else "UpBlock2D" for lv in reversed(levels)
+        ],
         "only_cross_attention": False,
         "block_out_channels": chans,
         "layers_per_block": cfg.num_res_blocks,
@@ -106,26 +109,47 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
 # Settings our UNet has exactly one value for: (key, accepted values). A missing key takes diffusers' default,
 # so only defaults we share may be missing (None in the tuple means "absent is fine").
 _FIXED = [
-    ("center_input_sample", (False, None)), ("flip_sin_to_cos", (True, None)), ("freq_shift", (0, None)),
-    ("mid_block_type", ("UNetMidBlock2DCrossAttn", None)), ("only_cross_attention", (False, None)),
-    ("downsample_padding", (1, None)), ("mid_block_scale_factor", (1, 1.0, None)), ("act_fn", ("silu", None)),
-    ("norm_eps", (NORM_EPS, None)), ("transformer_layers_per_block", (1, [1], None)),
-    ("encoder_hid_dim", (None,)), ("encoder_hid_dim_type", (None,)), ("dual_cross_attention", (False, None)),
-    ("use_linear_projection", (True,)), ("class_embed_type", ("simple_projection",)),
-    ("addition_embed_type", (None,)), ("num_class_embeds", (None,)), ("upcast_attention", (False, None)),
-    ("resnet_time_scale_shift", ("default", None)), ("resnet_skip_time_act", (False, None)),
-    ("resnet_out_scale_factor", (1, 1.0, None)), ("time_embedding_type", ("positional", None)),
-    ("time_embedding_dim", (None,)), ("time_embedding_act_fn", (None,)), ("timestep_post_act", (None,)),
-    ("time_cond_proj_dim", (None,)), ("conv_in_kernel", (3, None)), ("conv_out_kernel", (3, None)),
-    ("attention_type", ("default", None)), ("class_embeddings_concat", (False, None)),
-    ("mid_block_only_cross_attention", (None, False)), ("cross_attention_norm", (None,)),
-    ("reverse_transformer_layers_per_block", (None,)), ("num_attention_heads", (None,)),
+    ("center_input_sample", (False, None)),
+    ("flip_sin_to_cos", (True, None)),
+    ("freq_shift", (0, None)),
+    ("mid_block_type", ("UNetMidBlock2DCrossAttn", None)),
+    ("only_cross_attention", (False, None)),
+    ("downsample_padding", (1, None)),
+    ("mid_block_scale_factor", (1, 1.0, None)),
+    ("act_fn", ("silu", None)),
+    ("norm_eps", (NORM_EPS, None)),
+    ("transformer_layers_per_block", (1, [1], None)),
+    ("encoder_hid_dim", (None,)),
+    ("encoder_hid_dim_type", (None,)),
+    ("dual_cross_attention", (False, None)),
+    ("use_linear_projection", (True,)),
+    ("class_embed_type", ("simple_projection",)),
+    ("addition_embed_type", (None,)),
+    ("num_class_embeds", (None,)),
+    ("upcast_attention", (False, None)),
+    ("resnet_time_scale_shift", ("default", None)),
+    ("resnet_skip_time_act", (False, None)),
+    ("resnet_out_scale_factor", (1, 1.0, None)),
+    ("time_embedding_type", ("positional", None)),
+    ("time_embedding_dim", (None,)),
+    ("time_embedding_act_fn", (None,)),
+    ("timestep_post_act", (None,)),
+    ("time_cond_proj_dim", (None,)),
+    ("conv_in_kernel", (3, None)),
+    ("conv_out_kernel", (3, None)),
+    ("attention_type", ("default", None)),
+    ("class_embeddings_concat", (False, None)),
+    ("mid_block_only_cross_attention", (None, False)),
+    ("cross_attention_norm", (None,)),
+    ("reverse_transformer_layers_per_block", (None,)),
+    ("num_attention_heads", (None,)),
 ]
 
 
 def unet_config_from_diffusers(d: dict, context_tokens: int, num_classes: int) -> UNetConfig:
     """The UNetConfig our UNet needs to compute what this ``UNet2DConditionModel`` config computes; an
     architecture we cannot represent is a UserError naming the setting."""
+
     def refuse(part: str, why: str) -> UserError:
         return UserError(f"unet/{UNET_CONFIG}: {part} {why}; our UNet cannot represent this architecture")
 
@@ -140,7 +164,9 @@ def unet_config_from_diffusers(d: dict, context_tokens: int, num_classes: int) -
     if not chans or chans[0] <= 0 or any(c % chans[0] for c in chans):
         raise refuse("block_out_channels", f"{chans} are not multiples of the first")
     if d.get("in_channels") != d.get("out_channels"):
-        raise refuse("out_channels", f"{d.get('out_channels')} differs from in_channels {d.get('in_channels')}")
+        raise refuse(
+            "out_channels", f"{d.get('out_channels')} differs from in_channels {d.get('in_channels')}"
+        )
     n = len(chans)
     down, up = list(d.get("down_block_types") or []), list(d.get("up_block_types") or [])
     kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -155,21 +181,33 @@ def unet_config_from_diffusers(d: dict, context_tokens: int, num_classes: int) -
         raise refuse("layers_per_block", f"is {layers!r} (ours: one integer for every block)")
     heads = d.get("attention_head_dim")
     heads = [heads] * n if isinstance(heads, int) else list(heads or [])
-    if len(heads) != n or any(not isinstance(h, int) or h <= 0 or c % h for h, c in zip(heads, chans)):
+    if len(heads) != n or any(not isinstance(h, int) or h <= 0 or c % h
+                              for h, c in zip(heads, chans, strict=True)):
         raise refuse("attention_head_dim", f"{heads} is not a head count dividing each block's channels")
     head_dim = chans[-1] // heads[-1]  # the mid block's heads are the last level's
     for lv, (h, c) in enumerate(zip(heads, chans, strict=True)):
         if (attn[lv] or lv == n - 1) and _heads(c, head_dim) != h:
-            raise refuse("attention_head_dim", f"{heads}: our UNet uses one head size ({head_dim}) everywhere")
+            raise refuse(
+                "attention_head_dim", f"{heads}: our UNet uses one head size ({head_dim}) everywhere"
+            )
     ctx = d.get("cross_attention_dim")
     if not isinstance(ctx, int) or d.get("projection_class_embeddings_input_dim") != ctx:
-        raise refuse("projection_class_embeddings_input_dim", "must equal cross_attention_dim (our pooled"
-                     " context is the mean of the context tokens)")
+        raise refuse(
+            "projection_class_embeddings_input_dim",
+            "must equal cross_attention_dim (our pooled context is the mean of the context tokens)",
+        )
     return UNetConfig(
-        image_size=int(d.get("sample_size") or 28), in_channels=int(d["in_channels"]), base_channels=chans[0],
-        channel_mults=tuple(c // chans[0] for c in chans), num_res_blocks=layers,
-        attn_levels=tuple(lv for lv in range(n) if attn[lv]), head_dim=head_dim, context_tokens=context_tokens,
-        context_dim=ctx, num_classes=num_classes, groups=int(d.get("norm_num_groups") or 32),
+        image_size=int(d.get("sample_size") or 28),
+        in_channels=int(d["in_channels"]),
+        base_channels=chans[0],
+        channel_mults=tuple(c // chans[0] for c in chans),
+        num_res_blocks=layers,
+        attn_levels=tuple(lv for lv in range(n) if attn[lv]),
+        head_dim=head_dim,
+        context_tokens=context_tokens,
+        context_dim=ctx,
+        num_classes=num_classes,
+        groups=int(d.get("norm_num_groups") or 32),
         dropout=float(d.get("dropout") or 0.0),
     )
 
@@ -200,25 +238,38 @@ def scheduler_config(diffusion: DiffusionConfig) -> dict:
     }
 
 
-_SCHEDULER_FIXED = [("prediction_type", "epsilon"), ("trained_betas", None), ("thresholding", False),
-                    ("rescale_betas_zero_snr", False)]
+_SCHEDULER_FIXED = [
+    ("prediction_type", "epsilon"),
+    ("trained_betas", None),
+    ("thresholding", False),
+    ("rescale_betas_zero_snr", False),
+]
 
 
 def diffusion_from_scheduler(d: dict) -> DiffusionConfig:
     """The DiffusionConfig of a DDPM/DDIM scheduler config; settings we do not have are refused by name."""
     if d.get("_class_name") not in ("DDIMScheduler", "DDPMScheduler"):
-        raise UserError(f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}: _class_name {d.get('_class_name')!r} is not"
-                        " DDIMScheduler or DDPMScheduler")
+        raise UserError(
+            f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}: _class_name {d.get('_class_name')!r} is not"
+            " DDIMScheduler or DDPMScheduler"
+        )
     for key, value in _SCHEDULER_FIXED:
         if d.get(key, value) != value:
-            raise UserError(f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}: {key} {d[key]!r} is not supported (ours:"
-                            f" {value!r})")
+            raise UserError(
+                f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}: {key} {d[key]!r} is not supported (ours: {value!r})"
+            )
     schedule = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(d.get("beta_schedule", "linear"))
     if schedule is None:
-        raise UserError(f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}: beta_schedule {d['beta_schedule']!r} is not"
-                        " supported (linear or squaredcos_cap_v2)")
-    return DiffusionConfig(timesteps=int(d.get("num_train_timesteps", 1000)), schedule=schedule,
-                           beta_start=float(d.get("beta_start", 1e-4)), beta_end=float(d.get("beta_end", 0.02)))
+        raise UserError(
+            f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}: beta_schedule {d['beta_schedule']!r} is not"
+            " supported (linear or squaredcos_cap_v2)"
+        )
+    return DiffusionConfig(
+        timesteps=int(d.get("num_train_timesteps", 1000)),
+        schedule=schedule,
+        beta_start=float(d.get("beta_start", 1e-4)),
+        beta_end=float(d.get("beta_end", 0.02)),
+    )
 
 
 def unet_state_to_diffusers(model: UNet) -> dict[str, torch.Tensor]:
@@ -229,8 +280,8 @@ def unet_state_to_diffusers(model: UNet) -> dict[str, torch.Tensor]:
 _README = """# {name}: a lora4diffusion UNet in diffusers' layout
 
 Exported by `lora4diffusion export-diffusers` from `{source}`. This is a *label* model (MNIST digits 0-9;
-label {null} is the learned "no label" context used for classifier-free guidance), so there is no text encoder,
-no VAE and no diffusers pipeline class for it: no `model_index.json`. Load the parts:
+label {null} is the learned "no label" context used for classifier-free guidance), so there is no text
+encoder, no VAE and no diffusers pipeline class for it: no `model_index.json`. Load the parts:
 
 ```python
 import torch
@@ -252,28 +303,48 @@ images = (x.clamp(-1, 1) + 1) / 2                       # [B, {ch}, {size}, {siz
 ```
 
 Classifier-free guidance with weight w: also run the null label (`context[{null}]`) and use
-`eps_null + w * (eps_label - eps_null)`; lora4diffusion samples with w = 1.25 by default. Numbers against ours:
-docs/INTEROP.md in the lora4diffusion repository. `lora4diffusion import-diffusers DIR --out MODEL` converts
-this folder back.
+`eps_null + w * (eps_label - eps_null)`; lora4diffusion samples with w = 1.25 by default. Numbers against
+ours: docs/INTEROP.md in the lora4diffusion repository. `lora4diffusion import-diffusers DIR --out MODEL`
+converts this folder back.
 """
 
 
-def export_diffusers(model: UNet, diffusion: DiffusionConfig, out: str | Path, source: str = "") -> list[Path]:
+def export_diffusers(
+    model: UNet, diffusion: DiffusionConfig, out: str | Path, source: str = ""
+) -> list[Path]:
     """Write ``out/unet/``, ``out/scheduler/``, ``out/label_context.safetensors`` and ``out/README.md``."""
     out = Path(out)
     cfg = model.cfg
     weights = {k: v.float() for k, v in unet_state_to_diffusers(model).items()}
     context = model.label_context.weight.detach().float().reshape(-1, cfg.context_tokens, cfg.context_dim)
-    written = [out / UNET_DIR / UNET_WEIGHTS, out / UNET_DIR / UNET_CONFIG, out / SCHEDULER_DIR / SCHEDULER_CONFIG,
-               out / LABEL_CONTEXT, out / "README.md"]
+    written = [
+        out / UNET_DIR / UNET_WEIGHTS,
+        out / UNET_DIR / UNET_CONFIG,
+        out / SCHEDULER_DIR / SCHEDULER_CONFIG,
+        out / LABEL_CONTEXT,
+        out / "README.md",
+    ]
     save_tensors(written[0], weights, {"format": "pt"})
     write_json(written[1], unet_config_to_diffusers(cfg))
     write_json(written[2], scheduler_config(diffusion))
-    save_tensors(written[3], {"label_context": context},
-                 {"format": "pt", "null_label": str(NULL_LABEL),
-                  "usage": "encoder_hidden_states = label_context[labels]; class_labels = its mean over dim 1"})
-    text = _README.format(name=out.name or str(out), source=source or "a lora4diffusion model", null=NULL_LABEL,
-                          tokens=cfg.context_tokens, dim=cfg.context_dim, ch=cfg.in_channels, size=cfg.image_size)
+    save_tensors(
+        written[3],
+        {"label_context": context},
+        {
+            "format": "pt",
+            "null_label": str(NULL_LABEL),
+            "usage": "encoder_hidden_states = label_context[labels]; class_labels = its mean over dim 1",
+        },
+    )
+    text = _README.format(
+        name=out.name or str(out),
+        source=source or "a lora4diffusion model",
+        null=NULL_LABEL,
+        tokens=cfg.context_tokens,
+        dim=cfg.context_dim,
+        ch=cfg.in_channels,
+        size=cfg.image_size,
+    )
     atomic_write(written[4], lambda p: p.write_text(text))
     return written
 
@@ -295,11 +366,14 @@ def read_diffusers(folder: str | Path) -> tuple[UNet, DiffusionConfig]:
     context = load_tensors(folder / LABEL_CONTEXT).get("label_context")
     if context is None or context.dim() != 3 or context.shape[0] < 2:
         raise UserError(f"{folder / LABEL_CONTEXT}: needs a tensor 'label_context' [labels + 1, tokens, dim]")
-    cfg = unet_config_from_diffusers(read_json(folder / UNET_DIR / UNET_CONFIG), context.shape[1],
-                                     context.shape[0] - 1)
+    cfg = unet_config_from_diffusers(
+        read_json(folder / UNET_DIR / UNET_CONFIG), context.shape[1], context.shape[0] - 1
+    )
     if context.shape[2] != cfg.context_dim:
-        raise UserError(f"{folder / LABEL_CONTEXT}: context dim {context.shape[2]} differs from the UNet's"
-                        f" cross_attention_dim {cfg.context_dim}")
+        raise UserError(
+            f"{folder / LABEL_CONTEXT}: context dim {context.shape[2]} differs from the UNet's"
+            f" cross_attention_dim {cfg.context_dim}"
+        )
     diffusion = diffusion_from_scheduler(read_json(folder / SCHEDULER_DIR / SCHEDULER_CONFIG))
     model = UNet(cfg)
     own = model.state_dict()
@@ -307,15 +381,21 @@ def read_diffusers(folder: str | Path) -> tuple[UNet, DiffusionConfig]:
     for key, t in load_tensors(weights_file).items():
         ours = from_diffusers(key)
         if ours not in own:
-            raise UserError(f"{weights_file}: weight {key} has no counterpart in the UNet its config describes")
+            raise UserError(
+                f"{weights_file}: weight {key} has no counterpart in the UNet its config describes"
+            )
         if t.shape != own[ours].shape:
-            raise UserError(f"{weights_file}: weight {key} has shape {tuple(t.shape)}, the config needs"
-                            f" {tuple(own[ours].shape)}")
+            raise UserError(
+                f"{weights_file}: weight {key} has shape {tuple(t.shape)}, the config needs"
+                f" {tuple(own[ours].shape)}"
+            )
         state[ours] = t
     missing = [to_diffusers(k) for k in own if k not in state]
     if missing:
-        raise UserError(f"{weights_file}: missing weight {missing[0]}" + (f" (+{len(missing) - 1} more)"
-                                                                          if len(missing) > 1 else ""))
+        raise UserError(
+            f"{weights_file}: missing weight {missing[0]}"
+            + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model.eval(), diffusion
 
@@ -328,6 +408,11 @@ def import_diffusers(folder: str | Path, out: str | Path) -> Path:
 
 
 __all__ = [
-    "export_diffusers", "import_diffusers", "read_diffusers", "scheduler_config", "unet_config_from_diffusers",
-    "unet_config_to_diffusers", "unet_state_to_diffusers",
+    "export_diffusers",
+    "import_diffusers",
+    "read_diffusers",
+    "scheduler_config",
+    "unet_config_from_diffusers",
+    "unet_config_to_diffusers",
+    "unet_state_to_diffusers",
 ]

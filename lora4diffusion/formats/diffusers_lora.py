@@ -1,4 +1,4 @@
-"""LoRA files in diffusers' layout: ``pytorch_lora_weights.safetensors`` as ``pipe.save_lora_weights`` writes it.
+"""LoRA files in diffusers' layout: ``pytorch_lora_weights.safetensors``, as ``save_lora_weights`` writes it.
 
 Keys (diffusers >= 0.27 with the PEFT backend; checked against 0.42's ``lora_base.py`` / ``loaders/peft.py``):
     unet.<diffusers module path>.lora_A.weight   = our lora_down (A)
@@ -34,10 +34,18 @@ KEY_RX = re.compile(r"^(?:(unet|text_encoder(?:_2)?)\.)?(.+)\.lora_([AB])(?:\.de
 
 def lora_config(adapter: Adapter, targets: list[str]) -> dict:
     """The PEFT LoraConfig fields diffusers turns into the adapter's config."""
-    return {"r": adapter.rank, "lora_alpha": adapter.alpha, "use_rslora": adapter.rslora,
-            "target_modules": targets, "lora_dropout": adapter.dropout, "bias": "none", "use_dora": False,
-            "init_lora_weights": "gaussian" if adapter.init == "normal" else True,
-            "rank_pattern": {}, "alpha_pattern": {}}
+    return {
+        "r": adapter.rank,
+        "lora_alpha": adapter.alpha,
+        "use_rslora": adapter.rslora,
+        "target_modules": targets,
+        "lora_dropout": adapter.dropout,
+        "bias": "none",
+        "use_dora": False,
+        "init_lora_weights": "gaussian" if adapter.init == "normal" else True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
 
 
 def write(adapter: Adapter, out_dir: str | Path) -> Path:
@@ -49,15 +57,21 @@ def write(adapter: Adapter, out_dir: str | Path) -> Path:
         targets.append(d)
         tensors[f"{PREFIX}.{d}.lora_A.weight"], tensors[f"{PREFIX}.{d}.lora_B.weight"] = a, b
     config = {f"{PREFIX}.{k}": v for k, v in lora_config(adapter, targets).items()}
-    meta = {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True), ours.META_KEY: ours.blob(adapter)}
+    meta = {
+        "format": "pt",
+        METADATA_KEY: json.dumps(config, indent=2, sort_keys=True),
+        ours.META_KEY: ours.blob(adapter),
+    }
     path = Path(out_dir) / WEIGHTS
     save_tensors(path, tensors, meta)
     return path
 
 
 def looks_like(keys: list[str]) -> bool:
-    return any(k.endswith((".lora_A.weight", ".lora_B.weight")) and not k.startswith("base_model.model.")
-               for k in keys)
+    return any(
+        k.endswith((".lora_A.weight", ".lora_B.weight")) and not k.startswith("base_model.model.")
+        for k in keys
+    )
 
 
 def read(path: str | Path) -> Adapter:
@@ -68,9 +82,13 @@ def read(path: str | Path) -> Adapter:
     for key, t in raw.items():
         match = KEY_RX.match(key)
         if not match:
-            raise UserError(f"{path}: unexpected tensor {key!r} (diffusers LoRA files hold lora_A/lora_B weights)")
+            raise UserError(
+                f"{path}: unexpected tensor {key!r} (diffusers LoRA files hold lora_A/lora_B weights)"
+            )
         if match[1] and match[1] != PREFIX:
-            raise UserError(f"{path}: {match[1]} LoRA ({key}) is not supported: this model has no text encoder")
+            raise UserError(
+                f"{path}: {match[1]} LoRA ({key}) is not supported: this model has no text encoder"
+            )
         pairs.setdefault(match[2], {})[match[3]] = t.float()
     tensors = {}
     for module, ab in pairs.items():
@@ -84,8 +102,9 @@ def read(path: str | Path) -> Adapter:
     if ours.META_KEY in meta:
         adapter = ours.from_blob(tensors, meta[ours.META_KEY], path)
     else:
-        adapter = Adapter(tensors, rank, float(rank), init="peft", fingerprint=UNKNOWN,
-                          extra={"source": "diffusers"})
+        adapter = Adapter(
+            tensors, rank, float(rank), init="peft", fingerprint=UNKNOWN, extra={"source": "diffusers"}
+        )
         config = _config(meta, path)
         if config is None:
             log.warning("%s: no alpha in the file; using alpha = rank = %d, as diffusers does", path, rank)
@@ -110,7 +129,9 @@ def _config(meta: dict[str, str], path: Path) -> dict | None:
     config = prefixed or full
     for option in ("rank_pattern", "alpha_pattern", "use_dora", "lora_bias"):
         if config.get(option):
-            raise UserError(f"{path}: LoRA option {option} is not supported (plain LoRA with one rank and alpha)")
+            raise UserError(
+                f"{path}: LoRA option {option} is not supported (plain LoRA with one rank and alpha)"
+            )
     return config
 
 

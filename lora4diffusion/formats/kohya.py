@@ -57,7 +57,9 @@ def write(adapter: Adapter, path: str | Path, title: str = "") -> Path:
         ours.META_KEY: ours.blob(adapter),
     }
     if convs:
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(adapter.rank), "conv_alpha": repr(float(alpha))})
+        meta["ss_network_args"] = json.dumps(
+            {"conv_dim": str(adapter.rank), "conv_alpha": repr(float(alpha))}
+        )
     words = ours.trigger_words(adapter)
     if words:  # kohya's dataset-tag counts; A1111 and civitai show these as the activation words
         meta["ss_tag_frequency"] = json.dumps({"trigger": {w: 1 for w in words}})
@@ -68,8 +70,9 @@ def write(adapter: Adapter, path: str | Path, title: str = "") -> Path:
 
 
 def looks_like(keys: list[str]) -> bool:
-    return any(k.startswith("lora_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
-               for k in keys)
+    return any(
+        k.startswith("lora_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys
+    )
 
 
 def read(path: str | Path) -> Adapter:
@@ -105,14 +108,21 @@ def read(path: str | Path) -> Adapter:
             raise UserError(f"{path}: the tensors have rank {rank}, the metadata says {adapter.rank}")
         return adapter
     if missing:
-        log.warning("%s: %d module(s) without .alpha (e.g. %s): alpha = rank = %d, as kohya does", path,
-                    len(missing), missing[0], rank)
+        log.warning(
+            "%s: %d module(s) without .alpha (e.g. %s): alpha = rank = %d, as kohya does",
+            path,
+            len(missing),
+            missing[0],
+            rank,
+        )
         alphas.update(dict.fromkeys(missing, float(rank)))
-    distinct = dict(zip(alphas.values(), alphas.keys()))
+    distinct = dict(zip(alphas.values(), alphas.keys(), strict=True))
     if len(distinct) > 1:
         (a1, m1), (a2, m2) = list(distinct.items())[:2]
-        raise UserError(f"{path}: modules have different alphas ({m1}: {a1:g}, {m2}: {a2:g}); one alpha per"
-                        " adapter is supported")
+        raise UserError(
+            f"{path}: modules have different alphas ({m1}: {a1:g}, {m2}: {a2:g}); one alpha per"
+            " adapter is supported"
+        )
     extra = {"source": "kohya"}
     if meta.get("modelspec.trigger_phrase"):
         words = [w.strip() for w in meta["modelspec.trigger_phrase"].split(",") if w.strip()]

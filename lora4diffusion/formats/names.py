@@ -45,9 +45,24 @@ _INNER = [
     (r"\.ff\.1\.", ".ff.net.2."),
 ]
 _RESNET_LEAVES = ("norm1", "conv1", "emb_proj", "norm2", "conv2", "skip")
-_ATTN_LEAVES = ("norm", "proj_in", "norm1", "norm2", "norm3", "proj_out", "attn1.to_q", "attn1.to_k",
-                "attn1.to_v", "attn1.to_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out",
-                "ff.0.proj", "ff.1")
+_ATTN_LEAVES = (
+    "norm",
+    "proj_in",
+    "norm1",
+    "norm2",
+    "norm3",
+    "proj_out",
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out",
+    "ff.0.proj",
+    "ff.1",
+)
 _PARAM = r"(?:\.(?:weight|bias))?"
 
 
@@ -55,10 +70,12 @@ def _ours_ok(path: str) -> bool:
     """Is ``path`` (without .weight/.bias) one of the names our UNet can have?"""
     res = "|".join(re.escape(x) for x in _RESNET_LEAVES)
     att = "|".join(re.escape(x) for x in _ATTN_LEAVES)
-    rx = (rf"^(?:time_mlp\.[02]|context_pool|conv_in|norm_out|conv_out"
-          rf"|(?:(?:down|up)\.\d+\.\d+\.res|mid_res[12])\.(?:{res})"
-          rf"|(?:(?:down|up)\.\d+\.\d+\.attn|mid_attn)\.(?:{att})"
-          rf"|(?:downsample|upsample)\.\d+\.conv){_PARAM}$")
+    rx = (
+        rf"^(?:time_mlp\.[02]|context_pool|conv_in|norm_out|conv_out"
+        rf"|(?:(?:down|up)\.\d+\.\d+\.res|mid_res[12])\.(?:{res})"
+        rf"|(?:(?:down|up)\.\d+\.\d+\.attn|mid_attn)\.(?:{att})"
+        rf"|(?:downsample|upsample)\.\d+\.conv){_PARAM}$"
+    )
     return re.fullmatch(rx, path) is not None
 
 
@@ -121,9 +138,27 @@ KOHYA_UNET = "lora_unet_"
 # diffusers name parts that contain "_": kohya's "." -> "_" loses the boundary, so these are re-joined
 # (longest first) when a kohya name is read back.
 _COMPOUNDS = sorted(
-    ["down_blocks", "up_blocks", "mid_block", "transformer_blocks", "time_embedding", "linear_1", "linear_2",
-     "class_embedding", "conv_in", "conv_out", "conv_norm_out", "time_emb_proj", "conv_shortcut", "proj_in",
-     "proj_out", "to_q", "to_k", "to_v", "to_out"],
+    [
+        "down_blocks",
+        "up_blocks",
+        "mid_block",
+        "transformer_blocks",
+        "time_embedding",
+        "linear_1",
+        "linear_2",
+        "class_embedding",
+        "conv_in",
+        "conv_out",
+        "conv_norm_out",
+        "time_emb_proj",
+        "conv_shortcut",
+        "proj_in",
+        "proj_out",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+    ],
     key=lambda c: -c.count("_"),
 )
 
@@ -137,11 +172,11 @@ def from_kohya(name: str) -> str:
     """kohya's ``lora_unet_...`` module name -> our module path (via the diffusers path)."""
     if not name.startswith(KOHYA_UNET):
         raise UserError(f"kohya module {name} is not a UNet module (lora_unet_*)")
-    parts, out, i = name[len(KOHYA_UNET):].split("_"), [], 0
+    parts, out, i = name[len(KOHYA_UNET) :].split("_"), [], 0
     while i < len(parts):
         for c in _COMPOUNDS:
             k = c.count("_") + 1
-            if "_".join(parts[i:i + k]) == c:
+            if "_".join(parts[i : i + k]) == c:
                 out.append(c)
                 i += k
                 break

@@ -32,14 +32,26 @@ def from_blob(tensors: dict[str, torch.Tensor], text: str, where: object) -> Ada
         meta = json.loads(text)
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
-        order = json.loads(meta.get("targets", "[]"))  # the file's tensor order is sorted: restore the model's
+        order = json.loads(
+            meta.get("targets", "[]")
+        )  # the file's tensor order is sorted: restore the model's
         mods = {k.rsplit(".lora_", 1)[0] for k in tensors}
         if isinstance(order, list) and set(order) == mods:
-            tensors = {f"{m}.{leaf}": tensors[f"{m}.{leaf}"] for m in order
-                       for leaf in ("lora_down.weight", "lora_up.weight")}
-        return Adapter(tensors, int(meta["rank"]), float(meta["alpha"]), meta["scale_rule"] == "rslora",
-                       meta["init"], float(meta["dropout"]), meta.get("base_fingerprint", UNKNOWN),
-                       {k: v for k, v in meta.items() if k not in _RESERVED})
+            tensors = {
+                f"{m}.{leaf}": tensors[f"{m}.{leaf}"]
+                for m in order
+                for leaf in ("lora_down.weight", "lora_up.weight")
+            }
+        return Adapter(
+            tensors,
+            int(meta["rank"]),
+            float(meta["alpha"]),
+            meta["scale_rule"] == "rslora",
+            meta["init"],
+            float(meta["dropout"]),
+            meta.get("base_fingerprint", UNKNOWN),
+            {k: v for k, v in meta.items() if k not in _RESERVED},
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{where}: malformed '{META_KEY}' metadata ({e})") from None
 
@@ -49,13 +61,17 @@ def common_rank(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], where: obje
     ranks: dict[int, str] = {}
     for module, (a, b) in pairs.items():
         if a.dim() not in (2, 4) or b.dim() != a.dim() or a.shape[0] != b.shape[1]:
-            raise UserError(f"{where}: module {name(module)}: tensors {tuple(a.shape)}/{tuple(b.shape)} are"
-                            " not a LoRA pair")
+            raise UserError(
+                f"{where}: module {name(module)}: tensors {tuple(a.shape)}/{tuple(b.shape)} are"
+                " not a LoRA pair"
+            )
         ranks.setdefault(int(a.shape[0]), module)
     if len(ranks) > 1:
         (r1, m1), (r2, m2) = list(ranks.items())[:2]
-        raise UserError(f"{where}: modules have different ranks ({name(m1)}: {r1}, {name(m2)}: {r2}); one rank"
-                        " per adapter is supported")
+        raise UserError(
+            f"{where}: modules have different ranks ({name(m1)}: {r1}, {name(m2)}: {r2}); one rank"
+            " per adapter is supported"
+        )
     return next(iter(ranks))
 
 
