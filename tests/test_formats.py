@@ -146,7 +146,7 @@ def test_diffusers_unet_matches_ours(exported):
     assert diff <= 1e-5, diff
     assert not (folder / "model_index.json").exists()  # no diffusers pipeline class fits a label model
     assert "class_labels=ctx.mean(1)" in (folder / "README.md").read_text()
-    dunet.save_pretrained(folder / "unet")  # as diffusers' own scripts write it (their config keys, their order)
+    dunet.save_pretrained(folder / "unet")  # as diffusers' own scripts write it (their config keys)
     back, _ = read_diffusers(folder)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
 

@@ -163,7 +163,7 @@ def unet_config_from_diffusers(d: dict, context_tokens: int, num_classes: int) -
     chans = list(d.get("block_out_channels") or [])
     if not chans or chans[0] <= 0 or any(c % chans[0] for c in chans):
         raise refuse("block_out_channels", f"{chans} are not multiples of the first")
-    if d.get("in_channels") != d.get("out_channels"):
+    if not isinstance(d.get("in_channels"), int) or d.get("in_channels") != d.get("out_channels"):
         raise refuse(
             "out_channels", f"{d.get('out_channels')} differs from in_channels {d.get('in_channels')}"
         )
