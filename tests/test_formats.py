@@ -270,6 +270,7 @@ def test_foreign_files_without_our_metadata(tmp_path, caplog):
     model = make_unet()
     make_adapter(model, rank=4, alpha=8.0, rslora=True)
     adapter = adapter_from_model(model)
+    adapter.extra = {"trigger_words": json.dumps(["bld", "bold digit"])}
     d = write_lora(adapter, "diffusers", tmp_path / "d")
     k = write_lora(adapter, "kohya", tmp_path / "k", title="a")
     _strip(d)
@@ -278,6 +279,7 @@ def test_foreign_files_without_our_metadata(tmp_path, caplog):
         fresh = make_unet()
         load_adapter(fresh, read_any(path))
         assert (ours_eps(fresh) - ours_eps(model)).abs().max().item() <= 1e-6
+    assert json.loads(read_any(k).extra["trigger_words"]) == ["bld", "bold digit"]  # modelspec.trigger_phrase
     _strip(k, drop_alpha=True)
     with caplog.at_level(logging.WARNING, logger="lora4diffusion"):
         back = read_any(k)

@@ -118,7 +118,6 @@ _FIXED = [
     ("mid_block_scale_factor", (1, 1.0, None)),
     ("act_fn", ("silu", None)),
     ("norm_eps", (NORM_EPS, None)),
-    ("transformer_layers_per_block", (1, [1], None)),
     ("encoder_hid_dim", (None,)),
     ("encoder_hid_dim_type", (None,)),
     ("dual_cross_attention", (False, None)),
@@ -160,6 +159,9 @@ def unet_config_from_diffusers(d: dict, context_tokens: int, num_classes: int) -
             continue
         if d.get(key) not in ok:
             raise refuse(key, f"is {d.get(key)!r} (ours: {ok[0]!r})")
+    per_block = d.get("transformer_layers_per_block", 1)
+    if any(x != 1 for x in (per_block if isinstance(per_block, list) else [per_block])):
+        raise refuse("transformer_layers_per_block", f"is {per_block!r} (ours: 1)")
     chans = list(d.get("block_out_channels") or [])
     if not chans or chans[0] <= 0 or any(c % chans[0] for c in chans):
         raise refuse("block_out_channels", f"{chans} are not multiples of the first")
