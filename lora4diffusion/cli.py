@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--scratch-preset", choices=["tiny", "fast"], default="fast", help=argparse.SUPPRESS)
     dm.set_defaults(func=cmd_demo)
 
+    _add_format_parsers(sub)
+
     from lora4diffusion import evaluate
 
     evaluate.add_parser(sub)
@@ -367,6 +369,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 130
     print(format_summary(result))
     print(f"report: {result['report']}")
+    return 0
+
+
+# ----- file formats (issue 12): diffusers folders, LoRA files in diffusers / kohya / PEFT layouts -----
+def _add_format_parsers(sub) -> None:
+    xd = sub.add_parser("export-diffusers", help="write a diffusers folder (UNet, scheduler, labels)")
+    xd.add_argument("--checkpoint", help="model directory (default: the shipped base)")
+    xd.add_argument("--out", required=True, help="folder for unet/, scheduler/, label_context.safetensors")
+    xd.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    xd.set_defaults(func=cmd_export_diffusers)
+
+    idf = sub.add_parser("import-diffusers", help="convert a diffusers folder to our model")
+    idf.add_argument("folder", help="folder with unet/, scheduler/, label_context.safetensors")
+    idf.add_argument("--out", required=True, help="model directory (config.json + model.safetensors)")
+    idf.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    idf.set_defaults(func=cmd_import_diffusers)
+
+    xl = sub.add_parser("export-lora", help="write an adapter as a diffusers, kohya or PEFT LoRA file")
+    xl.add_argument("--lora", required=True, help="adapter (any layout we read) or a shipped adapter's name")
+    xl.add_argument("--format", required=True, choices=["diffusers", "kohya", "peft"])
+    xl.add_argument("--out", required=True, help="output folder")
+    xl.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    xl.set_defaults(func=cmd_export_lora)
+
+
+def cmd_export_diffusers(args: argparse.Namespace) -> int:
+    from lora4diffusion.checkpoint import pretrained_dir
+    from lora4diffusion.formats.diffusers import export_diffusers
+    from lora4diffusion.pipeline import Pipeline
+
+    source = args.checkpoint or str(pretrained_dir())
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=(source,))
+    pipe = Pipeline.load(args.checkpoint)
+    export_diffusers(pipe.unet, pipe.diffusion, out, source=args.checkpoint or "the shipped base")
+    print(f"wrote a diffusers folder (unet/, scheduler/, label_context.safetensors, README.md) to {out}")
+    return 0
+
+
+def cmd_import_diffusers(args: argparse.Namespace) -> int:
+    from lora4diffusion.formats.diffusers import import_diffusers
+
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=(args.folder,))
+    import_diffusers(args.folder, out)
+    print(f"imported {args.folder} into {out}")
+    return 0
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    from lora4diffusion.formats import detect, read_any, write_lora
+
+    _, source = detect(args.lora)
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=(source,))
+    adapter = read_any(args.lora)
+    title = source.parent.name if source.name == "adapter.safetensors" else source.stem if source.is_file() \
+        else source.name
+    written = write_lora(adapter, args.format, out, title=title or "adapter")
+    print(f"wrote {args.format} LoRA ({len(adapter.modules)} modules) to {written}")
     return 0
 
 

@@ -37,10 +37,12 @@ class Pipeline:
         return cls(unet, diffusion, config)
 
     def add_lora(self, path: str | Path, weight: float = 1.0, force: bool = False) -> str:
-        """Load an adapter (ours or PEFT's) into the UNet at ``weight``; returns its name."""
+        """Load an adapter (ours, PEFT's, diffusers' or kohya's layout: detected) into the UNet at ``weight``;
+        returns its name."""
+        from lora4diffusion.formats import read_any
         from lora4diffusion.lora.adapters import load_adapter
 
-        return load_adapter(self.unet, path, weight=weight, force=force)
+        return load_adapter(self.unet, path, weight=weight, force=force, reader=read_any)
 
     def to(self, device: str | torch.device) -> Pipeline:
         """Move the UNet (adapters included) to ``device``: auto | cpu | cuda or a torch.device."""

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,17 +204,21 @@ def _default_name(model: nn.Module, path: Path) -> str:
 
 
 def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None = None, weight: float = 1.0,
-                 force: bool = False) -> str:
+                 force: bool = False, reader: Callable[[Path], Adapter] | None = None) -> str:
     """Inject an adapter into ``model`` and load its tensors; returns the adapter name used.
 
-    ``path``: our adapter file or its directory, a PEFT adapter directory, or an Adapter. The name defaults
-    to the directory (file) name, made unique. Refuses an adapter trained on a different base (fingerprint
-    mismatch) unless ``force``, and checks every module's shapes before touching the model.
+    ``path``: our adapter file or its directory, a PEFT adapter directory, or an Adapter; ``reader`` (e.g.
+    ``lora4diffusion.formats.read_any``, which also reads diffusers and kohya files) replaces the built-in
+    reading of a path. The name defaults to the directory (file) name, made unique. Refuses an adapter
+    trained on a different base (fingerprint mismatch) unless ``force``, and checks every module's shapes
+    before touching the model.
     """
     if not isinstance(path, Adapter):
         path = resolve_adapter(path)
     if isinstance(path, Adapter):
         adapter = path
+    elif reader is not None:
+        adapter = reader(Path(path))
     elif (Path(path) / PEFT_CONFIG).is_file() and not (Path(path) / ADAPTER_FILE).exists():
         adapter = import_peft(path)  # a PEFT adapter directory: no fingerprint to check
     else:

@@ -136,7 +136,9 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim: int, context_dim: int, head_dim: int, groups: int):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, dim)
+        # eps 1e-6, as SD's SpatialTransformer and diffusers' Transformer2DModel (which hard-codes it), so the
+        # diffusers export computes the same function without patching (docs/INTEROP.md); ResBlocks keep 1e-5.
+        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, None, head_dim)

@@ -1,0 +1,138 @@
+"""LoRA files in diffusers' layout: ``pytorch_lora_weights.safetensors``, as ``save_lora_weights`` writes it.
+
+Keys (diffusers >= 0.27 with the PEFT backend; checked against 0.42's ``lora_base.py`` / ``loaders/peft.py``):
+    unet.<diffusers module path>.lora_A.weight   = our lora_down (A)
+    unet.<diffusers module path>.lora_B.weight   = our lora_up (B)
+A bare model's ``save_lora_adapter`` writes the same keys without ``unet.``; both are read.
+
+Alpha: carried, not folded. diffusers reads the safetensors metadata entry ``lora_adapter_metadata`` (JSON of
+the PEFT ``LoraConfig``, keys prefixed ``unet.``) and builds the LoraConfig from it, so ``r``, ``lora_alpha``
+and ``use_rslora`` arrive exactly. Folding alpha / r into B instead would round B (a float multiply is not
+undone bit for bit), breaking the exact round trip, and is only needed by readers that ignore the metadata;
+those assume alpha = rank, which is what our shipped adapters have (their scale is 1 either way).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
+from lora4diffusion.errors import UserError
+from lora4diffusion.formats import ours
+from lora4diffusion.formats.names import from_diffusers, to_diffusers
+from lora4diffusion.lora.adapters import UNKNOWN, Adapter
+
+log = logging.getLogger("lora4diffusion")
+WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+PREFIX = "unet"
+KEY_RX = re.compile(r"^(?:(unet|text_encoder(?:_2)?)\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def lora_config(adapter: Adapter, targets: list[str]) -> dict:
+    """The PEFT LoraConfig fields diffusers turns into the adapter's config."""
+    return {
+        "r": adapter.rank,
+        "lora_alpha": adapter.alpha,
+        "use_rslora": adapter.rslora,
+        "target_modules": targets,
+        "lora_dropout": adapter.dropout,
+        "bias": "none",
+        "use_dora": False,
+        "init_lora_weights": "gaussian" if adapter.init == "normal" else True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def write(adapter: Adapter, out_dir: str | Path) -> Path:
+    """Write ``out_dir/pytorch_lora_weights.safetensors``; every module must have a diffusers name."""
+    tensors, targets = {}, []
+    for m in adapter.modules:
+        a, b = adapter.pair(m)
+        d = to_diffusers(m)
+        targets.append(d)
+        tensors[f"{PREFIX}.{d}.lora_A.weight"], tensors[f"{PREFIX}.{d}.lora_B.weight"] = a, b
+    config = {f"{PREFIX}.{k}": v for k, v in lora_config(adapter, targets).items()}
+    meta = {
+        "format": "pt",
+        METADATA_KEY: json.dumps(config, indent=2, sort_keys=True),
+        ours.META_KEY: ours.blob(adapter),
+    }
+    path = Path(out_dir) / WEIGHTS
+    save_tensors(path, tensors, meta)
+    return path
+
+
+def looks_like(keys: list[str]) -> bool:
+    return any(
+        k.endswith((".lora_A.weight", ".lora_B.weight")) and not k.startswith("base_model.model.")
+        for k in keys
+    )
+
+
+def read(path: str | Path) -> Adapter:
+    """A diffusers LoRA file (ours or another tool's) as our Adapter."""
+    path = Path(path)
+    raw, meta = load_tensors(path), read_metadata(path)
+    pairs: dict[str, dict[str, object]] = {}
+    for key, t in raw.items():
+        match = KEY_RX.match(key)
+        if not match:
+            raise UserError(
+                f"{path}: unexpected tensor {key!r} (diffusers LoRA files hold lora_A/lora_B weights)"
+            )
+        if match[1] and match[1] != PREFIX:
+            raise UserError(
+                f"{path}: {match[1]} LoRA ({key}) is not supported: this model has no text encoder"
+            )
+        pairs.setdefault(match[2], {})[match[3]] = t.float()
+    tensors = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"{path}: module {module} has lora_{'A' if 'A' in ab else 'B'} but not the other")
+        mine = from_diffusers(module)
+        tensors[f"{mine}.lora_down.weight"], tensors[f"{mine}.lora_up.weight"] = ab["A"], ab["B"]
+    if not tensors:
+        raise UserError(f"{path}: the file holds no LoRA tensors")
+    rank = ours.common_rank({m: (ab["A"], ab["B"]) for m, ab in pairs.items()}, path)
+    if ours.META_KEY in meta:
+        adapter = ours.from_blob(tensors, meta[ours.META_KEY], path)
+    else:
+        adapter = Adapter(
+            tensors, rank, float(rank), init="peft", fingerprint=UNKNOWN, extra={"source": "diffusers"}
+        )
+        config = _config(meta, path)
+        if config is None:
+            log.warning("%s: no alpha in the file; using alpha = rank = %d, as diffusers does", path, rank)
+        else:
+            adapter.alpha = float(config.get("lora_alpha", rank))
+            adapter.rslora = bool(config.get("use_rslora", False))
+            adapter.dropout = float(config.get("lora_dropout") or 0.0)
+    if adapter.rank != rank:
+        raise UserError(f"{path}: the tensors have rank {rank}, the metadata says {adapter.rank}")
+    return adapter
+
+
+def _config(meta: dict[str, str], path: Path) -> dict | None:
+    """diffusers' LoraConfig from the metadata (``unet.``-prefixed or bare); options we lack are refused."""
+    if METADATA_KEY not in meta:
+        return None
+    try:
+        full = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed {METADATA_KEY} ({e})") from None
+    prefixed = {k.removeprefix(f"{PREFIX}."): v for k, v in full.items() if k.startswith(f"{PREFIX}.")}
+    config = prefixed or full
+    for option in ("rank_pattern", "alpha_pattern", "use_dora", "lora_bias"):
+        if config.get(option):
+            raise UserError(
+                f"{path}: LoRA option {option} is not supported (plain LoRA with one rank and alpha)"
+            )
+    return config
+
+
+__all__ = ["WEIGHTS", "looks_like", "read", "write"]

@@ -1,0 +1,133 @@
+"""LoRA files in kohya-ss/sd-scripts' layout (``networks.lora``): what civitai, ComfyUI and A1111 share.
+
+One safetensors file; per adapted module, named ``lora_unet_`` + its diffusers path with ``.`` -> ``_``:
+    <name>.lora_down.weight   A [r, in] (conv: [r, in, kh, kw])   = our lora_down
+    <name>.lora_up.weight     B [out, r] (conv: [out, r, 1, 1])   = our lora_up
+    <name>.alpha              a 0-d tensor; kohya's scale is alpha / r (a missing alpha means alpha = r)
+Metadata (strings): ``ss_network_module`` = networks.lora, ``ss_network_dim`` = r, ``ss_network_alpha``,
+``ss_base_model_version``, ``ss_network_args`` (conv_dim/conv_alpha when convs are adapted),
+``ss_tag_frequency`` and ``modelspec.trigger_phrase`` when the adapter has trigger words, ``modelspec.*``,
+and ours: ``lora4diffusion.base_fingerprint`` and the ``lora4diffusion`` settings entry (formats/ours.py).
+rsLoRA has no kohya equivalent: its scale alpha / sqrt(r) is written as the kohya alpha alpha * sqrt(r).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
+from lora4diffusion.errors import UserError
+from lora4diffusion.formats import ours
+from lora4diffusion.formats.names import KOHYA_UNET, from_kohya, to_kohya
+from lora4diffusion.lora.adapters import UNKNOWN, Adapter
+
+log = logging.getLogger("lora4diffusion")
+BASE_MODEL_VERSION = "lora4diffusion_mnist_unet"  # not an SD version: A1111's SD 1.5 block map does not apply
+ARCHITECTURE = "lora4diffusion-mnist-unet/lora"
+KEY_RX = re.compile(r"^(lora_[a-z0-9]+_[^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def write(adapter: Adapter, path: str | Path, title: str = "") -> Path:
+    """Write one kohya LoRA file at ``path``; every module must have a diffusers (hence kohya) name."""
+    alpha = adapter.alpha * math.sqrt(adapter.rank) if adapter.rslora else adapter.alpha
+    tensors, convs = {}, False
+    for m in adapter.modules:
+        a, b = adapter.pair(m)
+        k = to_kohya(m)
+        tensors[f"{k}.lora_down.weight"], tensors[f"{k}.lora_up.weight"] = a, b
+        tensors[f"{k}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        convs = convs or a.dim() == 4
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(adapter.rank),
+        "ss_network_alpha": repr(float(alpha)),
+        "ss_base_model_version": BASE_MODEL_VERSION,
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ARCHITECTURE,
+        "modelspec.implementation": "lora4diffusion",
+        "modelspec.title": title,
+        "lora4diffusion.base_fingerprint": adapter.fingerprint,
+        ours.META_KEY: ours.blob(adapter),
+    }
+    if convs:
+        meta["ss_network_args"] = json.dumps(
+            {"conv_dim": str(adapter.rank), "conv_alpha": repr(float(alpha))}
+        )
+    words = ours.trigger_words(adapter)
+    if words:  # kohya's dataset-tag counts; A1111 and civitai show these as the activation words
+        meta["ss_tag_frequency"] = json.dumps({"trigger": {w: 1 for w in words}})
+        meta["modelspec.trigger_phrase"] = ", ".join(words)
+    path = Path(path)
+    save_tensors(path, tensors, meta)
+    return path
+
+
+def looks_like(keys: list[str]) -> bool:
+    return any(
+        k.startswith("lora_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys
+    )
+
+
+def read(path: str | Path) -> Adapter:
+    """A kohya LoRA file as our Adapter (UNet modules only: this model has no text encoder)."""
+    path = Path(path)
+    raw, meta = load_tensors(path), read_metadata(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in raw.items():
+        match = KEY_RX.match(key)
+        if not match:
+            raise UserError(f"{path}: unexpected tensor {key!r} (kohya LoRA: lora_down/lora_up/alpha only)")
+        if not match[1].startswith(KOHYA_UNET):
+            raise UserError(f"{path}: module {match[1]} is not supported: this model has no text encoder")
+        parts.setdefault(match[1], {})[match[2]] = t
+    tensors, pairs, alphas, missing = {}, {}, {}, []
+    for name, p in parts.items():
+        if "lora_down.weight" not in p or "lora_up.weight" not in p:
+            raise UserError(f"{path}: module {name} lacks its lora_down or lora_up weight")
+        mine = from_kohya(name)
+        a, b = p["lora_down.weight"].float(), p["lora_up.weight"].float()
+        tensors[f"{mine}.lora_down.weight"], tensors[f"{mine}.lora_up.weight"] = a, b
+        pairs[name] = (a, b)
+        if "alpha" in p:
+            alphas[name] = float(p["alpha"].float().item())
+        else:
+            missing.append(name)
+    if not tensors:
+        raise UserError(f"{path}: the file holds no LoRA tensors")
+    rank = ours.common_rank(pairs, path)
+    if ours.META_KEY in meta:
+        adapter = ours.from_blob(tensors, meta[ours.META_KEY], path)
+        if adapter.rank != rank:
+            raise UserError(f"{path}: the tensors have rank {rank}, the metadata says {adapter.rank}")
+        return adapter
+    if missing:
+        log.warning(
+            "%s: %d module(s) without .alpha (e.g. %s): alpha = rank = %d, as kohya does",
+            path,
+            len(missing),
+            missing[0],
+            rank,
+        )
+        alphas.update(dict.fromkeys(missing, float(rank)))
+    distinct = dict(zip(alphas.values(), alphas.keys(), strict=True))
+    if len(distinct) > 1:
+        (a1, m1), (a2, m2) = list(distinct.items())[:2]
+        raise UserError(
+            f"{path}: modules have different alphas ({m1}: {a1:g}, {m2}: {a2:g}); one alpha per"
+            " adapter is supported"
+        )
+    extra = {"source": "kohya"}
+    if meta.get("modelspec.trigger_phrase"):
+        words = [w.strip() for w in meta["modelspec.trigger_phrase"].split(",") if w.strip()]
+        extra[ours.TRIGGER_KEY] = json.dumps(words)
+    return Adapter(tensors, rank, next(iter(distinct)), init="kohya", fingerprint=UNKNOWN, extra=extra)
+
+
+__all__ = ["looks_like", "read", "write"]

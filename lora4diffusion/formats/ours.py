@@ -1,0 +1,89 @@
+"""Our own adapter settings, carried inside foreign LoRA files so that ours -> X -> ours is exact.
+
+diffusers' and kohya's files hold the LoRA factors A, B (bit for bit) and their own idea of alpha; our
+Adapter also has a scale rule (rsLoRA), an init record, dropout, the base fingerprint and the caller's
+metadata (style, trigger words, ...). All of it goes, as the JSON of ``Adapter.metadata()``, into one
+safetensors metadata entry ``lora4diffusion``; other tools ignore it, our reader restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+from lora4diffusion.errors import UserError
+from lora4diffusion.lora.adapters import FORMAT, UNKNOWN, Adapter
+
+log = logging.getLogger("lora4diffusion")
+META_KEY = "lora4diffusion"
+TRIGGER_KEY = "trigger_words"  # Adapter.extra entry: a JSON list of words (prompt models); kohya metadata
+_RESERVED = frozenset(Adapter({}, 1, 1.0).metadata())  # the settings; everything else is the caller's extra
+
+
+def blob(adapter: Adapter) -> str:
+    return json.dumps(adapter.metadata(), sort_keys=True)
+
+
+def from_blob(tensors: dict[str, torch.Tensor], text: str, where: object) -> Adapter:
+    """An Adapter from our tensor names and the ``lora4diffusion`` metadata entry."""
+    try:
+        meta = json.loads(text)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        order = json.loads(
+            meta.get("targets", "[]")
+        )  # the file's tensor order is sorted: restore the model's
+        mods = {k.rsplit(".lora_", 1)[0] for k in tensors}
+        if isinstance(order, list) and set(order) == mods:
+            tensors = {
+                f"{m}.{leaf}": tensors[f"{m}.{leaf}"]
+                for m in order
+                for leaf in ("lora_down.weight", "lora_up.weight")
+            }
+        return Adapter(
+            tensors,
+            int(meta["rank"]),
+            float(meta["alpha"]),
+            meta["scale_rule"] == "rslora",
+            meta["init"],
+            float(meta["dropout"]),
+            meta.get("base_fingerprint", UNKNOWN),
+            {k: v for k, v in meta.items() if k not in _RESERVED},
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{where}: malformed '{META_KEY}' metadata ({e})") from None
+
+
+def common_rank(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], where: object, name=str) -> int:
+    """The one rank all modules share (our Adapter has one rank); a module with another is named."""
+    ranks: dict[int, str] = {}
+    for module, (a, b) in pairs.items():
+        if a.dim() not in (2, 4) or b.dim() != a.dim() or a.shape[0] != b.shape[1]:
+            raise UserError(
+                f"{where}: module {name(module)}: tensors {tuple(a.shape)}/{tuple(b.shape)} are"
+                " not a LoRA pair"
+            )
+        ranks.setdefault(int(a.shape[0]), module)
+    if len(ranks) > 1:
+        (r1, m1), (r2, m2) = list(ranks.items())[:2]
+        raise UserError(
+            f"{where}: modules have different ranks ({name(m1)}: {r1}, {name(m2)}: {r2}); one rank"
+            " per adapter is supported"
+        )
+    return next(iter(ranks))
+
+
+def trigger_words(adapter: Adapter) -> list[str]:
+    raw = adapter.extra.get(TRIGGER_KEY)
+    if not raw:
+        return []
+    try:
+        words = json.loads(raw)
+    except json.JSONDecodeError:
+        words = raw.split(",")
+    return [str(w).strip() for w in (words if isinstance(words, list) else [words]) if str(w).strip()]
+
+
+__all__ = ["META_KEY", "TRIGGER_KEY", "blob", "common_rank", "from_blob", "trigger_words"]
