@@ -124,8 +124,42 @@ class EMA:
             self.shadow[k].copy_(tmp)
 
 
+class DiffusionTask:
+    """The diffusion loss (DDPM Algorithm 1 with label dropout): what base and LoRA training minimise.
+
+    A *task* is what the one training loop needs to know about a model: ``loss(trainer, step)``, this rank's
+    mean loss on step ``step``'s batch (``trainer.batch_indices(step)``), drawing every random number from
+    a generator seeded with (seed, step) so that resume is bit-exact. The VAE's task is in autoencoder.py.
+    """
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
+
+    def loss(self, trainer: Trainer, step: int) -> torch.Tensor:
+        cfg, schedule = trainer.cfg, self.schedule
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = trainer.batch_indices(step)
+        n = idx.shape[0]
+        # Draw for the whole global batch on every rank (one process: exactly training_loss's draws), keep
+        # this rank's rows: it sees the t, noise and label dropout one process has for them.
+        shape = (n, *trainer.images.shape[1:])
+        t, noise, drop = schedule.draw_training_inputs(shape, g, cfg.label_dropout)
+        rows = slice(trainer.rank * n // trainer.world, (trainer.rank + 1) * n // trainer.world)
+        dev = trainer.device
+        idx, t, noise = idx[rows].to(dev), t[rows].to(dev), noise[rows].to(dev)
+        drop = drop[rows].to(dev) if drop is not None else None
+        x0 = trainer.images[idx]
+        if cfg.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.use_bf16):
+            return schedule.loss(trainer.net(), x0, trainer.labels[idx], t, noise, drop)
+
+
 class Trainer:
     """Trains ``model`` (the plain module: export, EMA and preview see it unwrapped) on ``device``.
+
+    ``task``: a NoiseSchedule (the diffusion loss, ``DiffusionTask``) or any object with
+    ``loss(trainer, step)`` (the VAE's reconstruction + KL loss).
 
     ``device`` None keeps the model where it is; under torchrun (WORLD_SIZE > 1) the process group is joined
     here and the forward pass goes through DistributedDataParallel. ``compile`` runs it through torch.compile.
@@ -134,7 +168,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        schedule: NoiseSchedule,
+        task: NoiseSchedule | DiffusionTask,
         images: torch.Tensor,
         labels: torch.Tensor,
         cfg: TrainConfig,
@@ -156,7 +190,8 @@ class Trainer:
                 f"batch size {cfg.batch_size} is not divisible by the {self.world} processes"
                 " (each takes an equal slice of the global batch)"
             )
-        self.model, self.schedule, self.cfg = model.to(self.device), schedule, cfg
+        self.model, self.cfg = model.to(self.device), cfg
+        self.task = DiffusionTask(task) if isinstance(task, NoiseSchedule) else task
         # The data set is small (MNIST: <= 60k x 28x28 fp32, 188 MB): it lives on the device once, instead of
         # a host-to-device copy of every batch.
         self.images, self.labels = images.to(self.device), labels.to(self.device)
@@ -248,7 +283,7 @@ class Trainer:
         meta = read_metadata(path)
         tensors = load_tensors(path)
         saved_run = json.loads(meta.get("run", "{}"))
-        for key in ("unet", "diffusion", "lora"):
+        for key in ("unet", "diffusion", "lora", "vae"):
             if key in self.run_info and saved_run.get(key) != json.loads(
                 json.dumps(self.run_info[key], default=str)
             ):
@@ -287,22 +322,8 @@ class Trainer:
         return self._net
 
     def _loss(self, step: int) -> torch.Tensor:
-        """This rank's mean loss for ``step``; DDP's gradient averaging makes it the global batch's mean."""
-        cfg, schedule = self.cfg, self.schedule
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = self.batch_indices(step)
-        n = idx.shape[0]
-        # Draw for the whole global batch on every rank (one process: exactly training_loss's draws), keep
-        # this rank's rows: it sees the t, noise and label dropout one process has for them.
-        t, noise, drop = schedule.draw_training_inputs((n, *self.images.shape[1:]), g, cfg.label_dropout)
-        rows = slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
-        idx, t, noise = idx[rows].to(self.device), t[rows].to(self.device), noise[rows].to(self.device)
-        drop = drop[rows].to(self.device) if drop is not None else None
-        x0 = self.images[idx]
-        if cfg.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            return schedule.loss(self.net(), x0, self.labels[idx], t, noise, drop)
+        """This rank's loss for ``step`` (the task's); DDP's gradient averaging makes it the global mean."""
+        return self.task.loss(self, step)
 
     def fit(self, progress: bool = True) -> dict:
         """Train until cfg.steps; returns a summary. Ctrl-C or SIGTERM saves a resumable checkpoint, returns.
