@@ -107,14 +107,21 @@ def load_vae(path: str | Path | None = None) -> tuple[VAE, dict]:
 
 def to_vae_input(images_uint8: torch.Tensor, cfg: VAEConfig) -> torch.Tensor:
     """uint8 digits [N, h, w] -> float32 [N, 1, S, S] in [-1, 1], padded with background to the VAE's S."""
+    h, w = images_uint8.shape[-2:]
+    check_encodable(cfg, h, w)
+    return pad_to(to_model_range(images_uint8, h), cfg.image_size)
+
+
+def check_encodable(cfg: VAEConfig, h: int = 28, w: int = 28) -> None:
+    """UserError unless this VAE can encode 1-channel h x w digits (padded to its image_size)."""
     if cfg.in_channels != 1:
         raise UserError(f"this VAE takes {cfg.in_channels}-channel images; digits have 1 channel")
-    h, w = images_uint8.shape[-2:]
     if h != w:
         raise UserError(f"images of {h}x{w} are not square")
     if h > cfg.image_size:
-        raise UserError(f"images of {h}x{w} do not fit the VAE's {cfg.image_size}x{cfg.image_size} input")
-    return pad_to(to_model_range(images_uint8, h), cfg.image_size)
+        raise UserError(
+            f"this VAE encodes images of at most {cfg.image_size}x{cfg.image_size}; these are {h}x{w}"
+        )
 
 
 def augment(images_uint8: torch.Tensor, width: torch.Tensor, slant: torch.Tensor) -> torch.Tensor:
@@ -180,7 +187,7 @@ def _presets() -> dict[str, tuple[VAEConfig, TrainConfig]]:
         ),
         "base": (  # provisional, to be measured by the integrator (benchmarks/RESULTS.md)
             VAEConfig(),
-            TrainConfig(steps=3000, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.999, log_every=10,
+            TrainConfig(steps=2000, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.999, log_every=10,
                         checkpoint_every=250, sample_every=500, **common),
         ),
     }
@@ -227,6 +234,8 @@ def train_vae(
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
     preset_vae, preset_train = _presets()[preset]
     vae_cfg = vae_config or preset_vae
+    check_encodable(vae_cfg)
+    VAETask(torch.zeros(0, 28, 28, dtype=torch.uint8), vae_cfg, kl_weight)  # checks kl_weight before any IO
     cfg, out, device = prepare_run(preset_train, out, resume, device, **overrides)
     splits = load_mnist(data)
     task = VAETask(splits.train.images, vae_cfg, kl_weight, augment)
