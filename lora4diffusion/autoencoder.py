@@ -244,7 +244,8 @@ def train_vae(
     torch.manual_seed(cfg.seed)  # initial weights
     model = VAE(vae_cfg)
     recipe = {"loss": LOSS, "kl_weight": task.kl_weight, "augment": augment}
-    run_info = {"vae": vae_cfg.to_dict(), "vae_loss": recipe, "preset": preset, "data": splits.source}
+    # resume refuses a run whose "vae" differs: the architecture and the loss recipe
+    run_info = {"vae": {**vae_cfg.to_dict(), **recipe}, "preset": preset, "data": splits.source}
 
     def export(m: nn.Module, directory: Path) -> None:
         save_vae(directory, m, scaling_factor=measure_scaling(m, scale_images), extra={

@@ -221,9 +221,11 @@ def test_train_vae_resume_is_bit_exact(tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["vae"] == json.loads(
         (tmp_path / "b" / "config.json").read_text()
     )["vae"]
+    other = VAEConfig(**{**TINY.to_dict(), "latent_channels": 2})
     with pytest.raises(UserError, match="different vae"):
-        train_vae(tmp_path / "b", steps=14, resume=True, vae_config=VAEConfig(**{**TINY.to_dict(),
-                                                                                 "latent_channels": 2}), **kw)
+        train_vae(tmp_path / "b", steps=14, resume=True, vae_config=other, **kw)
+    with pytest.raises(UserError, match="different vae"):
+        train_vae(tmp_path / "b", steps=14, resume=True, kl_weight=1e-3, **kw)
 
 
 # ------------------------------------------------------------------------------------------ reconstruct
