@@ -294,6 +294,48 @@ def reconstruct(vae: VAE, images_uint8: torch.Tensor, batch_size: int = 256) -> 
     return torch.cat(out) if out else torch.zeros(0, h, w)
 
 
+def vae_fingerprint(vae: VAE) -> str:
+    """sha256 of the config and every weight: names the exact VAE a latent model was trained with."""
+    h = hashlib.sha256(json.dumps(vae.cfg.to_dict(), sort_keys=True).encode())
+    for k, v in sorted(vae.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def decode_latents(vae: VAE, z: torch.Tensor, h: int = 28, w: int = 28) -> torch.Tensor:
+    """Scaled latents (what the latent UNet samples) -> images float32 [N, h, w] in [0, 1] on the CPU."""
+    x = vae.decode(z.to(next(vae.parameters()).device).float() / vae.cfg.scaling_factor)
+    return from_model_range(crop_to(x, h, w))[:, 0].cpu()
+
+
+# A latent model folder carries its VAE in this subfolder, and its config.json names it with a fingerprint.
+ATTACHED = "vae"
+
+
+def attach_vae(directory: str | Path, vae: VAE) -> dict:
+    """Write ``vae`` into ``directory``/vae; returns the entry for the model's config.json."""
+    save_vae(Path(directory) / ATTACHED, vae, {"role": "the VAE this latent model was trained with"})
+    return {"folder": ATTACHED, "fingerprint": vae_fingerprint(vae)}
+
+
+def load_attached_vae(directory: str | Path, config: dict) -> VAE | None:
+    """The VAE of a latent model folder (None for a pixel model); UserError if missing or not the one."""
+    entry = config.get("vae")
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("folder"), str) or "fingerprint" not in entry:
+        raise UserError(f"{Path(directory) / CONFIG_NAME}: malformed 'vae' entry")
+    path = Path(directory) / entry["folder"]
+    if not path.exists():
+        raise UserError(f"latent model {directory}: its VAE folder {path} is missing")
+    vae, _ = load_vae(path)
+    if vae_fingerprint(vae) != entry["fingerprint"]:
+        raise UserError(f"latent model {directory}: the VAE in {path} is not the one it was trained with")
+    return vae
+
+
 def latent_cache_dir() -> Path:
     from lora4diffusion.data import default_cache_dir
 
@@ -306,11 +348,7 @@ def cached_latents(
     """Scaled latents (scaling_factor * posterior mean) of digits [N, h, w], computed once per (VAE weights,
     data set): kept in ``cache_dir`` (default ~/.cache/lora4diffusion/latents) as safetensors, keyed by a
     hash of both, so the latent UNet's every epoch (and every later run) reads them instead of encoding."""
-    h = hashlib.sha256()
-    h.update(json.dumps(vae.cfg.to_dict(), sort_keys=True).encode())
-    for k, v in sorted(vae.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    h = hashlib.sha256(vae_fingerprint(vae).encode())
     h.update(str(tuple(images_uint8.shape)).encode())
     h.update(images_uint8.contiguous().numpy().tobytes())
     path = Path(cache_dir or latent_cache_dir()) / f"latents-{h.hexdigest()[:24]}.safetensors"

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
     t.add_argument("--loss", choices=["mse", "l1"], default="mse", help="l1 is the reference's choice")
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    t.add_argument("--vae", metavar="DIR", help="latent diffusion: denoise this VAE's latents (train-vae)")
     _device_args(t, train=True)
 
     s = sub.add_parser("sample", help="sample digits from a model")
@@ -214,6 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bf16=False if args.no_bf16 else None,
         device=args.device,
         compile=args.compile,
+        vae=args.vae,
     )
     if summary is None:
         return 0
@@ -319,7 +321,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     loras = add_loras(pipe, args)
     model = unload_lora(pipe.unet, merge=True)
     merged_from = [{"adapter": p, "scale": w, "name": n} for p, w, n in loras]
-    save_model(out, model, pipe.diffusion, {"merged_from": merged_from, "base": pipe.config.get("base_path")})
+    extra = {"merged_from": merged_from, "base": pipe.config.get("base_path")}
+    save_model(out, model, pipe.diffusion, extra, vae=pipe.vae)  # a latent model keeps its VAE
     print(f"merged {len(loras)} adapter(s) into {out}")
     return 0
 

@@ -523,19 +523,30 @@ def _presets() -> dict[str, tuple[UNetConfig, TrainConfig]]:
 PRESET_NAMES = ("tiny", "fast", "base")
 
 
-def preview_grid(model: nn.Module, schedule: NoiseSchedule, path: Path, steps: int = 20) -> None:
-    """One DDIM sample per digit (fixed seed, default guidance), for watching training progress."""
+def preview_grid(model: nn.Module, schedule: NoiseSchedule, path: Path, steps: int = 20, vae=None) -> None:
+    """One DDIM sample per digit (fixed seed, default guidance), for watching training progress.
+
+    ``vae``: the model denoises that VAE's latents: no [-1, 1] clipping, decoded to pixels for the picture.
+    """
     from lora4diffusion.diffusion import DDIMSampler, sample
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE
     from lora4diffusion.plots import save_grid
 
-    s = DDIMSampler(schedule)
+    s = DDIMSampler(schedule, clip_sample=vae is None)
     s.set_timesteps(steps)
     size = model.cfg.image_size
     labels = torch.arange(10, device=next(model.parameters()).device)  # sample() runs on the labels' device
+    shape = (model.cfg.in_channels, size, size)
     with torch.no_grad():
-        x, _ = sample(model, s, labels, (1, size, size), DEFAULT_GUIDANCE, torch.Generator().manual_seed(0))
-    save_grid(((x[:, 0].cpu() + 1) / 2).clamp(0, 1), 10, path)
+        x, _ = sample(
+            model, s, labels, shape, DEFAULT_GUIDANCE, torch.Generator().manual_seed(0), clip=vae is None
+        )
+    if vae is not None:
+        from lora4diffusion.autoencoder import decode_latents
+
+        save_grid(decode_latents(vae, x), 10, path)
+    else:
+        save_grid(((x[:, 0].cpu() + 1) / 2).clamp(0, 1), 10, path)
 
 
 def prepare_run(
@@ -567,11 +578,15 @@ def train_base(
     diffusion_overrides: dict | None = None,
     device: str | torch.device = "auto",
     compile: bool = False,
+    vae: str | Path | None = None,
     **overrides,
 ) -> dict:
     """Train a base UNet from a preset into run directory ``out``; returns a summary dict.
 
     ``device``: auto (CUDA if available) | cpu | cuda. Under torchrun every process calls this (see Trainer).
+    ``vae``: a VAE folder: latent diffusion (Rombach et al. 2022): the UNet (in_channels = latent channels,
+    image_size = latent size) denoises the VAE's scaled latents of the training digits, encoded once and
+    cached; the run folder carries a copy of the VAE (``vae/``), named by its fingerprint in config.json.
     """
     from lora4diffusion.checkpoint import save_model
     from lora4diffusion.data import load_mnist, to_model_range
@@ -582,11 +597,26 @@ def train_base(
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
     unet_cfg, cfg = _presets()[preset]
     if image_size is not None:
+        if vae is not None:
+            raise UserError("--image-size does not apply with --vae: the latent size is the VAE's")
         unet_cfg = replace(unet_cfg, image_size=image_size)  # validated by UNetConfig.__post_init__
+    autoencoder = None
+    if vae is not None:
+        from lora4diffusion.autoencoder import check_encodable, load_vae
+
+        autoencoder, _ = load_vae(vae)
+        check_encodable(autoencoder.cfg)
+        lat = autoencoder.cfg
+        unet_cfg = replace(unet_cfg, in_channels=lat.latent_channels, image_size=lat.latent_size)
     cfg, out, device = prepare_run(cfg, out, resume, device, steps=steps, **overrides)
     diffusion = DiffusionConfig(**(diffusion_overrides or {}))  # DDPM's linear schedule and MSE by default
     splits = load_mnist(data)
-    images = to_model_range(splits.train.images, unet_cfg.image_size)
+    if autoencoder is not None:
+        from lora4diffusion.autoencoder import cached_latents, vae_fingerprint
+
+        images = cached_latents(autoencoder, splits.train.images)
+    else:
+        images = to_model_range(splits.train.images, unet_cfg.image_size)
     torch.manual_seed(cfg.seed)  # initial weights
     model = UNet(unet_cfg)
     schedule = NoiseSchedule(diffusion)
@@ -596,20 +626,19 @@ def train_base(
         "preset": preset,
         "data": splits.source,
     }
+    if autoencoder is not None:
+        run_info["vae"] = vae_fingerprint(autoencoder)  # --resume refuses another VAE
+    preview_steps = 5 if preset == "tiny" else 20
 
     def export(m: nn.Module, directory: Path) -> None:
-        save_model(
-            directory,
-            m,
-            diffusion,
-            {
-                "train": asdict(cfg),
-                "preset": preset,
-                "data": splits.source,
-                "step": trainer.step,
-                "train_seconds": round(trainer.train_seconds, 1),
-            },
-        )
+        extra = {
+            "train": asdict(cfg),
+            "preset": preset,
+            "data": splits.source,
+            "step": trainer.step,
+            "train_seconds": round(trainer.train_seconds, 1),
+        }
+        save_model(directory, m, diffusion, extra, vae=autoencoder)
 
     trainer = Trainer(
         model,
@@ -619,7 +648,7 @@ def train_base(
         cfg,
         out,
         export,
-        preview=lambda m, p: preview_grid(m, schedule, p, steps=5 if preset == "tiny" else 20),
+        preview=lambda m, p: preview_grid(m, schedule, p, steps=preview_steps, vae=autoencoder),
         run_info=run_info,
         device=device,
         compile=compile,
