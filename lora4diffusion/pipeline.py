@@ -125,8 +125,7 @@ class Pipeline:
             from lora4diffusion.autoencoder import decode_latents
 
             images = torch.cat([decode_latents(self.vae, x) for x in out])
-            traj = [decode_latents(self.vae, x) * 2 - 1 for x in traj]  # plots expect [B, 1, H, W] in [-1, 1]
-            traj = [x[:, None] for x in traj]
-            return images, traj
+            # the denoising strip shows decoded latents: plots expect [B, 1, H, W] in [-1, 1]
+            return images, [decode_latents(self.vae, x)[:, None] * 2 - 1 for x in traj]
         images = ((torch.cat(out) + 1) / 2).clamp(0, 1)[:, 0]
         return images, traj

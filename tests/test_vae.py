@@ -325,3 +325,48 @@ def test_bad_inputs_exit_2_and_write_nothing(tiny_vae, tmp_path, capsys):
         main(["train-vae", "--preset", "tiny", "--out", str(out), "--kl-weight", "-1"])
     assert e.value.code == 2
     assert _snapshot(tiny_vae) == before and not out.exists() and f.read_text() == "x"
+
+
+# ------------------------------------------------------------------------------------------ latent diffusion
+
+
+def test_latent_base_trains_samples_and_stays_self_contained(tiny_vae, tmp_path, monkeypatch, capsys):
+    """train --vae: the UNet denoises the VAE's cached latents; the folder carries the VAE (fingerprinted),
+    sampling decodes to 28x28 digits, and train-lora / merge keep working on it."""
+    from lora4diffusion.checkpoint import load_model
+    from lora4diffusion.pipeline import Pipeline
+    from lora4diffusion.train import train_base
+
+    monkeypatch.setenv("LORA4DIFFUSION_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "latent"
+    train_base("tiny", run, steps=4, progress=False, device="cpu", vae=tiny_vae, sample_every=4)
+    vae, _ = load_vae(tiny_vae)
+    unet, _, config = load_model(run)
+    assert (unet.cfg.in_channels, unet.cfg.image_size) == (4, 8)
+    assert config["vae"] == {"folder": "vae", "fingerprint": autoencoder.vae_fingerprint(vae)}
+    assert (run / "samples" / "step_0000004.png").is_file()
+    assert len(list((tmp_path / "cache" / "latents").iterdir())) == 1  # encoded once, cached
+    images, traj = Pipeline.load(run).generate([3, 5], steps=3, trajectory_every=1)
+    assert images.shape == (2, 28, 28) and 0 <= images.min() and images.max() <= 1
+    assert traj[-1].shape == (2, 1, 28, 28)
+
+    lora = ["--style", "bold", "--steps", "2", "--batch-size", "4", "--device", "cpu"]
+    assert main(["-q", "train-lora", "--base", str(run), *lora, "--out", str(tmp_path / "bold")]) == 0
+    assert main(["-q", "merge", "--checkpoint", str(run), "--lora", str(tmp_path / "bold"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    assert Pipeline.load(tmp_path / "merged").vae is not None
+
+    with pytest.raises(UserError, match="different vae"):  # resume with another VAE
+        other = tmp_path / "other_vae"
+        autoencoder.save_vae(other, VAE(TINY))
+        train_base("tiny", run, steps=6, resume=True, progress=False, device="cpu", vae=other)
+    with pytest.raises(UserError, match="--image-size"):
+        train_base("tiny", tmp_path / "x", steps=2, progress=False, image_size=32, vae=tiny_vae)
+    (run / "vae" / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    sample = ["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s")]
+    _bad(capsys, sample, "not the one it was trained")
+    for f in (run / "vae").iterdir():
+        f.unlink()
+    (run / "vae").rmdir()
+    _bad(capsys, sample, "is missing")
+    assert not (tmp_path / "s").exists()

@@ -41,7 +41,7 @@ def diffusers_name(name: str) -> str:
 
 
 def our_name(name: str) -> str:
-    """diffusers' parameter name -> ours. Checkpoints from diffusers < 0.14 named the mid-block attention
+    """diffusers' parameter name -> ours. Checkpoints of diffusers < 0.14 named the mid-block attention
     query/key/value/proj_attn (and group_norm the same): those are accepted too."""
     legacy = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
     for old, new in legacy.items():

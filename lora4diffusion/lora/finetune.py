@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lora4diffusion.autoencoder import cached_latents, load_attached_vae
 from lora4diffusion.checkpoint import load_model, pretrained_dir, save_model
 from lora4diffusion.data import to_model_range
 from lora4diffusion.diffusion import NoiseSchedule
@@ -83,8 +84,6 @@ def train_lora(
     cfg, out, device = prepare_run(default_lora_train_config(), out, resume, device, **overrides)
     model, diffusion, base_config, base_path = load_base(base)
     styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
-    from lora4diffusion.autoencoder import cached_latents, load_attached_vae
-
     vae = load_attached_vae(base_path, base_config)  # a latent base: LoRA learns in its VAE's latent space
     if vae is not None:
         images = cached_latents(vae, styled.images)
