@@ -106,10 +106,17 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: Pa
     module.load_state_dict(state)
 
 
-def save_model(directory: Path, model: UNet, diffusion: DiffusionConfig, extra: dict | None = None) -> None:
+def save_model(
+    directory: Path, model: UNet, diffusion: DiffusionConfig, extra: dict | None = None, vae=None
+) -> None:
+    """``vae``: the VAE of a latent model, written into ``directory``/vae and named in config.json."""
     directory = Path(directory)
     config = {"format": FORMAT, "version": VERSION, "unet": model.cfg.to_dict(), "diffusion": vars(diffusion)}
     config.update(extra or {})
+    if vae is not None:
+        from lora4diffusion.autoencoder import attach_vae
+
+        config["vae"] = attach_vae(directory, vae)
     save_tensors(directory / WEIGHTS_NAME, {k: v.float() for k, v in model.state_dict().items()})
     write_json(directory / CONFIG_NAME, config)
 

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
     t.add_argument("--loss", choices=["mse", "l1"], default="mse", help="l1 is the reference's choice")
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    t.add_argument("--vae", metavar="DIR", help="latent diffusion: denoise this VAE's latents (train-vae)")
     _device_args(t, train=True)
 
     s = sub.add_parser("sample", help="sample digits from a model")
@@ -135,6 +136,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_format_parsers(sub)
 
+    tv = sub.add_parser("train-vae", help="train the KL autoencoder (VAE) for latent diffusion")
+    tv.add_argument("--out", default="runs/vae", help="VAE folder / run directory (default runs/vae)")
+    tv.add_argument("--preset", choices=["tiny", "base"], default="base", help="tiny: a smoke test")
+    tv.add_argument("--train-steps", type=positive_int, help="override the preset's number of steps")
+    tv.add_argument("--batch-size", type=positive_int)
+    tv.add_argument("--lr", type=float)
+    tv.add_argument("--kl-weight", type=nonneg_float, help="weight of the KL term (default 1e-6, as LDM)")
+    tv.add_argument("--no-augment", action="store_true", help="train on plain digits (no bold/thin/italic)")
+    tv.add_argument("--data", default="embedded", help="embedded (default) | download | PATH to IDX files")
+    tv.add_argument("--seed", type=int)
+    tv.add_argument("--no-bf16", action="store_true", help="train in fp32 (bf16 autocast is the default)")
+    tv.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    tv.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    _device_args(tv, train=True)
+    tv.set_defaults(func=cmd_train_vae)
+
+    rc = sub.add_parser("reconstruct", help="encode and decode held-out digits with a VAE: what it keeps")
+    rc.add_argument("--vae", help="VAE folder (default: the shipped VAE)")
+    rc.add_argument("--style", help="restyle the digits first: bold | thin | italic")
+    rc.add_argument("--digits", default="0-9", help="e.g. 0-9 or 3,5,7")
+    rc.add_argument("--per-digit", type=positive_int, default=8, help="held-out digits per class (default 8)")
+    rc.add_argument("--data", default="embedded", help="embedded (default) | download | PATH to IDX files")
+    rc.add_argument("--report", action="store_true",
+                    help="also score every style (accuracy, ink, slant) into OUT/report.json")
+    rc.add_argument("--out", required=True, help="directory for originals/reconstructions .npz and .png")
+    rc.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    _device_args(rc)
+    rc.set_defaults(func=cmd_reconstruct)
+
     from lora4diffusion import evaluate
 
     evaluate.add_parser(sub)
@@ -187,6 +217,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bf16=False if args.no_bf16 else None,
         device=args.device,
         compile=args.compile,
+        vae=args.vae,
     )
     if summary is None:
         return 0
@@ -292,7 +323,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     loras = add_loras(pipe, args)
     model = unload_lora(pipe.unet, merge=True)
     merged_from = [{"adapter": p, "scale": w, "name": n} for p, w, n in loras]
-    save_model(out, model, pipe.diffusion, {"merged_from": merged_from, "base": pipe.config.get("base_path")})
+    extra = {"merged_from": merged_from, "base": pipe.config.get("base_path")}
+    save_model(out, model, pipe.diffusion, extra, vae=pipe.vae)  # a latent model keeps its VAE
     print(f"merged {len(loras)} adapter(s) into {out}")
     return 0
 
@@ -426,6 +458,74 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
         else source.name
     written = write_lora(adapter, args.format, out, title=title or "adapter")
     print(f"wrote {args.format} LoRA ({len(adapter.modules)} modules) to {written}")
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from lora4diffusion.autoencoder import DEFAULT_KL_WEIGHT, train_vae
+
+    out = out_dir(args.out, overwrite=args.overwrite or args.resume)
+    r = _run_training(
+        train_vae,
+        out,
+        preset=args.preset,
+        data=args.data,
+        resume=args.resume,
+        progress=not args.quiet,
+        kl_weight=DEFAULT_KL_WEIGHT if args.kl_weight is None else args.kl_weight,
+        augment=not args.no_augment,
+        device=args.device,
+        compile=args.compile,
+        steps=args.train_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        bf16=False if args.no_bf16 else None,
+    )
+    if r is None:
+        return 0
+    print(
+        f"{'interrupted' if r['interrupted'] else 'done'}: step {r['step']}, loss {r['loss']:.4f}, "
+        f"scaling factor {r.get('scaling_factor', float('nan')):.5f}, "
+        f"{r['train_seconds']:.0f} s of training; VAE folder {out}"
+    )
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lora4diffusion.autoencoder import (
+        check_encodable,
+        format_reconstruction_report,
+        heldout_digits,
+        load_vae,
+        reconstruct,
+        reconstruction_report,
+        save_comparison,
+    )
+    from lora4diffusion.checkpoint import write_json
+    from lora4diffusion.data import parse_digits
+    from lora4diffusion.distributed import resolve_device
+
+    digits = parse_digits(args.digits)
+    inputs = (args.vae,) if args.vae else ()
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=inputs)
+    device = resolve_device(args.device)
+    vae, _ = load_vae(args.vae)
+    check_encodable(vae.cfg, 28, 28)  # MNIST's size, before any data is read
+    images, labels = heldout_digits(args.style, args.per_digit, digits, data=args.data)
+    recons = reconstruct(vae.to(device), images)  # raises UserError before anything is written
+    report = reconstruction_report(vae, data=args.data) if args.report else None
+    originals = images.float() / 255
+    out.mkdir(parents=True, exist_ok=True)
+    for name, x in (("originals", originals), ("reconstructions", recons)):
+        np.savez(out / f"{name}.npz", images=x.numpy().astype(np.float32), labels=labels.numpy())
+    save_comparison(originals, recons, args.per_digit, out / "reconstructions.png")
+    if report is not None:
+        write_json(out / "report.json", report)
+        print(format_reconstruction_report(report))
+    err = float((recons - originals).abs().mean())
+    print(f"reconstructed {len(labels)} digits (mean |error| {err:.4f}); wrote {out / 'reconstructions.png'},"
+          f" originals.npz, reconstructions.npz{', report.json' if report else ''}")
     return 0
 
 

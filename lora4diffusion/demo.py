@@ -223,7 +223,8 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
     merged = Pipeline.load(base_dir)
     merged.add_lora(out / "lora_bold", 1.0)
     source = [{"adapter": str(out / "lora_bold"), "scale": 1.0, "name": "lora_bold"}]
-    save_model(out / MERGED[0], unload_lora(merged.unet), merged.diffusion, {"merged_from": source})
+    merged_unet = unload_lora(merged.unet)
+    save_model(out / MERGED[0], merged_unet, merged.diffusion, {"merged_from": source}, vae=merged.vae)
     images[MERGED[0]] = Pipeline.load(out / MERGED[0]).generate(labels, progress=progress, **kw)[0]
     lap("merge_and_sample", t0)
     checks = {"scale0_max_abs_diff": float((images["bold_0"] - images["base"]).abs().max()),

@@ -224,8 +224,10 @@ def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: 
 @torch.no_grad()
 def sample(model: EpsModel, sampler: DDPMSampler | DDIMSampler, labels: Tensor, shape: tuple[int, int, int],
            guidance: float = 1.0, generator: torch.Generator | None = None, trajectory_every: int = 0,
-           progress: bool = False) -> tuple[Tensor, list[Tensor]]:
+           progress: bool = False, clip: bool = True) -> tuple[Tensor, list[Tensor]]:
     """Run ``sampler.timesteps`` from x_T ~ N(0, I); returns (x0 in [-1, 1], [B, *shape] float32, trajectory).
+
+    ``clip`` False (latent models: latents have no [-1, 1] range) returns the last x unclamped.
 
     The trajectory holds x (on the CPU) after every ``trajectory_every``-th step, plus the final x0; [] if 0.
     """
@@ -242,7 +244,7 @@ def sample(model: EpsModel, sampler: DDPMSampler | DDIMSampler, labels: Tensor, 
     for i, t in enumerate(tqdm(steps, disable=not progress, desc="sampling", leave=False), start=1):
         t_batch = torch.full((labels.shape[0],), t, dtype=torch.int64, device=device)
         x = sampler.step(guided_eps(model, x, t_batch, labels, guidance), t, x, generator)
-        if i == len(steps):
+        if i == len(steps) and clip:
             x = x.clamp(-1, 1)  # already in range with clip_sample; guarantees it without
         if trajectory_every and (i % trajectory_every == 0 or i == len(steps)):
             trajectory.append(x.cpu())

@@ -23,6 +23,7 @@ class Pipeline:
     unet: UNet
     diffusion: DiffusionConfig
     config: dict
+    vae: object = None  # models.vae.VAE for a latent model (trained with --vae), None for a pixel model
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None) -> Pipeline:
@@ -33,8 +34,13 @@ class Pipeline:
                 raise UserError(
                     "no shipped base model in this install; pass --checkpoint DIR (train one first)"
                 )
+        from lora4diffusion.autoencoder import load_attached_vae
+
         unet, diffusion, config = load_model(Path(checkpoint))
-        return cls(unet, diffusion, config)
+        vae = load_attached_vae(checkpoint, config)  # None for a pixel model
+        if vae is None and unet.cfg.in_channels != 1:
+            raise UserError(f"{checkpoint}: a latent model ({unet.cfg.in_channels} channels) without its VAE")
+        return cls(unet, diffusion, config, vae)
 
     def add_lora(self, path: str | Path, weight: float = 1.0, force: bool = False) -> str:
         """Load an adapter (ours, PEFT's, diffusers' or kohya's layout: detected) into the UNet at ``weight``;
@@ -49,6 +55,8 @@ class Pipeline:
         from lora4diffusion.distributed import resolve_device
 
         self.unet.to(resolve_device(device))
+        if self.vae is not None:
+            self.vae.to(resolve_device(device))
         return self
 
     @property
@@ -61,10 +69,11 @@ class Pipeline:
 
     def sampler(self, kind: str = "ddim", steps: int | None = DEFAULT_STEPS, eta: float = 0.0):
         schedule = NoiseSchedule(self.diffusion)
+        clip = self.vae is None  # pixels live in [-1, 1]; latents have no such range (SD does not clip them)
         if kind == "ddim":
-            s = DDIMSampler(schedule, eta=eta)
+            s = DDIMSampler(schedule, eta=eta, clip_sample=clip)
         elif kind == "ddpm":
-            s = DDPMSampler(schedule)
+            s = DDPMSampler(schedule, clip_sample=clip)
         else:
             raise UserError(f"unknown sampler {kind!r} (choose ddim or ddpm)")
         s.set_timesteps(steps)
@@ -110,8 +119,15 @@ class Pipeline:
                     g,
                     trajectory_every if b == 0 else 0,
                     progress,
+                    clip=self.vae is None,
                 )
             out.append(x.float().cpu())
             traj = traj or t
+        if self.vae is not None:  # latent diffusion: the decoder turns the sampled latents into digits
+            from lora4diffusion.autoencoder import decode_latents
+
+            images = torch.cat([decode_latents(self.vae, x) for x in out])
+            # the denoising strip shows decoded latents: plots expect [B, 1, H, W] in [-1, 1]
+            return images, [decode_latents(self.vae, x)[:, None] * 2 - 1 for x in traj]
         images = ((torch.cat(out) + 1) / 2).clamp(0, 1)[:, 0]
         return images, traj

@@ -124,8 +124,42 @@ class EMA:
             self.shadow[k].copy_(tmp)
 
 
+class DiffusionTask:
+    """The diffusion loss (DDPM Algorithm 1 with label dropout): what base and LoRA training minimise.
+
+    A *task* is what the one training loop needs to know about a model: ``loss(trainer, step)``, this rank's
+    mean loss on step ``step``'s batch (``trainer.batch_indices(step)``), drawing every random number from
+    a generator seeded with (seed, step) so that resume is bit-exact. The VAE's task is in autoencoder.py.
+    """
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
+
+    def loss(self, trainer: Trainer, step: int) -> torch.Tensor:
+        cfg, schedule = trainer.cfg, self.schedule
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = trainer.batch_indices(step)
+        n = idx.shape[0]
+        # Draw for the whole global batch on every rank (one process: exactly training_loss's draws), keep
+        # this rank's rows: it sees the t, noise and label dropout one process has for them.
+        shape = (n, *trainer.images.shape[1:])
+        t, noise, drop = schedule.draw_training_inputs(shape, g, cfg.label_dropout)
+        rows = slice(trainer.rank * n // trainer.world, (trainer.rank + 1) * n // trainer.world)
+        dev = trainer.device
+        idx, t, noise = idx[rows].to(dev), t[rows].to(dev), noise[rows].to(dev)
+        drop = drop[rows].to(dev) if drop is not None else None
+        x0 = trainer.images[idx]
+        if cfg.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.use_bf16):
+            return schedule.loss(trainer.net(), x0, trainer.labels[idx], t, noise, drop)
+
+
 class Trainer:
     """Trains ``model`` (the plain module: export, EMA and preview see it unwrapped) on ``device``.
+
+    ``task``: a NoiseSchedule (the diffusion loss, ``DiffusionTask``) or any object with
+    ``loss(trainer, step)`` (the VAE's reconstruction + KL loss).
 
     ``device`` None keeps the model where it is; under torchrun (WORLD_SIZE > 1) the process group is joined
     here and the forward pass goes through DistributedDataParallel. ``compile`` runs it through torch.compile.
@@ -134,7 +168,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        schedule: NoiseSchedule,
+        task: NoiseSchedule | DiffusionTask,
         images: torch.Tensor,
         labels: torch.Tensor,
         cfg: TrainConfig,
@@ -156,7 +190,8 @@ class Trainer:
                 f"batch size {cfg.batch_size} is not divisible by the {self.world} processes"
                 " (each takes an equal slice of the global batch)"
             )
-        self.model, self.schedule, self.cfg = model.to(self.device), schedule, cfg
+        self.model, self.cfg = model.to(self.device), cfg
+        self.task = DiffusionTask(task) if isinstance(task, NoiseSchedule) else task
         # The data set is small (MNIST: <= 60k x 28x28 fp32, 188 MB): it lives on the device once, instead of
         # a host-to-device copy of every batch.
         self.images, self.labels = images.to(self.device), labels.to(self.device)
@@ -248,7 +283,7 @@ class Trainer:
         meta = read_metadata(path)
         tensors = load_tensors(path)
         saved_run = json.loads(meta.get("run", "{}"))
-        for key in ("unet", "diffusion", "lora"):
+        for key in ("unet", "diffusion", "lora", "vae"):
             if key in self.run_info and saved_run.get(key) != json.loads(
                 json.dumps(self.run_info[key], default=str)
             ):
@@ -287,22 +322,8 @@ class Trainer:
         return self._net
 
     def _loss(self, step: int) -> torch.Tensor:
-        """This rank's mean loss for ``step``; DDP's gradient averaging makes it the global batch's mean."""
-        cfg, schedule = self.cfg, self.schedule
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = self.batch_indices(step)
-        n = idx.shape[0]
-        # Draw for the whole global batch on every rank (one process: exactly training_loss's draws), keep
-        # this rank's rows: it sees the t, noise and label dropout one process has for them.
-        t, noise, drop = schedule.draw_training_inputs((n, *self.images.shape[1:]), g, cfg.label_dropout)
-        rows = slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
-        idx, t, noise = idx[rows].to(self.device), t[rows].to(self.device), noise[rows].to(self.device)
-        drop = drop[rows].to(self.device) if drop is not None else None
-        x0 = self.images[idx]
-        if cfg.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            return schedule.loss(self.net(), x0, self.labels[idx], t, noise, drop)
+        """This rank's loss for ``step`` (the task's); DDP's gradient averaging makes it the global mean."""
+        return self.task.loss(self, step)
 
     def fit(self, progress: bool = True) -> dict:
         """Train until cfg.steps; returns a summary. Ctrl-C or SIGTERM saves a resumable checkpoint, returns.
@@ -502,19 +523,30 @@ def _presets() -> dict[str, tuple[UNetConfig, TrainConfig]]:
 PRESET_NAMES = ("tiny", "fast", "base")
 
 
-def preview_grid(model: nn.Module, schedule: NoiseSchedule, path: Path, steps: int = 20) -> None:
-    """One DDIM sample per digit (fixed seed, default guidance), for watching training progress."""
+def preview_grid(model: nn.Module, schedule: NoiseSchedule, path: Path, steps: int = 20, vae=None) -> None:
+    """One DDIM sample per digit (fixed seed, default guidance), for watching training progress.
+
+    ``vae``: the model denoises that VAE's latents: no [-1, 1] clipping, decoded to pixels for the picture.
+    """
     from lora4diffusion.diffusion import DDIMSampler, sample
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE
     from lora4diffusion.plots import save_grid
 
-    s = DDIMSampler(schedule)
+    s = DDIMSampler(schedule, clip_sample=vae is None)
     s.set_timesteps(steps)
     size = model.cfg.image_size
     labels = torch.arange(10, device=next(model.parameters()).device)  # sample() runs on the labels' device
+    shape = (model.cfg.in_channels, size, size)
     with torch.no_grad():
-        x, _ = sample(model, s, labels, (1, size, size), DEFAULT_GUIDANCE, torch.Generator().manual_seed(0))
-    save_grid(((x[:, 0].cpu() + 1) / 2).clamp(0, 1), 10, path)
+        x, _ = sample(
+            model, s, labels, shape, DEFAULT_GUIDANCE, torch.Generator().manual_seed(0), clip=vae is None
+        )
+    if vae is not None:
+        from lora4diffusion.autoencoder import decode_latents
+
+        save_grid(decode_latents(vae, x), 10, path)
+    else:
+        save_grid(((x[:, 0].cpu() + 1) / 2).clamp(0, 1), 10, path)
 
 
 def prepare_run(
@@ -546,11 +578,15 @@ def train_base(
     diffusion_overrides: dict | None = None,
     device: str | torch.device = "auto",
     compile: bool = False,
+    vae: str | Path | None = None,
     **overrides,
 ) -> dict:
     """Train a base UNet from a preset into run directory ``out``; returns a summary dict.
 
     ``device``: auto (CUDA if available) | cpu | cuda. Under torchrun every process calls this (see Trainer).
+    ``vae``: a VAE folder: latent diffusion (Rombach et al. 2022): the UNet (in_channels = latent channels,
+    image_size = latent size) denoises the VAE's scaled latents of the training digits, encoded once and
+    cached; the run folder carries a copy of the VAE (``vae/``), named by its fingerprint in config.json.
     """
     from lora4diffusion.checkpoint import save_model
     from lora4diffusion.data import load_mnist, to_model_range
@@ -561,11 +597,26 @@ def train_base(
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
     unet_cfg, cfg = _presets()[preset]
     if image_size is not None:
+        if vae is not None:
+            raise UserError("--image-size does not apply with --vae: the latent size is the VAE's")
         unet_cfg = replace(unet_cfg, image_size=image_size)  # validated by UNetConfig.__post_init__
+    autoencoder = None
+    if vae is not None:
+        from lora4diffusion.autoencoder import check_encodable, load_vae
+
+        autoencoder, _ = load_vae(vae)
+        check_encodable(autoencoder.cfg)
+        lat = autoencoder.cfg
+        unet_cfg = replace(unet_cfg, in_channels=lat.latent_channels, image_size=lat.latent_size)
     cfg, out, device = prepare_run(cfg, out, resume, device, steps=steps, **overrides)
     diffusion = DiffusionConfig(**(diffusion_overrides or {}))  # DDPM's linear schedule and MSE by default
     splits = load_mnist(data)
-    images = to_model_range(splits.train.images, unet_cfg.image_size)
+    if autoencoder is not None:
+        from lora4diffusion.autoencoder import cached_latents, vae_fingerprint
+
+        images = cached_latents(autoencoder, splits.train.images)
+    else:
+        images = to_model_range(splits.train.images, unet_cfg.image_size)
     torch.manual_seed(cfg.seed)  # initial weights
     model = UNet(unet_cfg)
     schedule = NoiseSchedule(diffusion)
@@ -575,20 +626,19 @@ def train_base(
         "preset": preset,
         "data": splits.source,
     }
+    if autoencoder is not None:
+        run_info["vae"] = vae_fingerprint(autoencoder)  # --resume refuses another VAE
+    preview_steps = 5 if preset == "tiny" else 20
 
     def export(m: nn.Module, directory: Path) -> None:
-        save_model(
-            directory,
-            m,
-            diffusion,
-            {
-                "train": asdict(cfg),
-                "preset": preset,
-                "data": splits.source,
-                "step": trainer.step,
-                "train_seconds": round(trainer.train_seconds, 1),
-            },
-        )
+        extra = {
+            "train": asdict(cfg),
+            "preset": preset,
+            "data": splits.source,
+            "step": trainer.step,
+            "train_seconds": round(trainer.train_seconds, 1),
+        }
+        save_model(directory, m, diffusion, extra, vae=autoencoder)
 
     trainer = Trainer(
         model,
@@ -598,7 +648,7 @@ def train_base(
         cfg,
         out,
         export,
-        preview=lambda m, p: preview_grid(m, schedule, p, steps=5 if preset == "tiny" else 20),
+        preview=lambda m, p: preview_grid(m, schedule, p, steps=preview_steps, vae=autoencoder),
         run_info=run_info,
         device=device,
         compile=compile,

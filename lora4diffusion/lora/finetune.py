@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lora4diffusion.autoencoder import cached_latents, load_attached_vae
 from lora4diffusion.checkpoint import load_model, pretrained_dir, save_model
 from lora4diffusion.data import to_model_range
 from lora4diffusion.diffusion import NoiseSchedule
@@ -83,7 +84,11 @@ def train_lora(
     cfg, out, device = prepare_run(default_lora_train_config(), out, resume, device, **overrides)
     model, diffusion, base_config, base_path = load_base(base)
     styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
-    images = to_model_range(styled.images, model.cfg.image_size)
+    vae = load_attached_vae(base_path, base_config)  # a latent base: LoRA learns in its VAE's latent space
+    if vae is not None:
+        images = cached_latents(vae, styled.images)
+    else:
+        images = to_model_range(styled.images, model.cfg.image_size)
     base_name = "shipped base" if base is None else str(base_path)  # no machine path in shipped adapters
     run_info = {"base": base_name, "style": style, "data": styled.source, "full": full}
     if full:
@@ -124,7 +129,7 @@ def train_lora(
             "target_spec": lora.targets,
         }
         if full:
-            save_model(directory, m, diffusion, {"finetune": meta})
+            save_model(directory, m, diffusion, {"finetune": meta}, vae=vae)
         else:
             save_adapter(m, directory, "default", metadata=meta)
 
@@ -136,7 +141,7 @@ def train_lora(
         cfg,
         out,
         export,
-        preview=lambda m, p: preview_grid(m, schedule, p),
+        preview=lambda m, p: preview_grid(m, schedule, p, vae=vae),
         run_info=run_info,
         device=device,
         compile=compile,
