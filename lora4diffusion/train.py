@@ -282,7 +282,7 @@ class Trainer:
         ]
         if changed and not allow_changes:
             raise UserError(
-                f"--resume: the data or settings differ from the run's ({'; '.join(changed)});"
+                f"--resume: the run used other data or settings ({'; '.join(changed)});"
                 " pass --allow-changes to continue with the new ones"
             )
         if changed:
@@ -631,7 +631,7 @@ def prepare_run(
                    if k in saved and k not in RESUME_FREE and saved[k] != v]  # fmt: skip
         if changed and not allow_changes:
             raise UserError(
-                f"--resume: {', '.join(changed)} differ from the run's settings;"
+                f"--resume: the run used other settings ({', '.join(changed)});"
                 " pass --allow-changes to continue with the new ones"
             )
     elif not overwrite:

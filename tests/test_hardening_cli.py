@@ -276,6 +276,23 @@ def test_resume_refuses_changed_settings_unless_allowed(tmp_path, capsys):
     assert (train_cfg["batch_size"], train_cfg["seed"], train_cfg["steps"]) == (8, 4, 3)
     assert main([*tiny, "--resume", "--steps", "4", "--batch-size", "16", "--allow-changes"]) == 0
     assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 16
+    idx = _idx_folder(tmp_path / "idx")  # other data: the same digits minus the first 10
+    err = _refused(capsys, [*tiny, "--resume", "--steps", "5", "--data", str(idx)], "data", run)
+    assert "data_fingerprint" in err and "--allow-changes" in err
+
+
+def _idx_folder(folder):
+    """The embedded digits (less the first 10) as the four IDX files `--data FOLDER` reads."""
+    from lora4diffusion.data import IDX_NAMES, load_mnist
+
+    train = load_mnist("embedded").train
+    images, labels = train.images[10:].numpy(), train.labels[10:].numpy().astype(np.uint8)
+    folder.mkdir()
+    for name, arr in zip(IDX_NAMES, (images, labels, images, labels), strict=True):
+        magic = 0x803 if arr.ndim == 3 else 0x801
+        head = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+        (folder / name).write_bytes(head + arr.tobytes())
+    return folder
 
 
 def test_lora_resume_refuses_other_style_and_other_base(work, tmp_path, capsys):
