@@ -442,7 +442,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from lora4diffusion.checkpoint import pretrained_dir, save_model
-    from lora4diffusion.errors import require_finite
+    from lora4diffusion.finite import require_finite
     from lora4diffusion.lora.layers import unload_lora
     from lora4diffusion.pipeline import Pipeline
 
@@ -460,7 +460,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from lora4diffusion.checkpoint import load_model, pretrained_dir
-    from lora4diffusion.errors import require_finite
+    from lora4diffusion.finite import require_finite
     from lora4diffusion.lora.adapters import base_fingerprint, extract_lora
     from lora4diffusion.lora.finetune import load_base
 
@@ -480,7 +480,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from lora4diffusion.errors import require_finite
+    from lora4diffusion.finite import require_finite
     from lora4diffusion.lora.adapters import resize_adapter, resolve_adapter
 
     out = out_dir(args.out, overwrite=args.overwrite, inputs=(resolve_adapter(args.lora),))
@@ -540,6 +540,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's CPU allocator raises a plain RuntimeError; CUDA's an OutOfMemoryError."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", ())
+    return isinstance(e, MemoryError) or (oom and isinstance(e, oom)) or "can't allocate memory" in str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -558,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (sample, evaluate, ...): nothing was written
         print(f"lora4diffusion: {args.command} interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except (MemoryError, RuntimeError) as e:  # within the flags' limits a small machine can still run out
+        if not _out_of_memory(e):
+            raise
+        print(f"lora4diffusion: error: {args.command}: out of memory ({_first_line(e)[:120]}); lower"
+              " --batch-size, --per-digit or --image-size", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
     except BrokenPipeError:  # the reader went away (`evaluate ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit flush raises again
         return 1

@@ -252,23 +252,18 @@ class Trainer:
             if self.ema:
                 self.ema.swap(self.params)
 
-    def resume(self, allow_changes: bool = False) -> None:
-        """Load the run's state. Changed data or settings (see RESUME_FREE/RESUME_FIXED) are refused, naming
-        them, unless ``allow_changes``; a different architecture, LoRA config or base is always refused."""
+    def check_resume(self, allow_changes: bool = False) -> None:
+        """Before ``resume()``: a different base (the fingerprint) is always refused; other data or settings
+        in ``run_info`` (see RESUME_FIXED) are refused, naming them, unless ``allow_changes``."""
         path = self.run_dir / STATE_NAME
         if not path.is_file():
             raise UserError(f"--resume: no training state at {path}")
-        meta = read_metadata(path)
-        tensors = load_tensors(path)
         try:
-            saved_run = json.loads(meta.get("run", "{}"))
+            saved_run = json.loads(read_metadata(path).get("run", "{}"))
         except json.JSONDecodeError:
-            raise UserError(f"{path}: malformed 'run' metadata (not JSON)") from None
+            raise UserError(f"--resume: {path}: malformed 'run' metadata (not JSON)") from None
         saved_run = saved_run if isinstance(saved_run, dict) else {}
         now = json.loads(json.dumps(self.run_info, default=str))
-        for key in ("unet", "diffusion", "lora"):
-            if key in now and saved_run.get(key) != now[key]:
-                raise UserError(f"--resume: {path} was trained with a different {key} config")
         if "base_fingerprint" in saved_run and saved_run["base_fingerprint"] != now.get("base_fingerprint"):
             raise UserError(
                 f"--resume: {path} was trained on base {saved_run.get('base')!r}"
@@ -287,6 +282,19 @@ class Trainer:
             )
         if changed:
             log.warning("resuming with changes: %s", "; ".join(changed))
+
+    def resume(self) -> None:
+        path = self.run_dir / STATE_NAME
+        if not path.is_file():
+            raise UserError(f"--resume: no training state at {path}")
+        meta = read_metadata(path)
+        tensors = load_tensors(path)
+        saved_run = json.loads(meta.get("run", "{}"))
+        for key in ("unet", "diffusion", "lora"):
+            if key in self.run_info and saved_run.get(key) != json.loads(
+                json.dumps(self.run_info[key], default=str)
+            ):
+                raise UserError(f"--resume: {path} was trained with a different {key} config")
         with torch.no_grad():
             for k, p in self.params.items():
                 if f"param.{k}" not in tensors:
@@ -303,7 +311,6 @@ class Trainer:
                 }
         self.step = int(meta["step"])
         self.train_seconds = float(meta.get("train_seconds", 0.0))
-        self._saved_step = self.step
         log.info("resumed from %s at step %d", path, self.step)
 
     # ----- the loop -----
@@ -360,6 +367,8 @@ class Trainer:
         a barrier after each checkpoint, so when fit returns the run directory is complete for every rank.
         While it runs, rank 0 holds the run directory's lock (runlock.py): a second training there is refused.
         """
+        if self.step > 0 and self._saved_step is None:  # resumed: its checkpoint is on disk
+            self._saved_step = self.step
         if self._stop_requested():  # stopped while loading: leave the folder as it was
             return self._summary(float("nan"), interrupted=True)
         lock = RunLock(self.run_dir)
@@ -375,6 +384,7 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.csv"
         mf, writer, tb = None, None, None
         if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             new_file = not metrics_path.exists() or self.step == 0
             mf = metrics_path.open("w" if new_file else "a", newline="")
             writer = csv.writer(mf)
@@ -729,7 +739,8 @@ def train_base(
         should_stop=should_stop,
     )
     if resume:
-        trainer.resume(allow_changes)
+        trainer.check_resume(allow_changes)
+        trainer.resume()
     summary = trainer.fit(progress=progress)
     summary["out"] = str(out)
     return summary

@@ -435,3 +435,16 @@ def test_ctrl_c_during_sample_is_one_line_exit_130(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in text, text
     assert text.strip().splitlines()[-1].strip().endswith("lora4diffusion: sample interrupted")
     assert not (tmp_path / "s").exists()
+
+
+def test_out_of_memory_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from lora4diffusion.pipeline import Pipeline
+
+    def oom(*a, **k):
+        torch.empty(2**62, dtype=torch.uint8)  # more than any machine has: the allocator's own error
+
+    monkeypatch.setattr(Pipeline, "generate", oom)
+    assert main(["-q", "sample", "--digits", "1", "--per-digit", "1", "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "out of memory" in err and "--batch-size" in err
+    assert not (tmp_path / "s").exists()

@@ -32,7 +32,8 @@ from lora4diffusion.checkpoint import (
     save_tensors,
     write_json,
 )
-from lora4diffusion.errors import UserError, require_finite
+from lora4diffusion.errors import UserError
+from lora4diffusion.finite import require_finite
 from lora4diffusion.lora.layers import (
     INITS,
     adaptable_modules,
@@ -338,8 +339,6 @@ def _low_rank(delta: torch.Tensor, rank: int, scale: float,
 
     sqrt(S) goes to both sides, so A and B have similar magnitudes (better conditioned for further training).
     """
-    if not torch.isfinite(delta).all():  # the SVD would fail with a LinAlgError, or return garbage
-        raise UserError("non-finite (NaN/inf) weights: no low-rank approximation exists; nothing was written")
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     root = (s[:rank] / scale).sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank], float((s[rank:] ** 2).sum()), float((s**2).sum())

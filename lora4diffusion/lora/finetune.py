@@ -154,7 +154,8 @@ def train_lora(
         should_stop=should_stop,
     )
     if resume:
-        trainer.resume(allow_changes)
+        trainer.check_resume(allow_changes)
+        trainer.resume()
     result = trainer.fit(progress=progress)
     result.update(summary, out=str(out))
     return result
