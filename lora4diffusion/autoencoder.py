@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -224,11 +225,15 @@ def train_vae(
     vae_config: VAEConfig | None = None,
     device: str | torch.device = "auto",
     compile: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    overwrite: bool = False,
+    allow_changes: bool = False,
     **overrides,
 ) -> dict:
     """Train a VAE into run directory ``out`` (a VAE folder plus train state); returns a summary dict.
 
     ``overrides``: TrainConfig fields (steps, batch_size, lr, seed, bf16, ...; None keeps the preset's).
+    ``should_stop``, ``overwrite``, ``allow_changes``: as for ``train.train_base``.
     """
     if preset not in PRESET_NAMES:
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
@@ -236,7 +241,9 @@ def train_vae(
     vae_cfg = vae_config or preset_vae
     check_encodable(vae_cfg)
     VAETask(torch.zeros(0, 28, 28, dtype=torch.uint8), vae_cfg, kl_weight)  # checks kl_weight before any IO
-    cfg, out, device = prepare_run(preset_train, out, resume, device, **overrides)
+    cfg, out, device = prepare_run(
+        preset_train, out, resume, device, overwrite=overwrite, allow_changes=allow_changes, **overrides
+    )
     splits = load_mnist(data)
     task = VAETask(splits.train.images, vae_cfg, kl_weight, augment)
     scale_images = to_vae_input(splits.train.images[:SCALE_DIGITS], vae_cfg)
@@ -259,8 +266,10 @@ def train_vae(
         save_comparison(preview.float() / 255, recons, 10, path)
 
     trainer = Trainer(model, task, splits.train.images, splits.train.labels, cfg, out, export,
-                      preview=show, run_info=run_info, device=device, compile=compile)
+                      preview=show, run_info=run_info, device=device, compile=compile,
+                      should_stop=should_stop)
     if resume:
+        trainer.check_resume(allow_changes)
         trainer.resume()
     summary = trainer.fit(progress=progress)
     summary["out"] = str(out)

@@ -2,6 +2,11 @@
 
 Every named bad input raises UserError somewhere below; here it becomes one line on stderr and exit status 2,
 before anything is written.
+
+Exit statuses: 0 done; 1 training diverged (non-finite loss) or an unexpected error; 2 bad input (nothing
+written); 75 interrupted (SIGTERM or Ctrl-C) with a resumable checkpoint written: continue with --resume
+(75 is sysexits' EX_TEMPFAIL, "try again later"); 130 / 143 stopped by Ctrl-C / SIGTERM with nothing to
+resume (nothing written).
 """
 
 from __future__ import annotations
@@ -9,14 +14,32 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from lora4diffusion import __version__
-from lora4diffusion.args import add_loras, lora_args, nonneg_float, out_dir, positive_int
+from lora4diffusion.args import (
+    add_loras,
+    batch_int,
+    finite_float,
+    fraction_float,
+    image_size_int,
+    learning_rate,
+    lora_args,
+    nonneg_float,
+    out_dir,
+    per_digit_int,
+    positive_int,
+    rank_int,
+    seed_int,
+    unit_float,
+)
 from lora4diffusion.errors import UserError
 
 log = logging.getLogger("lora4diffusion")
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 75
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,31 +61,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default="embedded", help="embedded (default, offline) | download | PATH to IDX files"
     )
     t.add_argument("--steps", type=positive_int, help="override the preset's number of steps")
-    t.add_argument("--batch-size", type=positive_int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--image-size", type=int, help="train at this size (28 native; 32, 48 resized)")
-    t.add_argument("--seed", type=int)
+    t.add_argument("--batch-size", type=batch_int)
+    t.add_argument("--lr", type=learning_rate)
+    t.add_argument("--image-size", type=image_size_int, help="train at this size (28 native; 32, 48 resized)")
+    t.add_argument("--seed", type=seed_int)
     t.add_argument("--no-bf16", action="store_true", help="train in fp32 (bf16 autocast is the default)")
     t.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
     t.add_argument("--loss", choices=["mse", "l1"], default="mse", help="l1 is the reference's choice")
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--vae", metavar="DIR", help="latent diffusion: denoise this VAE's latents (train-vae)")
+    _run_dir_args(t)
     _device_args(t, train=True)
 
     s = sub.add_parser("sample", help="sample digits from a model")
     s.add_argument("--checkpoint", help="model or run directory (default: the shipped base model)")
     s.add_argument("--digits", default="0-9", help="e.g. 0-9 or 3,5,7")
-    s.add_argument("--per-digit", type=positive_int, default=8)
+    s.add_argument("--per-digit", type=per_digit_int, default=8)
     s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     s.add_argument("--steps", type=positive_int, help="sampling steps (default: 20 DDIM, 1000 DDPM)")
     s.add_argument("--guidance", type=nonneg_float, help="classifier-free guidance scale w (1 = none)")
-    s.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM eta (0 = deterministic)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eta", type=unit_float, default=0.0, help="DDIM eta in [0, 1] (0 = deterministic)")
+    s.add_argument("--seed", type=seed_int, default=0)
     s.add_argument(
         "--bf16", action="store_true", help="bf16 autocast (faster on CPUs with bf16, not bit-exact)"
     )
     s.add_argument("--trajectory", action="store_true", help="also write the denoising strip trajectory.png")
     s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
+    _overwrite_arg(s)
     lora_args(s)
     _device_args(s)
 
@@ -71,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--style", required=True, help="bold | thin | italic | FOLDER (0-9) | FILE.csv")
     tl.add_argument("--out", required=True, help="run directory; the adapter is OUT/adapter.safetensors")
     tl.add_argument("--steps", type=positive_int)
-    tl.add_argument("--rank", type=int, default=4)
-    tl.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank, i.e. scale 1)")
+    tl.add_argument("--rank", type=rank_int, default=4)
+    tl.add_argument(
+        "--alpha",
+        type=finite_float(0.0, 1e4, low_open=True),
+        help="LoRA alpha (default: = rank, i.e. scale 1)",
+    )
     tl.add_argument(
         "--targets",
         help="preset (all-linear, the default | attention | reference | conv, combinable: attention+conv),"
@@ -80,47 +109,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tl.add_argument("--init", choices=["normal", "kaiming"], default="normal")
     tl.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
-    tl.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    tl.add_argument("--per-digit", type=positive_int, help="few-shot: N examples per digit")
+    tl.add_argument("--dropout", type=fraction_float, default=0.0, help="LoRA dropout, in [0, 1)")
+    tl.add_argument("--per-digit", type=per_digit_int, help="few-shot: N examples per digit")
     tl.add_argument("--data", default="embedded", help="MNIST source for the built-in styles")
-    tl.add_argument("--lr", type=float)
-    tl.add_argument("--batch-size", type=positive_int)
-    tl.add_argument("--ema", type=float, help="EMA decay of the adapter weights (default: off)")
-    tl.add_argument("--seed", type=int)
+    tl.add_argument("--lr", type=learning_rate)
+    tl.add_argument("--batch-size", type=batch_int)
+    tl.add_argument("--ema", type=fraction_float, help="EMA decay of the adapter weights (default: off)")
+    tl.add_argument("--seed", type=seed_int)
     tl.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (for comparison)")
     tl.add_argument("--resume", action="store_true")
+    _run_dir_args(tl)
     _device_args(tl, train=True)
     tl.set_defaults(func=cmd_train_lora)
 
     m = sub.add_parser("merge", help="merge adapters into the base and write a standalone checkpoint")
     m.add_argument("--checkpoint", help="base model directory (default: the shipped base)")
     m.add_argument("--out", required=True)
+    _overwrite_arg(m)
     lora_args(m, required=True)
     m.set_defaults(func=cmd_merge)
 
     ex = sub.add_parser("extract", help="extract a rank-r LoRA from a fully fine-tuned checkpoint (SVD)")
     ex.add_argument("--base", help="base model directory (default: the shipped base)")
     ex.add_argument("--tuned", required=True, help="the fine-tuned model directory")
-    ex.add_argument("--rank", type=positive_int, required=True)
+    ex.add_argument("--rank", type=rank_int, required=True)
     ex.add_argument("--targets", default="attention")
     ex.add_argument("--out", required=True)
+    _overwrite_arg(ex)
     ex.set_defaults(func=cmd_extract)
 
     rs = sub.add_parser("resize", help="change an adapter's rank by SVD")
     rs.add_argument("--lora", required=True, help="adapter directory or file, or a shipped adapter's name")
-    rs.add_argument("--rank", type=positive_int, required=True)
+    rs.add_argument("--rank", type=rank_int, required=True)
     rs.add_argument("--out", required=True)
+    _overwrite_arg(rs)
     rs.set_defaults(func=cmd_resize)
 
     xp = sub.add_parser("export-peft", help="write an adapter in PEFT's layout")
     xp.add_argument("--lora", required=True, help="adapter directory or file, or a shipped adapter's name")
     xp.add_argument("--out", required=True)
+    _overwrite_arg(xp)
     xp.set_defaults(func=cmd_export_peft)
 
     ip = sub.add_parser("import-peft", help="convert a PEFT LoRA adapter directory into ours")
     ip.add_argument("--peft", required=True, help="directory with adapter_config.json")
     ip.add_argument("--checkpoint", help="base model to fingerprint the adapter against (default: shipped)")
     ip.add_argument("--out", required=True)
+    _overwrite_arg(ip)
     ip.set_defaults(func=cmd_import_peft)
 
     dm = sub.add_parser("demo", help="base vs LoRA, scale sweep, mixing, merging: an offline HTML report")
@@ -129,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--from-scratch", action="store_true", help="train a fast base first, into OUT/base")
     dm.add_argument("--overwrite", action="store_true", help="replace the demo already in --out")
     dm.add_argument("--lora-steps", type=positive_int, help="LoRA steps (default 500)")
-    dm.add_argument("--per-digit", type=positive_int, help="samples per digit (default 8)")
+    dm.add_argument("--per-digit", type=per_digit_int, help="samples per digit (default 8)")
     dm.add_argument("--steps", type=positive_int, help="DDIM sampling steps (default 20)")
     dm.add_argument("--scratch-preset", choices=["tiny", "fast"], default="fast", help=argparse.SUPPRESS)
     dm.set_defaults(func=cmd_demo)
@@ -140,15 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--out", default="runs/vae", help="VAE folder / run directory (default runs/vae)")
     tv.add_argument("--preset", choices=["tiny", "base"], default="base", help="tiny: a smoke test")
     tv.add_argument("--train-steps", type=positive_int, help="override the preset's number of steps")
-    tv.add_argument("--batch-size", type=positive_int)
-    tv.add_argument("--lr", type=float)
+    tv.add_argument("--batch-size", type=batch_int)
+    tv.add_argument("--lr", type=learning_rate)
     tv.add_argument("--kl-weight", type=nonneg_float, help="weight of the KL term (default 1e-6, as LDM)")
     tv.add_argument("--no-augment", action="store_true", help="train on plain digits (no bold/thin/italic)")
     tv.add_argument("--data", default="embedded", help="embedded (default) | download | PATH to IDX files")
-    tv.add_argument("--seed", type=int)
+    tv.add_argument("--seed", type=seed_int)
     tv.add_argument("--no-bf16", action="store_true", help="train in fp32 (bf16 autocast is the default)")
     tv.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    tv.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    _run_dir_args(tv)
     _device_args(tv, train=True)
     tv.set_defaults(func=cmd_train_vae)
 
@@ -156,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--vae", help="VAE folder (default: the shipped VAE)")
     rc.add_argument("--style", help="restyle the digits first: bold | thin | italic")
     rc.add_argument("--digits", default="0-9", help="e.g. 0-9 or 3,5,7")
-    rc.add_argument("--per-digit", type=positive_int, default=8, help="held-out digits per class (default 8)")
+    rc.add_argument("--per-digit", type=per_digit_int, default=8, help="held-out digits per class")
     rc.add_argument("--data", default="embedded", help="embedded (default) | download | PATH to IDX files")
     rc.add_argument("--report", action="store_true",
                     help="also score every style (accuracy, ink, slant) into OUT/report.json")
@@ -172,6 +207,119 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     s.set_defaults(func=cmd_sample)
     return p
+
+
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out (its files may be replaced)"
+    )
+
+
+def _run_dir_args(p: argparse.ArgumentParser) -> None:
+    """--overwrite and --allow-changes for the training commands (with --resume)."""
+    _overwrite_arg(p)
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: continue although settings or data differ from the run's (named in the error)",
+    )
+
+
+def _existing(*paths) -> tuple[Path, ...]:
+    """The arguments that name existing files or folders: inputs --out must not be written over."""
+    return tuple(Path(p) for p in paths if p and Path(p).exists())
+
+
+def _lora_inputs(items: list[str]) -> tuple[Path, ...]:
+    from lora4diffusion.args import parse_loras
+    from lora4diffusion.lora.adapters import resolve_adapter
+
+    return tuple(resolve_adapter(path) for path, _ in parse_loras(items))
+
+
+def _train_out(args: argparse.Namespace, inputs: tuple) -> Path:
+    """--out of train / train-lora: --resume continues the run there, --overwrite starts over."""
+    from lora4diffusion import runlock
+    from lora4diffusion.train import STATE_NAME
+
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if args.allow_changes and not args.resume:
+        raise UserError("--allow-changes only applies with --resume")
+    p = Path(args.out)
+    if p.is_dir():
+        runlock.check_free(p)
+        if not args.resume and not args.overwrite and (p / STATE_NAME).is_file():
+            raise UserError(
+                f"--out {p} already holds a training run; pass --resume to continue it, --overwrite to"
+                " start over, or pick another --out"
+            )
+    if args.resume and not (p / STATE_NAME).is_file():
+        raise UserError(f"--resume: no training state at {p / STATE_NAME} (start the run without --resume)")
+    return out_dir(p, overwrite=args.overwrite or args.resume, inputs=inputs)
+
+
+class _StopSignals:
+    """The CLI's SIGTERM / Ctrl-C handling for training (library code installs no handlers).
+
+    Once the training loop runs (it polls this object between steps), the first signal asks it to stop at
+    the next step boundary with a resumable checkpoint. Before that (loading data, building the model), or
+    on a second signal, KeyboardInterrupt is raised at once. Background jobs (`nohup ... &`) ignore SIGINT:
+    that is kept.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.polled = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if not (self.polled and first):
+            raise KeyboardInterrupt
+
+    def __call__(self) -> bool:
+        self.polled = True
+        return self.signum is not None
+
+
+def _train_with_signals(fn, out: Path, *args, **kwargs) -> tuple[dict | None, int]:
+    """Run train_base/train_lora with SIGTERM/Ctrl-C wired to its stop request -> (summary, exit status).
+
+    Interrupted with a resumable checkpoint: EXIT_INTERRUPTED (75). Stopped before anything was written:
+    128 + the signal number (130 Ctrl-C, 143 SIGTERM), as a shell reports a process killed by it.
+    """
+    from lora4diffusion.train import STATE_NAME
+
+    with _StopSignals() as stop:
+        try:
+            summary = _run_training(fn, *args, should_stop=stop, **kwargs)
+        except KeyboardInterrupt:  # raised before the loop polled (or by a second signal)
+            summary = {"interrupted": True, "checkpoint": (out / STATE_NAME).is_file(), "early": True}
+    if summary is None or not summary["interrupted"]:
+        return summary, EXIT_OK
+    if not summary["checkpoint"]:
+        sig = signal.Signals(stop.signum or signal.SIGINT)
+        print(f"lora4diffusion: stopped by {sig.name} before training started; nothing to resume in {out}",
+              file=sys.stderr)  # fmt: skip
+        return None, 128 + sig
+    if summary.get("early"):
+        print(f"lora4diffusion: interrupted; continue the run in {out} with --resume", file=sys.stderr)
+        return None, EXIT_INTERRUPTED
+    return summary, EXIT_INTERRUPTED
 
 
 def _device_args(p: argparse.ArgumentParser, train: bool = False) -> None:
@@ -200,9 +348,10 @@ def _run_training(fn, *args, **kwargs) -> dict | None:
 def cmd_train(args: argparse.Namespace) -> int:
     from lora4diffusion.train import train_base
 
-    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
-    summary = _run_training(
+    out = _train_out(args, inputs=_existing(args.data))
+    summary, status = _train_with_signals(
         train_base,
+        out,
         args.preset,
         out,
         data=args.data,
@@ -218,27 +367,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         compile=args.compile,
         vae=args.vae,
+        overwrite=args.overwrite,
+        allow_changes=args.allow_changes,
     )
     if summary is None:
-        return 0
-    state = "interrupted" if summary["interrupted"] else "done"
+        return status
+    state = "interrupted (resumable: --resume)" if summary["interrupted"] else "done"
     print(
         f"{state}: step {summary['step']}, loss {summary['loss']:.4f}, "
         f"{summary['train_seconds']:.0f} s of training; run directory {out}"
     )
-    return 0
+    return status
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from lora4diffusion.checkpoint import atomic_write, pretrained_dir
     from lora4diffusion.data import parse_digits
     from lora4diffusion.distributed import resolve_device
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
     from lora4diffusion.plots import save_grid, save_trajectory
 
     digits = parse_digits(args.digits)
-    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
+    model_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=_existing(model_dir) + _lora_inputs(args.lora))
     device = resolve_device(args.device)
     pipe = Pipeline.load(args.checkpoint)
     add_loras(pipe, args)
@@ -262,9 +415,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     out.mkdir(parents=True, exist_ok=True)
     save_grid(images, args.per_digit, out / "samples.png")
-    np.savez(
-        out / "samples.npz", images=images.numpy().astype(np.float32), labels=np.array(labels, dtype=np.int64)
-    )
+    arrays = {"images": images.numpy().astype(np.float32), "labels": np.array(labels, dtype=np.int64)}
+
+    def write_npz(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(out / "samples.npz", write_npz)
     if args.trajectory:
         save_trajectory(trajectory, out / "trajectory.png")
     print(f"wrote {len(labels)} samples to {out / 'samples.png'} and {out / 'samples.npz'}")
@@ -274,7 +431,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_train_lora(args: argparse.Namespace) -> int:
     from lora4diffusion.lora.finetune import LoRAConfig, train_lora
 
-    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
+    out = _train_out(args, inputs=_existing(args.base, args.style, args.data))
     lora = LoRAConfig(
         rank=args.rank,
         alpha=float(args.rank) if args.alpha is None else args.alpha,
@@ -283,8 +440,9 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         rslora=args.rslora,
         dropout=args.dropout,
     )
-    r = _run_training(
+    r, status = _train_with_signals(
         train_lora,
+        out,
         args.style,
         out,
         base=args.base,
@@ -301,27 +459,32 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         ema_decay=args.ema,
         device=args.device,
         compile=args.compile,
+        overwrite=args.overwrite,
+        allow_changes=args.allow_changes,
     )
     if r is None:
-        return 0
+        return status
     what = "model" if args.full else "adapter"
     print(
-        f"{'interrupted' if r['interrupted'] else 'done'}: {what} in {out}, step {r['step']}, "
-        f"{r['trainable_params']} trainable parameters ({100 * r['share']:.2f}% of the base), "
-        f"{r['train_seconds']:.0f} s of training"
+        f"{'interrupted (resumable: --resume)' if r['interrupted'] else 'done'}: {what} in {out}, "
+        f"step {r['step']}, {r['trainable_params']} trainable parameters ({100 * r['share']:.2f}% of the "
+        f"base), {r['train_seconds']:.0f} s of training"
     )
-    return 0
+    return status
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lora4diffusion.checkpoint import save_model
+    from lora4diffusion.checkpoint import pretrained_dir, save_model
+    from lora4diffusion.finite import require_finite
     from lora4diffusion.lora.layers import unload_lora
     from lora4diffusion.pipeline import Pipeline
 
-    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
+    base = args.checkpoint if args.checkpoint is not None else pretrained_dir()
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=_existing(base) + _lora_inputs(args.lora))
     pipe = Pipeline.load(args.checkpoint)
     loras = add_loras(pipe, args)
     model = unload_lora(pipe.unet, merge=True)
+    require_finite(model.state_dict(), "merge")  # an overflowing scale or adapter: no garbage checkpoint
     merged_from = [{"adapter": p, "scale": w, "name": n} for p, w, n in loras]
     extra = {"merged_from": merged_from, "base": pipe.config.get("base_path")}
     save_model(out, model, pipe.diffusion, extra, vae=pipe.vae)  # a latent model keeps its VAE
@@ -330,15 +493,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from lora4diffusion.checkpoint import load_model
+    from lora4diffusion.checkpoint import load_model, pretrained_dir
+    from lora4diffusion.finite import require_finite
     from lora4diffusion.lora.adapters import base_fingerprint, extract_lora
     from lora4diffusion.lora.finetune import load_base
 
-    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
+    base_dir = args.base if args.base is not None else pretrained_dir()
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=_existing(base_dir, args.tuned))
     base, _, _, _ = load_base(args.base)
     tuned, _, _ = load_model(Path(args.tuned))
     adapter, errors = extract_lora(base, tuned, args.rank, args.targets)
     adapter.fingerprint = base_fingerprint(base)
+    require_finite(adapter.tensors, "extract")
     adapter.save(out)
     print(
         f"extracted rank-{args.rank} adapter ({len(adapter.modules)} modules) to {out}; "
@@ -348,10 +514,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from lora4diffusion.lora.adapters import resize_adapter
+    from lora4diffusion.finite import require_finite
+    from lora4diffusion.lora.adapters import resize_adapter, resolve_adapter
 
-    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=(resolve_adapter(args.lora),))
     adapter, errors = resize_adapter(args.lora, args.rank)
+    require_finite(adapter.tensors, "resize")
     adapter.save(out)
     worst = max((v for k, v in errors.items() if k != "overall"), default=0.0)
     print(
@@ -362,19 +530,21 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def cmd_export_peft(args: argparse.Namespace) -> int:
-    from lora4diffusion.lora.adapters import export_peft
+    from lora4diffusion.lora.adapters import export_peft, resolve_adapter
 
-    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=(resolve_adapter(args.lora),))
     export_peft(args.lora, out)
     print(f"wrote PEFT adapter (adapter_config.json, adapter_model.safetensors) to {out}")
     return 0
 
 
 def cmd_import_peft(args: argparse.Namespace) -> int:
+    from lora4diffusion.checkpoint import pretrained_dir
     from lora4diffusion.lora.adapters import import_peft
     from lora4diffusion.lora.finetune import load_base
 
-    out = out_dir(args.out, overwrite=True)  # TODO(#14): --overwrite
+    base = args.checkpoint if args.checkpoint is not None else pretrained_dir()
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=_existing(args.peft, base))
     base, _, _, _ = load_base(args.checkpoint)
     import_peft(args.peft, base_model=base).save(out)
     print(f"imported PEFT adapter into {out}")
@@ -458,13 +628,15 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
         else source.name
     written = write_lora(adapter, args.format, out, title=title or "adapter")
     print(f"wrote {args.format} LoRA ({len(adapter.modules)} modules) to {written}")
+    return 0
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
     from lora4diffusion.autoencoder import DEFAULT_KL_WEIGHT, train_vae
 
-    out = out_dir(args.out, overwrite=args.overwrite or args.resume)
-    r = _run_training(
+    out = _train_out(args, inputs=_existing(args.data))
+    r, status = _train_with_signals(
         train_vae,
+        out,
         out,
         preset=args.preset,
         data=args.data,
@@ -479,15 +651,17 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         bf16=False if args.no_bf16 else None,
+        overwrite=args.overwrite,
+        allow_changes=args.allow_changes,
     )
     if r is None:
-        return 0
+        return status
     print(
-        f"{'interrupted' if r['interrupted'] else 'done'}: step {r['step']}, loss {r['loss']:.4f}, "
-        f"scaling factor {r.get('scaling_factor', float('nan')):.5f}, "
+        f"{'interrupted (resumable: --resume)' if r['interrupted'] else 'done'}: step {r['step']}, "
+        f"loss {r['loss']:.4f}, scaling factor {r.get('scaling_factor', float('nan')):.5f}, "
         f"{r['train_seconds']:.0f} s of training; VAE folder {out}"
     )
-    return 0
+    return status
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -528,6 +702,17 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
           f" originals.npz, reconstructions.npz{', report.json' if report else ''}")
     return 0
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's CPU allocator raises a plain RuntimeError; CUDA's an OutOfMemoryError."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", ())
+    return isinstance(e, MemoryError) or (oom and isinstance(e, oom)) or "can't allocate memory" in str(e)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -540,10 +725,19 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"lora4diffusion: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:  # not a bad input: exit 1, the last good checkpoint is kept
+        return EXIT_BAD_INPUT
+    except NonFiniteLoss as e:  # not a bad input: exit 1; the message says whether a checkpoint is kept
         print(f"lora4diffusion: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (sample, evaluate, ...): nothing was written
+        print(f"lora4diffusion: {args.command} interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (MemoryError, RuntimeError) as e:  # within the flags' limits a small machine can still run out
+        if not _out_of_memory(e):
+            raise
+        print(f"lora4diffusion: error: {args.command}: out of memory ({_first_line(e)[:120]}); lower"
+              " --batch-size, --per-digit or --image-size", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
     except BrokenPipeError:  # the reader went away (`evaluate ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit flush raises again
         return 1

@@ -229,17 +229,17 @@ def format_report(result: dict, as_json: bool = False) -> str:
 
 def add_parser(subparsers) -> None:
     """Add ``evaluate`` to an argparse subparsers object; the parsed args carry ``func=run``."""
-    from lora4diffusion.args import lora_args, nonneg_float, positive_int
+    from lora4diffusion.args import lora_args, nonneg_float, per_digit_int, positive_int, seed_int
 
     p = subparsers.add_parser("evaluate", help="score samples with the MNIST classifier (accuracy, FID)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", metavar="PATH.npz", help="samples.npz written by `lora4diffusion sample`")
     src.add_argument("--checkpoint", metavar="DIR", help="model or run directory: sample first, then score")
     p.add_argument("--digits", help="digits to sample with --checkpoint (default 0-9)")
-    p.add_argument("--per-digit", type=positive_int, help="samples per digit (default 100)")
+    p.add_argument("--per-digit", type=per_digit_int, help="samples per digit (default 100)")
     p.add_argument("--steps", type=positive_int, help="DDIM steps with --checkpoint (default 20)")
     p.add_argument("--guidance", type=nonneg_float, help="guidance with --checkpoint (default 1.25)")
-    p.add_argument("--seed", type=int, help="sampling seed with --checkpoint (default 0)")
+    p.add_argument("--seed", type=seed_int, help="sampling seed with --checkpoint (default 0)")
     p.add_argument("--bf16", action="store_true", help="sample with bf16 autocast (~2x faster on CPU)")
     lora_args(p)
     p.add_argument("--classifier", metavar="PATH", help="classifier directory (default: the shipped one)")
@@ -291,17 +291,22 @@ def run(args: argparse.Namespace) -> int:
 
 def add_classifier_parser(subparsers) -> None:
     """Add ``train-classifier`` to an argparse subparsers object; the parsed args carry ``func``."""
-    from lora4diffusion.args import positive_int
+    from lora4diffusion.args import bounded_int, seed_int
 
     p = subparsers.add_parser("train-classifier", help="train the MNIST classifier used by evaluate")
     p.add_argument("--out", required=True, help="directory for classifier.safetensors and classifier.json")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.add_argument("--data", default="embedded", help="embedded (default) | download | IDX folder")
-    p.add_argument("--epochs", type=positive_int, default=12)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=bounded_int(1, 1000, "the most epochs"), default=12)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=run_train_classifier)
 
 
 def run_train_classifier(args: argparse.Namespace) -> int:
+    from lora4diffusion.args import out_dir
+
+    data = (Path(args.data),) if Path(args.data).exists() else ()
+    out_dir(args.out, overwrite=args.overwrite, inputs=data)  # refused now, not after the training
     command = (f"lora4diffusion train-classifier --out {args.out} --data {args.data} "
                f"--epochs {args.epochs} --seed {args.seed}")
     info = train_classifier(args.out, data=args.data, epochs=args.epochs, seed=args.seed, command=command)

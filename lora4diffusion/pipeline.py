@@ -100,6 +100,7 @@ class Pipeline:
         is drawn by a CPU generator on every device, so a GPU run starts from the same x_T as a CPU run.
         ``batch_size`` 50 (100 rows with guidance) keeps every activation under glibc's 32 MiB mmap ceiling:
         250 was 1.4x slower on CPU, most of it page faults (benchmarks/RESULTS.md). Raise it on a GPU.
+        Non-finite results (an overflowing model, adapter or guidance) raise UserError instead of returning.
         """
         device = self.device
         labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
@@ -108,7 +109,7 @@ class Pipeline:
         shape = (self.unet.cfg.in_channels, self.image_size, self.image_size)
         out, traj = [], []
         for b, start in enumerate(range(0, len(labels), batch_size)):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            g = torch.Generator().manual_seed((seed * 1_000_003 + b) % 2**64)  # manual_seed takes 64 bits
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 x, t = sample(
                     self.unet,
@@ -120,6 +121,11 @@ class Pipeline:
                     trajectory_every if b == 0 else 0,
                     progress,
                     clip=self.vae is None,
+                )
+            if not torch.isfinite(x).all():  # clamp() below would hide inf as 0/1 and keep NaN: refuse
+                raise UserError(
+                    f"sampling produced non-finite values (NaN/inf) at guidance {guidance:g}: the model or an"
+                    " adapter overflows; lower --guidance or the --lora scales (nothing was written)"
                 )
             out.append(x.float().cpu())
             traj = traj or t

@@ -16,10 +16,9 @@ makes for those rows, so K ranks match one process up to float rounding. Only ra
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -34,28 +33,17 @@ from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.unet import UNetConfig
+from lora4diffusion.runlock import RunLock
 
 log = logging.getLogger("lora4diffusion")
 STATE_NAME = "train_state.safetensors"
 
 
-class _TermFlag:
-    """Turns SIGTERM into a flag the training loop checks between steps (then saves a resumable checkpoint).
-
-    Background jobs (`nohup ... &`) ignore Ctrl-C's SIGINT, and schedulers stop jobs with SIGTERM.
-    """
-
-    def __init__(self) -> None:
-        self.set, self._previous = False, None
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.set = True
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+# TrainConfig fields a resumed run may change freely: how long it runs and how often it reports. Any other
+# change (batch, lr, seed, ...) alters the trajectory, so --resume refuses it unless told to go on.
+RESUME_FREE = ("steps", "log_every", "checkpoint_every", "sample_every")
+# run_info entries that can never change on resume: the weights would not fit, or would mean something else.
+RESUME_FIXED = ("unet", "diffusion", "lora", "vae", "base_fingerprint")  # architecture: resume() refuses
 
 
 @dataclass
@@ -81,8 +69,10 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UserError(f"learning rate must be > 0, got {self.lr}")
+        if not (0 < self.lr < float("inf")):
+            raise UserError(f"learning rate must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"seed must satisfy 0 <= seed < 2**63, got {self.seed}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"ema decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.label_dropout <= 1:
@@ -90,7 +80,22 @@ class TrainConfig:
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+    """Training produced a NaN/inf loss; the last good checkpoint (if any was written) is kept."""
+
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 (16 hex digits) of the training images and labels: --resume notices changed data."""
+    h = hashlib.sha256()
+    for t in (images, labels):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _seed(value: int) -> int:
+    """A derived seed folded into manual_seed's 64-bit range (the identity for every seed below ~2**43)."""
+    return value % 2**64
 
 
 def bf16_supported(device: torch.device | None = None) -> bool:
@@ -137,7 +142,7 @@ class DiffusionTask:
 
     def loss(self, trainer: Trainer, step: int) -> torch.Tensor:
         cfg, schedule = trainer.cfg, self.schedule
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(_seed(cfg.seed * 1_000_003 + step))
         idx = trainer.batch_indices(step)
         n = idx.shape[0]
         # Draw for the whole global batch on every rank (one process: exactly training_loss's draws), keep
@@ -163,6 +168,8 @@ class Trainer:
 
     ``device`` None keeps the model where it is; under torchrun (WORLD_SIZE > 1) the process group is joined
     here and the forward pass goes through DistributedDataParallel. ``compile`` runs it through torch.compile.
+    ``should_stop``: polled between steps; True ends the run with a resumable checkpoint (the CLI wires
+    SIGTERM and Ctrl-C to it; library code installs no signal handlers). A KeyboardInterrupt does the same.
     """
 
     def __init__(
@@ -178,6 +185,7 @@ class Trainer:
         run_info: dict | None = None,
         device: str | torch.device | None = None,
         compile: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ):
         cfg.validate()
         self.device = (
@@ -199,6 +207,8 @@ class Trainer:
         self.export, self.preview = export, preview
         self.run_info = run_info or {}
         self.compile = compile
+        self.should_stop = should_stop or (lambda: False)
+        self._saved_step: int | None = None  # step of the last checkpoint on disk (None: none yet)
         self._net: nn.Module | None = None  # what the forward pass runs through (DDP / compiled); see fit()
         self.params = {k: p for k, p in model.named_parameters() if p.requires_grad}
         if not self.params:
@@ -227,10 +237,10 @@ class Trainer:
         per_epoch = max(1, n // b)
         epoch, pos = divmod(step, per_epoch)
         if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            g = torch.Generator().manual_seed(_seed(self.cfg.seed * 7919 + epoch))
             self._perm_epoch, self._perm = epoch, torch.randperm(n, generator=g)
         if n < b:  # few-shot data sets: sample with replacement
-            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+            g = torch.Generator().manual_seed(_seed(self.cfg.seed * 7919 + step))
             return torch.randint(0, n, (b,), generator=g)
         return self._perm[pos * b : (pos + 1) * b]
 
@@ -266,6 +276,7 @@ class Trainer:
         }
         save_tensors(self.run_dir / STATE_NAME, self.state_tensors(), metadata=meta)
         self._export_ema()
+        self._saved_step = self.step
 
     def _export_ema(self) -> None:
         if self.ema:
@@ -275,6 +286,37 @@ class Trainer:
         finally:
             if self.ema:
                 self.ema.swap(self.params)
+
+    def check_resume(self, allow_changes: bool = False) -> None:
+        """Before ``resume()``: a different base (the fingerprint) is always refused; other data or settings
+        in ``run_info`` (see RESUME_FIXED) are refused, naming them, unless ``allow_changes``."""
+        path = self.run_dir / STATE_NAME
+        if not path.is_file():
+            raise UserError(f"--resume: no training state at {path}")
+        try:
+            saved_run = json.loads(read_metadata(path).get("run", "{}"))
+        except json.JSONDecodeError:
+            raise UserError(f"--resume: {path}: malformed 'run' metadata (not JSON)") from None
+        saved_run = saved_run if isinstance(saved_run, dict) else {}
+        now = json.loads(json.dumps(self.run_info, default=str))
+        if "base_fingerprint" in saved_run and saved_run["base_fingerprint"] != now.get("base_fingerprint"):
+            raise UserError(
+                f"--resume: {path} was trained on base {saved_run.get('base')!r}"
+                f" (fingerprint {str(saved_run['base_fingerprint'])[:12]}), not on {now.get('base')!r}"
+                f" (fingerprint {str(now.get('base_fingerprint'))[:12]})"
+            )
+        changed = [
+            f"{k} {saved_run[k]!r} -> {now.get(k)!r}"
+            for k in sorted(saved_run)
+            if k not in RESUME_FIXED and k != "base" and k in now and saved_run[k] != now[k]
+        ]
+        if changed and not allow_changes:
+            raise UserError(
+                f"--resume: the run used other data or settings ({'; '.join(changed)});"
+                " pass --allow-changes to continue with the new ones"
+            )
+        if changed:
+            log.warning("resuming with changes: %s", "; ".join(changed))
 
     def resume(self) -> None:
         path = self.run_dir / STATE_NAME
@@ -323,14 +365,42 @@ class Trainer:
 
     def _loss(self, step: int) -> torch.Tensor:
         """This rank's loss for ``step`` (the task's); DDP's gradient averaging makes it the global mean."""
-        return self.task.loss(self, step)
+        # Dropout (UNet or LoRA) draws from the global RNG: seed it per step too, inside fork_rng so the
+        # caller's RNG is left alone, else a resumed run draws other masks than an uninterrupted one.
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(_seed(self.cfg.seed * 1_000_003 + step + 1))
+            return self.task.loss(self, step)
+
+    def _stop_requested(self) -> bool:
+        """``should_stop()`` on any rank (one all-reduce under torchrun, so every rank stops at one step)."""
+        stop = bool(self.should_stop())
+        if self.world > 1:
+            stop = bool(distributed.mean(torch.tensor(float(stop), device=self.device)) > 0)
+        return stop
 
     def fit(self, progress: bool = True) -> dict:
-        """Train until cfg.steps; returns a summary. Ctrl-C or SIGTERM saves a resumable checkpoint, returns.
+        """Train until cfg.steps; returns a summary. A stop request (``should_stop``) or Ctrl-C saves a
+        resumable checkpoint and returns with ``interrupted`` True; a stop requested before the first step
+        writes nothing (``checkpoint`` False when no resumable state exists).
 
         Only rank 0 writes (metrics, tensorboard, checkpoints, samples, progress bar); the other ranks wait at
         a barrier after each checkpoint, so when fit returns the run directory is complete for every rank.
+        While it runs, rank 0 holds the run directory's lock (runlock.py): a second training there is refused.
         """
+        if self.step > 0 and self._saved_step is None:  # resumed: its checkpoint is on disk
+            self._saved_step = self.step
+        if self._stop_requested():  # stopped while loading: leave the folder as it was
+            return self._summary(float("nan"), interrupted=True)
+        lock = RunLock(self.run_dir)
+        if distributed.is_main():
+            lock.acquire()  # creates the folder
+        try:
+            return self._fit(progress)
+        finally:
+            lock.release()
+
+    def _fit(self, progress: bool) -> dict:
         cfg, main = self.cfg, distributed.is_main()
         metrics_path = self.run_dir / "metrics.csv"
         mf, writer, tb = None, None, None
@@ -359,10 +429,9 @@ class Trainer:
             total=cfg.steps, initial=self.step, disable=not (progress and main), desc="train", unit="step"
         )
         interrupted, last_loss, window = False, float("nan"), []
-        terminated = _TermFlag()
         try:
             while self.step < cfg.steps:
-                if terminated.set:  # `kill`, a batch scheduler's preemption: like Ctrl-C, between two steps
+                if self._stop_requested():  # SIGTERM / Ctrl-C via the CLI: between two steps, like Ctrl-C
                     raise KeyboardInterrupt
                 t0 = time.perf_counter()
                 for group in self.opt.param_groups:
@@ -371,10 +440,7 @@ class Trainer:
                 # The global batch's loss: the logged value, and one verdict on non-finite for every rank.
                 global_loss = distributed.mean(loss.detach())
                 if not torch.isfinite(global_loss):
-                    raise NonFiniteLoss(
-                        f"non-finite loss ({global_loss.item()}) at step {self.step}; stopped, the last good"
-                        f" checkpoint in {self.run_dir} is kept (try a lower --lr)"
-                    )
+                    raise NonFiniteLoss(self._non_finite_message(global_loss.item()))
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()  # under DDP, also averages the gradients over the ranks
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
@@ -424,18 +490,33 @@ class Trainer:
             if main:
                 log.warning("interrupted at step %d: checkpoint saved, continue with --resume", self.step)
         finally:
-            terminated.restore()
             bar.close()
             if mf:
                 mf.close()
             if tb:
                 tb.close()
+        return self._summary(last_loss, interrupted)
+
+    def _summary(self, loss: float, interrupted: bool) -> dict:
         return {
             "step": self.step,
-            "loss": last_loss,
+            "loss": loss,
             "train_seconds": self.train_seconds,
             "interrupted": interrupted,
+            "checkpoint": self._saved_step is not None,  # a resumable state exists in run_dir
         }
+
+    def _non_finite_message(self, value: float) -> str:
+        where = f"non-finite loss ({value}) at step {self.step}; stopped"
+        if self._saved_step is None:
+            return (
+                f"{where} before the first checkpoint (step {self.cfg.checkpoint_every}), so there is nothing"
+                " to resume; try a lower --lr"
+            )
+        return (
+            f"{where}; the last good checkpoint (step {self._saved_step}) in {self.run_dir} is kept"
+            " (try a lower --lr)"
+        )
 
     def _preview(self) -> None:
         if self.ema:
@@ -549,21 +630,67 @@ def preview_grid(model: nn.Module, schedule: NoiseSchedule, path: Path, steps: i
         save_grid(((x[:, 0].cpu() + 1) / 2).clamp(0, 1), 10, path)
 
 
+def _saved_config(path: Path) -> dict:
+    """The TrainConfig a run was saved with (known fields of the right type only; {} if unreadable)."""
+    try:
+        saved = json.loads(read_metadata(path).get("config", "{}"))
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: malformed 'config' metadata (not JSON)") from None
+    defaults = asdict(TrainConfig())
+    ok = {}
+    for k, v in (saved.items() if isinstance(saved, dict) else ()):
+        if k in defaults and type(v) is type(defaults[k]):
+            ok[k] = v
+    return ok
+
+
 def prepare_run(
-    cfg: TrainConfig, out: str | Path, resume: bool, device: str | torch.device = "auto", **overrides
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool,
+    device: str | torch.device = "auto",
+    overwrite: bool = False,
+    allow_changes: bool = False,
+    **overrides,
 ) -> tuple[TrainConfig, Path, torch.device]:
-    """Apply CLI overrides (None = keep), validate, and check the run directory before anything is written."""
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    cfg.validate()
-    device = distributed.resolve_device(device)  # fail before loading anything
-    distributed.init(device)  # under torchrun; from here on only rank 0 logs
+    """Apply overrides (None = keep), validate, and check the run directory before anything is written.
+
+    ``resume``: the run's saved settings are the defaults; an override that changes one (other than the
+    step count and reporting intervals) is refused unless ``allow_changes``. Without ``resume`` a folder
+    holding a run or a model is refused unless ``overwrite``.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
-    if not resume and (out / STATE_NAME).exists():
-        raise UserError(
-            f"--out {out} already holds a training run; pass --resume to continue it or pick another --out"
-        )
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if resume:
+        state = out / STATE_NAME
+        if not state.is_file():
+            raise UserError(f"--resume: no training state at {state} (start the run without --resume)")
+        saved = _saved_config(state)
+        cfg = replace(cfg, **saved)
+        changed = [f"{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in given.items()
+                   if k in saved and k not in RESUME_FREE and saved[k] != v]  # fmt: skip
+        if changed and not allow_changes:
+            raise UserError(
+                f"--resume: the run used other settings ({', '.join(changed)});"
+                " pass --allow-changes to continue with the new ones"
+            )
+    elif not overwrite:
+        if (out / STATE_NAME).exists():
+            raise UserError(
+                f"--out {out} already holds a training run; pass --resume to continue it, --overwrite to"
+                " start over, or pick another --out"
+            )
+        held = [n for n in ("config.json", "model.safetensors", "adapter.safetensors") if (out / n).exists()]
+        if held:
+            raise UserError(
+                f"--out {out} holds a model ({', '.join(held)}); pass --overwrite or pick another --out"
+            )
+    cfg = replace(cfg, **given)
+    cfg.validate()
+    device = distributed.resolve_device(device)  # fail before loading anything
+    distributed.init(device)  # under torchrun; from here on only rank 0 logs
     return cfg, out, device
 
 
@@ -579,6 +706,9 @@ def train_base(
     device: str | torch.device = "auto",
     compile: bool = False,
     vae: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    overwrite: bool = False,
+    allow_changes: bool = False,
     **overrides,
 ) -> dict:
     """Train a base UNet from a preset into run directory ``out``; returns a summary dict.
@@ -587,6 +717,7 @@ def train_base(
     ``vae``: a VAE folder: latent diffusion (Rombach et al. 2022): the UNet (in_channels = latent channels,
     image_size = latent size) denoises the VAE's scaled latents of the training digits, encoded once and
     cached; the run folder carries a copy of the VAE (``vae/``), named by its fingerprint in config.json.
+    ``should_stop``, ``overwrite``, ``allow_changes``: see Trainer and prepare_run.
     """
     from lora4diffusion.checkpoint import save_model
     from lora4diffusion.data import load_mnist, to_model_range
@@ -608,7 +739,9 @@ def train_base(
         check_encodable(autoencoder.cfg)
         lat = autoencoder.cfg
         unet_cfg = replace(unet_cfg, in_channels=lat.latent_channels, image_size=lat.latent_size)
-    cfg, out, device = prepare_run(cfg, out, resume, device, steps=steps, **overrides)
+    cfg, out, device = prepare_run(
+        cfg, out, resume, device, overwrite=overwrite, allow_changes=allow_changes, steps=steps, **overrides
+    )
     diffusion = DiffusionConfig(**(diffusion_overrides or {}))  # DDPM's linear schedule and MSE by default
     splits = load_mnist(data)
     if autoencoder is not None:
@@ -625,6 +758,7 @@ def train_base(
         "diffusion": asdict(diffusion),
         "preset": preset,
         "data": splits.source,
+        "data_fingerprint": data_fingerprint(splits.train.images, splits.train.labels),
     }
     if autoencoder is not None:
         run_info["vae"] = vae_fingerprint(autoencoder)  # --resume refuses another VAE
@@ -652,8 +786,10 @@ def train_base(
         run_info=run_info,
         device=device,
         compile=compile,
+        should_stop=should_stop,
     )
     if resume:
+        trainer.check_resume(allow_changes)
         trainer.resume()
     summary = trainer.fit(progress=progress)
     summary["out"] = str(out)

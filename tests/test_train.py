@@ -123,7 +123,8 @@ def test_schedule_and_loss_options_are_recorded_and_checked_on_resume(tmp_path):
 
 
 def test_sigterm_stops_between_steps_with_a_resumable_checkpoint(tmp_path):
-    """`kill` (a scheduler's preemption) of a background run: exit 0, checkpoint at a whole step."""
+    """`kill` (a scheduler's preemption) of a background run: exit 75 (interrupted, resumable), checkpoint at
+    a whole step."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "lora4diffusion", "train", "--preset", "tiny", "--steps", "100000",
            "--out", str(run)]  # fmt: skip
@@ -133,7 +134,7 @@ def test_sigterm_stops_between_steps_with_a_resumable_checkpoint(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 75, err  # cli.EXIT_INTERRUPTED
     assert "interrupted at step" in err
     meta_step = int(read_metadata(run / STATE_NAME)["step"])
     assert 10 <= meta_step < 100000

@@ -318,12 +318,13 @@ def test_bad_inputs_exit_2_and_write_nothing(tiny_vae, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     _bad(capsys, ["train-vae", "--preset", "tiny", "--out", str(f)], "is a file")
-    _bad(capsys, ["train-vae", "--preset", "tiny", "--out", str(tiny_vae), "--overwrite"], "--resume")
+    tv = ["train-vae", "--preset", "tiny", "--out", str(tiny_vae)]
+    _bad(capsys, [*tv, "--resume", "--overwrite"], "one of them")
     _bad(capsys, ["train-vae", "--preset", "tiny", "--out", str(tiny_vae)], "--overwrite")
-    _bad(capsys, ["train-vae", "--preset", "tiny", "--out", str(out), "--lr", "-1"], "learning rate")
-    with pytest.raises(SystemExit) as e:  # argparse's own one-line error
-        main(["train-vae", "--preset", "tiny", "--out", str(out), "--kl-weight", "-1"])
-    assert e.value.code == 2
+    for flag in ("--lr", "--kl-weight"):
+        with pytest.raises(SystemExit) as e:  # argparse's own one-line error
+            main(["train-vae", "--preset", "tiny", "--out", str(out), flag, "-1"])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
     assert _snapshot(tiny_vae) == before and not out.exists() and f.read_text() == "x"
 
 

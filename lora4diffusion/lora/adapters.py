@@ -34,6 +34,7 @@ from lora4diffusion.checkpoint import (
     write_json,
 )
 from lora4diffusion.errors import UserError
+from lora4diffusion.finite import require_finite
 from lora4diffusion.lora.layers import (
     INITS,
     adaptable_modules,
@@ -278,6 +279,9 @@ def export_peft(source: nn.Module | Adapter | str | Path, out_dir: str | Path, n
     else:
         adapter = source if isinstance(source, Adapter) else read_adapter(source)
     out_dir = Path(out_dir)
+    require_finite(adapter.tensors, "export-peft")
+    if not math.isfinite(adapter.alpha):
+        raise UserError(f"export-peft: the adapter's alpha is {adapter.alpha}; nothing was written")
     tensors = {}
     for m in adapter.modules:
         a, b = adapter.pair(m)

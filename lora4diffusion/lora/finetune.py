@@ -6,6 +6,7 @@ Both go through the one training loop in train.py; only what is trainable and wh
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,10 +18,10 @@ from lora4diffusion.checkpoint import load_model, pretrained_dir, save_model
 from lora4diffusion.data import to_model_range
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora.adapters import save_adapter
+from lora4diffusion.lora.adapters import base_fingerprint, save_adapter
 from lora4diffusion.lora.layers import inject_lora, lora_summary
 from lora4diffusion.styles import load_style_data
-from lora4diffusion.train import TrainConfig, Trainer, prepare_run, preview_grid
+from lora4diffusion.train import TrainConfig, Trainer, data_fingerprint, prepare_run, preview_grid
 
 log = logging.getLogger("lora4diffusion")
 
@@ -73,15 +74,23 @@ def train_lora(
     progress: bool = True,
     device: str | torch.device = "auto",
     compile: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    overwrite: bool = False,
+    allow_changes: bool = False,
     **overrides,
 ) -> dict:
     """Train a LoRA adapter (or, with ``full=True``, every weight) for ``style`` into run directory ``out``.
 
     Writes ``out/adapter.safetensors`` (LoRA) or ``out/config.json`` + ``model.safetensors`` (full).
     ``device``: auto (CUDA if available) | cpu | cuda; under torchrun every process calls this.
+    ``should_stop``, ``overwrite``, ``allow_changes``: see train.Trainer and train.prepare_run; ``--resume``
+    on another base than the run's is always refused (the base fingerprint is recorded in the state).
     """
     lora = lora or LoRAConfig()
-    cfg, out, device = prepare_run(default_lora_train_config(), out, resume, device, **overrides)
+    cfg, out, device = prepare_run(
+        default_lora_train_config(), out, resume, device, overwrite=overwrite, allow_changes=allow_changes,
+        **overrides,
+    )
     model, diffusion, base_config, base_path = load_base(base)
     styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
     vae = load_attached_vae(base_path, base_config)  # a latent base: LoRA learns in its VAE's latent space
@@ -90,7 +99,9 @@ def train_lora(
     else:
         images = to_model_range(styled.images, model.cfg.image_size)
     base_name = "shipped base" if base is None else str(base_path)  # no machine path in shipped adapters
-    run_info = {"base": base_name, "style": style, "data": styled.source, "full": full}
+    run_info = {"base": base_name, "base_fingerprint": base_fingerprint(model), "style": style,
+                "data": styled.source, "data_fingerprint": data_fingerprint(styled.images, styled.labels),
+                "per_digit": per_digit, "full": full}  # fmt: skip
     if full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -145,8 +156,10 @@ def train_lora(
         run_info=run_info,
         device=device,
         compile=compile,
+        should_stop=should_stop,
     )
     if resume:
+        trainer.check_resume(allow_changes)
         trainer.resume()
     result = trainer.fit(progress=progress)
     result.update(summary, out=str(out))

@@ -1,0 +1,121 @@
+"""One training at a time per run folder: a lock file naming its holder (pid, host, start time).
+
+Two processes training into the same folder would overwrite each other's checkpoints, and both would say
+"done". The Trainer takes ``OUT/train.lock`` for as long as it runs. The file is created with O_EXCL (atomic
+on local and NFSv3+ file systems), so of two racing processes exactly one wins. A lock whose process is gone
+(same host, pid no longer running: a SIGKILL, a power cut) is stale and is taken over with a note; a lock
+from another host cannot be checked from here, so it is reported and left to the user.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lora4diffusion.errors import UserError
+
+log = logging.getLogger("lora4diffusion")
+LOCK_NAME = "train.lock"
+_UNREADABLE_GRACE_S = 30.0  # a lock file with no JSON yet may be one being written right now
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("pid"), int) else None
+
+
+def holder(directory: str | Path) -> dict | None:
+    """The live holder of ``directory``'s lock, or None when there is none (or only a stale one)."""
+    path = Path(directory) / LOCK_NAME
+    if not path.is_file():
+        return None
+    info = _read(path)
+    if info is None:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return None
+        return {"pid": "?", "host": "?", "started": "just now"} if age < _UNREADABLE_GRACE_S else None
+    if info.get("host") == socket.gethostname() and not _alive(info["pid"]):
+        return None
+    return info
+
+
+def describe(info: dict) -> str:
+    return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+
+
+def check_free(directory: str | Path) -> None:
+    """Raise UserError naming the holder if a live training holds ``directory``."""
+    info = holder(directory)
+    if info is not None:
+        path = Path(directory) / LOCK_NAME
+        raise UserError(
+            f"{directory} is in use by another training ({describe(info)}); wait for it to end,"
+            f" or delete {path} if that process is gone"
+        )
+
+
+class RunLock:
+    """``with RunLock(dir):`` or acquire()/release(); release removes the file only while it is still ours."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / LOCK_NAME
+        self.info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                old = _read(self.path)
+                check_free(self.path.parent)  # raises while a live process holds it
+                log.warning(
+                    "%s: taking over a stale lock (%s, no longer running)",
+                    self.path.parent,
+                    describe(old) if old else "unreadable lock file",
+                )
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.info, f)
+            self.held = True
+            return
+        check_free(self.path.parent)
+        raise UserError(f"{self.path}: could not take the lock (another process keeps recreating it)")
+
+    def release(self) -> None:
+        if self.held and _read(self.path) == self.info:
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

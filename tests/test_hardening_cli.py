@@ -1,0 +1,450 @@
+"""Issue 14, command-line half: bad flags are refused at the door, --out is never overwritten by accident,
+a run folder has one trainer at a time, nothing non-finite is written, and exit statuses say what happened.
+
+Every refusal: exit 2, one line on stderr, no traceback, and the files in --out unchanged (hashed).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora4diffusion.checkpoint import pretrained_dir
+from lora4diffusion.cli import EXIT_INTERRUPTED, main
+from lora4diffusion.errors import UserError
+from lora4diffusion.lora.adapters import Adapter, export_peft, shipped_adapters
+from lora4diffusion.runlock import LOCK_NAME
+from lora4diffusion.train import STATE_NAME, NonFiniteLoss, Trainer, train_base
+
+BOLD = str(shipped_adapters()["bold"])
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny base run (2 steps), a PEFT export of the shipped bold adapter, a folder holding a user file."""
+    root = tmp_path_factory.mktemp("hard")
+    train_base("tiny", root / "tiny", steps=2, progress=False)
+    assert main(["-q", "export-peft", "--lora", "bold", "--out", str(root / "peft")]) == 0
+    return root
+
+
+def _snapshot(folder):
+    if not folder.exists():
+        return None
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _run(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's errors exit from the parser
+        return e.code
+
+
+def _refused(capsys, argv, match, out=None):
+    """exit 2, one stderr line containing ``match``, no traceback, ``out`` unchanged."""
+    before = _snapshot(out) if out is not None else None
+    code = _run(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (argv, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert match in err, (match, err)
+    if out is not None:
+        assert _snapshot(out) == before, f"{argv}: --out changed"
+    return err
+
+
+# ----------------------------------------------------------------------------- the table: flags x commands
+def _commands(work, out):
+    o = str(out)
+    return {
+        "train": ["train", "--preset", "tiny", "--steps", "1", "--out", o, "--overwrite"],
+        "train-lora": ["train-lora", "--base", str(work / "tiny"), "--style", "bold", "--steps", "1",
+                       "--out", o, "--overwrite"],
+        "sample": ["sample", "--digits", "1", "--per-digit", "1", "--steps", "2", "--out", o, "--overwrite"],
+        "evaluate": ["evaluate", "--checkpoint", str(pretrained_dir()), "--digits", "1", "--per-digit", "2",
+                     "--steps", "2"],
+        "train-classifier": ["train-classifier", "--epochs", "1", "--out", o, "--overwrite"],
+        "merge": ["merge", "--lora", "bold", "--out", o, "--overwrite"],
+        "resize": ["resize", "--lora", "bold", "--rank", "1", "--out", o, "--overwrite"],
+        "extract": ["extract", "--tuned", str(pretrained_dir()), "--rank", "1", "--out", o, "--overwrite"],
+        "demo": ["demo", "--out", o, "--overwrite"],
+    }  # fmt: skip
+
+
+# (flag, value, what the message must say, commands that take the flag)
+BAD_FLAGS = [
+    ("--seed", str(2**64), "2**63", ["train", "train-lora", "sample", "evaluate", "train-classifier"]),
+    ("--seed", str(2**63), "2**63", ["train", "sample"]),
+    ("--seed", "-1", ">= 0", ["train", "sample"]),
+    ("--lr", "nan", "finite", ["train", "train-lora"]),
+    ("--lr", "inf", "finite", ["train"]),
+    ("--lr", "0", "> 0", ["train", "train-lora"]),
+    ("--lr", "-0.001", "> 0", ["train"]),
+    ("--eta", "2", "<= 1", ["sample"]),
+    ("--eta", "inf", "finite", ["sample"]),
+    ("--eta", "nan", "finite", ["sample"]),
+    ("--guidance", "inf", "finite", ["sample", "evaluate"]),
+    ("--guidance", "nan", "finite", ["sample", "evaluate"]),
+    ("--guidance", "-1", ">= 0", ["sample"]),
+    ("--lora", "bold:1e30", "[-1000, 1000]", ["sample", "evaluate", "merge"]),
+    ("--lora", "bold:inf", "finite", ["sample", "merge"]),
+    ("--lora", "bold:nan", "finite", ["sample"]),
+    ("--image-size", "0", "must be > 0", ["train"]),
+    ("--image-size", "100000", "<= 128", ["train"]),
+    ("--per-digit", "1000000000", "<= 10000", ["sample", "evaluate", "train-lora", "demo"]),
+    ("--per-digit", "0", "> 0", ["sample", "evaluate"]),
+    ("--batch-size", "1000000000", "<= 4096", ["train", "train-lora"]),
+    ("--batch-size", "0", "> 0", ["train"]),
+    ("--steps", "0", "> 0", ["train", "sample", "evaluate", "demo"]),
+    ("--steps", str(10**12), "<= 1000000000", ["train", "sample"]),
+    ("--steps", "1e3", "integer", ["train"]),
+    ("--rank", "0", "> 0", ["train-lora", "resize", "extract"]),
+    ("--rank", "100000", "<= 512", ["train-lora", "resize"]),
+    ("--alpha", "nan", "finite", ["train-lora"]),
+    ("--alpha", "1e30", "<= 10000", ["train-lora"]),
+    ("--dropout", "1", "< 1", ["train-lora"]),
+    ("--dropout", "nan", "finite", ["train-lora"]),
+    ("--ema", "1", "< 1", ["train-lora"]),
+    ("--epochs", "1000000", "<= 1000", ["train-classifier"]),
+    ("--lora-steps", "0", "> 0", ["demo"]),
+]
+CASES = [(cmd, flag, value, match) for flag, value, match, cmds in BAD_FLAGS for cmd in cmds]
+
+
+@pytest.mark.parametrize("cmd, flag, value, match", CASES, ids=[f"{c}{f}={v}" for c, f, v, _ in CASES])
+def test_bad_flag_values_are_refused_and_out_untouched(work, tmp_path, capsys, cmd, flag, value, match):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")  # with --overwrite, only a *valid* run may write here
+    argv = _commands(work, out)[cmd]
+    if flag == "--lora" and "--lora" in argv:  # replace the command's own adapter
+        i = argv.index("--lora")
+        argv = argv[:i] + argv[i + 2 :]
+    err = _refused(capsys, [*argv, flag, value], match, out)
+    assert flag in err or flag == "--lora"
+
+
+def test_seed_beyond_64_bits_has_no_traceback_in_a_fresh_process(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lora4diffusion", "sample", "--seed", str(2**70), "--out",
+                        str(tmp_path / "s")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "2**63" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+def test_largest_seed_samples(tmp_path):
+    out = tmp_path / "s"
+    argv = ["-q", "sample", "--digits", "1", "--per-digit", "1", "--steps", "2", "--seed", str(2**63 - 1)]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert np.isfinite(np.load(out / "samples.npz")["images"]).all()
+
+
+# ----------------------------------------------------------------------------- refuse to overwrite
+WRITERS = ["train", "train-lora", "sample", "train-classifier", "merge", "resize", "extract"]
+
+
+@pytest.mark.parametrize("cmd", [*WRITERS, "export-peft", "import-peft"])
+def test_non_empty_out_needs_overwrite(work, tmp_path, capsys, cmd):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"someone else's model")
+    (out / "config.json").write_text("{}")
+    if cmd == "export-peft":
+        argv = ["export-peft", "--lora", "bold", "--out", str(out)]
+    elif cmd == "import-peft":
+        argv = ["import-peft", "--peft", str(work / "peft"), "--out", str(out)]
+    else:
+        argv = [a for a in _commands(work, out)[cmd] if a != "--overwrite"]
+    _refused(capsys, argv, "--overwrite", out)
+
+
+def test_overwrite_replaces_sample_output(tmp_path, capsys):
+    out = tmp_path / "s"
+    argv = ["-q", "sample", "--digits", "2", "--per-digit", "1", "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    first = _snapshot(out)
+    _refused(capsys, [*argv, "--seed", "3"], "--overwrite", out)
+    assert main([*argv, "--seed", "3", "--overwrite"]) == 0
+    assert _snapshot(out) != first
+
+
+def test_never_write_over_an_input(work, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(pretrained_dir(), base)
+    ow = "--overwrite"
+    _refused(capsys, ["merge", "--checkpoint", str(base), "--lora", "bold", "--out", str(base), ow],
+             "is the input", base)  # fmt: skip
+    ad = tmp_path / "ad"
+    shutil.copytree(BOLD, ad)
+    _refused(capsys, ["resize", "--lora", str(ad), "--rank", "1", "--out", str(ad), "--overwrite"],
+             "is the input", ad)  # fmt: skip
+    _refused(capsys, ["export-peft", "--lora", str(ad), "--out", str(ad / "sub"), "--overwrite"],
+             "is the input", ad)  # fmt: skip
+    _refused(capsys, ["sample", "--checkpoint", str(base), "--out", str(base), ow], "is the input", base)
+    _refused(capsys, ["train-lora", "--base", str(base), "--style", "bold", "--out", str(base), ow],
+             "is the input", base)  # fmt: skip
+    _refused(capsys, ["import-peft", "--peft", str(work / "peft"), "--out", str(work / "peft"), ow],
+             "is the input", work / "peft")  # fmt: skip
+
+
+def test_train_refuses_a_folder_holding_another_model(tmp_path, capsys):
+    other = tmp_path / "model"
+    shutil.copytree(pretrained_dir(), other)  # config.json + model.safetensors, no train_state
+    _refused(capsys, ["train", "--preset", "tiny", "--steps", "1", "--out", str(other)], "--overwrite", other)
+    _refused(capsys, ["train", "--preset", "tiny", "--out", str(other), "--resume"], "no training state",
+             other)  # fmt: skip
+    with pytest.raises(UserError, match="holds a model"):  # the Python API refuses too
+        train_base("tiny", other, steps=1, progress=False)
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
+    denied = "/sys/lora4diffusion-denied"  # not writable, even for root
+    t0 = time.perf_counter()
+    for argv in (["train-classifier", "--epochs", "1"], ["train", "--preset", "tiny"], ["sample"],
+                 ["train-lora", "--style", "bold"], ["merge", "--lora", "bold"], ["resize", "--lora", "bold",
+                 "--rank", "1"], ["export-peft", "--lora", "bold"]):  # fmt: skip
+        err = _refused(capsys, [*argv, "--out", denied], "permission denied")
+        assert "corrupt" not in err
+    assert time.perf_counter() - t0 < 10  # refused at the door, not after training
+
+
+# ----------------------------------------------------------------------------- the lock and --resume
+def test_a_live_lock_refuses_a_second_training_and_a_stale_one_is_taken_over(work, tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(work / "tiny", run)
+    before = _snapshot(run)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}
+    (run / LOCK_NAME).write_text(json.dumps(holder))
+    resume = ["-q", "train", "--preset", "tiny", "--steps", "3", "--out", str(run), "--resume"]
+    err = _refused(capsys, resume, f"pid {os.getpid()}")
+    assert "in use" in err and _snapshot(run) == {**before, LOCK_NAME: _snapshot(run)[LOCK_NAME]}
+    _refused(capsys, ["sample", "--out", str(run), "--overwrite"], "in use")  # nobody writes there meanwhile
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / LOCK_NAME).write_text(json.dumps({**holder, "pid": dead.pid}))
+    assert main(resume) == 0
+    assert "stale lock" in caplog.text and f"pid {dead.pid}" in caplog.text
+    assert not (run / LOCK_NAME).exists()  # released when the training ended
+
+
+def test_two_trainings_into_one_folder_one_is_refused(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lora4diffusion", "-q", "train", "--preset", "tiny", "--steps", "100000",
+           "--out", str(run)]  # fmt: skip
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / LOCK_NAME).is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        holder = json.loads((run / LOCK_NAME).read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname() and holder["started"]
+        second = subprocess.run([*cmd[:-2], "--out", str(run), "--overwrite"], capture_output=True, text=True)
+        assert second.returncode == 2 and f"pid {first.pid}" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode in (EXIT_INTERRUPTED, 128 + signal.SIGTERM)
+
+
+def test_resume_refuses_changed_settings_unless_allowed(tmp_path, capsys):
+    run = tmp_path / "run"
+    tiny = ["-q", "train", "--preset", "tiny", "--out", str(run)]
+    assert main([*tiny, "--steps", "2", "--batch-size", "8", "--seed", "4"]) == 0
+    before = _snapshot(run)
+    err = _refused(capsys, [*tiny, "--resume", "--steps", "3", "--batch-size", "16"], "batch-size 8 -> 16")
+    assert "--allow-changes" in err and _snapshot(run) == before
+    _refused(capsys, [*tiny, "--resume", "--steps", "3", "--lr", "0.1", "--seed", "5"], "seed 4 -> 5", run)
+    _refused(capsys, [*tiny, "--resume", "--overwrite"], "one of them", run)
+    # unspecified settings are the run's own (batch 8, seed 4), so a plain --resume is no change
+    assert main([*tiny, "--resume", "--steps", "3"]) == 0
+    train_cfg = json.loads((run / "config.json").read_text())["train"]
+    assert (train_cfg["batch_size"], train_cfg["seed"], train_cfg["steps"]) == (8, 4, 3)
+    assert main([*tiny, "--resume", "--steps", "4", "--batch-size", "16", "--allow-changes"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 16
+    idx = _idx_folder(tmp_path / "idx")  # other data: the same digits minus the first 10
+    err = _refused(capsys, [*tiny, "--resume", "--steps", "5", "--data", str(idx)], "data", run)
+    assert "data_fingerprint" in err and "--allow-changes" in err
+
+
+def _idx_folder(folder):
+    """The embedded digits (less the first 10) as the four IDX files `--data FOLDER` reads."""
+    from lora4diffusion.data import IDX_NAMES, load_mnist
+
+    train = load_mnist("embedded").train
+    images, labels = train.images[10:].numpy(), train.labels[10:].numpy().astype(np.uint8)
+    folder.mkdir()
+    for name, arr in zip(IDX_NAMES, (images, labels, images, labels), strict=True):
+        magic = 0x803 if arr.ndim == 3 else 0x801
+        head = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+        (folder / name).write_bytes(head + arr.tobytes())
+    return folder
+
+
+def test_lora_resume_refuses_other_style_and_other_base(work, tmp_path, capsys):
+    base, other = work / "tiny", tmp_path / "other"
+    shutil.copytree(base, other)
+    state = load_file(other / "model.safetensors")
+    state["conv_in.weight"] += 1e-3  # same architecture, other weights
+    save_file(state, other / "model.safetensors")
+    run = tmp_path / "lora"
+    t = ["-q", "train-lora", "--batch-size", "4", "--rank", "2", "--out", str(run)]
+    assert main([*t, "--base", str(base), "--style", "bold", "--steps", "1"]) == 0
+    before = _snapshot(run)
+    _refused(capsys, [*t, "--base", str(base), "--style", "thin", "--steps", "2", "--resume"], "style", run)
+    err = _refused(capsys, [*t, "--base", str(other), "--style", "bold", "--steps", "2", "--resume"],
+                   str(other), run)  # fmt: skip
+    assert str(base) in err and "fingerprint" in err
+    # a different base is refused even with --allow-changes
+    _refused(capsys, [*t, "--base", str(other), "--style", "bold", "--steps", "2", "--resume",
+                      "--allow-changes"], "fingerprint", run)  # fmt: skip
+    assert _snapshot(run) == before
+
+
+def test_lora_resume_is_bit_identical_to_one_run(work, tmp_path):
+    # dropout 0.1: its masks must be drawn per step too, not from the process's global RNG stream
+    t = ["-q", "train-lora", "--base", str(work / "tiny"), "--style", "bold", "--batch-size", "8",
+         "--rank", "2", "--dropout", "0.1", "--device", "cpu"]  # fmt: skip
+    assert main([*t, "--steps", "4", "--out", str(tmp_path / "a")]) == 0
+    assert main([*t, "--steps", "2", "--out", str(tmp_path / "b")]) == 0
+    assert main([*t, "--steps", "4", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    for name in ("adapter.safetensors", STATE_NAME):
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert a.keys() == b.keys() and len(a) > 0
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+
+
+# ----------------------------------------------------------------------------- never emit garbage
+def test_overflowing_sampler_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "s"
+    base = ["-q", "sample", "--digits", "1", "--per-digit", "1", "--steps", "2", "--out", str(out)]
+    _refused(capsys, [*base, "--guidance", "1e308"], "non-finite")
+    assert not out.exists()
+    _refused(capsys, ["-q", "evaluate", "--checkpoint", str(pretrained_dir()), "--digits", "1", "--per-digit",
+                      "2", "--steps", "2", "--guidance", "1e308"], "non-finite")  # fmt: skip
+
+
+def test_overflowing_merge_and_export_write_nothing(tmp_path, capsys):
+    huge = tmp_path / "huge"
+    shutil.copytree(BOLD, huge)
+    tensors = load_file(huge / "adapter.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(huge / "adapter.safetensors"), "pt") as f:
+        meta = f.metadata()
+    save_file({k: v * 1e20 for k, v in tensors.items()}, huge / "adapter.safetensors", metadata=meta)
+    _refused(capsys, ["merge", "--lora", str(huge), "--out", str(tmp_path / "m")], "non-finite")
+    assert not (tmp_path / "m").exists()
+    nan = Adapter({k: v * float("nan") for k, v in tensors.items()}, 4, 4.0)
+    with pytest.raises(UserError, match="non-finite"):
+        export_peft(nan, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+# ----------------------------------------------------------------------------- exit statuses and signals
+def test_sigterm_in_the_loop_exits_75_with_a_resumable_checkpoint(tmp_path, monkeypatch, capsys):
+    real = Trainer._loss
+
+    def term_at_3(self, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler asks the loop to stop after this step
+        return real(self, step)
+
+    monkeypatch.setattr(Trainer, "_loss", term_at_3)
+    run = tmp_path / "run"
+    assert main(["-q", "train", "--preset", "tiny", "--steps", "20", "--out", str(run)]) == EXIT_INTERRUPTED
+    assert "interrupted" in capsys.readouterr().out
+    assert load_file(run / STATE_NAME) and json.loads((run / "config.json").read_text())["step"] == 4
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the CLI restored the handler
+    monkeypatch.setattr(Trainer, "_loss", real)
+    assert main(["-q", "train", "--preset", "tiny", "--steps", "6", "--out", str(run), "--resume"]) == 0
+
+
+def test_sigterm_before_the_loop_writes_nothing(tmp_path, monkeypatch, capsys):
+    import lora4diffusion.data as data
+
+    real = data.load_mnist
+
+    def term_while_loading(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(data, "load_mnist", term_while_loading)
+    run = tmp_path / "run"
+    assert main(["-q", "train", "--preset", "tiny", "--out", str(run)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "SIGTERM" in err and "nothing" in err
+    assert not run.exists()
+
+
+def test_library_training_installs_no_signal_handler(tmp_path, monkeypatch):
+    seen = []
+    real = Trainer._loss
+
+    def record(self, step):
+        seen.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
+        return real(self, step)
+
+    monkeypatch.setattr(Trainer, "_loss", record)
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    train_base("tiny", tmp_path / "r", steps=2, progress=False)
+    assert seen and all(s == before for s in seen)
+
+
+def test_non_finite_loss_before_a_checkpoint_claims_none(tmp_path, monkeypatch, capsys):
+    real = Trainer._loss
+    def nan_at_3(self, step):
+        return real(self, step) * (float("nan") if step == 3 else 1.0)
+
+    monkeypatch.setattr(Trainer, "_loss", nan_at_3)
+    with pytest.raises(NonFiniteLoss) as e:
+        train_base("tiny", tmp_path / "a", steps=30, progress=False)  # first checkpoint at step 10
+    assert "nothing to resume" in str(e.value) and "kept" not in str(e.value)
+    assert main(["-q", "train", "--preset", "tiny", "--steps", "30", "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "nothing to resume" in err
+
+
+def test_ctrl_c_during_sample_is_one_line_exit_130(tmp_path):
+    errf = tmp_path / "err.txt"
+    cmd = [sys.executable, "-m", "lora4diffusion", "sample", "--per-digit", "50", "--steps", "1000",
+           "--out", str(tmp_path / "s")]  # fmt: skip
+    with errf.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 60
+        while "sampling" not in errf.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    text = errf.read_text()
+    assert proc.returncode == 130 and "Traceback" not in text, text
+    assert text.strip().splitlines()[-1].strip().endswith("lora4diffusion: sample interrupted")
+    assert not (tmp_path / "s").exists()
+
+
+def test_out_of_memory_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from lora4diffusion.pipeline import Pipeline
+
+    def oom(*a, **k):
+        torch.empty(2**62, dtype=torch.uint8)  # more than any machine has: the allocator's own error
+
+    monkeypatch.setattr(Pipeline, "generate", oom)
+    assert main(["-q", "sample", "--digits", "1", "--per-digit", "1", "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "out of memory" in err and "--batch-size" in err
+    assert not (tmp_path / "s").exists()
