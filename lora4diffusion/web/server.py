@@ -212,7 +212,7 @@ class Engine:
         self.model_lock = threading.Lock()  # held while a job samples; tests hold it to fill the queue
         self.loaded: dict[tuple[Path, int], str] = {}  # (file, mtime) -> adapter name inside the UNet
         self.running: Job | None = None
-        self.done_count = 0
+        self.submitted = self.done_count = 0
         self._thread = threading.Thread(target=self._work, name="lora4diffusion-generate", daemon=True)
 
     def start(self) -> None:
@@ -239,6 +239,7 @@ class Engine:
         except queue.Full:
             msg = f"busy: {self.cfg.max_queue} jobs are already waiting; try again soon"
             raise HTTPError(429, msg) from None
+        self.submitted += 1
         return self.jobs.qsize()
 
     def _model_name(self, info: AdapterInfo) -> str:
