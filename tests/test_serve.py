@@ -1,4 +1,4 @@
-"""`lora4diffusion serve` without a browser: the JSON API, prompts, concurrency, the queue, safety, training."""
+"""`lora4diffusion serve` without a browser: JSON API, prompts, concurrency, the queue, safety, training."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def folder(tmp_path_factory) -> Path:
     bold = shipped_adapters()["bold"] / "adapter.safetensors"
     meta = read_metadata(bold)
     (d / "other").mkdir()  # the same tensors, recorded as trained on another base
-    save_tensors(d / "other" / "adapter.safetensors", load_tensors(bold), {**meta, "base_fingerprint": "f" * 64})
+    other = {**meta, "base_fingerprint": "f" * 64}
+    save_tensors(d / "other" / "adapter.safetensors", load_tensors(bold), other)
     (d / "bad name").mkdir()  # not addressable from the page: never listed
     save_tensors(d / "bad name" / "adapter.safetensors", load_tensors(bold), meta)
     return d
@@ -207,7 +208,7 @@ def test_two_requests_at_once_get_what_they_would_get_alone(client, app):
     for order in ((1, 0), (0, 1)):
         got: dict[float, np.ndarray] = {}
 
-        def ask(w):
+        def ask(w, got=got):
             got[w] = images(client.post("/api/generate", json={**body, "loras": {"bold": w}}))
 
         with engine.model_lock:  # both wait in the queue, then run back to back on the shared model
