@@ -117,11 +117,21 @@ def test_page_generates_previews_and_follows_the_slider(server):
             assert page.locator("#history .card").count() == 2
             assert not errors, errors
 
-            page.fill("#prompt", "3 5 7 <lora:bold:0.6>")
+            # the picture for the README: a 0-9 row x 3 with bold at 0.6, and a compare of bold's weights
+            page.fill("#prompt", "0-9 <lora:bold:0.6>")
             page.dispatch_event("#prompt", "input")
+            page.fill("#n", "3")
+            page.fill("#steps", "12")
             page.click("#generate")
-            page.wait_for_selector("#output[data-state=done]")
             page.wait_for_function("() => document.querySelectorAll('#history .card').length === 3")
+            page.fill("#n", "1")
+            page.select_option("#compare-mode", "w:bold")
+            page.click("#compare")
+            page.wait_for_function("() => document.querySelectorAll('#compare-rows .crow').length === 3")
+            labels = page.locator("#compare-rows .crow span").all_text_contents()
+            assert labels == ["bold 0", "bold 0.5", "bold 1"]
+            page.wait_for_selector("#compare:not([disabled])")
+            assert not errors, errors
             shot = ROOT / "docs" / "serve.png"
             shot.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)

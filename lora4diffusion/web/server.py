@@ -213,13 +213,16 @@ class Engine:
         self.loaded: dict[tuple[Path, int], str] = {}  # (file, mtime) -> adapter name inside the UNet
         self.running: Job | None = None
         self.submitted = self.done_count = 0
+        self.stopping = False
         self._thread = threading.Thread(target=self._work, name="lora4diffusion-generate", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        # Drain what waits (their clients get an error), then wake the worker with None and let it finish.
+        # Drain what waits (their clients get an error), stop the running job at its next sampling step,
+        # then wake the worker with None.
+        self.stopping = True
         while True:
             try:
                 job = self.jobs.get_nowait()
@@ -262,7 +265,9 @@ class Engine:
         t0 = time.perf_counter()
 
         def preview(start: int, step: int, steps: int, x0: torch.Tensor) -> None:
-            if step % job.preview_every and step != steps:
+            if self.stopping:
+                raise UserError("the server is stopping")
+            if not job.preview_every or (step % job.preview_every and step != steps):
                 return
             canvas[start : start + x0.shape[0]] = ((x0[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
             job.emit("preview", {"step": step, "steps": steps, "first": start, "grid": grid_b64(canvas, ncol),
@@ -270,7 +275,7 @@ class Engine:
 
         images, _ = self.pipe.generate(
             labels, steps=job.steps, guidance=job.guidance, seed=job.seed, batch_size=self.cfg.sampler_batch,
-            callback=preview if job.preview_every else None,
+            callback=preview,
         )
         return {
             "id": job.id,
