@@ -47,7 +47,7 @@ def app(folder):
 
 @pytest.fixture(scope="module")
 def client(app):
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, base_url="http://127.0.0.1:7860", raise_server_exceptions=False) as c:
         yield c
 
 
@@ -93,6 +93,21 @@ def test_prompt_refuses_what_the_label_model_cannot_read():
     assert cond.labels == [3, 3, 7, 7] and cond.columns == ["3", "7"]
 
 
+def test_preview_callback_sees_x0_and_changes_nothing():
+    """The sampler hook behind the live preview: x0_hat per step, eq. 15; the images are bit-identical."""
+    pipe = Pipeline.load()
+    plain, _ = pipe.generate([1, 2, 3], steps=STEPS, seed=5, batch_size=2)
+    seen = []
+    hooked, _ = pipe.generate([1, 2, 3], steps=STEPS, seed=5, batch_size=2,
+                              callback=lambda first, i, n, x0: seen.append((first, i, n, x0.clone())))
+    assert torch.equal(plain, hooked)
+    assert [(f, i, n) for f, i, n, _ in seen] == [(f, i, 3) for f in (0, 2) for i in (1, 2, 3)]
+    # at the last step x_{-1} = x0_hat exactly (abar_prev = 1): the last preview is the image
+    last = torch.cat([seen[2][3], seen[5][3]])
+    assert torch.allclose(((last[:, 0] + 1) / 2).clamp(0, 1), plain, atol=1e-6)
+    assert seen[0][3].abs().max() <= 1  # clipped to the data range, as the sampler clips
+
+
 # ------------------------------------------------------------------------------------------------- API
 def test_adapters_listing_with_metadata(client):
     items = {a["name"]: a for a in client.get("/api/adapters").json()["adapters"]}
@@ -103,7 +118,7 @@ def test_adapters_listing_with_metadata(client):
     assert items["other"]["fits"] is False and "another base" in items["other"]["reason"]
 
 
-def test_generate_matches_the_pipeline_and_the_printed_command(client, tmp_path):
+def test_generate_matches_the_pipeline_and_the_printed_command(client, app, tmp_path):
     r = client.post("/api/generate", json={"prompt": "3 seven <lora:bold:0.5>", "n": 2, "steps": STEPS,
                                            "seed": 4})
     got = images(r)
@@ -115,7 +130,7 @@ def test_generate_matches_the_pipeline_and_the_printed_command(client, tmp_path)
     grid = decode(body["grid"])
     assert grid.shape == (2 * 28 + 3, 2 * 28 + 3)  # one column per digit, one row per image of it
 
-    pipe = Pipeline.load()
+    pipe = Pipeline.load().to(app.state.serve.pipe.device)  # the server's device (auto), as the CLI's
     pipe.add_lora("bold", weight=0.5)
     want, _ = pipe.generate([3, 3, 7, 7], steps=STEPS, guidance=1.25, seed=4)
     assert np.array_equal(got, as_png_pixels(want))
@@ -184,11 +199,12 @@ def test_bad_requests_are_one_line_json_4xx(client, body, status, words):
 
 
 def test_protocol_errors_are_json(client):
-    r = client.post("/api/generate", content=b"{not json")
+    js = {"Content-Type": "application/json"}
+    r = client.post("/api/generate", content=b"{not json", headers=js)
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
-    r = client.post("/api/generate", content=b"[1]")
+    r = client.post("/api/generate", content=b"[1]", headers=js)
     assert r.status_code == 400
-    r = client.post("/api/generate", content=b"x" * (2**20 + 10))
+    r = client.post("/api/generate", content=b"x" * (2**20 + 10), headers=js)
     assert r.status_code == 413 and "too large" in r.json()["error"]
     assert client.get("/api/nothing").json() == {"error": "Not Found"}
     assert client.get("/api/generate").status_code == 405
@@ -200,7 +216,8 @@ def test_two_requests_at_once_get_what_they_would_get_alone(client, app):
     """The model is shared, weights are per request: bold at 1 and at 0 submitted together, in both orders."""
     body = {"prompt": "0-9", "steps": STEPS, "seed": 7}
     alone = {w: images(client.post("/api/generate", json={**body, "loras": {"bold": w}})) for w in (1, 0)}
-    base, _ = Pipeline.load().generate(list(range(10)), steps=STEPS, guidance=1.25, seed=7)
+    pipe = Pipeline.load().to(app.state.serve.pipe.device)
+    base, _ = pipe.generate(list(range(10)), steps=STEPS, guidance=1.25, seed=7)
     assert np.array_equal(alone[0], as_png_pixels(base))  # weight 0 is the base exactly
     assert not np.array_equal(alone[1], alone[0])
 
@@ -343,6 +360,20 @@ def test_bad_uploads_leave_nothing_behind(client, folder, app):
     assert job["status"] == "failed" and "no readable images" in job["error"]
     assert sorted(p.name for p in folder.iterdir()) == before
     assert not (folder.parent / "outside.png").exists()
+
+
+def test_other_sites_cannot_drive_the_server(client):
+    """A cross-site form post (no JSON content type) and a rebinding host name are refused before any work."""
+    n = client.app.state.serve.engine.submitted
+    r = client.post("/api/generate", content=b'{"prompt": "3"}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]
+    r = client.post("/api/train", content=b'{"name": "x", "style": "bold"}',
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415
+    r = client.get("/api/adapters", headers={"Host": "evil.example:7860"})
+    assert r.status_code == 403 and "refused" in r.json()["error"]
+    assert client.get("/api/adapters", headers={"Host": "localhost:7860"}).status_code == 200
+    assert client.app.state.serve.engine.submitted == n
 
 
 # ------------------------------------------------------------------------------------------------- CLI
