@@ -325,6 +325,17 @@ def test_training_from_the_page_adds_an_adapter(client, folder):
     assert again.status_code == 400 and "exists" in again.json()["error"]
 
 
+def test_cancelled_training_leaves_nothing(client, folder):
+    before = sorted(p.name for p in folder.iterdir())
+    r = client.post("/api/train", json={"name": "long_one", "style": "italic", "steps": 2000})
+    assert r.status_code == 202
+    job = client.delete(f"/api/train/{r.json()['id']}").json()
+    assert job["status"] == "cancelled"
+    job = wait_train(client, job["id"])
+    assert job["status"] == "cancelled"
+    wait_for(lambda: sorted(p.name for p in folder.iterdir()) == before)  # the staging folder goes too
+
+
 def test_bad_uploads_leave_nothing_behind(client, folder, app):
     before = sorted(p.name for p in folder.iterdir())
     png = io.BytesIO()

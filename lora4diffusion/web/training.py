@@ -21,6 +21,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import ADAPTER_FILE
 from lora4diffusion.web.engine import STYLES, AdapterRegistry, HTTPError, ServeConfig, int_field
@@ -45,23 +46,29 @@ class TrainJob:
     finished: float | None = None
     images: int = 0
 
-    def public(self) -> dict:
-        curve = []
+    curve: list[list[float]] = field(default_factory=list)  # [step, mean loss] from the run's metrics.csv
+
+    def read_curve(self) -> None:
         metrics = self.work / "run" / "metrics.csv"
-        if self.status == "running" and metrics.is_file():
-            try:
-                for line in metrics.read_text().splitlines()[1:]:
-                    step, loss = line.split(",")[:2]
-                    curve.append([int(step), float(loss)])
-            except (OSError, ValueError):
-                pass  # a row being written: the next poll reads it
-            self._curve = curve
-        curve = getattr(self, "_curve", curve)
-        step = curve[-1][0] if curve else 0
+        if not metrics.is_file():
+            return
+        curve = []
+        try:
+            for line in metrics.read_text().splitlines()[1:]:
+                step, loss = line.split(",")[:2]
+                curve.append([int(step), float(loss)])
+        except (OSError, ValueError):
+            pass  # a row being written: the next poll reads it
+        if len(curve) >= len(self.curve):
+            self.curve = curve
+
+    def public(self) -> dict:
+        if self.status == "running":
+            self.read_curve()
+        step = self.steps if self.status == "done" else (int(self.curve[-1][0]) if self.curve else 0)
         return {"id": self.id, "name": self.name, "style": self.style, "rank": self.rank, "steps": self.steps,
-                "status": self.status, "error": self.error,
-                "step": step if self.status != "done" else self.steps,
-                "progress": 1.0 if self.status == "done" else round(step / self.steps, 4), "loss": curve,
+                "status": self.status, "error": self.error, "step": step,
+                "progress": round(step / self.steps, 4), "loss": self.curve,
                 "images": self.images, "seconds": round((self.finished or time.time()) - self.started, 1)}
 
 
@@ -104,8 +111,9 @@ class Training:
                 if self.cfg.checkpoint:
                     cmd += ["--base", str(self.cfg.checkpoint)]
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+                # Its own session: a Ctrl-C in the server's terminal reaches the server, which stops the job.
                 job.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                                            text=True)
+                                            text=True, start_new_session=True)
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
@@ -116,7 +124,7 @@ class Training:
     def _wait(self, job: TrainJob) -> None:
         assert job.proc is not None
         _, err = job.proc.communicate()
-        job.public()  # keep the last loss curve before the run folder goes
+        job.read_curve()  # keep the last loss curve before the run folder goes
         try:
             if job.status == "cancelled":
                 return
@@ -142,6 +150,9 @@ class Training:
                 shutil.copy2(run / f, staged / f)
         if not (staged / ADAPTER_FILE).is_file():
             raise UserError("training wrote no adapter")
+        done = read_metadata(staged / ADAPTER_FILE).get("steps")
+        if done != str(job.steps):  # e.g. stopped by a signal: train-lora then exits 0 with a partial adapter
+            raise UserError(f"training stopped at step {done} of {job.steps}; no adapter installed")
         (staged / "README.md").write_text(
             f"# Adapter `{job.name}`\n\nTrained from `lora4diffusion serve`: style {job.style}, "
             f"rank {job.rank}, "

@@ -370,6 +370,8 @@ async function startTraining() {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
     $("train-start").disabled = true;
+    state.train = job.id;
+    $("train-cancel").hidden = false;
     pollTraining(job.id);
   } catch (e) { $("train-status").textContent = e.message; }
 }
@@ -384,6 +386,7 @@ async function pollTraining(id) {
     (job.error ? ` · ${job.error}` : "");
   if (job.status === "running") { setTimeout(() => pollTraining(id), 1000); return; }
   $("train-start").disabled = false;
+  $("train-cancel").hidden = true;
   if (job.status === "done") {
     const where = $("train-status").dataset.folder;
     $("train-status").textContent += where ? ` · saved in ${where}` : " · kept for this session (serve --adapters DIR keeps it)";
@@ -429,6 +432,9 @@ async function init() {
   });
   $("train-style").addEventListener("change", () => { $("train-file-row").hidden = $("train-style").value !== "upload"; });
   $("train-start").addEventListener("click", startTraining);
+  $("train-cancel").addEventListener("click", () => {
+    if (state.train) api(`/api/train/${state.train}`, { method: "DELETE" }).catch((e) => showError(e.message));
+  });
   try {
     state.info = await api("/api/info");
     const i = state.info;
