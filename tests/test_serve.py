@@ -152,9 +152,9 @@ def test_random_seed_is_reported_and_reproduces(client):
     assert np.array_equal(images(r), images(again))
 
 
-def test_stream_sends_previews_then_the_result(client):
+def stream(client, body: dict) -> tuple[list[str], list[dict], dict | None]:
     kinds, previews, done = [], [], None
-    with client.stream("POST", "/api/generate/stream", json={"prompt": "0-9", "steps": 4, "seed": 1}) as s:
+    with client.stream("POST", "/api/generate/stream", json=body) as s:
         assert s.headers["content-type"].startswith("text/event-stream")
         kind = None
         for line in s.iter_lines():
@@ -167,12 +167,19 @@ def test_stream_sends_previews_then_the_result(client):
                     previews.append(data)
                 elif kind == "done":
                     done = data
+    return kinds, previews, done
+
+
+def test_stream_sends_previews_then_the_result(client):
+    kinds, previews, done = stream(client, {"prompt": "0-9", "steps": 4, "seed": 1})
     assert kinds[0] == "queued" and kinds[-1] == "done"
     assert [p["step"] for p in previews] == [1, 2, 3, 4]
     assert decode(previews[0]["grid"]).shape == decode(done["grid"]).shape
     # the predicted x0 sharpens into the result: the last preview is the final x0 (clipped, same pixels)
     assert not np.array_equal(decode(previews[0]["grid"]), decode(done["grid"]))
     assert np.abs(decode(previews[-1]["grid"]).astype(int) - decode(done["grid"])).max() <= 1
+    _, previews, _ = stream(client, {"prompt": "1", "steps": 20, "seed": 1})
+    assert [p["step"] for p in previews] == [1, *range(2, 21, 2)]  # the first step, then every steps // 10
 
 
 @pytest.mark.parametrize("body, status, words", [

@@ -250,8 +250,8 @@ class Engine:
         def preview(start: int, step: int, steps: int, x0: torch.Tensor) -> None:
             if self.stopping:
                 raise UserError("the server is stopping")
-            if not job.preview_every or (step % job.preview_every and step != steps):
-                return
+            if not job.preview_every or (step % job.preview_every and step not in (1, steps)):
+                return  # the first step too: something to look at as early as possible
             canvas[start : start + x0.shape[0]] = ((x0[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
             job.emit("preview", {"step": step, "steps": steps, "first": start, "grid": grid_b64(canvas, ncol),
                                  "seconds": round(time.perf_counter() - t0, 3)})
