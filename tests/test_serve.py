@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import shlex
+import socket
 import threading
 import time
 import zipfile
@@ -402,9 +403,19 @@ def test_cli_refuses_bad_ports_and_warns_on_open_hosts(monkeypatch, capsys):
 
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", "/nonexistent/base", "--port", "0"]) == 2
+    assert "nonexistent" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+        assert "pick another --port" in capsys.readouterr().err
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
-    assert main(["serve", "--host", "0.0.0.0", "--port", "7999"]) == 0
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "--host", "0.0.0.0", "--port", str(port)]) == 0
     out = capsys.readouterr()
-    assert "warning" in out.err and "http://0.0.0.0:7999/" in out.out
+    assert "warning" in out.err and f"http://0.0.0.0:{port}/" in out.out
     assert calls and calls[0]["host"] == "0.0.0.0"

@@ -297,7 +297,26 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 7860) -> None:
         print(f"warning: --host {host} makes the page (and training on this machine) reachable from the "
               "network, without authentication", file=sys.stderr)
     cfg.local_only = local
+    _check_port(host, port)  # before loading anything: a taken port is a one-line error, not uvicorn's log
     app = create_app(cfg)
     shown = f"[{host}]" if ":" in host else host
     print(f"lora4diffusion serve: http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    print("lora4diffusion serve: stopped", flush=True)
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f"--host {host}: cannot resolve it ({e})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            msg = f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port"
+            raise UserError(msg) from None
