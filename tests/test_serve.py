@@ -419,3 +419,49 @@ def test_cli_refuses_bad_ports_and_warns_on_open_hosts(monkeypatch, capsys):
     out = capsys.readouterr()
     assert "warning" in out.err and f"http://0.0.0.0:{port}/" in out.out
     assert calls and calls[0]["host"] == "0.0.0.0"
+
+
+def test_ctrl_c_ends_running_jobs_and_exits_cleanly(tmp_path):
+    """The real command: Ctrl-C during a long job answers it 503 (JSON) and exits 0 at once, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lora4diffusion", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert f"http://127.0.0.1:{port}/" in proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}/api/generate"
+        wait_for(lambda: _up(f"http://127.0.0.1:{port}/api/info"), timeout=30)
+        answer: list = []
+        long_job = {"prompt": "0-9", "n": 16, "steps": 200}
+        t = threading.Thread(target=lambda: answer.append(httpx.post(url, json=long_job, timeout=60)))
+        t.start()
+        time.sleep(1.0)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        assert time.time() - t0 < 5
+        t.join(10)
+        assert answer[0].status_code == 503 and answer[0].json() == {"error": "the server is stopping"}
+        assert "Traceback" not in proc.stderr.read()
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _up(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -202,9 +202,9 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        # Drain what waits (their clients get an error), stop the running job at its next sampling step,
-        # then wake the worker with None.
+    def stop_soon(self) -> None:
+        """Ctrl-C: the running job ends at its next sampling step and waiting ones at once, each answered
+        503, so open requests finish before the server closes their connections."""
         self.stopping = True
         while True:
             try:
@@ -212,7 +212,10 @@ class Engine:
             except queue.Empty:
                 break
             if job is not None:
-                job.emit("error", {"error": "the server is stopping"})
+                job.emit("error", {"error": "the server is stopping", "status": 503})
+
+    def stop(self) -> None:
+        self.stop_soon()
         try:
             self.jobs.put_nowait(None)
         except queue.Full:
@@ -249,7 +252,7 @@ class Engine:
 
         def preview(start: int, step: int, steps: int, x0: torch.Tensor) -> None:
             if self.stopping:
-                raise UserError("the server is stopping")
+                raise HTTPError(503, "the server is stopping")
             if not job.preview_every or (step % job.preview_every and step not in (1, steps)):
                 return  # the first step too: something to look at as early as possible
             canvas[start : start + x0.shape[0]] = ((x0[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
@@ -285,6 +288,8 @@ class Engine:
                 job.emit("done", result)
             except UserError as e:
                 job.emit("error", {"error": str(e), "status": 400})
+            except HTTPError as e:
+                job.emit("error", {"error": e.message, "status": e.status})
             except Exception as e:  # never a traceback to the client; the console keeps it
                 log.exception("generation failed")
                 job.emit("error", {"error": f"generation failed: {type(e).__name__}: {e}".splitlines()[0],

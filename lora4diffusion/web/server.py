@@ -300,8 +300,19 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 7860) -> None:
     _check_port(host, port)  # before loading anything: a taken port is a one-line error, not uvicorn's log
     app = create_app(cfg)
     shown = f"[{host}]" if ":" in host else host
+    engine = app.state.serve.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # Ctrl-C / SIGTERM: end the jobs first (see stop_soon)
+            engine.stop_soon()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     print(f"lora4diffusion serve: http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    try:
+        Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
+        pass
     print("lora4diffusion serve: stopped", flush=True)
 
 
