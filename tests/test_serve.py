@@ -411,14 +411,15 @@ def test_cli_refuses_bad_ports_and_warns_on_open_hosts(monkeypatch, capsys):
         assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
         assert "pick another --port" in capsys.readouterr().err
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: calls.append(self.config))
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         port = s.getsockname()[1]
     assert main(["serve", "--host", "0.0.0.0", "--port", str(port)]) == 0
     out = capsys.readouterr()
     assert "warning" in out.err and f"http://0.0.0.0:{port}/" in out.out
-    assert calls and calls[0]["host"] == "0.0.0.0"
+    assert calls and calls[0].host == "0.0.0.0" and calls[0].port == port
+    assert not calls[0].app.state.serve.cfg.local_only  # any Host header, as asked (and warned)
 
 
 def test_ctrl_c_ends_running_jobs_and_exits_cleanly(tmp_path):
