@@ -206,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_classifier_parser(sub)
     t.set_defaults(func=cmd_train)
     s.set_defaults(func=cmd_sample)
+
+    sv = sub.add_parser("serve", help="a local web page: prompt, slide LoRA weights, watch digits denoise")
+    sv.add_argument("--checkpoint", help="base model directory (default: the shipped base)")
+    sv.add_argument("--adapters", help="folder of adapter directories, listed on the page; trained adapters"
+                    " are written there (default: shipped adapters only, trained ones kept for the session)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)")
+    sv.add_argument("--port", type=int, default=7860)
+    sv.add_argument("--queue", type=positive_int, default=8, help="waiting jobs before answering 429")
+    _device_args(sv)
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
@@ -712,6 +722,20 @@ def _out_of_memory(e: BaseException) -> bool:
 
     oom = getattr(torch, "OutOfMemoryError", ())
     return isinstance(e, MemoryError) or (oom and isinstance(e, oom)) or "can't allocate memory" in str(e)
+
+
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from lora4diffusion.web.server import ServeConfig, serve
+    except ImportError as e:  # starlette/uvicorn are dependencies; a partial install names what is missing
+        raise UserError(f"serve needs starlette and uvicorn ({e}); pip install starlette uvicorn") from None
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a port number (0-65535)")
+    serve(ServeConfig(checkpoint=args.checkpoint, adapters=args.adapters, device=args.device,
+                      max_queue=args.queue), host=args.host, port=args.port)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

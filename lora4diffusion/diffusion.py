@@ -147,6 +147,10 @@ class _Sampler:
         prev = self._prev[t]
         return self.alphas_cumprod[t], self.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
 
+    def predict_x0(self, eps: Tensor, t: int, x: Tensor) -> Tensor:
+        """The model's current guess of the clean image (DDPM eq. 15): what a live preview shows."""
+        return self._predict_x0(eps.float(), self._alphas(int(t))[0], x)
+
     def variance(self, t: int) -> Tensor:
         """beta tilde (DDPM eq. 7) from t to the next kept step; posterior_variance[t] when all T are kept."""
         abar_t, abar_prev = self._alphas(int(t))
@@ -224,12 +228,15 @@ def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: 
 @torch.no_grad()
 def sample(model: EpsModel, sampler: DDPMSampler | DDIMSampler, labels: Tensor, shape: tuple[int, int, int],
            guidance: float = 1.0, generator: torch.Generator | None = None, trajectory_every: int = 0,
-           progress: bool = False, clip: bool = True) -> tuple[Tensor, list[Tensor]]:
+           progress: bool = False, clip: bool = True,
+           callback: Callable[[int, int, Tensor], None] | None = None) -> tuple[Tensor, list[Tensor]]:
     """Run ``sampler.timesteps`` from x_T ~ N(0, I); returns (x0 in [-1, 1], [B, *shape] float32, trajectory).
 
     ``clip`` False (latent models: latents have no [-1, 1] range) returns the last x unclamped.
 
     The trajectory holds x (on the CPU) after every ``trajectory_every``-th step, plus the final x0; [] if 0.
+    ``callback(step, steps, x0_hat)`` is called after each step's model call with the predicted clean image
+    (for live previews); it does not change the result.
     """
     if guidance < 0:
         raise UserError(f"guidance must be >= 0, got {guidance}")
@@ -243,7 +250,10 @@ def sample(model: EpsModel, sampler: DDPMSampler | DDIMSampler, labels: Tensor, 
     steps = sampler.timesteps.tolist()
     for i, t in enumerate(tqdm(steps, disable=not progress, desc="sampling", leave=False), start=1):
         t_batch = torch.full((labels.shape[0],), t, dtype=torch.int64, device=device)
-        x = sampler.step(guided_eps(model, x, t_batch, labels, guidance), t, x, generator)
+        eps = guided_eps(model, x, t_batch, labels, guidance)
+        if callback is not None:
+            callback(i, len(steps), sampler.predict_x0(eps, t, x))
+        x = sampler.step(eps, t, x, generator)
         if i == len(steps) and clip:
             x = x.clamp(-1, 1)  # already in range with clip_sample; guarantees it without
         if trajectory_every and (i % trajectory_every == 0 or i == len(steps)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,7 @@ class Pipeline:
         trajectory_every: int = 0,
         bf16: bool = False,
         progress: bool = False,
+        callback: Callable[[int, int, int, torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Sample one image per label; returns (images [N, H, W] in [0, 1], trajectory of the first batch).
 
@@ -101,6 +104,8 @@ class Pipeline:
         ``batch_size`` 50 (100 rows with guidance) keeps every activation under glibc's 32 MiB mmap ceiling:
         250 was 1.4x slower on CPU, most of it page faults (benchmarks/RESULTS.md). Raise it on a GPU.
         Non-finite results (an overflowing model, adapter or guidance) raise UserError instead of returning.
+        ``callback(first_index, step, steps, x0_hat)``: after every step of every batch, the predicted clean
+        images of the batch starting at ``first_index`` ([b, C, H, W] in [-1, 1]); for live previews.
         """
         device = self.device
         labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
@@ -121,6 +126,7 @@ class Pipeline:
                     trajectory_every if b == 0 else 0,
                     progress,
                     clip=self.vae is None,
+                    callback=None if callback is None else functools.partial(callback, start),
                 )
             if not torch.isfinite(x).all():  # clamp() below would hide inf as 0/1 and keep NaN: refuse
                 raise UserError(

@@ -1,0 +1,1 @@
+"""The local web page (lora4diffusion serve)."""

@@ -1,0 +1,337 @@
+"""Generation for ``serve``: the adapter registry, the job queue and the one worker on the shared model.
+
+One model is shared by every request; a single worker thread runs the generation jobs one after the other,
+and each job sets every loaded adapter's weight to what *its* request asked for before sampling, so two
+requests with different weights each get exactly the images they would get alone (tested). Jobs wait in a
+bounded queue; past ``max_queue`` waiting jobs the server answers 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import queue
+import secrets
+import shlex
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora4diffusion.checkpoint import read_metadata
+from lora4diffusion.errors import UserError
+from lora4diffusion.lora.adapters import ADAPTER_FILE, UNKNOWN, load_adapter, shipped_adapters
+from lora4diffusion.lora.layers import set_adapter_weight
+from lora4diffusion.pipeline import Pipeline
+from lora4diffusion.plots import grid_image
+from lora4diffusion.web.prompt import Conditioning, check_name
+
+log = logging.getLogger("lora4diffusion")
+STYLES = ("bold", "thin", "italic")
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str | None = None  # None: the shipped base
+    adapters: str | None = None  # a folder of adapter directories; trained adapters go there too
+    device: str = "auto"
+    max_queue: int = 8  # waiting generation jobs; the next one gets 429
+    max_steps: int = 200
+    max_per_digit: int = 16
+    max_images: int = 160
+    max_upload_bytes: int = 20 * 2**20  # the zip, before base64
+    max_upload_images: int = 5000
+    max_image_bytes: int = 2 * 2**20  # one image inside the zip, uncompressed
+    max_train_steps: int = 2000
+    max_rank: int = 64
+    local_only: bool = True  # answer only to Host 127.0.0.1/localhost (serve sets False for other binds)
+    sampler_batch: int = 50  # = Pipeline.generate's default, so `lora4diffusion sample` gives the same images
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# --------------------------------------------------------------------------------------------- adapters
+@dataclass
+class AdapterInfo:
+    name: str
+    path: Path
+    source: str  # "shipped" | "folder"
+    meta: dict[str, str]
+    fits: bool | None  # None: no fingerprint recorded (e.g. imported from PEFT), shapes are checked on load
+    reason: str = ""
+
+    def public(self) -> dict:
+        m = self.meta
+        try:
+            targets = json.loads(m.get("targets", "[]"))
+        except json.JSONDecodeError:
+            targets = []
+        return {
+            "name": self.name,
+            "source": self.source,
+            "rank": int(m.get("rank", 0) or 0),
+            "alpha": float(m.get("alpha", 0) or 0),
+            "targets": m.get("target_spec") or f"{len(targets)} modules",
+            "modules": len(targets),
+            "style": _style_label(m.get("style", "")),
+            "trigger": m.get("trigger", ""),
+            "steps": int(m.get("steps", 0) or 0),
+            "fits": self.fits,
+            "reason": self.reason,
+        }
+
+
+def _style_label(style: str) -> str:
+    # A custom style is recorded as the folder it was read from; the page shows the folder's name only.
+    return style if style in STYLES or not style else f"images ({Path(style).name})"
+
+
+class AdapterRegistry:
+    """Adapters by name: the shipped examples and the adapter directories in ``folder`` (these win a clash).
+
+    Names come from the browser, so they are only ever dictionary keys here, never joined into a path.
+    """
+
+    def __init__(self, folder: Path | None, fingerprint: str):
+        self.folder, self.fingerprint = folder, fingerprint
+        self._cache: dict[Path, tuple[int, AdapterInfo]] = {}
+        self._lock = threading.Lock()
+
+    def _info(self, name: str, directory: Path, source: str) -> AdapterInfo | None:
+        f = directory / ADAPTER_FILE
+        try:
+            mtime = f.stat().st_mtime_ns
+        except OSError:
+            return None
+        hit = self._cache.get(f)
+        if hit and hit[0] == mtime and hit[1].name == name:
+            return hit[1]
+        try:
+            meta = read_metadata(f)
+        except UserError as e:
+            info = AdapterInfo(name, directory, source, {}, False, str(e).split(": ")[-1])
+        else:
+            fp = meta.get("base_fingerprint", UNKNOWN)
+            fits = None if fp == UNKNOWN else fp == self.fingerprint
+            reason = "" if fits is not False else f"trained on another base ({fp[:12]})"
+            info = AdapterInfo(name, directory, source, meta, fits, reason)
+        self._cache[f] = (mtime, info)
+        return info
+
+    def all(self) -> dict[str, AdapterInfo]:
+        with self._lock:
+            found = {n: self._info(n, p, "shipped") for n, p in shipped_adapters().items()}
+            if self.folder is not None and self.folder.is_dir():
+                for d in sorted(self.folder.iterdir()):
+                    if d.is_dir() and not d.name.startswith(".") and (d / ADAPTER_FILE).is_file():
+                        try:
+                            check_name(d.name)
+                        except UserError:
+                            continue  # a folder name the page could not address: not listed
+                        found[d.name] = self._info(d.name, d, "folder")
+            return {k: v for k, v in found.items() if v is not None}
+
+    def get(self, name: str) -> AdapterInfo:
+        check_name(name)
+        have = self.all()
+        if name not in have:
+            raise UserError(f"unknown adapter {name!r} (have {', '.join(sorted(have)) or 'none'})")
+        info = have[name]
+        if info.fits is False:
+            raise UserError(f"adapter {name!r} does not fit the loaded base: {info.reason}")
+        return info
+
+
+# ------------------------------------------------------------------------------------------- generation
+@dataclass
+class Job:
+    cond: Conditioning
+    loras: dict[str, float]
+    steps: int
+    guidance: float
+    seed: int
+    settings: dict
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    preview_every: int = 0  # 0: no previews
+    id: str = field(default_factory=lambda: secrets.token_hex(6))
+
+    def emit(self, kind: str, data: dict) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))
+        except RuntimeError:  # the request's event loop is gone (client left, server stopping)
+            pass
+
+
+def png_b64(images: torch.Tensor, nrow: int) -> str:
+    buf = io.BytesIO()
+    grid_image(images, nrow, pad=1 if images.shape[0] > 1 else 0, scale=1).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def grid_b64(images: torch.Tensor, columns: int) -> str:
+    """Images in label order (digit by digit, as ``sample`` draws them) -> a grid with one column per digit,
+    so each row is a full row of the asked digits (0-9 reads left to right)."""
+    per = images.shape[0] // columns
+    order = [j * per + k for k in range(per) for j in range(columns)]
+    return png_b64(images[order], columns)
+
+
+class Engine:
+    """The shared model and the one worker thread that runs generation jobs in order."""
+
+    def __init__(self, cfg: ServeConfig, pipe: Pipeline, registry: AdapterRegistry):
+        self.cfg, self.pipe, self.registry = cfg, pipe, registry
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=cfg.max_queue)
+        self.model_lock = threading.Lock()  # held while a job samples; tests hold it to fill the queue
+        self.loaded: dict[tuple[Path, int], str] = {}  # (file, mtime) -> adapter name inside the UNet
+        self.running: Job | None = None
+        self.submitted = self.done_count = 0
+        self.stopping = False
+        self._thread = threading.Thread(target=self._work, name="lora4diffusion-generate", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop_soon(self) -> None:
+        """Ctrl-C: the running job ends at its next sampling step and waiting ones at once, each answered
+        503, so open requests finish before the server closes their connections."""
+        self.stopping = True
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.emit("error", {"error": "the server is stopping", "status": 503})
+
+    def stop(self) -> None:
+        self.stop_soon()
+        try:
+            self.jobs.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=10)
+
+    def submit(self, job: Job) -> int:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            msg = f"busy: {self.cfg.max_queue} jobs are already waiting; try again soon"
+            raise HTTPError(429, msg) from None
+        self.submitted += 1
+        return self.jobs.qsize()
+
+    def _model_name(self, info: AdapterInfo) -> str:
+        f = info.path / ADAPTER_FILE
+        key = (f, f.stat().st_mtime_ns)
+        if key not in self.loaded:
+            # A fresh name per file version: a re-trained adapter is loaded anew, the old copy stays at 0.
+            name = f"a{len(self.loaded)}"
+            load_adapter(self.pipe.unet, info.path, name=name, weight=0.0)
+            self.loaded[key] = name
+        return self.loaded[key]
+
+    def run(self, job: Job) -> dict:
+        """Sample one job on the shared model: every loaded adapter at this request's weight (0 if absent)."""
+        wanted = {self._model_name(self.registry.get(n)): w for n, w in job.loras.items()}
+        for name in self.loaded.values():
+            set_adapter_weight(self.pipe.unet, name, wanted.get(name, 0.0))
+        labels, ncol = job.cond.labels, len(job.cond.digits)
+        canvas = torch.full((len(labels), self.pipe.image_size, self.pipe.image_size), 0.5)
+        t0 = time.perf_counter()
+
+        def preview(start: int, step: int, steps: int, x0: torch.Tensor) -> None:
+            if self.stopping:
+                raise HTTPError(503, "the server is stopping")
+            if not job.preview_every or (step % job.preview_every and step not in (1, steps)):
+                return  # the first step too: something to look at as early as possible
+            canvas[start : start + x0.shape[0]] = ((x0[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
+            job.emit("preview", {"step": step, "steps": steps, "first": start, "grid": grid_b64(canvas, ncol),
+                                 "seconds": round(time.perf_counter() - t0, 3)})
+
+        images, _ = self.pipe.generate(
+            labels, steps=job.steps, guidance=job.guidance, seed=job.seed, batch_size=self.cfg.sampler_batch,
+            callback=preview,
+        )
+        return {
+            "id": job.id,
+            "grid": grid_b64(images, ncol),
+            "images": [png_b64(im[None], 1) for im in images],
+            "labels": labels,
+            "columns": job.cond.columns,
+            "settings": job.settings,
+            "command": sample_command(job.settings, self.registry, self.cfg.checkpoint),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    def _work(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                with self.model_lock:
+                    self.running = job
+                    job.emit("start", {"id": job.id})
+                    result = self.run(job)
+                job.emit("done", result)
+            except UserError as e:
+                job.emit("error", {"error": str(e), "status": 400})
+            except HTTPError as e:
+                job.emit("error", {"error": e.message, "status": e.status})
+            except Exception as e:  # never a traceback to the client; the console keeps it
+                log.exception("generation failed")
+                job.emit("error", {"error": f"generation failed: {type(e).__name__}: {e}".splitlines()[0],
+                                   "status": 500})
+            finally:
+                self.running = None
+                self.done_count += 1
+
+
+def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None) -> str:
+    """The ``lora4diffusion sample`` command that draws the same images (same seed, layout and batches)."""
+    parts = ["lora4diffusion sample"]
+    if checkpoint:
+        parts.append(f"--checkpoint {_quote(str(checkpoint))}")
+    parts += [f"--digits {','.join(map(str, s['digits']))}", f"--per-digit {s['n']}", f"--steps {s['steps']}",
+              f"--guidance {s['guidance']:g}", f"--seed {s['seed']}"]
+    have = registry.all()
+    for name, w in s["loras"].items():
+        info = have.get(name)
+        where = name if info is None or info.source == "shipped" else _quote(str(info.path))
+        parts.append(f"--lora {where}:{w:g}")
+    parts.append("--out samples")
+    return " ".join(parts)
+
+
+def _quote(text: str) -> str:
+    return shlex.quote(text)
+
+
+def int_field(body: dict, key: str, default: int, lo: int, hi: int) -> int:
+    v = body.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, int | float) or v != int(v) or not lo <= v <= hi:
+        raise UserError(f"{key} must be an integer in {lo}..{hi}, got {str(v)[:40]}")
+    return int(v)
+
+
+def float_field(body: dict, key: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+        raise UserError(f"{key} must be a number in {lo:g}..{hi:g}, got {str(v)[:40]}")
+    return float(v)

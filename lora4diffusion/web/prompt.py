@@ -1,0 +1,121 @@
+"""Prompts for the web page: ``<lora:NAME:WEIGHT>`` tags (AUTOMATIC1111's syntax) and prompt -> conditioning.
+
+Today's model is conditioned on a digit label, so the text that is left once the tags are stripped must name
+digits: ``"7"``, ``"seven"``, ``"3 5 7"``, ``"0-9"``, ``"three and 8"``. A text-conditioned pipeline replaces
+:func:`encode_prompt` (the one place where a prompt becomes model conditioning) and keeps everything else.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from lora4diffusion.errors import UserError
+
+# AUTOMATIC1111's extra-network tag: <lora:name>, <lora:name:multiplier> (a third field, the text-encoder /
+# UNet split of their syntax, has no meaning for this text-free model and is refused).
+TAG = re.compile(r"<lora:([^:<>]*)(?::([^:<>]*))?(?::([^<>]*))?>", re.IGNORECASE)
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_WEIGHT = 4.0
+WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine".split())}
+_TOKEN = re.compile(r"(\d)\s*-\s*(\d)|(\d)|([a-z]+)")
+_FILLER = {"and", "a", "an", "digit", "digits", "number", "numbers", "the", "of", "to", "then", "or"}
+
+
+@dataclass
+class Prompt:
+    text: str  # the prompt without its tags
+    loras: dict[str, float] = field(default_factory=dict)  # from the tags, in order of appearance
+
+
+def check_weight(name: str, weight: float) -> float:
+    weight = float(weight)
+    if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+        raise UserError(f"weight of adapter {name!r} must be a number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
+    return weight
+
+
+def check_name(name: str) -> str:
+    """Adapter names are plain words: never a path (no '/', '..', drive letters), so they cannot escape."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise UserError(f"bad adapter name {str(name)[:80]!r} (letters, digits, '-', '_'; at most 64)")
+    return name
+
+
+def parse_prompt(prompt: str) -> Prompt:
+    """Strip ``<lora:NAME[:WEIGHT]>`` tags (weight 1 when absent, as in AUTOMATIC1111; the last tag of a name
+    wins) and return the remaining text and the tags' weights."""
+    loras: dict[str, float] = {}
+    for m in TAG.finditer(prompt):
+        name, weight, extra = m.group(1).strip(), m.group(2), m.group(3)
+        check_name(name)
+        if extra is not None:
+            raise UserError(f"tag {m.group(0)!r}: only <lora:NAME:WEIGHT> is understood (no text encoder)")
+        try:
+            w = 1.0 if weight is None or not weight.strip() else float(weight)
+        except ValueError:
+            raise UserError(f"tag {m.group(0)!r}: weight {weight!r} is not a number") from None
+        loras.pop(name, None)
+        loras[name] = check_weight(name, w)
+    text = " ".join(TAG.sub(" ", prompt).split())
+    return Prompt(text, loras)
+
+
+def prompt_digits(text: str) -> list[int]:
+    """Digits named by the text, in order, duplicates dropped (as ``sample --digits``): '3 5 7', 'seven',
+    '0-9', '3,five'. An empty text means every digit 0-9."""
+    words = re.sub(r"[,;.+&/]", " ", text.lower()).strip()
+    if not words:
+        return list(range(10))
+    out: list[int] = []
+    pos = 0
+    for m in _TOKEN.finditer(words):
+        gap = words[pos : m.start()].strip()
+        if gap:
+            raise UserError(f"cannot read {gap!r} in the prompt: this model draws digits (e.g. '7', 'seven', "
+                            f"'3 5 7', '0-9')")
+        pos = m.end()
+        if m.group(1) is not None:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise UserError(f"range {m.group(0)!r} is reversed (write {hi}-{lo})")
+            new = list(range(lo, hi + 1))
+        elif m.group(3) is not None:
+            new = [int(m.group(3))]
+        elif m.group(4) in WORDS:
+            new = [WORDS[m.group(4)]]
+        elif m.group(4) in _FILLER:
+            new = []
+        else:
+            raise UserError(f"unknown word {m.group(4)!r} in the prompt: this model is conditioned on a "
+                            f"digit label (try '7', 'seven', '3 5 7' or '0-9')")
+        out += [d for d in new if d not in out]
+    if words[pos:].strip():
+        raise UserError(f"cannot read {words[pos:].strip()!r} in the prompt")
+    if not out:
+        raise UserError("the prompt names no digit (try '7', 'seven', '3 5 7' or '0-9')")
+    return out
+
+
+@dataclass
+class Conditioning:
+    labels: list[int]  # one per image: per_digit of the first digit, then of the next (``sample``'s order)
+    columns: list[str]  # what each column of the page's grid shows
+    per_digit: int
+    digits: list[int]
+
+
+def encode_prompt(text: str, negative: str, per_digit: int) -> Conditioning:
+    """Prompt -> the model's conditioning: THE function a text-conditioned pipeline replaces.
+
+    The label model draws ``per_digit`` images of each digit the text names, in the order of
+    ``lora4diffusion sample --digits D --per-digit N`` (so the equivalent command gives the same images).
+    It has no text encoder to read a negative prompt with, so one is refused rather than silently ignored.
+    """
+    if negative.strip():
+        raise UserError("negative prompts need a text-conditioned model; this base is conditioned on a digit "
+                        "label (leave it empty)")
+    digits = prompt_digits(text)
+    labels = [d for d in digits for _ in range(per_digit)]
+    return Conditioning(labels, [str(d) for d in digits], per_digit, digits)

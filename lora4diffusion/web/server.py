@@ -1,0 +1,333 @@
+"""``lora4diffusion serve``: a local web page and JSON API to generate digits with LoRA weights, live.
+
+Starlette + uvicorn around ``engine.Engine`` (generation: a queue and one worker on the shared model) and
+``training.Training`` (one LoRA training subprocess at a time). Endpoints (docs/API.md): GET /api/info,
+GET /api/adapters, POST /api/generate, POST /api/generate/stream (Server-Sent Events: queued, start, preview,
+done | error), POST /api/train, GET /api/train/{id}, DELETE /api/train/{id}. Errors are JSON
+``{"error": "one line"}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from lora4diffusion.errors import UserError
+from lora4diffusion.lora.adapters import base_fingerprint
+from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
+from lora4diffusion.web.engine import (
+    STYLES,
+    AdapterRegistry,
+    Engine,
+    HTTPError,
+    Job,
+    ServeConfig,
+    float_field,
+    int_field,
+)
+from lora4diffusion.web.prompt import check_name, check_weight, encode_prompt, parse_prompt
+from lora4diffusion.web.training import Training, TrainJob
+
+__all__ = ["ServeConfig", "create_app", "serve"]
+log = logging.getLogger("lora4diffusion")
+STATIC = Path(__file__).parent / "static"
+
+
+class State:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.pipe = Pipeline.load(cfg.checkpoint).to(cfg.device)
+        self.pipe.unet.eval()
+        self.fingerprint = base_fingerprint(self.pipe.unet)
+        self.tmp_adapters: Path | None = None
+        if cfg.adapters:
+            folder = Path(cfg.adapters).expanduser()
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"--adapters {folder} is a file, not a folder")
+        else:  # trained adapters live for this session only
+            folder = self.tmp_adapters = Path(tempfile.mkdtemp(prefix="lora4diffusion-serve-"))
+        self.adapters_folder = folder
+        self.registry = AdapterRegistry(folder, self.fingerprint)
+        self.engine = Engine(cfg, self.pipe, self.registry)
+        self.training = Training(cfg, folder, self.registry)
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.training.stop()
+        if self.tmp_adapters is not None:
+            shutil.rmtree(self.tmp_adapters, ignore_errors=True)
+
+    def request(self, body: dict, loop: asyncio.AbstractEventLoop, preview: bool) -> Job:
+        """Validate a generate request (every error is a UserError/HTTPError, before anything is queued)."""
+        cfg = self.cfg
+        if not isinstance(body, dict):
+            raise UserError("the request body must be a JSON object")
+        unknown = set(body) - {"prompt", "negative", "n", "steps", "guidance", "seed", "loras"}
+        if unknown:
+            raise UserError(f"unknown field(s) {', '.join(sorted(unknown))}")
+        prompt, negative = body.get("prompt", ""), body.get("negative", "") or ""
+        if not isinstance(prompt, str) or not isinstance(negative, str) or len(prompt) > 2000:
+            raise UserError("prompt and negative must be strings (prompt at most 2000 characters)")
+        n = int_field(body, "n", 1, 1, cfg.max_per_digit)
+        steps = int_field(body, "steps", DEFAULT_STEPS, 1, min(cfg.max_steps, self.pipe.diffusion.timesteps))
+        guidance = float_field(body, "guidance", DEFAULT_GUIDANCE, 0.0, 20.0)
+        seed = body.get("seed")
+        if seed is None or seed == -1:
+            seed = secrets.randbelow(2**31)
+        seed = int_field({"seed": seed}, "seed", 0, 0, 2**31 - 1)
+        loras = body.get("loras") or {}
+        if not isinstance(loras, dict):
+            raise UserError('loras must be an object {"name": weight}')
+        parsed = parse_prompt(prompt)
+        merged: dict[str, float] = {}
+        for name, w in loras.items():
+            check_name(name)
+            if isinstance(w, bool) or not isinstance(w, int | float):
+                raise UserError(f"weight of adapter {name!r} must be a number")
+            merged[name] = check_weight(name, w)
+        for name, w in parsed.loras.items():
+            if name in merged and merged[name] != w:
+                raise UserError(f"adapter {name!r}: the prompt's tag says {w:g}, loras says {merged[name]:g}")
+            merged[name] = w
+        for name in merged:
+            self.registry.get(name)  # unknown names and adapters of another base: 400 now, not in the worker
+        merged = {k: v for k, v in merged.items() if v != 0}  # weight 0 is the base exactly (skipped branch)
+        cond = encode_prompt(parsed.text, negative, n)
+        if len(cond.labels) > cfg.max_images:
+            raise UserError(f"{len(cond.labels)} images asked; the limit is {cfg.max_images}")
+        settings = {"prompt": parsed.text, "negative": negative, "digits": cond.digits, "n": n,
+                    "steps": steps,
+                    "guidance": guidance, "seed": seed, "loras": merged, "sampler": "ddim",
+                    "checkpoint": cfg.checkpoint or "shipped base"}
+        every = max(1, steps // 10) if preview else 0
+        return Job(cond, merged, steps, guidance, seed, settings, loop, asyncio.Queue(), every)
+
+
+def create_app(cfg: ServeConfig | None = None):
+    """The Starlette application (the model loads here; the worker starts with the app's lifespan)."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    cfg = cfg or ServeConfig()
+    state = State(cfg)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.engine.start()
+        try:
+            yield
+        finally:
+            state.close()
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": " ".join(str(message).split())[:500]}, status_code=status)
+
+    async def read_json(request: Request, limit: int = 2**20) -> dict:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise HTTPError(413, f"request body too large (limit {limit // 2**20} MiB)")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPError(413, f"request body too large (limit {limit // 2**20} MiB)")
+        try:
+            obj = json.loads(body or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"the request body is not JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        if not isinstance(obj, dict):
+            raise UserError("the request body must be a JSON object")
+        return obj
+
+    async def index(request: Request):
+        return FileResponse(STATIC / "index.html")
+
+    async def info(request: Request):
+        return JSONResponse({
+            "model": "label", "conditioning": "digit label 0-9 (the prompt names digits)",
+            "checkpoint": cfg.checkpoint or "shipped base", "device": str(state.pipe.device),
+            "defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "n": 1},
+            "limits": {"steps": cfg.max_steps, "n": cfg.max_per_digit, "images": cfg.max_images,
+                       "queue": cfg.max_queue, "upload_mib": cfg.max_upload_bytes // 2**20,
+                       "upload_images": cfg.max_upload_images, "train_steps": cfg.max_train_steps,
+                       "rank": cfg.max_rank},
+            "adapters_folder": None if state.tmp_adapters else str(state.adapters_folder),
+            "negative_prompt": False, "styles": list(STYLES),
+            "queue": {"waiting": state.engine.jobs.qsize(), "running": state.engine.running is not None},
+        })
+
+    async def adapters(request: Request):
+        items = [a.public() for a in state.registry.all().values()]
+        folder = None if state.tmp_adapters else str(state.adapters_folder)
+        return JSONResponse({"adapters": items, "folder": folder})
+
+    async def generate(request: Request):
+        job = state.request(await read_json(request), asyncio.get_running_loop(), preview=False)
+        state.engine.submit(job)
+        while True:
+            kind, data = await job.events.get()
+            if kind == "done":
+                return JSONResponse(data)
+            if kind == "error":
+                return error(data.get("status", 400), data["error"])
+
+    async def generate_stream(request: Request):
+        job = state.request(await read_json(request), asyncio.get_running_loop(), preview=True)
+        waiting = state.engine.submit(job)
+
+        async def events():
+            yield _sse("queued", {"id": job.id, "waiting": waiting})
+            while True:
+                kind, data = await job.events.get()
+                yield _sse(kind, data)
+                if kind in ("done", "error"):
+                    return
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def train(request: Request):
+        body = await read_json(request, limit=cfg.max_upload_bytes * 4 // 3 + 2**16)
+        job = await asyncio.to_thread(state.training.start, body)
+        return JSONResponse(job.public(), status_code=202)
+
+    def train_job(request: Request) -> TrainJob:
+        job = state.training.jobs.get(request.path_params["id"])
+        if job is None:
+            raise HTTPError(404, "no such training job")
+        return job
+
+    async def train_status(request: Request):
+        return JSONResponse(train_job(request).public())
+
+    async def train_cancel(request: Request):
+        job = train_job(request)
+        state.training.cancel(job)
+        return JSONResponse(job.public())
+
+    async def user_error(request: Request, exc: UserError):
+        return error(400, str(exc))
+
+    async def http_error(request: Request, exc: HTTPError):
+        return error(exc.status, exc.message)
+
+    async def starlette_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, exc.detail or "error")
+
+    async def server_error(request: Request, exc: Exception):
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return error(500, f"internal error ({type(exc).__name__})")
+
+    routes = [
+        Route("/", index),
+        Route("/api/info", info),
+        Route("/api/adapters", adapters),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/generate/stream", generate_stream, methods=["POST"]),
+        Route("/api/train", train, methods=["POST"]),
+        Route("/api/train/{id}", train_status, methods=["GET"]),
+        Route("/api/train/{id}", train_cancel, methods=["DELETE"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    guard = [Middleware(Guard, local_only=cfg.local_only)]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=guard, exception_handlers={
+        UserError: user_error, HTTPError: http_error, HTTPException: starlette_error, Exception: server_error,
+    })
+    app.state.serve = state
+    return app
+
+
+LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")
+JSON_TYPE = "application/json"
+
+
+class Guard:
+    """ASGI middleware against other web sites driving this server through the user's browser.
+
+    A POST must carry ``Content-Type: application/json``: a cross-site page can only send that after a CORS
+    preflight, which this server never answers, so a form or a no-cors ``fetch`` elsewhere cannot start a job.
+    Bound to this machine, the Host header must name it too (DNS rebinding: a site whose name resolves to
+    127.0.0.1 would otherwise read the answers).
+    """
+
+    def __init__(self, app, local_only: bool):
+        self.app, self.local_only = app, local_only
+
+    async def __call__(self, scope, receive, send):
+        from starlette.responses import JSONResponse
+
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            host = headers.get("host", "")
+            name = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+            refusal = None
+            if self.local_only and name.lower() not in LOCAL_NAMES:
+                refusal = (403, f"host {name[:60]!r} refused: this server answers to localhost only")
+            elif scope["method"] == "POST" and not headers.get("content-type", "").startswith(JSON_TYPE):
+                refusal = (415, "POST bodies must be JSON, sent with Content-Type: application/json")
+            if refusal:
+                await JSONResponse({"error": refusal[1]}, status_code=refusal[0])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _sse(kind: str, data: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Run the server until Ctrl-C (uvicorn handles SIGINT/SIGTERM and runs the app's shutdown)."""
+    import uvicorn
+
+    local = host in ("127.0.0.1", "localhost", "::1")
+    if not local:
+        print(f"warning: --host {host} makes the page (and training on this machine) reachable from the "
+              "network, without authentication", file=sys.stderr)
+    cfg.local_only = local
+    _check_port(host, port)  # before loading anything: a taken port is a one-line error, not uvicorn's log
+    app = create_app(cfg)
+    shown = f"[{host}]" if ":" in host else host
+    engine = app.state.serve.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # Ctrl-C / SIGTERM: end the jobs first (see stop_soon)
+            engine.stop_soon()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    print(f"lora4diffusion serve: http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    try:
+        Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
+        pass
+    print("lora4diffusion serve: stopped", flush=True)
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f"--host {host}: cannot resolve it ({e})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            msg = f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port"
+            raise UserError(msg) from None

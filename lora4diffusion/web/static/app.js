@@ -1,0 +1,448 @@
+// lora4diffusion serve: the page. Plain JS, no dependencies; talks to the JSON API in docs/API.md.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+// AUTOMATIC1111's tag, as the server parses it (lora4diffusion/web/prompt.py).
+const TAG = /<lora:([^:<>]*)(?::([^:<>]*))?(?::([^<>]*))?>/gi;
+const state = { adapters: [], info: null, busy: false, pending: false, history: [], train: null };
+
+function fmt(w) { return String(Math.round(w * 100) / 100); }
+
+function parseTags(text) {
+  const loras = {};
+  for (const m of text.matchAll(TAG)) {
+    const w = m[2] === undefined || m[2].trim() === "" ? 1 : Number(m[2]);
+    loras[m[1].trim()] = w;
+  }
+  return loras;
+}
+function promptText(text) { return text.replace(TAG, " ").replace(/\s+/g, " ").trim(); }
+
+function showError(msg) {
+  const e = $("error");
+  e.textContent = msg || "";
+  e.hidden = !msg;
+}
+
+async function api(path, opts = {}) {
+  const r = await fetch(path, opts);
+  const body = await r.json().catch(() => ({ error: `${r.status} ${r.statusText}` }));
+  if (!r.ok) throw new Error(body.error || `${r.status}`);
+  return body;
+}
+
+// ---------------------------------------------------------------- prompt <-> sliders
+function setTag(name, w) {
+  const p = $("prompt");
+  let text = p.value, seen = false;
+  text = text.replace(TAG, (all, n) => {
+    if (n.trim() !== name) return all;
+    if (seen || w === 0) return "";
+    seen = true;
+    return `<lora:${name}:${fmt(w)}>`;
+  });
+  if (!seen && w !== 0) text = `${text.trimEnd()} <lora:${name}:${fmt(w)}>`;
+  p.value = text.replace(/[ \t]{2,}/g, " ").trim();
+}
+
+function syncSliders() {
+  const tags = parseTags($("prompt").value);
+  const known = new Set(state.adapters.map((a) => a.name));
+  for (const a of state.adapters) {
+    const s = document.querySelector(`input[data-adapter="${a.name}"]`);
+    if (!s) continue;
+    const w = tags[a.name] ?? 0;
+    s.value = w;
+    s.closest(".adapter").querySelector(".w").textContent = fmt(w);
+  }
+  const unknown = Object.keys(tags).filter((n) => !known.has(n));
+  showError(unknown.length ? `unknown adapter(s) in the prompt: ${unknown.join(", ")}` : "");
+  const digits = digitsOf(promptText($("prompt").value));
+  document.querySelectorAll("#digit-picks button").forEach((b) => {
+    b.classList.toggle("on", digits.includes(Number(b.dataset.digit)));
+  });
+}
+
+const WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+function digitsOf(text) {  // a light client-side reading, only for the digit buttons; the server decides
+  const out = [];
+  for (const m of text.toLowerCase().matchAll(/(\d)\s*-\s*(\d)|(\d)|([a-z]+)/g)) {
+    let ds = [];
+    if (m[1] !== undefined) for (let d = +m[1]; d <= +m[2]; d++) ds.push(d);
+    else if (m[3] !== undefined) ds = [+m[3]];
+    else if (WORDS.includes(m[4])) ds = [WORDS.indexOf(m[4])];
+    for (const d of ds) if (!out.includes(d)) out.push(d);
+  }
+  return out;
+}
+
+function pickDigit(d) {
+  const p = $("prompt");
+  let ds = digitsOf(promptText(p.value));
+  ds = ds.includes(d) ? ds.filter((x) => x !== d) : [...ds, d].sort((a, b) => a - b);
+  const tags = [...p.value.matchAll(TAG)].map((m) => m[0]).join(" ");
+  p.value = `${ds.join(" ")} ${tags}`.trim();
+  syncSliders();
+}
+
+// ---------------------------------------------------------------- completion of <lora:name
+function completion() {
+  const p = $("prompt"), list = $("complete");
+  const before = p.value.slice(0, p.selectionStart);
+  const m = before.match(/<lora:([A-Za-z0-9_-]*)$/i);
+  if (!m) { list.hidden = true; return; }
+  const hits = state.adapters.filter((a) => a.name.startsWith(m[1]) && a.fits !== false);
+  list.innerHTML = "";
+  hits.forEach((a, i) => {
+    const li = document.createElement("li");
+    li.textContent = `${a.name}${a.trigger ? "  (" + a.trigger + ")" : ""}`;
+    li.dataset.name = a.name;
+    if (i === 0) li.classList.add("sel");
+    li.addEventListener("mousedown", (e) => { e.preventDefault(); complete(a.name); });
+    list.appendChild(li);
+  });
+  list.hidden = hits.length === 0;
+}
+
+function complete(name) {
+  const p = $("prompt");
+  const pos = p.selectionStart, before = p.value.slice(0, pos), after = p.value.slice(pos);
+  const start = before.search(/<lora:[A-Za-z0-9_-]*$/i);
+  const rest = after.replace(/^[A-Za-z0-9_-]*(:[^>]*)?>?/, "");
+  const tag = `<lora:${name}:1>`;
+  p.value = before.slice(0, start) + tag + rest;
+  p.selectionStart = p.selectionEnd = start + tag.length;
+  $("complete").hidden = true;
+  syncSliders();
+}
+
+function onPromptKey(e) {
+  const list = $("complete");
+  if (list.hidden) {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
+    return;
+  }
+  const items = [...list.children];
+  let i = items.findIndex((li) => li.classList.contains("sel"));
+  if (e.key === "ArrowDown" || e.key === "ArrowUp") {
+    e.preventDefault();
+    items[i]?.classList.remove("sel");
+    i = (i + (e.key === "ArrowDown" ? 1 : items.length - 1)) % items.length;
+    items[i].classList.add("sel");
+  } else if (e.key === "Enter" || e.key === "Tab") {
+    e.preventDefault();
+    complete(items[Math.max(i, 0)].dataset.name);
+  } else if (e.key === "Escape") {
+    list.hidden = true;
+  }
+}
+
+// ---------------------------------------------------------------- adapters panel
+async function loadAdapters() {
+  const { adapters, folder } = await api("/api/adapters");
+  state.adapters = adapters;
+  const box = $("adapters");
+  box.innerHTML = "";
+  for (const a of adapters) {
+    const div = document.createElement("div");
+    div.className = `adapter ${a.source}${a.fits === false ? " unfit" : ""}`;
+    const fit = a.fits === true ? '<span class="badge ok">fits base</span>'
+      : a.fits === false ? `<span class="badge no" title="${a.reason}">other base</span>`
+        : '<span class="badge unk" title="no base fingerprint recorded">base unknown</span>';
+    div.innerHTML = `<div><span class="name"></span>${fit}</div>
+      <div class="row"><input type="range" min="-1" max="2" step="0.05" value="0"><span class="w">0</span></div>
+      <div class="meta"></div>`;
+    div.querySelector(".name").textContent = a.name;
+    div.querySelector(".meta").textContent =
+      `rank ${a.rank} · alpha ${a.alpha} · ${a.targets} · style ${a.style || "?"}` +
+      (a.steps ? ` · ${a.steps} steps` : "") + (a.trigger ? ` · trigger "${a.trigger}"` : "") +
+      (a.source === "shipped" ? " · shipped" : "");
+    const s = div.querySelector("input");
+    s.dataset.adapter = a.name;
+    s.disabled = a.fits === false;
+    s.addEventListener("input", () => {
+      div.querySelector(".w").textContent = fmt(Number(s.value));
+      setTag(a.name, Number(s.value));
+    });
+    s.addEventListener("change", () => { if ($("auto").checked) generate(); });
+    box.appendChild(div);
+  }
+  if (!adapters.length) box.textContent = "no adapters";
+  const modes = [...adapters.filter((a) => a.fits !== false).map((a) => [`w:${a.name}`, `weights of ${a.name}`]),
+    ["each", "each adapter at weight 1"]];
+  const sel = $("compare-mode"), keep = sel.value;
+  sel.innerHTML = "";
+  for (const [v, t] of modes) sel.add(new Option(t, v));
+  if (keep) sel.value = keep;
+  $("train-status").dataset.folder = folder || "";
+  syncSliders();
+}
+
+// ---------------------------------------------------------------- generation
+function request() {
+  const seed = $("seed-random").checked ? null : Number($("seed").value);
+  return {
+    prompt: $("prompt").value, negative: "", n: Number($("n").value), steps: Number($("steps").value),
+    guidance: Number($("guidance").value), seed, loras: {},
+  };
+}
+
+async function streamGenerate(body, onEvent) {
+  const r = await fetch("/api/generate/stream", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  if (!r.ok) {
+    const e = await r.json().catch(() => ({ error: `${r.status} ${r.statusText}` }));
+    throw new Error(e.error);
+  }
+  const reader = r.body.getReader(), dec = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += dec.decode(value, { stream: true });
+    let i;
+    while ((i = buf.indexOf("\n\n")) >= 0) {
+      const chunk = buf.slice(0, i);
+      buf = buf.slice(i + 2);
+      let ev = "message", data = "";
+      for (const line of chunk.split("\n")) {
+        if (line.startsWith("event: ")) ev = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      onEvent(ev, JSON.parse(data));
+    }
+  }
+}
+
+async function generate() {
+  if (state.busy) { state.pending = true; return; }  // the latest settings run once the current job ends
+  state.busy = true;
+  showError("");
+  $("generate").disabled = true;
+  const out = $("output"), t0 = performance.now();
+  let previews = 0, final = null;
+  try {
+    await streamGenerate(request(), (ev, d) => {
+      if (ev === "queued") $("status").textContent = d.waiting > 1 ? `queued (${d.waiting} waiting)` : "starting";
+      else if (ev === "preview") {
+        previews += 1;
+        out.src = `data:image/png;base64,${d.grid}`;
+        out.dataset.state = "preview";
+        out.dataset.previews = String(Number(out.dataset.previews) + 1);
+        $("gen-bar").style.width = `${(100 * d.step) / d.steps}%`;
+        $("status").textContent = `step ${d.step}/${d.steps} (predicted x0)`;
+      } else if (ev === "done") final = d;
+      else if (ev === "error") throw new Error(d.error);
+    });
+    if (!final) throw new Error("the stream ended without a result");
+    show(final);
+    const ms = Math.round(performance.now() - t0);
+    $("status").textContent = `done in ${ms} ms · seed ${final.settings.seed} · ${previews} previews`;
+    addHistory(final);
+  } catch (e) {
+    showError(e.message);
+    $("status").textContent = "failed";
+  } finally {
+    state.busy = false;
+    $("generate").disabled = false;
+    if (state.pending) { state.pending = false; generate(); }
+  }
+}
+
+function show(result) {
+  const out = $("output");
+  out.src = `data:image/png;base64,${result.grid}`;
+  out.dataset.state = "done";
+  out.dataset.resultId = result.id;
+  $("gen-bar").style.width = "100%";
+  $("command").textContent = result.command;
+}
+
+// ---------------------------------------------------------------- history
+function summary(s) {
+  const l = Object.entries(s.loras).map(([n, w]) => `${n} ${fmt(w)}`).join(", ");
+  return `${s.digits.join(",")} ×${s.n} · ${s.steps} steps · w ${s.guidance} · seed ${s.seed}${l ? " · " + l : ""}`;
+}
+
+function addHistory(r) {
+  state.history.unshift({ id: r.id, grid: r.grid, settings: r.settings, command: r.command });
+  state.history = state.history.slice(0, 40);
+  try { localStorage.setItem("l4d-history", JSON.stringify(state.history)); } catch (e) { /* full: keep in memory */ }
+  renderHistory();
+}
+
+function renderHistory() {
+  const box = $("history");
+  box.innerHTML = "";
+  for (const h of state.history) {
+    const c = document.createElement("div");
+    c.className = "card";
+    c.innerHTML = `<img alt="history"><div class="meta"></div>
+      <button class="rerun">re-run</button> <button class="copy">copy command</button>`;
+    c.querySelector("img").src = `data:image/png;base64,${h.grid}`;
+    c.querySelector("img").addEventListener("click", () => show(h));
+    c.querySelector(".meta").textContent = summary(h.settings);
+    c.querySelector(".rerun").addEventListener("click", () => { apply(h.settings); generate(); });
+    c.querySelector(".copy").addEventListener("click", (e) => copy(h.command, e.target));
+    box.appendChild(c);
+  }
+}
+
+function apply(s) {
+  const tags = Object.entries(s.loras).map(([n, w]) => `<lora:${n}:${fmt(w)}>`).join(" ");
+  $("prompt").value = `${s.prompt} ${tags}`.trim();
+  $("n").value = s.n; $("steps").value = s.steps; $("guidance").value = s.guidance;
+  $("seed").value = s.seed; $("seed-random").checked = false;
+  syncSliders();
+}
+
+async function copy(text, button) {
+  try { await navigator.clipboard.writeText(text); } catch (e) {
+    const t = document.createElement("textarea");
+    t.value = text; document.body.appendChild(t); t.select(); document.execCommand("copy"); t.remove();
+  }
+  const old = button.textContent;
+  button.textContent = "copied";
+  setTimeout(() => { button.textContent = old; }, 1200);
+}
+
+// ---------------------------------------------------------------- compare (XY plot)
+async function compare() {
+  showError("");
+  const base = request();
+  const text = promptText(base.prompt);
+  if (base.seed === null) { base.seed = Math.floor(Math.random() * 2 ** 31); $("seed").value = base.seed; }
+  const mode = $("compare-mode").value;
+  let rows;
+  if (mode.startsWith("w:")) {
+    const name = mode.slice(2);
+    const ws = $("compare-weights").value.split(/[ ,]+/).filter(Boolean).map(Number);
+    if (!ws.length || ws.some((w) => !Number.isFinite(w))) { showError("weights: numbers like 0, 0.5, 1"); return; }
+    rows = ws.map((w) => [`${name} ${fmt(w)}`, w === 0 ? text : `${text} <lora:${name}:${fmt(w)}>`]);
+  } else {
+    rows = [["base", text], ...state.adapters.filter((a) => a.fits !== false)
+      .map((a) => [a.name, `${text} <lora:${a.name}:1>`])];
+  }
+  const box = $("compare-rows");
+  box.innerHTML = "";
+  $("compare").disabled = true;
+  try {
+    for (const [label, prompt] of rows) {
+      const r = await api("/api/generate", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ ...base, prompt }),
+      });
+      const row = document.createElement("div");
+      row.className = "crow";
+      row.innerHTML = "<span></span><img alt='compare row'>";
+      row.querySelector("span").textContent = label;
+      row.querySelector("img").src = `data:image/png;base64,${r.grid}`;
+      row.querySelector("img").style.height = `${64 * r.settings.n}px`;
+      row.title = r.command;
+      box.appendChild(row);
+    }
+  } catch (e) { showError(e.message); } finally { $("compare").disabled = false; }
+}
+
+// ---------------------------------------------------------------- training
+function fileBase64(file) {
+  return new Promise((resolve, reject) => {
+    const rd = new FileReader();
+    rd.onload = () => resolve(String(rd.result).split(",", 2)[1] || "");
+    rd.onerror = () => reject(new Error("cannot read the file"));
+    rd.readAsDataURL(file);
+  });
+}
+
+async function startTraining() {
+  const body = {
+    name: $("train-name").value.trim(), style: $("train-style").value,
+    rank: Number($("train-rank").value), steps: Number($("train-steps").value),
+  };
+  try {
+    if (body.style === "upload") {
+      const f = $("train-file").files[0];
+      if (!f) throw new Error("choose a zip of images in folders 0-9");
+      body.zip_base64 = await fileBase64(f);
+    }
+    const job = await api("/api/train", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    $("train-start").disabled = true;
+    state.train = job.id;
+    $("train-cancel").hidden = false;
+    pollTraining(job.id);
+  } catch (e) { $("train-status").textContent = e.message; }
+}
+
+async function pollTraining(id) {
+  let job;
+  try { job = await api(`/api/train/${id}`); } catch (e) { $("train-status").textContent = e.message; return; }
+  $("train-bar").style.width = `${100 * job.progress}%`;
+  drawLoss(job.loss);
+  const last = job.loss.length ? ` · loss ${job.loss[job.loss.length - 1][1].toFixed(4)}` : "";
+  $("train-status").textContent = `${job.name}: ${job.status} · step ${job.step}/${job.steps}${last} · ${job.seconds} s` +
+    (job.error ? ` · ${job.error}` : "");
+  if (job.status === "running") { setTimeout(() => pollTraining(id), 1000); return; }
+  $("train-start").disabled = false;
+  $("train-cancel").hidden = true;
+  if (job.status === "done") {
+    const where = $("train-status").dataset.folder;
+    $("train-status").textContent += where ? ` · saved in ${where}` : " · kept for this session (serve --adapters DIR keeps it)";
+    await loadAdapters();
+  }
+}
+
+function drawLoss(curve) {
+  const c = $("loss"), g = c.getContext("2d");
+  g.clearRect(0, 0, c.width, c.height);
+  if (curve.length < 2) return;
+  const xs = curve.map((p) => p[0]), ys = curve.map((p) => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  g.strokeStyle = "#f28c28"; g.lineWidth = 1.5; g.beginPath();
+  curve.forEach(([x, y], i) => {
+    const px = 4 + ((x - x0) / (x1 - x0 || 1)) * (c.width - 8);
+    const py = c.height - 4 - ((y - y0) / (y1 - y0 || 1)) * (c.height - 8);
+    if (i) g.lineTo(px, py); else g.moveTo(px, py);
+  });
+  g.stroke();
+  g.fillStyle = "#9aa0aa"; g.font = "10px sans-serif";
+  g.fillText(`loss ${y1.toFixed(3)}`, 4, 10); g.fillText(y0.toFixed(3), 4, c.height - 4);
+}
+
+// ---------------------------------------------------------------- start
+async function init() {
+  for (let d = 0; d <= 9; d++) {
+    const b = document.createElement("button");
+    b.textContent = d; b.dataset.digit = d;
+    b.addEventListener("click", () => pickDigit(d));
+    $("digit-picks").appendChild(b);
+  }
+  try { state.history = JSON.parse(localStorage.getItem("l4d-history") || "[]"); } catch (e) { state.history = []; }
+  renderHistory();
+  $("prompt").addEventListener("input", () => { syncSliders(); completion(); });
+  $("prompt").addEventListener("keydown", onPromptKey);
+  $("prompt").addEventListener("blur", () => { $("complete").hidden = true; });
+  $("generate").addEventListener("click", generate);
+  $("compare").addEventListener("click", compare);
+  $("seed-random").addEventListener("change", () => { $("seed").disabled = $("seed-random").checked; });
+  $("history-clear").addEventListener("click", () => {
+    state.history = []; localStorage.removeItem("l4d-history"); renderHistory();
+  });
+  $("train-style").addEventListener("change", () => { $("train-file-row").hidden = $("train-style").value !== "upload"; });
+  $("train-start").addEventListener("click", startTraining);
+  $("train-cancel").addEventListener("click", () => {
+    if (state.train) api(`/api/train/${state.train}`, { method: "DELETE" }).catch((e) => showError(e.message));
+  });
+  try {
+    state.info = await api("/api/info");
+    const i = state.info;
+    $("model-info").textContent = `${i.checkpoint} · ${i.conditioning} · ${i.device}`;
+    $("steps").max = i.limits.steps; $("n").max = i.limits.n;
+    $("steps").value = i.defaults.steps; $("guidance").value = i.defaults.guidance;
+    await loadAdapters();
+  } catch (e) { showError(`cannot reach the server: ${e.message}`); }
+}
+
+init();

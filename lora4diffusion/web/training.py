@@ -1,0 +1,221 @@
+"""LoRA training for ``serve``: one job at a time, in a subprocess, installed into the adapters folder whole.
+
+The subprocess runs the ``train-lora`` command (``lora.finetune.train_lora``) with one torch thread, so the
+server's generation keeps working; progress is read from the run's metrics.csv. Uploaded images are unpacked
+without ever using a zip member's name as a path.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from lora4diffusion.checkpoint import read_metadata
+from lora4diffusion.errors import UserError
+from lora4diffusion.lora.adapters import ADAPTER_FILE
+from lora4diffusion.web.engine import STYLES, AdapterRegistry, HTTPError, ServeConfig, int_field
+from lora4diffusion.web.prompt import check_name
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class TrainJob:
+    id: str
+    name: str
+    style: str  # bold | thin | italic | "upload"
+    rank: int
+    steps: int
+    trigger: str
+    work: Path  # staging folder beside the adapters, removed at the end
+    proc: subprocess.Popen | None = None
+    status: str = "running"  # running | done | failed | cancelled
+    error: str = ""
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    images: int = 0
+
+    curve: list[list[float]] = field(default_factory=list)  # [step, mean loss] from the run's metrics.csv
+
+    def read_curve(self) -> None:
+        metrics = self.work / "run" / "metrics.csv"
+        if not metrics.is_file():
+            return
+        curve = []
+        try:
+            for line in metrics.read_text().splitlines()[1:]:
+                step, loss = line.split(",")[:2]
+                curve.append([int(step), float(loss)])
+        except (OSError, ValueError):
+            pass  # a row being written: the next poll reads it
+        if len(curve) >= len(self.curve):
+            self.curve = curve
+
+    def public(self) -> dict:
+        if self.status == "running":
+            self.read_curve()
+        step = self.steps if self.status == "done" else (int(self.curve[-1][0]) if self.curve else 0)
+        return {"id": self.id, "name": self.name, "style": self.style, "rank": self.rank, "steps": self.steps,
+                "status": self.status, "error": self.error, "step": step,
+                "progress": round(step / self.steps, 4), "loss": self.curve,
+                "images": self.images, "seconds": round((self.finished or time.time()) - self.started, 1)}
+
+
+class Training:
+    """One LoRA training job at a time, in a subprocess running ``train-lora`` with one torch thread."""
+
+    def __init__(self, cfg: ServeConfig, folder: Path, registry: AdapterRegistry):
+        self.cfg, self.folder, self.registry = cfg, folder, registry
+        self.jobs: dict[str, TrainJob] = {}
+        self.lock = threading.Lock()
+
+    def busy(self) -> TrainJob | None:
+        return next((j for j in self.jobs.values() if j.status == "running"), None)
+
+    def start(self, body: dict) -> TrainJob:
+        name = check_name(str(body.get("name", "")))
+        style = str(body.get("style", ""))
+        rank = int_field(body, "rank", 4, 1, self.cfg.max_rank)
+        steps = int_field(body, "steps", 200, 1, self.cfg.max_train_steps)
+        trigger = str(body.get("trigger", ""))[:64]
+        if style not in (*STYLES, "upload"):
+            raise UserError(f"style must be one of {', '.join(STYLES)} or 'upload', got {style[:40]!r}")
+        with self.lock:
+            running = self.busy()
+            if running:
+                raise HTTPError(409, f"training {running.name!r} is still running (one job at a time)")
+            if name in self.registry.all() or (self.folder / name).exists():
+                raise UserError(f"an adapter named {name!r} exists already; pick another name")
+            self.folder.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=".train-", dir=self.folder))
+            job = TrainJob(secrets.token_hex(6), name, style, rank, steps, trigger, work)
+            try:
+                source = style
+                if style == "upload":
+                    job.images = unpack_zip(body.get("zip_base64"), work / "images", self.cfg)
+                    source = str(work / "images")
+                cmd = [sys.executable, "-m", "lora4diffusion", "-q", "train-lora", "--style", source,
+                       "--rank", str(rank), "--steps", str(steps), "--out", str(work / "run"),
+                       "--device", self.cfg.device]
+                if self.cfg.checkpoint:
+                    cmd += ["--base", str(self.cfg.checkpoint)]
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+                # Its own session: a Ctrl-C in the server's terminal reaches the server, which stops the job.
+                job.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                                            text=True, start_new_session=True)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            self.jobs[job.id] = job
+        threading.Thread(target=self._wait, args=(job,), daemon=True).start()
+        return job
+
+    def _wait(self, job: TrainJob) -> None:
+        assert job.proc is not None
+        _, err = job.proc.communicate()
+        job.read_curve()  # keep the last loss curve before the run folder goes
+        try:
+            if job.status == "cancelled":
+                return
+            if job.proc.returncode != 0:
+                lines = [ln for ln in (err or "").splitlines() if ln.strip()]
+                msg = lines[-1] if lines else f"exit status {job.proc.returncode}"
+                raise UserError(msg.removeprefix("lora4diffusion: error: "))
+            self._install(job)
+            job.status = "done"
+        except Exception as e:
+            job.status, job.error = "failed", str(e).splitlines()[0] if str(e) else type(e).__name__
+        finally:
+            job.finished = time.time()
+            shutil.rmtree(job.work, ignore_errors=True)
+
+    def _install(self, job: TrainJob) -> None:
+        """Copy the adapter (and its loss curve) into a staged folder, then rename it into place: an adapter
+        appears whole or not at all."""
+        run, staged = job.work / "run", job.work / job.name
+        staged.mkdir()
+        for f in (ADAPTER_FILE, "metrics.csv", "loss.png"):
+            if (run / f).is_file():
+                shutil.copy2(run / f, staged / f)
+        if not (staged / ADAPTER_FILE).is_file():
+            raise UserError("training wrote no adapter")
+        done = read_metadata(staged / ADAPTER_FILE).get("steps")
+        if done != str(job.steps):  # e.g. stopped by a signal: train-lora then exits 0 with a partial adapter
+            raise UserError(f"training stopped at step {done} of {job.steps}; no adapter installed")
+        (staged / "README.md").write_text(
+            f"# Adapter `{job.name}`\n\nTrained from `lora4diffusion serve`: style {job.style}, "
+            f"rank {job.rank}, "
+            f"{job.steps} steps{', trigger ' + job.trigger if job.trigger else ''}.\n")
+        final = self.folder / job.name
+        if final.exists():  # taken since the job started (by hand): keep what is there
+            raise UserError(f"{final} appeared while training; the new adapter was not installed")
+        os.rename(staged, final)  # same file system: the adapter appears in one step
+
+    def cancel(self, job: TrainJob) -> None:
+        if job.status == "running" and job.proc is not None:
+            job.status = "cancelled"
+            job.proc.terminate()
+
+    def stop(self) -> None:
+        for job in list(self.jobs.values()):
+            self.cancel(job)
+            if job.proc is not None:
+                try:
+                    job.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    job.proc.kill()
+            shutil.rmtree(job.work, ignore_errors=True)
+
+
+def unpack_zip(data: object, dest: Path, cfg: ServeConfig) -> int:
+    """A base64 zip of images in folders named 0-9 (at any depth) -> ``dest/D/NNNNNN.ext``; returns the count.
+
+    Member names are never used as paths (only the digit folder and the suffix are read), so a '../' or an
+    absolute name cannot write outside ``dest``; sizes are checked before anything is decompressed.
+    """
+    if not isinstance(data, str) or not data:
+        raise UserError("style 'upload' needs zip_base64: a zip of images in folders 0-9")
+    if len(data) > cfg.max_upload_bytes * 4 // 3 + 4:
+        raise HTTPError(413, f"upload too large (limit {cfg.max_upload_bytes // 2**20} MiB)")
+    try:
+        raw = base64.b64decode(data, validate=True)
+        zf = zipfile.ZipFile(io.BytesIO(raw))
+        members = [i for i in zf.infolist() if not i.is_dir()]
+    except (ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"upload is not a zip file ({e})") from None
+    picked = []
+    for info in members:
+        parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+        suffix = PurePosixPath(parts[-1]).suffix.lower() if parts else ""
+        digit = next((p for p in reversed(parts[:-1]) if p in "0123456789" and len(p) == 1), None)
+        if digit is None or suffix not in IMAGE_SUFFIXES or parts[-1].startswith("."):
+            continue
+        if info.file_size > cfg.max_image_bytes:
+            raise UserError(f"{info.filename[:80]}: {info.file_size} bytes, over the per-image limit")
+        picked.append((info, digit, suffix))
+    if not picked:
+        raise UserError("the zip holds no images in folders named 0-9 (e.g. 3/a.png)")
+    if len(picked) > cfg.max_upload_images:
+        raise UserError(f"the zip holds {len(picked)} images; the limit is {cfg.max_upload_images}")
+    try:
+        for k, (info, digit, suffix) in enumerate(picked):
+            with zf.open(info) as src:
+                blob = src.read(cfg.max_image_bytes + 1)  # the header's size could lie: read at most this
+            if len(blob) > cfg.max_image_bytes:
+                raise UserError(f"{info.filename[:80]}: over the per-image limit")
+            (dest / digit).mkdir(parents=True, exist_ok=True)
+            (dest / digit / f"{k:06d}{suffix}").write_bytes(blob)
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as e:
+        raise UserError(f"cannot unpack the zip ({e})") from None
+    return len(picked)

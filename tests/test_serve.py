@@ -1,0 +1,468 @@
+"""`lora4diffusion serve` without a browser: JSON API, prompts, concurrency, the queue, safety, training."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shlex
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from starlette.testclient import TestClient
+
+from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
+from lora4diffusion.errors import UserError
+from lora4diffusion.lora.adapters import shipped_adapters
+from lora4diffusion.pipeline import Pipeline
+from lora4diffusion.web.prompt import encode_prompt, parse_prompt, prompt_digits
+from lora4diffusion.web.server import ServeConfig, create_app
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("adapters")
+    bold = shipped_adapters()["bold"] / "adapter.safetensors"
+    meta = read_metadata(bold)
+    (d / "other").mkdir()  # the same tensors, recorded as trained on another base
+    other = {**meta, "base_fingerprint": "f" * 64}
+    save_tensors(d / "other" / "adapter.safetensors", load_tensors(bold), other)
+    (d / "bad name").mkdir()  # not addressable from the page: never listed
+    save_tensors(d / "bad name" / "adapter.safetensors", load_tensors(bold), meta)
+    return d
+
+
+@pytest.fixture(scope="module")
+def app(folder):
+    return create_app(ServeConfig(adapters=str(folder), max_queue=3))
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app, base_url="http://127.0.0.1:7860", raise_server_exceptions=False) as c:
+        yield c
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def images(resp) -> np.ndarray:
+    assert resp.status_code == 200, resp.text
+    return np.stack([decode(im) for im in resp.json()["images"]])
+
+
+def as_png_pixels(x: torch.Tensor) -> np.ndarray:  # what the server's PNGs hold: round(255 x)
+    return (x.numpy() * 255).round().astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def test_prompt_tags_parse_as_automatic1111():
+    p = parse_prompt("3 <lora:bold:0.5> seven <lora:italic> <LORA:bold:0.25>")
+    assert p.text == "3 seven"
+    assert p.loras == {"italic": 1.0, "bold": 0.25}  # no weight = 1; the last tag of a name wins
+    for bad in ("<lora:../x:1> 3", "<lora:/etc/passwd> 3", "<lora:bold:abc> 3", "<lora:bold:9> 3",
+                "<lora:bold:1:1> 3", "<lora:bold:nan> 3"):
+        with pytest.raises(UserError):
+            parse_prompt(bad)
+
+
+@pytest.mark.parametrize("text, digits", [
+    ("7", [7]), ("seven", [7]), ("3 5 7", [3, 5, 7]), ("0-9", list(range(10))), ("37", [3, 7]),
+    ("three and 8, 3", [3, 8]), ("", list(range(10))), ("Digit Nine", [9]), ("2-4,8", [2, 3, 4, 8]),
+])
+def test_prompt_digits(text, digits):
+    assert prompt_digits(text) == digits
+
+
+def test_prompt_refuses_what_the_label_model_cannot_read():
+    for bad in ("a cat", "9-2", "the"):
+        with pytest.raises(UserError):
+            prompt_digits(bad)
+    with pytest.raises(UserError, match="negative"):
+        encode_prompt("3", "blurry", 1)
+    cond = encode_prompt("3 7", "", 2)
+    assert cond.labels == [3, 3, 7, 7] and cond.columns == ["3", "7"]
+
+
+def test_preview_callback_sees_x0_and_changes_nothing():
+    """The sampler hook behind the live preview: x0_hat per step, eq. 15; the images are bit-identical."""
+    pipe = Pipeline.load()
+    plain, _ = pipe.generate([1, 2, 3], steps=STEPS, seed=5, batch_size=2)
+    seen = []
+    hooked, _ = pipe.generate([1, 2, 3], steps=STEPS, seed=5, batch_size=2,
+                              callback=lambda first, i, n, x0: seen.append((first, i, n, x0.clone())))
+    assert torch.equal(plain, hooked)
+    assert [(f, i, n) for f, i, n, _ in seen] == [(f, i, 3) for f in (0, 2) for i in (1, 2, 3)]
+    # at the last step x_{-1} = x0_hat exactly (abar_prev = 1): the last preview is the image
+    last = torch.cat([seen[2][3], seen[5][3]])
+    assert torch.allclose(((last[:, 0] + 1) / 2).clamp(0, 1), plain, atol=1e-6)
+    assert seen[0][3].abs().max() <= 1  # clipped to the data range, as the sampler clips
+
+
+# ------------------------------------------------------------------------------------------------- API
+def test_adapters_listing_with_metadata(client):
+    items = {a["name"]: a for a in client.get("/api/adapters").json()["adapters"]}
+    assert set(items) == {"bold", "italic", "other"}  # 'bad name' is not addressable, so not listed
+    assert items["bold"]["source"] == "shipped" and items["other"]["source"] == "folder"
+    assert items["bold"]["rank"] == 4 and items["bold"]["alpha"] == 4.0 and items["bold"]["style"] == "bold"
+    assert items["bold"]["targets"] == "all-linear" and items["bold"]["fits"] is True
+    assert items["other"]["fits"] is False and "another base" in items["other"]["reason"]
+
+
+def test_generate_matches_the_pipeline_and_the_printed_command(client, app, tmp_path):
+    r = client.post("/api/generate", json={"prompt": "3 seven <lora:bold:0.5>", "n": 2, "steps": STEPS,
+                                           "seed": 4})
+    got = images(r)
+    body = r.json()
+    assert body["labels"] == [3, 3, 7, 7] and body["columns"] == ["3", "7"]
+    s = body["settings"]
+    assert (s["digits"], s["n"], s["steps"], s["guidance"], s["seed"], s["loras"]) == \
+        ([3, 7], 2, STEPS, 1.25, 4, {"bold": 0.5})
+    grid = decode(body["grid"])
+    assert grid.shape == (2 * 28 + 3, 2 * 28 + 3)  # one column per digit, one row per image of it
+
+    pipe = Pipeline.load().to(app.state.serve.pipe.device)  # the server's device (auto), as the CLI's
+    pipe.add_lora("bold", weight=0.5)
+    want, _ = pipe.generate([3, 3, 7, 7], steps=STEPS, guidance=1.25, seed=4)
+    assert np.array_equal(got, as_png_pixels(want))
+
+    from lora4diffusion.cli import main
+
+    args = shlex.split(body["command"])
+    assert args[:2] == ["lora4diffusion", "sample"]
+    args[args.index("--out") + 1] = str(tmp_path / "s")
+    assert main(["-q", *args[1:]]) == 0
+    npz = np.load(tmp_path / "s" / "samples.npz")
+    assert np.array_equal(as_png_pixels(torch.from_numpy(npz["images"])), got)
+
+
+def test_random_seed_is_reported_and_reproduces(client):
+    r = client.post("/api/generate", json={"prompt": "5", "steps": 2, "seed": None})
+    seed = r.json()["settings"]["seed"]
+    again = client.post("/api/generate", json={"prompt": "5", "steps": 2, "seed": seed})
+    assert np.array_equal(images(r), images(again))
+
+
+def stream(client, body: dict) -> tuple[list[str], list[dict], dict | None]:
+    kinds, previews, done = [], [], None
+    with client.stream("POST", "/api/generate/stream", json=body) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in s.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+                kinds.append(kind)
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if kind == "preview":
+                    previews.append(data)
+                elif kind == "done":
+                    done = data
+    return kinds, previews, done
+
+
+def test_stream_sends_previews_then_the_result(client):
+    kinds, previews, done = stream(client, {"prompt": "0-9", "steps": 4, "seed": 1})
+    assert kinds[0] == "queued" and kinds[-1] == "done"
+    assert [p["step"] for p in previews] == [1, 2, 3, 4]
+    assert decode(previews[0]["grid"]).shape == decode(done["grid"]).shape
+    # the predicted x0 sharpens into the result: the last preview is the final x0 (clipped, same pixels)
+    assert not np.array_equal(decode(previews[0]["grid"]), decode(done["grid"]))
+    assert np.abs(decode(previews[-1]["grid"]).astype(int) - decode(done["grid"])).max() <= 1
+    _, previews, _ = stream(client, {"prompt": "1", "steps": 20, "seed": 1})
+    assert [p["step"] for p in previews] == [1, *range(2, 21, 2)]  # the first step, then every steps // 10
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"prompt": "a cat"}, 400, "unknown word"),
+    ({"prompt": "3", "negative": "blurry"}, 400, "negative"),
+    ({"prompt": "<lora:../../etc:1> 3"}, 400, "bad adapter name"),
+    ({"prompt": "3", "loras": {"/abs/path": 1}}, 400, "bad adapter name"),
+    ({"prompt": "3", "loras": {"nope": 1}}, 400, "unknown adapter"),
+    ({"prompt": "3", "loras": {"other": 1}}, 400, "does not fit"),
+    ({"prompt": "3 <lora:bold:1>", "loras": {"bold": 0.5}}, 400, "says"),
+    ({"prompt": "3", "steps": 0}, 400, "steps"),
+    ({"prompt": "3", "steps": 10_000}, 400, "steps"),
+    ({"prompt": "3", "n": 99}, 400, "n must"),
+    ({"prompt": "3", "guidance": "x"}, 400, "guidance"),
+    ({"prompt": "3", "seed": -5}, 400, "seed"),
+    ({"prompt": "3", "colour": "red"}, 400, "unknown field"),
+    ({"prompt": 3}, 400, "string"),
+])
+def test_bad_requests_are_one_line_json_4xx(client, body, status, words):
+    r = client.post("/api/generate", json=body)
+    assert r.status_code == status, r.text
+    msg = r.json()["error"]
+    assert words in msg and "\n" not in msg and "Traceback" not in msg
+
+
+def test_protocol_errors_are_json(client):
+    js = {"Content-Type": "application/json"}
+    r = client.post("/api/generate", content=b"{not json", headers=js)
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    r = client.post("/api/generate", content=b"[1]", headers=js)
+    assert r.status_code == 400
+    r = client.post("/api/generate", content=b"x" * (2**20 + 10), headers=js)
+    assert r.status_code == 413 and "too large" in r.json()["error"]
+    assert client.get("/api/nothing").json() == {"error": "Not Found"}
+    assert client.get("/api/generate").status_code == 405
+    assert client.get("/api/train/nope").status_code == 404
+    assert client.get("/static/../server.py").status_code == 404
+
+
+def test_two_requests_at_once_get_what_they_would_get_alone(client, app):
+    """The model is shared, weights are per request: bold at 1 and at 0 submitted together, in both orders."""
+    body = {"prompt": "0-9", "steps": STEPS, "seed": 7}
+    alone = {w: images(client.post("/api/generate", json={**body, "loras": {"bold": w}})) for w in (1, 0)}
+    pipe = Pipeline.load().to(app.state.serve.pipe.device)
+    base, _ = pipe.generate(list(range(10)), steps=STEPS, guidance=1.25, seed=7)
+    assert np.array_equal(alone[0], as_png_pixels(base))  # weight 0 is the base exactly
+    assert not np.array_equal(alone[1], alone[0])
+
+    engine = app.state.serve.engine
+    for order in ((1, 0), (0, 1)):
+        got: dict[float, np.ndarray] = {}
+
+        def ask(w, got=got):
+            got[w] = images(client.post("/api/generate", json={**body, "loras": {"bold": w}}))
+
+        with engine.model_lock:  # both wait in the queue, then run back to back on the shared model
+            threads = [threading.Thread(target=ask, args=(w,)) for w in order]
+            for t in threads:
+                t.start()
+                time.sleep(0.2)
+            wait_for(lambda: engine.jobs.qsize() >= 1)
+        for t in threads:
+            t.join(60)
+        assert np.array_equal(got[1], alone[1]) and np.array_equal(got[0], alone[0])
+
+    # and three at once without any help (at most 3 wait: no 429), weights alternating
+    got4: dict[int, np.ndarray] = {}
+
+    def ask4(i):
+        got4[i] = images(client.post("/api/generate", json={**body, "loras": {"bold": i % 2}}))
+
+    threads = [threading.Thread(target=ask4, args=(i,)) for i in range(3)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert all(np.array_equal(got4[i], alone[i % 2]) for i in range(3))
+
+
+def wait_for(cond, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_bounded_queue_answers_429(client, app):
+    engine = app.state.serve.engine  # max_queue = 3
+    codes: list[int] = []
+    body = {"prompt": "1", "steps": 1, "seed": 0}
+
+    def ask():
+        codes.append(client.post("/api/generate", json=body).status_code)
+
+    threads = []
+    with engine.model_lock:
+        n0 = engine.submitted
+        threads.append(threading.Thread(target=ask))
+        threads[0].start()
+        # the worker has taken the first job and waits for the model
+        wait_for(lambda: engine.submitted == n0 + 1 and engine.jobs.qsize() == 0)
+        for _ in range(3):
+            threads.append(threading.Thread(target=ask))
+            threads[-1].start()
+        wait_for(lambda: engine.jobs.qsize() == 3)
+        r = client.post("/api/generate", json=body)
+        assert r.status_code == 429 and "busy" in r.json()["error"]
+        r = client.post("/api/generate/stream", json=body)
+        assert r.status_code == 429
+    for t in threads:
+        t.join(60)
+    assert codes == [200] * 4
+
+
+# -------------------------------------------------------------------------------------------- training
+def zip_b64(files: dict[str, bytes]) -> str:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def wait_train(client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        job = client.get(f"/api/train/{job_id}").json()
+        if job["status"] != "running":
+            return job
+        assert time.time() < deadline, job
+        time.sleep(0.3)
+
+
+def test_training_from_the_page_adds_an_adapter(client, folder):
+    r = client.post("/api/train", json={"name": "tiny_thin", "style": "thin", "rank": 1, "steps": 2})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "running" and job["steps"] == 2
+    busy = client.post("/api/train", json={"name": "another", "style": "bold", "steps": 2})
+    assert busy.status_code == 409 and "one job at a time" in busy.json()["error"]
+    assert client.post("/api/generate", json={"prompt": "4", "steps": 2}).status_code == 200  # still serving
+    job = wait_train(client, job["id"])
+    assert job["status"] == "done", job
+    assert job["progress"] == 1.0 and job["loss"] and job["loss"][-1][0] == 2
+    items = {a["name"]: a for a in client.get("/api/adapters").json()["adapters"]}
+    assert items["tiny_thin"]["rank"] == 1 and items["tiny_thin"]["fits"] is True
+    assert items["tiny_thin"]["style"] == "thin" and items["tiny_thin"]["source"] == "folder"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no staging folder left
+    r = client.post("/api/generate", json={"prompt": "4 <lora:tiny_thin:1>", "steps": 2})
+    assert r.status_code == 200 and str(folder / "tiny_thin") in r.json()["command"]
+    again = client.post("/api/train", json={"name": "tiny_thin", "style": "thin", "steps": 2})
+    assert again.status_code == 400 and "exists" in again.json()["error"]
+
+
+def test_cancelled_training_leaves_nothing(client, folder):
+    before = sorted(p.name for p in folder.iterdir())
+    r = client.post("/api/train", json={"name": "long_one", "style": "italic", "steps": 2000})
+    assert r.status_code == 202
+    job = client.delete(f"/api/train/{r.json()['id']}").json()
+    assert job["status"] == "cancelled"
+    job = wait_train(client, job["id"])
+    assert job["status"] == "cancelled"
+    wait_for(lambda: sorted(p.name for p in folder.iterdir()) == before)  # the staging folder goes too
+
+
+def test_bad_uploads_leave_nothing_behind(client, folder, app):
+    before = sorted(p.name for p in folder.iterdir())
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png, format="PNG")
+    cases = [
+        ({"name": "../evil", "style": "bold"}, 400, "bad adapter name"),
+        ({"name": "bold", "style": "bold"}, 400, "exists"),
+        ({"name": "x", "style": "sparkly"}, 400, "style"),
+        ({"name": "x", "style": "bold", "rank": 0}, 400, "rank"),
+        ({"name": "x", "style": "upload"}, 400, "zip"),
+        ({"name": "x", "style": "upload", "zip_base64": "bm90IGEgemlw"}, 400, "not a zip"),
+        ({"name": "x", "style": "upload", "zip_base64": zip_b64({"../../evil.png": png.getvalue()})}, 400,
+         "no images"),
+        ({"name": "x", "style": "upload", "zip_base64": zip_b64({"3/big.png": b"0" * (3 * 2**20)})}, 400,
+         "limit"),
+    ]
+    for body, status, words in cases:
+        r = client.post("/api/train", json=body)
+        assert r.status_code == status and words in r.json()["error"], (body.get("name"), r.text)
+    cfg = app.state.serve.cfg
+    old, cfg.max_upload_bytes = cfg.max_upload_bytes, 1024
+    try:
+        r = client.post("/api/train", json={"name": "x", "style": "upload", "zip_base64": "A" * 4000})
+        assert r.status_code == 413
+    finally:
+        cfg.max_upload_bytes = old
+    # a member named 3/../../../x.png lands inside the job's folder (names are never used as paths), and
+    # images nobody can read make the training fail: no adapter, no staging folder
+    bad = zip_b64({"3/../../../outside.png": b"not an image", "7/a.png": b"neither"})
+    r = client.post("/api/train", json={"name": "broken", "style": "upload", "zip_base64": bad, "steps": 2})
+    assert r.status_code == 202, r.text
+    job = wait_train(client, r.json()["id"])
+    assert job["status"] == "failed" and "no readable images" in job["error"]
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert not (folder.parent / "outside.png").exists()
+
+
+def test_other_sites_cannot_drive_the_server(client):
+    """A cross-site form post (no JSON content type) and a rebinding host name are refused before any work."""
+    n = client.app.state.serve.engine.submitted
+    r = client.post("/api/generate", content=b'{"prompt": "3"}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]
+    r = client.post("/api/train", content=b'{"name": "x", "style": "bold"}',
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415
+    r = client.get("/api/adapters", headers={"Host": "evil.example:7860"})
+    assert r.status_code == 403 and "refused" in r.json()["error"]
+    assert client.get("/api/adapters", headers={"Host": "localhost:7860"}).status_code == 200
+    assert client.app.state.serve.engine.submitted == n
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def test_cli_refuses_bad_ports_and_warns_on_open_hosts(monkeypatch, capsys):
+    import uvicorn
+
+    from lora4diffusion.cli import main
+
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", "/nonexistent/base", "--port", "0"]) == 2
+    assert "nonexistent" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+        assert "pick another --port" in capsys.readouterr().err
+    calls = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: calls.append(self.config))
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "--host", "0.0.0.0", "--port", str(port)]) == 0
+    out = capsys.readouterr()
+    assert "warning" in out.err and f"http://0.0.0.0:{port}/" in out.out
+    assert calls and calls[0].host == "0.0.0.0" and calls[0].port == port
+    assert not calls[0].app.state.serve.cfg.local_only  # any Host header, as asked (and warned)
+
+
+def test_ctrl_c_ends_running_jobs_and_exits_cleanly(tmp_path):
+    """The real command: Ctrl-C during a long job answers it 503 (JSON) and exits 0 at once, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lora4diffusion", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert f"http://127.0.0.1:{port}/" in proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}/api/generate"
+        wait_for(lambda: _up(f"http://127.0.0.1:{port}/api/info"), timeout=30)
+        answer: list = []
+        long_job = {"prompt": "0-9", "n": 16, "steps": 200}
+        t = threading.Thread(target=lambda: answer.append(httpx.post(url, json=long_job, timeout=60)))
+        t.start()
+        time.sleep(1.0)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        assert time.time() - t0 < 5
+        t.join(10)
+        assert answer[0].status_code == 503 and answer[0].json() == {"error": "the server is stopping"}
+        assert "Traceback" not in proc.stderr.read()
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _up(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
