@@ -107,12 +107,21 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: Pa
 
 
 def save_model(
-    directory: Path, model: UNet, diffusion: DiffusionConfig, extra: dict | None = None, vae=None
+    directory: Path, model: UNet, diffusion: DiffusionConfig, extra: dict | None = None, vae=None,
+    text: tuple | None = None,
 ) -> None:
-    """``vae``: the VAE of a latent model, written into ``directory``/vae and named in config.json."""
+    """``vae``: the VAE of a latent model, written into ``directory``/vae and named in config.json.
+    ``text``: (text encoder, tokenizer) of a prompt model (prompt_model.py: text_encoder.safetensors and
+    tokenizer/ beside model.safetensors)."""
     directory = Path(directory)
     config = {"format": FORMAT, "version": VERSION, "unet": model.cfg.to_dict(), "diffusion": vars(diffusion)}
     config.update(extra or {})
+    if (model.cfg.conditioning == "text") != (text is not None):
+        raise UserError("a prompt model is saved with its text encoder and tokenizer, a label model without")
+    if text is not None:
+        from lora4diffusion.prompt_model import save_text_parts
+
+        config.update(save_text_parts(directory, *text))
     if vae is not None:
         from lora4diffusion.autoencoder import attach_vae
 

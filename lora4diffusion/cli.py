@@ -70,13 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss", choices=["mse", "l1"], default="mse", help="l1 is the reference's choice")
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--vae", metavar="DIR", help="latent diffusion: denoise this VAE's latents (train-vae)")
+    t.add_argument(
+        "--conditioning", choices=["label", "text"], default="label",
+        help="label (default): digit labels | text: prompts, a text encoder trained jointly (SD 1.x; needs"
+        " --vae; presets tiny / fast ~10 min / base ~35 min, prompt_model.py)",
+    )
     _run_dir_args(t)
     _device_args(t, train=True)
 
     s = sub.add_parser("sample", help="sample digits from a model")
     s.add_argument("--checkpoint", help="model or run directory (default: the shipped base model)")
-    s.add_argument("--digits", default="0-9", help="e.g. 0-9 or 3,5,7")
+    s.add_argument("--digits", help="e.g. 0-9 or 3,5,7 (default 0-9); prompt models: 'the digit 7', ...")
     s.add_argument("--per-digit", type=per_digit_int, default=8)
+    s.add_argument("--prompt", action="append", metavar="TEXT", help="prompt models: a prompt (repeatable)")
+    s.add_argument("--num", type=per_digit_int, metavar="N", help="images per --prompt (default 8)")
+    s.add_argument("--negative", metavar="TEXT", help="prompt models: replaces the empty prompt in guidance")
     s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     s.add_argument("--steps", type=positive_int, help="sampling steps (default: 20 DDIM, 1000 DDPM)")
     s.add_argument("--guidance", type=nonneg_float, help="classifier-free guidance scale w (1 = none)")
@@ -358,6 +366,8 @@ def _run_training(fn, *args, **kwargs) -> dict | None:
 def cmd_train(args: argparse.Namespace) -> int:
     from lora4diffusion.train import train_base
 
+    if args.conditioning == "text":  # prompt-conditioned latent base (prompt_model.py)
+        from lora4diffusion.prompt_model import train_prompt_base as train_base
     out = _train_out(args, inputs=_existing(args.data))
     summary, status = _train_with_signals(
         train_base,
@@ -399,21 +409,45 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
     from lora4diffusion.plots import save_grid, save_trajectory
 
-    digits = parse_digits(args.digits)
+    if args.prompt and args.digits is not None:
+        raise UserError("--prompt and --digits: give one of them")
+    if args.num is not None and not args.prompt:
+        raise UserError("--num goes with --prompt (with --digits, use --per-digit)")
+    digits = parse_digits(args.digits or "0-9")
     model_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
     out = out_dir(args.out, overwrite=args.overwrite, inputs=_existing(model_dir) + _lora_inputs(args.lora))
     device = resolve_device(args.device)
     pipe = Pipeline.load(args.checkpoint)
+    prompts = None
+    if pipe.is_prompt_model:
+        from lora4diffusion.captions import digit_of
+        from lora4diffusion.prompt_model import digit_prompts
+
+        per_row = (args.num or 8) if args.prompt else args.per_digit
+        if args.prompt:
+            prompts = [p for p in args.prompt for _ in range(per_row)]
+        else:
+            prompts = digit_prompts([d for d in digits for _ in range(per_row)])
+        # bad prompts (unknown word, too long) fail here, before any sampling or writing
+        pipe.tokenizer.encode(prompts + ([args.negative] if args.negative is not None else []))
+        labels = [digit_of(p) for p in prompts]
+    elif args.prompt or args.negative is not None:
+        raise UserError(
+            f"{args.checkpoint or 'the shipped base'} is a label model:"
+            " it takes --digits, not --prompt/--negative"
+        )
+    else:
+        per_row = args.per_digit
+        labels = [d for d in digits for _ in range(per_row)]
     add_loras(pipe, args)
     pipe.to(device)
     steps = args.steps or (DEFAULT_STEPS if args.sampler == "ddim" else None)
     if steps is not None and steps > pipe.diffusion.timesteps:
         raise UserError(f"--steps {steps} exceeds the model's {pipe.diffusion.timesteps} diffusion timesteps")
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    labels = [d for d in digits for _ in range(args.per_digit)]
     traj_every = max(1, (steps or pipe.diffusion.timesteps) // 10) if args.trajectory else 0
     images, trajectory = pipe.generate(
-        labels,
+        prompts if prompts is not None else labels,
         sampler=args.sampler,
         steps=steps,
         guidance=guidance,
@@ -422,10 +456,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         trajectory_every=traj_every,
         bf16=args.bf16,
         progress=not args.quiet,
+        negative=args.negative,
     )
     out.mkdir(parents=True, exist_ok=True)
-    save_grid(images, args.per_digit, out / "samples.png")
+    save_grid(images, per_row, out / "samples.png")
     arrays = {"images": images.numpy().astype(np.float32), "labels": np.array(labels, dtype=np.int64)}
+    if prompts is not None:  # fixed-width unicode: np.load reads it without pickle
+        arrays["prompts"] = np.array(prompts, dtype=np.str_)
 
     def write_npz(tmp: Path) -> None:
         with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
@@ -497,7 +534,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     require_finite(model.state_dict(), "merge")  # an overflowing scale or adapter: no garbage checkpoint
     merged_from = [{"adapter": p, "scale": w, "name": n} for p, w, n in loras]
     extra = {"merged_from": merged_from, "base": pipe.config.get("base_path")}
-    save_model(out, model, pipe.diffusion, extra, vae=pipe.vae)  # a latent model keeps its VAE
+    save_model(out, model, pipe.diffusion, extra, vae=pipe.vae, text=pipe.text)  # keeps its VAE / text parts
     print(f"merged {len(loras)} adapter(s) into {out}")
     return 0
 

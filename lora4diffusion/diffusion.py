@@ -208,17 +208,21 @@ class DDIMSampler(_Sampler):
         return x_prev
 
 
-def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: float) -> Tensor:
+def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: float,
+               uncond: Tensor | None = None) -> Tensor:
     """Classifier-free guidance, eps_u + w (eps_c - eps_u), in float32 (Ho & Salimans eq. 6 with their w + 1).
 
+    ``labels``: the condition, label ids [B] or (prompt models) text contexts [B, L, D]. ``uncond``: what
+    eps_u is conditioned on; None = the null label (label models). A prompt model passes the empty prompt's
+    context, or a negative prompt's, which then replaces the empty one, as in SD.
     w = 1 is the plain conditional model and w = 0 the unconditional one, one forward of size B each;
-    any other w runs conditional and null labels as one batch of size 2B.
+    any other w runs conditional and unconditional as one batch of size 2B.
     """
     if guidance < 0:
         raise UserError(f"guidance must be >= 0, got {guidance}")
     if guidance == 1.0:
         return model(x, t, labels).float()
-    null = torch.full_like(labels, NULL_LABEL)
+    null = torch.full_like(labels, NULL_LABEL) if uncond is None else uncond
     if guidance == 0.0:
         return model(x, t, null).float()
     eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
@@ -228,11 +232,13 @@ def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: 
 @torch.no_grad()
 def sample(model: EpsModel, sampler: DDPMSampler | DDIMSampler, labels: Tensor, shape: tuple[int, int, int],
            guidance: float = 1.0, generator: torch.Generator | None = None, trajectory_every: int = 0,
-           progress: bool = False, clip: bool = True,
+           progress: bool = False, clip: bool = True, uncond: Tensor | None = None,
            callback: Callable[[int, int, Tensor], None] | None = None) -> tuple[Tensor, list[Tensor]]:
     """Run ``sampler.timesteps`` from x_T ~ N(0, I); returns (x0 in [-1, 1], [B, *shape] float32, trajectory).
 
     ``clip`` False (latent models: latents have no [-1, 1] range) returns the last x unclamped.
+    ``labels``: label ids [B]; or, with ``uncond`` (prompt models), the prompts' text contexts [B, L, D] and
+    ``uncond`` the empty / negative prompts' contexts of the same shape (see ``guided_eps``).
 
     The trajectory holds x (on the CPU) after every ``trajectory_every``-th step, plus the final x0; [] if 0.
     ``callback(step, steps, x0_hat)`` is called after each step's model call with the predicted clean image
@@ -242,7 +248,11 @@ def sample(model: EpsModel, sampler: DDPMSampler | DDIMSampler, labels: Tensor, 
         raise UserError(f"guidance must be >= 0, got {guidance}")
     if trajectory_every < 0:
         raise UserError(f"trajectory_every must be >= 0, got {trajectory_every}")
-    if labels.dim() != 1 or labels.dtype != torch.int64:
+    if uncond is not None:
+        if labels.dim() != 3 or uncond.shape != labels.shape:
+            raise UserError(f"text contexts must be [B, L, D] for both the prompts and the unconditional"
+                            f" branch, got {tuple(labels.shape)} and {tuple(uncond.shape)}")
+    elif labels.dim() != 1 or labels.dtype != torch.int64:
         raise UserError(f"labels must be a 1-D int64 tensor, got shape {tuple(labels.shape)} {labels.dtype}")
     device = labels.device
     x = _randn((labels.shape[0], *shape), generator, device)
@@ -250,7 +260,7 @@ def sample(model: EpsModel, sampler: DDPMSampler | DDIMSampler, labels: Tensor, 
     steps = sampler.timesteps.tolist()
     for i, t in enumerate(tqdm(steps, disable=not progress, desc="sampling", leave=False), start=1):
         t_batch = torch.full((labels.shape[0],), t, dtype=torch.int64, device=device)
-        eps = guided_eps(model, x, t_batch, labels, guidance)
+        eps = guided_eps(model, x, t_batch, labels, guidance, uncond)
         if callback is not None:
             callback(i, len(steps), sampler.predict_x0(eps, t, x))
         x = sampler.step(eps, t, x, generator)

@@ -241,6 +241,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--guidance", type=nonneg_float, help="guidance with --checkpoint (default 1.25)")
     p.add_argument("--seed", type=seed_int, help="sampling seed with --checkpoint (default 0)")
     p.add_argument("--bf16", action="store_true", help="sample with bf16 autocast (~2x faster on CPU)")
+    p.add_argument("--family", help="prompt models: prompts from one caption family (numeral, word,"
+                   " handwritten, digit, picture, number, held_out; default: every training template)")
     lora_args(p)
     p.add_argument("--classifier", metavar="PATH", help="classifier directory (default: the shipped one)")
     p.add_argument("--data", default="embedded", help="real digits: embedded | download | IDX folder")
@@ -263,19 +265,29 @@ def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dic
     seed = args.seed or 0
     labels = [d for d in digits for _ in range(per_digit)]
     t0 = time.perf_counter()
-    images, _ = pipe.generate(labels, steps=steps, guidance=guidance, seed=seed, bf16=args.bf16,
+    family = getattr(args, "family", None)
+    conditions: list = labels
+    if pipe.is_prompt_model:  # the digits become prompts: a family's templates cycled per digit
+        from lora4diffusion.prompt_model import digit_prompts
+
+        conditions = digit_prompts(labels, family)
+    elif family is not None:
+        raise UserError("--family applies to prompt models; this is a label model")
+    images, _ = pipe.generate(conditions, steps=steps, guidance=guidance, seed=seed, bf16=args.bf16,
                               progress=not getattr(args, "quiet", False))
     settings = {"checkpoint": str(args.checkpoint), "sampler": "ddim", "steps": steps, "guidance": guidance,
                 "seed": seed, "per_digit": per_digit, "digits": digits, "bf16": args.bf16,
                 "loras": [f"{p}:{w:g}" for p, w, _ in loras],
                 "sample_seconds_per_100": round(100 * (time.perf_counter() - t0) / len(labels), 2)}
+    if pipe.is_prompt_model:
+        settings["family"] = family or "all training templates"
     return images, torch.tensor(labels, dtype=torch.int64), settings
 
 
 def run(args: argparse.Namespace) -> int:
     """``lora4diffusion evaluate``: print the report (table or JSON); bad input raises UserError."""
     if args.samples is not None:
-        sampling = ("digits", "per_digit", "steps", "guidance", "seed", "bf16", "lora")
+        sampling = ("digits", "per_digit", "steps", "guidance", "seed", "bf16", "lora", "family")
         given = [o for o in sampling if getattr(args, o) not in (None, False, [])]
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} only applies with --checkpoint, not --samples")

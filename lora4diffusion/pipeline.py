@@ -1,4 +1,5 @@
-"""Sampling API: a loaded model plus its noise schedule, turning digit labels into images."""
+"""Sampling API: a loaded model plus its noise schedule, turning digit labels (label models) or prompts
+(prompt models, prompt_model.py) into images."""
 
 from __future__ import annotations
 
@@ -26,6 +27,17 @@ class Pipeline:
     diffusion: DiffusionConfig
     config: dict
     vae: object = None  # models.vae.VAE for a latent model (trained with --vae), None for a pixel model
+    text_encoder: object = None  # models.text_encoder.TextEncoder of a prompt model, None for a label model
+    tokenizer: object = None  # models.tokenizer.Tokenizer of a prompt model
+
+    @property
+    def is_prompt_model(self) -> bool:
+        return self.text_encoder is not None
+
+    @property
+    def text(self) -> tuple | None:
+        """(text encoder, tokenizer) of a prompt model (what checkpoint.save_model takes), else None."""
+        return (self.text_encoder, self.tokenizer) if self.is_prompt_model else None
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None) -> Pipeline:
@@ -42,6 +54,11 @@ class Pipeline:
         vae = load_attached_vae(checkpoint, config)  # None for a pixel model
         if vae is None and unet.cfg.in_channels != 1:
             raise UserError(f"{checkpoint}: a latent model ({unet.cfg.in_channels} channels) without its VAE")
+        if unet.cfg.conditioning == "text":
+            from lora4diffusion.prompt_model import load_text_parts
+
+            text_encoder, tokenizer = load_text_parts(checkpoint, config)
+            return cls(unet, diffusion, config, vae, text_encoder, tokenizer)
         return cls(unet, diffusion, config, vae)
 
     def add_lora(self, path: str | Path, weight: float = 1.0, force: bool = False) -> str:
@@ -57,8 +74,9 @@ class Pipeline:
         from lora4diffusion.distributed import resolve_device
 
         self.unet.to(resolve_device(device))
-        if self.vae is not None:
-            self.vae.to(resolve_device(device))
+        for part in (self.vae, self.text_encoder):
+            if part is not None:
+                part.to(resolve_device(device))
         return self
 
     @property
@@ -84,7 +102,7 @@ class Pipeline:
     @torch.no_grad()
     def generate(
         self,
-        labels: list[int] | torch.Tensor,
+        labels: list[int] | list[str] | torch.Tensor,
         sampler: str = "ddim",
         steps: int | None = DEFAULT_STEPS,
         guidance: float = DEFAULT_GUIDANCE,
@@ -95,6 +113,7 @@ class Pipeline:
         bf16: bool = False,
         progress: bool = False,
         callback: Callable[[int, int, int, torch.Tensor], None] | None = None,
+        negative: str | list[str] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Sample one image per label; returns (images [N, H, W] in [0, 1], trajectory of the first batch).
 
@@ -105,10 +124,22 @@ class Pipeline:
         250 was 1.4x slower on CPU, most of it page faults (benchmarks/RESULTS.md). Raise it on a GPU.
         Non-finite results (an overflowing model, adapter or guidance) raise UserError instead of returning.
         ``callback(first_index, step, steps, x0_hat)``: after every step of every batch, the predicted clean
-        images of the batch starting at ``first_index`` ([b, C, H, W] in [-1, 1]); for live previews.
+        images of the batch starting at ``first_index`` ([b, C, H, W] in [-1, 1]; latents for latent models);
+        for live previews.
+
+        Prompt models: ``labels`` are prompts (strings), or digits, which become prompts of the "digit"
+        family (prompt_model.digit_prompts). ``negative`` (one string, or one per prompt) replaces the empty
+        prompt as the unconditional branch of guidance. A bad prompt raises UserError before any sampling.
         """
         device = self.device
-        labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
+        contexts = None
+        if self.is_prompt_model:
+            contexts = self._contexts(labels, negative)
+            labels = torch.zeros(len(contexts[0]), dtype=torch.int64, device=device)  # only its length counts
+        else:
+            if negative is not None or any(isinstance(v, str) for v in labels):
+                raise UserError("this is a label model: it takes digits, not prompts (use --digits)")
+            labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         s = self.sampler(sampler, steps, eta)
         self.unet.eval()
         shape = (self.unet.cfg.in_channels, self.image_size, self.image_size)
@@ -116,16 +147,21 @@ class Pipeline:
         for b, start in enumerate(range(0, len(labels), batch_size)):
             g = torch.Generator().manual_seed((seed * 1_000_003 + b) % 2**64)  # manual_seed takes 64 bits
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                cond, uncond = labels[start : start + batch_size], None
+                if contexts is not None:  # the text encoder runs once per batch, not once per step
+                    ids, neg_ids = (c[start : start + batch_size].to(device) for c in contexts)
+                    cond, uncond = self.text_encoder(ids)[0], self.text_encoder(neg_ids)[0]
                 x, t = sample(
                     self.unet,
                     s,
-                    labels[start : start + batch_size],
+                    cond,
                     shape,
                     guidance,
                     g,
                     trajectory_every if b == 0 else 0,
                     progress,
                     clip=self.vae is None,
+                    uncond=uncond,
                     callback=None if callback is None else functools.partial(callback, start),
                 )
             if not torch.isfinite(x).all():  # clamp() below would hide inf as 0/1 and keep NaN: refuse
@@ -143,3 +179,18 @@ class Pipeline:
             return images, [decode_latents(self.vae, x)[:, None] * 2 - 1 for x in traj]
         images = ((torch.cat(out) + 1) / 2).clamp(0, 1)[:, 0]
         return images, traj
+
+    def _contexts(self, prompts, negative) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of the prompts and of their unconditional branch (a bad word is a UserError)."""
+        from lora4diffusion.prompt_model import digit_prompts, negative_prompts
+
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        prompts = list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            if any(isinstance(p, str) for p in prompts):
+                raise UserError("give prompts (strings) or digits, not a mix")
+            prompts = digit_prompts(prompts)
+        if not prompts:
+            raise UserError("no prompts to sample")
+        return self.tokenizer.encode(prompts), self.tokenizer.encode(negative_prompts(negative, len(prompts)))

@@ -325,7 +325,7 @@ class Trainer:
         meta = read_metadata(path)
         tensors = load_tensors(path)
         saved_run = json.loads(meta.get("run", "{}"))
-        for key in ("unet", "diffusion", "lora", "vae"):
+        for key in ("unet", "diffusion", "lora", "vae", "text_encoder"):
             if key in self.run_info and saved_run.get(key) != json.loads(
                 json.dumps(self.run_info[key], default=str)
             ):

@@ -317,6 +317,8 @@ def export_diffusers(
     """Write ``out/unet/``, ``out/scheduler/``, ``out/label_context.safetensors`` and ``out/README.md``."""
     out = Path(out)
     cfg = model.cfg
+    if cfg.conditioning != "label":  # the StableDiffusionPipeline export of prompt models: issue 12 item 1
+        raise UserError("export-diffusers does not yet export prompt models (text encoder, tokenizer, VAE)")
     weights = {k: v.float() for k, v in unet_state_to_diffusers(model).items()}
     context = model.label_context.weight.detach().float().reshape(-1, cfg.context_tokens, cfg.context_dim)
     written = [

@@ -8,10 +8,15 @@ Shape of the network (as in SD's UNet2DConditionModel, miniaturised):
 A Transformer block is SD's: GroupNorm, proj_in, [self-attention, cross-attention to the label context,
 GEGLU feed-forward] each pre-LayerNorm with a residual, proj_out, residual.
 
-Conditioning: a label (0..9, or NULL_LABEL=10 for classifier-free guidance) becomes a *sequence* of
-`context_tokens` learned vectors. Several tokens matter: with a single key, softmax over keys is identically
-1, so to_q/to_k get exactly zero gradient (the reference's bug). The context's mean is also added to the
-timestep embedding, as SDXL adds its pooled text embedding.
+Conditioning (`UNetConfig.conditioning`):
+- "label" (the reference's design, the shipped label base): a label (0..9, or NULL_LABEL=10 for
+  classifier-free guidance) becomes a *sequence* of `context_tokens` learned vectors. Several tokens matter:
+  with a single key, softmax over keys is identically 1, so to_q/to_k get exactly zero gradient (the
+  reference's bug). The context's mean is also added to the timestep embedding, as SDXL adds its pooled text
+  embedding.
+- "text" (SD 1.x): the third argument of forward is the context itself, a text encoder's last hidden state
+  [B, L, context_dim]; the UNet has no label table and adds NOTHING to the timestep embedding, exactly as SD
+  1.x's UNet, so diffusers' StableDiffusionPipeline (which passes no class_labels) computes the same thing.
 
 The attention projections are named to_q, to_k, to_v, to_out as in SD/diffusers so LoRA targets read the same.
 """
@@ -28,6 +33,7 @@ from torch import nn
 from lora4diffusion.errors import UserError
 
 NULL_LABEL = 10  # the learned "no condition" context used for classifier-free guidance
+CONDITIONINGS = ("label", "text")
 
 
 @dataclass
@@ -44,6 +50,7 @@ class UNetConfig:
     num_classes: int = 10
     groups: int = 8
     dropout: float = 0.0
+    conditioning: str = "label"  # "label": learned label context tokens | "text": a text encoder's states
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(self.channel_mults)
@@ -55,9 +62,18 @@ class UNetConfig:
             )
         if self.context_tokens < 2:
             raise UserError("context_tokens must be >= 2 (one key makes softmax constant: q/k learn nothing)")
+        if self.conditioning not in CONDITIONINGS:
+            raise UserError(
+                f"UNet conditioning {self.conditioning!r} is not one of {', '.join(CONDITIONINGS)}"
+            )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # "label" is the implicit default: left out, so every label model's config.json and base fingerprint
+        # (which hashes this dict; adapters record it) stay exactly what they were before text mode existed.
+        d = asdict(self)
+        if d["conditioning"] == "label":
+            del d["conditioning"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
@@ -197,10 +213,12 @@ class UNet(nn.Module):
         ch = cfg.base_channels
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        # One row per label (+ the null label); each row is `context_tokens` tokens of `context_dim`.
-        self.label_context = nn.Embedding(cfg.num_classes + 1, cfg.context_tokens * cfg.context_dim)
-        nn.init.normal_(self.label_context.weight, std=1.0)
-        self.context_pool = nn.Linear(cfg.context_dim, emb_dim)
+        if cfg.conditioning == "label":
+            # One row per label (+ the null label); each row is `context_tokens` tokens of `context_dim`.
+            self.label_context = nn.Embedding(cfg.num_classes + 1, cfg.context_tokens * cfg.context_dim)
+            nn.init.normal_(self.label_context.weight, std=1.0)
+            self.context_pool = nn.Linear(cfg.context_dim, emb_dim)
+        # "text": no label table and no pooled projection (SD 1.x); the context comes from the text encoder.
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         chans = [ch * m for m in cfg.channel_mults]
@@ -242,12 +260,23 @@ class UNet(nn.Module):
 
     def context(self, labels: torch.Tensor) -> torch.Tensor:
         """Label ids (NULL_LABEL for unconditional) -> context tokens [B, context_tokens, context_dim]."""
+        if self.cfg.conditioning != "label":
+            raise UserError("this UNet is prompt-conditioned: it takes a text context, not digit labels")
         return self.label_context(labels).view(-1, self.cfg.context_tokens, self.cfg.context_dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        context = self.context(labels)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """eps prediction. ``cond``: label ids [B] ("label" mode) or a text context [B, L, context_dim]."""
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
-        emb = emb + self.context_pool(context.mean(dim=1))
+        if self.cfg.conditioning == "label":
+            context = self.context(cond)
+            emb = emb + self.context_pool(context.mean(dim=1))
+        else:
+            if cond.dim() != 3 or cond.shape[-1] != self.cfg.context_dim or not cond.is_floating_point():
+                raise UserError(
+                    f"a prompt-conditioned UNet takes a text context [batch, tokens, {self.cfg.context_dim}],"
+                    f" got {tuple(cond.shape)} {cond.dtype} (digit labels are for label models)"
+                )
+            context = cond
 
         h = self.conv_in(x)
         hs = [h]
@@ -272,4 +301,4 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["NULL_LABEL", "UNetConfig", "UNet", "count_parameters", "timestep_embedding"]
+__all__ = ["CONDITIONINGS", "NULL_LABEL", "UNetConfig", "UNet", "count_parameters", "timestep_embedding"]

@@ -1,0 +1,329 @@
+"""Prompt-conditioned latent diffusion: SD 1.x's design at MNIST scale (issue 11, items 3-4).
+
+    prompt --tokenizer--> ids [B, 16] --text encoder--> last hidden state [B, 16, D] = the UNet's context
+    eps_theta(z_t, t, context): a UNet with conditioning="text" (cross-attention only; nothing is added to
+    the timestep embedding, as SD 1.x: diffusers' StableDiffusionPipeline passes no class_labels)
+
+There is no pretrained CLIP here, so the text encoder is trained jointly with the UNet from scratch
+(`TextConditionedUNet`: one module, so the optimizer, the EMA, DDP and the checkpoints see both). Each step
+draws one caption per training digit from the template families (`captions.captions_for`, with the step's
+generator: `--resume` stays bit-exact) and replaces `label_dropout` (10 %) of them by the empty prompt "",
+the unconditional branch of classifier-free guidance, as SD does (Ho & Salimans 2022). The caption set is
+finite (10 digits x 17 templates + ""), so every caption is tokenized once, up front.
+
+A prompt model folder (maps one to one onto diffusers' unet/, text_encoder/, tokenizer/, vae/):
+    config.json                {"unet": {..., "conditioning": "text"}, "diffusion", "text_encoder": {"config",
+                                "weights"}, "tokenizer": {"folder"}, "vae": {"folder", "fingerprint"}, ...}
+    model.safetensors          the UNet (EMA) weights, our names (as every model folder)
+    text_encoder.safetensors   the text encoder (EMA) weights, CLIPTextModel's names minus prefixes
+    tokenizer/                 vocab.txt + config.json (models/tokenizer.py)
+    vae/                       the VAE it denoises the latents of (autoencoder.attach_vae)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora4diffusion.captions import EMPTY_PROMPT, all_captions, caption, captions_for, family_templates
+from lora4diffusion.checkpoint import load_state_into, load_tensors, save_tensors
+from lora4diffusion.diffusion import NoiseSchedule
+from lora4diffusion.errors import UserError
+from lora4diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
+from lora4diffusion.models.tokenizer import Tokenizer
+from lora4diffusion.models.unet import UNet, UNetConfig
+from lora4diffusion.train import TrainConfig, Trainer, data_fingerprint, prepare_run
+
+log = logging.getLogger("lora4diffusion")
+
+TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
+TOKENIZER_FOLDER = "tokenizer"
+# What `sample --digits` asks a prompt model for: the "digit" family, cycled ("the digit 7", "the digit
+# seven", "a digit seven", ...).
+DIGITS_FAMILY = "digit"
+
+
+class TextConditionedUNet(nn.Module):
+    """UNet + text encoder as one module: forward(x, t, ids) = unet(x, t, text_encoder(ids).last_hidden)."""
+
+    def __init__(self, unet: UNet, text_encoder: TextEncoder):
+        super().__init__()
+        if unet.cfg.conditioning != "text":
+            raise UserError("TextConditionedUNet needs a UNet with conditioning='text'")
+        if text_encoder.cfg.width != unet.cfg.context_dim:
+            raise UserError(
+                f"text encoder width {text_encoder.cfg.width} != the UNet's context_dim"
+                f" {unet.cfg.context_dim}"
+            )
+        self.unet, self.text_encoder = unet, text_encoder
+
+    @property
+    def cfg(self) -> UNetConfig:
+        return self.unet.cfg
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, self.text_encoder(ids)[0])
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+def digit_prompts(digits: list[int] | torch.Tensor, family: str | None = DIGITS_FAMILY) -> list[str]:
+    """One prompt per digit from a caption family's templates, cycled per digit (the k-th occurrence of a
+    digit takes template k mod T), so N samples of one digit cover the family evenly. family None = every
+    training template; captions.HELD_OUT = the phrasings never seen in training."""
+    templates = family_templates(family)
+    seen: dict[int, int] = {}
+    out = []
+    for d in (digits.tolist() if isinstance(digits, torch.Tensor) else list(digits)):
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9:
+            raise UserError(f"a digit prompt needs a digit 0-9, got {d!r}")
+        k = seen.get(d, 0)
+        seen[d] = k + 1
+        out.append(caption(d, templates[k % len(templates)]))
+    return out
+
+
+def negative_prompts(negative: str | list[str] | None, n: int) -> list[str]:
+    """The unconditional branch's prompts: "" (None), one negative for all, or one per prompt."""
+    if negative is None:
+        return [EMPTY_PROMPT] * n
+    if isinstance(negative, str):
+        return [negative] * n
+    negative = list(negative)
+    if len(negative) != n:
+        raise UserError(f"{len(negative)} negative prompts for {n} prompts: give one, or one per prompt")
+    return negative
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def save_text_parts(directory: str | Path, text_encoder: TextEncoder, tokenizer: Tokenizer) -> dict:
+    """Write text_encoder.safetensors and tokenizer/ into ``directory``; returns the config.json entries."""
+    directory = Path(directory)
+    weights = {k: v.float() for k, v in text_encoder.state_dict().items()}
+    save_tensors(directory / TEXT_ENCODER_WEIGHTS, weights)
+    tokenizer.save(directory / TOKENIZER_FOLDER)
+    return {
+        "text_encoder": {"config": text_encoder.cfg.to_dict(), "weights": TEXT_ENCODER_WEIGHTS},
+        "tokenizer": {"folder": TOKENIZER_FOLDER},
+    }
+
+
+def load_text_parts(directory: str | Path, config: dict) -> tuple[TextEncoder, Tokenizer]:
+    """The text encoder (eval mode) and tokenizer of a prompt model folder; UserError naming what is wrong."""
+    directory = Path(directory)
+    te_entry, tok_entry = config.get("text_encoder"), config.get("tokenizer")
+    if not isinstance(te_entry, dict) or not isinstance(tok_entry, dict):
+        raise UserError(f"prompt model {directory}: config.json has no 'text_encoder'/'tokenizer' entries")
+    try:
+        te_cfg = TextEncoderConfig.from_dict(te_entry["config"])
+        weights, folder = directory / te_entry["weights"], directory / tok_entry["folder"]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{directory / 'config.json'}: malformed text encoder entry ({e})") from None
+    tokenizer = Tokenizer.load(folder)
+    if (tokenizer.vocab_size, tokenizer.context_length, tokenizer.eos_id) != (
+        te_cfg.vocab_size, te_cfg.context_length, te_cfg.eos_token_id
+    ):
+        raise UserError(f"prompt model {directory}: the tokenizer in {folder} does not fit its text encoder")
+    text_encoder = TextEncoder(te_cfg)
+    load_state_into(text_encoder, load_tensors(weights), weights)
+    return text_encoder.eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class PromptTask:
+    """The diffusion loss on captions (the Trainer's task; see train.DiffusionTask for the contract).
+
+    The step's generator draws t, eps and the dropout mask exactly as DiffusionTask does, then one caption
+    per digit of the global batch; every rank keeps its rows, so K ranks see what one process sees.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, tokenizer: Tokenizer):
+        self.schedule = schedule
+        # Every caption a step can draw (untriggered, unstyled training families) and the empty prompt,
+        # tokenized once: row 0 is "".
+        texts = [EMPTY_PROMPT, *sorted({c for d in range(10) for c in all_captions(d)})]
+        self.row = {c: i for i, c in enumerate(texts)}
+        self.ids = tokenizer.encode(texts)
+        self._ids_on: dict[torch.device, torch.Tensor] = {}
+
+    def captions(self, labels: torch.Tensor, generator: torch.Generator,
+                 drop: torch.Tensor | None) -> list[str]:
+        texts = captions_for(labels.cpu(), generator)
+        if drop is not None:
+            texts = [EMPTY_PROMPT if d else c for c, d in zip(texts, drop.tolist(), strict=True)]
+        return texts
+
+    def loss(self, trainer: Trainer, step: int) -> torch.Tensor:
+        cfg, schedule = trainer.cfg, self.schedule
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = trainer.batch_indices(step)
+        n = idx.shape[0]
+        t, noise, drop = schedule.draw_training_inputs((n, *trainer.images.shape[1:]), g, cfg.label_dropout)
+        rows_all = torch.tensor([self.row[c] for c in self.captions(trainer.labels[idx], g, drop)])
+        rows = slice(trainer.rank * n // trainer.world, (trainer.rank + 1) * n // trainer.world)
+        dev = trainer.device
+        if dev not in self._ids_on:
+            self._ids_on[dev] = self.ids.to(dev)
+        ids = self._ids_on[dev][rows_all[rows].to(dev)]
+        x0 = trainer.images[idx[rows].to(dev)]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=trainer.use_bf16):
+            return schedule.loss(trainer.net(), x0, ids, t[rows].to(dev), noise[rows].to(dev), None)
+
+
+def _presets() -> dict[str, tuple[UNetConfig, dict, TrainConfig]]:
+    """Latent (4x8x8) prompt models: (UNet config, text encoder size, training recipe).
+
+    FLOPs per forward at batch 1 (torch.utils.flop_counter; the text encoder adds 3.3 MFLOP): fast 0.053 G,
+    base 0.115 G, vs the 28x28 pixel base's 0.406 G, which trains at ~0.7 s/step (batch 128, bf16, 2 cores).
+    Scaled by FLOPs: ~0.1 s (fast) and ~0.2 s (base) per step; small 8x8 maps use the cores less well than
+    28x28 ones, so these are lower bounds, to be measured. Transformer blocks at both levels (8x8 and 4x4):
+    cross-attention at full latent resolution is where the prompt reaches every position.
+    """
+    latent = dict(image_size=8, in_channels=4, channel_mults=(1, 2), num_res_blocks=1, conditioning="text")
+    return {
+        "tiny": (  # seconds: tests and smoke runs
+            UNetConfig(base_channels=16, attn_levels=(1,), context_dim=32, **latent),
+            dict(width=32, layers=1, heads=2),
+            TrainConfig(steps=30, batch_size=32, lr=2e-3, warmup=5, ema_decay=0.9, log_every=5,
+                        checkpoint_every=10, sample_every=30),
+        ),
+        "fast": (  # ~4,000 x ~0.1 s: ~7-10 min on 2 cores (estimate); issue 10's goal: >= 98 % accuracy
+            UNetConfig(base_channels=32, attn_levels=(0, 1), context_dim=64, **latent),
+            dict(width=64, layers=2, heads=4),
+            TrainConfig(steps=4000, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999,
+                        checkpoint_every=250, sample_every=1000),
+        ),
+        "base": (  # the shipped one: ~10,000 x ~0.2 s: ~35 min on 2 cores (estimate)
+            UNetConfig(base_channels=48, attn_levels=(0, 1), context_dim=64, **latent),
+            dict(width=64, layers=2, heads=4),
+            TrainConfig(steps=10000, batch_size=128, lr=5e-4, warmup=200, ema_decay=0.9995,
+                        checkpoint_every=250, sample_every=1000),
+        ),
+    }
+
+
+PRESET_NAMES = ("tiny", "fast", "base")
+
+
+@torch.no_grad()
+def preview_prompts(model: TextConditionedUNet, tokenizer: Tokenizer, schedule: NoiseSchedule, vae,
+                    path: Path, steps: int = 20) -> None:
+    """One DDIM sample per digit ("the digit 0" ... "the digit 9"), fixed seed, for watching training."""
+    from lora4diffusion.autoencoder import decode_latents
+    from lora4diffusion.diffusion import DDIMSampler, sample
+    from lora4diffusion.pipeline import DEFAULT_GUIDANCE
+    from lora4diffusion.plots import save_grid
+
+    s = DDIMSampler(schedule, clip_sample=False)
+    s.set_timesteps(steps)
+    dev = next(model.parameters()).device
+    ids = tokenizer.encode([f"the digit {d}" for d in range(10)] + [EMPTY_PROMPT]).to(dev)
+    ctx = model.text_encoder(ids)[0]
+    cond, uncond = ctx[:10], ctx[10:].expand(10, -1, -1)
+    shape = (model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
+    x, _ = sample(model.unet, s, cond, shape, DEFAULT_GUIDANCE, torch.Generator().manual_seed(0), clip=False,
+                  uncond=uncond)
+    save_grid(decode_latents(vae, x), 10, path)
+
+
+def train_prompt_base(
+    preset: str,
+    out: Path,
+    data: str = "embedded",
+    steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    image_size: int | None = None,
+    diffusion_overrides: dict | None = None,
+    device: str | torch.device = "auto",
+    compile: bool = False,
+    vae: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    overwrite: bool = False,
+    allow_changes: bool = False,
+    **overrides,
+) -> dict:
+    """Train a prompt-conditioned latent base (UNet + text encoder, jointly, from scratch) into ``out``.
+
+    Same contract as train.train_base (run folder, EMA export, --resume bit-exact); ``vae`` is required:
+    the prompt presets are latent models, as SD.
+    """
+    from lora4diffusion.autoencoder import cached_latents, check_encodable, load_vae, vae_fingerprint
+    from lora4diffusion.checkpoint import save_model
+    from lora4diffusion.data import load_mnist
+    from lora4diffusion.diffusion import DiffusionConfig
+
+    if preset not in PRESET_NAMES:
+        raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
+    if vae is None:
+        raise UserError("--conditioning text trains a latent model: pass --vae DIR (a VAE from train-vae)")
+    if image_size is not None:
+        raise UserError("--image-size does not apply with --vae: the latent size is the VAE's")
+    unet_cfg, te_size, cfg = _presets()[preset]
+    autoencoder, _ = load_vae(vae)
+    check_encodable(autoencoder.cfg)
+    lat = autoencoder.cfg
+    unet_cfg = replace(unet_cfg, in_channels=lat.latent_channels, image_size=lat.latent_size)
+    cfg, out, device = prepare_run(
+        cfg, out, resume, device, overwrite=overwrite, allow_changes=allow_changes, steps=steps, **overrides
+    )
+    tokenizer = Tokenizer.load()
+    te_cfg = TextEncoderConfig.for_tokenizer(tokenizer, **te_size)
+    diffusion = DiffusionConfig(**(diffusion_overrides or {}))
+    splits = load_mnist(data)
+    images = cached_latents(autoencoder, splits.train.images)
+    torch.manual_seed(cfg.seed)  # initial weights: the UNet's, then the text encoder's
+    model = TextConditionedUNet(UNet(unet_cfg), TextEncoder(te_cfg))
+    schedule = NoiseSchedule(diffusion)
+    run_info = {
+        "unet": unet_cfg.to_dict(),
+        "text_encoder": te_cfg.to_dict(),
+        "diffusion": asdict(diffusion),
+        "preset": preset,
+        "data": splits.source,
+        "data_fingerprint": data_fingerprint(splits.train.images, splits.train.labels),
+        "vae": vae_fingerprint(autoencoder),  # --resume refuses another VAE
+    }
+
+    def export(m: nn.Module, directory: Path) -> None:
+        extra = {"train": asdict(cfg), "preset": preset, "data": splits.source, "step": trainer.step,
+                 "train_seconds": round(trainer.train_seconds, 1)}
+        save_model(directory, m.unet, diffusion, extra, vae=autoencoder, text=(m.text_encoder, tokenizer))
+
+    trainer = Trainer(
+        model,
+        PromptTask(schedule, tokenizer),
+        images,
+        splits.train.labels,
+        cfg,
+        out,
+        export,
+        preview=lambda m, p: preview_prompts(m, tokenizer, schedule, autoencoder, p,
+                                             steps=5 if preset == "tiny" else 20),
+        run_info=run_info,
+        device=device,
+        compile=compile,
+        should_stop=should_stop,
+    )
+    if resume:
+        trainer.check_resume(allow_changes)
+        trainer.resume()
+    summary = trainer.fit(progress=progress)
+    summary["out"] = str(out)
+    return summary
+
+
+__all__ = [
+    "DIGITS_FAMILY", "PRESET_NAMES", "PromptTask", "TextConditionedUNet", "digit_prompts", "load_text_parts",
+    "negative_prompts", "save_text_parts", "train_prompt_base",
+]
