@@ -9,7 +9,6 @@ Every read failure is a UserError naming the file and the problem: never a silen
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora4diffusion.diffusion import DiffusionConfig
-from lora4diffusion.errors import UserError
+from lora4diffusion.errors import UserError, describe_os_error
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.schema import shown
 
@@ -37,15 +36,6 @@ _DTYPE_NAMES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                 "U8": torch.uint8, "BOOL": torch.bool}
 _DTYPE_CODES = {v: k for k, v in _DTYPE_NAMES.items()}
-
-
-def describe_os_error(e: OSError) -> str:
-    """A short reason for an OSError: "permission denied", "no space left on device", ..."""
-    if isinstance(e, PermissionError):
-        return "permission denied"
-    if e.errno == errno.ENOSPC:
-        return "no space left on device"
-    return (e.strerror or str(e) or type(e).__name__).lower()
 
 
 def check_readable(path: str | Path) -> Path:
@@ -193,7 +183,7 @@ def check_against(module_state: dict[str, torch.Tensor], found: dict[str, tuple[
                   where: Path | str, what: str = "the config") -> None:
     """The names, shapes and dtypes in a file (``tensor_header``) against a module's ``state_dict()``
     (which may live on the meta device). Float parameters need float tensors (an int64 or bool tensor is
-    refused, not cast); integer buffers need their own dtype."""
+    refused, not cast); integer buffers take their own dtype or a float one."""
     missing = sorted(set(module_state) - set(found))
     unexpected = sorted(set(found) - set(module_state))
     if missing or unexpected:
@@ -206,7 +196,8 @@ def check_against(module_state: dict[str, torch.Tensor], found: dict[str, tuple[
         own = module_state[k]
         if tuple(shape) != tuple(own.shape):
             raise UserError(f"{where}: weight {k} has shape {tuple(shape)}, {what} needs {tuple(own.shape)}")
-        ok = dtype in _FLOAT_DTYPES if own.is_floating_point() else _DTYPE_NAMES.get(dtype) == own.dtype
+        # our writers store integer buffers (BatchNorm's counter) as float32 too, so those may be either
+        ok = dtype in _FLOAT_DTYPES or (not own.is_floating_point() and _DTYPE_NAMES.get(dtype) == own.dtype)
         if not ok:
             raise UserError(f"{where}: weight {k} has dtype {dtype}, {what} needs {own.dtype}")
 

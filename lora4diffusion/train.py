@@ -30,10 +30,11 @@ from torch import nn
 from tqdm import tqdm
 
 from lora4diffusion import distributed
-from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
+from lora4diffusion.checkpoint import check_against, load_tensors, read_metadata, save_tensors, tensor_header
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.unet import UNetConfig
+from lora4diffusion.schema import float_text, int_text
 
 log = logging.getLogger("lora4diffusion")
 STATE_NAME = "train_state.safetensors"
@@ -246,30 +247,53 @@ class Trainer:
         if not path.is_file():
             raise UserError(f"--resume: no training state at {path}")
         meta = read_metadata(path)
-        tensors = load_tensors(path)
-        saved_run = json.loads(meta.get("run", "{}"))
+        try:  # metadata is text from a file: check it before anything is copied into the model
+            step = int_text(meta.get("step"), "step", 0, 2**62)
+            seconds = float_text(meta.get("train_seconds", "0"), "train_seconds", 0.0, 1e12)
+            saved_run = json.loads(meta.get("run", "{}"))
+            if not isinstance(saved_run, dict):
+                raise UserError("run must be a JSON object")
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise UserError(f"--resume: {path}: malformed metadata (run is not JSON: {e})") from None
+        except UserError as e:
+            raise UserError(f"--resume: {path}: malformed metadata ({e})") from None
         for key in ("unet", "diffusion", "lora"):
             if key in self.run_info and saved_run.get(key) != json.loads(
                 json.dumps(self.run_info[key], default=str)
             ):
                 raise UserError(f"--resume: {path} was trained with a different {key} config")
+        # every tensor named, shaped and typed as this run needs (a missing optimizer entry included)
+        check_against(self._expected_state(optimizer=step > 0), tensor_header(path), path, "this run")
+        tensors = load_tensors(path)
         with torch.no_grad():
             for k, p in self.params.items():
-                if f"param.{k}" not in tensors:
-                    raise UserError(f"--resume: {path} has no tensor for {k}")
                 p.copy_(tensors[f"param.{k}"])
-                if self.ema and f"ema.{k}" in tensors:
+                if self.ema:
                     self.ema.shadow[k].copy_(tensors[f"ema.{k}"])
         for name, p in zip(self._opt_names, self._opt_params(), strict=True):
             if f"optim.{name}.exp_avg" in tensors:
+                adam_step = tensors[f"optim.{name}.step"].reshape(())
+                if not 0 <= float(adam_step) <= 2**62:
+                    raise UserError(f"--resume: {path}: optim.{name}.step is {float(adam_step):g}")
                 self.opt.state[p] = {
-                    "step": tensors[f"optim.{name}.step"].reshape(()),  # AdamW keeps it on the CPU
+                    "step": adam_step.float(),  # AdamW keeps it on the CPU
                     "exp_avg": tensors[f"optim.{name}.exp_avg"].to(p.device, copy=True),
                     "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].to(p.device, copy=True),
                 }
-        self.step = int(meta["step"])
-        self.train_seconds = float(meta.get("train_seconds", 0.0))
+        self.step = step
+        self.train_seconds = seconds
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _expected_state(self, optimizer: bool = True) -> dict[str, torch.Tensor]:
+        """What ``state_tensors`` writes after at least one step (names, shapes, dtypes): the schema a
+        train_state file is checked against before resuming. A step-0 checkpoint has no optimizer state."""
+        out = {f"param.{k}": p for k, p in self.params.items()}
+        if self.ema:
+            out.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
+        for name, p in zip(self._opt_names, self._opt_params(), strict=True) if optimizer else ():
+            out[f"optim.{name}.exp_avg"] = out[f"optim.{name}.exp_avg_sq"] = p
+            out[f"optim.{name}.step"] = torch.zeros(1)
+        return out
 
     # ----- the loop -----
     def net(self) -> nn.Module:
