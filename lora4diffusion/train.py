@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -30,7 +31,14 @@ from torch import nn
 from tqdm import tqdm
 
 from lora4diffusion import distributed
-from lora4diffusion.checkpoint import check_against, load_tensors, read_metadata, save_tensors, tensor_header
+from lora4diffusion.checkpoint import (
+    check_against,
+    load_tensors,
+    read_metadata,
+    save_tensors,
+    tensor_header,
+    write_text_atomic,
+)
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.unet import UNetConfig
@@ -339,7 +347,10 @@ class Trainer:
         mf, writer, tb = None, None, None
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(self.run_dir)
             new_file = not metrics_path.exists() or self.step == 0
+            if not new_file:  # a killed run may have logged past its last checkpoint, or half a line
+                _trim_metrics(metrics_path, self.step)
             mf = metrics_path.open("w" if new_file else "a", newline="")
             writer = csv.writer(mf)
             if new_file:
@@ -458,6 +469,39 @@ def _tensorboard(run_dir: Path):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _remove_stale_temps(run_dir: Path) -> None:
+    """Delete the temporary files a killed run left mid-write (``atomic_write``'s ``.NAME.XXXX.tmp``): the
+    renamed files are the checkpoint, these never became one."""
+    for tmp in run_dir.glob(".*.tmp"):
+        if tmp.is_file() and tmp.name.split(".")[1] in _RUN_FILES:
+            tmp.unlink(missing_ok=True)
+
+
+_RUN_FILES = ("train_state", "model", "config", "adapter", "metrics", "loss")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the well-formed rows of metrics.csv up to ``step`` (where training resumes): after a SIGKILL
+    the file can end in half a row, and rows logged after the last checkpoint will be logged again."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    keep = lines[:1]
+    for line in lines[1:]:
+        cells = line.split(",")
+        if len(cells) == 6 and cells[0].isdigit() and int(cells[0]) <= step and _finite_cell(cells[1]):
+            keep.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in keep))
+
+
+def _finite_cell(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _plot_loss(metrics_path: Path, out: Path) -> None:
