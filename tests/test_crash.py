@@ -4,9 +4,10 @@ the last checkpoint.
 ``train`` and ``train-lora`` run as the CLI (``cli.main``) in a forked child, so each start skips Python's
 and torch's imports. Half the kills come at a moment a seeded RNG picks (0-0.4 s after the child wrote one
 more checkpoint), the other half while a checkpoint file is being written (its temporary file exists).
-After every kill the last checkpoint must load (train_state.safetensors and the exported model/adapter), and the next start is ``--resume``; the last one
-runs to the end. The tiny preset checkpoints every 2 steps here (patched in the child: the CLI has no flag
-for it) and trains on a small synthetic IDX set so that startup is fast.
+After every kill the last checkpoint must load (train_state.safetensors and the exported model/adapter),
+and the next start is ``--resume``; the last one runs to the end. The tiny preset checkpoints every 2 steps
+here (patched in the child: the CLI has no flag for it) and trains on a small synthetic IDX set so that
+startup is fast.
 """
 
 from __future__ import annotations
