@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +148,8 @@ def _read_image(path: Path) -> torch.Tensor | None:
     """An image file -> uint8 [28, 28] white on black; None if Pillow cannot read it as an image."""
     bomb = f"the limit is {MAX_IMAGE_PIXELS} pixels: refused as a possible decompression bomb"
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data", bomb warnings: the pixels decide below
             w, h = im.size  # from the header: nothing is decoded yet
             if w * h <= MAX_IMAGE_PIXELS:
                 g = _to_grey(im)
