@@ -148,11 +148,12 @@ def _read_image(path: Path) -> torch.Tensor | None:
     """An image file -> uint8 [28, 28] white on black; None if Pillow cannot read it as an image."""
     bomb = f"the limit is {MAX_IMAGE_PIXELS} pixels: refused as a possible decompression bomb"
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:
-            warnings.simplefilter("ignore")  # "Corrupt EXIF data", bomb warnings: the pixels decide below
-            w, h = im.size  # from the header: nothing is decoded yet
-            if w * h <= MAX_IMAGE_PIXELS:
-                g = _to_grey(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data", bomb warnings: the checks here decide
+            with Image.open(path) as im:
+                w, h = im.size  # from the header: nothing is decoded yet
+                if w * h <= MAX_IMAGE_PIXELS:
+                    g = _to_grey(im)
     except Image.DecompressionBombError:  # Pillow's own check, from 2 x 89 M pixels
         raise UserError(f"{path}: image too large ({bomb})") from None
     except PermissionError:
