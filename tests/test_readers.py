@@ -583,3 +583,27 @@ def test_permission_errors_say_permission_denied(model_dir, tmp_path):
                       (lambda: read_idx(idx), "t.idx")]:
         msg = _as_unprivileged(fn)
         assert where in msg and "permission denied" in msg and "No such file" not in msg, msg
+
+
+# ------------------------------------------------------------------ through the command line
+def test_cli_bad_files_are_one_line_exit_2_and_write_nothing(model_dir, peft_dir, tmp_path, capsys):
+    from lora4diffusion import cli
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["unet"]["groups"] = 0
+    bad = copy_model(model_dir, tmp_path / "bad", config=cfg)
+    peft = tmp_path / "pissa"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text(json.dumps(
+        {**json.loads((peft_dir / "adapter_config.json").read_text()), "init_lora_weights": "pissa"}))
+    (peft / "adapter_model.safetensors").write_bytes((peft_dir / "adapter_model.safetensors").read_bytes())
+    huge = npz_with_header(tmp_path / "huge.npz", (10**12, 28, 28))
+    for argv in (["sample", "--checkpoint", str(bad), "--steps", "2", "--out", str(tmp_path / "o1")],
+                 ["import-peft", "--peft", str(peft), "--checkpoint", str(model_dir),
+                  "--out", str(tmp_path / "o2")],
+                 ["evaluate", "--samples", str(huge)]):
+        capsys.readouterr()
+        assert cli.main(["-q", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lora4diffusion: error: "), err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
