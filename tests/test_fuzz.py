@@ -14,9 +14,10 @@ the same cases on every run, no shrinking, no example database) picks a file and
     npy: the images array's header claims another shape/dtype (up to 2**40)     .npz files
     bomb: a PNG header declaring up to 2**31 x 2**31 pixels                      image files
 
-Each call runs under a 30 s alarm (a hang fails), and the process's peak RSS may grow by at most 1 GiB over a
-reader's cases (a blown memory fails). Readers added by other issues (tokenizer files, VAE/text-encoder
-checkpoints, other LoRA formats) need one line each at the bottom: a ``fuzz_a_reader(...)`` call.
+Each call runs under a 30 s alarm (a hang fails) and an address-space limit of what the process maps plus
+1 GiB (a larger allocation is a MemoryError, which fails); the peak RSS may also grow by at most 1 GiB.
+Readers added by other issues (tokenizer files, VAE/text-encoder checkpoints, other LoRA formats) need one
+line each in ``READERS`` at the bottom.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import resource
 import signal
 import struct
+import time
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -236,16 +238,35 @@ def damage(draw, files: dict[str, bytes], targets: tuple[str, ...]) -> tuple[str
     return target, kind, new
 
 
+def _cap_address_space(extra: int) -> tuple[int, int] | None:
+    """Limit this process's address space to what it maps now + ``extra`` (Linux); returns the old limits.
+    The peak-RSS check below cannot see a reader allocating less than an earlier test's peak; this can."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    vm_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmSize:")), None)
+    if vm_kb is None:
+        return None
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm_kb * 1024 + extra
+    if old[1] != resource.RLIM_INFINITY:
+        cap = min(cap, old[1])
+    resource.setrlimit(resource.RLIMIT_AS, (cap, old[1]))
+    return old
+
+
 class Hang(Exception):
     pass
 
 
 def _alarm(signum, frame):
-    raise Hang(f"a reader ran longer than {CALL_SECONDS} s")
+    raise Hang("a reader ran past its time limit")
 
 
 def fuzz_a_reader(name: str, build: Callable[[Path], None], read: Callable[[Path], object],
-                  targets: tuple[str, ...], tmp_path: Path, examples: int = EXAMPLES) -> dict[str, int]:
+                  targets: tuple[str, ...], tmp_path: Path, examples: int = EXAMPLES,
+                  seconds: float = CALL_SECONDS) -> dict[str, int]:
     """Damage one of ``targets`` in a valid fixture (written once by ``build``), call ``read(directory)``:
     success or a one-line UserError, within CALL_SECONDS, without growing peak memory by MEMORY_GROWTH."""
     fixture = tmp_path / "valid"
@@ -268,7 +289,8 @@ def fuzz_a_reader(name: str, build: Callable[[Path], None], read: Callable[[Path
             (case_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             (case_dir / rel).write_bytes(new if rel == target else data)
         previous = signal.signal(signal.SIGALRM, _alarm)
-        signal.setitimer(signal.ITIMER_REAL, CALL_SECONDS)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        limits = _cap_address_space(MEMORY_GROWTH)  # an allocation beyond it is a MemoryError: a failure
         try:
             read(case_dir)
             tally["ok"] += 1
@@ -277,6 +299,8 @@ def fuzz_a_reader(name: str, build: Callable[[Path], None], read: Callable[[Path
             assert msg and "\n" not in msg and len(msg) < 600, f"{name}/{target}/{kind}: {msg!r}"
             tally["UserError"] += 1
         finally:
+            if limits is not None:
+                resource.setrlimit(resource.RLIMIT_AS, limits)
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
 
@@ -427,3 +451,24 @@ def test_the_harness_fails_on_a_foreign_exception(tmp_path):
     with pytest.raises(KeyError):
         fuzz_a_reader("fragile", lambda d: (d / "x.json").write_bytes(b'{"a": 1}'), fragile, ("x.json",),
                       tmp_path, examples=5)
+
+
+def test_the_harness_fails_on_a_blown_memory(tmp_path):
+    """A reader that allocates 4 GiB for a damaged file fails under fuzz_a_reader's address-space cap."""
+    def greedy(d: Path) -> None:
+        if (d / "x.json").read_bytes() != b'{"a": 1}':
+            np.ones(1 << 32, np.uint8)
+
+    with pytest.raises(MemoryError):
+        fuzz_a_reader("greedy", lambda d: (d / "x.json").write_bytes(b'{"a": 1}'), greedy, ("x.json",),
+                      tmp_path, examples=5)
+
+
+def test_the_harness_fails_on_a_hang(tmp_path):
+    def stuck(d: Path) -> None:
+        if (d / "x.json").read_bytes() != b'{"a": 1}':
+            time.sleep(60)
+
+    with pytest.raises(Hang):
+        fuzz_a_reader("stuck", lambda d: (d / "x.json").write_bytes(b'{"a": 1}'), stuck, ("x.json",),
+                      tmp_path, examples=5, seconds=0.5)
