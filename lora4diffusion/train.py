@@ -98,6 +98,13 @@ class TrainConfig:
             raise UserError(f"label dropout must be in [0, 1], got {self.label_dropout}")
 
 
+# TrainConfig fields that shape the training trajectory, and run_info entries naming what is trained on:
+# resuming with any of them changed would silently train a different run (checked in Trainer.resume).
+_TRAJECTORY = ("batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "label_dropout",
+               "seed")
+_RUN_KEYS = ("preset", "data", "style", "base", "full")
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
 
@@ -270,6 +277,7 @@ class Trainer:
                 json.dumps(self.run_info[key], default=str)
             ):
                 raise UserError(f"--resume: {path} was trained with a different {key} config")
+        self._check_same_settings(path, meta, saved_run)
         # every tensor named, shaped and typed as this run needs (a missing optimizer entry included)
         check_against(self._expected_state(optimizer=step > 0), tensor_header(path), path, "this run")
         tensors = load_tensors(path)
@@ -291,6 +299,25 @@ class Trainer:
         self.step = step
         self.train_seconds = seconds
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_same_settings(self, path: Path, meta: dict[str, str], saved_run: dict) -> None:
+        """A resumed run continues the same trajectory: the settings that shape it (batch, learning rate,
+        seed, ... and the data, style and base it trains on) must be the ones saved. ``steps`` may grow, and
+        logging, checkpoint and preview intervals may change."""
+        try:
+            saved_cfg = json.loads(meta.get("config", "{}"))
+        except (json.JSONDecodeError, RecursionError):
+            raise UserError(f"--resume: {path}: malformed metadata (config is not JSON)") from None
+        if not isinstance(saved_cfg, dict):
+            raise UserError(f"--resume: {path}: malformed metadata (config must be a JSON object)")
+        now_cfg, now_run = asdict(self.cfg), json.loads(json.dumps(self.run_info, default=str))
+        changed = [f"{k} {saved_cfg[k]!r} -> {now_cfg[k]!r}" for k in _TRAJECTORY if k in saved_cfg
+                   and saved_cfg[k] != now_cfg[k]]
+        changed += [f"{k} {saved_run[k]!r} -> {now_run[k]!r}" for k in _RUN_KEYS
+                    if k in saved_run and k in now_run and saved_run[k] != now_run[k]]
+        if changed:
+            raise UserError(f"--resume: {path} was trained with other settings ({'; '.join(changed)[:300]});"
+                            " resume with the saved ones, or start a new run in another --out")
 
     def _expected_state(self, optimizer: bool = True) -> dict[str, torch.Tensor]:
         """What ``state_tensors`` writes after at least one step (names, shapes, dtypes): the schema a

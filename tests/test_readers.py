@@ -320,15 +320,16 @@ def test_resize_and_extract_refuse_non_finite_weights(adapter_dir):
 
 
 # ------------------------------------------------------------------ train_state.safetensors
-def tiny_trainer(run_dir: Path, steps: int = 2) -> Trainer:
+def tiny_trainer(run_dir: Path, steps: int = 2, run_info: dict | None = None, **changes) -> Trainer:
     torch.manual_seed(0)
     model = UNet(CFG)
     images = torch.rand(8, 1, 16, 16) * 2 - 1
     labels = torch.arange(8) % 10
     cfg = TrainConfig(steps=steps, batch_size=4, warmup=1, checkpoint_every=1, sample_every=0, bf16=False,
                       log_every=1)
+    cfg = TrainConfig(**{**cfg.__dict__, **changes})
     return Trainer(model, NoiseSchedule(DiffusionConfig()), images, labels, cfg, run_dir,
-                   export=lambda m, d: None, device="cpu")
+                   export=lambda m, d: None, device="cpu", run_info=run_info or {"data": "digits A"})
 
 
 @pytest.fixture(scope="module")
@@ -378,6 +379,22 @@ def test_train_state_is_checked_on_resume(state_file, tmp_path, case, needle):
     with pytest.raises(UserError) as e:
         trainer.resume()
     one_line(e, str(run / STATE_NAME), needle)
+
+
+@pytest.mark.parametrize("changes,run_info,needle", [
+    ({"batch_size": 8}, None, "batch_size 4 -> 8"),
+    ({"lr": 0.5}, None, "lr 0.001 -> 0.5"),
+    ({"seed": 3}, None, "seed 0 -> 3"),
+    ({}, {"data": "digits B"}, "data 'digits A' -> 'digits B'"),
+])
+def test_resume_refuses_changed_settings(state_file, tmp_path, changes, run_info, needle):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / STATE_NAME).write_bytes(state_file.read_bytes())
+    with pytest.raises(UserError) as e:
+        tiny_trainer(run, steps=4, run_info=run_info, **changes).resume()
+    one_line(e, str(run / STATE_NAME), "other settings", needle)
+    tiny_trainer(run, steps=4, log_every=7, checkpoint_every=3).resume()  # more steps, other intervals: fine
 
 
 def test_intact_train_state_resumes(state_file, tmp_path):
