@@ -3,8 +3,11 @@
 A model directory holds
     config.json          {"format", "version", "unet": UNetConfig, "diffusion": DiffusionConfig, ...extra}
     model.safetensors    the (EMA) weights used for sampling
-Every write goes to a temporary file first and is renamed into place, so a crash never leaves a half file.
-Every read failure is a UserError naming the file and the problem: never a silent fresh start.
+Every write goes to a temporary file first, is fsynced and renamed into place (then the directory is synced),
+so a crash or power loss never leaves a half file. Every read is checked before use: config values by the
+config dataclasses, tensor names/shapes/dtypes against the network built on the meta device (before any
+memory is allocated), every float tensor for NaN/inf. Every failure is a UserError naming the file and the
+problem: never a silent fresh start. docs/RELIABILITY.md lists the cases and the tests.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MAX_JSON_BYTES = 16 << 20  # our configs are a few KiB; a larger "config" is not ours (json parses it whole)
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype codes of float tensors
 _DTYPE_NAMES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                 "U8": torch.uint8, "BOOL": torch.bool}
@@ -201,7 +204,7 @@ def check_against(module_state: dict[str, torch.Tensor], found: dict[str, tuple[
         if tuple(shape) != tuple(own.shape):
             raise UserError(f"{where}: weight {k} has shape {tuple(shape)}, {what} needs {tuple(own.shape)}")
         # our writers store integer buffers (BatchNorm's counter) as float32 too, so those may be either
-        ok = dtype in _FLOAT_DTYPES or (not own.is_floating_point() and _DTYPE_NAMES.get(dtype) == own.dtype)
+        ok = dtype in FLOAT_DTYPES or (not own.is_floating_point() and _DTYPE_NAMES.get(dtype) == own.dtype)
         if not ok:
             raise UserError(f"{where}: weight {k} has dtype {dtype}, {what} needs {own.dtype}")
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lora4diffusion.checkpoint import (
+    FLOAT_DTYPES,
     load_tensors,
     pretrained_dir,
     read_json,
@@ -212,7 +213,7 @@ def read_adapter(path: str | Path) -> Adapter:
         raise UserError(f"{path}: malformed adapter metadata ({e})") from None
     header = tensor_header(path)
     for key, (_shape, dtype) in header.items():
-        if dtype not in ("F16", "BF16", "F32", "F64"):
+        if dtype not in FLOAT_DTYPES:
             raise UserError(f"{path}: tensor {key} has dtype {dtype}; LoRA weights are floats")
     adapter = Adapter(load_tensors(path), rank, alpha, rule == "rslora", meta["init"], dropout, fingerprint,
                       {k: v for k, v in meta.items() if k not in _RESERVED})
@@ -363,7 +364,7 @@ def import_peft(peft_dir: str | Path, base_model: nn.Module | None = None) -> Ad
         raise UserError(f"{peft_dir}: only adapter_model.safetensors is read (pickled .bin is not loaded)")
     key_rx = re.compile(rf"^{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
     for key, (_shape, dtype) in tensor_header(weights).items():
-        if dtype not in ("F16", "BF16", "F32", "F64"):
+        if dtype not in FLOAT_DTYPES:
             raise UserError(f"{weights}: tensor {key} has dtype {dtype}; LoRA weights are floats")
     tensors = {}
     for key, t in load_tensors(weights).items():
