@@ -41,21 +41,31 @@ _DTYPE_NAMES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
 _DTYPE_CODES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
+def path_kind(path: str | Path) -> str:
+    """"file", "dir", "missing" or "other" for ``path``; a UserError where it cannot be looked at (a parent
+    directory without permission: ``Path.is_file`` would raise PermissionError there)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({describe_os_error(e)})") from None
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
+
+
 def check_readable(path: str | Path) -> Path:
     """``path`` is a regular file this process may read; else a UserError saying which of those fails.
 
     Separate from the reader so that a permission problem is called that, not "corrupt or truncated".
     """
     path = Path(path)
+    kind = path_kind(path)
+    if kind != "file":
+        raise UserError(f"{path}: " + {"missing": "file not found", "dir": "not a file (a directory)",
+                                        "other": "not a regular file"}[kind])
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise UserError(f"{path}: {kind}")
         with open(path, "rb"):  # os.access lies for root and on some file systems: try it
             pass
-    except (FileNotFoundError, NotADirectoryError):
-        raise UserError(f"{path}: file not found") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({describe_os_error(e)})") from None
     return path
@@ -237,9 +247,10 @@ def save_model(directory: Path, model: UNet, diffusion: DiffusionConfig, extra: 
 
 def read_model_config(directory: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
     directory = Path(directory)
-    if not directory.exists():
+    kind = path_kind(directory)
+    if kind == "missing":
         raise UserError(f"checkpoint {directory} does not exist")
-    if not directory.is_dir():
+    if kind != "dir":
         raise UserError(
             f"checkpoint {directory} is not a directory (expected a run directory with {CONFIG_NAME})"
         )

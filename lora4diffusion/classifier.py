@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora4diffusion.checkpoint import load_weights, read_json, save_tensors, write_json
+from lora4diffusion.checkpoint import load_weights, path_kind, read_json, save_tensors, write_json
 from lora4diffusion.data import load_mnist
 from lora4diffusion.errors import UserError
 from lora4diffusion.schema import integer, number, shown
@@ -197,7 +197,7 @@ def load_classifier(path: str | Path | None = None) -> Classifier:
     """Load a classifier directory (or its .safetensors file); None = the one shipped with the package."""
     path = Path(path) if path is not None else default_dir()
     directory = path.parent if path.suffix == ".safetensors" else path
-    if not directory.is_dir():
+    if path_kind(directory) != "dir":
         raise UserError(f"classifier {path} does not exist (expected a directory with {CONFIG_NAME})")
     where = directory / CONFIG_NAME
     info = read_json(where)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lora4diffusion.checkpoint import path_kind
 from lora4diffusion.errors import UserError, describe_os_error
 
 log = logging.getLogger("lora4diffusion")
@@ -255,8 +256,9 @@ def load_mnist(
         splits = _load_folder(folder, "MNIST downloaded to {}", heldout_per_class)
     else:
         folder = Path(source).expanduser()
-        if not folder.is_dir():
-            what = "is not a folder" if folder.exists() else "does not exist"
+        kind = path_kind(folder)  # a UserError where it cannot be looked at (permission denied)
+        if kind != "dir":
+            what = "is not a folder" if kind != "missing" else "does not exist"
             raise UserError(f"data source {source} {what} (want 'embedded', 'download' or an IDX folder)")
         splits = _load_folder(folder, "MNIST IDX files in {}", heldout_per_class)
     n_train, n_held = len(splits.train), len(splits.heldout)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lora4diffusion.checkpoint import check_readable
 from lora4diffusion.classifier import Classifier, load_classifier, to_input, train_classifier
 from lora4diffusion.data import MNISTSplits, load_mnist, parse_digits
 from lora4diffusion.errors import UserError
@@ -41,8 +42,7 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     must be finite and in [0, 1]. ``labels`` must be N integers 0..9. Anything else is a UserError.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    check_readable(path)  # not found, not a file, permission denied: said so, not "not a readable .npz file"
     unreadable = _UNREADABLE
     _check_npz_headers(path)
     try:

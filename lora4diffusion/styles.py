@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lora4diffusion.checkpoint import path_kind
 from lora4diffusion.data import Digits, MNISTSplits, load_mnist
 from lora4diffusion.errors import UserError
 
@@ -112,11 +113,12 @@ def _resolve(style: str) -> tuple[str, Path | None]:
     if style in STYLES:
         return style, None
     path = Path(style).expanduser()
-    if path.is_dir():
+    kind = path_kind(path)  # a UserError where a parent folder may not be entered (permission denied)
+    if kind == "dir":
         return "folder", path
-    if path.is_file() and path.suffix.lower() == ".csv":
+    if kind == "file" and path.suffix.lower() == ".csv":
         return "csv", path
-    what = "is neither a folder nor a .csv file" if path.exists() else "is no such folder or .csv file"
+    what = "is neither a folder nor a .csv file" if kind != "missing" else "is no such folder or .csv file"
     raise UserError(f"unknown style {style!r}: not one of {', '.join(STYLES)} and {what}")
 
 

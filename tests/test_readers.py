@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -585,19 +586,49 @@ def _as_unprivileged(fn) -> str:
     return b"".join(chunks).decode()
 
 
-def test_permission_errors_say_permission_denied(model_dir, tmp_path):
+@pytest.fixture
+def open_dir():
+    """A folder everyone may enter (pytest's tmp folders are 0700: a dropped-privilege child could not even
+    look inside, and the file modes would not be what is tested)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="l4d-perm-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_permission_errors_say_permission_denied(model_dir, open_dir):
+    tmp_path = open_dir
     d = copy_model(model_dir, tmp_path / "locked")
-    os.chmod(tmp_path, 0o755)
     os.chmod(d, 0o755)
     for name in ("model.safetensors", "config.json"):
         os.chmod(d / name, 0o000)
     idx = tmp_path / "t.idx"
     idx.write_bytes(idx_bytes(np.zeros(3, np.uint8)))
-    os.chmod(idx, 0o000)
+    npz = tmp_path / "s.npz"
+    np.savez(npz, images=np.zeros((2, 28, 28), np.float32), labels=np.zeros(2, np.int64))
+    style = tmp_path / "style"
+    (style / "3").mkdir(parents=True)
+    os.chmod(style, 0o755)
+    os.chmod(style / "3", 0o755)
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(style / "3" / "a.png")
+    closed = tmp_path / "closed"  # a folder that may not be entered: what is inside cannot even be looked at
+    copy_model(model_dir, closed)
+    os.chmod(closed, 0o700)
+    for f in (idx, npz, style / "3" / "a.png"):
+        os.chmod(f, 0o000)
     for fn, where in [(lambda: load_tensors(d / "model.safetensors"), "model.safetensors"),
                       (lambda: read_json(d / "config.json"), "config.json"),
                       (lambda: read_metadata(d / "model.safetensors"), "model.safetensors"),
-                      (lambda: read_idx(idx), "t.idx")]:
+                      (lambda: read_idx(idx), "t.idx"),
+                      (lambda: load_samples(npz), "s.npz"),
+                      (lambda: load_style_data(str(style)), "a.png"),
+                      (lambda: load_model(closed / "model"), "closed"),
+                      (lambda: load_samples(closed / "x.npz"), "closed"),
+                      (lambda: load_style_data(str(closed / "x")), "closed"),
+                      (lambda: load_mnist(str(closed / "x")), "closed")]:
         msg = _as_unprivileged(fn)
         assert where in msg and "permission denied" in msg and "No such file" not in msg, msg
 

@@ -27,6 +27,7 @@ from torch import nn
 from lora4diffusion.checkpoint import (
     FLOAT_DTYPES,
     load_tensors,
+    path_kind,
     pretrained_dir,
     read_json,
     read_metadata,
@@ -149,14 +150,14 @@ def shipped_adapters() -> dict[str, Path]:
 def resolve_adapter(path: str | Path) -> Path:
     """A path; or, where no such path exists, the name of a shipped adapter (``bold``, ``italic``)."""
     p = Path(path)
-    return shipped_adapters().get(str(path), p) if not p.exists() else p
+    return shipped_adapters().get(str(path), p) if path_kind(p) == "missing" else p
 
 
 def _adapter_file(path: str | Path) -> Path:
     path = resolve_adapter(path)
-    if path.is_dir():
+    if path_kind(path) == "dir":
         path = path / ADAPTER_FILE
-    if not path.is_file():
+    if path_kind(path) != "file":
         raise UserError(f"adapter {path}: file not found")
     return path
 
