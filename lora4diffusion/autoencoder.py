@@ -269,8 +269,7 @@ def train_vae(
                       preview=show, run_info=run_info, device=device, compile=compile,
                       should_stop=should_stop)
     if resume:
-        trainer.check_resume(allow_changes)
-        trainer.resume()
+        trainer.resume(allow_changes)
     summary = trainer.fit(progress=progress)
     summary["out"] = str(out)
     if (Path(out) / CONFIG_NAME).is_file():

@@ -3,61 +3,148 @@
 A model directory holds
     config.json          {"format", "version", "unet": UNetConfig, "diffusion": DiffusionConfig, ...extra}
     model.safetensors    the (EMA) weights used for sampling
-Every write goes to a temporary file first and is renamed into place, so a crash never leaves a half file.
-Every read failure is a UserError naming the file and the problem: never a silent fresh start.
+Every write goes to a temporary file first, is fsynced and renamed into place (then the directory is synced),
+so a crash or power loss never leaves a half file. Every read is checked before use: config values by the
+config dataclasses, tensor names/shapes/dtypes against the network built on the meta device (before any
+memory is allocated), every float tensor for NaN/inf. Every failure is a UserError naming the file and the
+problem: never a silent fresh start. docs/RELIABILITY.md lists the cases and the tests.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora4diffusion.diffusion import DiffusionConfig
-from lora4diffusion.errors import UserError
+from lora4diffusion.errors import UserError, describe_os_error
 from lora4diffusion.models.unet import UNet, UNetConfig
+from lora4diffusion.schema import shown
 
 FORMAT = "lora4diffusion-model"
 VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+MAX_JSON_BYTES = 16 << 20  # our configs are a few KiB; a larger "config" is not ours (json parses it whole)
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype codes of float tensors
+_DTYPE_NAMES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                "U8": torch.uint8, "BOOL": torch.bool}
+_DTYPE_CODES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+def path_kind(path: str | Path) -> str:
+    """"file", "dir", "missing" or "other" for ``path``; a UserError where it cannot be looked at (a parent
+    directory without permission: ``Path.is_file`` would raise PermissionError there)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({describe_os_error(e)})") from None
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
+
+
+def check_readable(path: str | Path) -> Path:
+    """``path`` is a regular file this process may read; else a UserError saying which of those fails.
+
+    Separate from the reader so that a permission problem is called that, not "corrupt or truncated".
+    """
+    path = Path(path)
+    kind = path_kind(path)
+    if kind != "file":
+        raise UserError(f"{path}: " + {"missing": "file not found", "dir": "not a file (a directory)",
+                                        "other": "not a regular file"}[kind])
+    try:
+        with open(path, "rb"):  # os.access lies for root and on some file systems: try it
+            pass
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({describe_os_error(e)})") from None
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable: the new directory entry is on disk only once the directory is synced."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms/file systems cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the
+    directory. A crash (SIGKILL, power loss) leaves either the old file or the new one, never a half file;
+    a failed write (full disk, permissions) leaves the old file untouched and is one UserError line.
+    """
+    path = Path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)  # the data must be on disk before the rename makes it visible
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; weights are meant to be shared
         os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except (OSError, SafetensorError) as e:
+        kept = " (the previous file is unchanged)" if path.exists() else ""
+        why = describe_os_error(e) if isinstance(e, OSError) else str(e).splitlines()[0][:160]
+        raise UserError(f"{path}: cannot write ({why}){kept}") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
 
 
 def write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    check_readable(path)
+    size = os.path.getsize(path)
+    if size > MAX_JSON_BYTES:
+        raise UserError(f"{path}: {size} bytes, too large for a config (limit {MAX_JSON_BYTES})")
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
+        obj = json.loads(Path(path).read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({describe_os_error(e)})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise UserError(f"{path}: not readable JSON ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a JSON object")
     return obj
+
+
+def _no_constant(name: str) -> None:
+    # json.loads accepts NaN, Infinity and -Infinity, which are not JSON: a config never needs them
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def save_tensors(
@@ -67,43 +154,87 @@ def save_tensors(
     atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata))
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a missing, truncated or corrupt file is a UserError naming it."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: file not found")
+def _corrupt(path: Path, e: Exception) -> UserError:
+    first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+    return UserError(f"{path}: corrupt or truncated safetensors file ({first})")
+
+
+def tensor_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, dtype)} from a safetensors header, without reading (or allocating) any tensor data.
+
+    safetensors itself checks that every tensor's byte range lies inside the file, so the shapes here are
+    backed by real bytes: comparing them with a model before loading bounds the memory a file can ask for.
+    """
+    check_readable(path)
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise _corrupt(path, e) from None
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, unreadable, truncated or corrupt file, or one holding NaN/inf in a
+    float tensor (never a usable weight or state), is a UserError naming the file (and the tensor)."""
+    check_readable(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise _corrupt(path, e) from None
+    for key, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{path}: tensor {key} holds NaN or infinite values")
+    return tensors
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
+    check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise _corrupt(path, e) from None
+
+
+def check_against(module_state: dict[str, torch.Tensor], found: dict[str, tuple[tuple[int, ...], str]],
+                  where: Path | str, what: str = "the config") -> None:
+    """The names, shapes and dtypes in a file (``tensor_header``) against a module's ``state_dict()``
+    (which may live on the meta device). Float parameters need float tensors (an int64 or bool tensor is
+    refused, not cast); integer buffers take their own dtype or a float one."""
+    missing = sorted(set(module_state) - set(found))
+    unexpected = sorted(set(found) - set(module_state))
+    if missing or unexpected:
+        raise UserError(
+            f"{where}: weights do not match {what}"
+            f" (missing {missing[:3]}{'...' if len(missing) > 3 else ''},"
+            f" unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    for k, (shape, dtype) in found.items():
+        own = module_state[k]
+        if tuple(shape) != tuple(own.shape):
+            raise UserError(f"{where}: weight {k} has shape {tuple(shape)}, {what} needs {tuple(own.shape)}")
+        # our writers store integer buffers (BatchNorm's counter) as float32 too, so those may be either
+        ok = dtype in FLOAT_DTYPES or (not own.is_floating_point() and _DTYPE_NAMES.get(dtype) == own.dtype)
+        if not ok:
+            raise UserError(f"{where}: weight {k} has dtype {dtype}, {what} needs {own.dtype}")
 
 
 def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     """Strict load that names what does not fit instead of raising torch's long RuntimeError."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise UserError(
-            f"{where}: weights do not match the config"
-            f" (missing {missing[:3]}{'...' if len(missing) > 3 else ''},"
-            f" unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
-        )
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise UserError(
-                f"{where}: weight {k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}"
-            )
+    header = {k: (tuple(v.shape), _DTYPE_CODES.get(v.dtype, str(v.dtype))) for k, v in state.items()}
+    check_against(module.state_dict(), header, where)
     module.load_state_dict(state)
+
+
+def load_weights(module_factory: Callable[[], nn.Module], path: Path) -> nn.Module:
+    """Build a module and load ``path`` into it, checking the file's header (names, shapes, dtypes) against
+    the module built on the meta device first: nothing is allocated for a file that does not fit."""
+    with torch.device("meta"):
+        shell = module_factory()
+    check_against(shell.state_dict(), tensor_header(path), path)
+    module = module_factory()
+    load_state_into(module, load_tensors(path), path)
+    return module
 
 
 def save_model(
@@ -132,31 +263,39 @@ def save_model(
 
 def read_model_config(directory: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
     directory = Path(directory)
-    if not directory.exists():
+    kind = path_kind(directory)
+    if kind == "missing":
         raise UserError(f"checkpoint {directory} does not exist")
-    if not directory.is_dir():
+    if kind != "dir":
         raise UserError(
             f"checkpoint {directory} is not a directory (expected a run directory with {CONFIG_NAME})"
         )
-    config = read_json(directory / CONFIG_NAME)
+    where = directory / CONFIG_NAME
+    config = read_json(where)
     if config.get("format") != FORMAT:
-        raise UserError(f"{directory / CONFIG_NAME}: not a lora4diffusion model config")
-    if config.get("version") != VERSION:
-        raise UserError(f"{directory / CONFIG_NAME}: unsupported format version {config.get('version')}")
-    try:
+        raise UserError(f"{where}: not a lora4diffusion model config")
+    if type(config.get("version")) is not int or config["version"] != VERSION:  # True == 1 in Python
+        raise UserError(f"{where}: unsupported format version {shown(config.get('version'))}")
+    for key in ("unet", "diffusion"):
+        if not isinstance(config.get(key), dict):
+            raise UserError(f"{where}: malformed config ({key!r} must be a JSON object)")
+    try:  # the dataclasses check every field's type and range (UNetConfig / DiffusionConfig.validate)
         unet_cfg = UNetConfig.from_dict(config["unet"])
-        diff_cfg = DiffusionConfig(**config["diffusion"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{directory / CONFIG_NAME}: malformed config ({e})") from None
+        diff_cfg = DiffusionConfig.from_dict(config["diffusion"])
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     return unet_cfg, diff_cfg, config
 
 
 def load_model(directory: Path) -> tuple[UNet, DiffusionConfig, dict]:
-    """Load a model directory written by ``save_model`` (or a training run directory)."""
+    """Load a model directory written by ``save_model`` (or a training run directory).
+
+    The config is validated, then the weights file's names, shapes and dtypes are checked against the
+    network built on the meta device before any memory is allocated, then every tensor must be finite.
+    """
     directory = Path(directory)
     unet_cfg, diff_cfg, config = read_model_config(directory)
-    model = UNet(unet_cfg)
-    load_state_into(model, load_tensors(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
+    model = load_weights(lambda: UNet(unet_cfg), directory / WEIGHTS_NAME)
     return model.eval(), diff_cfg, config
 
 

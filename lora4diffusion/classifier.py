@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora4diffusion.checkpoint import load_state_into, load_tensors, read_json, save_tensors, write_json
+from lora4diffusion.checkpoint import load_weights, path_kind, read_json, save_tensors, write_json
 from lora4diffusion.data import load_mnist
 from lora4diffusion.errors import UserError
+from lora4diffusion.schema import integer, number, shown
 
 FORMAT = "lora4diffusion-classifier"
 VERSION = 1
@@ -38,9 +39,12 @@ class ClassifierConfig:
     dropout: float = 0.0  # measured: 0.3 cost held-out accuracy with this little data and augmentation
 
     def __post_init__(self) -> None:
-        self.channels = tuple(int(c) for c in self.channels)
-        if len(self.channels) != 3 or min(self.channels) <= 0 or self.feature_dim <= 0:
-            raise UserError(f"bad classifier config: channels {self.channels}, features {self.feature_dim}")
+        # types and ranges checked, not coerced: classifier.json may come from anywhere
+        if not isinstance(self.channels, (list, tuple)) or len(self.channels) != 3:
+            raise UserError(f"bad classifier config: channels must be 3 integers, got {shown(self.channels)}")
+        self.channels = tuple(integer(c, "classifier channels entry", 1, 1024) for c in self.channels)
+        integer(self.feature_dim, "classifier feature_dim", 1, 4096)
+        number(self.dropout, "classifier dropout", 0.0, 1.0)
 
 
 def default_dir() -> Path:
@@ -193,15 +197,22 @@ def load_classifier(path: str | Path | None = None) -> Classifier:
     """Load a classifier directory (or its .safetensors file); None = the one shipped with the package."""
     path = Path(path) if path is not None else default_dir()
     directory = path.parent if path.suffix == ".safetensors" else path
-    if not directory.is_dir():
+    if path_kind(directory) != "dir":
         raise UserError(f"classifier {path} does not exist (expected a directory with {CONFIG_NAME})")
-    info = read_json(directory / CONFIG_NAME)
-    if info.get("format") != FORMAT or info.get("version") != VERSION:
-        raise UserError(f"{directory / CONFIG_NAME}: not a lora4diffusion classifier config (v{VERSION})")
+    where = directory / CONFIG_NAME
+    info = read_json(where)
+    if info.get("format") != FORMAT or type(info.get("version")) is not int or info["version"] != VERSION:
+        raise UserError(f"{where}: not a lora4diffusion classifier config (v{VERSION})")
+    fields = info.get("classifier")
+    if not isinstance(fields, dict) or set(fields) - set(ClassifierConfig.__dataclass_fields__):
+        raise UserError(f"{where}: malformed classifier config ({shown(fields, 80)})")
     try:
-        cfg = ClassifierConfig(**info["classifier"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{directory / CONFIG_NAME}: malformed classifier config ({e})") from None
-    model = Classifier(cfg, info)
-    load_state_into(model, load_tensors(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
+        cfg = ClassifierConfig(**fields)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    weights = directory / WEIGHTS_NAME
+    model = load_weights(lambda: Classifier(cfg, info), weights)  # header checked before allocating
+    for name, buf in model.named_buffers():
+        if name.endswith("running_var") and bool((buf < 0).any()):  # BatchNorm would take sqrt of it
+            raise UserError(f"{weights}: {name} holds negative variances")
     return model.eval()

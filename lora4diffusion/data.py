@@ -12,11 +12,13 @@ import hashlib
 import http.client
 import importlib.util
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lora4diffusion.errors import UserError
+from lora4diffusion.checkpoint import path_kind
+from lora4diffusion.errors import UserError, describe_os_error
 
 log = logging.getLogger("lora4diffusion")
 
@@ -45,6 +48,7 @@ IDX_NAMES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+MAX_IDX_BYTES = 1 << 30  # MNIST's largest file is 47 MB, EMNIST's 550 MB: a larger claim is not a data set
 _IDX_MAGIC = {0x00000801: 1, 0x00000803: 3}  # unsigned-byte labels (1-D) and images (3-D)
 
 
@@ -75,28 +79,34 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Parse one IDX file (plain or .gz) holding unsigned bytes: labels (1-D) or images (3-D)."""
     path = Path(path)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path) as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a cut-off .gz raises EOFError
-        raise UserError(f"{path}: cannot read IDX file ({e})") from None
-    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
-    if magic not in _IDX_MAGIC:
-        shown = "file too short" if magic is None else f"0x{magic:08x}"
-        raise UserError(f"{path}: not an MNIST IDX file (magic {shown}, expected 0x00000801 or 0x00000803)")
-    ndim = _IDX_MAGIC[magic]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise UserError(f"{path}: IDX header truncated")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected, got = int(np.prod(dims)), len(raw) - header
+        with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(4)
+            magic = int.from_bytes(head, "big") if len(head) == 4 else None
+            if magic not in _IDX_MAGIC:
+                shown = "file too short" if magic is None else f"0x{magic:08x}"
+                raise UserError(
+                    f"{path}: not an MNIST IDX file (magic {shown}, expected 0x00000801 or 0x00000803)"
+                )
+            ndim = _IDX_MAGIC[magic]
+            dims_raw = f.read(4 * ndim)
+            if len(dims_raw) < 4 * ndim:
+                raise UserError(f"{path}: IDX header truncated")
+            dims = tuple(int.from_bytes(dims_raw[4 * i : 4 * i + 4], "big") for i in range(ndim))
+            expected = math.prod(dims)
+            if expected > MAX_IDX_BYTES:  # checked before reading: a header (or a gzip bomb) can claim TBs
+                raise UserError(f"{path}: IDX header declares {dims} = {expected} bytes, over the"
+                                f" {MAX_IDX_BYTES >> 20} MiB limit")
+            raw = f.read(expected + 1)  # one byte more tells an oversized file from an exact one
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off .gz raises EOFError
+        why = describe_os_error(e) if isinstance(e, OSError) else e
+        raise UserError(f"{path}: cannot read IDX file ({why})") from None
+    got = len(raw)
     if got != expected:
         what = "truncated" if got < expected else "oversized"
-        raise UserError(f"{path}: IDX file {what} ({got} data bytes, header {dims} needs {expected})")
+        shown_got = f"{got}" if got <= expected else f"more than {expected}"
+        raise UserError(f"{path}: IDX file {what} ({shown_got} data bytes, header {dims} needs {expected})")
     # copy(): frombuffer is read-only and torch.from_numpy warns about (and cannot own) such arrays
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims).copy()
 
 
 def _read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -169,6 +179,8 @@ def _load_embedded(heldout_per_class: int) -> MNISTSplits:
 def _load_folder(folder: Path, description: str, heldout_per_class: int) -> MNISTSplits:
     d, files = _find_idx_dir(folder)
     train = _read_pair(files[IDX_NAMES[0]], files[IDX_NAMES[1]])
+    if len(train[1]) == 0:
+        raise UserError(f"{files[IDX_NAMES[0]]}: holds 0 training digits")
     test_images, test_labels = _read_pair(files[IDX_NAMES[2]], files[IDX_NAMES[3]])
     held = _per_class_mask(test_labels, heldout_per_class, first=True, where=str(files[IDX_NAMES[3]]))
     return MNISTSplits(
@@ -244,8 +256,9 @@ def load_mnist(
         splits = _load_folder(folder, "MNIST downloaded to {}", heldout_per_class)
     else:
         folder = Path(source).expanduser()
-        if not folder.is_dir():
-            what = "is not a folder" if folder.exists() else "does not exist"
+        kind = path_kind(folder)  # a UserError where it cannot be looked at (permission denied)
+        if kind != "dir":
+            what = "is not a folder" if kind != "missing" else "does not exist"
             raise UserError(f"data source {source} {what} (want 'embedded', 'download' or an IDX folder)")
         splits = _load_folder(folder, "MNIST IDX files in {}", heldout_per_class)
     n_train, n_held = len(splits.train), len(splits.heldout)

@@ -21,6 +21,9 @@ from tqdm.auto import tqdm
 
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.unet import NULL_LABEL
+from lora4diffusion.schema import integer, number, shown, string
+
+MAX_TIMESTEPS = 100_000  # DDPM uses 1,000; the schedule holds a few float64 tensors of this length
 
 EpsModel = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -37,14 +40,21 @@ class DiffusionConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.timesteps < 1:
-            raise UserError(f"timesteps must be >= 1, got {self.timesteps}")
-        if self.schedule not in ("linear", "cosine"):
-            raise UserError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        """Types and ranges (a config.json from elsewhere may say 1e12 or 999.5 timesteps)."""
+        integer(self.timesteps, "diffusion config timesteps", 1, MAX_TIMESTEPS)
+        string(self.schedule, "diffusion config schedule", ("linear", "cosine"))
+        number(self.beta_start, "diffusion config beta_start", 0.0, 1.0)
+        number(self.beta_end, "diffusion config beta_end", 0.0, 1.0)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise UserError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
-        if self.loss not in ("mse", "l1"):
-            raise UserError(f"loss must be 'mse' or 'l1', got {self.loss!r}")
+        string(self.loss, "diffusion config loss", ("mse", "l1"))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiffusionConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise UserError(f"unknown diffusion config keys: {shown(sorted(unknown), 80)}")
+        return cls(**d)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:

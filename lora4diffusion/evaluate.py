@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 import zipfile
 import zlib
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lora4diffusion.checkpoint import check_readable
 from lora4diffusion.classifier import Classifier, load_classifier, to_input, train_classifier
 from lora4diffusion.data import MNISTSplits, load_mnist, parse_digits
 from lora4diffusion.errors import UserError
@@ -40,9 +42,9 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     must be finite and in [0, 1]. ``labels`` must be N integers 0..9. Anything else is a UserError.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
-    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+    check_readable(path)  # not found, not a file, permission denied: said so, not "not a readable .npz file"
+    unreadable = _UNREADABLE
+    _check_npz_headers(path)
     try:
         f = np.load(path, allow_pickle=False)  # no pickle: object arrays raise ValueError when read
     except unreadable as e:
@@ -58,6 +60,50 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         except unreadable as e:
             raise UserError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
     return _check_samples(images, labels, str(path))
+
+
+# what zipfile/numpy raise for a broken archive (RuntimeError: an encrypted member)
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+               RuntimeError)
+MAX_SAMPLES_BYTES = 512 << 20  # 170,000 float32 28x28 digits; numpy allocates a header's shape up front
+
+
+def _check_npz_headers(path: Path) -> None:
+    """Read the .npy headers of ``images`` and ``labels`` inside the zip before numpy does: numpy allocates
+    the declared shape before reading a byte, so a 50-byte header claiming [10^12, 28, 28] would exhaust
+    memory (or be killed) instead of failing. Declared sizes must fit the limit and the member's real size."""
+    try:
+        with open(path, "rb") as raw:
+            if raw.read(6) == b"\x93NUMPY":  # a bare .npy: numpy would allocate its shape before we refuse it
+                raise UserError(f"{path}: not an .npz archive (expected arrays 'images' and 'labels')")
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            for key in ("images", "labels"):
+                if f"{key}.npy" not in names:
+                    continue  # load_samples names what is missing
+                info = zf.getinfo(f"{key}.npy")
+                with zf.open(info) as fp:
+                    version = np.lib.format.read_magic(fp)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+                    else:
+                        raise UserError(f"{path}: {key}: unsupported .npy format version {version}")
+                if dtype.hasobject:
+                    raise UserError(f"{path}: not a readable .npz file ({key} holds pickled Python objects,"
+                                    " which are never loaded)")
+                nbytes = math.prod(shape) * dtype.itemsize
+                if nbytes > MAX_SAMPLES_BYTES:
+                    raise UserError(f"{path}: {key} declares shape {shape} of {dtype} ({nbytes} bytes),"
+                                    f" over the {MAX_SAMPLES_BYTES >> 20} MiB limit")
+                if nbytes > info.file_size:
+                    raise UserError(f"{path}: {key} declares shape {shape} ({nbytes} bytes) but holds"
+                                    f" {info.file_size} bytes: truncated or corrupt")
+    except UserError:
+        raise
+    except (*_UNREADABLE, KeyError) as e:
+        raise UserError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
 
 
 def _first_line(e: Exception) -> str:

@@ -316,8 +316,7 @@ def train_prompt_base(
         should_stop=should_stop,
     )
     if resume:
-        trainer.check_resume(allow_changes)
-        trainer.resume()
+        trainer.resume(allow_changes)
     summary = trainer.fit(progress=progress)
     summary["out"] = str(out)
     return summary

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lora4diffusion.checkpoint import path_kind
 from lora4diffusion.data import Digits, MNISTSplits, load_mnist
 from lora4diffusion.errors import UserError
 
@@ -42,7 +44,8 @@ _DESCRIPTIONS = {
     "italic": f"italic: shear {ITALIC_SHEAR} to the right (bilinear), digit re-centred in the frame",
 }
 _DIGIT_NAMES = frozenset("0123456789")
-_LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what Pillow raises
+_LOAD_ERRORS = (OSError, ValueError, SyntaxError)  # what Pillow raises for files it cannot read as images
+MAX_IMAGE_PIXELS = 4096 * 4096  # a digit needs 28x28; this bounds what one file can make us decode (64 MiB)
 
 
 def _bold(x: torch.Tensor) -> torch.Tensor:
@@ -122,11 +125,12 @@ def _resolve(style: str) -> tuple[str, Path | None]:
     if style in STYLES:
         return style, None
     path = Path(style).expanduser()
-    if path.is_dir():
+    kind = path_kind(path)  # a UserError where a parent folder may not be entered (permission denied)
+    if kind == "dir":
         return "folder", path
-    if path.is_file() and path.suffix.lower() == ".csv":
+    if kind == "file" and path.suffix.lower() == ".csv":
         return "csv", path
-    what = "is neither a folder nor a .csv file" if path.exists() else "is no such folder or .csv file"
+    what = "is neither a folder nor a .csv file" if kind != "missing" else "is no such folder or .csv file"
     raise UserError(f"unknown style {style!r}: not one of {', '.join(STYLES)} and {what}")
 
 
@@ -156,11 +160,24 @@ def _to_grey(im: Image.Image) -> np.ndarray:
 
 def _read_image(path: Path) -> torch.Tensor | None:
     """An image file -> uint8 [28, 28] white on black; None if Pillow cannot read it as an image."""
+    bomb = f"the limit is {MAX_IMAGE_PIXELS} pixels: refused as a possible decompression bomb"
     try:
-        with Image.open(path) as im:
-            g = _to_grey(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data", bomb warnings: the checks here decide
+            with Image.open(path) as im:
+                w, h = im.size  # from the header: nothing is decoded yet
+                if w * h <= MAX_IMAGE_PIXELS:
+                    g = _to_grey(im)
+    except Image.DecompressionBombError:  # Pillow's own check, from 2 x 89 M pixels
+        raise UserError(f"{path}: image too large ({bomb})") from None
+    except PermissionError:
+        raise UserError(f"{path}: cannot read (permission denied)") from None
     except _LOAD_ERRORS:
         return None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise UserError(f"{path}: image too large ({w}x{h}; {bomb})")
+    if not np.isfinite(g).all():  # float (mode F) TIFFs can hold NaN/inf, which no uint8 digit has
+        raise UserError(f"{path}: image holds NaN or infinite pixel values")
     border = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
     if border.mean() > 127:  # light background: black-on-white scan or drawing
         g = 255 - g
@@ -212,6 +229,8 @@ def _load_csv(table: Path) -> tuple[list[torch.Tensor], list[int], int]:
                 first = False
                 if label not in _DIGIT_NAMES:
                     raise UserError(f"{table}, row {n}: label {label!r} is not a digit 0-9")
+                if "\0" in name:
+                    raise UserError(f"{table}, row {n}: the path holds a NUL character")
                 path = Path(name).expanduser()
                 path = path if path.is_absolute() else table.parent / path
                 if not path.is_file():

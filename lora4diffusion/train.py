@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -29,11 +30,19 @@ from torch import nn
 from tqdm import tqdm
 
 from lora4diffusion import distributed
-from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
+from lora4diffusion.checkpoint import (
+    check_against,
+    load_tensors,
+    read_metadata,
+    save_tensors,
+    tensor_header,
+    write_text_atomic,
+)
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.unet import UNetConfig
 from lora4diffusion.runlock import RunLock
+from lora4diffusion.schema import float_text, int_text
 
 log = logging.getLogger("lora4diffusion")
 STATE_NAME = "train_state.safetensors"
@@ -287,17 +296,14 @@ class Trainer:
             if self.ema:
                 self.ema.swap(self.params)
 
-    def check_resume(self, allow_changes: bool = False) -> None:
-        """Before ``resume()``: a different base (the fingerprint) is always refused; other data or settings
-        in ``run_info`` (see RESUME_FIXED) are refused, naming them, unless ``allow_changes``."""
-        path = self.run_dir / STATE_NAME
-        if not path.is_file():
-            raise UserError(f"--resume: no training state at {path}")
-        try:
-            saved_run = json.loads(read_metadata(path).get("run", "{}"))
-        except json.JSONDecodeError:
-            raise UserError(f"--resume: {path}: malformed 'run' metadata (not JSON)") from None
-        saved_run = saved_run if isinstance(saved_run, dict) else {}
+    # TrainConfig fields that shape the trajectory: resuming with one changed trains a different run.
+    TRAJECTORY = ("batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "label_dropout",
+                  "seed")
+
+    def check_resume(self, path: Path, meta: dict[str, str], saved_run: dict, allow_changes: bool) -> None:
+        """A different base (the fingerprint) is always refused; other settings (``TRAJECTORY``) or data and
+        run entries (``run_info`` outside RESUME_FIXED) are refused, naming them, unless ``allow_changes``.
+        ``steps`` may grow, and logging, checkpoint and preview intervals may change."""
         now = json.loads(json.dumps(self.run_info, default=str))
         if "base_fingerprint" in saved_run and saved_run["base_fingerprint"] != now.get("base_fingerprint"):
             raise UserError(
@@ -305,48 +311,82 @@ class Trainer:
                 f" (fingerprint {str(saved_run['base_fingerprint'])[:12]}), not on {now.get('base')!r}"
                 f" (fingerprint {str(now.get('base_fingerprint'))[:12]})"
             )
-        changed = [
+        try:
+            saved_cfg = json.loads(meta.get("config", "{}"))
+        except (json.JSONDecodeError, RecursionError):
+            raise UserError(f"--resume: {path}: malformed metadata (config is not JSON)") from None
+        if not isinstance(saved_cfg, dict):
+            raise UserError(f"--resume: {path}: malformed metadata (config must be a JSON object)")
+        now_cfg = asdict(self.cfg)
+        changed = [f"{k} {saved_cfg[k]!r} -> {now_cfg[k]!r}" for k in self.TRAJECTORY
+                   if k in saved_cfg and saved_cfg[k] != now_cfg[k]]
+        changed += [
             f"{k} {saved_run[k]!r} -> {now.get(k)!r}"
             for k in sorted(saved_run)
             if k not in RESUME_FIXED and k != "base" and k in now and saved_run[k] != now[k]
         ]
         if changed and not allow_changes:
             raise UserError(
-                f"--resume: the run used other data or settings ({'; '.join(changed)});"
+                f"--resume: {path} used other data or settings ({'; '.join(changed)[:300]});"
                 " pass --allow-changes to continue with the new ones"
             )
         if changed:
             log.warning("resuming with changes: %s", "; ".join(changed))
 
-    def resume(self) -> None:
+    def resume(self, allow_changes: bool = False) -> None:
+        """Continue from the run folder's train state (checked: metadata, settings, tensor names/shapes)."""
         path = self.run_dir / STATE_NAME
         if not path.is_file():
             raise UserError(f"--resume: no training state at {path}")
         meta = read_metadata(path)
-        tensors = load_tensors(path)
-        saved_run = json.loads(meta.get("run", "{}"))
+        try:  # metadata is text from a file: check it before anything is copied into the model
+            step = int_text(meta.get("step"), "step", 0, 2**62)
+            seconds = float_text(meta.get("train_seconds", "0"), "train_seconds", 0.0, 1e12)
+            saved_run = json.loads(meta.get("run", "{}"))
+            if not isinstance(saved_run, dict):
+                raise UserError("run must be a JSON object")
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise UserError(f"--resume: {path}: malformed metadata (run is not JSON: {e})") from None
+        except UserError as e:
+            raise UserError(f"--resume: {path}: malformed metadata ({e})") from None
         for key in ("unet", "diffusion", "lora", "vae", "text_encoder"):
             if key in self.run_info and saved_run.get(key) != json.loads(
                 json.dumps(self.run_info[key], default=str)
             ):
                 raise UserError(f"--resume: {path} was trained with a different {key} config")
+        self.check_resume(path, meta, saved_run, allow_changes)
+        # every tensor named, shaped and typed as this run needs (a missing optimizer entry included)
+        check_against(self._expected_state(optimizer=step > 0), tensor_header(path), path, "this run")
+        tensors = load_tensors(path)
         with torch.no_grad():
             for k, p in self.params.items():
-                if f"param.{k}" not in tensors:
-                    raise UserError(f"--resume: {path} has no tensor for {k}")
                 p.copy_(tensors[f"param.{k}"])
-                if self.ema and f"ema.{k}" in tensors:
+                if self.ema:
                     self.ema.shadow[k].copy_(tensors[f"ema.{k}"])
         for name, p in zip(self._opt_names, self._opt_params(), strict=True):
             if f"optim.{name}.exp_avg" in tensors:
+                adam_step = tensors[f"optim.{name}.step"].reshape(())
+                if not 0 <= float(adam_step) <= 2**62:
+                    raise UserError(f"--resume: {path}: optim.{name}.step is {float(adam_step):g}")
                 self.opt.state[p] = {
-                    "step": tensors[f"optim.{name}.step"].reshape(()),  # AdamW keeps it on the CPU
+                    "step": adam_step.float(),  # AdamW keeps it on the CPU
                     "exp_avg": tensors[f"optim.{name}.exp_avg"].to(p.device, copy=True),
                     "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].to(p.device, copy=True),
                 }
-        self.step = int(meta["step"])
-        self.train_seconds = float(meta.get("train_seconds", 0.0))
+        self.step = step
+        self.train_seconds = seconds
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _expected_state(self, optimizer: bool = True) -> dict[str, torch.Tensor]:
+        """What ``state_tensors`` writes after at least one step (names, shapes, dtypes): the schema a
+        train_state file is checked against before resuming. A step-0 checkpoint has no optimizer state."""
+        out = {f"param.{k}": p for k, p in self.params.items()}
+        if self.ema:
+            out.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
+        for name, p in zip(self._opt_names, self._opt_params(), strict=True) if optimizer else ():
+            out[f"optim.{name}.exp_avg"] = out[f"optim.{name}.exp_avg_sq"] = p
+            out[f"optim.{name}.step"] = torch.zeros(1)
+        return out
 
     # ----- the loop -----
     def net(self) -> nn.Module:
@@ -406,7 +446,10 @@ class Trainer:
         mf, writer, tb = None, None, None
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(self.run_dir)
             new_file = not metrics_path.exists() or self.step == 0
+            if not new_file:  # a killed run may have logged past its last checkpoint, or half a line
+                _trim_metrics(metrics_path, self.step)
             mf = metrics_path.open("w" if new_file else "a", newline="")
             writer = csv.writer(mf)
             if new_file:
@@ -536,6 +579,39 @@ def _tensorboard(run_dir: Path):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _remove_stale_temps(run_dir: Path) -> None:
+    """Delete the temporary files a killed run left mid-write (``atomic_write``'s ``.NAME.XXXX.tmp``): the
+    renamed files are the checkpoint, these never became one."""
+    for tmp in run_dir.glob(".*.tmp"):
+        if tmp.is_file() and tmp.name.split(".")[1] in _RUN_FILES:
+            tmp.unlink(missing_ok=True)
+
+
+_RUN_FILES = ("train_state", "model", "config", "adapter", "metrics", "loss")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the well-formed rows of metrics.csv up to ``step`` (where training resumes): after a SIGKILL
+    the file can end in half a row, and rows logged after the last checkpoint will be logged again."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    keep = lines[:1]
+    for line in lines[1:]:
+        cells = line.split(",")
+        if len(cells) == 6 and cells[0].isdigit() and int(cells[0]) <= step and _finite_cell(cells[1]):
+            keep.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in keep))
+
+
+def _finite_cell(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _plot_loss(metrics_path: Path, out: Path) -> None:
@@ -789,8 +865,7 @@ def train_base(
         should_stop=should_stop,
     )
     if resume:
-        trainer.check_resume(allow_changes)
-        trainer.resume()
+        trainer.resume(allow_changes)
     summary = trainer.fit(progress=progress)
     summary["out"] = str(out)
     return summary

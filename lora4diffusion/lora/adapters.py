@@ -26,11 +26,14 @@ import torch
 from torch import nn
 
 from lora4diffusion.checkpoint import (
+    FLOAT_DTYPES,
     load_tensors,
+    path_kind,
     pretrained_dir,
     read_json,
     read_metadata,
     save_tensors,
+    tensor_header,
     write_json,
 )
 from lora4diffusion.errors import UserError
@@ -46,6 +49,7 @@ from lora4diffusion.lora.layers import (
     resolve_targets,
     set_adapter_weight,
 )
+from lora4diffusion.schema import boolean, float_text, int_text, integer, number, shown, string
 
 log = logging.getLogger("lora4diffusion")
 FORMAT = "lora4diffusion-adapter"
@@ -54,6 +58,9 @@ ADAPTER_FILE = "adapter.safetensors"
 UNKNOWN = "unknown"  # fingerprint of adapters from elsewhere (PEFT): not checked on load
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel).model (the UNet)
+MAX_RANK = 4096  # far above any MNIST-sized layer; a bigger rank is a broken or hostile file
+MAX_ALPHA = 1e6  # scale alpha/r > 1e6 turns any delta into inf/NaN outputs (alpha 1e30 is not an adapter)
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _RESERVED = ("format", "version", "rank", "alpha", "scale_rule", "targets", "init", "dropout",
              "base_fingerprint")
 
@@ -145,14 +152,14 @@ def shipped_adapters() -> dict[str, Path]:
 def resolve_adapter(path: str | Path) -> Path:
     """A path; or, where no such path exists, the name of a shipped adapter (``bold``, ``italic``)."""
     p = Path(path)
-    return shipped_adapters().get(str(path), p) if not p.exists() else p
+    return shipped_adapters().get(str(path), p) if path_kind(p) == "missing" else p
 
 
 def _adapter_file(path: str | Path) -> Path:
     path = resolve_adapter(path)
-    if path.is_dir():
+    if path_kind(path) == "dir":
         path = path / ADAPTER_FILE
-    if not path.is_file():
+    if path_kind(path) != "file":
         raise UserError(f"adapter {path}: file not found")
     return path
 
@@ -185,14 +192,39 @@ def read_adapter(path: str | Path) -> Adapter:
         raise UserError(f"{path}: not a lora4diffusion adapter (format {meta.get('format')!r})")
     if meta.get("version") != str(VERSION):
         raise UserError(f"{path}: unsupported adapter version {meta.get('version')!r}")
-    tensors = load_tensors(path)
+    missing = [k for k in _RESERVED if k not in meta]
+    if missing:
+        raise UserError(f"{path}: malformed adapter metadata (missing {', '.join(missing)})")
     try:
-        adapter = Adapter(tensors, int(meta["rank"]), float(meta["alpha"]), meta["scale_rule"] == "rslora",
-                          meta["init"], float(meta["dropout"]), meta["base_fingerprint"],
-                          {k: v for k, v in meta.items() if k not in _RESERVED})
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{path}: malformed adapter metadata ({e!r})") from None
-    return _check(adapter, path)
+        rank = int_text(meta["rank"], "rank", 1, MAX_RANK)
+        alpha = float_text(meta["alpha"], "alpha", 0.0, MAX_ALPHA, lo_open=True)
+        rule = string(meta["scale_rule"], "scale_rule", ("standard", "rslora"))
+        dropout = float_text(meta["dropout"], "dropout", 0.0, 1.0)
+        if dropout >= 1.0:
+            raise UserError(f"dropout must be < 1, got {dropout:g}")
+        fingerprint = meta["base_fingerprint"]
+        if fingerprint != UNKNOWN and not _FINGERPRINT.fullmatch(fingerprint):
+            raise UserError(f"base_fingerprint must be 64 hex digits or {UNKNOWN!r}, got {shown(fingerprint)}"
+                            )
+        try:
+            targets = json.loads(meta["targets"])
+        except (json.JSONDecodeError, RecursionError):
+            targets = None
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise UserError(f"targets must be a JSON list of module names, got {shown(meta['targets'])}")
+    except UserError as e:
+        raise UserError(f"{path}: malformed adapter metadata ({e})") from None
+    header = tensor_header(path)
+    for key, (_shape, dtype) in header.items():
+        if dtype not in FLOAT_DTYPES:
+            raise UserError(f"{path}: tensor {key} has dtype {dtype}; LoRA weights are floats")
+    adapter = Adapter(load_tensors(path), rank, alpha, rule == "rslora", meta["init"], dropout, fingerprint,
+                      {k: v for k, v in meta.items() if k not in _RESERVED})
+    _check(adapter, path)
+    if sorted(targets) != sorted(adapter.modules):
+        raise UserError(f"{path}: the metadata's targets ({len(targets)} modules) do not match the tensors"
+                        f" ({len(adapter.modules)} modules)")
+    return adapter
 
 
 def _default_name(model: nn.Module, path: Path) -> str:
@@ -202,6 +234,19 @@ def _default_name(model: nn.Module, path: Path) -> str:
     while name in taken:
         name, i = f"{base}_{i}", i + 1
     return name
+
+
+def _check_fits(model: nn.Module, adapter: Adapter, where: str | Path) -> None:
+    """Every adapter module exists in ``model`` (as an adaptable layer) with the adapter's shapes."""
+    candidates = adaptable_modules(model)
+    for m in adapter.modules:
+        if m not in candidates:
+            raise UserError(f"{where}: adapter module {shown(m, 80)} does not exist in this model")
+        a, b = adapter.pair(m)
+        want = lora_shapes(candidates[m], adapter.rank)
+        if (tuple(a.shape), tuple(b.shape)) != want:
+            raise UserError(f"{where}: module {m}: adapter shapes {tuple(a.shape)}/{tuple(b.shape)},"
+                            f" this model needs {want[0]}/{want[1]}")
 
 
 def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None = None, weight: float = 1.0,
@@ -230,19 +275,11 @@ def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None 
     if adapter.fingerprint != UNKNOWN:
         mine = base_fingerprint(model)
         if adapter.fingerprint != mine and not force:
-            raise UserError(f"adapter was trained on a different base model (fingerprint "
+            raise UserError(f"{where}: adapter was trained on a different base model (fingerprint "
                             f"{adapter.fingerprint[:12]}, this base {mine[:12]}); use --force to load anyway")
         if adapter.fingerprint != mine:
             log.warning("%s: loading an adapter trained on a different base model (--force)", where)
-    candidates = adaptable_modules(model)
-    for m in adapter.modules:
-        if m not in candidates:
-            raise UserError(f"{where}: adapter module {m} does not exist in this model")
-        a, b = adapter.pair(m)
-        want = lora_shapes(candidates[m], adapter.rank)
-        if (tuple(a.shape), tuple(b.shape)) != want:
-            raise UserError(f"{where}: module {m}: adapter shapes {tuple(a.shape)}/{tuple(b.shape)},"
-                            f" this model needs {want[0]}/{want[1]}")
+    _check_fits(model, adapter, where)
     init = adapter.init if adapter.init in INITS else "normal"  # only a record; the weights are loaded below
     inject_lora_at(model, adapter.modules, adapter.rank, adapter.alpha, name, init, adapter.rslora,
                    adapter.dropout)
@@ -304,7 +341,7 @@ def import_peft(peft_dir: str | Path, base_model: nn.Module | None = None) -> Ad
     peft_dir = Path(peft_dir)
     config = read_json(peft_dir / PEFT_CONFIG)
     if config.get("peft_type") != "LORA":
-        raise UserError(f"{peft_dir}: not a PEFT LoRA adapter (peft_type {config.get('peft_type')!r})")
+        raise UserError(f"{peft_dir}: not a PEFT LoRA adapter (peft_type {shown(config.get('peft_type'))})")
     options = ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save",
                "target_parameters", "layer_replication", "trainable_token_indices")
     unsupported = [k for k in options if config.get(k)]
@@ -312,25 +349,46 @@ def import_peft(peft_dir: str | Path, base_model: nn.Module | None = None) -> Ad
         unsupported.append("bias")
     if unsupported:
         raise UserError(f"{peft_dir}: PEFT options {unsupported} are not supported (plain LoRA only)")
+    where = peft_dir / PEFT_CONFIG
+    try:  # PEFT's own LoraConfig accepts these types; anything else is a broken or foreign file
+        rank = integer(config.get("r"), "r", 1, MAX_RANK)
+        alpha = number(config.get("lora_alpha", 8), "lora_alpha", 0.0, MAX_ALPHA, lo_open=True)
+        rslora = boolean(config.get("use_rslora", False), "use_rslora")
+        dropout = number(config.get("lora_dropout", 0.0), "lora_dropout", 0.0, 1.0)
+        if dropout >= 1.0:
+            raise UserError(f"lora_dropout must be < 1, got {dropout:g}")
+        init_weights = config.get("init_lora_weights", True)
+        if init_weights not in (True, False, "gaussian") or not isinstance(init_weights, (bool, str)):
+            # pissa, olora, loftq, eva, corda, ... also rewrite the BASE weights: this adapter alone is wrong
+            raise UserError(f"init_lora_weights {shown(init_weights)} is not supported (true, false or"
+                            " 'gaussian'; pissa/olora/loftq/eva/corda change the base weights too)")
+        targets = config.get("target_modules")
+        if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+        ):
+            raise UserError(f"target_modules must be a string or a list of strings, got {shown(targets)}")
+    except UserError as e:
+        raise UserError(f"{where}: malformed PEFT config ({e})") from None
     weights = peft_dir / PEFT_WEIGHTS
     if not weights.is_file() and (peft_dir / "adapter_model.bin").is_file():
         raise UserError(f"{peft_dir}: only adapter_model.safetensors is read (pickled .bin is not loaded)")
     key_rx = re.compile(rf"^{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+    for key, (_shape, dtype) in tensor_header(weights).items():
+        if dtype not in FLOAT_DTYPES:
+            raise UserError(f"{weights}: tensor {key} has dtype {dtype}; LoRA weights are floats")
     tensors = {}
     for key, t in load_tensors(weights).items():
         match = key_rx.match(key)
         if not match:
-            raise UserError(f"{weights}: unexpected tensor {key!r} (plain LoRA A/B weights only)")
+            raise UserError(f"{weights}: unexpected tensor {shown(key, 80)} (plain LoRA A/B weights only)")
         tensors[f"{match[1]}.lora_{'down' if match[2] == 'A' else 'up'}.weight"] = t.float()
-    init = {"gaussian": "normal", True: "kaiming"}.get(config.get("init_lora_weights", True), "peft")
-    try:
-        fingerprint = base_fingerprint(base_model) if base_model is not None else UNKNOWN
-        adapter = Adapter(tensors, int(config["r"]), float(config["lora_alpha"]),
-                          bool(config.get("use_rslora")), init, float(config.get("lora_dropout") or 0.0),
-                          fingerprint, {"source": "peft"})
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{peft_dir / PEFT_CONFIG}: malformed PEFT config ({e!r})") from None
-    return _check(adapter, weights)
+    init = {"gaussian": "normal", True: "kaiming"}.get(init_weights, "peft")
+    fingerprint = base_fingerprint(base_model) if base_model is not None else UNKNOWN
+    adapter = _check(Adapter(tensors, rank, alpha, rslora, init, dropout, fingerprint, {"source": "peft"}),
+                     weights)
+    if base_model is not None:  # every module must exist in the base with the right shapes
+        _check_fits(base_model, adapter, weights)
+    return adapter
 
 
 def load_peft(model: nn.Module, peft_dir: str | Path, name: str = "default", weight: float = 1.0) -> str:
@@ -344,9 +402,22 @@ def _low_rank(delta: torch.Tensor, rank: int, scale: float,
 
     sqrt(S) goes to both sides, so A and B have similar magnitudes (better conditioned for further training).
     """
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    delta = delta.double()
+    if not bool(torch.isfinite(delta).all()):  # SVD of NaN/inf raises deep in LAPACK (or returns NaN)
+        raise UserError("the weight difference holds NaN or infinite values; cannot factor it")
+    try:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    except torch.linalg.LinAlgError as e:  # did not converge: pathological values
+        raise UserError(f"SVD did not converge ({str(e).splitlines()[0][:100]})") from None
     root = (s[:rank] / scale).sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank], float((s[rank:] ** 2).sum()), float((s**2).sum())
+
+
+def _named(module: str, fn, *args):
+    try:
+        return fn(*args)
+    except UserError as e:
+        raise UserError(f"module {module}: {e}") from None
 
 
 def _errors(parts: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -377,7 +448,8 @@ def extract_lora(base_model: nn.Module, tuned_model: nn.Module, rank: int, targe
         w0 = base[f"{path}.weight"]
         if rank > min(w0.shape[0], w0[0].numel()):
             raise UserError(f"rank {rank} exceeds the rank of module {path} (weight {tuple(w0.shape)})")
-        b, a, tail, total = _low_rank((tuned[f"{path}.weight"].double() - w0.double()).flatten(1), rank, 1.0)
+        delta = (tuned[f"{path}.weight"].double() - w0.double()).flatten(1)
+        b, a, tail, total = _named(path, _low_rank, delta, rank, 1.0)
         shape_a, shape_b = lora_shapes(modules[path], rank)
         tensors[f"{path}.lora_down.weight"] = a.float().reshape(shape_a)
         tensors[f"{path}.lora_up.weight"] = b.float().reshape(shape_b)
@@ -406,7 +478,7 @@ def resize_adapter(source: Adapter | str | Path, new_rank: int) -> tuple[Adapter
     for m in adapter.modules:
         a, b = adapter.pair(m)
         delta = adapter.scale * (b.double().flatten(1) @ a.double().flatten(1))
-        b2, a2, tail, total = _low_rank(delta, new_rank, new.scale)
+        b2, a2, tail, total = _named(m, _low_rank, delta, new_rank, new.scale)
         new.tensors[f"{m}.lora_down.weight"] = a2.float().reshape(new_rank, *a.shape[1:])
         new.tensors[f"{m}.lora_up.weight"] = b2.float().reshape(b.shape[0], new_rank, *b.shape[2:])
         parts[m] = (tail, total)

@@ -159,8 +159,7 @@ def train_lora(
         should_stop=should_stop,
     )
     if resume:
-        trainer.check_resume(allow_changes)
-        trainer.resume()
+        trainer.resume(allow_changes)
     result = trainer.fit(progress=progress)
     result.update(summary, out=str(out))
     return result

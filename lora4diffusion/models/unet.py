@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora4diffusion.errors import UserError
+from lora4diffusion.schema import integer, number, shown
 
 NULL_LABEL = 10  # the learned "no condition" context used for classifier-free guidance
 CONDITIONINGS = ("label", "text")
@@ -53,10 +54,36 @@ class UNetConfig:
     conditioning: str = "label"  # "label": learned label context tokens | "text": a text encoder's states
 
     def __post_init__(self) -> None:
-        self.channel_mults = tuple(self.channel_mults)
-        self.attn_levels = tuple(self.attn_levels)
+        self.validate()
+
+    def validate(self) -> None:
+        """Types and ranges of every field, so a config.json from elsewhere (a string channel count,
+        ``groups`` 0, ``head_dim`` 0) is one UserError here, not a traceback deep inside torch. The upper
+        bounds are far above any MNIST-sized model and keep a hostile config from allocating terabytes."""
+        for name in ("channel_mults", "attn_levels"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise UserError(f"UNet config {name} must be a list of integers, got {shown(value)}")
+            setattr(self, name, tuple(value))
+        integer(len(self.channel_mults), "UNet config: number of channel_mults levels", 1, 8)
+        for m in self.channel_mults:
+            integer(m, "UNet config channel_mults entry", 1, 64)
+        for level in self.attn_levels:
+            integer(level, "UNet config attn_levels entry", 0, len(self.channel_mults) - 1)
+        integer(self.image_size, "UNet config image_size", -(2**63), 2**63)  # the type; the range below
+        integer(self.in_channels, "UNet config in_channels", 1, 64)
+        integer(self.base_channels, "UNet config base_channels", 1, 2048)
+        integer(self.num_res_blocks, "UNet config num_res_blocks", 1, 32)
+        integer(self.head_dim, "UNet config head_dim", 1, 4096)
+        integer(self.context_tokens, "UNet config context_tokens", 1, 1024)
+        integer(self.context_dim, "UNet config context_dim", 1, 4096)
+        integer(self.num_classes, "UNet config num_classes", 1, 100_000)
+        integer(self.groups, "UNet config groups", 1, 2048)
+        number(self.dropout, "UNet config dropout", 0.0, 1.0)
         factor = 2 ** (len(self.channel_mults) - 1)
-        if self.image_size <= 0 or self.image_size % factor:
+        if not 8 <= self.image_size <= 2048:
+            raise UserError(f"image size {self.image_size} must be 8..2048 pixels and divisible by {factor}")
+        if self.image_size % factor:
             raise UserError(
                 f"image size {self.image_size} is not divisible by {factor}, the UNet's total downsampling"
             )
@@ -66,6 +93,14 @@ class UNetConfig:
             raise UserError(
                 f"UNet conditioning {self.conditioning!r} is not one of {', '.join(CONDITIONINGS)}"
             )
+        for ch in {self.base_channels * m for m in self.channel_mults}:
+            if ch % self.groups:
+                raise UserError(f"UNet config: groups {self.groups} does not divide the channel count {ch}")
+        # Transformer blocks sit at attn_levels and in the middle (the last level): heads must split them
+        for ch in {self.base_channels * self.channel_mults[lv] for lv in (*self.attn_levels, -1)}:
+            heads = max(1, ch // self.head_dim)
+            if ch % heads:
+                raise UserError(f"UNet config: head_dim {self.head_dim} splits {ch} channels unevenly")
 
     def to_dict(self) -> dict:
         # "label" is the implicit default: left out, so every label model's config.json and base fingerprint
@@ -80,7 +115,7 @@ class UNetConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise UserError(f"unknown UNet config keys: {sorted(unknown)}")
+            raise UserError(f"unknown UNet config keys: {shown(sorted(unknown), 80)}")
         return cls(**d)
 
 

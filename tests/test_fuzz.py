@@ -1,0 +1,474 @@
+"""Fuzzed readers (issue 14): every reader of a file from elsewhere, given damaged files, either succeeds or
+raises our one-line UserError: never another exception, a hang or a blown memory.
+
+``fuzz_a_reader`` is the generic part: a reader (directory -> anything), a function that writes a valid
+fixture into a directory, and the names of the files in it that may be damaged. Hypothesis (derandomized:
+the same cases on every run, no shrinking, no example database) picks a file and a damage:
+
+    truncate, flip (1-8 bits), splice (random bytes over a span), empty          every file
+    json: a value replaced (wrong type, NaN, 2**70, deep lists), a key dropped   .json files
+    tensors: a dtype changed (int64, bool, ...), NaN/inf, a shape changed,
+             a tensor dropped, renamed or added                                 .safetensors files
+    metadata: a value replaced ("abc", "nan", "1e30", "-5", "", ...)            .safetensors files
+    header: a tensor's declared shape or the header length made huge            .safetensors files
+    npy: the images array's header claims another shape/dtype (up to 2**40)     .npz files
+    bomb: a PNG header declaring up to 2**31 x 2**31 pixels                      image files
+
+Each call runs under a 30 s alarm (a hang fails) and an address-space limit of what the process maps plus
+1 GiB (a larger allocation is a MemoryError, which fails); the peak RSS may also grow by at most 1 GiB.
+Readers added by other issues (tokenizer files, VAE/text-encoder checkpoints, other LoRA formats) need one
+line each in ``READERS`` at the bottom.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import resource
+import signal
+import struct
+import time
+import zipfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from lora4diffusion.checkpoint import load_model, save_model, save_tensors, write_json
+from lora4diffusion.classifier import CONFIG_NAME as CLF_CONFIG
+from lora4diffusion.classifier import FORMAT as CLF_FORMAT
+from lora4diffusion.classifier import VERSION as CLF_VERSION
+from lora4diffusion.classifier import WEIGHTS_NAME as CLF_WEIGHTS
+from lora4diffusion.classifier import Classifier, ClassifierConfig, load_classifier
+from lora4diffusion.data import load_mnist
+from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
+from lora4diffusion.errors import UserError
+from lora4diffusion.evaluate import load_samples
+from lora4diffusion.lora.adapters import export_peft, import_peft, load_adapter, save_adapter
+from lora4diffusion.lora.layers import inject_lora
+from lora4diffusion.models.unet import UNet, UNetConfig
+from lora4diffusion.styles import load_style_data
+from lora4diffusion.train import STATE_NAME, TrainConfig, Trainer
+
+EXAMPLES = 60  # per reader: the whole file stays well under a minute on 2 cores
+CALL_SECONDS = 30
+MEMORY_GROWTH = 1 << 30
+CFG = UNetConfig(
+    image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), context_dim=32
+)
+TALLY: dict[str, dict[str, int]] = {}  # reader -> {"ok": n, "UserError": n}: the counts in RELIABILITY.md
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------ damages
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
+    | st.sampled_from(["", "32", "nan", "no", "pissa", "1e12", "LORA", "linear"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+META_TEXT = st.sampled_from([
+    "", "abc", "nan", "inf", "-inf", "1e30", "-5", "0", "4.7", "9" * 40, "[", "{}", "null", "true", "[1,",
+    '{"unet": 1}', "standard", "rslora",
+]) | st.text(max_size=16)
+DTYPES = [torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8, torch.float16, torch.bfloat16,
+          torch.float64]
+NPY_DTYPES = ["<f4", "|O", "<c8", ">f8", "|b1", "<U4", "|V8", "<i8", "|u1", "<f2", "<M8[s]"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".gif", ".bmp", ".tif")
+
+
+def _json_paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _json_paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _json_paths(v, (*prefix, i))
+
+
+def _json_damage(draw, data: bytes) -> bytes:
+    obj = json.loads(data)
+    paths = [p for p in _json_paths(obj) if p]
+    path = draw(st.sampled_from(paths))
+    parent = obj
+    for k in path[:-1]:
+        parent = parent[k]
+    if draw(st.booleans()) and isinstance(parent, dict):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = draw(JSON_VALUES)
+    return json.dumps(obj).encode()  # NaN/Infinity written as json.dumps does: not JSON, a reader must say so
+
+
+def _split_safetensors(data: bytes) -> tuple[dict, bytes]:
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def _join_safetensors(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def _tensor_damage(draw, data: bytes) -> bytes:
+    header, _ = _split_safetensors(data)
+    meta = header.get("__metadata__")
+    tensors = dict(st_load(data))
+    key = draw(st.sampled_from(sorted(tensors)))
+    t = tensors[key].clone()
+    how = draw(st.sampled_from(["dtype", "nan", "inf", "shape", "drop", "rename", "extra", "huge"]))
+    if how == "dtype":
+        tensors[key] = t.to(draw(st.sampled_from(DTYPES)))
+    elif how in ("nan", "inf", "huge") and t.numel():
+        flat = t.flatten()
+        value = {"nan": float("nan"), "inf": -float("inf"), "huge": 3e38}[how]
+        flat[draw(st.integers(0, t.numel() - 1))] = value
+        tensors[key] = flat.reshape(t.shape)
+    elif how == "shape":
+        tensors[key] = draw(st.sampled_from([t.flatten(), t[None], t.flatten()[: max(1, t.numel() // 2)]]))
+    elif how == "drop" and len(tensors) > 1:
+        del tensors[key]
+    elif how == "rename":
+        tensors[key + draw(st.sampled_from(["x", ".weight", "_"]))] = tensors.pop(key)
+    else:
+        tensors[draw(st.text("abc._", min_size=1, max_size=8))] = torch.zeros(draw(st.integers(0, 4)))
+    return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+
+
+def _metadata_damage(draw, data: bytes) -> bytes:
+    header, body = _split_safetensors(data)
+    meta = header.setdefault("__metadata__", {})
+    key = draw(st.sampled_from(sorted(meta) + ["extra"]))
+    meta[key] = draw(META_TEXT)
+    return _join_safetensors(header, body)
+
+
+def _header_damage(draw, data: bytes) -> bytes:
+    if draw(st.booleans()):  # the header length itself
+        return struct.pack("<Q", draw(st.integers(2**20, 2**64 - 1))) + data[8:]
+    header, body = _split_safetensors(data)
+    key = draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+    header[key]["shape"] = draw(st.lists(st.integers(0, 2**40), min_size=1, max_size=4))
+    return _join_safetensors(header, body)
+
+
+def _npy(shape, dtype: str, payload: bytes) -> bytes:
+    head = repr({"descr": dtype, "fortran_order": False, "shape": tuple(shape)}).encode()
+    head += b" " * (63 - (len(head) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head + payload
+
+
+def _npz_damage(draw, data: bytes) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    shape = draw(st.lists(st.integers(0, 2**40), max_size=4))
+    payload = members["images.npy"][128:]
+    members["images.npy"] = _npy(shape, draw(st.sampled_from(NPY_DTYPES)), payload)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    return out.getvalue()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@st.composite
+def damage(draw, files: dict[str, bytes], targets: tuple[str, ...]) -> tuple[str, str, bytes]:
+    target = draw(st.sampled_from(targets))
+    data = files[target]
+    kinds = ["truncate", "flip", "splice", "empty"]
+    if target.endswith(".json"):
+        kinds += ["json", "json", "json"]
+    if target.endswith(".safetensors"):
+        kinds += ["tensors", "tensors", "metadata", "header"]
+    if target.endswith(".npz"):
+        kinds += ["npy", "npy"]
+    if target.endswith(IMAGE_SUFFIXES):
+        kinds += ["bomb"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "truncate":
+        new = data[: draw(st.integers(0, max(0, len(data) - 1)))]
+    elif kind == "flip":
+        buf = bytearray(data)
+        for _ in range(draw(st.integers(1, 8))):
+            i = draw(st.integers(0, len(buf) - 1))
+            buf[i] ^= 1 << draw(st.integers(0, 7))
+        new = bytes(buf)
+    elif kind == "splice":
+        start = draw(st.integers(0, len(data) - 1))
+        new = data[:start] + draw(st.binary(min_size=1, max_size=64)) + data[start + 64 :]
+    elif kind == "empty":
+        new = b""
+    elif kind == "json":
+        new = _json_damage(draw, data)
+    elif kind == "tensors":
+        new = _tensor_damage(draw, data)
+    elif kind == "metadata":
+        new = _metadata_damage(draw, data)
+    elif kind == "header":
+        new = _header_damage(draw, data)
+    elif kind == "npy":
+        new = _npz_damage(draw, data)
+    else:
+        new = png_bomb(draw(st.integers(1, 2**31 - 1)), draw(st.integers(1, 2**31 - 1)))
+    return target, kind, new
+
+
+def _cap_address_space(extra: int) -> tuple[int, int] | None:
+    """Limit this process's address space to what it maps now + ``extra`` (Linux); returns the old limits.
+    The peak-RSS check below cannot see a reader allocating less than an earlier test's peak; this can."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    vm_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmSize:")), None)
+    if vm_kb is None:
+        return None
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm_kb * 1024 + extra
+    if old[1] != resource.RLIM_INFINITY:
+        cap = min(cap, old[1])
+    resource.setrlimit(resource.RLIMIT_AS, (cap, old[1]))
+    return old
+
+
+class Hang(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Hang("a reader ran past its time limit")
+
+
+def fuzz_a_reader(name: str, build: Callable[[Path], None], read: Callable[[Path], object],
+                  targets: tuple[str, ...], tmp_path: Path, examples: int = EXAMPLES,
+                  seconds: float = CALL_SECONDS) -> dict[str, int]:
+    """Damage one of ``targets`` in a valid fixture (written once by ``build``), call ``read(directory)``:
+    success or a one-line UserError, within CALL_SECONDS, without growing peak memory by MEMORY_GROWTH."""
+    fixture = tmp_path / "valid"
+    fixture.mkdir()
+    build(fixture)
+    files = {p.relative_to(fixture).as_posix(): p.read_bytes() for p in fixture.rglob("*") if p.is_file()}
+    assert set(targets) <= set(files), (targets, sorted(files))
+    read(fixture)  # the undamaged fixture reads
+    tally = TALLY.setdefault(name, {"ok": 0, "UserError": 0})
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    counter = iter(range(10**6))
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(damage(files, targets))
+    def one_case(case):
+        target, kind, new = case
+        case_dir = tmp_path / f"case{next(counter)}"
+        for rel, data in files.items():
+            (case_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (case_dir / rel).write_bytes(new if rel == target else data)
+        previous = signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        limits = _cap_address_space(MEMORY_GROWTH)  # an allocation beyond it is a MemoryError: a failure
+        try:
+            read(case_dir)
+            tally["ok"] += 1
+        except UserError as e:
+            msg = str(e)
+            assert msg and "\n" not in msg and len(msg) < 600, f"{name}/{target}/{kind}: {msg!r}"
+            tally["UserError"] += 1
+        finally:
+            if limits is not None:
+                resource.setrlimit(resource.RLIMIT_AS, limits)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    one_case()
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    assert grown < MEMORY_GROWTH, f"{name}: peak memory grew by {grown >> 20} MiB"
+    assert tally["ok"] + tally["UserError"] >= examples
+    print(f"fuzz {name}: {tally['ok'] + tally['UserError']} cases, {tally['UserError']} UserError,"
+          f" {tally['ok']} read fine")
+    return tally
+
+
+# ------------------------------------------------------------------ fixtures of each kind
+def _idx(arr: np.ndarray) -> bytes:
+    magic = 0x801 if arr.ndim == 1 else 0x803
+    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
+
+
+def build_idx(d: Path) -> None:
+    import gzip
+
+    rng = np.random.default_rng(0)
+    labels = (np.arange(20) % 10).astype(np.uint8)
+    (d / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(_idx(rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)), mtime=0))
+    (d / "train-labels-idx1-ubyte").write_bytes(_idx(labels))
+    (d / "t10k-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)))
+    (d / "t10k-labels-idx1-ubyte").write_bytes(_idx(labels))
+
+
+def _save_images(d: Path) -> None:
+    rng = np.random.default_rng(1)
+    ink = rng.integers(0, 256, (20, 20), dtype=np.uint8)
+    for digit, suffix, mode in [("0", ".png", "L"), ("1", ".jpg", "RGB"), ("2", ".gif", "P"),
+                                ("3", ".bmp", "L"), ("4", ".tif", "F"), ("5", ".png", "RGBA")]:
+        (d / digit).mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray(ink).convert(mode) if mode != "F" else Image.fromarray(ink.astype(np.float32))
+        im.save(d / digit / f"a{suffix}")
+
+
+def build_image_folder(d: Path) -> None:
+    _save_images(d)
+
+
+def build_csv(d: Path) -> None:
+    _save_images(d / "img")
+    rows = ["path,label"] + [f"img/{p}/a{s},{p}" for p, s in
+                             [("0", ".png"), ("1", ".jpg"), ("2", ".gif"), ("3", ".bmp"), ("4", ".tif")]]
+    (d / "style.csv").write_text("\n".join(rows) + "\n")
+
+
+def make_base(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    model = UNet(CFG)
+    nn.init.normal_(model.conv_out.weight, std=0.1)
+    return model.eval()
+
+
+BASE = make_base()
+
+
+def build_model(d: Path) -> None:
+    save_model(d, BASE, DiffusionConfig())
+
+
+def build_adapter(d: Path) -> None:
+    model = copy.deepcopy(BASE)
+    inject_lora(model, "attention", 2, 2.0)
+    save_adapter(model, d, metadata={"style": "fuzz"})
+
+
+def read_adapter_into_base(d: Path) -> None:
+    load_adapter(copy.deepcopy(BASE), d)
+
+
+def build_peft(d: Path) -> None:
+    model = copy.deepcopy(BASE)
+    inject_lora(model, "attention", 2, 2.0)
+    export_peft(model, d)
+
+
+def _trainer(run: Path, steps: int) -> Trainer:
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=steps, batch_size=4, warmup=1, checkpoint_every=1, sample_every=0, bf16=False)
+    images, labels = torch.rand(8, 1, 16, 16) * 2 - 1, torch.arange(8) % 10
+    return Trainer(UNet(CFG), NoiseSchedule(DiffusionConfig()), images, labels, cfg, run,
+                   export=lambda m, p: None, device="cpu")
+
+
+def build_train_state(d: Path) -> None:
+    _trainer(d, 1).fit(progress=False)
+    for p in d.iterdir():
+        if p.name != STATE_NAME:
+            p.unlink()
+
+
+def resume_train_state(d: Path) -> None:
+    _trainer(d, 2).resume()
+
+
+def build_npz(d: Path) -> None:
+    rng = np.random.default_rng(2)
+    np.savez(d / "samples.npz", images=rng.random((4, 28, 28), dtype=np.float32),
+             labels=np.arange(4, dtype=np.int64))
+
+
+def build_classifier(d: Path) -> None:
+    model = Classifier(ClassifierConfig(channels=(4, 4, 4), feature_dim=8))
+    save_tensors(d / CLF_WEIGHTS, {k: v.float() for k, v in model.state_dict().items()})
+    write_json(d / CLF_CONFIG, {"format": CLF_FORMAT, "version": CLF_VERSION, "accuracy": 0.5,
+                                "classifier": {"channels": [4, 4, 4], "feature_dim": 8, "dropout": 0.0}})
+
+
+IMAGES = tuple(f"{p}/a{s}" for p, s in [("0", ".png"), ("1", ".jpg"), ("2", ".gif"), ("3", ".bmp"),
+                                        ("4", ".tif"), ("5", ".png")])
+
+# ------------------------------------------------------------------ one line per reader
+READERS = {
+    "IDX folder": (build_idx, lambda d: load_mnist(str(d), heldout_per_class=1),
+                   ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                    "t10k-labels-idx1-ubyte")),
+    "image folder": (build_image_folder, lambda d: load_style_data(str(d)), IMAGES),
+    "CSV style table": (build_csv, lambda d: load_style_data(str(d / "style.csv")),
+                        ("style.csv", "style.csv", "img/0/a.png", "img/1/a.jpg", "img/4/a.tif")),
+    "model checkpoint": (build_model, load_model, ("config.json", "model.safetensors")),
+    "adapter": (build_adapter, read_adapter_into_base, ("adapter.safetensors",)),
+    "train state": (build_train_state, resume_train_state, (STATE_NAME,)),
+    "PEFT folder": (build_peft, lambda d: import_peft(d, base_model=BASE),
+                    ("adapter_config.json", "adapter_model.safetensors")),
+    "npz samples": (build_npz, lambda d: load_samples(d / "samples.npz"), ("samples.npz",)),
+    "classifier": (build_classifier, load_classifier, (CLF_CONFIG, CLF_WEIGHTS)),
+    # later issues: "tokenizer": (build_tokenizer, load_tokenizer, ("vocab.json",)), ...
+}
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_fuzz_reader(name, tmp_path):
+    build, read, targets = READERS[name]
+    fuzz_a_reader(name, build, read, targets, tmp_path)
+
+
+def test_the_harness_fails_on_a_foreign_exception(tmp_path):
+    """fuzz_a_reader must not pass a reader that raises anything but UserError."""
+    def fragile(d: Path) -> None:
+        if (d / "x.json").read_bytes() != b'{"a": 1}':
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        fuzz_a_reader("fragile", lambda d: (d / "x.json").write_bytes(b'{"a": 1}'), fragile, ("x.json",),
+                      tmp_path, examples=5)
+
+
+def test_the_harness_fails_on_a_blown_memory(tmp_path):
+    """A reader that allocates 4 GiB for a damaged file fails under fuzz_a_reader's address-space cap."""
+    def greedy(d: Path) -> None:
+        if (d / "x.json").read_bytes() != b'{"a": 1}':
+            np.ones(1 << 32, np.uint8)
+
+    with pytest.raises(MemoryError):
+        fuzz_a_reader("greedy", lambda d: (d / "x.json").write_bytes(b'{"a": 1}'), greedy, ("x.json",),
+                      tmp_path, examples=5)
+
+
+def test_the_harness_fails_on_a_hang(tmp_path):
+    def stuck(d: Path) -> None:
+        if (d / "x.json").read_bytes() != b'{"a": 1}':
+            time.sleep(60)
+
+    with pytest.raises(Hang):
+        fuzz_a_reader("stuck", lambda d: (d / "x.json").write_bytes(b'{"a": 1}'), stuck, ("x.json",),
+                      tmp_path, examples=5, seconds=0.5)
