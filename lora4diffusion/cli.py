@@ -623,14 +623,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----- file formats (issue 12): diffusers folders, LoRA files in diffusers / kohya / PEFT layouts -----
 def _add_format_parsers(sub) -> None:
-    xd = sub.add_parser("export-diffusers", help="write a diffusers folder (UNet, scheduler, labels)")
+    xd = sub.add_parser("export-diffusers", help="write a diffusers folder (UNet, scheduler, labels; a prompt"
+                        " model: a whole StableDiffusionPipeline)")
     xd.add_argument("--checkpoint", help="model directory (default: the shipped base)")
     xd.add_argument("--out", required=True, help="folder for unet/, scheduler/, label_context.safetensors")
     xd.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     xd.set_defaults(func=cmd_export_diffusers)
 
     idf = sub.add_parser("import-diffusers", help="convert a diffusers folder to our model")
-    idf.add_argument("folder", help="folder with unet/, scheduler/, label_context.safetensors")
+    idf.add_argument("folder", help="folder with unet/, scheduler/, label_context.safetensors, or a"
+                     " StableDiffusionPipeline folder (model_index.json)")
     idf.add_argument("--out", required=True, help="model directory (config.json + model.safetensors)")
     idf.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     idf.set_defaults(func=cmd_import_diffusers)
@@ -651,8 +653,11 @@ def cmd_export_diffusers(args: argparse.Namespace) -> int:
     source = args.checkpoint or str(pretrained_dir())
     out = out_dir(args.out, overwrite=args.overwrite, inputs=(source,))
     pipe = Pipeline.load(args.checkpoint)
-    export_diffusers(pipe.unet, pipe.diffusion, out, source=args.checkpoint or "the shipped base")
-    print(f"wrote a diffusers folder (unet/, scheduler/, label_context.safetensors, README.md) to {out}")
+    export_diffusers(pipe.unet, pipe.diffusion, out, source=args.checkpoint or "the shipped base",
+                     vae=pipe.vae, text=pipe.text)
+    parts = "unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json: StableDiffusionPipeline" \
+        if pipe.is_prompt_model else "unet/, scheduler/, label_context.safetensors, README.md"
+    print(f"wrote a diffusers folder ({parts}) to {out}")
     return 0
 
 

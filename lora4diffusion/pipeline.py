@@ -90,10 +90,15 @@ class Pipeline:
     def sampler(self, kind: str = "ddim", steps: int | None = DEFAULT_STEPS, eta: float = 0.0):
         schedule = NoiseSchedule(self.diffusion)
         clip = self.vae is None  # pixels live in [-1, 1]; latents have no such range (SD does not clip them)
+        # prompt models sample as StableDiffusionPipeline does (timesteps shifted by SD's steps_offset 1), so
+        # their diffusers export gives the same images (prompt_model.STEPS_OFFSET)
+        offset = 0
+        if self.is_prompt_model:
+            from lora4diffusion.prompt_model import STEPS_OFFSET as offset
         if kind == "ddim":
-            s = DDIMSampler(schedule, eta=eta, clip_sample=clip)
+            s = DDIMSampler(schedule, eta=eta, clip_sample=clip, steps_offset=offset)
         elif kind == "ddpm":
-            s = DDPMSampler(schedule, clip_sample=clip)
+            s = DDPMSampler(schedule, clip_sample=clip, steps_offset=offset)
         else:
             raise UserError(f"unknown sampler {kind!r} (choose ddim or ddpm)")
         s.set_timesteps(steps)
