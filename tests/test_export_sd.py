@@ -135,6 +135,21 @@ def test_prompt_models_sample_with_sd_steps_offset(model):
     assert ours.sampler("ddpm", None).timesteps.tolist() == list(range(999, -1, -1))  # all T: unshifted
 
 
+@pytest.mark.parametrize("steps", [1, 3, 20, 333, 999])
+def test_steps_offset_timesteps_are_diffusers(steps):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from lora4diffusion.diffusion import DDIMSampler, DDPMSampler, DiffusionConfig, NoiseSchedule
+
+    schedule = NoiseSchedule(DiffusionConfig())
+    for ours, theirs in ((DDIMSampler(schedule, clip_sample=False, steps_offset=1), DDIMScheduler),
+                         (DDPMSampler(schedule, clip_sample=False, steps_offset=1), DDPMScheduler)):
+        ours.set_timesteps(steps)
+        ref = theirs(steps_offset=1, timestep_spacing="leading")
+        ref.set_timesteps(steps)
+        assert ours.timesteps.tolist() == ref.timesteps.tolist()
+
+
 def test_export_import_round_trip_is_bit_identical(model, tmp_path):
     run, out = model
     back = tmp_path / "back"
