@@ -112,8 +112,9 @@ def test_pipeline_draws_what_generate_draws(model, sd, guidance, negative):
 
 
 def test_pipeline_draws_what_sample_writes(model, sd, tmp_path):
-    """`lora4diffusion sample --prompt A --prompt B --num 2 --negative N` against the pipeline given the
-    same x_T; diffusers repeats each prompt num_images_per_prompt times in the same order."""
+    """`lora4diffusion sample --prompt A --prompt B --num 2 --negative N --seed S` against the pipeline; the
+    pipeline's own draw with a CPU generator seeded S * 1_000_003 (our first batch's seed) is our x_T, so
+    no latents need passing; diffusers repeats each prompt num_images_per_prompt times in the same order."""
     run, _ = model
     argv = ["-q", "sample", "--checkpoint", str(run), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
             "--num", "2", "--negative", NEGATIVE, "--steps", "8", "--guidance", "1.5", "--seed", "11",
@@ -121,7 +122,7 @@ def test_pipeline_draws_what_sample_writes(model, sd, tmp_path):
     assert main(argv) == 0
     mine = torch.from_numpy(np.load(tmp_path / "s" / "samples.npz")["images"])
     out = sd(PROMPTS, negative_prompt=[NEGATIVE] * 2, num_images_per_prompt=2, num_inference_steps=8,
-             guidance_scale=1.5, latents=initial_latents(4, seed=11), output_type="np")
+             guidance_scale=1.5, generator=torch.Generator().manual_seed(11 * 1_000_003), output_type="np")
     theirs = torch.from_numpy(out.images)[:, 2:30, 2:30, 0]  # "np": [B, H, W, C]
     diff = (theirs - mine).abs().max().item()
     print(f"StableDiffusionPipeline vs `sample` (8 steps, w 1.5, 2 per prompt): {diff:.2e}")

@@ -329,8 +329,9 @@ def export_diffusers(
     text: tuple | None = None,
 ) -> list[Path]:
     """Label model: write ``out/unet/``, ``out/scheduler/``, ``out/label_context.safetensors`` and
-    ``out/README.md``. Prompt model (``text`` = (text encoder, tokenizer), ``vae`` its VAE): a whole
-    StableDiffusionPipeline folder (formats/stable_diffusion.py)."""
+    ``out/README.md`` (a latent label model's VAE is not exported: no diffusers pipeline takes labels and
+    latents; this is the UNet export as before). Prompt model (``text`` = (text encoder, tokenizer), ``vae``
+    its VAE): a whole StableDiffusionPipeline folder (formats/stable_diffusion.py)."""
     out = Path(out)
     cfg = model.cfg
     if cfg.conditioning == "text":
@@ -339,9 +340,6 @@ def export_diffusers(
         if text is None:
             raise UserError("a prompt model is exported with its text encoder and tokenizer")
         return export_sd_pipeline(model, diffusion, vae, *text, out, source=source)
-    if vae is not None:  # a latent label model: no diffusers pipeline class takes labels and latents
-        raise UserError("export-diffusers exports pixel label models and prompt models; this latent label"
-                        " model has no diffusers pipeline (export its prompt-conditioned counterpart)")
     weights = {k: v.float() for k, v in unet_state_to_diffusers(model).items()}
     context = model.label_context.weight.detach().float().reshape(-1, cfg.context_tokens, cfg.context_dim)
     written = [
