@@ -119,9 +119,11 @@ out = pipe(["the digit 7", "a bold digit three"], num_inference_steps=20, guidan
 digits = out.images[:, 0, 2:30, 2:30]            # [B, 28, 28] in [0, 1]: the centre of the canvas
 ```
 
-`lora4diffusion sample --checkpoint MODEL --prompt ...` draws its initial latents from its own seeding; pass
-them as `latents=` to get the same images (docs/INTEROP.md in the lora4diffusion repository has the measured
-differences). `lora4diffusion import-diffusers DIR --out MODEL` converts this folder back.
+`lora4diffusion sample --checkpoint MODEL --prompt ... --seed S` draws the initial latents of its first
+50 images as `generator=torch.Generator().manual_seed(S * 1_000_003)` does here (seed 0: `manual_seed(0)`),
+so the same prompts, negative prompt, steps and guidance (> 1, or exactly 1) give the same digits to ~1e-6
+(docs/INTEROP.md in the lora4diffusion repository); or pass any `latents=`. `lora4diffusion import-diffusers
+DIR --out MODEL` converts this folder back.
 """
 
 
