@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from lora4diffusion.checkpoint import read_json
 from lora4diffusion.cli import main
 from lora4diffusion.formats import read_any, write_lora
-from lora4diffusion.lora.adapters import base_fingerprint, save_adapter
+from lora4diffusion.lora.adapters import base_fingerprint, load_adapter, save_adapter
 from lora4diffusion.lora.layers import inject_lora, lora_layers, merge_lora, set_adapter_weight
 from lora4diffusion.models.vae import crop_to
 from lora4diffusion.pipeline import Pipeline
@@ -271,7 +271,8 @@ def test_load_lora_weights_matches_our_adapted_pipeline(model, adapter, fmt):
     assert len(landed) == len(read_any(ours_dir).modules) > 0
     ours = Pipeline.load(model[0])
     base, _ = ours.generate(PROMPTS, steps=STEPS, guidance=2.0, seed=SEED, negative=NEGATIVE)
-    name = ours.add_lora(ours_dir, weight=1.0)
+    # the UNet-level loader: this adapter is UNet-only and fingerprinted on the UNet (save_adapter above)
+    name = load_adapter(ours.unet, ours_dir, weight=1.0)
     diffs = {}
     for w in (1.0, 0.5):
         set_adapter_weight(ours.unet, name, w)
