@@ -207,6 +207,7 @@ def _broken(src, dst, path: str, edit) -> None:
     ("vae/config.json", lambda c: c.update(act_fn="gelu"), "vae/config.json: act_fn"),
     ("vae/config.json", lambda c: c.update(shift_factor=0.1), "vae/config.json: shift_factor"),
     ("text_encoder/config.json", lambda c: c.update(hidden_act="gelu"), "text encoder config"),
+    ("text_encoder/config.json", lambda c: c.update(use_attention_mask=True), "use_attention_mask"),
     ("scheduler/scheduler_config.json", lambda c: c.update(timestep_spacing="trailing"), "timestep_spacing"),
     ("model_index.json", lambda c: c.update(safety_checker=["x", "Checker"]), "safety_checker"),
     ("model_index.json", lambda c: c.update(_class_name="StableDiffusionXLPipeline"), "_class_name"),

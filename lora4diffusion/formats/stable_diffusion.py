@@ -211,7 +211,11 @@ def read_sd_pipeline(folder: str | Path) -> tuple[UNet, DiffusionConfig, VAE, Te
             raise UserError(f"{folder / MODEL_INDEX}: {part} {entry!r} has no counterpart in our model")
 
     # text encoder + tokenizer
-    te_cfg = config_from_transformers(read_json(folder / TEXT_ENCODER_DIR / "config.json"))
+    te_json = read_json(folder / TEXT_ENCODER_DIR / "config.json")
+    if te_json.get("use_attention_mask"):  # the pipeline would then mask the padding; ours attends to it
+        raise UserError(f"{TEXT_ENCODER_DIR}/config.json: use_attention_mask true is not supported"
+                        " (SD 1.x and ours run CLIP without a padding mask)")
+    te_cfg = config_from_transformers(te_json)
     te_file = _weights(folder, TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS)
     try:
         te_state = from_transformers(load_tensors(te_file), te_cfg)
