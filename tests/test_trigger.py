@@ -71,7 +71,8 @@ class _FakeTrainer:
         self._net = _Recorder()
 
     def batch_indices(self, step):
-        return torch.arange(step * self.cfg.batch_size, (step + 1) * self.cfg.batch_size) % self.images.shape[0]
+        b = self.cfg.batch_size
+        return torch.arange(step * b, (step + 1) * b) % self.images.shape[0]
 
     def net(self):
         return self._net
@@ -98,7 +99,8 @@ def test_trigger_captions_and_prior_batch_split(base):
     assert x_p.shape[0] == 16 and x_n.shape[0] == 8  # B styled + B prior rows
     # the styled half is exactly the batch of the run without --prior (same t, noise, captions)
     assert torch.equal(x_p[:8], x_n) and torch.equal(t_p[:8], t_n) and torch.equal(ids_p[:8], ids_n)
-    styled_caps, prior_caps = ([c.replace(" ,", ",") for c in tok.decode(ids)] for ids in (ids_p[:8], ids_p[8:]))
+    styled_caps, prior_caps = ([c.replace(" ,", ",") for c in tok.decode(ids)]  # decode spaces commas
+                               for ids in (ids_p[:8], ids_p[8:]))
     idx = t1.batch_indices(3)
     for c, d in zip(styled_caps, labels[idx].tolist(), strict=True):
         assert "sks" in c.split() and c in all_captions(d, "sks"), c
@@ -222,7 +224,8 @@ def test_one_call_needs_the_same_tags_in_every_prompt():
 
 def test_tag_loads_strips_and_matches_the_lora_flag(base, adapter, tmp_path, caplog):
     common = ["-q", "sample", "--checkpoint", str(base), "--num", "2", "--steps", "3"]
-    assert main([*common, "--prompt", f"<lora:{adapter}:0.8> a sks seven", "--out", str(tmp_path / "tag")]) == 0
+    tagged = f"<lora:{adapter}:0.8> a sks seven"
+    assert main([*common, "--prompt", tagged, "--out", str(tmp_path / "tag")]) == 0
     assert main([*common, "--prompt", "a sks seven", "--lora", f"{adapter}:0.8",
                  "--out", str(tmp_path / "flag")]) == 0
     tag, flag = np.load(tmp_path / "tag" / "samples.npz"), np.load(tmp_path / "flag" / "samples.npz")
@@ -242,7 +245,8 @@ def test_tag_loads_strips_and_matches_the_lora_flag(base, adapter, tmp_path, cap
 
 def test_missing_trigger_warns_once(base, adapter, tmp_path, caplog):
     argv = ["-q", "sample", "--checkpoint", str(base), "--num", "1", "--steps", "2", "--prompt",
-            f"<lora:{adapter}> a seven", "--prompt", f"<lora:{adapter}> the digit 3", "--out", str(tmp_path / "o")]
+            f"<lora:{adapter}> a seven", "--prompt", f"<lora:{adapter}> the digit 3",
+            "--out", str(tmp_path / "o")]
     assert main(argv) == 0
     err = [r.getMessage() for r in caplog.records if "trigger" in r.getMessage()]
     assert len(err) == 1 and "sks" in err[0] and "absent" in err[0] and "\n" not in err[0]
@@ -261,8 +265,8 @@ def test_missing_trigger_warns_once(base, adapter, tmp_path, caplog):
 ])
 def test_bad_sample_input_exits_2_and_writes_nothing(base, adapter, tmp_path, capsys, prompt, message):
     out = tmp_path / "out"
-    code = main(["-q", "sample", "--checkpoint", str(base), "--prompt", prompt.replace("ADAPTER", str(adapter)),
-                 "--out", str(out)])
+    prompt = prompt.replace("ADAPTER", str(adapter))
+    code = main(["-q", "sample", "--checkpoint", str(base), "--prompt", prompt, "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not out.exists()
