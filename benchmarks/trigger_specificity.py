@@ -134,7 +134,8 @@ def main() -> None:
             first = Path(given.get(row, out / row))
         both = prompts_for(digits, f"{args.trigger} {trigger2}")
         r = score(sample(args.base, [(str(first), 1.0), (second_dir, 1.0)], both, dict(gen)), labels, base)
-        results["composed"] = {"adapters": [str(first), second_dir], "triggers": [args.trigger, trigger2], **r}
+        results["composed"] = {"adapters": [str(first), second_dir], "triggers": [args.trigger, trigger2],
+                               **r}
         print(f"\ncomposed ({args.style}:{args.trigger} + {name}:{trigger2}, one prompt): accuracy"
               f" {r['accuracy']:.3f}, ink / base {r['ink_ratio']:.2f}, slant - base {r['slant_diff']:+.2f}")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
