@@ -312,3 +312,17 @@ def test_label_bases_refuse_prompt_lora_flags(tmp_path, capsys):
 
 def test_lora_config_defaults_unchanged():
     assert LoRAConfig() == LoRAConfig(rank=4, alpha=4.0, targets="all-linear")
+
+
+def test_merge_folds_text_encoder_lora_too(base, adapter, tmp_path):
+    assert main(["-q", "merge", "--checkpoint", str(base), "--lora", str(adapter), "--out",
+                 str(tmp_path / "merged")]) == 0
+    merged = Pipeline.load(tmp_path / "merged")
+    assert not lora_layers(merged.text_encoder) and not lora_layers(merged.unet)
+    live = Pipeline.load(base)
+    live.add_lora(adapter)
+    ids = live.tokenizer.encode(["a sks seven", "the digit 3"])
+    plain = Pipeline.load(base).text_encoder(ids)[0]
+    with torch.no_grad():
+        a, b = live.text_encoder(ids)[0], merged.text_encoder(ids)[0]
+    assert (a - b).abs().max() < 1e-5 and (a - plain).abs().max() > 1e-4  # TE LoRA merged, and it mattered
