@@ -192,6 +192,7 @@ class Pipeline:
         Prompt models: ``labels`` are prompts (strings), or digits, which become prompts of the "digit"
         family (prompt_model.digit_prompts). ``negative`` (one string, or one per prompt) replaces the empty
         prompt as the unconditional branch of guidance. A bad prompt raises UserError before any sampling.
+        Prompts may carry ``<lora:NAME_OR_PATH[:WEIGHT]>`` tags: see ``apply_prompt_tags``.
         """
         device = self.device
         contexts = None
