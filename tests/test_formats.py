@@ -474,8 +474,9 @@ def test_shipped_adapters_have_a_name_in_every_format_and_round_trip(tmp_path):
 
 
 # ----- text-encoder LoRA (train-lora --text-encoder on a prompt model) -----
-def _te_adapter():
-    """UNet + text-encoder LoRA as train-lora --text-encoder writes it: text-encoder modules prefixed."""
+def _te_adapter(folder=None):
+    """UNet + text-encoder LoRA as train-lora --text-encoder writes it: text-encoder modules prefixed.
+    ``folder``: also export the text encoder (before LoRA) there as a CLIPTextModel; returns (adapter, te)."""
     from lora4diffusion.lora.adapters import Adapter
     from lora4diffusion.lora.prompt_lora import TE_TARGETS
     from lora4diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
@@ -485,14 +486,19 @@ def _te_adapter():
     make_adapter(model, targets="attention", rank=4, alpha=2.0)
     torch.manual_seed(3)
     te = TextEncoder(TextEncoderConfig.for_tokenizer(Tokenizer.load(), width=16, layers=2, heads=2))
+    if folder is not None:
+        from lora4diffusion.formats.transformers_clip import export_text_encoder
+
+        export_text_encoder(te, Tokenizer.load(), folder)
     inject_lora(te, TE_TARGETS, 4, 2.0)
     with torch.no_grad():
         for m in lora_layers(te).values():
             m.lora_up["default"].weight.normal_()
     unet_part, te_part = adapter_from_model(model), adapter_from_model(te)
     tensors = {**unet_part.tensors, **{f"text_encoder.{k}": v for k, v in te_part.tensors.items()}}
-    return Adapter(tensors, 4, 2.0, fingerprint=unet_part.fingerprint,
-                   extra={"style": "bold", "trigger_words": json.dumps(["sks"]), "text_encoder": "true"})
+    adapter = Adapter(tensors, 4, 2.0, fingerprint=unet_part.fingerprint,
+                      extra={"style": "bold", "trigger_words": json.dumps(["sks"]), "text_encoder": "true"})
+    return (adapter, te) if folder is not None else adapter
 
 
 def test_text_encoder_lora_names_in_every_format():
@@ -550,3 +556,29 @@ def test_diffusers_kohya_converter_agrees_on_text_encoder_names(tmp_path):
     assert set(theirs) == set(mine) and len(mine) == 24  # 2 layers x (q, k, v, out, fc1, fc2) x (A, B)
     assert all(torch.equal(theirs[k], mine[k]) for k in mine)
     assert {float(v) for k, v in alphas.items() if k.startswith("text_encoder.")} == {2.0}
+
+
+def test_transformers_clip_with_peft_lora_from_our_diffusers_file_matches_ours(tmp_path):
+    """Our diffusers file's text_encoder.* LoRA, loaded by peft into transformers' CLIPTextModel (the base
+    exported by formats/transformers_clip.py), computes what our text encoder + LoRA computes."""
+    from peft import LoraConfig
+    from transformers import CLIPTextModel
+
+    from lora4diffusion.models.tokenizer import Tokenizer
+
+    adapter, te = _te_adapter(tmp_path / "clip")
+    weights = load_file(str(write_lora(adapter, "diffusers", tmp_path / "d")))
+    state = {k.removeprefix("text_encoder."): v for k, v in weights.items() if k.startswith("text_encoder.")}
+    theirs = CLIPTextModel.from_pretrained(tmp_path / "clip" / "text_encoder").eval()
+    config = LoraConfig(r=4, lora_alpha=2.0, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1",
+                                                              "fc2"])
+    # what diffusers' _load_lora_into_text_encoder does: transformers' PEFT integration
+    theirs.load_adapter(adapter_name="k", adapter_state_dict=state, peft_config=config)
+    ids = Tokenizer.load().encode(["a handwritten sks seven", "the digit 3", ""])
+    with torch.no_grad():
+        ours, theirs_out = te.eval()(ids)[0], theirs(input_ids=ids).last_hidden_state
+        for m in lora_layers(te).values():
+            m.disable_adapters()
+        plain = te(ids)[0]
+    assert (ours - theirs_out).abs().max() <= 1e-5
+    assert (ours - plain).abs().max() > 1e-3  # the LoRA changed the output: the comparison is not vacuous
