@@ -306,7 +306,12 @@ def test_trigger_not_in_the_vocabulary_is_refused(base, tmp_path):
 
 
 def test_label_bases_refuse_prompt_lora_flags(tmp_path, capsys):
-    code = main(["-q", "train-lora", "--style", "bold", "--trigger", "sks", "--out", str(tmp_path / "r")])
+    label = tmp_path / "label"
+    argv = ["-q", "train", "--preset", "tiny", "--steps", "1", "--out", str(label), "--device", "cpu"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    code = main(["-q", "train-lora", "--base", str(label), "--style", "bold", "--trigger", "sks", "--out",
+                 str(tmp_path / "r")])
     assert code == 2 and "label model" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
