@@ -290,3 +290,56 @@ def test_load_lora_weights_matches_our_adapted_pipeline(model, adapter, fmt):
     diffs["fused"] = (diffusers_images(sd, PROMPTS, NEGATIVE, 2.0) - mine).abs().max().item()
     print(f"{fmt} LoRA via load_lora_weights vs ours: {diffs}")
     assert max(diffs.values()) <= TOL, diffs
+# ----- UNet + text-encoder LoRA trained by train-lora (branch trigger) -----
+@pytest.fixture(scope="module")
+def te_adapter(model, tmp_path_factory):
+    """train-lora on the prompt model: trigger word, text-encoder LoRA; exported by export-lora."""
+    root = tmp_path_factory.mktemp("te_lora")
+    assert main(["-q", "train-lora", "--base", str(model[0]), "--style", "bold", "--trigger", "sks",
+                 "--text-encoder", "--text-encoder-lr", "1e-2", "--lr", "1e-2", "--steps", "8",
+                 "--batch-size", "16", "--device", "cpu", "--out", str(root / "ours")]) == 0
+    files = {}
+    for fmt in ("diffusers", "kohya"):
+        assert main(["-q", "export-lora", "--lora", str(root / "ours"), "--format", fmt,
+                     "--out", str(root / fmt)]) == 0
+        files[fmt] = next(p for p in (root / fmt).iterdir() if p.suffix == ".safetensors")
+    return root / "ours", files
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_load_lora_weights_with_text_encoder_modules(model, te_adapter, fmt):
+    ours_dir, files = te_adapter
+    path = files[fmt]
+    keys = load_file(str(path)).keys()
+    te_key = "lora_te_" if fmt == "kohya" else "text_encoder."
+    assert any(k.startswith(te_key) for k in keys) and any("unet" in k for k in keys)
+    sd = StableDiffusionPipeline.from_pretrained(str(model[1]), safety_checker=None,
+                                                 requires_safety_checker=False)
+    sd.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="style")
+    landed = [n for part in (sd.unet, sd.text_encoder) for n, m in part.named_modules()
+              if "style" in getattr(m, "lora_A", {})]
+    assert len(landed) == len(read_any(ours_dir).modules) > 0
+    assert any("style" in getattr(m, "lora_A", {}) for m in sd.text_encoder.modules())
+    prompts = ["the digit 7 in sks style", "a handwritten sks three"]
+    ours = Pipeline.load(model[0])
+    base, _ = ours.generate(prompts, steps=STEPS, guidance=2.0, seed=SEED, negative=NEGATIVE)
+    name = ours.add_lora(ours_dir, weight=1.0)
+    diffs = {}
+    for w in (1.0, 0.5):
+        ours.set_lora_weight(name, w)
+        sd.set_adapters(["style"], adapter_weights=[w])
+        mine, _ = ours.generate(prompts, steps=STEPS, guidance=2.0, seed=SEED, negative=NEGATIVE)
+        diffs[w] = (diffusers_images(sd, prompts, NEGATIVE, 2.0) - mine).abs().max().item()
+        if w == 1.0:
+            changed = (mine - base).abs().max().item()
+    ours.set_lora_weight(name, 1.0)
+    sd.set_adapters(["style"], adapter_weights=[1.0])
+    merge_lora(ours.unet)
+    merge_lora(ours.text_encoder)
+    sd.fuse_lora(lora_scale=1.0)  # unet and text_encoder
+    mine, _ = ours.generate(prompts, steps=STEPS, guidance=2.0, seed=SEED, negative=NEGATIVE)
+    diffs["fused"] = (diffusers_images(sd, prompts, NEGATIVE, 2.0) - mine).abs().max().item()
+    print(f"{fmt} UNet+TE LoRA via load_lora_weights vs ours: {diffs}; the adapter moves pixels by"
+          f" {changed:.3f}")
+    assert max(diffs.values()) <= TOL, diffs
+    assert changed > 10 * max(diffs.values())  # the adapter's effect is far above the disagreement
