@@ -240,8 +240,8 @@ def test_import_refuses_a_weight_that_does_not_fit(model, tmp_path, capsys):
 # ----- LoRA: our diffusers / kohya exports through pipe.load_lora_weights -----
 @pytest.fixture(scope="module")
 def adapter(model, tmp_path_factory):
-    """A UNet-only all-linear adapter (rank 4, alpha 8 != rank) on the prompt model, A and B random as after
-    training. TODO(trigger branch): train-lora on the prompt model and text-encoder modules."""
+    """A UNet-only all-linear adapter (rank 4, alpha 8 != rank) on the prompt model, A and B random (large
+    effect, every module); the trained UNet + text-encoder adapter is `te_adapter` below."""
     root = tmp_path_factory.mktemp("lora")
     pipe = Pipeline.load(model[0])
     inject_lora(pipe.unet, "all-linear", rank=4, alpha=8.0)
