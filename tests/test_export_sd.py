@@ -20,6 +20,7 @@ from lora4diffusion.cli import main
 from lora4diffusion.formats import read_any, write_lora
 from lora4diffusion.lora.adapters import base_fingerprint, load_adapter, save_adapter
 from lora4diffusion.lora.layers import inject_lora, lora_layers, merge_lora, set_adapter_weight
+from lora4diffusion.lora.prompt_lora import prompt_fingerprint
 from lora4diffusion.models.vae import crop_to
 from lora4diffusion.pipeline import Pipeline
 
@@ -163,7 +164,10 @@ def test_export_import_round_trip_is_bit_identical(model, tmp_path):
     c, d = read_json(run / "config.json"), read_json(back / "config.json")
     for key in ("unet", "diffusion", "text_encoder", "tokenizer", "vae"):  # vae: its fingerprint
         assert c[key] == d[key], key
-    assert base_fingerprint(Pipeline.load(run).unet) == base_fingerprint(Pipeline.load(back).unet)
+    a, b = Pipeline.load(run), Pipeline.load(back)
+    assert base_fingerprint(a.unet) == base_fingerprint(b.unet)
+    # what prompt-model adapters record (UNet + text encoder): they load on the imported model
+    assert prompt_fingerprint(a.unet, a.text_encoder) == prompt_fingerprint(b.unet, b.text_encoder)
 
 
 def test_import_a_folder_diffusers_saved_after_changing_weights(model, sd, tmp_path):
