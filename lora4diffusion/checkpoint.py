@@ -299,6 +299,29 @@ def load_model(directory: Path) -> tuple[UNet, DiffusionConfig, dict]:
     return model.eval(), diff_cfg, config
 
 
-def pretrained_dir() -> Path:
-    """The base model shipped inside the package (lora4diffusion/pretrained/base)."""
-    return Path(__file__).parent / "pretrained" / "base"
+PRETRAINED = Path(__file__).parent / "pretrained"
+DEFAULT_BASE = "base"  # the prompt-conditioned latent model; "pixel-base" is the label-conditioned pixel one
+
+
+def pretrained_dir(name: str = DEFAULT_BASE) -> Path:
+    """A model shipped inside the package, by name: ``base`` (the default, the prompt-conditioned latent
+    model) or ``pixel-base`` (the label-conditioned pixel model, the reference's design)."""
+    return PRETRAINED / name
+
+
+def shipped_models() -> dict[str, Path]:
+    """The models shipped inside the package (folders of pretrained/ with config.json + model.safetensors)."""
+    found = PRETRAINED.glob(f"*/{WEIGHTS_NAME}") if PRETRAINED.is_dir() else []
+    return {f.parent.name: f.parent for f in sorted(found) if (f.parent / CONFIG_NAME).is_file()}
+
+
+def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
+    """A ``--checkpoint`` value -> a model directory: None is the shipped default base; an existing path wins;
+    else the name of a shipped model (``base``, ``pixel-base``); else the path as given (its reader names the
+    missing file)."""
+    if checkpoint is None:
+        return pretrained_dir()
+    path = Path(checkpoint)
+    if path_kind(path) == "missing":
+        return shipped_models().get(str(checkpoint), path)
+    return path

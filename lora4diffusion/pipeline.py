@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lora4diffusion.checkpoint import load_model, pretrained_dir
+from lora4diffusion.checkpoint import load_model, pretrained_dir, resolve_checkpoint
 from lora4diffusion.diffusion import DDIMSampler, DDPMSampler, DiffusionConfig, NoiseSchedule, sample
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.unet import UNet
@@ -45,13 +45,15 @@ class Pipeline:
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None) -> Pipeline:
-        """Load a model directory; None means the base model shipped with the package."""
+        """Load a model directory or a shipped model's name (``base``, ``pixel-base``); None means the base
+        model shipped with the package (the prompt-conditioned latent ``base``)."""
         if checkpoint is None:
             checkpoint = pretrained_dir()
             if not (checkpoint / "config.json").is_file():
                 raise UserError(
                     "no shipped base model in this install; pass --checkpoint DIR (train one first)"
                 )
+        checkpoint = resolve_checkpoint(checkpoint)
         from lora4diffusion.autoencoder import load_attached_vae
 
         unet, diffusion, config = load_model(Path(checkpoint))

@@ -26,15 +26,16 @@ from lora4diffusion.lora.adapters import Adapter, export_peft, shipped_adapters
 from lora4diffusion.runlock import LOCK_NAME
 from lora4diffusion.train import STATE_NAME, NonFiniteLoss, Trainer, train_base
 
-BOLD = str(shipped_adapters()["bold"])
+BOLD = str(shipped_adapters()["bold-pixel"])  # the label adapter of the shipped pixel-base
+PIXEL = str(pretrained_dir("pixel-base"))
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A tiny base run (2 steps), a PEFT export of the shipped bold adapter, a folder holding a user file."""
+    """A tiny base run (2 steps), a PEFT export of the shipped bold-pixel adapter, a folder holding a user file."""
     root = tmp_path_factory.mktemp("hard")
     train_base("tiny", root / "tiny", steps=2, progress=False)
-    assert main(["-q", "export-peft", "--lora", "bold", "--out", str(root / "peft")]) == 0
+    assert main(["-q", "export-peft", "--lora", "bold-pixel", "--out", str(root / "peft")]) == 0
     return root
 
 
@@ -76,12 +77,12 @@ def _commands(work, out):
         "train-lora": ["train-lora", "--base", str(work / "tiny"), "--style", "bold", "--steps", "1",
                        "--out", o, "--overwrite"],
         "sample": ["sample", "--digits", "1", "--per-digit", "1", "--steps", "2", "--out", o, "--overwrite"],
-        "evaluate": ["evaluate", "--checkpoint", str(pretrained_dir()), "--digits", "1", "--per-digit", "2",
+        "evaluate": ["evaluate", "--checkpoint", PIXEL, "--digits", "1", "--per-digit", "2",
                      "--steps", "2"],
         "train-classifier": ["train-classifier", "--epochs", "1", "--out", o, "--overwrite"],
-        "merge": ["merge", "--lora", "bold", "--out", o, "--overwrite"],
-        "resize": ["resize", "--lora", "bold", "--rank", "1", "--out", o, "--overwrite"],
-        "extract": ["extract", "--tuned", str(pretrained_dir()), "--rank", "1", "--out", o, "--overwrite"],
+        "merge": ["merge", "--checkpoint", PIXEL, "--lora", "bold-pixel", "--out", o, "--overwrite"],
+        "resize": ["resize", "--lora", "bold-pixel", "--rank", "1", "--out", o, "--overwrite"],
+        "extract": ["extract", "--base", PIXEL, "--tuned", PIXEL, "--rank", "1", "--out", o, "--overwrite"],
         "demo": ["demo", "--out", o, "--overwrite"],
     }  # fmt: skip
 
@@ -164,7 +165,7 @@ def test_non_empty_out_needs_overwrite(work, tmp_path, capsys, cmd):
     (out / "model.safetensors").write_bytes(b"someone else's model")
     (out / "config.json").write_text("{}")
     if cmd == "export-peft":
-        argv = ["export-peft", "--lora", "bold", "--out", str(out)]
+        argv = ["export-peft", "--lora", "bold-pixel", "--out", str(out)]
     elif cmd == "import-peft":
         argv = ["import-peft", "--peft", str(work / "peft"), "--out", str(out)]
     else:
@@ -184,9 +185,9 @@ def test_overwrite_replaces_sample_output(tmp_path, capsys):
 
 def test_never_write_over_an_input(work, tmp_path, capsys):
     base = tmp_path / "base"
-    shutil.copytree(pretrained_dir(), base)
+    shutil.copytree(PIXEL, base)
     ow = "--overwrite"
-    _refused(capsys, ["merge", "--checkpoint", str(base), "--lora", "bold", "--out", str(base), ow],
+    _refused(capsys, ["merge", "--checkpoint", str(base), "--lora", "bold-pixel", "--out", str(base), ow],
              "is the input", base)  # fmt: skip
     ad = tmp_path / "ad"
     shutil.copytree(BOLD, ad)
@@ -203,7 +204,7 @@ def test_never_write_over_an_input(work, tmp_path, capsys):
 
 def test_train_refuses_a_folder_holding_another_model(tmp_path, capsys):
     other = tmp_path / "model"
-    shutil.copytree(pretrained_dir(), other)  # config.json + model.safetensors, no train_state
+    shutil.copytree(PIXEL, other)  # config.json + model.safetensors, no train_state
     _refused(capsys, ["train", "--preset", "tiny", "--steps", "1", "--out", str(other)], "--overwrite", other)
     _refused(capsys, ["train", "--preset", "tiny", "--out", str(other), "--resume"], "no training state",
              other)  # fmt: skip
@@ -216,7 +217,7 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
     t0 = time.perf_counter()
     for argv in (["train-classifier", "--epochs", "1"], ["train", "--preset", "tiny"], ["sample"],
                  ["train-lora", "--style", "bold"], ["merge", "--lora", "bold"], ["resize", "--lora", "bold",
-                 "--rank", "1"], ["export-peft", "--lora", "bold"]):  # fmt: skip
+                 "--rank", "1"], ["export-peft", "--lora", "bold-pixel"]):  # fmt: skip
         err = _refused(capsys, [*argv, "--out", denied], "permission denied")
         assert "corrupt" not in err
     assert time.perf_counter() - t0 < 10  # refused at the door, not after training
@@ -335,7 +336,7 @@ def test_overflowing_sampler_writes_nothing(tmp_path, capsys):
     base = ["-q", "sample", "--digits", "1", "--per-digit", "1", "--steps", "2", "--out", str(out)]
     _refused(capsys, [*base, "--guidance", "1e308"], "non-finite")
     assert not out.exists()
-    _refused(capsys, ["-q", "evaluate", "--checkpoint", str(pretrained_dir()), "--digits", "1", "--per-digit",
+    _refused(capsys, ["-q", "evaluate", "--checkpoint", PIXEL, "--digits", "1", "--per-digit",
                       "2", "--steps", "2", "--guidance", "1e308"], "non-finite")  # fmt: skip
 
 
@@ -348,7 +349,8 @@ def test_overflowing_merge_and_export_write_nothing(tmp_path, capsys):
     with safe_open(str(huge / "adapter.safetensors"), "pt") as f:
         meta = f.metadata()
     save_file({k: v * 1e20 for k, v in tensors.items()}, huge / "adapter.safetensors", metadata=meta)
-    _refused(capsys, ["merge", "--lora", str(huge), "--out", str(tmp_path / "m")], "non-finite")
+    _refused(capsys, ["merge", "--checkpoint", PIXEL, "--lora", str(huge), "--out", str(tmp_path / "m")],
+             "non-finite")  # fmt: skip
     assert not (tmp_path / "m").exists()
     nan = Adapter({k: v * float("nan") for k, v in tensors.items()}, 4, 4.0)
     with pytest.raises(UserError, match="non-finite"):
