@@ -26,6 +26,7 @@ log = logging.getLogger("lora4diffusion")
 
 DEFAULT_PER_DIGIT = 8  # 80 samples per set: the default run stays under 10 min on 2 CPU cores
 STYLES = ("bold", "italic")
+DEMO_BASE = "pixel-base"  # the shipped label-conditioned pixel model (checkpoint.pretrained_dir)
 # 0.7 + 0.7 rather than 1 + 1: both adapters adapt the same layers (the LoRA targets) and their weight deltas
 # add up, so 1 + 1 pushes the model as far as two full adapters, beyond what either was trained for.
 MIX = (0.7, 0.7)
@@ -82,7 +83,8 @@ def _prepare(out: Path, base, from_scratch: bool, overwrite: bool, steps: int, p
     _check_out(out, overwrite)
     doomed = [out / n for n in OWNED] + ([out / "base"] if from_scratch else [])
     shipped = base is None and not from_scratch
-    base_dir = out / "base" if from_scratch else Path(base) if base is not None else pretrained_dir()
+    # the demo compares label-conditioned runs: its default is the shipped label model, not the prompt base
+    base_dir = out / "base" if from_scratch else Path(base) if base is not None else pretrained_dir(DEMO_BASE)
     if shipped and not (base_dir / "config.json").is_file():
         raise UserError(
             "this install has no shipped base model yet: pass --base DIR (a `lora4diffusion train` run) "
@@ -152,9 +154,9 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
              progress: bool = True) -> dict:  # fmt: skip
     """Run the demo into folder ``out``; returns what ``metrics.json`` holds plus ``"report"`` (its path).
 
-    ``base``: a model directory (default: the shipped base); ``from_scratch`` trains one (``scratch_preset``)
-    into ``out/base`` instead. Bad input raises UserError before anything is written. Ctrl-C during training
-    raises KeyboardInterrupt after the training run saved a resumable checkpoint.
+    ``base``: a model directory (default: the shipped label model ``pixel-base``); ``from_scratch`` trains one
+    (``scratch_preset``) into ``out/base`` instead. Bad input raises UserError before anything is written.
+    Ctrl-C during training raises KeyboardInterrupt after the training run saved a resumable checkpoint.
     """
     from lora4diffusion.checkpoint import save_model, write_json
     from lora4diffusion.lora.adapters import load_adapter
@@ -273,8 +275,8 @@ def _commands(out: Path, base_dir: Path, shipped: bool, from_scratch: bool, pres
     repro = out.absolute() / "repro"
     if from_scratch:
         base_dir = repro / "base"
-    base_opt = "" if shipped else f" --base {q(base_dir)}"
-    ckpt_opt = "" if shipped else f" --checkpoint {q(base_dir)}"
+    base_opt = f" --base {DEMO_BASE}" if shipped else f" --base {q(base_dir)}"
+    ckpt_opt = f" --checkpoint {DEMO_BASE}" if shipped else f" --checkpoint {q(base_dir)}"
     sampling = f"--digits 0-9 --per-digit {per_digit} --steps {kw['steps']} --guidance {kw['guidance']:g}"
     sampling += f" --seed {kw['seed']}"
     lora_dir = {s: repro / f"lora_{s}" for s in STYLES}
@@ -372,7 +374,7 @@ def render_html(m: dict) -> str:
     losses = [_fig(p, f"{k} training loss") for k, p in m["losses"].items() if p]
     no_base_loss = "" if m["losses"]["base"] else '<p class="note">The base directory has no metrics.csv.</p>'
     cmds = "\n".join(f"# {what}\n{cmd}" for what, cmd in m["commands"])
-    base_name = "the shipped base model" if st["shipped_base"] else st["base"]
+    base_name = f"the shipped label model ({DEMO_BASE})" if st["shipped_base"] else st["base"]
     n = len(st["digits"]) * st["per_digit"]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>lora4diffusion demo</title>

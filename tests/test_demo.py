@@ -164,6 +164,6 @@ def test_bad_out_is_refused_and_nothing_written(base, tmp_path, capsys):
 def test_no_shipped_base_names_the_way_out(tmp_path, capsys, monkeypatch):
     import lora4diffusion.checkpoint
 
-    monkeypatch.setattr(lora4diffusion.checkpoint, "pretrained_dir", lambda: tmp_path / "none")
+    monkeypatch.setattr(lora4diffusion.checkpoint, "pretrained_dir", lambda name="base": tmp_path / name)
     _refused(["--out", str(tmp_path / "o")], capsys, "--base DIR", "--from-scratch")
     assert not (tmp_path / "o").exists()

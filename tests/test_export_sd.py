@@ -347,3 +347,18 @@ def test_load_lora_weights_with_text_encoder_modules(model, te_adapter, fmt):
           f" {changed:.3f}")
     assert max(diffs.values()) <= TOL, diffs
     assert changed > 10 * max(diffs.values())  # the adapter's effect is far above the disagreement
+
+
+def test_the_shipped_base_exports_and_diffusers_draws_what_we_draw(tmp_path):
+    """The shipped default base (by name) as a StableDiffusionPipeline: same images from the same x_T."""
+    out = tmp_path / "shipped"
+    assert main(["-q", "export-diffusers", "--checkpoint", "base", "--out", str(out)]) == 0
+    sd = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None,
+                                                 requires_safety_checker=False).to(torch.float32)
+    ours = Pipeline.load()
+    assert ours.is_prompt_model
+    mine, _ = ours.generate(PROMPTS, steps=STEPS, guidance=2.0, seed=SEED, negative=NEGATIVE)
+    theirs = diffusers_images(sd, PROMPTS, NEGATIVE, 2.0)
+    diff = (theirs - mine).abs().max().item()
+    print(f"shipped base: StableDiffusionPipeline vs Pipeline.generate: {diff:.2e}")
+    assert diff <= TOL and mine.std() > 1e-3

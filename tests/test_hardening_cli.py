@@ -32,7 +32,7 @@ PIXEL = str(pretrained_dir("pixel-base"))
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A tiny base run (2 steps), a PEFT export of the shipped bold-pixel adapter, a folder holding a user file."""
+    """A tiny base run (2 steps), a PEFT export of the shipped bold-pixel adapter."""
     root = tmp_path_factory.mktemp("hard")
     train_base("tiny", root / "tiny", steps=2, progress=False)
     assert main(["-q", "export-peft", "--lora", "bold-pixel", "--out", str(root / "peft")]) == 0

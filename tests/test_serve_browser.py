@@ -40,7 +40,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     adapters = tmp_path_factory.mktemp("adapters")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lora4diffusion", "serve", "--port", str(port), "--adapters", str(adapters)],
+        [sys.executable, "-m", "lora4diffusion", "serve", "--checkpoint", "pixel-base", "--port", str(port),
+         "--adapters", str(adapters)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )
     line = proc.stdout.readline()  # the URL, printed before the socket opens
@@ -79,16 +80,16 @@ def test_page_generates_previews_and_follows_the_slider(server):
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(server)
-            page.wait_for_selector('input[data-adapter="bold"]')
-            assert page.locator(".adapter.shipped .name", has_text="bold").count() == 1
+            page.wait_for_selector('input[data-adapter="bold-pixel"]')  # pixel-base's shipped adapters
+            assert page.locator(".adapter.shipped .name", has_text="bold-pixel").count() == 1
 
             # completion of adapter names inside <lora:
             page.fill("#prompt", "")
-            page.type("#prompt", "3 5 7 <lora:it")
-            page.wait_for_selector("#complete li[data-name=italic]")
+            page.type("#prompt", "3 5 7 <lora:italic-p")
+            page.wait_for_selector("#complete li[data-name=italic-pixel]")
             page.keyboard.press("Tab")
-            assert "<lora:italic:1>" in page.input_value("#prompt")
-            assert page.input_value('input[data-adapter="italic"]') == "1"  # the tag moved the slider
+            assert "<lora:italic-pixel:1>" in page.input_value("#prompt")
+            assert page.input_value('input[data-adapter="italic-pixel"]') == "1"  # the tag moved the slider
 
             page.fill("#prompt", "0-9")
             page.fill("#steps", "4")
@@ -101,8 +102,8 @@ def test_page_generates_previews_and_follows_the_slider(server):
             before = _pixels(page)
 
             page.check("#auto")  # from here the slider alone regenerates
-            page.locator('input[data-adapter="bold"]').fill("1")
-            assert "<lora:bold:1>" in page.input_value("#prompt")  # the slider wrote the tag
+            page.locator('input[data-adapter="bold-pixel"]').fill("1")
+            assert "<lora:bold-pixel:1>" in page.input_value("#prompt")  # the slider wrote the tag
             page.wait_for_function(
                 f"() => {{ const o = document.getElementById('output');"
                 f" return o.dataset.state === 'done' && o.dataset.resultId !== '{first_id}'; }}",
@@ -113,23 +114,23 @@ def test_page_generates_previews_and_follows_the_slider(server):
             changed = sum(a != b for a, b in zip(before, after, strict=True)) / len(before)
             assert changed > 0.05, changed
             assert sum(after) > 1.1 * sum(before)  # bold at 1: more ink than the base, same seed
-            assert "--lora bold:1" in page.text_content("#command")
+            assert "--lora bold-pixel:1" in page.text_content("#command")
             assert page.locator("#history .card").count() == 2
             assert not errors, errors
 
             # the picture for the README: a 0-9 row x 3 with bold at 0.6, and a compare of bold's weights
-            page.fill("#prompt", "0-9 <lora:bold:0.6>")
+            page.fill("#prompt", "0-9 <lora:bold-pixel:0.6>")
             page.dispatch_event("#prompt", "input")
             page.fill("#n", "3")
             page.fill("#steps", "12")
             page.click("#generate")
             page.wait_for_function("() => document.querySelectorAll('#history .card').length === 3")
             page.fill("#n", "1")
-            page.select_option("#compare-mode", "w:bold")
+            page.select_option("#compare-mode", "w:bold-pixel")
             page.click("#compare")
             page.wait_for_function("() => document.querySelectorAll('#compare-rows .crow').length === 3")
             labels = page.locator("#compare-rows .crow span").all_text_contents()
-            assert labels == ["bold 0", "bold 0.5", "bold 1"]
+            assert labels == ["bold-pixel 0", "bold-pixel 0.5", "bold-pixel 1"]
             page.wait_for_selector("#compare:not([disabled])")
             assert not errors, errors
             shot = ROOT / "docs" / "serve.png"
