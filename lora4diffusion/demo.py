@@ -228,22 +228,28 @@ def _plot_csv(metrics_csv: Path, png: Path, title: str) -> str | None:
 
 def _score(images: dict, labels: list[int], per_digit: int, out: Path, captions: dict) -> tuple[dict, dict]:
     """Accuracy, ink and slant against plain digits (ink and slant also relative to the base's: the same
-    seeds), FID against plain / bold / italic held-out digits."""
+    seeds), FID against plain / bold / italic held-out digits, as ``evaluate`` computes them. The references'
+    features are computed once (``evaluate_samples`` on the first set), not once per set and reference."""
     from lora4diffusion.classifier import load_classifier
     from lora4diffusion.data import load_mnist
-    from lora4diffusion.evaluate import evaluate_samples
+    from lora4diffusion.evaluate import _fid, evaluate_samples
     from lora4diffusion.plots import save_grid
     from lora4diffusion.styles import slant, style_splits
 
     classifier, plain = load_classifier(), load_mnist("embedded")
     refs = {"plain": plain} | {s: style_splits(plain, s) for s in STYLES}
-    sets, label_t = {}, torch.tensor(labels)
+    label_t = torch.tensor(labels)
+    first = next(iter(images.values()))
+    reference = {r: evaluate_samples(first, label_t, classifier, ref)["reference"] for r, ref in refs.items()}
+    held = {r: classifier.embed(ref.heldout.images.float() / 255)[1] for r, ref in refs.items()}
+    sets = {}
     for key, imgs in images.items():
-        scores = {r: evaluate_samples(imgs, label_t, classifier, ref) for r, ref in refs.items()}
-        p = scores["plain"]
-        sets[key] = {"caption": captions[key], "accuracy": p["accuracy"], "mean_ink": p["mean_ink"],
-                     "slant": slant(imgs), "fid_classifier": p["fid_classifier"],
-                     "fid_to": {r: s["fid_classifier"] for r, s in scores.items()},
+        logits, feats = classifier.embed(imgs)  # batched, gradient-free, eval mode
+        fid_to = {r: _fid(feats, h) for r, h in held.items()}
+        correct = logits.argmax(1) == label_t
+        sets[key] = {"caption": captions[key], "accuracy": float(correct.double().mean()),
+                     "mean_ink": float(imgs.double().mean()), "slant": slant(imgs),
+                     "fid_classifier": fid_to["plain"], "fid_to": fid_to,
                      "image": f"images/{key}.png", "samples": f"samples/{key}.npz"}  # fmt: skip
         save_grid(imgs, per_digit, out / sets[key]["image"])
         np.savez(out / sets[key]["samples"], images=imgs.numpy(), labels=np.array(labels, dtype=np.int64))
@@ -252,10 +258,9 @@ def _score(images: dict, labels: list[int], per_digit: int, out: Path, captions:
         v["slant_diff"] = v["slant"] - sets["base"]["slant"]
     for r, ref in refs.items():  # what each style looks like on real digits (the FID references)
         idx = torch.cat([(ref.heldout.labels == d).nonzero()[:per_digit, 0] for d in range(10)])
-        real = ref.heldout.images[idx].float() / 255
-        save_grid(real, per_digit, out / "images" / f"real_{r}.png")
-        scores[r]["reference"]["heldout_slant"] = slant(ref.heldout.images.float() / 255)
-    return sets, {r: s["reference"] for r, s in scores.items()}
+        save_grid(ref.heldout.images[idx].float() / 255, per_digit, out / "images" / f"real_{r}.png")
+        reference[r]["heldout_slant"] = slant(ref.heldout.images.float() / 255)
+    return sets, reference
 
 
 def _merge(base_dir: Path, adapter: Path, out: Path) -> None:
@@ -468,8 +473,8 @@ def _commands(out: Path, base_dir: Path, shipped: bool, variants: list[Variant],
     prompt = st["conditioning"] == "text"
     cmds = []
     if st["from_scratch"]:
-        cmds.append(["base model", f"lora4diffusion train --conditioning text --preset {st['scratch_preset']}"
-                     f" --vae {q(vae_dir)} --out {q(base_dir)}"])  # fmt: skip
+        train = f"lora4diffusion train --conditioning text --preset {st['scratch_preset']}"
+        cmds.append(["train the base model", f"{train} --vae {q(vae_dir)} --out {q(base_dir)}"])
     for s in STYLES:
         extra = ""
         if prompt:
