@@ -509,6 +509,7 @@ body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:
 h2{margin-top:1.8em;border-bottom:1px solid #ddd}
 .row{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
 figure{margin:0;max-width:calc(33.3% - .7em)} figure.wide{max-width:100%}
+.row4 figure{max-width:calc(25% - .75em)}
 figure img{max-width:100%;height:auto;border:1px solid #ccc}
 figcaption{font-size:.9em;color:#555;text-align:center}
 table{border-collapse:collapse;font-size:.92em;margin:.6em 0}
@@ -527,7 +528,8 @@ def _fig(src: str, caption: str, wide: bool = False, prompt: str | None = None) 
 
 
 def _row(*figs: str) -> str:
-    return f'<div class="row">{"".join(figs)}</div>'
+    cls = "row row4" if len(figs) == 4 else "row"
+    return f'<div class="{cls}">{"".join(figs)}</div>'
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -570,8 +572,9 @@ prompt for the digit 7 is under it; the LoRA tags name the adapter and its weigh
 <h2>Trigger specificity</h2>
 <p>The same adapter at weight 1, with and without its trigger in the prompt. Without it the model should draw
 what the base draws (a LoRA that acts without its trigger is the failure of kohya-ss/sd-scripts #1045;
-DreamBooth's prior preservation is the remedy). The rare word alone does nothing to the base.</p>
-{_row(fig["base"], fig["bold_1"], fig["bold_no_trigger"])}{_row(fig["base_trigger"])}
+DreamBooth's prior preservation is the remedy). The second grid is the base given the trigger word without
+the adapter: what the rare word alone does.</p>
+{_row(fig["base"], fig["base_trigger"], fig["bold_1"], fig["bold_no_trigger"])}
 {_table(["measure (same seeds as the base)", "value", "target (issue 11)", ""], spec)}
 <h2>Weight sweep</h2>{_row(fig["bold_0"], fig["bold_0.5"], fig["bold_1"])}
 <p>Weight 0 reproduces the base on the same prompt bit for bit: {_verdict(ck["scale0_equals_base"])}
