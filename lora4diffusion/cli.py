@@ -179,10 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_arg(ip)
     ip.set_defaults(func=cmd_import_peft)
 
-    dm = sub.add_parser("demo", help="base vs LoRA, scale sweep, mixing, merging: an offline HTML report")
+    dm = sub.add_parser("demo", help="base vs triggered LoRA, trigger specificity, weights, two adapters in"
+                        " one prompt, merging: an offline HTML report")
     dm.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
-    dm.add_argument("--base", help="base model directory (default: the shipped base)")
-    dm.add_argument("--from-scratch", action="store_true", help="train a fast base first, into OUT/base")
+    dm.add_argument("--checkpoint", "--base", dest="base", metavar="DIR",
+                    help="base model directory, prompt or label model (default: the shipped base)")
+    dm.add_argument("--from-scratch", action="store_true",
+                    help="train a prompt base first (preset fast, shipped VAE or --vae) into OUT/base")
+    dm.add_argument("--vae", metavar="DIR", help="with --from-scratch: the VAE (default: the shipped one)")
+    dm.add_argument("--bold-trigger", metavar="WORD", help="prompt bases: the bold adapter's trigger (sks)")
+    dm.add_argument("--italic-trigger", metavar="WORD",
+                    help="prompt bases: the italic adapter's trigger (ohwx)")
+    dm.add_argument("--prior", action=argparse.BooleanOptionalAction, default=None,
+                    help="prompt bases: train-lora --prior, prior preservation (default on)")
+    dm.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                    help="prompt bases: train-lora --text-encoder, LoRA on the text encoder too (default on)")
     dm.add_argument("--overwrite", action="store_true", help="replace the demo already in --out")
     dm.add_argument("--lora-steps", type=positive_int, help="LoRA steps (default 500)")
     dm.add_argument("--per-digit", type=per_digit_int, help="samples per digit (default 8)")
@@ -629,7 +640,7 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lora4diffusion.demo import format_summary, run_demo
+    from lora4diffusion.demo import PromptOptions, format_summary, run_demo
 
     sizes = {k: v for k, v in (("per_digit", args.per_digit), ("steps", args.steps)) if v is not None}
     try:
@@ -641,6 +652,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             lora_steps=args.lora_steps,
             scratch_preset=args.scratch_preset,
             progress=not args.quiet,
+            vae=args.vae,
+            prompt_options=PromptOptions(
+                args.bold_trigger, args.italic_trigger, args.prior, args.text_encoder
+            ),
             **sizes,
         )
     except KeyboardInterrupt:  # training runs saved resumable checkpoints; no report was written
