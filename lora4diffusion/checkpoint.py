@@ -310,9 +310,18 @@ def pretrained_dir(name: str = DEFAULT_BASE) -> Path:
 
 
 def shipped_models() -> dict[str, Path]:
-    """The models shipped inside the package (folders of pretrained/ with config.json + model.safetensors)."""
+    """The diffusion models shipped inside the package, by name: folders of pretrained/ whose config.json is
+    ours (not the VAE's, which also holds a model.safetensors)."""
     found = PRETRAINED.glob(f"*/{WEIGHTS_NAME}") if PRETRAINED.is_dir() else []
-    return {f.parent.name: f.parent for f in sorted(found) if (f.parent / CONFIG_NAME).is_file()}
+    models = {}
+    for f in sorted(found):
+        try:
+            ours = read_json(f.parent / CONFIG_NAME).get("format") == FORMAT
+        except UserError:
+            ours = False
+        if ours:
+            models[f.parent.name] = f.parent
+    return models
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora4diffusion.checkpoint import pretrained_dir, read_json, resolve_checkpoint
+from lora4diffusion.checkpoint import pretrained_dir, read_json, resolve_checkpoint, shipped_models
 from lora4diffusion.cli import main
 from lora4diffusion.evaluate import evaluate_samples
 from lora4diffusion.lora.adapters import base_fingerprint, read_adapter, resolve_adapter, shipped_adapters
@@ -50,6 +50,7 @@ def _slant(images: torch.Tensor) -> float:
 # ------------------------------------------------------------------------- names of the shipped files
 def test_shipped_names_resolve():
     assert resolve_checkpoint(None) == pretrained_dir() == pretrained_dir("base")
+    assert set(shipped_models()) == {"base", "pixel-base"}  # not the VAE folder
     for name in ("base", "pixel-base"):
         assert resolve_checkpoint(name) == pretrained_dir(name)
         assert (pretrained_dir(name) / "config.json").is_file()
