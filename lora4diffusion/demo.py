@@ -70,28 +70,29 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _prepare(out: Path, base, from_scratch: bool, overwrite: bool, steps: int, preset: str):
     """Validate everything, then clear what --overwrite replaces. -> (base_dir, shipped, pipeline or None)."""
+    from lora4diffusion.catalog import resolve
     from lora4diffusion.checkpoint import pretrained_dir
     from lora4diffusion.diffusion import DiffusionConfig
     from lora4diffusion.pipeline import Pipeline
     from lora4diffusion.train import PRESET_NAMES
 
     if from_scratch and base is not None:
-        raise UserError("pass either --base DIR or --from-scratch, not both")
+        raise UserError("pass either --checkpoint DIR or --from-scratch, not both")
     if preset not in PRESET_NAMES:
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
     _check_out(out, overwrite)
     doomed = [out / n for n in OWNED] + ([out / "base"] if from_scratch else [])
     shipped = base is None and not from_scratch
-    base_dir = out / "base" if from_scratch else Path(base) if base is not None else pretrained_dir()
+    base_dir = out / "base" if from_scratch else resolve(base, "model") if base is not None else pretrained_dir()
     if shipped and not (base_dir / "config.json").is_file():
         raise UserError(
-            "this install has no shipped base model yet: pass --base DIR (a `lora4diffusion train` run) "
+            "this install has no shipped base model yet: pass --checkpoint DIR (a `lora4diffusion train` run) "
             "or --from-scratch (trains one first, ~15 min)"
         )
     pipe = None
     if not from_scratch:
         if any(base_dir.resolve().is_relative_to(d.resolve()) for d in doomed if d.exists()):
-            raise UserError(f"--base {base_dir} lies inside what --overwrite would delete; move it first")
+            raise UserError(f"--checkpoint {base_dir} lies inside what --overwrite would delete; move it first")
         pipe = Pipeline.load(base_dir)  # a bad base fails here, before anything is written
     timesteps = pipe.diffusion.timesteps if pipe else DiffusionConfig().timesteps
     if steps > timesteps:

@@ -41,13 +41,18 @@ class Pipeline:
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None) -> Pipeline:
-        """Load a model directory; None means the base model shipped with the package."""
+        """Load a model directory or a shipped model's name (``base``; `lora4diffusion list`); None means the
+        base model shipped with the package."""
         if checkpoint is None:
             checkpoint = pretrained_dir()
             if not (checkpoint / "config.json").is_file():
                 raise UserError(
                     "no shipped base model in this install; pass --checkpoint DIR (train one first)"
                 )
+        else:
+            from lora4diffusion.catalog import resolve
+
+            checkpoint = resolve(checkpoint, "model")
         from lora4diffusion.autoencoder import load_attached_vae
 
         unet, diffusion, config = load_model(Path(checkpoint))

@@ -29,7 +29,6 @@ from lora4diffusion.checkpoint import (
     FLOAT_DTYPES,
     load_tensors,
     path_kind,
-    pretrained_dir,
     read_json,
     read_metadata,
     save_tensors,
@@ -144,15 +143,17 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
 
 def shipped_adapters() -> dict[str, Path]:
     """The example adapters shipped inside the package (trained on the shipped base), by name."""
-    root = pretrained_dir().parent / "adapters"
-    found = root.glob(f"*/{ADAPTER_FILE}") if root.is_dir() else []
-    return {f.parent.name: f.parent for f in sorted(found)}
+    from lora4diffusion.catalog import shipped
+
+    return shipped("adapter")
 
 
 def resolve_adapter(path: str | Path) -> Path:
-    """A path; or, where no such path exists, the name of a shipped adapter (``bold``, ``italic``)."""
-    p = Path(path)
-    return shipped_adapters().get(str(path), p) if path_kind(p) == "missing" else p
+    """A path; or, where no such path exists, the name of a shipped adapter (``bold``, ``italic``); else a
+    UserError suggesting the nearest names (catalog.resolve)."""
+    from lora4diffusion.catalog import resolve
+
+    return resolve(path, "adapter")
 
 
 def _adapter_file(path: str | Path) -> Path:

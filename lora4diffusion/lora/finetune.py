@@ -55,9 +55,11 @@ def default_lora_train_config() -> TrainConfig:
 
 
 def load_base(base: str | Path | None) -> tuple[nn.Module, object, dict, Path]:
-    path = Path(base) if base is not None else pretrained_dir()
+    from lora4diffusion.catalog import resolve
+
+    path = resolve(base, "model") if base is not None else pretrained_dir()
     if base is None and not (path / "config.json").is_file():
-        raise UserError("no shipped base model in this install; pass --base DIR")
+        raise UserError("no shipped base model in this install; pass --checkpoint DIR")
     model, diffusion, config = load_model(path)
     return model, diffusion, config, path
 
