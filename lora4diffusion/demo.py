@@ -83,16 +83,16 @@ def _prepare(out: Path, base, from_scratch: bool, overwrite: bool, steps: int, p
     _check_out(out, overwrite)
     doomed = [out / n for n in OWNED] + ([out / "base"] if from_scratch else [])
     shipped = base is None and not from_scratch
-    base_dir = out / "base" if from_scratch else resolve(base, "model") if base is not None else pretrained_dir()
+    base_dir = out / "base" if from_scratch else pretrained_dir() if base is None else resolve(base, "model")
     if shipped and not (base_dir / "config.json").is_file():
         raise UserError(
-            "this install has no shipped base model yet: pass --checkpoint DIR (a `lora4diffusion train` run) "
-            "or --from-scratch (trains one first, ~15 min)"
+            "this install has no shipped base model yet: pass --checkpoint DIR (a `lora4diffusion train` run)"
+            " or --from-scratch (trains one first, ~15 min)"
         )
     pipe = None
     if not from_scratch:
         if any(base_dir.resolve().is_relative_to(d.resolve()) for d in doomed if d.exists()):
-            raise UserError(f"--checkpoint {base_dir} lies inside what --overwrite would delete; move it first")
+            raise UserError(f"--checkpoint {base_dir} lies inside what --overwrite would delete; move it")
         pipe = Pipeline.load(base_dir)  # a bad base fails here, before anything is written
     timesteps = pipe.diffusion.timesteps if pipe else DiffusionConfig().timesteps
     if steps > timesteps:
@@ -274,7 +274,7 @@ def _commands(out: Path, base_dir: Path, shipped: bool, from_scratch: bool, pres
     repro = out.absolute() / "repro"
     if from_scratch:
         base_dir = repro / "base"
-    base_opt = "" if shipped else f" --base {q(base_dir)}"
+    base_opt = "" if shipped else f" --checkpoint {q(base_dir)}"
     ckpt_opt = "" if shipped else f" --checkpoint {q(base_dir)}"
     sampling = f"--digits 0-9 --per-digit {per_digit} --steps {kw['steps']} --guidance {kw['guidance']:g}"
     sampling += f" --seed {kw['seed']}"
