@@ -150,12 +150,14 @@ def _score(images: dict, labels: list[int], per_digit: int, out: Path) -> tuple[
 def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool = False,
              overwrite: bool = False, lora_steps: int | None = None, per_digit: int = DEFAULT_PER_DIGIT,
              steps: int = DEFAULT_STEPS, scratch_preset: str = "fast", seed: int = 0,
-             progress: bool = True) -> dict:  # fmt: skip
+             progress: bool = True, device: str = "auto", bf16: bool | None = None) -> dict:  # fmt: skip
     """Run the demo into folder ``out``; returns what ``metrics.json`` holds plus ``"report"`` (its path).
 
     ``base``: a model directory (default: the shipped base); ``from_scratch`` trains one (``scratch_preset``)
-    into ``out/base`` instead. Bad input raises UserError before anything is written. Ctrl-C during training
-    raises KeyboardInterrupt after the training run saved a resumable checkpoint.
+    into ``out/base`` instead. ``device``: where training and sampling run; ``bf16``: the trainings' autocast
+    (None: on where supported); sampling stays fp32 so that the scale-0 and merge checks are exact. Bad
+    input raises UserError before anything is written. Ctrl-C during training raises KeyboardInterrupt after
+    the training run saved a resumable checkpoint.
     """
     from lora4diffusion.checkpoint import save_model, write_json
     from lora4diffusion.lora.adapters import load_adapter
@@ -183,8 +185,9 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
     t0 = time.perf_counter()  # 1. the base model
     if from_scratch:
         log.info("demo: training a %s base model into %s", scratch_preset, base_dir)
-        finished(train_base(scratch_preset, base_dir, progress=progress))
+        finished(train_base(scratch_preset, base_dir, progress=progress, device=device, bf16=bf16))
         pipe = Pipeline.load(base_dir)
+    pipe.to(device)
     lap("base_train" if from_scratch else "base_load", t0)
 
     adapters = {}  # 2. two style adapters on the frozen base
@@ -192,7 +195,8 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
         t0 = time.perf_counter()
         log.info("demo: training the %s LoRA", style)
         run_dir = out / f"lora_{style}"
-        r = finished(train_lora(style, run_dir, base=base_dir, steps=lora_steps, progress=progress))
+        r = finished(train_lora(style, run_dir, base=base_dir, steps=lora_steps, progress=progress,
+                                  device=device, bf16=bf16))
         lap(f"lora_{style}", t0)
         adapters[style] = {"trainable_params": r["trainable_params"], "share": r["share"], "steps": r["step"],
                            "final_loss": r["loss"], "train_seconds": round(r["train_seconds"], 2),
@@ -221,12 +225,13 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
 
     t0 = time.perf_counter()  # merge bold into the weights and write a plain checkpoint, as `merge` does
     log.info("demo: merging the bold LoRA and sampling the merged model")
-    merged = Pipeline.load(base_dir)
+    merged = Pipeline.load(base_dir)  # merged on the CPU, in fp32: a plain checkpoint
     merged.add_lora(out / "lora_bold", 1.0)
     source = [{"adapter": str(out / "lora_bold"), "scale": 1.0, "name": "lora_bold"}]
     merged_unet = unload_lora(merged.unet)
     save_model(out / MERGED[0], merged_unet, merged.diffusion, {"merged_from": source}, vae=merged.vae)
-    images[MERGED[0]] = Pipeline.load(out / MERGED[0]).generate(labels, progress=progress, **kw)[0]
+    merged_pipe = Pipeline.load(out / MERGED[0]).to(device)
+    images[MERGED[0]] = merged_pipe.generate(labels, progress=progress, **kw)[0]
     lap("merge_and_sample", t0)
     checks = {"scale0_max_abs_diff": float((images["bold_0"] - images["base"]).abs().max()),
               "scale0_equals_base": bool(torch.equal(images["bold_0"], images["base"])),

@@ -74,6 +74,28 @@ class Pipeline:
 
         return load_adapter(self.unet, path, weight=weight, force=force, reader=read_any)
 
+    def set_lora_weight(self, name: str, weight: float) -> None:
+        """Change a loaded adapter's weight (the name add_lora returned); 0 gives the base's images."""
+        from lora4diffusion.lora.layers import set_adapter_weight
+
+        set_adapter_weight(self.unet, name, weight)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload adapter ``name``; once every adapter is removed the UNet is the plain base model again."""
+        from lora4diffusion.lora.layers import delete_adapter
+
+        delete_adapter(self.unet, name)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The loaded adapters and their weights, by name."""
+        from lora4diffusion.lora.layers import adapter_names, lora_layers
+
+        weights: dict[str, float] = {}
+        for layer in lora_layers(self.unet).values():
+            weights.update(layer.weight)
+        return {n: weights[n] for n in adapter_names(self.unet)}
+
     def to(self, device: str | torch.device) -> Pipeline:
         """Move the UNet (adapters included) to ``device``: auto | cpu | cuda or a torch.device."""
         from lora4diffusion.distributed import resolve_device
@@ -120,7 +142,7 @@ class Pipeline:
         callback: Callable[[int, int, int, torch.Tensor], None] | None = None,
         negative: str | list[str] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Sample one image per label; returns (images [N, H, W] in [0, 1], trajectory of the first batch).
+        """Sample one image per label; returns (images [N, H, W] in [0, 1], trajectory of every image).
 
         The same seed gives the same images bit for bit (on one device). Batches are seeded (seed, batch
         index), so the result does not depend on how many other digits are asked for in later batches. Noise
@@ -130,7 +152,8 @@ class Pipeline:
         Non-finite results (an overflowing model, adapter or guidance) raise UserError instead of returning.
         ``callback(first_index, step, steps, x0_hat)``: after every step of every batch, the predicted clean
         images of the batch starting at ``first_index`` ([b, C, H, W] in [-1, 1]; latents for latent models);
-        for live previews.
+        for live previews. The trajectory (``trajectory_every`` > 0) is a list of frames [N, 1, H, W] in
+        [-1, 1], one row per label: ``[x[::k] for x in trajectory]`` shows every k-th sample's denoising.
 
         Prompt models: ``labels`` are prompts (strings), or digits, which become prompts of the "digit"
         family (prompt_model.digit_prompts). ``negative`` (one string, or one per prompt) replaces the empty
@@ -163,7 +186,7 @@ class Pipeline:
                     shape,
                     guidance,
                     g,
-                    trajectory_every if b == 0 else 0,
+                    trajectory_every,
                     progress,
                     clip=self.vae is None,
                     uncond=uncond,
@@ -175,7 +198,8 @@ class Pipeline:
                     " adapter overflows; lower --guidance or the --lora scales (nothing was written)"
                 )
             out.append(x.float().cpu())
-            traj = traj or t
+            traj.append(t)
+        traj = [torch.cat(frames) for frames in zip(*traj, strict=True)] if trajectory_every else []
         if self.vae is not None:  # latent diffusion: the decoder turns the sampled latents into digits
             from lora4diffusion.autoencoder import decode_latents
 
