@@ -94,8 +94,9 @@ def a1111_parameters(params: dict, size: int) -> str:
     lines = [f"{prompt} {tags}".strip()]
     if params.get("negative") is not None:
         lines.append(f"Negative prompt: {params['negative']}")
+    model = params["checkpoint"] or "base"
     lines.append(f"Steps: {params['steps']}, Sampler: {params['sampler'].upper()}, "
-                 f"CFG scale: {params['guidance']:g}, Seed: {params['seed']}, Size: {size}x{size}, Model: {params['checkpoint'] or 'base'}, "
-                 f"Eta: {params['eta']:g}, bf16: {params['bf16']}, "
+                 f"CFG scale: {params['guidance']:g}, Seed: {params['seed']}, Size: {size}x{size}, "
+                 f"Model: {model}, Eta: {params['eta']:g}, bf16: {params['bf16']}, "
                  f"Version: lora4diffusion {params['version']}")
     return "\n".join(lines)
