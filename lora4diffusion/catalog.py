@@ -83,8 +83,11 @@ def resolve(value: str | Path | None, kind: str, default: str | None = None) -> 
     if str(value) in names:
         return names[str(value)]
     what = {"model": "model", "vae": "VAE", "adapter": "adapter"}[kind]
+    missing = "file not found" if kind == "adapter" else "does not exist"
+    if "/" in str(value) or os.sep in str(value):  # clearly a path: no name to suggest
+        raise UserError(f"{_FLAG[kind]} {value}: {missing}")
     raise UserError(
-        f"{_FLAG[kind]} {value}: file not found (no such file or folder, and no shipped {what} of that name)"
+        f"{_FLAG[kind]} {value}: {missing} (no such file or folder, and no shipped {what} of that name)"
         + suggest(str(value), list(names))
     )
 

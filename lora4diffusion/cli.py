@@ -612,7 +612,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "prompts": list(args.prompt) if args.prompt else None, "num": per_row if args.prompt else None,
         "negative": args.negative, "bf16": bf16, "device": device.type, "version": __version__,
     }
-    print(summary_line(params))
     traj_every = max(1, steps // 10) if args.trajectory else 0
     images, trajectory = pipe.generate(
         prompts if prompts is not None else labels,
@@ -651,6 +650,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.trajectory:  # one row per asked digit (prompt): the first sample of each row of the grid
         rows = len(labels) // per_row
         save_trajectory([x[::per_row] for x in trajectory], out / "trajectory.png", max_rows=rows)
+    print(summary_line(params))  # after the files: a closed stdout (`| head`) loses no work
     print(f"wrote {len(labels)} samples to {out / 'samples.png'} and {out / 'samples.npz'}")
     return 0
 

@@ -32,7 +32,7 @@ def demo(base, tmp_path_factory):
     (out / "lora_bold").mkdir(parents=True)
     (out / "lora_bold" / "train_state.safetensors").write_bytes(b"stale")
     (out / "notes.txt").write_text("mine")
-    assert main(["-q", "demo", "--out", str(out), "--base", str(base), "--overwrite", *SMALL]) == 0
+    assert main(["-q", "demo", "--out", str(out), "--checkpoint", str(base), "--overwrite", *SMALL]) == 0
     return out
 
 
@@ -146,18 +146,18 @@ def _refused(argv, capsys, *words):
 def test_bad_out_is_refused_and_nothing_written(base, tmp_path, capsys):
     f = tmp_path / "file.txt"
     f.write_text("keep")
-    _refused(["--out", str(f), "--base", str(base)], capsys, "is a file")
-    _refused(["--out", str(f / "sub"), "--base", str(base)], capsys, "cannot write")
+    _refused(["--out", str(f), "--checkpoint", str(base)], capsys, "is a file")
+    _refused(["--out", str(f / "sub"), "--checkpoint", str(base)], capsys, "cannot write")
     assert f.read_text() == "keep"
     full = tmp_path / "full"
     (full / "lora_bold").mkdir(parents=True)
     (full / "lora_bold" / "x").write_text("x")
     before = _snapshot(full)
-    _refused(["--out", str(full), "--base", str(base)], capsys, "not empty", "--overwrite")
+    _refused(["--out", str(full), "--checkpoint", str(base)], capsys, "not empty", "--overwrite")
     assert _snapshot(full) == before
     fresh = tmp_path / "fresh"
-    _refused(["--out", str(fresh), "--base", str(base), "--from-scratch"], capsys, "not both")
-    _refused(["--out", str(fresh), "--base", str(tmp_path / "nope")], capsys, "does not exist")
+    _refused(["--out", str(fresh), "--checkpoint", str(base), "--from-scratch"], capsys, "not both")
+    _refused(["--out", str(fresh), "--checkpoint", str(tmp_path / "nope")], capsys, "does not exist")
     assert not fresh.exists()
 
 
@@ -165,5 +165,5 @@ def test_no_shipped_base_names_the_way_out(tmp_path, capsys, monkeypatch):
     import lora4diffusion.checkpoint
 
     monkeypatch.setattr(lora4diffusion.checkpoint, "pretrained_dir", lambda: tmp_path / "none")
-    _refused(["--out", str(tmp_path / "o")], capsys, "--base DIR", "--from-scratch")
+    _refused(["--out", str(tmp_path / "o")], capsys, "--checkpoint DIR", "--from-scratch")
     assert not (tmp_path / "o").exists()

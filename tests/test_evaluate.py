@@ -326,5 +326,5 @@ def test_run_scores_a_checkpoint_with_adapters(tmp_path, small_model, capsys, no
     plain, off, on = scores(), scores("--lora", f"{tmp_path / 'a'}:0"), scores("--lora", str(tmp_path / "a"))
     assert off["mean_ink"] == plain["mean_ink"] and off["fid_classifier"] == plain["fid_classifier"]
     assert on["mean_ink"] != plain["mean_ink"]
-    assert on["source"]["loras"] == [f"{tmp_path / 'a'}:1"] and on["source"]["bf16"] is False
-    assert scores("--bf16")["source"]["bf16"] is True
+    assert on["source"]["loras"] == [f"{tmp_path / 'a'}:1"]
+    assert scores("--bf16")["source"]["bf16"] is True and scores("--no-bf16")["source"]["bf16"] is False

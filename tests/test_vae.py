@@ -351,8 +351,8 @@ def test_latent_base_trains_samples_and_stays_self_contained(tiny_vae, tmp_path,
     assert images.shape == (2, 28, 28) and 0 <= images.min() and images.max() <= 1
     assert traj[-1].shape == (2, 1, 28, 28)
 
-    lora = ["--style", "bold", "--steps", "2", "--batch-size", "4", "--device", "cpu"]
-    assert main(["-q", "train-lora", "--base", str(run), *lora, "--out", str(tmp_path / "bold")]) == 0
+    lora = ["--style", "bold", "--max-train-steps", "2", "--batch-size", "4", "--device", "cpu"]
+    assert main(["-q", "train-lora", "--checkpoint", str(run), *lora, "--out", str(tmp_path / "bold")]) == 0
     assert main(["-q", "merge", "--checkpoint", str(run), "--lora", str(tmp_path / "bold"),
                  "--out", str(tmp_path / "merged")]) == 0
     assert Pipeline.load(tmp_path / "merged").vae is not None

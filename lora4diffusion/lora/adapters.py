@@ -435,7 +435,9 @@ def extract_lora(base_model: nn.Module, tuned_model: nn.Module, rank: int, targe
     """The best rank-``rank`` LoRA of the weight deltas tuned - base in the ``targets`` modules.
 
     Returns the adapter (alpha = rank, so scale 1 and B A = the approximated delta) and the relative
-    errors (see ``_errors``). Changes outside the targets cannot be represented and are logged.
+    errors (see ``_errors``). Changed tensors outside the targets cannot be represented: their whole delta
+    counts in "overall" (it is error the adapter leaves), "uncaptured" says how many there are, and a warning
+    names one.
     """
     if not isinstance(rank, int) or rank <= 0:
         raise UserError(f"LoRA rank must be a positive integer, got {rank}")
@@ -460,8 +462,14 @@ def extract_lora(base_model: nn.Module, tuned_model: nn.Module, rank: int, targe
     if ignored:
         log.warning("extract: %d changed tensors outside the targets are not captured (e.g. %s)",
                     len(ignored), ignored[0])
+    missed = [float((tuned[k].double() - base[k].double()).pow(2).sum()) for k in ignored]
     adapter = Adapter(tensors, rank, float(rank), init="extracted", fingerprint=base_fingerprint(base_model))
-    return adapter, _errors(parts)
+    errors = _errors(parts)
+    tail = sum(t for t, _ in parts.values()) + sum(missed)
+    total = sum(e for _, e in parts.values()) + sum(missed)
+    errors["overall"] = math.sqrt(tail / total) if total > 0 else 0.0
+    errors["uncaptured"] = float(len(ignored))
+    return adapter, errors
 
 
 def resize_adapter(source: Adapter | str | Path, new_rank: int) -> tuple[Adapter, dict[str, float]]:
