@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     """``lora4diffusion evaluate``: print the report (table or JSON); bad input raises UserError."""
     if args.samples is not None:
         sampling = ("digits", "per_digit", "steps", "guidance", "seed", "bf16", "lora", "family")
-        given = [o for o in sampling if getattr(args, o) not in (None, False, [])]
+        given = [o for o in sampling if getattr(args, o, None) not in (None, False, [])]
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} only applies with --checkpoint, not --samples")
         images, labels = load_samples(args.samples)

@@ -147,8 +147,9 @@ def test_sigkill_train_and_train_lora_then_resume(idx_dir, tmp_path):
     assert [int(r.split(",")[0]) for r in metrics[1:]] == list(range(1, total + 1))  # no half or doubled rows
 
     lora_run, lora_total = tmp_path / "lora", 2 * LORA_KILLS + 6
-    argv = ["-q", "train-lora", "--checkpoint", str(run), "--style", "bold", "--data", str(idx_dir), "--rank", "2",
-            "--batch-size", "8", "--max-train-steps", str(lora_total), "--device", "cpu", "--out", str(lora_run)]
+    argv = ["-q", "train-lora", "--checkpoint", str(run), "--style", "bold", "--data", str(idx_dir),
+            "--rank", "2", "--batch-size", "8", "--max-train-steps", str(lora_total), "--device", "cpu",
+            "--out", str(lora_run)]
     survived, mid_write = _kill_and_resume(argv, lora_run, "lora", LORA_KILLS, lora_total, rng)
     print(f"train-lora: {survived} kills survived, {mid_write} inside a checkpoint write")
     assert survived == LORA_KILLS
@@ -178,5 +179,6 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(idx_dir, tmp_path,
     assert after == {k: v for k, v in before.items() if k != "metrics.csv"}  # no temp file, nothing changed
     monkeypatch.undo()
     assert int(load_model(run)[2]["step"]) == 2
-    assert cli.main(argv[:-4] + ["--max-train-steps", "4", "--out", str(run), "--resume"]) == 0  # room again: goes on
+    assert cli.main(argv[:-4] + ["--max-train-steps", "4", "--out", str(run),
+                         "--resume"]) == 0  # room again: goes on
     assert int(load_model(run)[2]["step"]) == 4

@@ -193,7 +193,8 @@ def test_device_option(tmp_path, monkeypatch, capsys):
         assert "CUDA is not available" in capsys.readouterr().err
     assert not run.exists()
     assert (
-        main(["-q", "train", "--preset", "tiny", "--max-train-steps", "2", "--out", str(run), "--device", "cpu"]) == 0
+        main(["-q", "train", "--preset", "tiny", "--max-train-steps", "2", "--out", str(run), "--device",
+              "cpu"]) == 0
     )
     assert (
         main(

@@ -42,11 +42,9 @@ def real_result(splits, clf) -> dict:
 
 
 def _cli(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="lora4diffusion")
-    sub = parser.add_subparsers(dest="command", required=True)
-    evaluate.add_parser(sub)
-    evaluate.add_classifier_parser(sub)
-    return parser.parse_args(list(argv))
+    from lora4diffusion.cli import build_parser  # --device and --bf16/--no-bf16 come from the CLI's parser
+
+    return build_parser().parse_args(list(argv))
 
 
 # ---------------------------------------------------------------------------------------------- Fréchet

@@ -73,7 +73,8 @@ def _commands(work, out):
     o = str(out)
     return {
         "train": ["train", "--preset", "tiny", "--max-train-steps", "1", "--out", o, "--overwrite"],
-        "train-lora": ["train-lora", "--checkpoint", str(work / "tiny"), "--style", "bold", "--max-train-steps", "1",
+        "train-lora": ["train-lora", "--checkpoint", str(work / "tiny"), "--style", "bold",
+                       "--max-train-steps", "1",
                        "--out", o, "--overwrite"],
         "sample": ["sample", "--digits", "1", "--per-digit", "1", "--steps", "2", "--out", o, "--overwrite"],
         "evaluate": ["evaluate", "--checkpoint", str(pretrained_dir()), "--digits", "1", "--per-digit", "2",
@@ -207,7 +208,8 @@ def test_never_write_over_an_input(work, tmp_path, capsys):
 def test_train_refuses_a_folder_holding_another_model(tmp_path, capsys):
     other = tmp_path / "model"
     shutil.copytree(pretrained_dir(), other)  # config.json + model.safetensors, no train_state
-    _refused(capsys, ["train", "--preset", "tiny", "--max-train-steps", "1", "--out", str(other)], "--overwrite", other)
+    _refused(capsys, ["train", "--preset", "tiny", "--max-train-steps", "1", "--out", str(other)],
+                      "--overwrite", other)
     _refused(capsys, ["train", "--preset", "tiny", "--out", str(other), "--resume"], "no training state",
              other)  # fmt: skip
     with pytest.raises(UserError, match="holds a model"):  # the Python API refuses too
@@ -246,7 +248,8 @@ def test_a_live_lock_refuses_a_second_training_and_a_stale_one_is_taken_over(wor
 
 def test_two_trainings_into_one_folder_one_is_refused(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lora4diffusion", "-q", "train", "--preset", "tiny", "--max-train-steps", "100000",
+    cmd = [sys.executable, "-m", "lora4diffusion", "-q", "train", "--preset", "tiny",
+           "--max-train-steps", "100000",
            "--out", str(run)]  # fmt: skip
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -269,9 +272,11 @@ def test_resume_refuses_changed_settings_unless_allowed(tmp_path, capsys):
     tiny = ["-q", "train", "--preset", "tiny", "--out", str(run)]
     assert main([*tiny, "--max-train-steps", "2", "--batch-size", "8", "--seed", "4"]) == 0
     before = _snapshot(run)
-    err = _refused(capsys, [*tiny, "--resume", "--max-train-steps", "3", "--batch-size", "16"], "batch-size 8 -> 16")
+    err = _refused(capsys, [*tiny, "--resume", "--max-train-steps", "3", "--batch-size", "16"],
+                            "batch-size 8 -> 16")
     assert "--allow-changes" in err and _snapshot(run) == before
-    _refused(capsys, [*tiny, "--resume", "--max-train-steps", "3", "--lr", "0.1", "--seed", "5"], "seed 4 -> 5", run)
+    _refused(capsys, [*tiny, "--resume", "--max-train-steps", "3", "--lr", "0.1", "--seed", "5"],
+                      "seed 4 -> 5", run)
     _refused(capsys, [*tiny, "--resume", "--overwrite"], "one of them", run)
     # unspecified settings are the run's own (batch 8, seed 4), so a plain --resume is no change
     assert main([*tiny, "--resume", "--max-train-steps", "3"]) == 0
@@ -308,8 +313,10 @@ def test_lora_resume_refuses_other_style_and_other_base(work, tmp_path, capsys):
     t = ["-q", "train-lora", "--batch-size", "4", "--rank", "2", "--out", str(run)]
     assert main([*t, "--checkpoint", str(base), "--style", "bold", "--max-train-steps", "1"]) == 0
     before = _snapshot(run)
-    _refused(capsys, [*t, "--checkpoint", str(base), "--style", "thin", "--max-train-steps", "2", "--resume"], "style", run)
-    err = _refused(capsys, [*t, "--checkpoint", str(other), "--style", "bold", "--max-train-steps", "2", "--resume"],
+    _refused(capsys, [*t, "--checkpoint", str(base), "--style", "thin", "--max-train-steps", "2",
+                      "--resume"], "style", run)
+    err = _refused(capsys, [*t, "--checkpoint", str(other), "--style", "bold", "--max-train-steps", "2",
+                            "--resume"],
                    str(other), run)  # fmt: skip
     assert str(base) in err and "fingerprint" in err
     # a different base is refused even with --allow-changes
@@ -370,12 +377,14 @@ def test_sigterm_in_the_loop_exits_75_with_a_resumable_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(Trainer, "_loss", term_at_3)
     run = tmp_path / "run"
-    assert main(["-q", "train", "--preset", "tiny", "--max-train-steps", "20", "--out", str(run)]) == EXIT_INTERRUPTED
+    assert main(["-q", "train", "--preset", "tiny", "--max-train-steps", "20", "--out",
+                 str(run)]) == EXIT_INTERRUPTED
     assert "interrupted" in capsys.readouterr().out
     assert load_file(run / STATE_NAME) and json.loads((run / "config.json").read_text())["step"] == 4
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the CLI restored the handler
     monkeypatch.setattr(Trainer, "_loss", real)
-    assert main(["-q", "train", "--preset", "tiny", "--max-train-steps", "6", "--out", str(run), "--resume"]) == 0
+    assert main(["-q", "train", "--preset", "tiny", "--max-train-steps", "6", "--out", str(run),
+                 "--resume"]) == 0
 
 
 def test_sigterm_before_the_loop_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -418,7 +427,8 @@ def test_non_finite_loss_before_a_checkpoint_claims_none(tmp_path, monkeypatch, 
     with pytest.raises(NonFiniteLoss) as e:
         train_base("tiny", tmp_path / "a", steps=30, progress=False)  # first checkpoint at step 10
     assert "nothing to resume" in str(e.value) and "kept" not in str(e.value)
-    assert main(["-q", "train", "--preset", "tiny", "--max-train-steps", "30", "--out", str(tmp_path / "b")]) == 1
+    assert main(["-q", "train", "--preset", "tiny", "--max-train-steps", "30", "--out",
+                 str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "nothing to resume" in err
 
