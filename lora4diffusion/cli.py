@@ -85,6 +85,16 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    commands: dict | None = None  # the top-level parser's subcommand parsers (set in build_parser)
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option is reported by the command it was given to."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner = (self.commands or {}).get(getattr(ns, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
     def error(self, message: str):  # one line, exit 2 (argparse's own convention, minus the usage block)
         print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(2)
@@ -145,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list_info(sub)
     _add_demo(sub)
     _add_serve(sub)
+    p.commands = dict(sub.choices)
     for name, sp in sub.choices.items():  # the options every command shares
         _global_args(sp, top=False)
         if name in MODEL_COMMANDS:
@@ -967,9 +978,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lora4diffusion import quick
 
     if quick.enabled():  # LORA4DIFFUSION_QUICK (the README test): it starts; no waiting for a browser
+        import shutil
+
         from lora4diffusion.web.server import create_app
 
-        create_app(cfg).state.serve.close()
+        state = create_app(cfg).state.serve  # the model and adapters load; no worker thread was started
+        if state.tmp_adapters is not None:
+            shutil.rmtree(state.tmp_adapters, ignore_errors=True)
         print(f"{quick.ENV}: serve would listen on http://{args.host}:{args.port}/ (not started)")
         return 0
     serve(cfg, host=args.host, port=args.port)
