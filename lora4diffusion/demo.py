@@ -282,9 +282,9 @@ def _commands(out: Path, base_dir: Path, shipped: bool, from_scratch: bool, pres
     base_opt = "" if shipped else f" --checkpoint {q(base_dir)}"
     ckpt_opt = "" if shipped else f" --checkpoint {q(base_dir)}"
     sampling = f"--digits 0-9 --per-digit {per_digit} --steps {kw['steps']} --guidance {kw['guidance']:g}"
-    sampling += f" --seed {kw['seed']}"
+    sampling += f" --seed {kw['seed']} --no-bf16"  # the demo samples in fp32 (exact scale-0 / merge checks)
     lora_dir = {s: repro / f"lora_{s}" for s in STYLES}
-    n = f" --steps {lora_steps}" if lora_steps else ""
+    n = f" --max-train-steps {lora_steps}" if lora_steps else ""
     cmds = (
         [["base model", f"lora4diffusion train --preset {preset} --out {q(base_dir)}"]]
         if from_scratch

@@ -46,12 +46,13 @@ def bold(base, tmp_path_factory):
     return out
 
 
-def _sample(ckpt, out, *extra):
+def _sample(ckpt, out, *extra):  # fp32: the checks below are exact or 1e-4
     assert (
         main(
             [
                 "-q",
                 "sample",
+                "--no-bf16",
                 "--checkpoint",
                 str(ckpt),
                 "--digits",

@@ -60,4 +60,4 @@ def test_every_readme_command_runs(tmp_path):
     for i, command in enumerate(commands):
         r = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True,
                            timeout=240)
-        assert r.returncode == 0, f"README command {i + 1} failed ({r.returncode}): {command}\n{r.stderr[-2000:]}"
+        assert r.returncode == 0, f"README command {i + 1} ({r.returncode}): {command}\n{r.stderr[-2000:]}"
