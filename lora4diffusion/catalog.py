@@ -96,9 +96,13 @@ def resolve(value: str | Path | None, kind: str, default: str | None = None) -> 
 
 
 def _size(path: Path) -> int:
+    """Bytes of a file; of a folder, its weights and config (not the pictures and logs of a run)."""
     if path.is_file():
         return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    if (path / "adapter.safetensors").is_file():
+        return (path / "adapter.safetensors").stat().st_size
+    kept = (".safetensors", ".json", ".txt")  # weights, configs, a tokenizer's vocabulary
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in kept)
 
 
 def _human(n: int) -> str:
