@@ -73,7 +73,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if (
             not action.option_strings
             or "default" in text
-            or action.default in (None, False, [], argparse.SUPPRESS)
+            or any(action.default is v for v in (None, False, argparse.SUPPRESS))  # 0 and 0.0 are shown
+            or action.default == []
             or text == argparse.SUPPRESS
         ):
             return text
