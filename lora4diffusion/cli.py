@@ -346,7 +346,7 @@ def _add_train_vae(sub) -> None:
 def _add_reconstruct(sub) -> None:
     rc = sub.add_parser("reconstruct", help="encode and decode held-out digits with a VAE: what it keeps")
     rc.add_argument("--vae", metavar="DIR|NAME", help="VAE folder (default: the shipped VAE)")
-    rc.add_argument("--style", choices=["bold", "thin", "italic"], help="restyle the digits first")
+    rc.add_argument("--style", help="restyle the digits first: bold | thin | italic (default: as drawn)")
     rc.add_argument("--digits", default="0-9", help="e.g. 0-9 or 3,5,7")
     rc.add_argument("--per-digit", type=per_digit_int, default=8, metavar="N",
                     help="held-out digits per class")
