@@ -234,7 +234,7 @@ def test_train_vae_resume_is_bit_exact(tmp_path):
 def test_reconstruct_writes_the_samples_contract(tiny_vae, tmp_path, capsys):
     out = tmp_path / "rec"
     args = ["-q", "reconstruct", "--vae", str(tiny_vae), "--style", "bold", "--digits", "3,7",
-            "--per-digit", "4", "--out", str(out), "--device", "cpu", "--no-bf16"]  # fp32: compared exactly
+            "--per-digit", "4", "--no-bf16", "--out", str(out), "--device", "cpu"]  # fp32: compared exactly
     assert main(args) == 0
     orig, labels = load_samples(out / "originals.npz")  # the validator evaluate uses on samples.npz
     recon, labels2 = load_samples(out / "reconstructions.npz")
