@@ -39,6 +39,11 @@ def shrink(args: argparse.Namespace) -> list[str]:
     for name, cap in CAPS.items():
         if hasattr(args, name):
             value = getattr(args, name)
+            if value is None and (
+                (name == "num" and not getattr(args, "prompt", None))  # --num exists only beside --prompt
+                or getattr(args, "samples", None) is not None  # evaluate --samples: nothing is sampled
+            ):
+                continue
             if value is None or value > cap:
                 setattr(args, name, cap)
                 changed.append(f"{name.replace('_', '-')} {cap}")
