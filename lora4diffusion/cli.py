@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         _global_args(sp, top=False)
         if name in MODEL_COMMANDS:
             _device_args(sp)
+    for name in ("merge", "extract"):  # weight arithmetic, not a forward pass: kept exact
+        p.commands[name]._option_string_actions["--bf16"].help = (
+            "accepted like every model command's; the arithmetic stays fp32 (merge) / fp64 (extract's SVD)"
+        )
     return p
 
 
@@ -735,15 +739,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from lora4diffusion.checkpoint import load_model, pretrained_dir
+    from lora4diffusion.distributed import resolve_device
     from lora4diffusion.finite import require_finite
     from lora4diffusion.lora.adapters import base_fingerprint, extract_lora
     from lora4diffusion.lora.finetune import load_base
 
     base_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
     out = out_dir(args.out, overwrite=args.overwrite, inputs=_existing(base_dir, args.tuned))
+    device = resolve_device(args.device)
     base, _, _, _ = load_base(args.checkpoint)
     tuned, _, _ = load_model(Path(args.tuned))
-    adapter, errors = extract_lora(base, tuned, args.rank, args.targets)  # SVD in float64 on the CPU
+    adapter, errors = extract_lora(base.to(device), tuned.to(device), args.rank, args.targets)  # SVD in fp64
+    adapter.tensors = {k: v.cpu() for k, v in adapter.tensors.items()}
     adapter.fingerprint = base_fingerprint(base)
     require_finite(adapter.tensors, "extract")
     adapter.save(out)
