@@ -61,3 +61,23 @@ def test_every_readme_command_runs(tmp_path):
         r = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True,
                            timeout=240)
         assert r.returncode == 0, f"README command {i + 1} ({r.returncode}): {command}\n{r.stderr[-2000:]}"
+
+
+def test_sizes_the_readme_states_match_the_shipped_files():
+    """Every README table row naming `pretrained/X` and a size (KiB / MiB) matches X's weights and configs."""
+    from lora4diffusion.catalog import _size
+
+    lines = (ROOT / "README.md").read_text().splitlines()
+    rows = [r for r in lines if r.startswith("|") and "pretrained/" in r]
+    checked = 0
+    for row in rows:
+        path = re.search(r"pretrained/([\w/.-]+)", row)
+        size = re.search(r"\|\s*([\d.]+)\s*(KiB|MiB|GiB)\s*\|", row)
+        folder = ROOT / "lora4diffusion" / "pretrained" / path.group(1).rstrip("/")
+        if size is None or not folder.exists():
+            continue
+        stated = float(size.group(1)) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[size.group(2)]
+        actual = _size(folder)
+        assert abs(actual - stated) <= 0.01 * stated + 2**10, (row, actual)  # the text rounds
+        checked += 1
+    assert checked >= 1 or not rows
