@@ -395,7 +395,7 @@ Raw numbers: <a href="metrics.json">metrics.json</a>.</p>
 <p>Scale 0 reproduces the base bit for bit: {_verdict(ck["scale0_equals_base"])}
 (max |difference| {ck["scale0_max_abs_diff"]:.3g}).</p>
 <h2>Mixing two adapters</h2>{_row(fig["bold_1"], fig["mix"], fig["italic_1"])}
-<p class="note">Both adapters change the same attention projections and their deltas add up, so each gets
+<p class="note">Both adapters change the same layers (all-linear) and their deltas add up, so each gets
 {st["mix"][0]:g}: 1 + 1 would push the model as far as two full adapters, beyond what either was trained
 for.</p>
 <h2>Merging</h2>{_row(fig["bold_1"], fig["merged_bold"])}
