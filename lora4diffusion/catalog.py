@@ -27,10 +27,10 @@ def kind_of(path: Path) -> str | None:
         return "adapter" if path.suffix == ".safetensors" else None
     if (path / "adapter.safetensors").is_file() or (path / "adapter_config.json").is_file():
         return "adapter"
+    if _config(path).get("format") == "lora4diffusion-vae":  # a VAE folder holds model.safetensors too
+        return "vae"
     if (path / "model.safetensors").is_file():
         return "model"
-    if (path / "vae.safetensors").is_file() or _config(path).get("format") == "lora4diffusion-vae":
-        return "vae"
     return None
 
 

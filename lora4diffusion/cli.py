@@ -261,6 +261,19 @@ def _add_train_lora(sub) -> None:
     tl.add_argument("--seed", type=seed_int, help="training seed (default 0)")
     tl.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (for comparison)")
     tl.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    # LoRA on a prompt base (lora/prompt_lora.py): trigger words, prior preservation, text-encoder LoRA
+    tl.add_argument("--trigger", metavar="WORD",
+                    help="prompt bases: caption the styled digits with this reserved rare word (sks, ohwx,"
+                    " ...)")
+    tl.add_argument("--prior", action="store_true",
+                    help="prompt bases: prior preservation: each step adds as many plain digits with"
+                    " trigger-less captions (DreamBooth)")
+    tl.add_argument("--prior-weight", type=finite_float(0.0, 1e3), default=1.0, metavar="W",
+                    help="loss weight of the prior half of the batch")
+    tl.add_argument("--text-encoder", action="store_true",
+                    help="prompt bases: LoRA on the text encoder's attention and MLP too (kohya's lora_te)")
+    tl.add_argument("--text-encoder-lr", type=learning_rate, metavar="LR",
+                    help="learning rate of the text-encoder LoRA (default: --lr)")
     _run_dir_args(tl)
     _compile_arg(tl)
     tl.set_defaults(func=cmd_train_lora)
@@ -603,8 +616,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
             prompts = [p for p in args.prompt for _ in range(per_row)]
         else:
             prompts = digit_prompts([d for d in digits for _ in range(per_row)])
-        # bad prompts (unknown word, too long) fail here, before any sampling or writing
-        pipe.tokenizer.encode(prompts + ([args.negative] if args.negative is not None else []))
+        loras = add_loras(pipe, args)
+        # <lora:...> tags load their adapters; bad tags, names and prompts (unknown word, too long) fail
+        # here, before any sampling or writing
+        stripped = pipe.apply_prompt_tags(prompts, force=args.force) if args.prompt else prompts
+        pipe.tokenizer.encode(stripped + ([args.negative] if args.negative is not None else []))
+        missing = pipe.missing_triggers(stripped)
+        if missing:
+            name, prompt = missing[0]
+            words = ", ".join(pipe.triggers[name])
+            log.warning("warning: adapter %r is loaded but its trigger (%s) is absent from prompt %r%s: it"
+                        " was trained to act with it", name, words, prompt,
+                        f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         labels = [digit_of(p) for p in prompts]
     elif args.prompt or args.negative is not None:
         raise UserError(
@@ -614,7 +637,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         per_row = args.per_digit or 8
         labels = [d for d in digits for _ in range(per_row)]
-    loras = add_loras(pipe, args)
+        loras = add_loras(pipe, args)
     pipe.to(device)
     steps = args.steps or (DEFAULT_STEPS if sampler == "ddim" else pipe.diffusion.timesteps)
     if steps > pipe.diffusion.timesteps:
@@ -705,6 +728,11 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         compile=args.compile,
         overwrite=args.overwrite,
         allow_changes=args.allow_changes,
+        trigger=args.trigger,
+        prior=args.prior,
+        prior_weight=args.prior_weight,
+        text_encoder=args.text_encoder,
+        text_encoder_lr=args.text_encoder_lr,
     )
     if r is None:
         return status
@@ -727,7 +755,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = out_dir(args.out, overwrite=args.overwrite, inputs=_existing(base) + _lora_inputs(args.lora))
     pipe = Pipeline.load(args.checkpoint).to(args.device)  # the merge is fp32 (exact): --bf16 is unused
     loras = add_loras(pipe, args)
-    model = unload_lora(pipe.unet, merge=True).cpu()
+    model = unload_lora(pipe.unet, merge=True)
+    if pipe.is_prompt_model:  # text-encoder LoRA (train-lora --text-encoder) is merged into it as well
+        unload_lora(pipe.text_encoder, merge=True)
     pipe.to("cpu")
     require_finite(model.state_dict(), "merge")  # an overflowing scale or adapter: no garbage checkpoint
     merged_from = [{"adapter": p, "scale": w, "name": n} for p, w, n in loras]
@@ -829,14 +859,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----- file formats (issue 12): diffusers folders, LoRA files in diffusers / kohya / PEFT layouts -----
 def _add_format_parsers(sub) -> None:
-    xd = sub.add_parser("export-diffusers", help="write a diffusers folder (UNet, scheduler, labels)")
+    xd = sub.add_parser("export-diffusers", help="write a diffusers folder (UNet, scheduler, labels; a prompt"
+                        " model: a whole StableDiffusionPipeline)")
     xd.add_argument("--checkpoint", help="model directory (default: the shipped base)")
     xd.add_argument("--out", required=True, help="folder for unet/, scheduler/, label_context.safetensors")
     xd.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     xd.set_defaults(func=cmd_export_diffusers)
 
     idf = sub.add_parser("import-diffusers", help="convert a diffusers folder to our model")
-    idf.add_argument("folder", help="folder with unet/, scheduler/, label_context.safetensors")
+    idf.add_argument("folder", help="folder with unet/, scheduler/, label_context.safetensors, or a"
+                     " StableDiffusionPipeline folder (model_index.json)")
     idf.add_argument("--out", required=True, help="model directory (config.json + model.safetensors)")
     idf.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     idf.set_defaults(func=cmd_import_diffusers)
@@ -857,8 +889,11 @@ def cmd_export_diffusers(args: argparse.Namespace) -> int:
     source = args.checkpoint or str(pretrained_dir())
     out = out_dir(args.out, overwrite=args.overwrite, inputs=(source,))
     pipe = Pipeline.load(args.checkpoint)
-    export_diffusers(pipe.unet, pipe.diffusion, out, source=args.checkpoint or "the shipped base")
-    print(f"wrote a diffusers folder (unet/, scheduler/, label_context.safetensors, README.md) to {out}")
+    export_diffusers(pipe.unet, pipe.diffusion, out, source=args.checkpoint or "the shipped base",
+                     vae=pipe.vae, text=pipe.text)
+    parts = "unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json: StableDiffusionPipeline" \
+        if pipe.is_prompt_model else "unet/, scheduler/, label_context.safetensors, README.md"
+    print(f"wrote a diffusers folder ({parts}) to {out}")
     return 0
 
 
