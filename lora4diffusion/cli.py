@@ -639,8 +639,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels = [d for d in digits for _ in range(per_row)]
         loras = add_loras(pipe, args)
     pipe.to(device)
-    steps = args.steps or (DEFAULT_STEPS if sampler == "ddim" else pipe.diffusion.timesteps)
-    if steps > pipe.diffusion.timesteps:
+    steps = args.steps or (DEFAULT_STEPS if sampler == "ddim" else None)  # None: DDPM over every timestep
+    if steps is not None and steps > pipe.diffusion.timesteps:
         raise UserError(f"--steps {steps} exceeds the model's {pipe.diffusion.timesteps} diffusion timesteps")
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     params = {
@@ -651,7 +651,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "prompts": list(args.prompt) if args.prompt else None, "num": per_row if args.prompt else None,
         "negative": args.negative, "bf16": bf16, "device": device.type, "version": __version__,
     }
-    traj_every = max(1, steps // 10) if args.trajectory else 0
+    traj_every = max(1, (steps or pipe.diffusion.timesteps) // 10) if args.trajectory else 0
     images, trajectory = pipe.generate(
         prompts if prompts is not None else labels,
         sampler=sampler,

@@ -82,7 +82,7 @@ def summary_line(params: dict) -> str:
     neg = f", negative {params['negative']!r}" if params.get("negative") is not None else ""
     bf16 = "on" if params["bf16"] else "off"
     return (f"sample: model {params['checkpoint'] or 'the shipped base'}, loras {loras}, sampler "
-            f"{params['sampler']}, steps {params['steps']}, guidance {params['guidance']:g}, "
+            f"{params['sampler']}, steps {params['steps'] or 'all'}, guidance {params['guidance']:g}, "
             f"eta {params['eta']:g}, seed {params['seed']}, {what}{neg}, bf16 {bf16} ({params['device']})")
 
 
@@ -95,7 +95,7 @@ def a1111_parameters(params: dict, size: int) -> str:
     if params.get("negative") is not None:
         lines.append(f"Negative prompt: {params['negative']}")
     model = params["checkpoint"] or "base"
-    lines.append(f"Steps: {params['steps']}, Sampler: {params['sampler'].upper()}, "
+    lines.append(f"Steps: {params['steps'] or 'all'}, Sampler: {params['sampler'].upper()}, "
                  f"CFG scale: {params['guidance']:g}, Seed: {params['seed']}, Size: {size}x{size}, "
                  f"Model: {model}, Eta: {params['eta']:g}, bf16: {params['bf16']}, "
                  f"Version: lora4diffusion {params['version']}")
