@@ -59,7 +59,7 @@ command. `lora4diffusion COMMAND --help` lists a command's options with their de
 
 # commands that run a model: they take --device and --bf16/--no-bf16 (added in build_parser's last loop)
 MODEL_COMMANDS = ("train-vae", "train", "sample", "evaluate", "train-lora", "merge", "extract",
-                  "train-classifier", "reconstruct", "demo", "serve")
+                  "train-classifier", "reconstruct", "serve")  # demo: not yet (its runs pick their device)
 BF16_HELP = ("bf16 autocast (default: on where the device supports it: CUDA with bf16, CPUs with bf16"
              " kernels; the master weights stay fp32)")
 DEVICE_HELP = "auto (the default): CUDA if available, else CPU"
@@ -327,11 +327,22 @@ def _add_peft(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    dm = sub.add_parser("demo", help="base vs LoRA, scale sweep, mixing, merging: an offline HTML report")
+    dm = sub.add_parser("demo", help="base vs triggered LoRA, trigger specificity, weights, two adapters in"
+                        " one prompt, merging: an offline HTML report")
     dm.add_argument("--out", default="runs/demo", help="report folder")
-    dm.add_argument("--checkpoint", metavar="DIR|NAME", help="base model (default: the shipped base)")
+    dm.add_argument("--checkpoint", metavar="DIR|NAME",
+                    help="base model, prompt or label model (default: the shipped base)")
     _renamed(dm, "--base", "--checkpoint")
-    dm.add_argument("--from-scratch", action="store_true", help="train a fast base first, into OUT/base")
+    dm.add_argument("--from-scratch", action="store_true",
+                    help="train a prompt base first (preset fast, shipped VAE or --vae) into OUT/base")
+    dm.add_argument("--vae", metavar="DIR", help="with --from-scratch: the VAE (default: the shipped one)")
+    dm.add_argument("--bold-trigger", metavar="WORD", help="prompt bases: the bold adapter's trigger (sks)")
+    dm.add_argument("--italic-trigger", metavar="WORD",
+                    help="prompt bases: the italic adapter's trigger (ohwx)")
+    dm.add_argument("--prior", action=argparse.BooleanOptionalAction, default=None,
+                    help="prompt bases: train-lora --prior, prior preservation (default on)")
+    dm.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                    help="prompt bases: train-lora --text-encoder, LoRA on the text encoder too (default on)")
     dm.add_argument("--overwrite", action="store_true", help="replace the demo already in --out")
     dm.add_argument("--lora-steps", type=positive_int, metavar="N",
                     help="training steps per LoRA (default 500)")
@@ -833,7 +844,7 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lora4diffusion.demo import format_summary, run_demo
+    from lora4diffusion.demo import PromptOptions, format_summary, run_demo
 
     sizes = {k: v for k, v in (("per_digit", args.per_digit), ("steps", args.steps)) if v is not None}
     try:
@@ -845,8 +856,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             lora_steps=args.lora_steps,
             scratch_preset=args.scratch_preset,
             progress=not args.quiet,
-            device=args.device,
-            bf16=args.bf16,
+            vae=args.vae,
+            prompt_options=PromptOptions(
+                args.bold_trigger, args.italic_trigger, args.prior, args.text_encoder
+            ),
             **sizes,
         )
     except KeyboardInterrupt:  # training runs saved resumable checkpoints; no report was written
