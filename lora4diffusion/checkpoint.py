@@ -310,27 +310,16 @@ def pretrained_dir(name: str = DEFAULT_BASE) -> Path:
 
 
 def shipped_models() -> dict[str, Path]:
-    """The diffusion models shipped inside the package, by name: folders of pretrained/ whose config.json is
-    ours (not the VAE's, which also holds a model.safetensors)."""
-    found = PRETRAINED.glob(f"*/{WEIGHTS_NAME}") if PRETRAINED.is_dir() else []
-    models = {}
-    for f in sorted(found):
-        try:
-            ours = read_json(f.parent / CONFIG_NAME).get("format") == FORMAT
-        except UserError:
-            ours = False
-        if ours:
-            models[f.parent.name] = f.parent
-    return models
+    """The diffusion models shipped inside the package, by name (``catalog.shipped``: not the VAE folder)."""
+    from lora4diffusion.catalog import shipped
+
+    return shipped("model")
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
     """A ``--checkpoint`` value -> a model directory: None is the shipped default base; an existing path wins;
-    else the name of a shipped model (``base``, ``pixel-base``); else the path as given (its reader names the
-    missing file)."""
-    if checkpoint is None:
-        return pretrained_dir()
-    path = Path(checkpoint)
-    if path_kind(path) == "missing":
-        return shipped_models().get(str(checkpoint), path)
-    return path
+    else the name of a shipped model (``base``, ``pixel-base``); else one line naming the nearest names
+    (``catalog.resolve``, the one resolver of names)."""
+    from lora4diffusion.catalog import resolve
+
+    return resolve(checkpoint, "model", default="base")

@@ -159,6 +159,7 @@ def _prepare(out: Path, base, from_scratch: bool, overwrite: bool, steps: int, p
     """Validate everything, then clear what --overwrite replaces.
     -> (base_dir, shipped, pipeline or None, vae_dir or None, (triggers, prior, text encoder) or None)."""
     from lora4diffusion.autoencoder import default_vae_dir, load_vae
+    from lora4diffusion.catalog import resolve
     from lora4diffusion.checkpoint import pretrained_dir
     from lora4diffusion.diffusion import DiffusionConfig
     from lora4diffusion.pipeline import Pipeline
@@ -173,7 +174,7 @@ def _prepare(out: Path, base, from_scratch: bool, overwrite: bool, steps: int, p
     _check_out(out, overwrite)
     doomed = [out / n for n in OWNED] + ([out / "base"] if from_scratch else [])
     shipped = base is None and not from_scratch
-    base_dir = out / "base" if from_scratch else Path(base) if base is not None else pretrained_dir()
+    base_dir = out / "base" if from_scratch else pretrained_dir() if base is None else resolve(base, "model")
     if shipped and not (base_dir / "config.json").is_file():
         raise UserError(
             "this install has no shipped base model yet: pass --checkpoint DIR (a `lora4diffusion train` run)"
@@ -465,11 +466,11 @@ def _commands(out: Path, base_dir: Path, shipped: bool, variants: list[Variant],
     repro = out.absolute() / "repro"
     if st["from_scratch"]:
         base_dir = repro / "base"
-    base_opt = "" if shipped else f" --base {q(base_dir)}"
+    base_opt = "" if shipped else f" --checkpoint {q(base_dir)}"
     ckpt_opt = "" if shipped else f" --checkpoint {q(base_dir)}"
-    gen = f"--steps {kw['steps']} --guidance {kw['guidance']:g} --seed {kw['seed']}"
+    gen = f"--steps {kw['steps']} --guidance {kw['guidance']:g} --seed {kw['seed']} --no-bf16"  # demo: fp32
     lora_dir = {s: repro / f"lora_{s}" for s in STYLES}
-    n = f" --steps {st['lora_steps']}" if st["lora_steps"] else ""
+    n = f" --max-train-steps {st['lora_steps']}" if st["lora_steps"] else ""
     prompt = st["conditioning"] == "text"
     cmds = []
     if st["from_scratch"]:

@@ -82,6 +82,7 @@ class Pipeline:
         return load_adapter(self.unet, path, weight=weight, force=force, reader=read_any)
 
     def set_lora_weight(self, name: str, weight: float) -> None:
+        """Change a loaded adapter's weight (the name add_lora returned); 0 gives the base's images."""
         from lora4diffusion.lora.layers import set_adapter_weight
         from lora4diffusion.lora.prompt_lora import set_prompt_adapter_weight
 
@@ -89,6 +90,31 @@ class Pipeline:
             set_prompt_adapter_weight(self.unet, self.text_encoder, name, weight)
         else:
             set_adapter_weight(self.unet, name, weight)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload adapter ``name`` (from the text encoder too); once every adapter is removed the model is the
+        plain base again."""
+        from lora4diffusion.lora.layers import adapter_names, delete_adapter
+
+        found = False
+        for part in (self.unet, self.text_encoder):
+            if part is not None and name in adapter_names(part):
+                delete_adapter(part, name)
+                found = True
+        if not found:
+            delete_adapter(self.unet, name)  # raises the one-line "no adapter named ..." error
+        self.tag_adapters = {k: v for k, v in self.tag_adapters.items() if v != name}
+        self.triggers.pop(name, None)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The loaded adapters and their weights, by name."""
+        from lora4diffusion.lora.layers import adapter_names, lora_layers
+
+        weights: dict[str, float] = {}
+        for layer in lora_layers(self.unet).values():
+            weights.update(layer.weight)
+        return {n: weights[n] for n in adapter_names(self.unet)}
 
     def apply_prompt_tags(self, prompts: list[str], force: bool = False) -> list[str]:
         """Resolve the ``<lora:NAME_OR_PATH[:WEIGHT]>`` tags of one call (prompt_syntax.call_loras): each
@@ -184,7 +210,7 @@ class Pipeline:
         callback: Callable[[int, int, int, torch.Tensor], None] | None = None,
         negative: str | list[str] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Sample one image per label; returns (images [N, H, W] in [0, 1], trajectory of the first batch).
+        """Sample one image per label; returns (images [N, H, W] in [0, 1], trajectory of every image).
 
         The same seed gives the same images bit for bit (on one device). Batches are seeded (seed, batch
         index), so the result does not depend on how many other digits are asked for in later batches. Noise
@@ -194,7 +220,8 @@ class Pipeline:
         Non-finite results (an overflowing model, adapter or guidance) raise UserError instead of returning.
         ``callback(first_index, step, steps, x0_hat)``: after every step of every batch, the predicted clean
         images of the batch starting at ``first_index`` ([b, C, H, W] in [-1, 1]; latents for latent models);
-        for live previews.
+        for live previews. The trajectory (``trajectory_every`` > 0) is a list of frames [N, 1, H, W] in
+        [-1, 1], one row per label: ``[x[::k] for x in trajectory]`` shows every k-th sample's denoising.
 
         Prompt models: ``labels`` are prompts (strings), or digits, which become prompts of the "digit"
         family (prompt_model.digit_prompts). ``negative`` (one string, or one per prompt) replaces the empty
@@ -228,7 +255,7 @@ class Pipeline:
                     shape,
                     guidance,
                     g,
-                    trajectory_every if b == 0 else 0,
+                    trajectory_every,
                     progress,
                     clip=self.vae is None,
                     uncond=uncond,
@@ -240,7 +267,8 @@ class Pipeline:
                     " adapter overflows; lower --guidance or the --lora scales (nothing was written)"
                 )
             out.append(x.float().cpu())
-            traj = traj or t
+            traj.append(t)
+        traj = [torch.cat(frames) for frames in zip(*traj, strict=True)] if trajectory_every else []
         if self.vae is not None:  # latent diffusion: the decoder turns the sampled latents into digits
             from lora4diffusion.autoencoder import decode_latents
 

@@ -119,8 +119,8 @@ def test_prompt_report_sections_commands_and_checks(prompt_demo):
     assert sets["base_trigger"]["prompt"] == "a handwritten sks seven"
     assert cmds["base model"].endswith(" --trajectory --out " + shlex.quote(str(prompt_demo / "repro/base")))
     # the train-lora commands carry the demo's defaults: trigger, prior preservation, text-encoder LoRA
-    assert "--style bold --trigger sks --prior --text-encoder --steps 2" in cmds["bold LoRA"]
-    assert "--style italic --trigger ohwx --prior --text-encoder --steps 2" in cmds["italic LoRA"]
+    assert "--style bold --trigger sks --prior --text-encoder --max-train-steps 2" in cmds["bold LoRA"]
+    assert "--style italic --trigger ohwx --prior --text-encoder --max-train-steps 2" in cmds["italic LoRA"]
     assert "lora4diffusion train --conditioning text --preset tiny --vae " in cmds["train the base model"]
     ck = m["checks"]
     assert ck["scale0_reference"] == "base_trigger" and ck["scale0_equals_base"]  # same prompt, weight 0

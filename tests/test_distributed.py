@@ -175,12 +175,12 @@ def test_device_option(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x").exists()
     run = tmp_path / "run"
     for argv in (
-        ["train", "--preset", "tiny", "--steps", "1", "--out", str(run), "--device", "cuda"],
+        ["train", "--preset", "tiny", "--max-train-steps", "1", "--out", str(run), "--device", "cuda"],
         [
             "train-lora",
             "--style",
             "bold",
-            "--base",
+            "--checkpoint",
             str(run),
             "--out",
             str(tmp_path / "l"),
@@ -193,7 +193,8 @@ def test_device_option(tmp_path, monkeypatch, capsys):
         assert "CUDA is not available" in capsys.readouterr().err
     assert not run.exists()
     assert (
-        main(["-q", "train", "--preset", "tiny", "--steps", "2", "--out", str(run), "--device", "cpu"]) == 0
+        main(["-q", "train", "--preset", "tiny", "--max-train-steps", "2", "--out", str(run), "--device",
+              "cpu"]) == 0
     )
     assert (
         main(

@@ -119,7 +119,7 @@ def test_pipeline_draws_what_sample_writes(model, sd, tmp_path):
     run, _ = model
     argv = ["-q", "sample", "--checkpoint", str(run), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
             "--num", "2", "--negative", NEGATIVE, "--steps", "8", "--guidance", "1.5", "--seed", "11",
-            "--out", str(tmp_path / "s")]
+            "--no-bf16", "--out", str(tmp_path / "s")]  # fp32, as the pipeline
     assert main(argv) == 0
     mine = torch.from_numpy(np.load(tmp_path / "s" / "samples.npz")["images"])
     out = sd(PROMPTS, negative_prompt=[NEGATIVE] * 2, num_images_per_prompt=2, num_inference_steps=8,
@@ -299,8 +299,8 @@ def test_load_lora_weights_matches_our_adapted_pipeline(model, adapter, fmt):
 def te_adapter(model, tmp_path_factory):
     """train-lora on the prompt model: trigger word, text-encoder LoRA; exported by export-lora."""
     root = tmp_path_factory.mktemp("te_lora")
-    assert main(["-q", "train-lora", "--base", str(model[0]), "--style", "bold", "--trigger", "sks",
-                 "--text-encoder", "--text-encoder-lr", "1e-2", "--lr", "1e-2", "--steps", "8",
+    assert main(["-q", "train-lora", "--checkpoint", str(model[0]), "--style", "bold", "--trigger", "sks",
+                 "--text-encoder", "--text-encoder-lr", "1e-2", "--lr", "1e-2", "--max-train-steps", "8",
                  "--batch-size", "16", "--device", "cpu", "--out", str(root / "ours")]) == 0
     files = {}
     for fmt in ("diffusers", "kohya"):

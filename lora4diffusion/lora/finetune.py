@@ -65,7 +65,7 @@ def _base_name(base: str | Path | None, path: Path) -> str:
 def load_base(base: str | Path | None) -> tuple[nn.Module, object, dict, Path]:
     path = resolve_checkpoint(base)
     if base is None and not (path / "config.json").is_file():
-        raise UserError("no shipped base model in this install; pass --base DIR")
+        raise UserError("no shipped base model in this install; pass --checkpoint DIR")
     model, diffusion, config = load_model(path)
     return model, diffusion, config, path
 

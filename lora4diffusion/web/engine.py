@@ -40,6 +40,7 @@ class ServeConfig:
     checkpoint: str | None = None  # None: the shipped base
     adapters: str | None = None  # a folder of adapter directories; trained adapters go there too
     device: str = "auto"
+    bf16: bool = False  # bf16 autocast for sampling (the CLI's serve: on where the device supports it)
     max_queue: int = 8  # waiting generation jobs; the next one gets 429
     max_steps: int = 200
     max_per_digit: int = 16
@@ -261,7 +262,7 @@ class Engine:
 
         images, _ = self.pipe.generate(
             labels, steps=job.steps, guidance=job.guidance, seed=job.seed, batch_size=self.cfg.sampler_batch,
-            callback=preview,
+            callback=preview, bf16=self.cfg.bf16,
         )
         return {
             "id": job.id,
@@ -270,7 +271,7 @@ class Engine:
             "labels": labels,
             "columns": job.cond.columns,
             "settings": job.settings,
-            "command": sample_command(job.settings, self.registry, self.cfg.checkpoint),
+            "command": sample_command(job.settings, self.registry, self.cfg.checkpoint, self.cfg.bf16),
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
@@ -299,7 +300,7 @@ class Engine:
                 self.done_count += 1
 
 
-def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None) -> str:
+def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None, bf16: bool = False) -> str:
     """The ``lora4diffusion sample`` command that draws the same images (same seed, layout and batches)."""
     parts = ["lora4diffusion sample"]
     if checkpoint:
@@ -311,6 +312,7 @@ def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None) -
         info = have.get(name)
         where = name if info is None or info.source == "shipped" else _quote(str(info.path))
         parts.append(f"--lora {where}:{w:g}")
+    parts.append("--bf16" if bf16 else "--no-bf16")  # the CLI's default depends on the device: say it
     parts.append("--out samples")
     return " ".join(parts)
 
