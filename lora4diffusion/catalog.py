@@ -198,10 +198,9 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
     else:
         out.update(_config(p))
         if kind == "model":
-            from lora4diffusion.lora.adapters import base_fingerprint
             from lora4diffusion.pipeline import Pipeline
 
-            out["fingerprint"] = base_fingerprint(Pipeline.load(p).unet)
+            out["fingerprint"] = Pipeline.load(p).fingerprint
     metrics = (p if p.is_dir() else p.parent) / "metrics.csv"
     if metrics.is_file():
         lines = metrics.read_text().strip().splitlines()
@@ -211,16 +210,17 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
 
 
 def _fits(adapter, checkpoint: str) -> str:
-    from lora4diffusion.lora.adapters import UNKNOWN, base_fingerprint
+    from lora4diffusion.lora.adapters import UNKNOWN
     from lora4diffusion.pipeline import Pipeline
 
     pipe = Pipeline.load(checkpoint)
-    missing = [m for m in adapter.modules if m not in dict(pipe.unet.named_modules())]
+    names = pipe.module_names()
+    missing = [m for m in adapter.modules if m not in names]
     if missing:
         return f"no: {len(missing)} of its modules are not in {checkpoint} (e.g. {missing[0]})"
     if adapter.fingerprint == UNKNOWN:
         return f"probably: every module exists in {checkpoint}; the adapter records no base fingerprint"
-    if adapter.fingerprint == base_fingerprint(pipe.unet):
+    if adapter.fingerprint == pipe.fingerprint:
         return f"yes: trained on exactly this base ({checkpoint})"
     return f"shapes fit but it was trained on another base than {checkpoint} (load with --force)"
 

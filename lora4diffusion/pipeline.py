@@ -170,6 +170,24 @@ class Pipeline:
         return self
 
     @property
+    def fingerprint(self) -> str:
+        """The base fingerprint adapters record: the UNet's, and for a prompt model the text encoder's too."""
+        from lora4diffusion.lora.adapters import base_fingerprint
+
+        if self.text_encoder is None:
+            return base_fingerprint(self.unet)
+        from lora4diffusion.lora.prompt_lora import prompt_fingerprint
+
+        return prompt_fingerprint(self.unet, self.text_encoder)
+
+    def module_names(self) -> set[str]:
+        """Names an adapter may target: the UNet's modules, and ``text_encoder.``-prefixed ones."""
+        names = {n for n, _ in self.unet.named_modules()}
+        if self.text_encoder is not None:
+            names |= {f"text_encoder.{n}" for n, _ in self.text_encoder.named_modules()}
+        return names
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 

@@ -181,7 +181,7 @@ def test_device_option(tmp_path, monkeypatch, capsys):
             "--style",
             "bold",
             "--checkpoint",
-            str(run),
+            "pixel-base",  # a real base: the device is what is refused
             "--out",
             str(tmp_path / "l"),
             "--device",

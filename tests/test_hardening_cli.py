@@ -83,7 +83,8 @@ def _commands(work, out):
         "train-classifier": ["train-classifier", "--epochs", "1", "--out", o, "--overwrite"],
         "merge": ["merge", "--checkpoint", PIXEL, "--lora", "bold-pixel", "--out", o, "--overwrite"],
         "resize": ["resize", "--lora", "bold-pixel", "--rank", "1", "--out", o, "--overwrite"],
-        "extract": ["extract", "--base", PIXEL, "--tuned", PIXEL, "--rank", "1", "--out", o, "--overwrite"],
+        "extract": ["extract", "--checkpoint", PIXEL, "--tuned", PIXEL, "--rank", "1", "--out", o,
+                    "--overwrite"],
         "demo": ["demo", "--out", o, "--overwrite"],
     }  # fmt: skip
 

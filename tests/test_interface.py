@@ -139,7 +139,7 @@ def test_shipped_names_resolve_and_unknown_ones_suggest():
     assert catalog.resolve("bold", "adapter") == catalog.PRETRAINED / "adapters" / "bold"
     with pytest.raises(UserError, match="did you mean italic") as e:
         catalog.resolve("italics", "adapter")
-    assert "known: bold, italic" in str(e.value) and "\n" not in str(e.value)
+    assert "known: bold, bold-pixel, italic, italic-pixel" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match="did you mean base"):
         catalog.resolve("bsae", "model")
 
@@ -177,13 +177,12 @@ def test_list_shows_shipped_and_given_folders(tiny, tmp_path, capsys):
 
 
 def test_info_says_everything_and_whether_an_adapter_fits(tiny, capsys):
-    from lora4diffusion.lora.adapters import base_fingerprint
     from lora4diffusion.pipeline import Pipeline
 
     assert main(["info", "bold", "--checkpoint", "base", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["kind"] == "adapter" and data["rank"] == 4 and data["style"] == "bold"
-    assert data["fingerprint"] == base_fingerprint(Pipeline.load().unet)
+    assert data["fingerprint"] == Pipeline.load().fingerprint  # UNet + text encoder of the prompt base
     assert data["fits"].startswith("yes") and data["train"]["steps"] == 500
     assert main(["info", "bold", "--checkpoint", str(tiny), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"].startswith("no")
