@@ -466,3 +466,191 @@ def _up(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# ------------------------------------------------------------------------------------------ prompt models
+# A tiny prompt-conditioned latent model (tiny VAE + tiny UNet and text encoder, seconds to train), built
+# once, and an adapter that fits it (random low-rank factors; train-lora is tested on its own).
+@pytest.fixture(scope="module")
+def prompt_model(tmp_path_factory) -> Path:
+    from lora4diffusion.cli import main
+
+    root = tmp_path_factory.mktemp("prompt_model")
+    assert main(["-q", "train-vae", "--preset", "tiny", "--out", str(root / "vae"), "--device", "cpu"]) == 0
+    argv = ["-q", "train", "--conditioning", "text", "--preset", "tiny", "--vae", str(root / "vae"),
+            "--out", str(root / "base"), "--device", "cpu"]
+    assert main(argv) == 0
+    return root / "base"
+
+
+@pytest.fixture(scope="module")
+def prompt_adapters(prompt_model, tmp_path_factory) -> Path:
+    from lora4diffusion.lora.adapters import save_adapter
+    from lora4diffusion.lora.layers import inject_lora, lora_layers
+
+    folder = tmp_path_factory.mktemp("prompt_adapters")
+    pipe = Pipeline.load(prompt_model)
+    inject_lora(pipe.unet, "all-linear", rank=2, alpha=2.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(pipe.unet).values():
+            w = layer.lora_up["default"].weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.5)
+    save_adapter(pipe.unet, folder / "pstyle", metadata={"style": "bold", "trigger": "sks", "steps": "7"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def papp(prompt_model, prompt_adapters):
+    return create_app(ServeConfig(checkpoint=str(prompt_model), adapters=str(prompt_adapters), max_queue=3))
+
+
+@pytest.fixture(scope="module")
+def pclient(papp):
+    with TestClient(papp, base_url="http://127.0.0.1:7860", raise_server_exceptions=False) as c:
+        yield c
+
+
+def prompt_pipe(prompt_model: Path, papp, lora: tuple[Path, float] | None = None) -> Pipeline:
+    pipe = Pipeline.load(prompt_model).to(papp.state.serve.pipe.device)
+    if lora is not None:
+        pipe.add_lora(lora[0], weight=lora[1])
+    return pipe
+
+
+def test_prompt_model_info_and_adapters(pclient, prompt_model):
+    info = pclient.get("/api/info").json()
+    assert info["model"] == "prompt" and info["latent"] is True and info["negative_prompt"] is True
+    assert info["checkpoint"] == str(prompt_model) and info["prompt_separator"] == "|"
+    words = set(info["vocabulary"])
+    assert {"seven", "handwritten", "sks"} <= words and "<|endoftext|>" not in words
+    assert set(info["train"]["options"]) == {"trigger", "prior", "text_encoder"}
+    items = {a["name"]: a for a in pclient.get("/api/adapters").json()["adapters"]}
+    assert items["pstyle"]["fits"] is True and items["pstyle"]["triggers"] == ["sks"]
+    assert items["bold"]["fits"] is False and "another base" in items["bold"]["reason"]  # the label base's
+
+
+def test_adapter_triggers_are_read_defensively():
+    from lora4diffusion.web.engine import adapter_triggers
+
+    assert adapter_triggers({}) == []
+    assert adapter_triggers({"trigger": "sks"}) == ["sks"]
+    assert adapter_triggers({"trigger": "sks, ohwx"}) == ["sks", "ohwx"]
+    assert adapter_triggers({"triggers": '["zwx", "sks"]', "trigger": "sks"}) == ["zwx", "sks"]
+    assert adapter_triggers({"triggers": "{not json", "trigger": "<lora:x>"}) == []  # malformed: none
+
+
+def test_prompt_generate_matches_the_pipeline_and_the_printed_command(pclient, papp, prompt_model,
+                                                                       prompt_adapters, tmp_path):
+    body = {"prompt": "a handwritten seven | the  digit 3 <lora:pstyle:0.7>", "negative": "thin", "n": 2,
+            "steps": STEPS, "seed": 4}
+    r = pclient.post("/api/generate", json=body)
+    got = images(r)
+    out = r.json()
+    prompts = ["a handwritten seven"] * 2 + ["the digit 3"] * 2
+    assert out["prompts"] == prompts and out["labels"] == [7, 7, 3, 3]
+    assert out["columns"] == ["a handwritten seven", "the digit 3"]
+    s = out["settings"]
+    assert (s["model"], s["prompts"], s["negative"], s["loras"]) == \
+        ("prompt", ["a handwritten seven", "the digit 3"], "thin", {"pstyle": 0.7})
+    assert got.shape == (4, 28, 28) and decode(out["grid"]).shape == (2 * 28 + 3, 2 * 28 + 3)
+
+    pipe = prompt_pipe(prompt_model, papp, (prompt_adapters / "pstyle", 0.7))
+    want, _ = pipe.generate(prompts, steps=STEPS, guidance=1.25, seed=4, negative="thin")
+    assert np.array_equal(got, as_png_pixels(want))
+    plain = images(pclient.post("/api/generate", json={**body, "prompt": "a handwritten seven|the digit 3"}))
+    neg = images(pclient.post("/api/generate", json={**body, "negative": ""}))
+    assert not np.array_equal(plain, got) and not np.array_equal(neg, got)  # the adapter and the negative act
+
+    from lora4diffusion.cli import main
+
+    args = shlex.split(out["command"])
+    assert args[:2] == ["lora4diffusion", "sample"] and "--negative" in args and "--digits" not in args
+    args[args.index("--out") + 1] = str(tmp_path / "s")
+    assert main(["-q", *args[1:]]) == 0
+    npz = np.load(tmp_path / "s" / "samples.npz")
+    assert np.array_equal(as_png_pixels(torch.from_numpy(npz["images"])), got)
+    assert npz["prompts"].tolist() == prompts
+
+
+def test_prompt_model_concurrent_requests_get_their_own_adapter_weight(pclient, papp, prompt_model):
+    body = {"prompt": "seven | the digit 2", "negative": "bold", "steps": STEPS, "seed": 9}
+    alone = {w: images(pclient.post("/api/generate", json={**body, "loras": {"pstyle": w}})) for w in (1, 0)}
+    base, _ = prompt_pipe(prompt_model, papp).generate(["seven", "the digit 2"], steps=STEPS, seed=9,
+                                                       negative="bold")
+    assert np.array_equal(alone[0], as_png_pixels(base)) and not np.array_equal(alone[1], alone[0])
+    engine = papp.state.serve.engine
+    got: dict[float, np.ndarray] = {}
+
+    def ask(w):
+        got[w] = images(pclient.post("/api/generate", json={**body, "loras": {"pstyle": w}}))
+
+    with engine.model_lock:  # queued together, run back to back on the shared model
+        n0 = engine.submitted
+        threads = [threading.Thread(target=ask, args=(w,)) for w in (1, 0)]
+        for t in threads:
+            t.start()
+        # the worker holds one (waiting for the model), the other waits in the queue
+        wait_for(lambda: engine.submitted == n0 + 2 and engine.jobs.qsize() == 1)
+    for t in threads:
+        t.join(60)
+    assert np.array_equal(got[1], alone[1]) and np.array_equal(got[0], alone[0])
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": "a handwriten seven"}, "unknown word 'handwriten'"),
+    ({"prompt": "a handwriten seven"}, "nearest: handwritten"),
+    ({"prompt": "seven", "negative": "blury"}, "unknown word 'blury'"),
+    ({"prompt": "seven " * 20}, "the limit is"),
+    ({"prompt": "seven | | two"}, "empty prompt"),
+    ({"prompt": "seven <lora:nope:1>"}, "unknown adapter"),
+    ({"prompt": "seven <lora:bold:1>"}, "does not fit"),
+])
+def test_bad_prompts_for_the_prompt_model_are_one_line_400(pclient, body, words):
+    r = pclient.post("/api/generate", json=body)
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]
+    assert words in msg and "\n" not in msg and "Traceback" not in msg
+    assert pclient.post("/api/generate/stream", json=body).status_code == 400  # before any stream starts
+
+
+def test_prompt_model_previews_are_decoded_images(pclient, papp):
+    from lora4diffusion.autoencoder import decode_latents
+    from lora4diffusion.web.engine import preview_images
+
+    vae = papp.state.serve.pipe.vae
+    z = torch.randn(3, vae.cfg.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = preview_images(z, vae)
+    assert x.shape == (3, 28, 28) and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(x, decode_latents(vae, z))  # the latent decoded as the final image is
+
+    kinds, previews, done = stream(pclient, {"prompt": "the digit 5 | seven", "n": 2, "steps": 10, "seed": 2})
+    assert kinds[0] == "queued" and kinds[-1] == "done"
+    assert [p["step"] for p in previews] == [1, 2, 4, 6, 8, 10]  # the first step, then every steps // 5
+    final = decode(done["grid"])
+    for p in previews:
+        frame = decode(p["grid"])
+        assert frame.shape == final.shape == (2 * 28 + 3, 2 * 28 + 3) and frame.dtype == np.uint8
+    assert not np.array_equal(decode(previews[0]["grid"]), final)
+    # the last step's x0_hat is the final latent (abar_prev = 1), decoded: the result's pixels
+    assert np.abs(decode(previews[-1]["grid"]).astype(int) - final).max() <= 1
+
+
+def test_train_options_for_prompt_models_follow_the_installed_cli(papp, monkeypatch):
+    from lora4diffusion.web import training
+
+    t = papp.state.serve.training
+    flags = training.train_lora_flags()
+    for key, flag in training.PROMPT_OPTIONS.items():
+        assert t.options(True)["options"][key] == (flag in flags)
+        if flag not in flags:  # asked for but not installed: 400, not a different adapter
+            with pytest.raises(UserError, match=f"no {flag}"):
+                t.prompt_args({key: "sks" if key == "trigger" else True})
+    monkeypatch.setattr(training, "train_lora_flags", lambda: {"--trigger": None, "--prior": 0,
+                                                               "--text-encoder": 0})
+    assert t.prompt_args({"trigger": "SKS", "prior": True, "text_encoder": True}) == \
+        ["--trigger", "sks", "--prior", "--text-encoder"]
+    assert t.prompt_args({"trigger": "", "prior": False}) == []
+    for bad in ({"trigger": "--out"}, {"trigger": "two words"}, {"prior": "x"}):
+        with pytest.raises(UserError):
+            t.prompt_args(bad)

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import queue
+import re
 import secrets
 import shlex
 import threading
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lora4diffusion.captions import digit_of
 from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import ADAPTER_FILE, UNKNOWN, load_adapter, shipped_adapters
@@ -33,6 +35,7 @@ from lora4diffusion.web.prompt import Conditioning, check_name
 
 log = logging.getLogger("lora4diffusion")
 STYLES = ("bold", "thin", "italic")
+_WORD = re.compile(r"[^\s<>:|,]{1,64}")  # a trigger the prompt box can carry (not a tag, not a separator)
 
 
 @dataclass
@@ -75,6 +78,7 @@ class AdapterInfo:
             targets = json.loads(m.get("targets", "[]"))
         except json.JSONDecodeError:
             targets = []
+        triggers = adapter_triggers(m)
         return {
             "name": self.name,
             "source": self.source,
@@ -83,11 +87,30 @@ class AdapterInfo:
             "targets": m.get("target_spec") or f"{len(targets)} modules",
             "modules": len(targets),
             "style": _style_label(m.get("style", "")),
-            "trigger": m.get("trigger", ""),
+            "triggers": triggers,
+            "trigger": ", ".join(triggers),
             "steps": int(m.get("steps", 0) or 0),
             "fits": self.fits,
             "reason": self.reason,
         }
+
+
+def adapter_triggers(meta: dict[str, str]) -> list[str]:
+    """The trigger word(s) an adapter was trained with, from its metadata: ``trigger`` (one word, or several
+    separated by commas or spaces) or ``triggers`` (a JSON list). Read defensively: absent or malformed is
+    none (adapters trained before triggers existed, or imported from elsewhere)."""
+    found: list[str] = []
+    raw = meta.get("triggers")
+    if raw:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = None  # malformed: ignored
+        found += value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    found += [meta.get("trigger") or ""]
+    words = [w for item in found if isinstance(item, str) for w in item.replace(",", " ").split()]
+    words = [w for w in words if _WORD.fullmatch(w)]
+    return [w for i, w in enumerate(words) if w not in words[:i]][:8]
 
 
 def _style_label(style: str) -> str:
@@ -172,6 +195,22 @@ class Job:
             pass
 
 
+DECODED_SIZE = 28  # what autoencoder.decode_latents crops a decoded latent to (MNIST's size)
+
+
+def preview_images(x0: torch.Tensor, vae) -> torch.Tensor:
+    """The sampler's predicted clean sample x0_hat [b, C, h, w] -> images [b, H, W] in [0, 1].
+
+    Pixel model: x0_hat is an image in [-1, 1]. Latent model: x0_hat is a (scaled) latent, which means
+    nothing to look at until the VAE decodes it, as the final latents are (LDM, Rombach et al. 2022, sec. 3).
+    """
+    if vae is None:
+        return ((x0[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
+    from lora4diffusion.autoencoder import decode_latents
+
+    return decode_latents(vae, x0, DECODED_SIZE, DECODED_SIZE)
+
+
 def png_b64(images: torch.Tensor, nrow: int) -> str:
     buf = io.BytesIO()
     grid_image(images, nrow, pad=1 if images.shape[0] > 1 else 0, scale=1).save(buf, format="PNG")
@@ -246,8 +285,9 @@ class Engine:
         wanted = {self._model_name(self.registry.get(n)): w for n, w in job.loras.items()}
         for name in self.loaded.values():
             set_adapter_weight(self.pipe.unet, name, wanted.get(name, 0.0))
-        labels, ncol = job.cond.labels, len(job.cond.digits)
-        canvas = torch.full((len(labels), self.pipe.image_size, self.pipe.image_size), 0.5)
+        labels, ncol, vae = job.cond.labels, len(job.cond.columns), self.pipe.vae
+        size = DECODED_SIZE if vae is not None else self.pipe.image_size
+        canvas = torch.full((len(labels), size, size), 0.5)
         t0 = time.perf_counter()
 
         def preview(start: int, step: int, steps: int, x0: torch.Tensor) -> None:
@@ -255,19 +295,22 @@ class Engine:
                 raise HTTPError(503, "the server is stopping")
             if not job.preview_every or (step % job.preview_every and step not in (1, steps)):
                 return  # the first step too: something to look at as early as possible
-            canvas[start : start + x0.shape[0]] = ((x0[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
+            canvas[start : start + x0.shape[0]] = preview_images(x0, vae)
             job.emit("preview", {"step": step, "steps": steps, "first": start, "grid": grid_b64(canvas, ncol),
                                  "seconds": round(time.perf_counter() - t0, 3)})
 
         images, _ = self.pipe.generate(
             labels, steps=job.steps, guidance=job.guidance, seed=job.seed, batch_size=self.cfg.sampler_batch,
-            callback=preview,
+            callback=preview, negative=job.cond.negative,
         )
+        prompts = job.cond.prompts is not None
         return {
             "id": job.id,
             "grid": grid_b64(images, ncol),
             "images": [png_b64(im[None], 1) for im in images],
-            "labels": labels,
+            # as `sample`'s samples.npz: the digit each image's prompt names (-1: none), and the prompts
+            "labels": [digit_of(p) for p in labels] if prompts else labels,
+            "prompts": labels if prompts else None,
             "columns": job.cond.columns,
             "settings": job.settings,
             "command": sample_command(job.settings, self.registry, self.cfg.checkpoint),
@@ -302,10 +345,16 @@ class Engine:
 def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None) -> str:
     """The ``lora4diffusion sample`` command that draws the same images (same seed, layout and batches)."""
     parts = ["lora4diffusion sample"]
-    if checkpoint:
-        parts.append(f"--checkpoint {_quote(str(checkpoint))}")
-    parts += [f"--digits {','.join(map(str, s['digits']))}", f"--per-digit {s['n']}", f"--steps {s['steps']}",
-              f"--guidance {s['guidance']:g}", f"--seed {s['seed']}"]
+    if checkpoint:  # absent: `sample` loads the shipped base, as the server did
+        where = Path(checkpoint).expanduser()
+        parts.append(f"--checkpoint {_quote(str(where.resolve() if where.exists() else checkpoint))}")
+    if s.get("prompts") is not None:  # a prompt model: the same prompts, N images each, in the same order
+        parts += [f"--prompt {_quote(p)}" for p in s["prompts"]] + [f"--num {s['n']}"]
+        if s.get("negative"):
+            parts.append(f"--negative {_quote(s['negative'])}")
+    else:
+        parts += [f"--digits {','.join(map(str, s['digits']))}", f"--per-digit {s['n']}"]
+    parts += [f"--steps {s['steps']}", f"--guidance {s['guidance']:g}", f"--seed {s['seed']}"]
     have = registry.all()
     for name, w in s["loras"].items():
         info = have.get(name)
