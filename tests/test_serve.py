@@ -469,18 +469,11 @@ def _up(url: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ prompt models
-# A tiny prompt-conditioned latent model (tiny VAE + tiny UNet and text encoder, seconds to train), built
-# once, and an adapter that fits it (random low-rank factors; train-lora is tested on its own).
+# The tiny prompt-conditioned latent model of conftest.py (tiny VAE + tiny UNet and text encoder, built once)
+# and an adapter that fits it (random low-rank factors; train-lora is tested on its own).
 @pytest.fixture(scope="module")
-def prompt_model(tmp_path_factory) -> Path:
-    from lora4diffusion.cli import main
-
-    root = tmp_path_factory.mktemp("prompt_model")
-    assert main(["-q", "train-vae", "--preset", "tiny", "--out", str(root / "vae"), "--device", "cpu"]) == 0
-    argv = ["-q", "train", "--conditioning", "text", "--preset", "tiny", "--vae", str(root / "vae"),
-            "--out", str(root / "base"), "--device", "cpu"]
-    assert main(argv) == 0
-    return root / "base"
+def prompt_model(tiny_prompt_model) -> Path:
+    return tiny_prompt_model
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ Playwright is installed (.ci/run installs both).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -34,13 +35,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def serving(*args: str):
+    """`lora4diffusion serve ARGS --port P` as the user starts it; yields the URL; Ctrl-C at the end."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    adapters = tmp_path_factory.mktemp("adapters")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lora4diffusion", "serve", "--port", str(port), "--adapters", str(adapters)],
+        [sys.executable, "-m", "lora4diffusion", "serve", "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )
     line = proc.stdout.readline()  # the URL, printed before the socket opens
@@ -59,6 +60,12 @@ def server(tmp_path_factory):
     assert proc.wait(timeout=20) == 0
     err = proc.stderr.read()
     assert "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serving("--adapters", str(tmp_path_factory.mktemp("adapters"))) as url:
+        yield url
 
 
 def _pixels(page) -> list[int]:
@@ -132,9 +139,154 @@ def test_page_generates_previews_and_follows_the_slider(server):
             assert labels == ["bold 0", "bold 0.5", "bold 1"]
             page.wait_for_selector("#compare:not([disabled])")
             assert not errors, errors
-            shot = ROOT / "docs" / "serve.png"
+            shot = ROOT / "docs" / "serve.png"  # the shipped base is a label model here (see prompt_server)
             shot.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------------------------------------ prompt models
+@pytest.fixture(scope="module")
+def prompt_server(request, tmp_path_factory):
+    """The page on a prompt-conditioned latent model: the shipped base where it is one, else the tiny one of
+    conftest.py (its digits are blobs, so only the shipped base's page becomes docs/serve.png).
+    An adapter that fits it (small random factors) carries the trigger word "sks"."""
+    from lora4diffusion.errors import UserError
+    from lora4diffusion.pipeline import Pipeline
+
+    try:
+        shipped = Pipeline.load().is_prompt_model
+    except UserError:
+        shipped = False
+    base = None if shipped else request.getfixturevalue("tiny_prompt_model")
+    adapters = tmp_path_factory.mktemp("prompt_adapters")
+    write_trigger_adapter(base, adapters / "pstyle")
+    with serving(*(["--checkpoint", str(base)] if base else []), "--adapters", str(adapters)) as url:
+        yield url, shipped
+
+
+def write_trigger_adapter(base, directory: Path, scale: float = 0.05) -> None:
+    import torch
+
+    from lora4diffusion.lora.adapters import save_adapter
+    from lora4diffusion.lora.layers import inject_lora, lora_layers
+    from lora4diffusion.pipeline import Pipeline
+
+    pipe = Pipeline.load(base)
+    inject_lora(pipe.unet, "all-linear", rank=2, alpha=2.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(pipe.unet).values():
+            w = layer.lora_up["default"].weight
+            w.copy_(torch.randn(w.shape, generator=g) * scale)
+    save_adapter(pipe.unet, directory, metadata={"style": "bold", "trigger": "sks"})
+
+
+def drive_prompt_page(url: str, shot: Path, previews_png: Path | None = None) -> None:
+    """Type prompts (completion, a trigger chip, a bad word, a negative prompt), generate with the live
+    preview, check what the page shows, screenshot it."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 940})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            page.wait_for_selector('input[data-adapter="pstyle"]')
+            assert page.is_enabled("#negative") and page.is_hidden("#digit-picks")
+            assert page.text_content("#n-label") == "Images per prompt"
+            assert "prompt model" in page.text_content("#model-info")
+
+            # the adapter's trigger word is a chip: a click puts it into the prompt, with the adapter's tag
+            page.fill("#prompt", "a handwritten seven")
+            page.click('button.trig[data-trigger="sks"]')
+            text = page.input_value("#prompt")
+            assert "sks" in text.split() and "<lora:pstyle:1>" in text
+            assert page.input_value('input[data-adapter="pstyle"]') == "1"
+
+            # completion: the tokenizer's words and the adapters' trigger words
+            page.fill("#prompt", "")
+            page.type("#prompt", "a handw")
+            page.wait_for_selector("#complete li[data-name=handwritten]")
+            page.keyboard.press("Tab")
+            assert page.input_value("#prompt") == "a handwritten "
+            page.type("#prompt", "sk")
+            page.wait_for_selector("#complete li[data-name=sks]")
+            page.keyboard.press("Tab")
+            assert page.input_value("#prompt") == "a handwritten sks "
+
+            # a word the text encoder does not know: the tokenizer's one line, next to the prompt box
+            page.uncheck("#auto")
+            page.fill("#prompt", "a handwriten seven")
+            page.click("#generate")
+            page.wait_for_selector("#prompt-error:not([hidden])")
+            msg = page.text_content("#prompt-error")
+            assert "unknown word 'handwriten'" in msg and "nearest: handwritten" in msg
+
+            # two prompts (a column each) and a negative prompt: live preview, then the image and the command
+            page.fill("#prompt", "a handwritten seven | the digit 3")
+            page.fill("#negative", "bold")
+            page.fill("#steps", "10")
+            page.fill("#seed", "3")
+            page.click("#generate")
+            page.wait_for_selector("#output[data-state=done]", timeout=30_000)
+            assert page.is_hidden("#prompt-error")
+            assert int(page.get_attribute("#output", "data-previews")) >= 1
+            assert page.evaluate("document.getElementById('output').naturalWidth") == 2 * 28 + 3
+            command = page.text_content("#command")
+            assert "--prompt 'a handwritten seven' --prompt 'the digit 3' --num 1 --negative bold" in command
+
+            # the preview frames the page receives are decoded digits (28 px per image), not 8x8 latents
+            frames = page.evaluate("""async () => {
+                const r = await fetch('/api/generate/stream', {method: 'POST',
+                    headers: {'Content-Type': 'application/json'},
+                    body: JSON.stringify({prompt: 'the digit 0 | seven | the digit 4', steps: 20, seed: 1})});
+                const text = await r.text();
+                return text.split('\\n\\n').filter((c) => c.startsWith('event: preview'))
+                    .map((c) => JSON.parse(c.split('\\ndata: ')[1]).grid);
+            }""")
+            assert len(frames) == 6  # steps 1, 4, 8, 12, 16, 20
+            sizes = page.evaluate("""async (frames) => Promise.all(frames.map((b) => new Promise((ok) => {
+                const im = new Image(); im.onload = () => ok([im.naturalWidth, im.naturalHeight]);
+                im.src = 'data:image/png;base64,' + b; })))""", frames)
+            assert all(s == [3 * 28 + 4, 28 + 2] for s in sizes), sizes  # 1 px padding around each
+            if previews_png is not None:  # for a look: the frames one under the other
+                _stack_frames(frames, previews_png)
+
+            # the picture: a 0-9 row x 3, one prompt per column
+            page.fill("#prompt", " | ".join(f"the digit {d}" for d in range(10)))
+            page.fill("#negative", "")
+            page.fill("#n", "3")
+            page.fill("#steps", "20")
+            page.click("#generate")
+            page.wait_for_function("() => document.querySelectorAll('#history .card').length === 2")
+            assert page.evaluate("document.getElementById('output').naturalWidth") == 10 * 28 + 11
+            assert not errors, errors
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+
+
+def _stack_frames(frames: list[str], path: Path) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    ims = [Image.open(io.BytesIO(base64.b64decode(b))) for b in frames]
+    out = Image.new("L", (ims[0].width, sum(im.height + 2 for im in ims)), 128)
+    for k, im in enumerate(ims):
+        out.paste(im.convert("L"), (0, k * (im.height + 2)))
+    out.resize((out.width * 4, out.height * 4), Image.NEAREST).save(path)
+
+
+def test_prompt_model_page(prompt_server, tmp_path):
+    url, shipped = prompt_server
+    # The README's picture is the shipped base's page; a tiny model's page is checked all the same.
+    shot = ROOT / "docs" / "serve.png" if shipped else tmp_path / "serve_prompt.png"
+    drive_prompt_page(url, shot, tmp_path / "previews.png")
+    assert (tmp_path / "previews.png").is_file()

@@ -494,7 +494,7 @@ function setupModel(i) {
   const neg = $("negative");
   neg.disabled = !prompt;
   if (prompt) {
-    neg.placeholder = "what to steer away from (replaces the empty prompt in guidance), e.g. thin";
+    neg.placeholder = "e.g. thin: guidance steers away from it";
     neg.title = "the negative prompt: guidance pushes from it toward the prompt";
     $("negative-hint").textContent = "";
     $("prompt-hint").innerHTML = "text for the text encoder (<code>a handwritten seven</code>), <code>|</code> " +
