@@ -19,7 +19,7 @@ import secrets
 import shlex
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,8 +27,8 @@ import torch
 from lora4diffusion.captions import digit_of
 from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora.adapters import ADAPTER_FILE, UNKNOWN, load_adapter, shipped_adapters
-from lora4diffusion.lora.layers import set_adapter_weight
+from lora4diffusion.lora.adapters import ADAPTER_FILE, UNKNOWN, load_adapter, read_adapter, shipped_adapters
+from lora4diffusion.lora.layers import lora_layers, set_adapter_weight
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image
 from lora4diffusion.web.prompt import Conditioning, check_name
@@ -96,17 +96,19 @@ class AdapterInfo:
 
 
 def adapter_triggers(meta: dict[str, str]) -> list[str]:
-    """The trigger word(s) an adapter was trained with, from its metadata: ``trigger`` (one word, or several
-    separated by commas or spaces) or ``triggers`` (a JSON list). Read defensively: absent or malformed is
-    none (adapters trained before triggers existed, or imported from elsewhere)."""
+    """The trigger word(s) an adapter was trained with, from its metadata: ``trigger_words`` (a JSON list, as
+    train-lora --trigger writes it) or ``triggers`` (the same), or ``trigger`` (one word, or several separated
+    by commas or spaces). Read defensively: absent or malformed is none (adapters trained before triggers
+    existed, or imported from elsewhere)."""
     found: list[str] = []
-    raw = meta.get("triggers")
-    if raw:
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = None  # malformed: ignored
-        found += value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    for key in ("trigger_words", "triggers"):
+        raw = meta.get(key)
+        if raw:
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = None  # malformed: ignored
+            found += value if isinstance(value, list) else [value] if isinstance(value, str) else []
     found += [meta.get("trigger") or ""]
     words = [w for item in found if isinstance(item, str) for w in item.replace(",", " ").split()]
     words = [w for w in words if _WORD.fullmatch(w)]
@@ -124,8 +126,10 @@ class AdapterRegistry:
     Names come from the browser, so they are only ever dictionary keys here, never joined into a path.
     """
 
-    def __init__(self, folder: Path | None, fingerprint: str):
-        self.folder, self.fingerprint = folder, fingerprint
+    def __init__(self, folder: Path | None, fingerprints: str | set[str]):
+        # the loaded base's fingerprints (base_fingerprints): an adapter recording any of them fits it
+        self.folder = folder
+        self.fingerprints = {fingerprints} if isinstance(fingerprints, str) else set(fingerprints)
         self._cache: dict[Path, tuple[int, AdapterInfo]] = {}
         self._lock = threading.Lock()
 
@@ -144,7 +148,7 @@ class AdapterRegistry:
             info = AdapterInfo(name, directory, source, {}, False, str(e).split(": ")[-1])
         else:
             fp = meta.get("base_fingerprint", UNKNOWN)
-            fits = None if fp == UNKNOWN else fp == self.fingerprint
+            fits = None if fp == UNKNOWN else fp in self.fingerprints
             reason = "" if fits is not False else f"trained on another base ({fp[:12]})"
             info = AdapterInfo(name, directory, source, meta, fits, reason)
         self._cache[f] = (mtime, info)
@@ -276,7 +280,10 @@ class Engine:
         if key not in self.loaded:
             # A fresh name per file version: a re-trained adapter is loaded anew, the old copy stays at 0.
             name = f"a{len(self.loaded)}"
-            load_adapter(self.pipe.unet, info.path, name=name, weight=0.0)
+            # The registry has checked the adapter fits this base (either of its fingerprints; see
+            # base_fingerprints); the loaders then check every module's shape.
+            adapter = replace(read_adapter(info.path), fingerprint=UNKNOWN)
+            load_into(self.pipe, adapter, name)
             self.loaded[key] = name
         return self.loaded[key]
 
@@ -284,7 +291,7 @@ class Engine:
         """Sample one job on the shared model: every loaded adapter at this request's weight (0 if absent)."""
         wanted = {self._model_name(self.registry.get(n)): w for n, w in job.loras.items()}
         for name in self.loaded.values():
-            set_adapter_weight(self.pipe.unet, name, wanted.get(name, 0.0))
+            set_weight(self.pipe, name, wanted.get(name, 0.0))
         labels, ncol, vae = job.cond.labels, len(job.cond.columns), self.pipe.vae
         size = DECODED_SIZE if vae is not None else self.pipe.image_size
         canvas = torch.full((len(labels), size, size), 0.5)
@@ -340,6 +347,41 @@ class Engine:
             finally:
                 self.running = None
                 self.done_count += 1
+
+
+def base_fingerprints(pipe: Pipeline) -> set[str]:
+    """The fingerprints an adapter of this base records: the UNet's (label models; UNet-only adapters of a
+    prompt model) and, for a prompt model, the one over UNet and text encoder together (what train-lora on a
+    prompt base writes, text-encoder LoRA or not)."""
+    from lora4diffusion.lora.adapters import base_fingerprint
+
+    found = {base_fingerprint(pipe.unet)}
+    if pipe.is_prompt_model:
+        from lora4diffusion.prompt_model import TextConditionedUNet
+
+        found.add(base_fingerprint(TextConditionedUNet(pipe.unet, pipe.text_encoder)))
+    return found
+
+
+def load_into(pipe: Pipeline, adapter, name: str) -> None:
+    """Load an adapter at weight 0 under ``name``: into the UNet, and for a prompt model into the text encoder
+    too where it has text-encoder modules (lora.prompt_lora, where this install has it)."""
+    if pipe.is_prompt_model:
+        try:
+            from lora4diffusion.lora.prompt_lora import load_prompt_adapter
+        except ImportError:  # an install without text-encoder LoRA: adapters hold UNet modules only
+            pass
+        else:
+            load_prompt_adapter(pipe.unet, pipe.text_encoder, adapter, 0.0, name=name)
+            return
+    load_adapter(pipe.unet, adapter, name=name, weight=0.0)
+
+
+def set_weight(pipe: Pipeline, name: str, weight: float) -> None:
+    """One adapter's weight in every part of the model that holds it (UNet, text encoder)."""
+    for part in (pipe.unet, pipe.text_encoder):
+        if part is not None and any(name in m.lora_down for m in lora_layers(part).values()):
+            set_adapter_weight(part, name, weight)
 
 
 def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None) -> str:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from lora4diffusion.captions import TRIGGER_WORDS
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora.adapters import base_fingerprint
 from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
 from lora4diffusion.web.engine import (
     STYLES,
@@ -29,6 +28,7 @@ from lora4diffusion.web.engine import (
     HTTPError,
     Job,
     ServeConfig,
+    base_fingerprints,
     float_field,
     int_field,
 )
@@ -45,7 +45,7 @@ class State:
         self.cfg = cfg
         self.pipe = Pipeline.load(cfg.checkpoint).to(cfg.device)
         self.pipe.unet.eval()
-        self.fingerprint = base_fingerprint(self.pipe.unet)
+        self.fingerprints = base_fingerprints(self.pipe)
         self.kind = "prompt" if self.pipe.is_prompt_model else "label"
         # What Pipeline.load(None) loaded is the shipped base, whichever kind it is at the moment.
         self.checkpoint_name = cfg.checkpoint or f"shipped base ({self.kind} model)"
@@ -57,7 +57,7 @@ class State:
         else:  # trained adapters live for this session only
             folder = self.tmp_adapters = Path(tempfile.mkdtemp(prefix="lora4diffusion-serve-"))
         self.adapters_folder = folder
-        self.registry = AdapterRegistry(folder, self.fingerprint)
+        self.registry = AdapterRegistry(folder, self.fingerprints)
         self.engine = Engine(cfg, self.pipe, self.registry)
         self.training = Training(cfg, folder, self.registry, self.pipe.is_prompt_model)
 
