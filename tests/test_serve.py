@@ -667,3 +667,30 @@ def test_train_options_for_prompt_models_follow_the_installed_cli(papp, monkeypa
     for bad in ({"trigger": "--out"}, {"trigger": "two words"}, {"prior": "x"}):
         with pytest.raises(UserError):
             t.prompt_args(bad)
+
+
+def test_training_a_triggered_adapter_on_the_prompt_model(pclient, papp, prompt_model, prompt_adapters):
+    """Where the installed train-lora has --trigger/--prior/--text-encoder (train_lora_flags), the page's
+    options reach it and the adapter it writes is listed with its trigger, fits, and draws as Pipeline does;
+    where it has not, asking for them is a 400 and nothing starts."""
+    from lora4diffusion.web import training
+
+    flags = training.train_lora_flags()
+    body = {"name": "sks_bold", "style": "bold", "rank": 1, "steps": 2, "trigger": "sks", "prior": True,
+            "text_encoder": True}
+    r = pclient.post("/api/train", json=body)
+    if not all(f in flags for f in training.PROMPT_OPTIONS.values()):
+        assert r.status_code == 400 and "the installed train-lora has no" in r.json()["error"]
+        assert not (prompt_adapters / "sks_bold").exists()
+        return
+    assert r.status_code == 202, r.text
+    assert r.json()["options"] == ["--trigger", "sks", "--prior", "--text-encoder"]
+    job = wait_train(pclient, r.json()["id"])
+    assert job["status"] == "done", job
+    items = {a["name"]: a for a in pclient.get("/api/adapters").json()["adapters"]}
+    assert items["sks_bold"]["triggers"] == ["sks"] and items["sks_bold"]["fits"] is True
+    gen = {"prompt": "a handwritten sks seven <lora:sks_bold:1>", "steps": STEPS, "seed": 1}
+    got = images(pclient.post("/api/generate", json=gen))
+    want, _ = prompt_pipe(prompt_model, papp, (prompt_adapters / "sks_bold", 1.0)).generate(
+        ["a handwritten sks seven"], steps=STEPS, seed=1)
+    assert np.array_equal(got, as_png_pixels(want))  # UNet and text-encoder LoRA, as Pipeline loads them
