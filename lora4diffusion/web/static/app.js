@@ -214,7 +214,7 @@ async function loadAdapters() {
     div.querySelector(".name").textContent = a.name;
     div.querySelector(".meta").textContent =
       `rank ${a.rank} · alpha ${a.alpha} · ${a.targets} · style ${a.style || "?"}` +
-      (a.steps ? ` · ${a.steps} steps` : "") + (a.triggers?.length ? "" : " · no trigger") +
+      (a.steps ? ` · ${a.steps} steps` : "") + (a.triggers?.length || !isPrompt() ? "" : " · no trigger") +
       (a.source === "shipped" ? " · shipped" : "");
     for (const t of a.triggers || []) {  // click: into the prompt (with the adapter's tag)
       const b = document.createElement("button");
