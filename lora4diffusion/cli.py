@@ -126,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--seed", type=seed_int)
     tl.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (for comparison)")
     tl.add_argument("--resume", action="store_true")
+    # LoRA on a prompt base (lora/prompt_lora.py): trigger words, prior preservation, text-encoder LoRA
+    tl.add_argument("--trigger", metavar="WORD",
+                    help="prompt bases: caption the styled digits with this reserved rare word (sks, ohwx,"
+                    " ...)")
+    tl.add_argument("--prior", action="store_true",
+                    help="prompt bases: prior preservation: each step adds as many plain digits with"
+                    " trigger-less captions (DreamBooth)")
+    tl.add_argument("--prior-weight", type=finite_float(0.0, 1e3), default=1.0, metavar="W",
+                    help="loss weight of the prior half of the batch (default 1)")
+    tl.add_argument("--text-encoder", action="store_true",
+                    help="prompt bases: LoRA on the text encoder's attention and MLP too (kohya's lora_te)")
+    tl.add_argument("--text-encoder-lr", type=learning_rate, metavar="LR",
+                    help="learning rate of the text-encoder LoRA (default: --lr)")
     _run_dir_args(tl)
     _device_args(tl, train=True)
     tl.set_defaults(func=cmd_train_lora)
@@ -428,8 +441,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
             prompts = [p for p in args.prompt for _ in range(per_row)]
         else:
             prompts = digit_prompts([d for d in digits for _ in range(per_row)])
-        # bad prompts (unknown word, too long) fail here, before any sampling or writing
-        pipe.tokenizer.encode(prompts + ([args.negative] if args.negative is not None else []))
+        add_loras(pipe, args)
+        # <lora:...> tags load their adapters; bad tags, names and prompts (unknown word, too long) fail
+        # here, before any sampling or writing
+        stripped = pipe.apply_prompt_tags(prompts, force=args.force) if args.prompt else prompts
+        pipe.tokenizer.encode(stripped + ([args.negative] if args.negative is not None else []))
+        missing = pipe.missing_triggers(stripped)
+        if missing:
+            name, prompt = missing[0]
+            words = ", ".join(pipe.triggers[name])
+            log.warning("warning: adapter %r is loaded but its trigger (%s) is absent from prompt %r%s: it"
+                        " was trained to act with it", name, words, prompt,
+                        f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         labels = [digit_of(p) for p in prompts]
     elif args.prompt or args.negative is not None:
         raise UserError(
@@ -439,7 +462,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         per_row = args.per_digit
         labels = [d for d in digits for _ in range(per_row)]
-    add_loras(pipe, args)
+        add_loras(pipe, args)
     pipe.to(device)
     steps = args.steps or (DEFAULT_STEPS if args.sampler == "ddim" else None)
     if steps is not None and steps > pipe.diffusion.timesteps:
@@ -508,6 +531,11 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         compile=args.compile,
         overwrite=args.overwrite,
         allow_changes=args.allow_changes,
+        trigger=args.trigger,
+        prior=args.prior,
+        prior_weight=args.prior_weight,
+        text_encoder=args.text_encoder,
+        text_encoder_lr=args.text_encoder_lr,
     )
     if r is None:
         return status
@@ -531,6 +559,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(args.checkpoint)
     loras = add_loras(pipe, args)
     model = unload_lora(pipe.unet, merge=True)
+    if pipe.is_prompt_model:  # text-encoder LoRA (train-lora --text-encoder) is merged into it as well
+        unload_lora(pipe.text_encoder, merge=True)
     require_finite(model.state_dict(), "merge")  # an overflowing scale or adapter: no garbage checkpoint
     merged_from = [{"adapter": p, "scale": w, "name": n} for p, w, n in loras]
     extra = {"merged_from": merged_from, "base": pipe.config.get("base_path")}

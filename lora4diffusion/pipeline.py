@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,10 @@ class Pipeline:
     vae: object = None  # models.vae.VAE for a latent model (trained with --vae), None for a pixel model
     text_encoder: object = None  # models.text_encoder.TextEncoder of a prompt model, None for a label model
     tokenizer: object = None  # models.tokenizer.Tokenizer of a prompt model
+    # adapter name -> its trigger words (prompt models; lora/prompt_lora.py), for the missing-trigger warning
+    triggers: dict = field(default_factory=dict)
+    # <lora:KEY:W> tags seen so far: KEY -> adapter name (loaded once; weights are set per call)
+    tag_adapters: dict = field(default_factory=dict)
 
     @property
     def is_prompt_model(self) -> bool:
@@ -67,7 +71,65 @@ class Pipeline:
         from lora4diffusion.formats import read_any
         from lora4diffusion.lora.adapters import load_adapter
 
+        if self.is_prompt_model:  # UNet and text-encoder modules, one fingerprint over both
+            from lora4diffusion.lora.prompt_lora import load_prompt_adapter, trigger_words
+
+            name, adapter = load_prompt_adapter(self.unet, self.text_encoder, path, weight, force, read_any)
+            self.triggers[name] = trigger_words(adapter)
+            return name
         return load_adapter(self.unet, path, weight=weight, force=force, reader=read_any)
+
+    def set_lora_weight(self, name: str, weight: float) -> None:
+        from lora4diffusion.lora.layers import set_adapter_weight
+        from lora4diffusion.lora.prompt_lora import set_prompt_adapter_weight
+
+        if self.is_prompt_model:
+            set_prompt_adapter_weight(self.unet, self.text_encoder, name, weight)
+        else:
+            set_adapter_weight(self.unet, name, weight)
+
+    def apply_prompt_tags(self, prompts: list[str], force: bool = False) -> list[str]:
+        """Resolve the ``<lora:NAME_OR_PATH[:WEIGHT]>`` tags of one call (prompt_syntax.call_loras): each
+        adapter is loaded once (a path, else a shipped adapter's name) and set to the call's weight; adapters
+        that earlier calls' tags loaded and this call's tags do not name are set to weight 0. Returns the
+        prompts without their tags. Every prompt of a call must carry the same tags (weights apply to the
+        whole batch); a different set or weight is refused."""
+        import difflib
+
+        from lora4diffusion.checkpoint import path_kind
+        from lora4diffusion.lora.adapters import shipped_adapters
+        from lora4diffusion.prompt_syntax import call_loras
+
+        if not self.is_prompt_model:
+            raise UserError("<lora:...> tags go in prompts of a prompt model; a label model takes --lora")
+        stripped, wanted = call_loras(list(prompts), paths=True)
+        shipped = shipped_adapters()
+        for key in wanted:  # every name resolved before any adapter is loaded
+            if key not in self.tag_adapters and path_kind(Path(key)) == "missing" and key not in shipped:
+                known = sorted({*shipped, *self.tag_adapters})
+                near = difflib.get_close_matches(key, known, n=3, cutoff=0.4)
+                hint = f"nearest: {', '.join(near)}" if near else f"known: {', '.join(known) or 'none'}"
+                raise UserError(f"<lora:{key}>: no adapter of that name or path ({hint})")
+        for key, weight in wanted.items():
+            if key not in self.tag_adapters:
+                self.tag_adapters[key] = self.add_lora(key, weight, force=force)
+        for key, name in self.tag_adapters.items():
+            self.set_lora_weight(name, wanted.get(key, 0.0))
+        return stripped
+
+    def missing_triggers(self, prompts: list[str]) -> list[tuple[str, str]]:
+        """(adapter, prompt) for loaded adapters (weight != 0 not checked) whose trigger words a prompt
+        (without its tags) lacks: the adapter then acts weakly or, with prior preservation, not at all."""
+        from lora4diffusion.lora.prompt_lora import missing_triggers
+        from lora4diffusion.prompt_syntax import parse_prompt
+
+        active = {n: w for n, w in self.triggers.items() if n not in self._muted()}
+        return missing_triggers(active, [parse_prompt(p, paths=True).text for p in prompts])
+
+    def _muted(self) -> set[str]:
+        from lora4diffusion.lora.layers import lora_layers
+
+        return {n for m in lora_layers(self.unet).values() for n, w in m.weight.items() if w == 0.0}
 
     def to(self, device: str | torch.device) -> Pipeline:
         """Move the UNet (adapters included) to ``device``: auto | cpu | cuda or a torch.device."""
@@ -130,6 +192,7 @@ class Pipeline:
         Prompt models: ``labels`` are prompts (strings), or digits, which become prompts of the "digit"
         family (prompt_model.digit_prompts). ``negative`` (one string, or one per prompt) replaces the empty
         prompt as the unconditional branch of guidance. A bad prompt raises UserError before any sampling.
+        Prompts may carry ``<lora:NAME_OR_PATH[:WEIGHT]>`` tags: see ``apply_prompt_tags``.
         """
         device = self.device
         contexts = None
@@ -187,6 +250,11 @@ class Pipeline:
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
         prompts = list(prompts)
+        if all(isinstance(p, str) for p in prompts):
+            from lora4diffusion.prompt_syntax import has_tags
+
+            if self.tag_adapters or any(has_tags(p) for p in prompts):
+                prompts = self.apply_prompt_tags(prompts)  # <lora:...> loads/weights adapters, then goes
         if not all(isinstance(p, str) for p in prompts):
             if any(isinstance(p, str) for p in prompts):
                 raise UserError("give prompts (strings) or digits, not a mix")

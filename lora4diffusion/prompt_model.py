@@ -217,8 +217,9 @@ PRESET_NAMES = ("tiny", "fast", "base")
 
 @torch.no_grad()
 def preview_prompts(model: TextConditionedUNet, tokenizer: Tokenizer, schedule: NoiseSchedule, vae,
-                    path: Path, steps: int = 20) -> None:
-    """One DDIM sample per digit ("the digit 0" ... "the digit 9"), fixed seed, for watching training."""
+                    path: Path, steps: int = 20, prompts: list[str] | None = None) -> None:
+    """One DDIM sample per digit ("the digit 0" ... "the digit 9", or ``prompts``: ten of them, e.g. with a
+    LoRA's trigger), fixed seed, for watching training."""
     from lora4diffusion.autoencoder import decode_latents
     from lora4diffusion.diffusion import DDIMSampler, sample
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE
@@ -227,7 +228,7 @@ def preview_prompts(model: TextConditionedUNet, tokenizer: Tokenizer, schedule: 
     s = DDIMSampler(schedule, clip_sample=False)
     s.set_timesteps(steps)
     dev = next(model.parameters()).device
-    ids = tokenizer.encode([f"the digit {d}" for d in range(10)] + [EMPTY_PROMPT]).to(dev)
+    ids = tokenizer.encode((prompts or [f"the digit {d}" for d in range(10)]) + [EMPTY_PROMPT]).to(dev)
     ctx = model.text_encoder(ids)[0]
     cond, uncond = ctx[:10], ctx[10:].expand(10, -1, -1)
     shape = (model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)

@@ -195,6 +195,7 @@ class Trainer:
         device: str | torch.device | None = None,
         compile: bool = False,
         should_stop: Callable[[], bool] | None = None,
+        lr_scale: Callable[[str], float] | None = None,
     ):
         cfg.validate()
         self.device = (
@@ -226,15 +227,21 @@ class Trainer:
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         # Decay only matrices/kernels, as is usual for AdamW; norms, biases and embeddings are not decayed.
-        decay = [p for p in self.params.values() if p.dim() >= 2]
-        no_decay = [p for p in self.params.values() if p.dim() < 2]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-        )
-        self._opt_names = [k for k, p in self.params.items() if p.dim() >= 2] + [
-            k for k, p in self.params.items() if p.dim() < 2
-        ]
+        # ``lr_scale(name)``: a parameter's learning rate as a multiple of cfg.lr (e.g. a text encoder's own
+        # rate in LoRA training); without it, the two groups below are all there is.
+        scales = sorted({lr_scale(k) for k in self.params}) if lr_scale is not None else [None]
+        groups, self._opt_names = [], []
+        for scale in scales:
+            mine = {k: p for k, p in self.params.items() if scale is None or lr_scale(k) == scale}
+            for decayed in (True, False):
+                names = [k for k, p in mine.items() if (p.dim() >= 2) == decayed]
+                wd = cfg.weight_decay if decayed else 0.0
+                group = {"params": [mine[k] for k in names], "weight_decay": wd}
+                if scale is not None:
+                    group["lr_scale"] = scale
+                groups.append(group)
+                self._opt_names += names
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr)
         self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step = 0
         self.train_seconds = 0.0
@@ -478,7 +485,7 @@ class Trainer:
                     raise KeyboardInterrupt
                 t0 = time.perf_counter()
                 for group in self.opt.param_groups:
-                    group["lr"] = self.lr_at(self.step)
+                    group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)
                 loss = self._loss(self.step)
                 # The global batch's loss: the logged value, and one verdict on non-finite for every rank.
                 global_loss = distributed.mean(loss.detach())

@@ -471,3 +471,114 @@ def test_shipped_adapters_have_a_name_in_every_format_and_round_trip(tmp_path):
             assert all(torch.equal(back.tensors[k], v) for k, v in adapter.tensors.items())
         # the kohya file carries the fingerprint: checked against the shipped base when loaded by path
         assert pipe.add_lora(tmp_path / name / "kohya" / f"{name}.safetensors", 0.0) == name
+
+
+# ----- text-encoder LoRA (train-lora --text-encoder on a prompt model) -----
+def _te_adapter(folder=None):
+    """UNet + text-encoder LoRA as train-lora --text-encoder writes it: text-encoder modules prefixed.
+    ``folder``: also export the text encoder (before LoRA) there as a CLIPTextModel; returns (adapter, te)."""
+    from lora4diffusion.lora.adapters import Adapter
+    from lora4diffusion.lora.prompt_lora import TE_TARGETS
+    from lora4diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
+    from lora4diffusion.models.tokenizer import Tokenizer
+
+    model = make_unet()
+    make_adapter(model, targets="attention", rank=4, alpha=2.0)
+    torch.manual_seed(3)
+    te = TextEncoder(TextEncoderConfig.for_tokenizer(Tokenizer.load(), width=16, layers=2, heads=2))
+    if folder is not None:
+        from lora4diffusion.formats.transformers_clip import export_text_encoder
+
+        export_text_encoder(te, Tokenizer.load(), folder)
+    inject_lora(te, TE_TARGETS, 4, 2.0)
+    with torch.no_grad():
+        for m in lora_layers(te).values():
+            m.lora_up["default"].weight.normal_()
+    unet_part, te_part = adapter_from_model(model), adapter_from_model(te)
+    tensors = {**unet_part.tensors, **{f"text_encoder.{k}": v for k, v in te_part.tensors.items()}}
+    adapter = Adapter(tensors, 4, 2.0, fingerprint=unet_part.fingerprint,
+                      extra={"style": "bold", "trigger_words": json.dumps(["sks"]), "text_encoder": "true"})
+    return (adapter, te) if folder is not None else adapter
+
+
+def test_text_encoder_lora_names_in_every_format():
+    from lora4diffusion.formats.names import te_from_diffusers, te_from_kohya, te_to_diffusers, te_to_kohya
+
+    ours = "text_encoder.layers.0.self_attn.q_proj"
+    assert te_to_diffusers(ours) == "text_model.encoder.layers.0.self_attn.q_proj"
+    assert te_to_kohya(ours) == "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    leaves = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+              "mlp.fc2")
+    for leaf in leaves:
+        path = f"text_encoder.layers.11.{leaf}"
+        assert te_from_kohya(te_to_kohya(path)) == path == te_from_diffusers(te_to_diffusers(path))
+    for bad in ("text_encoder.token_embedding", "text_encoder.layers.0.layer_norm1", "layers.0.mlp.fc1"):
+        with pytest.raises(UserError):
+            te_to_kohya(bad)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "peft"])
+def test_text_encoder_lora_round_trips_are_exact(tmp_path, fmt):
+    adapter = _te_adapter()
+    written = write_lora(adapter, fmt, tmp_path / fmt, title="bold")
+    back = read_any(written)
+    assert set(back.tensors) == set(adapter.tensors)
+    assert all(torch.equal(back.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
+    if fmt != "peft":
+        assert back.metadata() == adapter.metadata()
+    if fmt == "kohya":
+        with safe_open(str(written), "pt") as f:
+            meta, keys = f.metadata(), list(f.keys())
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+        assert "lora_te_text_model_encoder_layers_1_mlp_fc2.alpha" in keys
+        assert json.loads(meta["ss_tag_frequency"]) == {"trigger": {"sks": 1}}
+        assert meta["modelspec.trigger_phrase"] == "sks"
+    if fmt == "diffusers":
+        with safe_open(str(written), "pt") as f:
+            meta, keys = f.metadata(), list(f.keys())
+        assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
+        config = json.loads(meta["lora_adapter_metadata"])
+        assert config["text_encoder.r"] == 4 and config["text_encoder.lora_alpha"] == 2.0
+
+
+def test_diffusers_kohya_converter_agrees_on_text_encoder_names(tmp_path):
+    """diffusers' own kohya converter (+ its PEFT renaming, as load_lora_weights does) turns our kohya file's
+    lora_te_* entries into exactly the text_encoder.* tensors of our diffusers file."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_peft
+
+    adapter = _te_adapter()
+    kohya_file = write_lora(adapter, "kohya", tmp_path / "k", title="k")
+    state, alphas = _convert_non_diffusers_lora_to_diffusers(load_file(str(kohya_file)))
+    theirs = convert_state_dict_to_peft({k: v for k, v in state.items() if k.startswith("text_encoder.")})
+    mine = {k: v for k, v in load_file(str(write_lora(adapter, "diffusers", tmp_path / "d"))).items()
+            if k.startswith("text_encoder.")}
+    assert set(theirs) == set(mine) and len(mine) == 24  # 2 layers x (q, k, v, out, fc1, fc2) x (A, B)
+    assert all(torch.equal(theirs[k], mine[k]) for k in mine)
+    assert {float(v) for k, v in alphas.items() if k.startswith("text_encoder.")} == {2.0}
+
+
+def test_transformers_clip_with_peft_lora_from_our_diffusers_file_matches_ours(tmp_path):
+    """Our diffusers file's text_encoder.* LoRA, loaded by peft into transformers' CLIPTextModel (the base
+    exported by formats/transformers_clip.py), computes what our text encoder + LoRA computes."""
+    from peft import LoraConfig
+    from transformers import CLIPTextModel
+
+    from lora4diffusion.models.tokenizer import Tokenizer
+
+    adapter, te = _te_adapter(tmp_path / "clip")
+    weights = load_file(str(write_lora(adapter, "diffusers", tmp_path / "d")))
+    state = {k.removeprefix("text_encoder."): v for k, v in weights.items() if k.startswith("text_encoder.")}
+    theirs = CLIPTextModel.from_pretrained(tmp_path / "clip" / "text_encoder").eval()
+    config = LoraConfig(r=4, lora_alpha=2.0, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1",
+                                                              "fc2"])
+    # what diffusers' _load_lora_into_text_encoder does: transformers' PEFT integration
+    theirs.load_adapter(adapter_name="k", adapter_state_dict=state, peft_config=config)
+    ids = Tokenizer.load().encode(["a handwritten sks seven", "the digit 3", ""])
+    with torch.no_grad():
+        ours, theirs_out = te.eval()(ids)[0], theirs(input_ids=ids).last_hidden_state
+        for m in lora_layers(te).values():
+            m.disable_adapters()
+        plain = te(ids)[0]
+    assert (ours - theirs_out).abs().max() <= 1e-5
+    assert (ours - plain).abs().max() > 1e-3  # the LoRA changed the output: the comparison is not vacuous

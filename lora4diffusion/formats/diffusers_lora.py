@@ -3,6 +3,7 @@
 Keys (diffusers >= 0.27 with the PEFT backend; checked against 0.42's ``lora_base.py`` / ``loaders/peft.py``):
     unet.<diffusers module path>.lora_A.weight   = our lora_down (A)
     unet.<diffusers module path>.lora_B.weight   = our lora_up (B)
+    text_encoder.text_model.encoder.layers.N.self_attn.q_proj.lora_A.weight   (text-encoder LoRA)
 A bare model's ``save_lora_adapter`` writes the same keys without ``unet.``; both are read.
 
 Alpha: carried, not folded. diffusers reads the safetensors metadata entry ``lora_adapter_metadata`` (JSON of
@@ -22,13 +23,20 @@ from pathlib import Path
 from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
 from lora4diffusion.errors import UserError
 from lora4diffusion.formats import ours
-from lora4diffusion.formats.names import from_diffusers, to_diffusers
+from lora4diffusion.formats.names import (
+    from_diffusers,
+    is_text_encoder,
+    te_from_diffusers,
+    te_to_diffusers,
+    to_diffusers,
+)
 from lora4diffusion.lora.adapters import UNKNOWN, Adapter
 
 log = logging.getLogger("lora4diffusion")
 WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PREFIX = "unet"
+TE_PREFIX = "text_encoder"  # SD 1.x's text encoder: text_encoder.text_model.encoder.layers.N...
 KEY_RX = re.compile(r"^(?:(unet|text_encoder(?:_2)?)\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
@@ -50,13 +58,15 @@ def lora_config(adapter: Adapter, targets: list[str]) -> dict:
 
 def write(adapter: Adapter, out_dir: str | Path) -> Path:
     """Write ``out_dir/pytorch_lora_weights.safetensors``; every module must have a diffusers name."""
-    tensors, targets = {}, []
+    tensors, targets = {}, {PREFIX: [], TE_PREFIX: []}
     for m in adapter.modules:
         a, b = adapter.pair(m)
-        d = to_diffusers(m)
-        targets.append(d)
-        tensors[f"{PREFIX}.{d}.lora_A.weight"], tensors[f"{PREFIX}.{d}.lora_B.weight"] = a, b
-    config = {f"{PREFIX}.{k}": v for k, v in lora_config(adapter, targets).items()}
+        part, d = (TE_PREFIX, te_to_diffusers(m)) if is_text_encoder(m) else (PREFIX, to_diffusers(m))
+        targets[part].append(d)
+        tensors[f"{part}.{d}.lora_A.weight"], tensors[f"{part}.{d}.lora_B.weight"] = a, b
+    # one LoraConfig per component, keys prefixed by it (diffusers' _pack_dict_with_prefix)
+    config = {f"{part}.{k}": v for part, mods in targets.items() if mods
+              for k, v in lora_config(adapter, mods).items()}
     meta = {
         "format": "pt",
         METADATA_KEY: json.dumps(config, indent=2, sort_keys=True),
@@ -85,16 +95,16 @@ def read(path: str | Path) -> Adapter:
             raise UserError(
                 f"{path}: unexpected tensor {key!r} (diffusers LoRA files hold lora_A/lora_B weights)"
             )
-        if match[1] and match[1] != PREFIX:
-            raise UserError(
-                f"{path}: {match[1]} LoRA ({key}) is not supported: this model has no text encoder"
-            )
-        pairs.setdefault(match[2], {})[match[3]] = t.float()
+        if match[1] not in (None, PREFIX, TE_PREFIX):
+            raise UserError(f"{path}: {match[1]} LoRA ({key}) is not supported (one text encoder, SD 1.x)")
+        module = f"{TE_PREFIX}.{match[2]}" if match[1] == TE_PREFIX else match[2]
+        pairs.setdefault(module, {})[match[3]] = t.float()
     tensors = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise UserError(f"{path}: module {module} has lora_{'A' if 'A' in ab else 'B'} but not the other")
-        mine = from_diffusers(module)
+        te = module.startswith(f"{TE_PREFIX}.")
+        mine = te_from_diffusers(module[len(TE_PREFIX) + 1 :]) if te else from_diffusers(module)
         tensors[f"{mine}.lora_down.weight"], tensors[f"{mine}.lora_up.weight"] = ab["A"], ab["B"]
     if not tensors:
         raise UserError(f"{path}: the file holds no LoRA tensors")

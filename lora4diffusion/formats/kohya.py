@@ -1,6 +1,8 @@
 """LoRA files in kohya-ss/sd-scripts' layout (``networks.lora``): what civitai, ComfyUI and A1111 share.
 
-One safetensors file; per adapted module, named ``lora_unet_`` + its diffusers path with ``.`` -> ``_``:
+One safetensors file; per adapted module, named ``lora_unet_`` + its diffusers path with ``.`` -> ``_``
+(text-encoder modules: ``lora_te_`` + the CLIPTextModel path, e.g. ``lora_te_text_model_encoder_layers_0_
+self_attn_q_proj``; formats/names.py):
     <name>.lora_down.weight   A [r, in] (conv: [r, in, kh, kw])   = our lora_down
     <name>.lora_up.weight     B [out, r] (conv: [out, r, 1, 1])   = our lora_up
     <name>.alpha              a 0-d tensor; kohya's scale is alpha / r (a missing alpha means alpha = r)
@@ -24,7 +26,7 @@ import torch
 from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
 from lora4diffusion.errors import UserError
 from lora4diffusion.formats import ours
-from lora4diffusion.formats.names import KOHYA_UNET, from_kohya, to_kohya
+from lora4diffusion.formats.names import KOHYA_TE, KOHYA_UNET, any_from_kohya, any_to_kohya
 from lora4diffusion.lora.adapters import UNKNOWN, Adapter
 
 log = logging.getLogger("lora4diffusion")
@@ -39,7 +41,7 @@ def write(adapter: Adapter, path: str | Path, title: str = "") -> Path:
     tensors, convs = {}, False
     for m in adapter.modules:
         a, b = adapter.pair(m)
-        k = to_kohya(m)
+        k = any_to_kohya(m)  # lora_unet_* or, for text-encoder LoRA, lora_te_*
         tensors[f"{k}.lora_down.weight"], tensors[f"{k}.lora_up.weight"] = a, b
         tensors[f"{k}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         convs = convs or a.dim() == 4
@@ -76,7 +78,7 @@ def looks_like(keys: list[str]) -> bool:
 
 
 def read(path: str | Path) -> Adapter:
-    """A kohya LoRA file as our Adapter (UNet modules only: this model has no text encoder)."""
+    """A kohya LoRA file as our Adapter (``lora_unet_*`` and the text encoder's ``lora_te_*`` modules)."""
     path = Path(path)
     raw, meta = load_tensors(path), read_metadata(path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -84,14 +86,14 @@ def read(path: str | Path) -> Adapter:
         match = KEY_RX.match(key)
         if not match:
             raise UserError(f"{path}: unexpected tensor {key!r} (kohya LoRA: lora_down/lora_up/alpha only)")
-        if not match[1].startswith(KOHYA_UNET):
-            raise UserError(f"{path}: module {match[1]} is not supported: this model has no text encoder")
+        if not match[1].startswith((KOHYA_UNET, KOHYA_TE)):  # lora_te1_/lora_te2_: SDXL's two encoders
+            raise UserError(f"{path}: module {match[1]} is not supported (lora_unet_* and lora_te_* only)")
         parts.setdefault(match[1], {})[match[2]] = t
     tensors, pairs, alphas, missing = {}, {}, {}, []
     for name, p in parts.items():
         if "lora_down.weight" not in p or "lora_up.weight" not in p:
             raise UserError(f"{path}: module {name} lacks its lora_down or lora_up weight")
-        mine = from_kohya(name)
+        mine = any_from_kohya(name)
         a, b = p["lora_down.weight"].float(), p["lora_up.weight"].float()
         tensors[f"{mine}.lora_down.weight"], tensors[f"{mine}.lora_up.weight"] = a, b
         pairs[name] = (a, b)

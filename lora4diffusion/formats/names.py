@@ -193,4 +193,63 @@ def from_kohya(name: str) -> str:
     return ours
 
 
-__all__ = ["KOHYA_UNET", "from_diffusers", "from_kohya", "to_diffusers", "to_kohya"]
+# ----- text-encoder LoRA (train-lora --text-encoder): our adapter names "text_encoder.<path in TextEncoder>"
+# Our TextEncoder's layers are CLIPTextModel's minus "text_model.encoder." (formats/transformers_clip.py), so
+#   ours      text_encoder.layers.0.self_attn.q_proj
+#   diffusers text_encoder.text_model.encoder.layers.0.self_attn.q_proj   (+ .lora_A.weight; SD 1.x's one
+#             text encoder; SDXL's second is text_encoder_2, which we do not have)
+#   kohya     lora_te_text_model_encoder_layers_0_self_attn_q_proj         (networks/lora.py: "lora_te" + the
+#             CLIPTextModel path with "." -> "_"; SDXL uses lora_te1_/lora_te2_)
+# Only the LoRA-adaptable linears of an encoder layer have names here: attention q/k/v/out_proj, MLP fc1/fc2.
+TE = "text_encoder."
+KOHYA_TE = "lora_te_"
+_TE_LEAF = r"(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
+_TE_OURS = re.compile(rf"^text_encoder\.layers\.(\d+)\.({_TE_LEAF})$")
+_TE_DIFFUSERS = re.compile(rf"^text_model\.encoder\.layers\.(\d+)\.({_TE_LEAF})$")
+_TE_KOHYA = re.compile(r"^lora_te_text_model_encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)_proj|mlp_fc[12])$")
+
+
+def is_text_encoder(path: str) -> bool:
+    return path.startswith(TE)
+
+
+def te_to_diffusers(path: str) -> str:
+    """``text_encoder.layers.0.self_attn.q_proj`` -> ``text_model.encoder.layers.0.self_attn.q_proj`` (the
+    path inside diffusers' ``text_encoder``; LoRA files prefix it with ``text_encoder.``)."""
+    m = _TE_OURS.match(path)
+    if not m:
+        raise UserError(f"text-encoder module {path} has no LoRA counterpart in CLIPTextModel")
+    return f"text_model.encoder.layers.{m[1]}.{m[2]}"
+
+
+def te_from_diffusers(path: str) -> str:
+    m = _TE_DIFFUSERS.match(path)
+    if not m:
+        raise UserError(f"text-encoder module {path} has no counterpart in our text encoder")
+    return f"{TE}layers.{m[1]}.{m[2]}"
+
+
+def te_to_kohya(path: str) -> str:
+    return "lora_te_" + te_to_diffusers(path).replace(".", "_")
+
+
+def te_from_kohya(name: str) -> str:
+    m = _TE_KOHYA.match(name)
+    if not m:
+        raise UserError(f"kohya module {name} has no counterpart in our text encoder")
+    leaf = m[2].replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+    return f"{TE}layers.{m[1]}.{leaf}"
+
+
+def any_to_kohya(path: str) -> str:
+    """Our adapter module (UNet or text encoder) -> kohya's name."""
+    return te_to_kohya(path) if is_text_encoder(path) else to_kohya(path)
+
+
+def any_from_kohya(name: str) -> str:
+    return te_from_kohya(name) if name.startswith(KOHYA_TE) else from_kohya(name)
+
+
+__all__ = ["KOHYA_TE", "KOHYA_UNET", "TE", "any_from_kohya", "any_to_kohya", "from_diffusers", "from_kohya",
+           "is_text_encoder", "te_from_diffusers", "te_from_kohya", "te_to_diffusers", "te_to_kohya",
+           "to_diffusers", "to_kohya"]

@@ -5,9 +5,10 @@ Both go through the one training loop in train.py; only what is trainable and wh
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -77,6 +78,11 @@ def train_lora(
     should_stop: Callable[[], bool] | None = None,
     overwrite: bool = False,
     allow_changes: bool = False,
+    trigger: str | None = None,
+    prior: bool = False,
+    prior_weight: float = 1.0,
+    text_encoder: bool = False,
+    text_encoder_lr: float | None = None,
     **overrides,
 ) -> dict:
     """Train a LoRA adapter (or, with ``full=True``, every weight) for ``style`` into run directory ``out``.
@@ -85,8 +91,21 @@ def train_lora(
     ``device``: auto (CUDA if available) | cpu | cuda; under torchrun every process calls this.
     ``should_stop``, ``overwrite``, ``allow_changes``: see train.Trainer and train.prepare_run; ``--resume``
     on another base than the run's is always refused (the base fingerprint is recorded in the state).
+    ``trigger``, ``prior``, ``prior_weight``, ``text_encoder``, ``text_encoder_lr``: LoRA on a prompt base
+    (lora/prompt_lora.py); a label base refuses them. A prompt base goes to ``train_prompt_lora``.
     """
     lora = lora or LoRAConfig()
+    if _is_prompt_base(base):
+        return train_prompt_lora(style, out, base, lora, data, per_digit, resume, full, progress, device,
+                                 compile, should_stop, overwrite, allow_changes, trigger=trigger, prior=prior,
+                                 prior_weight=prior_weight, text_encoder=text_encoder,
+                                 text_encoder_lr=text_encoder_lr, **overrides)
+    given = {"--trigger": trigger is not None, "--prior": prior, "--text-encoder": text_encoder,
+             "--text-encoder-lr": text_encoder_lr is not None, "--prior-weight": prior_weight != 1.0}
+    wrong = [flag for flag, on in given.items() if on]
+    if wrong:
+        raise UserError(f"{', '.join(wrong)}: the base is a label model (no text); these need a prompt base"
+                        " (train --conditioning text)")
     cfg, out, device = prepare_run(
         default_lora_train_config(), out, resume, device, overwrite=overwrite, allow_changes=allow_changes,
         **overrides,
@@ -157,6 +176,154 @@ def train_lora(
         device=device,
         compile=compile,
         should_stop=should_stop,
+    )
+    if resume:
+        trainer.resume(allow_changes)
+    result = trainer.fit(progress=progress)
+    result.update(summary, out=str(out))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ prompt bases
+def _is_prompt_base(base: str | Path | None) -> bool:
+    from lora4diffusion.checkpoint import read_json
+
+    path = Path(base) if base is not None else pretrained_dir()
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        cfg = read_json(config)
+    except UserError:
+        return False  # load_base names the problem
+    unet = cfg.get("unet") if isinstance(cfg, dict) else None
+    return isinstance(unet, dict) and unet.get("conditioning") == "text"
+
+
+def default_trigger_train_config() -> TrainConfig:
+    # As default_lora_train_config, without caption dropout: the empty prompt is guidance's unconditional
+    # branch and keeps the base's meaning (kohya's caption_dropout_rate defaults to 0 as well).
+    return replace(default_lora_train_config(), label_dropout=0.0)
+
+
+def train_prompt_lora(
+    style: str,
+    out: Path,
+    base: str | Path | None,
+    lora: LoRAConfig,
+    data: str = "embedded",
+    per_digit: int | None = None,
+    resume: bool = False,
+    full: bool = False,
+    progress: bool = True,
+    device: str | torch.device = "auto",
+    compile: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    overwrite: bool = False,
+    allow_changes: bool = False,
+    trigger: str | None = None,
+    prior: bool = False,
+    prior_weight: float = 1.0,
+    text_encoder: bool = False,
+    text_encoder_lr: float | None = None,
+    **overrides,
+) -> dict:
+    """LoRA on a prompt base (lora/prompt_lora.py): styled digits captioned with ``trigger`` (or plain
+    captions without one), optional prior preservation and text-encoder LoRA. Same run folder, resume and
+    export contract as ``train_lora``; writes ``out/adapter.safetensors``."""
+    from lora4diffusion.data import load_mnist
+    from lora4diffusion.lora.prompt_lora import (
+        TE_TARGETS,
+        TRIGGER_KEY,
+        TriggerTask,
+        adapter_from_prompt_model,
+        check_trigger_in,
+        prompt_fingerprint,
+    )
+    from lora4diffusion.prompt_model import TextConditionedUNet, load_text_parts, preview_prompts
+
+    if full:
+        raise UserError("--full on a prompt base is not supported: train LoRA (or fine-tune with train)")
+    if prior and trigger is None:
+        raise UserError("--prior needs --trigger: prior preservation keeps trigger-less prompts as the base")
+    if not prior and prior_weight != 1.0:
+        raise UserError("--prior-weight goes with --prior")
+    if not (0.0 <= prior_weight <= 1e3) or prior_weight != prior_weight:
+        raise UserError(f"--prior-weight must be in [0, 1000], got {prior_weight}")
+    if text_encoder_lr is not None and not text_encoder:
+        raise UserError("--text-encoder-lr goes with --text-encoder")
+    unet, diffusion, base_config, base_path = load_base(base)
+    te, tokenizer = load_text_parts(base_path, base_config)
+    if trigger is not None:
+        trigger = check_trigger_in(trigger, tokenizer)  # before anything is written
+    cfg, out, device = prepare_run(
+        default_trigger_train_config(), out, resume, device, overwrite=overwrite, allow_changes=allow_changes,
+        **overrides,
+    )
+    te_lr = cfg.lr if text_encoder_lr is None else float(text_encoder_lr)
+    model = TextConditionedUNet(unet, te)
+    for p in model.parameters():  # the whole base is frozen, the text encoder included
+        p.requires_grad_(False)
+    fingerprint = prompt_fingerprint(unet, te)
+    styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
+    vae = load_attached_vae(base_path, base_config)
+    if vae is None:
+        raise UserError(f"{base_path}: a prompt model without its VAE")
+    images = cached_latents(vae, styled.images)
+    prior_images = prior_labels = None
+    prior_source = None
+    if prior:  # the plain training digits of the base (the class prior of DreamBooth, here real images)
+        plain = load_mnist(data).train
+        prior_images, prior_labels, prior_source = cached_latents(vae, plain.images), plain.labels, plain
+    base_name = "shipped base" if base is None else str(base_path)
+    run_info = {"base": base_name, "base_fingerprint": fingerprint, "style": style, "data": styled.source,
+                "data_fingerprint": data_fingerprint(styled.images, styled.labels), "per_digit": per_digit,
+                "full": False, "trigger": trigger, "prior": prior, "prior_weight": prior_weight,
+                "text_encoder": text_encoder, "text_encoder_lr": te_lr if text_encoder else None,
+                "lora": asdict(lora)}  # fmt: skip
+    if prior_source is not None:
+        run_info["prior_data_fingerprint"] = data_fingerprint(prior_source.images, prior_source.labels)
+    torch.manual_seed(cfg.seed)  # LoRA init: the UNet's, then the text encoder's
+    kw = dict(name="default", init=lora.init, rslora=lora.rslora, dropout=lora.dropout)
+    inject_lora(unet, lora.targets, lora.rank, lora.alpha, **kw)
+    if text_encoder:
+        inject_lora(te, TE_TARGETS, lora.rank, lora.alpha, **kw)
+    for key, p in model.named_parameters():  # inject_lora froze the other part's adapter: thaw both
+        p.requires_grad_(".lora_down.default." in key or ".lora_up.default." in key)
+    s = lora_summary(model, "default")
+    summary = {"trainable_params": s["lora_params"], "share": s["share"], "modules": s["modules"]}
+    log.info("LoRA on a prompt base: %d trainable parameters (%.2f%% of the base)%s", s["lora_params"],
+             100 * s["share"], ", text encoder included" if text_encoder else "")
+    schedule = NoiseSchedule(diffusion)
+    model.train()
+    preview_words = [trigger] if trigger else []
+
+    def export(m: nn.Module, directory: Path) -> None:
+        adapter = adapter_from_prompt_model(m, fingerprint)
+        meta = {"style": style, "steps": trainer.step, "base": base_name, "data": styled.source,
+                "train": asdict(cfg), "target_spec": lora.targets, TRIGGER_KEY: preview_words,
+                "text_encoder": text_encoder, "text_encoder_targets": TE_TARGETS if text_encoder else None,
+                "text_encoder_lr": te_lr if text_encoder else None, "prior": prior,
+                "prior_weight": prior_weight if prior else None, "conditioning": "text"}  # fmt: skip
+        adapter.extra = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+        adapter.save(directory)
+
+    preview = [f"the digit {trigger + ' ' if trigger else ''}{d}" for d in range(10)]
+    trainer = Trainer(
+        model,
+        TriggerTask(schedule, tokenizer, trigger, prior_images, prior_labels, prior_weight),
+        images,
+        styled.labels,
+        cfg,
+        out,
+        export,
+        preview=lambda m, p: preview_prompts(m, tokenizer, schedule, vae, p, prompts=preview),
+        run_info=run_info,
+        device=device,
+        compile=compile,
+        should_stop=should_stop,
+        lr_scale=(lambda k: te_lr / cfg.lr if k.startswith("text_encoder.") else 1.0) if text_encoder
+        else None,
     )
     if resume:
         trainer.resume(allow_changes)

@@ -7,59 +7,25 @@ model reads digits from it (``"7"``, ``"seven"``, ``"3 5 7"``, ``"0-9"``, ``"thr
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lora4diffusion.errors import UserError
+from lora4diffusion.prompt_syntax import (  # noqa: F401 (re-exported for web/)
+    MAX_WEIGHT,
+    NAME,
+    TAG,
+    Prompt,
+    check_name,
+    check_weight,
+    parse_prompt,
+)
 
-# AUTOMATIC1111's extra-network tag: <lora:name>, <lora:name:multiplier> (a third field, the text-encoder /
-# UNet split of their syntax, has no meaning for this text-free model and is refused).
-TAG = re.compile(r"<lora:([^:<>]*)(?::([^:<>]*))?(?::([^<>]*))?>", re.IGNORECASE)
-NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_WEIGHT = 4.0
+# The tag parsing is shared with the CLI and Pipeline (lora4diffusion.prompt_syntax); the page takes plain
+# adapter names only (parse_prompt's default), never paths.
 WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine".split())}
 _TOKEN = re.compile(r"(\d)\s*-\s*(\d)|(\d)|([a-z]+)")
 _FILLER = {"and", "a", "an", "digit", "digits", "number", "numbers", "the", "of", "to", "then", "or"}
-
-
-@dataclass
-class Prompt:
-    text: str  # the prompt without its tags
-    loras: dict[str, float] = field(default_factory=dict)  # from the tags, in order of appearance
-
-
-def check_weight(name: str, weight: float) -> float:
-    weight = float(weight)
-    if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
-        raise UserError(f"weight of adapter {name!r} must be a number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
-    return weight
-
-
-def check_name(name: str) -> str:
-    """Adapter names are plain words: never a path (no '/', '..', drive letters), so they cannot escape."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise UserError(f"bad adapter name {str(name)[:80]!r} (letters, digits, '-', '_'; at most 64)")
-    return name
-
-
-def parse_prompt(prompt: str) -> Prompt:
-    """Strip ``<lora:NAME[:WEIGHT]>`` tags (weight 1 when absent, as in AUTOMATIC1111; the last tag of a name
-    wins) and return the remaining text and the tags' weights."""
-    loras: dict[str, float] = {}
-    for m in TAG.finditer(prompt):
-        name, weight, extra = m.group(1).strip(), m.group(2), m.group(3)
-        check_name(name)
-        if extra is not None:
-            raise UserError(f"tag {m.group(0)!r}: only <lora:NAME:WEIGHT> is understood (no text encoder)")
-        try:
-            w = 1.0 if weight is None or not weight.strip() else float(weight)
-        except ValueError:
-            raise UserError(f"tag {m.group(0)!r}: weight {weight!r} is not a number") from None
-        loras.pop(name, None)
-        loras[name] = check_weight(name, w)
-    text = " ".join(TAG.sub(" ", prompt).split())
-    return Prompt(text, loras)
 
 
 def prompt_digits(text: str) -> list[int]:

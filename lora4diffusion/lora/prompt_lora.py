@@ -1,0 +1,246 @@
+"""LoRA on a prompt model (UNet + text encoder): trigger-word captions, prior preservation, text-encoder LoRA.
+
+DreamBooth-LoRA as SD users train it (issue 11, item 5):
+- the styled digits are captioned with a rare trigger word in the caption templates ("a handwritten sks
+  seven", "the digit 7 in sks style"; captions.captions_for), so the adapter learns "sks = this style";
+- ``--prior`` (prior preservation, Ruiz et al. 2023, eq. 2) adds to every step a second half batch of PLAIN
+  digits with trigger-less captions, whose loss (weight ``prior_weight``) keeps the adapted model answering
+  ordinary prompts as the base does: the remedy for LoRAs that act without their trigger
+  (kohya-ss/sd-scripts #1045);
+- ``--text-encoder`` adds LoRA to the text encoder's attention (q/k/v/out_proj) and MLP (fc1/fc2), as
+  kohya's ``lora_te_*`` modules, with its own learning rate.
+
+Adapter file names: UNet modules keep exactly the names they have in a label model's adapter
+(``down.1.0.attn.attn2.to_q``); text-encoder modules are prefixed ``text_encoder.``
+(``text_encoder.layers.0.self_attn.q_proj``). The base fingerprint of a prompt model covers the UNet AND
+the text encoder (``prompt_fingerprint``): an adapter is refused on a base whose text encoder differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora4diffusion.captions import EMPTY_PROMPT, all_captions, captions_for, check_trigger
+from lora4diffusion.errors import UserError
+from lora4diffusion.lora.adapters import (
+    UNKNOWN,
+    Adapter,
+    _default_name,
+    base_fingerprint,
+    load_adapter,
+    resolve_adapter,
+)
+from lora4diffusion.lora.layers import lora_layers, set_adapter_weight
+
+log = logging.getLogger("lora4diffusion")
+TE_PREFIX = "text_encoder."
+# CLIP's attention and MLP linears in every encoder layer (kohya's lora_te targets: CLIPAttention, CLIPMLP)
+TE_TARGETS = r"re:layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
+TRIGGER_KEY = "trigger_words"  # = formats.ours.TRIGGER_KEY: a JSON list of words in the adapter metadata
+
+
+# ------------------------------------------------------------------------------------------ adapters
+def prompt_fingerprint(unet: nn.Module, text_encoder: nn.Module) -> str:
+    """The base fingerprint of a prompt model: UNet config + UNet and text-encoder base weights."""
+    from lora4diffusion.prompt_model import TextConditionedUNet
+
+    return base_fingerprint(TextConditionedUNet(unet, text_encoder))
+
+
+def _pairs(module: nn.Module, name: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    for path, m in lora_layers(module).items():
+        if name in m.lora_down:
+            out[f"{prefix}{path}.lora_down.weight"] = m.lora_down[name].weight.detach().float().cpu()
+            out[f"{prefix}{path}.lora_up.weight"] = m.lora_up[name].weight.detach().float().cpu()
+    return out
+
+
+def adapter_from_prompt_model(model: nn.Module, fingerprint: str, name: str = "default") -> Adapter:
+    """One Adapter from a TextConditionedUNet's LoRA layers: UNet names bare, text encoder's prefixed."""
+    layers = [m for m in lora_layers(model).values() if name in m.lora_down]
+    if not layers:
+        raise UserError(f"the model has no adapter named {name!r}")
+    settings = {(m.rank[name], m.alpha[name], m.rslora[name], m.init[name]) for m in layers}
+    if len(settings) > 1:
+        raise UserError(f"adapter {name!r} has different rank/alpha/init on different modules; not saveable")
+    rank, alpha, rslora, init = settings.pop()
+    tensors = {**_pairs(model.unet, name), **_pairs(model.text_encoder, name, TE_PREFIX)}
+    return Adapter(tensors, rank, alpha, rslora, init, getattr(layers[0].lora_dropout[name], "p", 0.0),
+                   fingerprint)
+
+
+def split_adapter(adapter: Adapter) -> tuple[Adapter | None, Adapter | None]:
+    """(UNet part, text-encoder part with the prefix removed); None for a part with no modules."""
+    def part(keep: Callable[[str], bool], rename: Callable[[str], str]) -> Adapter | None:
+        tensors = {rename(k): v for k, v in adapter.tensors.items() if keep(k)}
+        if not tensors:
+            return None
+        return Adapter(tensors, adapter.rank, adapter.alpha, adapter.rslora, adapter.init, adapter.dropout,
+                       UNKNOWN, dict(adapter.extra))
+
+    return (part(lambda k: not k.startswith(TE_PREFIX), lambda k: k),
+            part(lambda k: k.startswith(TE_PREFIX), lambda k: k[len(TE_PREFIX):]))
+
+
+def trigger_words(adapter: Adapter) -> list[str]:
+    raw = adapter.extra.get(TRIGGER_KEY)
+    if not raw:
+        return []
+    try:
+        words = json.loads(raw)
+    except json.JSONDecodeError:
+        words = raw.split(",")
+    return [str(w).strip() for w in (words if isinstance(words, list) else [words]) if str(w).strip()]
+
+
+def load_prompt_adapter(unet: nn.Module, text_encoder: nn.Module, path, weight: float = 1.0,
+                        force: bool = False, reader: Callable | None = None, name: str | None = None,
+                        ) -> tuple[str, Adapter]:
+    """Load an adapter (any layout ``reader`` reads) into a prompt model's UNet and text encoder under one
+    name; the fingerprint is checked against the whole prompt model. Returns (name, adapter)."""
+    from lora4diffusion.lora.adapters import read_adapter
+
+    if isinstance(path, Adapter):
+        adapter, where = path, "adapter"
+    else:
+        path = resolve_adapter(path)
+        adapter, where = (reader or read_adapter)(path), str(path)
+    if adapter.fingerprint != UNKNOWN:
+        mine = prompt_fingerprint(unet, text_encoder)
+        if adapter.fingerprint != mine and not force:
+            raise UserError(f"{where}: adapter was trained on a different base model (fingerprint "
+                            f"{adapter.fingerprint[:12]}, this base {mine[:12]}); use --force to load anyway")
+        if adapter.fingerprint != mine:
+            log.warning("%s: loading an adapter trained on a different base model (--force)", where)
+    unet_part, te_part = split_adapter(adapter)
+    if name is None:
+        name = "default" if where == "adapter" else _default_name(unet, path)
+    if te_part is not None:  # check the text-encoder part fits before the UNet is touched
+        from lora4diffusion.lora.adapters import _check_fits
+
+        _check_fits(text_encoder, te_part, where)
+    if unet_part is not None:
+        load_adapter(unet, unet_part, name, weight)
+    if te_part is not None:
+        load_adapter(text_encoder, te_part, name, weight)
+    return name, adapter
+
+
+def set_prompt_adapter_weight(unet: nn.Module, text_encoder: nn.Module, name: str, weight: float) -> None:
+    found = False
+    for part in (unet, text_encoder):
+        if any(name in m.lora_down for m in lora_layers(part).values()):
+            set_adapter_weight(part, name, weight)
+            found = True
+    if not found:
+        raise UserError(f"the model has no adapter named {name!r}")
+
+
+def missing_triggers(triggers: dict[str, list[str]], prompts: list[str]) -> list[tuple[str, str]]:
+    """(adapter name, prompt) for each loaded adapter whose trigger words appear in none of a prompt's words;
+    ``prompts`` are the prompts without their tags."""
+    out = []
+    for name, words in triggers.items():
+        if not words:
+            continue
+        for p in prompts:
+            if not set(words) & set(p.lower().replace(",", " ").split()):
+                out.append((name, p))
+                break
+    return out
+
+
+# ------------------------------------------------------------------------------------------ training
+def check_trigger_in(trigger: str, tokenizer) -> str:
+    """A trigger must be a reserved rare word (captions.check_trigger) AND a word of the base's vocabulary."""
+    word = check_trigger(trigger)
+    if word not in tokenizer.words:
+        raise UserError(f"trigger {trigger!r} is not in the base model's vocabulary ({tokenizer.source})")
+    return word
+
+
+class TriggerTask:
+    """The Trainer's task for LoRA on a prompt model (see train.DiffusionTask for the contract).
+
+    Batch of step s (``trainer.batch_indices(s)``, B styled digits): exactly what a plain prompt-LoRA step
+    draws, from the step's generator, in this order: t, eps, caption-dropout mask, then one caption per
+    digit with the trigger (or none). With ``prior`` the same generator then draws B more rows: B plain
+    digits uniformly from the prior pool (with replacement), their t, eps, dropout mask and trigger-less
+    captions. So a step sees 2B rows (B styled + B prior, as diffusers' train_dreambooth_lora.py with
+    --with_prior_preservation), its styled half is bit-identical to the run without --prior, and
+        loss = mean over the styled rows + prior_weight * mean over the prior rows     (DreamBooth eq. 2).
+    Each half is split over the ranks as PromptTask splits its batch.
+    """
+
+    def __init__(self, schedule, tokenizer, trigger: str | None, prior_images: torch.Tensor | None = None,
+                 prior_labels: torch.Tensor | None = None, prior_weight: float = 1.0):
+        self.schedule, self.trigger = schedule, trigger
+        self.prior = prior_images is not None
+        self.prior_images, self.prior_labels = prior_images, prior_labels
+        self.prior_weight = float(prior_weight)
+        texts = {EMPTY_PROMPT}
+        for d in range(10):
+            texts.update(all_captions(d, trigger))
+            if self.prior:
+                texts.update(all_captions(d))
+        texts = sorted(texts)
+        self.row = {c: i for i, c in enumerate(texts)}
+        self.ids = tokenizer.encode(texts)
+        self._on: dict = {}
+
+    def _captions(self, labels: torch.Tensor, g: torch.Generator, drop, trigger) -> torch.Tensor:
+        texts = captions_for(labels.cpu(), g, trigger=trigger)
+        if drop is not None:
+            texts = [EMPTY_PROMPT if d else c for c, d in zip(texts, drop.tolist(), strict=True)]
+        return torch.tensor([self.row[c] for c in texts])
+
+    def _half(self, trainer, images, labels, idx, g, trigger):
+        """One half of the batch: its (x0, ids, t, eps) rows for this rank."""
+        n = idx.shape[0]
+        shape = (n, *images.shape[1:])
+        t, noise, drop = self.schedule.draw_training_inputs(shape, g, trainer.cfg.label_dropout)
+        rows_all = self._captions(labels[idx], g, drop, trigger)
+        rows = slice(trainer.rank * n // trainer.world, (trainer.rank + 1) * n // trainer.world)
+        dev = trainer.device
+        return (images[idx[rows].to(dev)], self._ids(dev)[rows_all[rows].to(dev)], t[rows].to(dev),
+                noise[rows].to(dev))
+
+    def _ids(self, dev) -> torch.Tensor:
+        if dev not in self._on:
+            self._on[dev] = self.ids.to(dev)
+            if self.prior:
+                self._on[("prior", dev)] = (self.prior_images.to(dev), self.prior_labels.to(dev))
+        return self._on[dev]
+
+    def loss(self, trainer, step: int) -> torch.Tensor:
+        from lora4diffusion.train import _seed
+
+        cfg, schedule, dev = trainer.cfg, self.schedule, trainer.device
+        g = torch.Generator().manual_seed(_seed(cfg.seed * 1_000_003 + step))
+        idx = trainer.batch_indices(step)
+        x0, ids, t, noise = self._half(trainer, trainer.images, trainer.labels, idx, g, self.trigger)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=trainer.use_bf16):
+            if not self.prior:
+                return schedule.loss(trainer.net(), x0, ids, t, noise, None)
+            self._ids(dev)
+            p_images, p_labels = self._on[("prior", dev)]
+            pidx = torch.randint(0, p_images.shape[0], (idx.shape[0],), generator=g)
+            px0, pids, pt, pnoise = self._half(trainer, p_images, p_labels, pidx, g, None)
+            k = x0.shape[0]
+            x0, ids, t, noise = (torch.cat(p) for p in ((x0, px0), (ids, pids), (t, pt), (noise, pnoise)))
+            eps = trainer.net()(schedule.q_sample(x0, t, noise.to(x0.dtype)), t, ids).float()
+            loss_fn = F.mse_loss if schedule.cfg.loss == "mse" else F.l1_loss
+            per_row = loss_fn(eps, noise.float(), reduction="none").flatten(1).mean(1)
+            return per_row[:k].mean() + self.prior_weight * per_row[k:].mean()
+
+
+__all__ = ["TE_PREFIX", "TE_TARGETS", "TriggerTask", "adapter_from_prompt_model", "check_trigger_in",
+           "load_prompt_adapter", "missing_triggers", "prompt_fingerprint", "set_prompt_adapter_weight",
+           "split_adapter", "trigger_words"]
