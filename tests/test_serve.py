@@ -479,18 +479,19 @@ def prompt_model(tiny_prompt_model) -> Path:
 @pytest.fixture(scope="module")
 def prompt_adapters(prompt_model, tmp_path_factory) -> Path:
     """Random low-rank factors on the prompt base's UNet, saved four times: pstyle with no base fingerprint
-    (loads on any install's `sample`, as an imported adapter), pfit and punet recording the prompt base's
-    fingerprints (UNet + text encoder, as train-lora on a prompt base writes; UNet only), pother another
-    base's. Trigger words in the metadata keys an adapter may use."""
+    (as an imported adapter: shapes are checked on load), pfit recording the prompt base's fingerprint (UNet
+    + text encoder, as train-lora on a prompt base writes), punet the UNet's alone and pother another base's
+    (neither is this prompt base's, for Pipeline.add_lora as for the page). Trigger words in the metadata
+    keys an adapter may use."""
     import dataclasses
 
-    from lora4diffusion.lora.adapters import UNKNOWN, adapter_from_model, base_fingerprint
+    from lora4diffusion.lora.adapters import UNKNOWN, adapter_from_model
     from lora4diffusion.lora.layers import inject_lora, lora_layers
-    from lora4diffusion.prompt_model import TextConditionedUNet
+    from lora4diffusion.lora.prompt_lora import prompt_fingerprint
 
     folder = tmp_path_factory.mktemp("prompt_adapters")
     pipe = Pipeline.load(prompt_model)
-    both = base_fingerprint(TextConditionedUNet(pipe.unet, pipe.text_encoder))
+    both = prompt_fingerprint(pipe.unet, pipe.text_encoder)
     inject_lora(pipe.unet, "all-linear", rank=2, alpha=2.0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -533,8 +534,8 @@ def test_prompt_model_info_and_adapters(pclient, prompt_model):
     items = {a["name"]: a for a in pclient.get("/api/adapters").json()["adapters"]}
     assert items["pstyle"]["fits"] is None and items["pstyle"]["triggers"] == ["sks"]
     assert items["pfit"]["fits"] is True and items["pfit"]["triggers"] == ["ohwx"]
-    assert items["punet"]["fits"] is True and items["punet"]["triggers"] == []
     assert items["pother"]["fits"] is False and "another base" in items["pother"]["reason"]
+    assert items["punet"]["fits"] is False and items["punet"]["triggers"] == []
     assert items["bold"]["fits"] is False  # the label base's
 
 
@@ -567,9 +568,8 @@ def test_prompt_generate_matches_the_pipeline_and_the_printed_command(pclient, p
     pipe = prompt_pipe(prompt_model, papp, (prompt_adapters / "pstyle", 0.7))
     want, _ = pipe.generate(prompts, steps=STEPS, guidance=1.25, seed=4, negative="thin")
     assert np.array_equal(got, as_png_pixels(want))
-    for same in ("pfit", "punet"):  # the same factors, recorded with either fingerprint of this base
-        again = {**body, "prompt": body["prompt"].replace("pstyle", same)}
-        assert np.array_equal(images(pclient.post("/api/generate", json=again)), got)
+    again = {**body, "prompt": body["prompt"].replace("pstyle", "pfit")}  # the same factors, fingerprinted
+    assert np.array_equal(images(pclient.post("/api/generate", json=again)), got)
     plain = images(pclient.post("/api/generate", json={**body, "prompt": "a handwritten seven|the digit 3"}))
     neg = images(pclient.post("/api/generate", json={**body, "negative": ""}))
     assert not np.array_equal(plain, got) and not np.array_equal(neg, got)  # the adapter and the negative act
@@ -618,6 +618,7 @@ def test_prompt_model_concurrent_requests_get_their_own_adapter_weight(pclient, 
     ({"prompt": "seven <lora:nope:1>"}, "unknown adapter"),
     ({"prompt": "seven <lora:bold:1>"}, "does not fit"),
     ({"prompt": "seven <lora:pother:1>"}, "does not fit"),
+    ({"prompt": "seven <lora:punet:1>"}, "does not fit"),
 ])
 def test_bad_prompts_for_the_prompt_model_are_one_line_400(pclient, body, words):
     r = pclient.post("/api/generate", json=body)

@@ -168,20 +168,26 @@ def prompt_server(request, tmp_path_factory):
 
 
 def write_trigger_adapter(base, directory: Path, scale: float = 0.05) -> None:
+    """Small random factors on the base's UNet, with the base's fingerprint and the trigger word "sks"."""
+    import dataclasses
+
     import torch
 
-    from lora4diffusion.lora.adapters import save_adapter
+    from lora4diffusion.lora.adapters import adapter_from_model
     from lora4diffusion.lora.layers import inject_lora, lora_layers
+    from lora4diffusion.lora.prompt_lora import prompt_fingerprint
     from lora4diffusion.pipeline import Pipeline
 
     pipe = Pipeline.load(base)
+    fingerprint = prompt_fingerprint(pipe.unet, pipe.text_encoder)
     inject_lora(pipe.unet, "all-linear", rank=2, alpha=2.0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in lora_layers(pipe.unet).values():
             w = layer.lora_up["default"].weight
             w.copy_(torch.randn(w.shape, generator=g) * scale)
-    save_adapter(pipe.unet, directory, metadata={"style": "bold", "trigger": "sks"})
+    extra = {"style": "bold", "trigger_words": '["sks"]'}
+    dataclasses.replace(adapter_from_model(pipe.unet), fingerprint=fingerprint, extra=extra).save(directory)
 
 
 def drive_prompt_page(url: str, shot: Path, previews_png: Path | None = None) -> None:

@@ -28,7 +28,6 @@ from lora4diffusion.captions import digit_of
 from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import ADAPTER_FILE, UNKNOWN, load_adapter, read_adapter, shipped_adapters
-from lora4diffusion.lora.layers import lora_layers, set_adapter_weight
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image
 from lora4diffusion.web.prompt import Conditioning, check_name
@@ -280,8 +279,8 @@ class Engine:
         if key not in self.loaded:
             # A fresh name per file version: a re-trained adapter is loaded anew, the old copy stays at 0.
             name = f"a{len(self.loaded)}"
-            # The registry has checked the adapter fits this base (either of its fingerprints; see
-            # base_fingerprints); the loaders then check every module's shape.
+            # The registry has checked the adapter fits this base (base_fingerprints); the loaders then check
+            # every module's shape.
             adapter = replace(read_adapter(info.path), fingerprint=UNKNOWN)
             load_into(self.pipe, adapter, name)
             self.loaded[key] = name
@@ -291,7 +290,7 @@ class Engine:
         """Sample one job on the shared model: every loaded adapter at this request's weight (0 if absent)."""
         wanted = {self._model_name(self.registry.get(n)): w for n, w in job.loras.items()}
         for name in self.loaded.values():
-            set_weight(self.pipe, name, wanted.get(name, 0.0))
+            self.pipe.set_lora_weight(name, wanted.get(name, 0.0))  # UNet and text encoder
         labels, ncol, vae = job.cond.labels, len(job.cond.columns), self.pipe.vae
         size = DECODED_SIZE if vae is not None else self.pipe.image_size
         canvas = torch.full((len(labels), size, size), 0.5)
@@ -350,38 +349,27 @@ class Engine:
 
 
 def base_fingerprints(pipe: Pipeline) -> set[str]:
-    """The fingerprints an adapter of this base records: the UNet's (label models; UNet-only adapters of a
-    prompt model) and, for a prompt model, the one over UNet and text encoder together (what train-lora on a
-    prompt base writes, text-encoder LoRA or not)."""
+    """The base fingerprint an adapter of this base records, as Pipeline.add_lora checks it: the UNet's for a
+    label model, the one over UNet and text encoder for a prompt model (lora.prompt_lora.prompt_fingerprint,
+    what train-lora on a prompt base writes)."""
+    if pipe.is_prompt_model:
+        from lora4diffusion.lora.prompt_lora import prompt_fingerprint
+
+        return {prompt_fingerprint(pipe.unet, pipe.text_encoder)}
     from lora4diffusion.lora.adapters import base_fingerprint
 
-    found = {base_fingerprint(pipe.unet)}
-    if pipe.is_prompt_model:
-        from lora4diffusion.prompt_model import TextConditionedUNet
-
-        found.add(base_fingerprint(TextConditionedUNet(pipe.unet, pipe.text_encoder)))
-    return found
+    return {base_fingerprint(pipe.unet)}
 
 
 def load_into(pipe: Pipeline, adapter, name: str) -> None:
     """Load an adapter at weight 0 under ``name``: into the UNet, and for a prompt model into the text encoder
-    too where it has text-encoder modules (lora.prompt_lora, where this install has it)."""
+    too where it has text-encoder modules (train-lora --text-encoder)."""
     if pipe.is_prompt_model:
-        try:
-            from lora4diffusion.lora.prompt_lora import load_prompt_adapter
-        except ImportError:  # an install without text-encoder LoRA: adapters hold UNet modules only
-            pass
-        else:
-            load_prompt_adapter(pipe.unet, pipe.text_encoder, adapter, 0.0, name=name)
-            return
-    load_adapter(pipe.unet, adapter, name=name, weight=0.0)
+        from lora4diffusion.lora.prompt_lora import load_prompt_adapter
 
-
-def set_weight(pipe: Pipeline, name: str, weight: float) -> None:
-    """One adapter's weight in every part of the model that holds it (UNet, text encoder)."""
-    for part in (pipe.unet, pipe.text_encoder):
-        if part is not None and any(name in m.lora_down for m in lora_layers(part).values()):
-            set_adapter_weight(part, name, weight)
+        load_prompt_adapter(pipe.unet, pipe.text_encoder, adapter, 0.0, name=name)
+    else:
+        load_adapter(pipe.unet, adapter, name=name, weight=0.0)
 
 
 def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None) -> str:
