@@ -665,7 +665,8 @@ def test_train_options_for_prompt_models_follow_the_installed_cli(papp, monkeypa
     assert t.prompt_args({"trigger": "SKS", "prior": True, "text_encoder": True}) == \
         ["--trigger", "sks", "--prior", "--text-encoder"]
     assert t.prompt_args({"trigger": "", "prior": False}) == []
-    for bad in ({"trigger": "--out"}, {"trigger": "two words"}, {"prior": "x"}):
+    for bad in ({"trigger": "--out"}, {"trigger": "two words"}, {"trigger": "seven"}, {"trigger": "abc"},
+                {"prior": "x"}):  # "seven": an ordinary caption word; "abc": not a reserved trigger
         with pytest.raises(UserError):
             t.prompt_args(bad)
 

@@ -59,7 +59,7 @@ class State:
         self.adapters_folder = folder
         self.registry = AdapterRegistry(folder, self.fingerprints)
         self.engine = Engine(cfg, self.pipe, self.registry)
-        self.training = Training(cfg, folder, self.registry, self.pipe.is_prompt_model)
+        self.training = Training(cfg, folder, self.registry, self.pipe.tokenizer)
 
     def close(self) -> None:
         self.engine.stop()

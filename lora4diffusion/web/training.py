@@ -93,8 +93,10 @@ class TrainJob:
 class Training:
     """One LoRA training job at a time, in a subprocess running ``train-lora`` with one torch thread."""
 
-    def __init__(self, cfg: ServeConfig, folder: Path, registry: AdapterRegistry, prompt_model: bool = False):
-        self.cfg, self.folder, self.registry, self.prompt_model = cfg, folder, registry, prompt_model
+    def __init__(self, cfg: ServeConfig, folder: Path, registry: AdapterRegistry, tokenizer=None):
+        self.cfg, self.folder, self.registry = cfg, folder, registry
+        self.tokenizer = tokenizer  # a prompt model's (None: a label model)
+        self.prompt_model = tokenizer is not None
         self.jobs: dict[str, TrainJob] = {}
         self.lock = threading.Lock()
 
@@ -123,7 +125,10 @@ class Training:
             if key == "trigger":
                 if not isinstance(value, str) or not TRIGGER.fullmatch(value.strip()):
                     raise UserError(f"trigger must be one word (letters, digits), got {str(value)[:40]!r}")
-                args += [flag, value.strip().lower()]
+                from lora4diffusion.lora.prompt_lora import check_trigger_in
+
+                # a reserved rare word of this base's vocabulary: a 400 now, not a failed job later
+                args += [flag, check_trigger_in(value.strip(), self.tokenizer)]
             elif value is True and flags[flag] in (0, "?"):
                 args.append(flag)  # a switch
             elif value is not True and flags[flag] not in (0,) and isinstance(value, int | float | str):

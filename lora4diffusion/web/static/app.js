@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-// AUTOMATIC1111's tag, as the server parses it (lora4diffusion/web/prompt.py).
+// AUTOMATIC1111's tag, as the server parses it (lora4diffusion/prompt_syntax.py).
 const TAG = /<lora:([^:<>]*)(?::([^:<>]*))?(?::([^<>]*))?>/gi;
 const state = { adapters: [], info: null, busy: false, pending: false, history: [], train: null };
 
