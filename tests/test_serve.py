@@ -696,3 +696,31 @@ def test_training_a_triggered_adapter_on_the_prompt_model(pclient, papp, prompt_
     want, _ = prompt_pipe(prompt_model, papp, (prompt_adapters / "sks_bold", 1.0)).generate(
         ["a handwritten sks seven"], steps=STEPS, seed=1)
     assert np.array_equal(got, as_png_pixels(want))  # UNet and text-encoder LoRA, as Pipeline loads them
+
+
+def test_shipped_prompt_base_is_the_default_and_its_command_omits_checkpoint(prompt_model, tmp_path,
+                                                                             monkeypatch):
+    """Without --checkpoint the page serves what Pipeline.load() loads; once that is a prompt model (the
+    shipped base is switching to one), /api/info says so and the copied command, with no --checkpoint, loads
+    the same base and draws the same images."""
+    import shutil
+
+    from lora4diffusion import checkpoint, pipeline
+    from lora4diffusion.cli import main
+
+    shipped = tmp_path / "pretrained" / "base"
+    shutil.copytree(prompt_model, shipped)
+    for module in (checkpoint, pipeline):
+        monkeypatch.setattr(module, "pretrained_dir", lambda: shipped)
+    with TestClient(create_app(ServeConfig()), base_url="http://127.0.0.1:7860") as c:
+        info = c.get("/api/info").json()
+        assert (info["model"], info["checkpoint"]) == ("prompt", "shipped base (prompt model)")
+        body = {"prompt": "the digit 5", "negative": "a", "steps": STEPS, "seed": 2}
+        r = c.post("/api/generate", json=body)
+        got, command = images(r), r.json()["command"]
+    args = shlex.split(command)
+    assert "--checkpoint" not in args and args[args.index("--negative") + 1] == "a"
+    args[args.index("--out") + 1] = str(tmp_path / "s")
+    assert main(["-q", *args[1:]]) == 0
+    npz = np.load(tmp_path / "s" / "samples.npz")
+    assert np.array_equal(as_png_pixels(torch.from_numpy(npz["images"])), got)
