@@ -125,10 +125,8 @@ class AdapterRegistry:
     Names come from the browser, so they are only ever dictionary keys here, never joined into a path.
     """
 
-    def __init__(self, folder: Path | None, fingerprints: str | set[str]):
-        # the loaded base's fingerprints (base_fingerprints): an adapter recording any of them fits it
-        self.folder = folder
-        self.fingerprints = {fingerprints} if isinstance(fingerprints, str) else set(fingerprints)
+    def __init__(self, folder: Path | None, fingerprint: str):
+        self.folder, self.fingerprint = folder, fingerprint  # the loaded base's (pipe_fingerprint)
         self._cache: dict[Path, tuple[int, AdapterInfo]] = {}
         self._lock = threading.Lock()
 
@@ -147,7 +145,7 @@ class AdapterRegistry:
             info = AdapterInfo(name, directory, source, {}, False, str(e).split(": ")[-1])
         else:
             fp = meta.get("base_fingerprint", UNKNOWN)
-            fits = None if fp == UNKNOWN else fp in self.fingerprints
+            fits = None if fp == UNKNOWN else fp == self.fingerprint
             reason = "" if fits is not False else f"trained on another base ({fp[:12]})"
             info = AdapterInfo(name, directory, source, meta, fits, reason)
         self._cache[f] = (mtime, info)
@@ -279,7 +277,7 @@ class Engine:
         if key not in self.loaded:
             # A fresh name per file version: a re-trained adapter is loaded anew, the old copy stays at 0.
             name = f"a{len(self.loaded)}"
-            # The registry has checked the adapter fits this base (base_fingerprints); the loaders then check
+            # The registry has checked the adapter fits this base (pipe_fingerprint); the loaders then check
             # every module's shape.
             adapter = replace(read_adapter(info.path), fingerprint=UNKNOWN)
             load_into(self.pipe, adapter, name)
@@ -348,17 +346,17 @@ class Engine:
                 self.done_count += 1
 
 
-def base_fingerprints(pipe: Pipeline) -> set[str]:
+def pipe_fingerprint(pipe: Pipeline) -> str:
     """The base fingerprint an adapter of this base records, as Pipeline.add_lora checks it: the UNet's for a
     label model, the one over UNet and text encoder for a prompt model (lora.prompt_lora.prompt_fingerprint,
     what train-lora on a prompt base writes)."""
     if pipe.is_prompt_model:
         from lora4diffusion.lora.prompt_lora import prompt_fingerprint
 
-        return {prompt_fingerprint(pipe.unet, pipe.text_encoder)}
+        return prompt_fingerprint(pipe.unet, pipe.text_encoder)
     from lora4diffusion.lora.adapters import base_fingerprint
 
-    return {base_fingerprint(pipe.unet)}
+    return base_fingerprint(pipe.unet)
 
 
 def load_into(pipe: Pipeline, adapter, name: str) -> None:

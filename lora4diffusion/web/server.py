@@ -28,9 +28,9 @@ from lora4diffusion.web.engine import (
     HTTPError,
     Job,
     ServeConfig,
-    base_fingerprints,
     float_field,
     int_field,
+    pipe_fingerprint,
 )
 from lora4diffusion.web.prompt import check_name, check_weight, encode_prompt, parse_prompt
 from lora4diffusion.web.training import Training, TrainJob
@@ -45,7 +45,7 @@ class State:
         self.cfg = cfg
         self.pipe = Pipeline.load(cfg.checkpoint).to(cfg.device)
         self.pipe.unet.eval()
-        self.fingerprints = base_fingerprints(self.pipe)
+        self.fingerprint = pipe_fingerprint(self.pipe)
         self.kind = "prompt" if self.pipe.is_prompt_model else "label"
         # What Pipeline.load(None) loaded is the shipped base, whichever kind it is at the moment.
         self.checkpoint_name = cfg.checkpoint or f"shipped base ({self.kind} model)"
@@ -57,7 +57,7 @@ class State:
         else:  # trained adapters live for this session only
             folder = self.tmp_adapters = Path(tempfile.mkdtemp(prefix="lora4diffusion-serve-"))
         self.adapters_folder = folder
-        self.registry = AdapterRegistry(folder, self.fingerprints)
+        self.registry = AdapterRegistry(folder, self.fingerprint)
         self.engine = Engine(cfg, self.pipe, self.registry)
         self.training = Training(cfg, folder, self.registry, self.pipe.tokenizer)
 
