@@ -1,5 +1,8 @@
 """``lora4diffusion serve``: a local web page and JSON API to generate digits with LoRA weights, live.
 
+The base is ``--checkpoint`` or whatever ``Pipeline.load()`` loads (the shipped base): a prompt model (text
+prompts through its text encoder, a negative prompt, VAE-decoded previews) or a label model (digits).
+
 Starlette + uvicorn around ``engine.Engine`` (generation: a queue and one worker on the shared model) and
 ``training.Training`` (one LoRA training subprocess at a time). Endpoints (docs/API.md): GET /api/info,
 GET /api/adapters, POST /api/generate, POST /api/generate/stream (Server-Sent Events: queued, start, preview,
