@@ -724,3 +724,12 @@ def test_shipped_prompt_base_is_the_default_and_its_command_omits_checkpoint(pro
     assert main(["-q", *args[1:]]) == 0
     npz = np.load(tmp_path / "s" / "samples.npz")
     assert np.array_equal(as_png_pixels(torch.from_numpy(npz["images"])), got)
+
+
+def test_missing_trigger_is_a_warning_beside_the_images(pclient):
+    body = {"prompt": "a handwritten seven <lora:pfit:1>", "steps": 1, "seed": 0}
+    warnings = pclient.post("/api/generate", json=body).json()["warnings"]
+    assert len(warnings) == 1 and "'pfit'" in warnings[0] and "ohwx" in warnings[0]
+    body["prompt"] = "a handwritten ohwx seven <lora:pfit:1>"
+    assert pclient.post("/api/generate", json=body).json()["warnings"] == []
+    assert pclient.post("/api/generate", json={**body, "prompt": "seven"}).json()["warnings"] == []

@@ -232,7 +232,7 @@ def drive_prompt_page(url: str, shot: Path, previews_png: Path | None = None) ->
             assert "unknown word 'handwriten'" in msg and "nearest: handwritten" in msg
 
             # two prompts (a column each) and a negative prompt: live preview, then the image and the command
-            page.fill("#prompt", "a handwritten seven | the digit 3")
+            page.fill("#prompt", "a handwritten seven | the digit 3 <lora:pstyle:0.3>")
             page.fill("#negative", "bold")
             page.fill("#steps", "10")
             page.fill("#seed", "3")
@@ -243,6 +243,9 @@ def drive_prompt_page(url: str, shot: Path, previews_png: Path | None = None) ->
             assert page.evaluate("document.getElementById('output').naturalWidth") == 2 * 28 + 3
             command = page.text_content("#command")
             assert "--prompt 'a handwritten seven' --prompt 'the digit 3' --num 1 --negative bold" in command
+            assert "pstyle:0.3" in command
+            # the adapter's trigger is not in the prompts: a warning beside the box (the images are drawn)
+            assert page.is_visible("#prompt-warning") and "sks" in page.text_content("#prompt-warning")
 
             # the preview frames the page receives are decoded digits (28 px per image), not 8x8 latents
             frames = page.evaluate("""async () => {
@@ -260,6 +263,9 @@ def drive_prompt_page(url: str, shot: Path, previews_png: Path | None = None) ->
             assert all(s == [3 * 28 + 4, 28 + 2] for s in sizes), sizes  # 1 px padding around each
             if previews_png is not None:  # for a look: the frames one under the other
                 _stack_frames(frames, previews_png)
+
+            page.locator('input[data-adapter="pstyle"]').fill("0")  # the slider at 0 removes the tag
+            assert page.input_value("#prompt") == "a handwritten seven | the digit 3"
 
             # the picture: a 0-9 row x 3, one prompt per column
             page.fill("#prompt", " | ".join(f"the digit {d}" for d in range(10)))

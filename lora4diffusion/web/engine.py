@@ -187,6 +187,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     preview_every: int = 0  # 0: no previews
+    warnings: list[str] = field(default_factory=list)  # shown beside the prompt; the images are unaffected
     id: str = field(default_factory=lambda: secrets.token_hex(6))
 
     def emit(self, kind: str, data: dict) -> None:
@@ -316,6 +317,7 @@ class Engine:
             "labels": [digit_of(p) for p in labels] if prompts else labels,
             "prompts": labels if prompts else None,
             "columns": job.cond.columns,
+            "warnings": job.warnings,
             "settings": job.settings,
             "command": sample_command(job.settings, self.registry, self.cfg.checkpoint),
             "seconds": round(time.perf_counter() - t0, 3),

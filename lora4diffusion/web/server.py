@@ -115,7 +115,19 @@ class State:
                     "checkpoint": self.checkpoint_name}
         # A latent model's preview costs a VAE decode per frame: every few steps (fewer frames than pixels).
         every = max(1, steps // (5 if self.pipe.vae is not None else 10)) if preview else 0
-        return Job(cond, merged, steps, guidance, seed, settings, loop, asyncio.Queue(), every)
+        job = Job(cond, merged, steps, guidance, seed, settings, loop, asyncio.Queue(), every)
+        job.warnings = self.missing_triggers(merged, cond.prompts or [])
+        return job
+
+    def missing_triggers(self, loras: dict[str, float], prompts: list[str]) -> list[str]:
+        """One line per adapter in use whose trigger words a prompt lacks (as `sample` warns): trained with
+        its trigger, it acts weakly without it, or with prior preservation hardly at all."""
+        from lora4diffusion.lora.prompt_lora import missing_triggers
+
+        have = self.registry.all()
+        triggers = {name: have[name].public()["triggers"] for name in loras if name in have}
+        return [f"adapter {name!r} was trained with its trigger ({', '.join(triggers[name])}), which prompt "
+                f"{prompt!r} lacks" for name, prompt in missing_triggers(triggers, prompts)]
 
 
 def create_app(cfg: ServeConfig | None = None):

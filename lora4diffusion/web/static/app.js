@@ -320,7 +320,9 @@ async function generate() {
 }
 
 function show(result) {
-  const out = $("output");
+  const out = $("output"), warn = $("prompt-warning");
+  warn.textContent = (result.warnings || []).join(" · ");
+  warn.hidden = !warn.textContent;
   out.src = `data:image/png;base64,${result.grid}`;
   out.dataset.state = "done";
   out.dataset.resultId = result.id;
