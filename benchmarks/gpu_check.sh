@@ -48,10 +48,13 @@ if [ "$DRY" != 1 ]; then
 fi
 
 section "CLI smoke run with --device $DEV"
-if L4D train --preset tiny --steps 20 --out "$OUT/tiny" --device "$DEV" \
-  && L4D train-lora --base "$OUT/tiny" --style bold --steps 10 --batch-size 32 --out "$OUT/bold" --device "$DEV" \
-  && L4D sample --checkpoint "$OUT/tiny" --lora "$OUT/bold" --per-digit 2 --steps 10 --out "$OUT/s_dev" --device "$DEV" \
-  && L4D sample --checkpoint "$OUT/tiny" --lora "$OUT/bold" --per-digit 2 --steps 10 --out "$OUT/s_cpu" --device cpu
+if L4D train --preset tiny --max-train-steps 20 --out "$OUT/tiny" --device "$DEV" \
+  && L4D train-lora --checkpoint "$OUT/tiny" --style bold --max-train-steps 10 --batch-size 32 --out "$OUT/bold" \
+    --device "$DEV" \
+  && L4D sample --checkpoint "$OUT/tiny" --lora "$OUT/bold" --per-digit 2 --steps 10 --no-bf16 --out "$OUT/s_dev" \
+    --device "$DEV" \
+  && L4D sample --checkpoint "$OUT/tiny" --lora "$OUT/bold" --per-digit 2 --steps 10 --no-bf16 --out "$OUT/s_cpu" \
+    --device cpu
 then
   $PY - "$OUT" <<'EOF' || fail "samples"
 import sys
@@ -69,8 +72,8 @@ NGPU=$($PY -c 'import torch; print(torch.cuda.device_count())')
 if [ "$DEV" = cuda ] && [ "$NGPU" -ge 2 ]; then
   section "torchrun, 2 processes on 2 GPUs (nccl), against 1 GPU"
   timeout 120 $PY -m torch.distributed.run --standalone --nproc_per_node=2 -m lora4diffusion -q train \
-    --preset tiny --steps 20 --no-bf16 --out "$OUT/ddp" --device cuda || fail "torchrun on 2 GPUs"
-  L4D train --preset tiny --steps 20 --no-bf16 --out "$OUT/one" --device cuda || fail "1-GPU reference"
+    --preset tiny --max-train-steps 20 --no-bf16 --out "$OUT/ddp" --device cuda || fail "torchrun on 2 GPUs"
+  L4D train --preset tiny --max-train-steps 20 --no-bf16 --out "$OUT/one" --device cuda || fail "1-GPU reference"
   $PY - "$OUT" <<'EOF' || fail "DDP vs 1 GPU"
 import sys
 from safetensors.torch import load_file

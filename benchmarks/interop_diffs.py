@@ -1,13 +1,13 @@
-"""The shipped base and adapters run through diffusers (issue 12): max differences for docs/INTEROP.md.
+"""The shipped label pixel base and its adapters through diffusers (issue 12): max differences (INTEROP.md).
 
     HF_HUB_OFFLINE=1 python benchmarks/interop_diffs.py      # ~1 min on 2 CPU cores, fp32
 
 Prints a Markdown table. diffusers and peft are test oracles: this script imports them, the package never.
-Measured on the shipped base (28x28, 32/64/64 channels, T = 1000):
+Measured on the shipped `pixel-base` (28x28, 32/64/64 channels, T = 1000):
   - eps of diffusers' UNet2DConditionModel (export-diffusers folder) vs our UNet, 16 random (x_t, t, label);
   - DDIM 20 steps, guidance 1.25: diffusers' DDIMScheduler + UNet loop vs our `sample`, on [0, 1] pixels;
-  - the shipped `bold` adapter exported as a diffusers LoRA, loaded with `load_lora_adapter`, at weights 1
-    and 0.5 and fused, vs ours; and as a kohya file through diffusers' kohya converter;
+  - the shipped `bold-pixel` adapter exported as a diffusers LoRA, loaded with `load_lora_adapter`, at
+    weights 1 and 0.5 and fused, vs ours; and as a kohya file through diffusers' kohya converter;
   - the output change of our eps-1e-6 Transformer GroupNorm vs the 1e-5 the base was trained with.
 """
 
@@ -34,7 +34,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    pipe = Pipeline.load()
+    pipe = Pipeline.load("pixel-base")
     model = pipe.unet.eval()
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 1000, (16,), generator=g)
@@ -75,10 +75,10 @@ def main() -> None:
         pix = ((mine.clamp(-1, 1) - xt.clamp(-1, 1)).abs().max() / 2).item()
         rows.append(("DDIM 20 + guidance 1.25 loop, [0, 1] pixels", pix))
 
-        bold = read_adapter(shipped_adapters()["bold"])
+        bold = read_adapter(shipped_adapters()["bold-pixel"])
         path = write_lora(bold, "diffusers", tmp / "dl")
         dunet.load_lora_adapter(str(path.parent), weight_name=path.name, prefix="unet", adapter_name="bold")
-        pipe.add_lora("bold", 1.0)
+        load_adapter(model, bold, name="bold", weight=1.0)  # the shipped bold-pixel, named "bold" here
         for weight in (1.0, 0.5):
             set_adapter_weight(model, "bold", weight)
             dunet.set_adapters(["bold"], weights=[weight])
@@ -90,7 +90,7 @@ def main() -> None:
         set_adapter_weight(model, "bold", 1.0)
         rows.append(("bold, kohya file via diffusers' converter, weight 1 (class_embedding LoRA dropped)",
                      (ours() - theirs(kunet)).abs().max().item()))
-        partial = Pipeline.load()  # ours with bold minus its context_pool (= class_embedding) module
+        partial = Pipeline.load("pixel-base")  # bold minus its context_pool (= class_embedding) module
         cut = {k: v for k, v in bold.tensors.items() if not k.startswith("context_pool.")}
         load_adapter(partial.unet, replace(bold, tensors=cut), name="bold")
         with torch.no_grad():
@@ -102,7 +102,7 @@ def main() -> None:
         dunet.fuse_lora(lora_scale=1.0)
         rows.append(("bold fused (ours merged, diffusers fuse_lora)", gap(dunet)))
 
-    fresh = Pipeline.load().unet.eval()
+    fresh = Pipeline.load("pixel-base").unet.eval()
     with torch.no_grad():
         a = fresh(x, t, y)
         for m in fresh.modules():

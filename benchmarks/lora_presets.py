@@ -4,11 +4,11 @@
         --specs reference:4,attention:4,all-linear:4,attention+conv:4 [--steps 300] [--per-digit 50]
 
 Each spec is TARGETS:RANK (alpha = rank, so the scale alpha/r is 1). Every adapter is trained with
-`train_lora`'s defaults on the base (default: the shipped one), then the same labels and seed are sampled at
-scale 0 (= the base), 0.5 and 1 (DDIM 20, guidance 1.25, bf16) and scored with the shipped classifier:
-accuracy as the asked digit, mean ink (and its ratio to the base's, same seed), and classifier-feature FID
-against the style applied to real held-out digits. The `bold` target is accuracy >= 95 % and ink >= 1.4x the
-base at scale 1. Prints a Markdown table.
+`train_lora`'s defaults on the base (default: the shipped label model `pixel-base`), then the same labels and
+seed are sampled at scale 0 (= the base), 0.5 and 1 (DDIM 20, guidance 1.25, bf16) and scored with the
+shipped classifier: accuracy as the asked digit, mean ink (and its ratio to the base's, same seed), and
+classifier-feature FID against the style applied to real held-out digits. The `bold` target is accuracy
+>= 95 % and ink >= 1.4x the base at scale 1. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="folder for one run per spec")
     ap.add_argument("--style", default="bold")
     ap.add_argument("--specs", default="reference:4,attention:4,all-linear:4,attention+conv:4")
-    ap.add_argument("--base", default=None, help="base model directory (default: the shipped one)")
+    ap.add_argument("--base", default="pixel-base", help="base model directory or shipped name")
     ap.add_argument("--steps", type=int, default=None, help="LoRA steps (default: train_lora's)")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: train_lora's)")
     ap.add_argument("--per-digit", type=int, default=50)

@@ -1,6 +1,6 @@
 """Quality against cost of sampling: accuracy, classifier-feature FID and wall time for DDIM steps x guidance.
 
-    python benchmarks/sampling_sweep.py --checkpoint lora4diffusion/pretrained/base --per-digit 20 \
+    python benchmarks/sampling_sweep.py --checkpoint lora4diffusion/pretrained/pixel-base --per-digit 20 \
         --steps 10,20,50 --guidance 1,2,3 [--bf16]
 
 Prints a Markdown table (one row per setting). Used to pick the pipeline's default steps and guidance.
@@ -20,7 +20,7 @@ from lora4diffusion.pipeline import Pipeline
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default=None, help="model directory (default: the shipped base)")
+    ap.add_argument("--checkpoint", default="pixel-base", help="model directory or shipped name")
     ap.add_argument("--per-digit", type=int, default=20)
     ap.add_argument("--steps", default="10,20,50")
     ap.add_argument("--guidance", default="1,2,3")
@@ -33,7 +33,7 @@ def main() -> None:
     pipe = Pipeline.load(args.checkpoint)
     labels = [d for d in range(10) for _ in range(args.per_digit)]
     print(
-        f"checkpoint {args.checkpoint or 'shipped base'}, {len(labels)} samples per setting, "
+        f"checkpoint {args.checkpoint}, {len(labels)} samples per setting, "
         f"{'bf16' if args.bf16 else 'fp32'}, {args.threads} threads"
     )
     print("\n| DDIM steps | guidance | accuracy | FID (classifier) | floor | mean ink | s / 100 digits |")

@@ -72,7 +72,7 @@ def sample(base: str, loras: list[tuple[str, float]], prompts: list[str], gen: d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", required=True, help="prompt base model directory")
+    ap.add_argument("--base", default="base", help="prompt base model directory or name")
     ap.add_argument("--out", required=True, help="folder for the trained rows and results.json")
     ap.add_argument("--style", default="bold")
     ap.add_argument("--trigger", default="sks")

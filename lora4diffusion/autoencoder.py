@@ -81,7 +81,9 @@ def save_vae(
 
 def load_vae(path: str | Path | None = None) -> tuple[VAE, dict]:
     """A VAE folder (None: the shipped one) -> (VAE in eval mode, its config.json); UserError naming it."""
-    directory = Path(path) if path is not None else default_vae_dir()
+    from lora4diffusion.catalog import resolve
+
+    directory = resolve(path, "vae") if path is not None else default_vae_dir()
     if path is None and not (directory / CONFIG_NAME).is_file():
         raise UserError("no shipped VAE in this install; pass --vae DIR (train one with `train-vae`)")
     if not directory.exists():

@@ -299,6 +299,27 @@ def load_model(directory: Path) -> tuple[UNet, DiffusionConfig, dict]:
     return model.eval(), diff_cfg, config
 
 
-def pretrained_dir() -> Path:
-    """The base model shipped inside the package (lora4diffusion/pretrained/base)."""
-    return Path(__file__).parent / "pretrained" / "base"
+PRETRAINED = Path(__file__).parent / "pretrained"
+DEFAULT_BASE = "base"  # the prompt-conditioned latent model; "pixel-base" is the label-conditioned pixel one
+
+
+def pretrained_dir(name: str = DEFAULT_BASE) -> Path:
+    """A model shipped inside the package, by name: ``base`` (the default, the prompt-conditioned latent
+    model) or ``pixel-base`` (the label-conditioned pixel model, the reference's design)."""
+    return PRETRAINED / name
+
+
+def shipped_models() -> dict[str, Path]:
+    """The diffusion models shipped inside the package, by name (``catalog.shipped``: not the VAE folder)."""
+    from lora4diffusion.catalog import shipped
+
+    return shipped("model")
+
+
+def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
+    """A ``--checkpoint`` value -> a model directory: None is the shipped default base; an existing path wins;
+    else the name of a shipped model (``base``, ``pixel-base``); else one line naming the nearest names
+    (``catalog.resolve``, the one resolver of names)."""
+    from lora4diffusion.catalog import resolve
+
+    return resolve(checkpoint, "model", default="base")

@@ -135,12 +135,17 @@ def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> f
 
 def train_classifier(out_dir: str | Path, data: str = "embedded", epochs: int = 12, seed: int = 0,
                      batch_size: int = 64, lr: float = 3e-3, cfg: ClassifierConfig | None = None,
-                     command: str | None = None) -> dict:
+                     command: str | None = None, device: str | torch.device = "cpu",
+                     bf16: bool = False) -> dict:
     """Train on the TRAIN split of ``load_mnist(data)`` only; save weights + JSON; return the JSON dict.
 
     One-cycle AdamW with label smoothing and on-the-fly affine augmentation. The held-out split is used
-    only once, after training, for the recorded accuracy (no early stopping on it).
+    only once, after training, for the recorded accuracy (no early stopping on it). ``device``: where the
+    steps run (augmentation stays on the CPU: the same random stream everywhere); ``bf16``: autocast.
     """
+    from lora4diffusion.distributed import resolve_device
+
+    dev = resolve_device(device)
     if epochs <= 0 or batch_size <= 0:
         raise UserError(f"epochs and batch size must be > 0, got {epochs} and {batch_size}")
     out_dir = Path(out_dir)
@@ -151,7 +156,7 @@ def train_classifier(out_dir: str | Path, data: str = "embedded", epochs: int = 
     y = splits.train.labels
     torch.manual_seed(seed)  # weight init
     g = torch.Generator().manual_seed(seed)  # batch order and augmentation
-    model = Classifier(cfg)
+    model = Classifier(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     steps_per_epoch = math.ceil(len(y) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
@@ -163,8 +168,9 @@ def train_classifier(out_dir: str | Path, data: str = "embedded", epochs: int = 
             idx = perm[start : start + batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one value per channel
                 continue
-            logits, _ = model(augment(x[idx], g))
-            loss = F.cross_entropy(logits, y[idx], label_smoothing=0.1)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                logits, _ = model(augment(x[idx], g).to(dev))
+            loss = F.cross_entropy(logits.float(), y[idx].to(dev), label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -173,7 +179,7 @@ def train_classifier(out_dir: str | Path, data: str = "embedded", epochs: int = 
         log.info("classifier epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, epochs, total / len(y),
                  time.time() - t0)
     wall = time.time() - t0
-    model.eval()
+    model.cpu().eval()
     held = splits.heldout.images.float().div(255)
     held_acc = accuracy(model, held, splits.heldout.labels)
     python_call = (f'python -c "import torch; torch.set_num_threads({torch.get_num_threads()}); '
@@ -183,7 +189,7 @@ def train_classifier(out_dir: str | Path, data: str = "embedded", epochs: int = 
         "format": FORMAT, "version": VERSION, "classifier": asdict(model.cfg),
         "data": data, "data_source": splits.source, "train_digits": len(y),
         "heldout_digits": len(splits.heldout), "heldout_accuracy": held_acc,
-        "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
+        "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr, "device": dev.type, "bf16": bf16,
         "train_seconds": round(wall, 1), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "train_command": command or python_call,
     }

@@ -130,10 +130,13 @@ class NoiseSchedule:
 class _Sampler:
     """Shared timestep bookkeeping: which timesteps to visit and, for each, the one that follows it."""
 
-    def __init__(self, schedule: NoiseSchedule, clip_sample: bool, spacing: str):
+    def __init__(self, schedule: NoiseSchedule, clip_sample: bool, spacing: str, steps_offset: int = 0):
         if spacing not in ("leading", "trailing"):
             raise UserError(f"spacing must be 'leading' or 'trailing', got {spacing!r}")
+        if steps_offset not in (0, 1):
+            raise UserError(f"steps_offset must be 0 or 1, got {steps_offset!r}")
         self.schedule, self.clip_sample, self.spacing = schedule, clip_sample, spacing
+        self.steps_offset = steps_offset
         self.alphas_cumprod = schedule.alphas_cumprod
         self.set_timesteps(schedule.T)
 
@@ -142,8 +145,13 @@ class _Sampler:
         n = T if num_steps is None else int(num_steps)
         if not 1 <= n <= T:
             raise UserError(f"number of sampling steps must be in 1..{T}, got {num_steps}")
-        if self.spacing == "leading":  # (n-1) r, ..., r, 0 with r = T // n (diffusers' default, offset 0)
-            self.timesteps = (torch.arange(n) * (T // n)).flip(0)
+        if self.spacing == "leading":  # (n-1) r, ..., r, 0 with r = T // n, plus steps_offset (diffusers')
+            r = T // n
+            # SD's schedulers use steps_offset 1 ((n-1) r + 1, ..., 1) and StableDiffusionPipeline forces it,
+            # so prompt models sample with it. With all T steps there is no room to shift (t = T does not
+            # exist; diffusers would index past its table): every timestep T-1..0 is visited, unshifted.
+            offset = self.steps_offset if (n - 1) * r + self.steps_offset < T else 0
+            self.timesteps = (torch.arange(n) * r).flip(0) + offset
         else:  # T-1, ...: always starts from the noisiest step (Lin et al. 2023, Table 2)
             self.timesteps = (T - torch.arange(n, dtype=torch.float64) * (T / n)).round().long() - 1
         self.num_steps = n
@@ -175,8 +183,9 @@ class _Sampler:
 class DDPMSampler(_Sampler):
     """Ancestral sampling, DDPM Algorithm 2; with fewer steps, the same posterior between the kept steps."""
 
-    def __init__(self, schedule: NoiseSchedule, clip_sample: bool = True, spacing: str = "leading"):
-        super().__init__(schedule, clip_sample, spacing)
+    def __init__(self, schedule: NoiseSchedule, clip_sample: bool = True, spacing: str = "leading",
+                 steps_offset: int = 0):
+        super().__init__(schedule, clip_sample, spacing, steps_offset)
 
     def step(self, eps: Tensor, t: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         t = int(t)
@@ -199,10 +208,10 @@ class DDIMSampler(_Sampler):
     """DDIM (Song et al. eq. 12); eta = 0 is deterministic, eta = 1 has DDPM's posterior variance (eq. 16)."""
 
     def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, clip_sample: bool = True,
-                 spacing: str = "leading"):
+                 spacing: str = "leading", steps_offset: int = 0):
         if eta < 0:
             raise UserError(f"eta must be >= 0, got {eta}")
-        super().__init__(schedule, clip_sample, spacing)
+        super().__init__(schedule, clip_sample, spacing, steps_offset)
         self.eta = eta
 
     def step(self, eps: Tensor, t: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:

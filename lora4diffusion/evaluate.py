@@ -286,7 +286,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=positive_int, help="DDIM steps with --checkpoint (default 20)")
     p.add_argument("--guidance", type=nonneg_float, help="guidance with --checkpoint (default 1.25)")
     p.add_argument("--seed", type=seed_int, help="sampling seed with --checkpoint (default 0)")
-    p.add_argument("--bf16", action="store_true", help="sample with bf16 autocast (~2x faster on CPU)")
     p.add_argument("--family", help="prompt models: prompts from one caption family (numeral, word,"
                    " handwritten, digit, picture, number, held_out; default: every training template)")
     lora_args(p)
@@ -302,8 +301,14 @@ def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dic
 
     digits = parse_digits(args.digits or "0-9")
     per_digit = args.per_digit or 100
+    from lora4diffusion.distributed import resolve_device
+    from lora4diffusion.train import bf16_supported
+
+    device = resolve_device(getattr(args, "device", "auto"))
+    bf16 = bf16_supported(device) if getattr(args, "bf16", None) is None else bool(args.bf16)
     pipe = Pipeline.load(args.checkpoint)
     loras = add_loras(pipe, args)
+    pipe.to(device)
     steps = args.steps or DEFAULT_STEPS
     if steps > pipe.diffusion.timesteps:
         raise UserError(f"--steps {steps} exceeds the model's {pipe.diffusion.timesteps} diffusion timesteps")
@@ -319,10 +324,10 @@ def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dic
         conditions = digit_prompts(labels, family)
     elif family is not None:
         raise UserError("--family applies to prompt models; this is a label model")
-    images, _ = pipe.generate(conditions, steps=steps, guidance=guidance, seed=seed, bf16=args.bf16,
+    images, _ = pipe.generate(conditions, steps=steps, guidance=guidance, seed=seed, bf16=bf16,
                               progress=not getattr(args, "quiet", False))
     settings = {"checkpoint": str(args.checkpoint), "sampler": "ddim", "steps": steps, "guidance": guidance,
-                "seed": seed, "per_digit": per_digit, "digits": digits, "bf16": args.bf16,
+                "seed": seed, "per_digit": per_digit, "digits": digits, "bf16": bf16,
                 "loras": [f"{p}:{w:g}" for p, w, _ in loras],
                 "sample_seconds_per_100": round(100 * (time.perf_counter() - t0) / len(labels), 2)}
     if pipe.is_prompt_model:
@@ -334,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     """``lora4diffusion evaluate``: print the report (table or JSON); bad input raises UserError."""
     if args.samples is not None:
         sampling = ("digits", "per_digit", "steps", "guidance", "seed", "bf16", "lora", "family")
-        given = [o for o in sampling if getattr(args, o) not in (None, False, [])]
+        given = [o for o in sampling if getattr(args, o, None) not in (None, False, [])]
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} only applies with --checkpoint, not --samples")
         images, labels = load_samples(args.samples)
@@ -362,12 +367,17 @@ def add_classifier_parser(subparsers) -> None:
 
 def run_train_classifier(args: argparse.Namespace) -> int:
     from lora4diffusion.args import out_dir
+    from lora4diffusion.distributed import resolve_device
+    from lora4diffusion.train import bf16_supported
 
     data = (Path(args.data),) if Path(args.data).exists() else ()
     out_dir(args.out, overwrite=args.overwrite, inputs=data)  # refused now, not after the training
-    command = (f"lora4diffusion train-classifier --out {args.out} --data {args.data} "
-               f"--epochs {args.epochs} --seed {args.seed}")
-    info = train_classifier(args.out, data=args.data, epochs=args.epochs, seed=args.seed, command=command)
+    device = resolve_device(getattr(args, "device", "auto"))
+    bf16 = bf16_supported(device) if getattr(args, "bf16", None) is None else bool(args.bf16)
+    command = (f"lora4diffusion train-classifier --out {args.out} --data {args.data} --epochs {args.epochs}"
+               f" --seed {args.seed} --device {device.type} --{'' if bf16 else 'no-'}bf16")
+    info = train_classifier(args.out, data=args.data, epochs=args.epochs, seed=args.seed, command=command,
+                            device=device, bf16=bf16)
     print(f"held-out accuracy {_pct(info['heldout_accuracy'])} on {info['heldout_digits']} digits after "
           f"{info['train_seconds']:.0f} s; wrote {Path(args.out)}")
     return 0

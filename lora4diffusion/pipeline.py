@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lora4diffusion.checkpoint import load_model, pretrained_dir
+from lora4diffusion.checkpoint import load_model, pretrained_dir, resolve_checkpoint
 from lora4diffusion.diffusion import DDIMSampler, DDPMSampler, DiffusionConfig, NoiseSchedule, sample
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.unet import UNet
@@ -45,13 +45,15 @@ class Pipeline:
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None) -> Pipeline:
-        """Load a model directory; None means the base model shipped with the package."""
+        """Load a model directory or a shipped model's name (``base``, ``pixel-base``); None means the base
+        model shipped with the package (the prompt-conditioned latent ``base``)."""
         if checkpoint is None:
             checkpoint = pretrained_dir()
             if not (checkpoint / "config.json").is_file():
                 raise UserError(
                     "no shipped base model in this install; pass --checkpoint DIR (train one first)"
                 )
+        checkpoint = resolve_checkpoint(checkpoint)
         from lora4diffusion.autoencoder import load_attached_vae
 
         unet, diffusion, config = load_model(Path(checkpoint))
@@ -80,6 +82,7 @@ class Pipeline:
         return load_adapter(self.unet, path, weight=weight, force=force, reader=read_any)
 
     def set_lora_weight(self, name: str, weight: float) -> None:
+        """Change a loaded adapter's weight (the name add_lora returned); 0 gives the base's images."""
         from lora4diffusion.lora.layers import set_adapter_weight
         from lora4diffusion.lora.prompt_lora import set_prompt_adapter_weight
 
@@ -87,6 +90,31 @@ class Pipeline:
             set_prompt_adapter_weight(self.unet, self.text_encoder, name, weight)
         else:
             set_adapter_weight(self.unet, name, weight)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload adapter ``name`` (from the text encoder too); once every adapter is removed the model is the
+        plain base again."""
+        from lora4diffusion.lora.layers import adapter_names, delete_adapter
+
+        found = False
+        for part in (self.unet, self.text_encoder):
+            if part is not None and name in adapter_names(part):
+                delete_adapter(part, name)
+                found = True
+        if not found:
+            delete_adapter(self.unet, name)  # raises the one-line "no adapter named ..." error
+        self.tag_adapters = {k: v for k, v in self.tag_adapters.items() if v != name}
+        self.triggers.pop(name, None)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The loaded adapters and their weights, by name."""
+        from lora4diffusion.lora.layers import adapter_names, lora_layers
+
+        weights: dict[str, float] = {}
+        for layer in lora_layers(self.unet).values():
+            weights.update(layer.weight)
+        return {n: weights[n] for n in adapter_names(self.unet)}
 
     def apply_prompt_tags(self, prompts: list[str], force: bool = False) -> list[str]:
         """Resolve the ``<lora:NAME_OR_PATH[:WEIGHT]>`` tags of one call (prompt_syntax.call_loras): each
@@ -152,10 +180,15 @@ class Pipeline:
     def sampler(self, kind: str = "ddim", steps: int | None = DEFAULT_STEPS, eta: float = 0.0):
         schedule = NoiseSchedule(self.diffusion)
         clip = self.vae is None  # pixels live in [-1, 1]; latents have no such range (SD does not clip them)
+        # prompt models sample as StableDiffusionPipeline does (timesteps shifted by SD's steps_offset 1), so
+        # their diffusers export gives the same images (prompt_model.STEPS_OFFSET)
+        offset = 0
+        if self.is_prompt_model:
+            from lora4diffusion.prompt_model import STEPS_OFFSET as offset
         if kind == "ddim":
-            s = DDIMSampler(schedule, eta=eta, clip_sample=clip)
+            s = DDIMSampler(schedule, eta=eta, clip_sample=clip, steps_offset=offset)
         elif kind == "ddpm":
-            s = DDPMSampler(schedule, clip_sample=clip)
+            s = DDPMSampler(schedule, clip_sample=clip, steps_offset=offset)
         else:
             raise UserError(f"unknown sampler {kind!r} (choose ddim or ddpm)")
         s.set_timesteps(steps)
@@ -177,7 +210,7 @@ class Pipeline:
         callback: Callable[[int, int, int, torch.Tensor], None] | None = None,
         negative: str | list[str] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Sample one image per label; returns (images [N, H, W] in [0, 1], trajectory of the first batch).
+        """Sample one image per label; returns (images [N, H, W] in [0, 1], trajectory of every image).
 
         The same seed gives the same images bit for bit (on one device). Batches are seeded (seed, batch
         index), so the result does not depend on how many other digits are asked for in later batches. Noise
@@ -187,7 +220,8 @@ class Pipeline:
         Non-finite results (an overflowing model, adapter or guidance) raise UserError instead of returning.
         ``callback(first_index, step, steps, x0_hat)``: after every step of every batch, the predicted clean
         images of the batch starting at ``first_index`` ([b, C, H, W] in [-1, 1]; latents for latent models);
-        for live previews.
+        for live previews. The trajectory (``trajectory_every`` > 0) is a list of frames [N, 1, H, W] in
+        [-1, 1], one row per label: ``[x[::k] for x in trajectory]`` shows every k-th sample's denoising.
 
         Prompt models: ``labels`` are prompts (strings), or digits, which become prompts of the "digit"
         family (prompt_model.digit_prompts). ``negative`` (one string, or one per prompt) replaces the empty
@@ -221,7 +255,7 @@ class Pipeline:
                     shape,
                     guidance,
                     g,
-                    trajectory_every if b == 0 else 0,
+                    trajectory_every,
                     progress,
                     clip=self.vae is None,
                     uncond=uncond,
@@ -233,7 +267,8 @@ class Pipeline:
                     " adapter overflows; lower --guidance or the --lora scales (nothing was written)"
                 )
             out.append(x.float().cpu())
-            traj = traj or t
+            traj.append(t)
+        traj = [torch.cat(frames) for frames in zip(*traj, strict=True)] if trajectory_every else []
         if self.vae is not None:  # latent diffusion: the decoder turns the sampled latents into digits
             from lora4diffusion.autoencoder import decode_latents
 

@@ -46,6 +46,10 @@ TOKENIZER_FOLDER = "tokenizer"
 # What `sample --digits` asks a prompt model for: the "digit" family, cycled ("the digit 7", "the digit
 # seven", "a digit seven", ...).
 DIGITS_FAMILY = "digit"
+# Prompt models sample with SD's "leading" timesteps shifted by steps_offset 1 ((n-1) r + 1, ..., 1):
+# diffusers' StableDiffusionPipeline rewrites any other steps_offset to 1 when it loads, so this is what
+# makes the exported pipeline (formats/stable_diffusion.py) draw the same images. Pipeline.sampler uses it.
+STEPS_OFFSET = 1
 
 
 class TextConditionedUNet(nn.Module):
@@ -225,7 +229,7 @@ def preview_prompts(model: TextConditionedUNet, tokenizer: Tokenizer, schedule: 
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE
     from lora4diffusion.plots import save_grid
 
-    s = DDIMSampler(schedule, clip_sample=False)
+    s = DDIMSampler(schedule, clip_sample=False, steps_offset=STEPS_OFFSET)
     s.set_timesteps(steps)
     dev = next(model.parameters()).device
     ids = tokenizer.encode((prompts or [f"the digit {d}" for d in range(10)]) + [EMPTY_PROMPT]).to(dev)
@@ -324,6 +328,7 @@ def train_prompt_base(
 
 
 __all__ = [
-    "DIGITS_FAMILY", "PRESET_NAMES", "PromptTask", "TextConditionedUNet", "digit_prompts", "load_text_parts",
+    "DIGITS_FAMILY", "PRESET_NAMES", "STEPS_OFFSET",
+    "PromptTask", "TextConditionedUNet", "digit_prompts", "load_text_parts",
     "negative_prompts", "save_text_parts", "train_prompt_base",
 ]

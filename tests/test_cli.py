@@ -174,7 +174,8 @@ def test_train_bad_inputs_leave_existing_run_untouched(tiny_run, tmp_path, capsy
     _bad(
         capsys, ["train", "--preset", "tiny", "--image-size", "27", "--out", str(tmp_path / "x")], "divisible"
     )
-    _bad(capsys, ["train", "--preset", "tiny", "--steps", "-3", "--out", str(tmp_path / "x")], "--steps")
+    _bad(capsys, ["train", "--preset", "tiny", "--max-train-steps", "-3", "--out", str(tmp_path / "x")],
+                  "--max-train-steps")
     assert _snapshot(tiny_run) == before
     assert not (tmp_path / "x").exists()
 

@@ -138,7 +138,7 @@ def test_sigkill_train_and_train_lora_then_resume(idx_dir, tmp_path):
     rng = random.Random(SEED)
     run, total = tmp_path / "base", 2 * TRAIN_KILLS + 6
     argv = ["-q", "train", "--preset", "tiny", "--image-size", "16", "--no-bf16", "--device", "cpu",
-            "--data", str(idx_dir), "--steps", str(total), "--out", str(run)]
+            "--data", str(idx_dir), "--max-train-steps", str(total), "--out", str(run)]
     survived, mid_write = _kill_and_resume(argv, run, "train", TRAIN_KILLS, total, rng)
     print(f"train: {survived} kills survived, {mid_write} inside a checkpoint write")  # for RELIABILITY.md
     assert survived == TRAIN_KILLS
@@ -147,8 +147,9 @@ def test_sigkill_train_and_train_lora_then_resume(idx_dir, tmp_path):
     assert [int(r.split(",")[0]) for r in metrics[1:]] == list(range(1, total + 1))  # no half or doubled rows
 
     lora_run, lora_total = tmp_path / "lora", 2 * LORA_KILLS + 6
-    argv = ["-q", "train-lora", "--base", str(run), "--style", "bold", "--data", str(idx_dir), "--rank", "2",
-            "--batch-size", "8", "--steps", str(lora_total), "--device", "cpu", "--out", str(lora_run)]
+    argv = ["-q", "train-lora", "--checkpoint", str(run), "--style", "bold", "--data", str(idx_dir),
+            "--rank", "2", "--batch-size", "8", "--max-train-steps", str(lora_total), "--device", "cpu",
+            "--out", str(lora_run)]
     survived, mid_write = _kill_and_resume(argv, lora_run, "lora", LORA_KILLS, lora_total, rng)
     print(f"train-lora: {survived} kills survived, {mid_write} inside a checkpoint write")
     assert survived == LORA_KILLS
@@ -158,7 +159,7 @@ def test_sigkill_train_and_train_lora_then_resume(idx_dir, tmp_path):
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(idx_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
     argv = ["-q", "train", "--preset", "tiny", "--image-size", "16", "--no-bf16", "--device", "cpu",
-            "--data", str(idx_dir), "--steps", "2", "--out", str(run)]
+            "--data", str(idx_dir), "--max-train-steps", "2", "--out", str(run)]
     assert cli.main(argv) == 0
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert {STATE_NAME, "model.safetensors", "config.json"} <= set(before)
@@ -170,7 +171,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(idx_dir, tmp_path,
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
     err = io.StringIO()
     with redirect_stderr(err):
-        rc = cli.main(argv[:-4] + ["--steps", "4", "--out", str(run), "--resume"])
+        rc = cli.main(argv[:-4] + ["--max-train-steps", "4", "--out", str(run), "--resume"])
     lines = err.getvalue().strip().splitlines()
     assert rc == 2 and len(lines) == 1, err.getvalue()
     assert STATE_NAME in lines[0] and "no space left on device" in lines[0]
@@ -178,5 +179,6 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(idx_dir, tmp_path,
     assert after == {k: v for k, v in before.items() if k != "metrics.csv"}  # no temp file, nothing changed
     monkeypatch.undo()
     assert int(load_model(run)[2]["step"]) == 2
-    assert cli.main(argv[:-4] + ["--steps", "4", "--out", str(run), "--resume"]) == 0  # room again: goes on
+    assert cli.main(argv[:-4] + ["--max-train-steps", "4", "--out", str(run),
+                         "--resume"]) == 0  # room again: goes on
     assert int(load_model(run)[2]["step"]) == 4

@@ -42,11 +42,9 @@ def real_result(splits, clf) -> dict:
 
 
 def _cli(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="lora4diffusion")
-    sub = parser.add_subparsers(dest="command", required=True)
-    evaluate.add_parser(sub)
-    evaluate.add_classifier_parser(sub)
-    return parser.parse_args(list(argv))
+    from lora4diffusion.cli import build_parser  # --device and --bf16/--no-bf16 come from the CLI's parser
+
+    return build_parser().parse_args(list(argv))
 
 
 # ---------------------------------------------------------------------------------------------- Fréchet
@@ -326,5 +324,5 @@ def test_run_scores_a_checkpoint_with_adapters(tmp_path, small_model, capsys, no
     plain, off, on = scores(), scores("--lora", f"{tmp_path / 'a'}:0"), scores("--lora", str(tmp_path / "a"))
     assert off["mean_ink"] == plain["mean_ink"] and off["fid_classifier"] == plain["fid_classifier"]
     assert on["mean_ink"] != plain["mean_ink"]
-    assert on["source"]["loras"] == [f"{tmp_path / 'a'}:1"] and on["source"]["bf16"] is False
-    assert scores("--bf16")["source"]["bf16"] is True
+    assert on["source"]["loras"] == [f"{tmp_path / 'a'}:1"]
+    assert scores("--bf16")["source"]["bf16"] is True and scores("--no-bf16")["source"]["bf16"] is False

@@ -29,11 +29,11 @@ def bold(base, tmp_path_factory):
             [
                 "-q",
                 "train-lora",
-                "--base",
+                "--checkpoint",
                 str(base),
                 "--style",
                 "bold",
-                "--steps",
+                "--max-train-steps",
                 "12",
                 "--rank",
                 "2",
@@ -46,12 +46,13 @@ def bold(base, tmp_path_factory):
     return out
 
 
-def _sample(ckpt, out, *extra):
+def _sample(ckpt, out, *extra):  # fp32: the checks below are exact or 1e-4
     assert (
         main(
             [
                 "-q",
                 "sample",
+                "--no-bf16",
                 "--checkpoint",
                 str(ckpt),
                 "--digits",
@@ -147,12 +148,12 @@ def test_resize_extract_and_peft_export(base, bold, tmp_path, capsys):
             [
                 "-q",
                 "train-lora",
-                "--base",
+                "--checkpoint",
                 str(base),
                 "--style",
                 "bold",
                 "--full",
-                "--steps",
+                "--max-train-steps",
                 "3",
                 "--out",
                 str(tmp_path / "full"),
@@ -165,7 +166,7 @@ def test_resize_extract_and_peft_export(base, bold, tmp_path, capsys):
             [
                 "-q",
                 "extract",
-                "--base",
+                "--checkpoint",
                 str(base),
                 "--tuned",
                 str(tmp_path / "full"),
@@ -192,7 +193,7 @@ def _bad(capsys, argv, match):
 
 def test_bad_lora_inputs(base, bold, tmp_path, capsys):
     out = tmp_path / "o"
-    t = ["train-lora", "--base", str(base), "--out", str(out), "--steps", "2"]
+    t = ["train-lora", "--checkpoint", str(base), "--out", str(out), "--max-train-steps", "2"]
     _bad(capsys, [*t, "--style", "bold", "--rank", "0"], "rank")
     _bad(capsys, [*t, "--style", "bold", "--rank", "999"], "rank")
     _bad(capsys, [*t, "--style", "bold", "--alpha", "0"], "alpha")

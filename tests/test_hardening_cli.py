@@ -26,15 +26,16 @@ from lora4diffusion.lora.adapters import Adapter, export_peft, shipped_adapters
 from lora4diffusion.runlock import LOCK_NAME
 from lora4diffusion.train import STATE_NAME, NonFiniteLoss, Trainer, train_base
 
-BOLD = str(shipped_adapters()["bold"])
+BOLD = str(shipped_adapters()["bold-pixel"])  # the label adapter of the shipped pixel-base
+PIXEL = str(pretrained_dir("pixel-base"))
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A tiny base run (2 steps), a PEFT export of the shipped bold adapter, a folder holding a user file."""
+    """A tiny base run (2 steps), a PEFT export of the shipped bold-pixel adapter."""
     root = tmp_path_factory.mktemp("hard")
     train_base("tiny", root / "tiny", steps=2, progress=False)
-    assert main(["-q", "export-peft", "--lora", "bold", "--out", str(root / "peft")]) == 0
+    assert main(["-q", "export-peft", "--lora", "bold-pixel", "--out", str(root / "peft")]) == 0
     return root
 
 
@@ -72,16 +73,17 @@ def _refused(capsys, argv, match, out=None):
 def _commands(work, out):
     o = str(out)
     return {
-        "train": ["train", "--preset", "tiny", "--steps", "1", "--out", o, "--overwrite"],
-        "train-lora": ["train-lora", "--base", str(work / "tiny"), "--style", "bold", "--steps", "1",
+        "train": ["train", "--preset", "tiny", "--max-train-steps", "1", "--out", o, "--overwrite"],
+        "train-lora": ["train-lora", "--checkpoint", str(work / "tiny"), "--style", "bold",
+                       "--max-train-steps", "1",
                        "--out", o, "--overwrite"],
         "sample": ["sample", "--digits", "1", "--per-digit", "1", "--steps", "2", "--out", o, "--overwrite"],
-        "evaluate": ["evaluate", "--checkpoint", str(pretrained_dir()), "--digits", "1", "--per-digit", "2",
+        "evaluate": ["evaluate", "--checkpoint", PIXEL, "--digits", "1", "--per-digit", "2",
                      "--steps", "2"],
         "train-classifier": ["train-classifier", "--epochs", "1", "--out", o, "--overwrite"],
-        "merge": ["merge", "--lora", "bold", "--out", o, "--overwrite"],
-        "resize": ["resize", "--lora", "bold", "--rank", "1", "--out", o, "--overwrite"],
-        "extract": ["extract", "--tuned", str(pretrained_dir()), "--rank", "1", "--out", o, "--overwrite"],
+        "merge": ["merge", "--checkpoint", PIXEL, "--lora", "bold-pixel", "--out", o, "--overwrite"],
+        "resize": ["resize", "--lora", "bold-pixel", "--rank", "1", "--out", o, "--overwrite"],
+        "extract": ["extract", "--base", PIXEL, "--tuned", PIXEL, "--rank", "1", "--out", o, "--overwrite"],
         "demo": ["demo", "--out", o, "--overwrite"],
     }  # fmt: skip
 
@@ -106,13 +108,16 @@ BAD_FLAGS = [
     ("--lora", "bold:nan", "finite", ["sample"]),
     ("--image-size", "0", "must be > 0", ["train"]),
     ("--image-size", "100000", "<= 128", ["train"]),
-    ("--per-digit", "1000000000", "<= 10000", ["sample", "evaluate", "train-lora", "demo"]),
+    ("--per-digit", "1000000000", "<= 10000", ["sample", "evaluate", "demo"]),
+    ("--examples-per-digit", "1000000000", "<= 10000", ["train-lora"]),
     ("--per-digit", "0", "> 0", ["sample", "evaluate"]),
     ("--batch-size", "1000000000", "<= 4096", ["train", "train-lora"]),
     ("--batch-size", "0", "> 0", ["train"]),
-    ("--steps", "0", "> 0", ["train", "sample", "evaluate", "demo"]),
-    ("--steps", str(10**12), "<= 1000000000", ["train", "sample"]),
-    ("--steps", "1e3", "integer", ["train"]),
+    ("--steps", "0", "> 0", ["sample", "evaluate", "demo"]),
+    ("--max-train-steps", "0", "> 0", ["train", "train-lora"]),
+    ("--steps", str(10**12), "<= 1000000000", ["sample"]),
+    ("--max-train-steps", str(10**12), "<= 1000000000", ["train"]),
+    ("--max-train-steps", "1e3", "integer", ["train"]),
     ("--rank", "0", "> 0", ["train-lora", "resize", "extract"]),
     ("--rank", "100000", "<= 512", ["train-lora", "resize"]),
     ("--alpha", "nan", "finite", ["train-lora"]),
@@ -164,7 +169,7 @@ def test_non_empty_out_needs_overwrite(work, tmp_path, capsys, cmd):
     (out / "model.safetensors").write_bytes(b"someone else's model")
     (out / "config.json").write_text("{}")
     if cmd == "export-peft":
-        argv = ["export-peft", "--lora", "bold", "--out", str(out)]
+        argv = ["export-peft", "--lora", "bold-pixel", "--out", str(out)]
     elif cmd == "import-peft":
         argv = ["import-peft", "--peft", str(work / "peft"), "--out", str(out)]
     else:
@@ -184,9 +189,9 @@ def test_overwrite_replaces_sample_output(tmp_path, capsys):
 
 def test_never_write_over_an_input(work, tmp_path, capsys):
     base = tmp_path / "base"
-    shutil.copytree(pretrained_dir(), base)
+    shutil.copytree(PIXEL, base)
     ow = "--overwrite"
-    _refused(capsys, ["merge", "--checkpoint", str(base), "--lora", "bold", "--out", str(base), ow],
+    _refused(capsys, ["merge", "--checkpoint", str(base), "--lora", "bold-pixel", "--out", str(base), ow],
              "is the input", base)  # fmt: skip
     ad = tmp_path / "ad"
     shutil.copytree(BOLD, ad)
@@ -195,7 +200,7 @@ def test_never_write_over_an_input(work, tmp_path, capsys):
     _refused(capsys, ["export-peft", "--lora", str(ad), "--out", str(ad / "sub"), "--overwrite"],
              "is the input", ad)  # fmt: skip
     _refused(capsys, ["sample", "--checkpoint", str(base), "--out", str(base), ow], "is the input", base)
-    _refused(capsys, ["train-lora", "--base", str(base), "--style", "bold", "--out", str(base), ow],
+    _refused(capsys, ["train-lora", "--checkpoint", str(base), "--style", "bold", "--out", str(base), ow],
              "is the input", base)  # fmt: skip
     _refused(capsys, ["import-peft", "--peft", str(work / "peft"), "--out", str(work / "peft"), ow],
              "is the input", work / "peft")  # fmt: skip
@@ -203,8 +208,9 @@ def test_never_write_over_an_input(work, tmp_path, capsys):
 
 def test_train_refuses_a_folder_holding_another_model(tmp_path, capsys):
     other = tmp_path / "model"
-    shutil.copytree(pretrained_dir(), other)  # config.json + model.safetensors, no train_state
-    _refused(capsys, ["train", "--preset", "tiny", "--steps", "1", "--out", str(other)], "--overwrite", other)
+    shutil.copytree(PIXEL, other)  # config.json + model.safetensors, no train_state
+    _refused(capsys, ["train", "--preset", "tiny", "--max-train-steps", "1", "--out", str(other)],
+                      "--overwrite", other)
     _refused(capsys, ["train", "--preset", "tiny", "--out", str(other), "--resume"], "no training state",
              other)  # fmt: skip
     with pytest.raises(UserError, match="holds a model"):  # the Python API refuses too
@@ -216,7 +222,7 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
     t0 = time.perf_counter()
     for argv in (["train-classifier", "--epochs", "1"], ["train", "--preset", "tiny"], ["sample"],
                  ["train-lora", "--style", "bold"], ["merge", "--lora", "bold"], ["resize", "--lora", "bold",
-                 "--rank", "1"], ["export-peft", "--lora", "bold"]):  # fmt: skip
+                 "--rank", "1"], ["export-peft", "--lora", "bold-pixel"]):  # fmt: skip
         err = _refused(capsys, [*argv, "--out", denied], "permission denied")
         assert "corrupt" not in err
     assert time.perf_counter() - t0 < 10  # refused at the door, not after training
@@ -229,7 +235,7 @@ def test_a_live_lock_refuses_a_second_training_and_a_stale_one_is_taken_over(wor
     before = _snapshot(run)
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}
     (run / LOCK_NAME).write_text(json.dumps(holder))
-    resume = ["-q", "train", "--preset", "tiny", "--steps", "3", "--out", str(run), "--resume"]
+    resume = ["-q", "train", "--preset", "tiny", "--max-train-steps", "3", "--out", str(run), "--resume"]
     err = _refused(capsys, resume, f"pid {os.getpid()}")
     assert "in use" in err and _snapshot(run) == {**before, LOCK_NAME: _snapshot(run)[LOCK_NAME]}
     _refused(capsys, ["sample", "--out", str(run), "--overwrite"], "in use")  # nobody writes there meanwhile
@@ -243,7 +249,8 @@ def test_a_live_lock_refuses_a_second_training_and_a_stale_one_is_taken_over(wor
 
 def test_two_trainings_into_one_folder_one_is_refused(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lora4diffusion", "-q", "train", "--preset", "tiny", "--steps", "100000",
+    cmd = [sys.executable, "-m", "lora4diffusion", "-q", "train", "--preset", "tiny",
+           "--max-train-steps", "100000",
            "--out", str(run)]  # fmt: skip
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -264,20 +271,22 @@ def test_two_trainings_into_one_folder_one_is_refused(tmp_path):
 def test_resume_refuses_changed_settings_unless_allowed(tmp_path, capsys):
     run = tmp_path / "run"
     tiny = ["-q", "train", "--preset", "tiny", "--out", str(run)]
-    assert main([*tiny, "--steps", "2", "--batch-size", "8", "--seed", "4"]) == 0
+    assert main([*tiny, "--max-train-steps", "2", "--batch-size", "8", "--seed", "4"]) == 0
     before = _snapshot(run)
-    err = _refused(capsys, [*tiny, "--resume", "--steps", "3", "--batch-size", "16"], "batch-size 8 -> 16")
+    err = _refused(capsys, [*tiny, "--resume", "--max-train-steps", "3", "--batch-size", "16"],
+                            "batch-size 8 -> 16")
     assert "--allow-changes" in err and _snapshot(run) == before
-    _refused(capsys, [*tiny, "--resume", "--steps", "3", "--lr", "0.1", "--seed", "5"], "seed 4 -> 5", run)
+    _refused(capsys, [*tiny, "--resume", "--max-train-steps", "3", "--lr", "0.1", "--seed", "5"],
+                      "seed 4 -> 5", run)
     _refused(capsys, [*tiny, "--resume", "--overwrite"], "one of them", run)
     # unspecified settings are the run's own (batch 8, seed 4), so a plain --resume is no change
-    assert main([*tiny, "--resume", "--steps", "3"]) == 0
+    assert main([*tiny, "--resume", "--max-train-steps", "3"]) == 0
     train_cfg = json.loads((run / "config.json").read_text())["train"]
     assert (train_cfg["batch_size"], train_cfg["seed"], train_cfg["steps"]) == (8, 4, 3)
-    assert main([*tiny, "--resume", "--steps", "4", "--batch-size", "16", "--allow-changes"]) == 0
+    assert main([*tiny, "--resume", "--max-train-steps", "4", "--batch-size", "16", "--allow-changes"]) == 0
     assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 16
     idx = _idx_folder(tmp_path / "idx")  # other data: the same digits minus the first 10
-    err = _refused(capsys, [*tiny, "--resume", "--steps", "5", "--data", str(idx)], "data", run)
+    err = _refused(capsys, [*tiny, "--resume", "--max-train-steps", "5", "--data", str(idx)], "data", run)
     assert "data_fingerprint" in err and "--allow-changes" in err
 
 
@@ -303,25 +312,27 @@ def test_lora_resume_refuses_other_style_and_other_base(work, tmp_path, capsys):
     save_file(state, other / "model.safetensors")
     run = tmp_path / "lora"
     t = ["-q", "train-lora", "--batch-size", "4", "--rank", "2", "--out", str(run)]
-    assert main([*t, "--base", str(base), "--style", "bold", "--steps", "1"]) == 0
+    assert main([*t, "--checkpoint", str(base), "--style", "bold", "--max-train-steps", "1"]) == 0
     before = _snapshot(run)
-    _refused(capsys, [*t, "--base", str(base), "--style", "thin", "--steps", "2", "--resume"], "style", run)
-    err = _refused(capsys, [*t, "--base", str(other), "--style", "bold", "--steps", "2", "--resume"],
+    _refused(capsys, [*t, "--checkpoint", str(base), "--style", "thin", "--max-train-steps", "2",
+                      "--resume"], "style", run)
+    err = _refused(capsys, [*t, "--checkpoint", str(other), "--style", "bold", "--max-train-steps", "2",
+                            "--resume"],
                    str(other), run)  # fmt: skip
     assert str(base) in err and "fingerprint" in err
     # a different base is refused even with --allow-changes
-    _refused(capsys, [*t, "--base", str(other), "--style", "bold", "--steps", "2", "--resume",
+    _refused(capsys, [*t, "--checkpoint", str(other), "--style", "bold", "--max-train-steps", "2", "--resume",
                       "--allow-changes"], "fingerprint", run)  # fmt: skip
     assert _snapshot(run) == before
 
 
 def test_lora_resume_is_bit_identical_to_one_run(work, tmp_path):
     # dropout 0.1: its masks must be drawn per step too, not from the process's global RNG stream
-    t = ["-q", "train-lora", "--base", str(work / "tiny"), "--style", "bold", "--batch-size", "8",
+    t = ["-q", "train-lora", "--checkpoint", str(work / "tiny"), "--style", "bold", "--batch-size", "8",
          "--rank", "2", "--dropout", "0.1", "--device", "cpu"]  # fmt: skip
-    assert main([*t, "--steps", "4", "--out", str(tmp_path / "a")]) == 0
-    assert main([*t, "--steps", "2", "--out", str(tmp_path / "b")]) == 0
-    assert main([*t, "--steps", "4", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert main([*t, "--max-train-steps", "4", "--out", str(tmp_path / "a")]) == 0
+    assert main([*t, "--max-train-steps", "2", "--out", str(tmp_path / "b")]) == 0
+    assert main([*t, "--max-train-steps", "4", "--out", str(tmp_path / "b"), "--resume"]) == 0
     for name in ("adapter.safetensors", STATE_NAME):
         a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
         assert a.keys() == b.keys() and len(a) > 0
@@ -335,7 +346,7 @@ def test_overflowing_sampler_writes_nothing(tmp_path, capsys):
     base = ["-q", "sample", "--digits", "1", "--per-digit", "1", "--steps", "2", "--out", str(out)]
     _refused(capsys, [*base, "--guidance", "1e308"], "non-finite")
     assert not out.exists()
-    _refused(capsys, ["-q", "evaluate", "--checkpoint", str(pretrained_dir()), "--digits", "1", "--per-digit",
+    _refused(capsys, ["-q", "evaluate", "--checkpoint", PIXEL, "--digits", "1", "--per-digit",
                       "2", "--steps", "2", "--guidance", "1e308"], "non-finite")  # fmt: skip
 
 
@@ -348,7 +359,8 @@ def test_overflowing_merge_and_export_write_nothing(tmp_path, capsys):
     with safe_open(str(huge / "adapter.safetensors"), "pt") as f:
         meta = f.metadata()
     save_file({k: v * 1e20 for k, v in tensors.items()}, huge / "adapter.safetensors", metadata=meta)
-    _refused(capsys, ["merge", "--lora", str(huge), "--out", str(tmp_path / "m")], "non-finite")
+    _refused(capsys, ["merge", "--checkpoint", PIXEL, "--lora", str(huge), "--out", str(tmp_path / "m")],
+             "non-finite")  # fmt: skip
     assert not (tmp_path / "m").exists()
     nan = Adapter({k: v * float("nan") for k, v in tensors.items()}, 4, 4.0)
     with pytest.raises(UserError, match="non-finite"):
@@ -367,12 +379,14 @@ def test_sigterm_in_the_loop_exits_75_with_a_resumable_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(Trainer, "_loss", term_at_3)
     run = tmp_path / "run"
-    assert main(["-q", "train", "--preset", "tiny", "--steps", "20", "--out", str(run)]) == EXIT_INTERRUPTED
+    assert main(["-q", "train", "--preset", "tiny", "--max-train-steps", "20", "--out",
+                 str(run)]) == EXIT_INTERRUPTED
     assert "interrupted" in capsys.readouterr().out
     assert load_file(run / STATE_NAME) and json.loads((run / "config.json").read_text())["step"] == 4
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the CLI restored the handler
     monkeypatch.setattr(Trainer, "_loss", real)
-    assert main(["-q", "train", "--preset", "tiny", "--steps", "6", "--out", str(run), "--resume"]) == 0
+    assert main(["-q", "train", "--preset", "tiny", "--max-train-steps", "6", "--out", str(run),
+                 "--resume"]) == 0
 
 
 def test_sigterm_before_the_loop_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -415,7 +429,8 @@ def test_non_finite_loss_before_a_checkpoint_claims_none(tmp_path, monkeypatch, 
     with pytest.raises(NonFiniteLoss) as e:
         train_base("tiny", tmp_path / "a", steps=30, progress=False)  # first checkpoint at step 10
     assert "nothing to resume" in str(e.value) and "kept" not in str(e.value)
-    assert main(["-q", "train", "--preset", "tiny", "--steps", "30", "--out", str(tmp_path / "b")]) == 1
+    assert main(["-q", "train", "--preset", "tiny", "--max-train-steps", "30", "--out",
+                 str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "nothing to resume" in err
 

@@ -75,15 +75,15 @@ def test_label_mode_is_bit_identical_to_the_code_before_text_mode(small_cfg):
 
 
 def test_shipped_label_base_keeps_its_config_and_fingerprint():
-    config = read_json(pretrained_dir() / "config.json")
+    config = read_json(pretrained_dir("pixel-base") / "config.json")
     cfg = UNetConfig.from_dict(config["unet"])
     assert cfg.conditioning == "label" and "conditioning" not in cfg.to_dict()
     # the dict the fingerprint hashes is the stored one (JSON turns tuples into lists)
     assert json.loads(json.dumps(cfg.to_dict())) == config["unet"]
-    base = Pipeline.load().unet
+    base = Pipeline.load("pixel-base").unet
     assert base.__class__ is UNet and hasattr(base, "label_context")
     fingerprint = base_fingerprint(base)
-    for name in ("bold", "italic"):
+    for name in ("bold-pixel", "italic-pixel"):
         assert read_adapter(shipped_adapters()[name]).fingerprint == fingerprint
 
 
@@ -287,10 +287,10 @@ def test_bad_prompts_exit_2_and_write_nothing(tiny_text_model, tmp_path, capsys,
 
 def test_label_models_refuse_prompts(tmp_path, capsys):
     out = tmp_path / "never"
-    assert main(["-q", "sample", "--prompt", "seven", "--out", str(out)]) == 2
+    assert main(["-q", "sample", "--checkpoint", "pixel-base", "--prompt", "seven", "--out", str(out)]) == 2
     assert "label model" in capsys.readouterr().err and not out.exists()
     with pytest.raises(UserError, match="label model"):
-        Pipeline.load().generate(["seven"], steps=1)
+        Pipeline.load("pixel-base").generate(["seven"], steps=1)
 
 
 def test_text_conditioned_unet_checks_widths():

@@ -653,5 +653,5 @@ def test_cli_bad_files_are_one_line_exit_2_and_write_nothing(model_dir, peft_dir
         capsys.readouterr()
         assert cli.main(["-q", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("lora4diffusion: error: "), err
+        assert len(err) == 1 and err[0].startswith(f"lora4diffusion {argv[0]}: error: "), err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

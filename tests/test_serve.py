@@ -26,12 +26,14 @@ from lora4diffusion.web.prompt import encode_prompt, parse_prompt, prompt_digits
 from lora4diffusion.web.server import ServeConfig, create_app
 
 STEPS = 3
+CHECKPOINT = "pixel-base"  # the label model (the page for prompt models is tested on a tiny one)
+BOLD, ITALIC = "bold-pixel", "italic-pixel"  # its shipped adapters
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("adapters")
-    bold = shipped_adapters()["bold"] / "adapter.safetensors"
+    bold = shipped_adapters()[BOLD] / "adapter.safetensors"
     meta = read_metadata(bold)
     (d / "other").mkdir()  # the same tensors, recorded as trained on another base
     other = {**meta, "base_fingerprint": "f" * 64}
@@ -43,7 +45,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app(folder):
-    return create_app(ServeConfig(adapters=str(folder), max_queue=3))
+    return create_app(ServeConfig(checkpoint=CHECKPOINT, adapters=str(folder), max_queue=3))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def test_prompt_refuses_what_the_label_model_cannot_read():
 
 def test_preview_callback_sees_x0_and_changes_nothing():
     """The sampler hook behind the live preview: x0_hat per step, eq. 15; the images are bit-identical."""
-    pipe = Pipeline.load()
+    pipe = Pipeline.load(CHECKPOINT)
     plain, _ = pipe.generate([1, 2, 3], steps=STEPS, seed=5, batch_size=2)
     seen = []
     hooked, _ = pipe.generate([1, 2, 3], steps=STEPS, seed=5, batch_size=2,
@@ -112,27 +114,29 @@ def test_preview_callback_sees_x0_and_changes_nothing():
 # ------------------------------------------------------------------------------------------------- API
 def test_adapters_listing_with_metadata(client):
     items = {a["name"]: a for a in client.get("/api/adapters").json()["adapters"]}
-    assert set(items) == {"bold", "italic", "other"}  # 'bad name' is not addressable, so not listed
-    assert items["bold"]["source"] == "shipped" and items["other"]["source"] == "folder"
-    assert items["bold"]["rank"] == 4 and items["bold"]["alpha"] == 4.0 and items["bold"]["style"] == "bold"
-    assert items["bold"]["targets"] == "all-linear" and items["bold"]["fits"] is True
+    # 'bad name' is not addressable, so not listed
+    assert set(items) == {"bold", "italic", BOLD, ITALIC, "other"}
+    assert items[BOLD]["source"] == "shipped" and items["other"]["source"] == "folder"
+    assert items[BOLD]["rank"] == 4 and items[BOLD]["alpha"] == 4.0 and items[BOLD]["style"] == "bold"
+    assert items[BOLD]["targets"] == "all-linear" and items[BOLD]["fits"] is True
+    assert items["bold"]["fits"] is False  # the prompt base's adapter does not fit the label model
     assert items["other"]["fits"] is False and "another base" in items["other"]["reason"]
 
 
 def test_generate_matches_the_pipeline_and_the_printed_command(client, app, tmp_path):
-    r = client.post("/api/generate", json={"prompt": "3 seven <lora:bold:0.5>", "n": 2, "steps": STEPS,
+    r = client.post("/api/generate", json={"prompt": f"3 seven <lora:{BOLD}:0.5>", "n": 2, "steps": STEPS,
                                            "seed": 4})
     got = images(r)
     body = r.json()
     assert body["labels"] == [3, 3, 7, 7] and body["columns"] == ["3", "7"]
     s = body["settings"]
     assert (s["digits"], s["n"], s["steps"], s["guidance"], s["seed"], s["loras"]) == \
-        ([3, 7], 2, STEPS, 1.25, 4, {"bold": 0.5})
+        ([3, 7], 2, STEPS, 1.25, 4, {BOLD: 0.5})
     grid = decode(body["grid"])
     assert grid.shape == (2 * 28 + 3, 2 * 28 + 3)  # one column per digit, one row per image of it
 
-    pipe = Pipeline.load().to(app.state.serve.pipe.device)  # the server's device (auto), as the CLI's
-    pipe.add_lora("bold", weight=0.5)
+    pipe = Pipeline.load(CHECKPOINT).to(app.state.serve.pipe.device)  # the server's device, as the CLI's
+    pipe.add_lora(BOLD, weight=0.5)
     want, _ = pipe.generate([3, 3, 7, 7], steps=STEPS, guidance=1.25, seed=4)
     assert np.array_equal(got, as_png_pixels(want))
 
@@ -190,7 +194,7 @@ def test_stream_sends_previews_then_the_result(client):
     ({"prompt": "3", "loras": {"/abs/path": 1}}, 400, "bad adapter name"),
     ({"prompt": "3", "loras": {"nope": 1}}, 400, "unknown adapter"),
     ({"prompt": "3", "loras": {"other": 1}}, 400, "does not fit"),
-    ({"prompt": "3 <lora:bold:1>", "loras": {"bold": 0.5}}, 400, "says"),
+    ({"prompt": f"3 <lora:{BOLD}:1>", "loras": {BOLD: 0.5}}, 400, "says"),
     ({"prompt": "3", "steps": 0}, 400, "steps"),
     ({"prompt": "3", "steps": 10_000}, 400, "steps"),
     ({"prompt": "3", "n": 99}, 400, "n must"),
@@ -223,8 +227,8 @@ def test_protocol_errors_are_json(client):
 def test_two_requests_at_once_get_what_they_would_get_alone(client, app):
     """The model is shared, weights are per request: bold at 1 and at 0 submitted together, in both orders."""
     body = {"prompt": "0-9", "steps": STEPS, "seed": 7}
-    alone = {w: images(client.post("/api/generate", json={**body, "loras": {"bold": w}})) for w in (1, 0)}
-    pipe = Pipeline.load().to(app.state.serve.pipe.device)
+    alone = {w: images(client.post("/api/generate", json={**body, "loras": {BOLD: w}})) for w in (1, 0)}
+    pipe = Pipeline.load(CHECKPOINT).to(app.state.serve.pipe.device)
     base, _ = pipe.generate(list(range(10)), steps=STEPS, guidance=1.25, seed=7)
     assert np.array_equal(alone[0], as_png_pixels(base))  # weight 0 is the base exactly
     assert not np.array_equal(alone[1], alone[0])
@@ -234,7 +238,7 @@ def test_two_requests_at_once_get_what_they_would_get_alone(client, app):
         got: dict[float, np.ndarray] = {}
 
         def ask(w, got=got):
-            got[w] = images(client.post("/api/generate", json={**body, "loras": {"bold": w}}))
+            got[w] = images(client.post("/api/generate", json={**body, "loras": {BOLD: w}}))
 
         with engine.model_lock:  # both wait in the queue, then run back to back on the shared model
             threads = [threading.Thread(target=ask, args=(w,)) for w in order]
@@ -250,7 +254,7 @@ def test_two_requests_at_once_get_what_they_would_get_alone(client, app):
     got4: dict[int, np.ndarray] = {}
 
     def ask4(i):
-        got4[i] = images(client.post("/api/generate", json={**body, "loras": {"bold": i % 2}}))
+        got4[i] = images(client.post("/api/generate", json={**body, "loras": {BOLD: i % 2}}))
 
     threads = [threading.Thread(target=ask4, args=(i,)) for i in range(3)]
     [t.start() for t in threads]
@@ -350,7 +354,7 @@ def test_bad_uploads_leave_nothing_behind(client, folder, app):
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(png, format="PNG")
     cases = [
         ({"name": "../evil", "style": "bold"}, 400, "bad adapter name"),
-        ({"name": "bold", "style": "bold"}, 400, "exists"),
+        ({"name": BOLD, "style": "bold"}, 400, "exists"),
         ({"name": "x", "style": "sparkly"}, 400, "style"),
         ({"name": "x", "style": "bold", "rank": 0}, 400, "rank"),
         ({"name": "x", "style": "upload"}, 400, "zip"),
@@ -415,7 +419,7 @@ def test_cli_refuses_bad_ports_and_warns_on_open_hosts(monkeypatch, capsys):
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         port = s.getsockname()[1]
-    assert main(["serve", "--host", "0.0.0.0", "--port", str(port)]) == 0
+    assert main(["serve", "--checkpoint", CHECKPOINT, "--host", "0.0.0.0", "--port", str(port)]) == 0
     out = capsys.readouterr()
     assert "warning" in out.err and f"http://0.0.0.0:{port}/" in out.out
     assert calls and calls[0].host == "0.0.0.0" and calls[0].port == port
@@ -435,7 +439,8 @@ def test_ctrl_c_ends_running_jobs_and_exits_cleanly(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lora4diffusion", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "lora4diffusion", "serve", "--checkpoint", CHECKPOINT,
+                             "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert f"http://127.0.0.1:{port}/" in proc.stdout.readline()
@@ -710,8 +715,13 @@ def test_shipped_prompt_base_is_the_default_and_its_command_omits_checkpoint(pro
 
     shipped = tmp_path / "pretrained" / "base"
     shutil.copytree(prompt_model, shipped)
+    original = checkpoint.pretrained_dir
+
+    def pretrained_dir(name: str = checkpoint.DEFAULT_BASE):
+        return shipped if name == checkpoint.DEFAULT_BASE else original(name)
+
     for module in (checkpoint, pipeline):
-        monkeypatch.setattr(module, "pretrained_dir", lambda: shipped)
+        monkeypatch.setattr(module, "pretrained_dir", pretrained_dir)
     with TestClient(create_app(ServeConfig()), base_url="http://127.0.0.1:7860") as c:
         info = c.get("/api/info").json()
         assert (info["model"], info["checkpoint"]) == ("prompt", "shipped base (prompt model)")

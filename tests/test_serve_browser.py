@@ -64,7 +64,7 @@ def serving(*args: str):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with serving("--adapters", str(tmp_path_factory.mktemp("adapters"))) as url:
+    with serving("--checkpoint", "pixel-base", "--adapters", str(tmp_path_factory.mktemp("adapters"))) as url:
         yield url
 
 
@@ -78,7 +78,7 @@ def _pixels(page) -> list[int]:
     }""")
 
 
-def test_page_generates_previews_and_follows_the_slider(server):
+def test_page_generates_previews_and_follows_the_slider(server, tmp_path):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
@@ -86,16 +86,16 @@ def test_page_generates_previews_and_follows_the_slider(server):
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(server)
-            page.wait_for_selector('input[data-adapter="bold"]')
-            assert page.locator(".adapter.shipped .name", has_text="bold").count() == 1
+            page.wait_for_selector('input[data-adapter="bold-pixel"]')  # pixel-base's shipped adapters
+            assert page.locator(".adapter.shipped .name", has_text="bold-pixel").count() == 1
 
             # completion of adapter names inside <lora:
             page.fill("#prompt", "")
-            page.type("#prompt", "3 5 7 <lora:it")
-            page.wait_for_selector("#complete li[data-name=italic]")
+            page.type("#prompt", "3 5 7 <lora:italic-p")
+            page.wait_for_selector("#complete li[data-name=italic-pixel]")
             page.keyboard.press("Tab")
-            assert "<lora:italic:1>" in page.input_value("#prompt")
-            assert page.input_value('input[data-adapter="italic"]') == "1"  # the tag moved the slider
+            assert "<lora:italic-pixel:1>" in page.input_value("#prompt")
+            assert page.input_value('input[data-adapter="italic-pixel"]') == "1"  # the tag moved the slider
 
             page.fill("#prompt", "0-9")
             page.fill("#steps", "4")
@@ -108,8 +108,8 @@ def test_page_generates_previews_and_follows_the_slider(server):
             before = _pixels(page)
 
             page.check("#auto")  # from here the slider alone regenerates
-            page.locator('input[data-adapter="bold"]').fill("1")
-            assert "<lora:bold:1>" in page.input_value("#prompt")  # the slider wrote the tag
+            page.locator('input[data-adapter="bold-pixel"]').fill("1")
+            assert "<lora:bold-pixel:1>" in page.input_value("#prompt")  # the slider wrote the tag
             page.wait_for_function(
                 f"() => {{ const o = document.getElementById('output');"
                 f" return o.dataset.state === 'done' && o.dataset.resultId !== '{first_id}'; }}",
@@ -120,26 +120,27 @@ def test_page_generates_previews_and_follows_the_slider(server):
             changed = sum(a != b for a, b in zip(before, after, strict=True)) / len(before)
             assert changed > 0.05, changed
             assert sum(after) > 1.1 * sum(before)  # bold at 1: more ink than the base, same seed
-            assert "--lora bold:1" in page.text_content("#command")
+            assert "--lora bold-pixel:1" in page.text_content("#command")
             assert page.locator("#history .card").count() == 2
             assert not errors, errors
 
             # the picture for the README: a 0-9 row x 3 with bold at 0.6, and a compare of bold's weights
-            page.fill("#prompt", "0-9 <lora:bold:0.6>")
+            page.fill("#prompt", "0-9 <lora:bold-pixel:0.6>")
             page.dispatch_event("#prompt", "input")
             page.fill("#n", "3")
             page.fill("#steps", "12")
             page.click("#generate")
             page.wait_for_function("() => document.querySelectorAll('#history .card').length === 3")
             page.fill("#n", "1")
-            page.select_option("#compare-mode", "w:bold")
+            page.select_option("#compare-mode", "w:bold-pixel")
             page.click("#compare")
             page.wait_for_function("() => document.querySelectorAll('#compare-rows .crow').length === 3")
             labels = page.locator("#compare-rows .crow span").all_text_contents()
-            assert labels == ["bold 0", "bold 0.5", "bold 1"]
+            assert labels == ["bold-pixel 0", "bold-pixel 0.5", "bold-pixel 1"]
             page.wait_for_selector("#compare:not([disabled])")
             assert not errors, errors
-            shot = ROOT / "docs" / "serve.png"  # the shipped base is a label model here (see prompt_server)
+            # the README's picture is the default base's page: this one until a prompt base ships
+            shot = tmp_path / "serve_pixel.png" if shipped_prompt_base() else ROOT / "docs" / "serve.png"
             shot.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
@@ -148,18 +149,23 @@ def test_page_generates_previews_and_follows_the_slider(server):
 
 
 # ------------------------------------------------------------------------------------------ prompt models
+def shipped_prompt_base() -> bool:
+    """Whether the default base (Pipeline.load()) is installed and is a prompt model."""
+    from lora4diffusion.errors import UserError
+    from lora4diffusion.pipeline import Pipeline
+
+    try:
+        return Pipeline.load().is_prompt_model
+    except UserError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def prompt_server(request, tmp_path_factory):
     """The page on a prompt-conditioned latent model: the shipped base where it is one, else the tiny one of
     conftest.py (its digits are blobs, so only the shipped base's page becomes docs/serve.png).
     An adapter that fits it (small random factors) carries the trigger word "sks"."""
-    from lora4diffusion.errors import UserError
-    from lora4diffusion.pipeline import Pipeline
-
-    try:
-        shipped = Pipeline.load().is_prompt_model
-    except UserError:
-        shipped = False
+    shipped = shipped_prompt_base()
     base = None if shipped else request.getfixturevalue("tiny_prompt_model")
     adapters = tmp_path_factory.mktemp("prompt_adapters")
     write_trigger_adapter(base, adapters / "pstyle")

@@ -104,7 +104,7 @@ def test_schedule_and_loss_options_are_recorded_and_checked_on_resume(tmp_path):
                 "train",
                 "--preset",
                 "tiny",
-                "--steps",
+                "--max-train-steps",
                 "2",
                 "--loss",
                 "l1",
@@ -126,7 +126,7 @@ def test_sigterm_stops_between_steps_with_a_resumable_checkpoint(tmp_path):
     """`kill` (a scheduler's preemption) of a background run: exit 75 (interrupted, resumable), checkpoint at
     a whole step."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lora4diffusion", "train", "--preset", "tiny", "--steps", "100000",
+    cmd = [sys.executable, "-m", "lora4diffusion", "train", "--preset", "tiny", "--max-train-steps", "100000",
            "--out", str(run)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

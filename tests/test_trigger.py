@@ -288,7 +288,7 @@ def test_two_weights_of_one_adapter_in_one_call_are_refused(base, adapter, tmp_p
 ])
 def test_bad_train_lora_input_exits_2_and_writes_nothing(base, tmp_path, capsys, argv, message):
     out = tmp_path / "run"
-    code = main(["-q", "train-lora", "--base", str(base), "--style", "bold", *argv, "--out", str(out),
+    code = main(["-q", "train-lora", "--checkpoint", str(base), "--style", "bold", *argv, "--out", str(out),
                  "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
@@ -307,11 +307,12 @@ def test_trigger_not_in_the_vocabulary_is_refused(base, tmp_path):
 
 def test_label_bases_refuse_prompt_lora_flags(tmp_path, capsys):
     label = tmp_path / "label"
-    argv = ["-q", "train", "--preset", "tiny", "--steps", "1", "--out", str(label), "--device", "cpu"]
+    argv = ["-q", "train", "--preset", "tiny", "--max-train-steps", "1", "--out", str(label), "--device",
+            "cpu"]
     assert main(argv) == 0
     capsys.readouterr()
-    code = main(["-q", "train-lora", "--base", str(label), "--style", "bold", "--trigger", "sks", "--out",
-                 str(tmp_path / "r")])
+    code = main(["-q", "train-lora", "--checkpoint", str(label), "--style", "bold", "--trigger", "sks",
+                 "--out", str(tmp_path / "r")])
     assert code == 2 and "label model" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 

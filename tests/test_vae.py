@@ -234,7 +234,7 @@ def test_train_vae_resume_is_bit_exact(tmp_path):
 def test_reconstruct_writes_the_samples_contract(tiny_vae, tmp_path, capsys):
     out = tmp_path / "rec"
     args = ["-q", "reconstruct", "--vae", str(tiny_vae), "--style", "bold", "--digits", "3,7",
-            "--per-digit", "4", "--out", str(out), "--device", "cpu"]
+            "--per-digit", "4", "--no-bf16", "--out", str(out), "--device", "cpu"]  # fp32: compared exactly
     assert main(args) == 0
     orig, labels = load_samples(out / "originals.npz")  # the validator evaluate uses on samples.npz
     recon, labels2 = load_samples(out / "reconstructions.npz")
@@ -351,8 +351,8 @@ def test_latent_base_trains_samples_and_stays_self_contained(tiny_vae, tmp_path,
     assert images.shape == (2, 28, 28) and 0 <= images.min() and images.max() <= 1
     assert traj[-1].shape == (2, 1, 28, 28)
 
-    lora = ["--style", "bold", "--steps", "2", "--batch-size", "4", "--device", "cpu"]
-    assert main(["-q", "train-lora", "--base", str(run), *lora, "--out", str(tmp_path / "bold")]) == 0
+    lora = ["--style", "bold", "--max-train-steps", "2", "--batch-size", "4", "--device", "cpu"]
+    assert main(["-q", "train-lora", "--checkpoint", str(run), *lora, "--out", str(tmp_path / "bold")]) == 0
     assert main(["-q", "merge", "--checkpoint", str(run), "--lora", str(tmp_path / "bold"),
                  "--out", str(tmp_path / "merged")]) == 0
     assert Pipeline.load(tmp_path / "merged").vae is not None

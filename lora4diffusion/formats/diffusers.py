@@ -9,8 +9,8 @@ The UNet maps one to one onto diffusers' ``UNet2DConditionModel`` (names in ``fo
                                            of heads: diffusers keeps the old misnomer)
 A label model has no text encoder, so there is no diffusers pipeline class for it and no ``model_index.json``
 is written (one would claim a pipeline that cannot load); the context table goes to
-``label_context.safetensors``. The latent/prompt pipeline export adds ``vae/``, ``text_encoder/``,
-``tokenizer/`` and a truthful ``model_index.json`` as further entries of ``export_diffusers``.
+``label_context.safetensors``. A prompt model is a whole ``StableDiffusionPipeline`` (unet/, vae/,
+text_encoder/, tokenizer/, scheduler/, model_index.json): formats/stable_diffusion.py.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     """Our UNetConfig -> the ``config.json`` of an equivalent ``UNet2DConditionModel``."""
     chans = [cfg.base_channels * m for m in cfg.channel_mults]
     levels = range(len(chans))
+    label = cfg.conditioning == "label"
     return {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -81,7 +82,8 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         "num_attention_heads": None,
         "dual_cross_attention": False,
         "use_linear_projection": True,  # our proj_in/proj_out are Linear layers
-        "class_embed_type": "simple_projection",
+        # label models add their pooled context (class_labels); prompt models add nothing, as SD 1.x
+        "class_embed_type": "simple_projection" if label else None,
         "addition_embed_type": None,
         "addition_time_embed_dim": None,
         "num_class_embeds": None,
@@ -96,7 +98,7 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         "time_cond_proj_dim": None,
         "conv_in_kernel": 3,
         "conv_out_kernel": 3,
-        "projection_class_embeddings_input_dim": cfg.context_dim,
+        "projection_class_embeddings_input_dim": cfg.context_dim if label else None,
         "attention_type": "default",
         "class_embeddings_concat": False,
         "mid_block_only_cross_attention": None,
@@ -122,7 +124,6 @@ _FIXED = [
     ("encoder_hid_dim_type", (None,)),
     ("dual_cross_attention", (False, None)),
     ("use_linear_projection", (True,)),
-    ("class_embed_type", ("simple_projection",)),
     ("addition_embed_type", (None,)),
     ("num_class_embeds", (None,)),
     ("upcast_attention", (False, None)),
@@ -145,16 +146,24 @@ _FIXED = [
 ]
 
 
-def unet_config_from_diffusers(d: dict, context_tokens: int, num_classes: int) -> UNetConfig:
+def unet_config_from_diffusers(
+    d: dict, context_tokens: int = 4, num_classes: int = 10, conditioning: str = "label"
+) -> UNetConfig:
     """The UNetConfig our UNet needs to compute what this ``UNet2DConditionModel`` config computes; an
-    architecture we cannot represent is a UserError naming the setting."""
+    architecture we cannot represent is a UserError naming the setting. ``conditioning`` "label": the pooled
+    label context enters as ``class_labels`` (simple_projection); "text": nothing is added to the timestep
+    embedding (SD 1.x), ``context_tokens`` / ``num_classes`` are unused (our UNetConfig's defaults)."""
 
     def refuse(part: str, why: str) -> UserError:
         return UserError(f"unet/{UNET_CONFIG}: {part} {why}; our UNet cannot represent this architecture")
 
     if d.get("_class_name") != "UNet2DConditionModel":
         raise refuse("_class_name", f"is {d.get('_class_name')!r}, not UNet2DConditionModel")
-    for key, ok in _FIXED:
+    label = conditioning == "label"
+    fixed = [*_FIXED, ("class_embed_type", ("simple_projection",) if label else (None,))]
+    if not label:
+        fixed.append(("projection_class_embeddings_input_dim", (None,)))
+    for key, ok in fixed:
         if key not in d and None in ok:
             continue
         if d.get(key) not in ok:
@@ -193,7 +202,9 @@ def unet_config_from_diffusers(d: dict, context_tokens: int, num_classes: int) -
                 "attention_head_dim", f"{heads}: our UNet uses one head size ({head_dim}) everywhere"
             )
     ctx = d.get("cross_attention_dim")
-    if not isinstance(ctx, int) or d.get("projection_class_embeddings_input_dim") != ctx:
+    if not isinstance(ctx, int) or isinstance(ctx, bool):
+        raise refuse("cross_attention_dim", f"is {ctx!r} (ours: one integer)")
+    if label and d.get("projection_class_embeddings_input_dim") != ctx:
         raise refuse(
             "projection_class_embeddings_input_dim",
             "must equal cross_attention_dim (our pooled context is the mean of the context tokens)",
@@ -211,14 +222,16 @@ def unet_config_from_diffusers(d: dict, context_tokens: int, num_classes: int) -
         num_classes=num_classes,
         groups=int(d.get("norm_num_groups") or 32),
         dropout=float(d.get("dropout") or 0.0),
+        conditioning=conditioning,
     )
 
 
-def scheduler_config(diffusion: DiffusionConfig) -> dict:
+def scheduler_config(diffusion: DiffusionConfig, prompt_model: bool = False) -> dict:
     """A DDIMScheduler config with our noise schedule and our samplers' timestep spacing (diffusion.py):
     "leading" steps (n-1) r, ..., r, 0 with r = T // n, offset 0, clip x0 to [-1, 1], and the last step
     going to abar = 1 (``set_alpha_to_one``). diffusers' "squaredcos_cap_v2" is our cosine schedule
-    (Nichol & Dhariwal eq. 17 with s = 0.008 and betas capped at 0.999)."""
+    (Nichol & Dhariwal eq. 17 with s = 0.008 and betas capped at 0.999). ``prompt_model``: latents are not
+    clipped and the steps are offset by 1 (prompt_model.STEPS_OFFSET), as StableDiffusionPipeline needs."""
     return {
         "_class_name": "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -227,10 +240,10 @@ def scheduler_config(diffusion: DiffusionConfig) -> dict:
         "beta_end": diffusion.beta_end,
         "beta_schedule": {"linear": "linear", "cosine": "squaredcos_cap_v2"}[diffusion.schedule],
         "trained_betas": None,
-        "clip_sample": True,
+        "clip_sample": not prompt_model,
         "clip_sample_range": 1.0,
         "set_alpha_to_one": True,
-        "steps_offset": 0,
+        "steps_offset": 1 if prompt_model else 0,
         "prediction_type": "epsilon",
         "thresholding": False,
         "dynamic_thresholding_ratio": 0.995,
@@ -312,13 +325,21 @@ converts this folder back.
 
 
 def export_diffusers(
-    model: UNet, diffusion: DiffusionConfig, out: str | Path, source: str = ""
+    model: UNet, diffusion: DiffusionConfig, out: str | Path, source: str = "", vae=None,
+    text: tuple | None = None,
 ) -> list[Path]:
-    """Write ``out/unet/``, ``out/scheduler/``, ``out/label_context.safetensors`` and ``out/README.md``."""
+    """Label model: write ``out/unet/``, ``out/scheduler/``, ``out/label_context.safetensors`` and
+    ``out/README.md`` (a latent label model's VAE is not exported: no diffusers pipeline takes labels and
+    latents; this is the UNet export as before). Prompt model (``text`` = (text encoder, tokenizer), ``vae``
+    its VAE): a whole StableDiffusionPipeline folder (formats/stable_diffusion.py)."""
     out = Path(out)
     cfg = model.cfg
-    if cfg.conditioning != "label":  # the StableDiffusionPipeline export of prompt models: issue 12 item 1
-        raise UserError("export-diffusers does not yet export prompt models (text encoder, tokenizer, VAE)")
+    if cfg.conditioning == "text":
+        from lora4diffusion.formats.stable_diffusion import export_sd_pipeline
+
+        if text is None:
+            raise UserError("a prompt model is exported with its text encoder and tokenizer")
+        return export_sd_pipeline(model, diffusion, vae, *text, out, source=source)
     weights = {k: v.float() for k, v in unet_state_to_diffusers(model).items()}
     context = model.label_context.weight.detach().float().reshape(-1, cfg.context_tokens, cfg.context_dim)
     written = [
@@ -379,9 +400,19 @@ def read_diffusers(folder: str | Path) -> tuple[UNet, DiffusionConfig]:
             f" cross_attention_dim {cfg.context_dim}"
         )
     diffusion = diffusion_from_scheduler(read_json(folder / SCHEDULER_DIR / SCHEDULER_CONFIG))
+    table = {"label_context.weight": context.reshape(context.shape[0], -1)}
+    return load_unet_weights(cfg, weights_file, table), diffusion
+
+
+def load_unet_weights(
+    cfg: UNetConfig, weights_file: Path, state: dict[str, torch.Tensor] | None = None
+) -> UNet:
+    """Our UNet for ``cfg`` (eval mode) with the weights of a diffusers ``unet/`` safetensors file (plus
+    ``state``, weights that live outside diffusers' UNet); a weight with no counterpart, a shape that does
+    not fit or a missing weight is a UserError naming it."""
     model = UNet(cfg)
     own = model.state_dict()
-    state = {"label_context.weight": context.reshape(context.shape[0], -1)}
+    state = dict(state or {})
     for key, t in load_tensors(weights_file).items():
         ours = from_diffusers(key)
         if ours not in own:
@@ -401,11 +432,16 @@ def read_diffusers(folder: str | Path) -> tuple[UNet, DiffusionConfig]:
             + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    return model.eval(), diffusion
+    return model.eval()
 
 
 def import_diffusers(folder: str | Path, out: str | Path) -> Path:
-    """``read_diffusers`` and write our model directory (config.json + model.safetensors) to ``out``."""
+    """``read_diffusers`` and write our model directory (config.json + model.safetensors) to ``out``; a
+    folder with a model_index.json is a StableDiffusionPipeline and becomes a prompt model folder."""
+    from lora4diffusion.formats.stable_diffusion import import_sd_pipeline, is_sd_pipeline
+
+    if Path(folder).is_dir() and is_sd_pipeline(folder):
+        return import_sd_pipeline(folder, out)
     model, diffusion = read_diffusers(folder)
     save_model(Path(out), model, diffusion, {"imported_from": str(folder)})
     return Path(out)

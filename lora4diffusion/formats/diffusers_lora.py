@@ -62,7 +62,9 @@ def write(adapter: Adapter, out_dir: str | Path) -> Path:
     for m in adapter.modules:
         a, b = adapter.pair(m)
         part, d = (TE_PREFIX, te_to_diffusers(m)) if is_text_encoder(m) else (PREFIX, to_diffusers(m))
-        targets[part].append(d)
+        # PEFT matches target_modules by name suffix: without "text_model." the name fits both transformers 4
+        # (text_model.encoder...) and 5 (encoder..., flattened); diffusers strips the prefix from keys only
+        targets[part].append(d.removeprefix("text_model.") if part == TE_PREFIX else d)
         tensors[f"{part}.{d}.lora_A.weight"], tensors[f"{part}.{d}.lora_B.weight"] = a, b
     # one LoraConfig per component, keys prefixed by it (diffusers' _pack_dict_with_prefix)
     config = {f"{part}.{k}": v for part, mods in targets.items() if mods

@@ -35,6 +35,53 @@ def diffusers_config(cfg: VAEConfig) -> dict:
     }
 
 
+# AutoencoderKL settings our VAE has one value for: (key, accepted values; None = absent is fine).
+_FIXED = [
+    ("_class_name", ("AutoencoderKL",)),
+    ("act_fn", ("silu", None)),
+    ("use_quant_conv", (True, None)),
+    ("use_post_quant_conv", (True, None)),
+    ("shift_factor", (None,)),
+    ("latents_mean", (None,)),
+    ("latents_std", (None,)),
+]
+
+
+def config_from_diffusers(d: dict) -> VAEConfig:
+    """Our VAEConfig from an ``AutoencoderKL`` config.json; a setting our VAE cannot compute is a UserError
+    naming it (``vae/config.json: <key> ...``)."""
+
+    def refuse(key: str, why: str) -> UserError:
+        return UserError(f"vae/config.json: {key} {why}; our VAE cannot represent this autoencoder")
+
+    for key, ok in _FIXED:
+        if (key in d or None not in ok) and d.get(key) not in ok:
+            raise refuse(key, f"is {d.get(key)!r} (ours: {ok[0]!r})")
+    chans = d.get("block_out_channels")
+    if not isinstance(chans, list) or not chans:
+        raise refuse("block_out_channels", f"is {chans!r}")
+    n = len(chans)
+    for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if d.get(key) != [kind] * n:
+            raise refuse(key, f"is {d.get(key)!r} (ours: {n} x {kind})")
+    if d.get("in_channels") != d.get("out_channels"):
+        ins, outs = d.get("in_channels"), d.get("out_channels")
+        raise refuse("out_channels", f"{outs!r} differs from in_channels {ins!r}")
+    try:
+        return VAEConfig(
+            in_channels=d.get("in_channels", 3),
+            latent_channels=d.get("latent_channels", 4),
+            block_out_channels=tuple(chans),
+            layers_per_block=d.get("layers_per_block", 1),
+            norm_num_groups=d.get("norm_num_groups", 32),
+            image_size=d.get("sample_size", 32),
+            mid_block_add_attention=d.get("mid_block_add_attention", True),
+            scaling_factor=d.get("scaling_factor", 0.18215),
+        )
+    except (UserError, TypeError) as e:
+        raise UserError(f"vae/config.json: {e}") from None
+
+
 def diffusers_name(name: str) -> str:
     """Our parameter name -> diffusers' (the same string: our modules carry diffusers' names)."""
     return name

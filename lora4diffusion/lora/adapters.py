@@ -29,7 +29,6 @@ from lora4diffusion.checkpoint import (
     FLOAT_DTYPES,
     load_tensors,
     path_kind,
-    pretrained_dir,
     read_json,
     read_metadata,
     save_tensors,
@@ -144,15 +143,17 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
 
 def shipped_adapters() -> dict[str, Path]:
     """The example adapters shipped inside the package (trained on the shipped base), by name."""
-    root = pretrained_dir().parent / "adapters"
-    found = root.glob(f"*/{ADAPTER_FILE}") if root.is_dir() else []
-    return {f.parent.name: f.parent for f in sorted(found)}
+    from lora4diffusion.catalog import shipped
+
+    return shipped("adapter")
 
 
 def resolve_adapter(path: str | Path) -> Path:
-    """A path; or, where no such path exists, the name of a shipped adapter (``bold``, ``italic``)."""
-    p = Path(path)
-    return shipped_adapters().get(str(path), p) if path_kind(p) == "missing" else p
+    """A path; or, where no such path exists, the name of a shipped adapter (``bold``, ``italic``); else a
+    UserError suggesting the nearest names (catalog.resolve)."""
+    from lora4diffusion.catalog import resolve
+
+    return resolve(path, "adapter")
 
 
 def _adapter_file(path: str | Path) -> Path:
@@ -434,7 +435,9 @@ def extract_lora(base_model: nn.Module, tuned_model: nn.Module, rank: int, targe
     """The best rank-``rank`` LoRA of the weight deltas tuned - base in the ``targets`` modules.
 
     Returns the adapter (alpha = rank, so scale 1 and B A = the approximated delta) and the relative
-    errors (see ``_errors``). Changes outside the targets cannot be represented and are logged.
+    errors (see ``_errors``). Changed tensors outside the targets cannot be represented: their whole delta
+    counts in "overall" (it is error the adapter leaves), "uncaptured" says how many there are, and a warning
+    names one.
     """
     if not isinstance(rank, int) or rank <= 0:
         raise UserError(f"LoRA rank must be a positive integer, got {rank}")
@@ -459,8 +462,14 @@ def extract_lora(base_model: nn.Module, tuned_model: nn.Module, rank: int, targe
     if ignored:
         log.warning("extract: %d changed tensors outside the targets are not captured (e.g. %s)",
                     len(ignored), ignored[0])
+    missed = [float((tuned[k].double() - base[k].double()).pow(2).sum()) for k in ignored]
     adapter = Adapter(tensors, rank, float(rank), init="extracted", fingerprint=base_fingerprint(base_model))
-    return adapter, _errors(parts)
+    errors = _errors(parts)
+    tail = sum(t for t, _ in parts.values()) + sum(missed)
+    total = sum(e for _, e in parts.values()) + sum(missed)
+    errors["overall"] = math.sqrt(tail / total) if total > 0 else 0.0
+    errors["uncaptured"] = float(len(ignored))
+    return adapter, errors
 
 
 def resize_adapter(source: Adapter | str | Path, new_rank: int) -> tuple[Adapter, dict[str, float]]:

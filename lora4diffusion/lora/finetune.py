@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lora4diffusion.autoencoder import cached_latents, load_attached_vae
-from lora4diffusion.checkpoint import load_model, pretrained_dir, save_model
+from lora4diffusion.checkpoint import PRETRAINED, load_model, resolve_checkpoint, save_model
 from lora4diffusion.data import to_model_range
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
@@ -55,10 +55,17 @@ def default_lora_train_config() -> TrainConfig:
     )
 
 
+def _base_name(base: str | Path | None, path: Path) -> str:
+    """What an adapter records as its base: no machine path for a shipped model ("shipped base")."""
+    if base is None:
+        return "shipped base"
+    return f"shipped {path.name}" if path.resolve().parent == PRETRAINED.resolve() else str(path)
+
+
 def load_base(base: str | Path | None) -> tuple[nn.Module, object, dict, Path]:
-    path = Path(base) if base is not None else pretrained_dir()
+    path = resolve_checkpoint(base)
     if base is None and not (path / "config.json").is_file():
-        raise UserError("no shipped base model in this install; pass --base DIR")
+        raise UserError("no shipped base model in this install; pass --checkpoint DIR")
     model, diffusion, config = load_model(path)
     return model, diffusion, config, path
 
@@ -117,7 +124,7 @@ def train_lora(
         images = cached_latents(vae, styled.images)
     else:
         images = to_model_range(styled.images, model.cfg.image_size)
-    base_name = "shipped base" if base is None else str(base_path)  # no machine path in shipped adapters
+    base_name = _base_name(base, base_path)  # no machine path in shipped adapters
     run_info = {"base": base_name, "base_fingerprint": base_fingerprint(model), "style": style,
                 "data": styled.source, "data_fingerprint": data_fingerprint(styled.images, styled.labels),
                 "per_digit": per_digit, "full": full}  # fmt: skip
@@ -188,7 +195,7 @@ def train_lora(
 def _is_prompt_base(base: str | Path | None) -> bool:
     from lora4diffusion.checkpoint import read_json
 
-    path = Path(base) if base is not None else pretrained_dir()
+    path = resolve_checkpoint(base)
     config = path / "config.json"
     if not config.is_file():
         return False
@@ -275,7 +282,7 @@ def train_prompt_lora(
     if prior:  # the plain training digits of the base (the class prior of DreamBooth, here real images)
         plain = load_mnist(data).train
         prior_images, prior_labels, prior_source = cached_latents(vae, plain.images), plain.labels, plain
-    base_name = "shipped base" if base is None else str(base_path)
+    base_name = _base_name(base, base_path)
     run_info = {"base": base_name, "base_fingerprint": fingerprint, "style": style, "data": styled.source,
                 "data_fingerprint": data_fingerprint(styled.images, styled.labels), "per_digit": per_digit,
                 "full": False, "trigger": trigger, "prior": prior, "prior_weight": prior_weight,

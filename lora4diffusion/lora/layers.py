@@ -341,6 +341,26 @@ def set_adapter_weight(model: nn.Module, name: str, weight: float) -> None:
         layer.set_scale(name, weight)
 
 
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer (PEFT's delete_adapter); a layer left without adapters gets
+    its plain base layer back, so removing every adapter restores the base model exactly."""
+    layers = {p: m for p, m in lora_layers(model).items() if name in m.lora_down}
+    if not layers:
+        raise UserError(f"the model has no adapter named {name!r} (have {adapter_names(model)})")
+    for path, layer in layers.items():
+        merged = [n for n in layer.merged_adapters if n != name]
+        layer.unmerge()  # W0 back exactly, then the others are merged again
+        for d in (layer.lora_down, layer.lora_up, layer.lora_dropout):
+            del d[name]
+        for d in (layer.rank, layer.alpha, layer.rslora, layer.init, layer.weight):
+            d.pop(name, None)
+        if merged:
+            layer.merge(merged)
+        if not layer.lora_down:
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+
+
 def merge_lora(model: nn.Module, names: Sequence[str] | None = None) -> None:
     for layer in lora_layers(model).values():
         layer.merge([n for n in names if n in layer.lora_down] if names is not None else None)

@@ -42,6 +42,7 @@ class ServeConfig:
     checkpoint: str | None = None  # None: the shipped base
     adapters: str | None = None  # a folder of adapter directories; trained adapters go there too
     device: str = "auto"
+    bf16: bool = False  # bf16 autocast for sampling (the CLI's serve: on where the device supports it)
     max_queue: int = 8  # waiting generation jobs; the next one gets 429
     max_steps: int = 200
     max_per_digit: int = 16
@@ -306,7 +307,7 @@ class Engine:
 
         images, _ = self.pipe.generate(
             labels, steps=job.steps, guidance=job.guidance, seed=job.seed, batch_size=self.cfg.sampler_batch,
-            callback=preview, negative=job.cond.negative,
+            callback=preview, negative=job.cond.negative, bf16=self.cfg.bf16,
         )
         prompts = job.cond.prompts is not None
         return {
@@ -319,7 +320,7 @@ class Engine:
             "columns": job.cond.columns,
             "warnings": job.warnings,
             "settings": job.settings,
-            "command": sample_command(job.settings, self.registry, self.cfg.checkpoint),
+            "command": sample_command(job.settings, self.registry, self.cfg.checkpoint, self.cfg.bf16),
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
@@ -372,7 +373,7 @@ def load_into(pipe: Pipeline, adapter, name: str) -> None:
         load_adapter(pipe.unet, adapter, name=name, weight=0.0)
 
 
-def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None) -> str:
+def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None, bf16: bool = False) -> str:
     """The ``lora4diffusion sample`` command that draws the same images (same seed, layout and batches)."""
     parts = ["lora4diffusion sample"]
     if checkpoint:  # absent: `sample` loads the shipped base, as the server did
@@ -390,6 +391,7 @@ def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None) -
         info = have.get(name)
         where = name if info is None or info.source == "shipped" else _quote(str(info.path))
         parts.append(f"--lora {where}:{w:g}")
+    parts.append("--bf16" if bf16 else "--no-bf16")  # the CLI's default depends on the device: say it
     parts.append("--out samples")
     return " ".join(parts)
 

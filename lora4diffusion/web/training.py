@@ -167,10 +167,10 @@ class Training:
                     job.images = unpack_zip(body.get("zip_base64"), work / "images", self.cfg)
                     source = str(work / "images")
                 cmd = [sys.executable, "-m", "lora4diffusion", "-q", "train-lora", "--style", source,
-                       "--rank", str(rank), "--steps", str(steps), "--out", str(work / "run"),
+                       "--rank", str(rank), "--max-train-steps", str(steps), "--out", str(work / "run"),
                        "--device", self.cfg.device]
                 if self.cfg.checkpoint:
-                    cmd += ["--base", str(self.cfg.checkpoint)]
+                    cmd += ["--checkpoint", str(self.cfg.checkpoint)]
                 cmd += extra
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
                 # Its own session: a Ctrl-C in the server's terminal reaches the server, which stops the job.
