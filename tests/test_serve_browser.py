@@ -213,7 +213,7 @@ def drive_prompt_page(url: str, shot: Path, previews_png: Path | None = None) ->
 
             # the adapter's trigger word is a chip: a click puts it into the prompt, with the adapter's tag
             page.fill("#prompt", "a handwritten seven")
-            page.click('button.trig[data-trigger="sks"]')
+            page.click('button.trig[data-adapter="pstyle"][data-trigger="sks"]')
             text = page.input_value("#prompt")
             assert "sks" in text.split() and "<lora:pstyle:1>" in text
             assert page.input_value('input[data-adapter="pstyle"]') == "1"

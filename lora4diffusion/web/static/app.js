@@ -222,6 +222,7 @@ async function loadAdapters() {
       b.textContent = t;
       b.title = `trigger word of ${a.name}: insert it into the prompt`;
       b.dataset.trigger = t;
+      b.dataset.adapter = a.name;
       b.disabled = a.fits === false;
       b.addEventListener("click", () => insertTrigger(t, a.name));
       div.querySelector(".triggers").appendChild(b);
