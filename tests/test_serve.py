@@ -541,7 +541,7 @@ def test_prompt_model_info_and_adapters(pclient, prompt_model):
     assert items["pfit"]["fits"] is True and items["pfit"]["triggers"] == ["ohwx"]
     assert items["pother"]["fits"] is False and "another base" in items["pother"]["reason"]
     assert items["punet"]["fits"] is False and items["punet"]["triggers"] == []
-    assert items["bold"]["fits"] is False  # the label base's
+    assert items["bold-pixel"]["fits"] is False  # the pixel (label) base's
 
 
 def test_adapter_triggers_are_read_defensively():
@@ -621,7 +621,7 @@ def test_prompt_model_concurrent_requests_get_their_own_adapter_weight(pclient, 
     ({"prompt": "seven " * 20}, "the limit is"),
     ({"prompt": "seven | | two"}, "empty prompt"),
     ({"prompt": "seven <lora:nope:1>"}, "unknown adapter"),
-    ({"prompt": "seven <lora:bold:1>"}, "does not fit"),
+    ({"prompt": "seven <lora:bold-pixel:1>"}, "does not fit"),
     ({"prompt": "seven <lora:pother:1>"}, "does not fit"),
     ({"prompt": "seven <lora:punet:1>"}, "does not fit"),
 ])
