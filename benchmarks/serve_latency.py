@@ -5,7 +5,8 @@
     python benchmarks/serve_latency.py --url http://127.0.0.1:7860/   # a server you started
 
 Prints (and with --json writes) the median of --repeats runs of:
-  * first preview / final image: "generate" of a 10-digit row (prompt 0-9) at the defaults (DDIM 20, w 1.25),
+  * first preview / final image: "generate" of a 10-digit row (prompt 0-9; a prompt model: "the digit 0 | ...
+    | the digit 9") at the defaults (DDIM 20, w 1.25),
     over the streaming endpoint: time to the first predicted-x0 frame and to the final grid;
   * slider move -> new image: a generate request with bold at a new weight (what releasing a slider sends),
     after the adapter has been loaded once (the first load is reported on its own);
@@ -91,7 +92,9 @@ def main() -> None:
         client = httpx.Client(base_url=url, timeout=300)
         info = client.get("api/info").json()
         steps = args.steps or info["defaults"]["steps"]
-        row = {"prompt": "0-9", "seed": 0, "steps": steps, "guidance": info["defaults"]["guidance"]}
+        # a 10-digit row: "0-9" for a label model, one prompt per digit (one column each) for a prompt model
+        digits = " | ".join(f"the digit {d}" for d in range(10)) if info.get("model") == "prompt" else "0-9"
+        row = {"prompt": digits, "seed": 0, "steps": steps, "guidance": info["defaults"]["guidance"]}
         stream_times(client, row)  # warm-up
         runs = [stream_times(client, {**row, "seed": i}) for i in range(args.repeats)]
         res = {"device": info["device"], "checkpoint": info["checkpoint"], "steps": row["steps"],

@@ -21,3 +21,17 @@ def small_cfg() -> UNetConfig:
         attn_levels=(1,),
         context_dim=32,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt_model(tmp_path_factory):
+    """A tiny prompt-conditioned latent model (tiny VAE, tiny UNet + text encoder; seconds), built once per
+    session for the tests that only need *a* prompt model (the serve tests)."""
+    from lora4diffusion.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_prompt_model")
+    vae, base = str(root / "vae"), root / "base"
+    assert main(["-q", "train-vae", "--preset", "tiny", "--out", vae, "--device", "cpu"]) == 0
+    argv = ["-q", "train", "--conditioning", "text", "--preset", "tiny", "--vae", vae, "--out", str(base)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    return base

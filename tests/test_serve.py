@@ -471,3 +471,275 @@ def _up(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# ------------------------------------------------------------------------------------------ prompt models
+# The tiny prompt-conditioned latent model of conftest.py (tiny VAE + tiny UNet and text encoder, built once)
+# and an adapter that fits it (random low-rank factors; train-lora is tested on its own).
+@pytest.fixture(scope="module")
+def prompt_model(tiny_prompt_model) -> Path:
+    return tiny_prompt_model
+
+
+@pytest.fixture(scope="module")
+def prompt_adapters(prompt_model, tmp_path_factory) -> Path:
+    """Random low-rank factors on the prompt base's UNet, saved four times: pstyle with no base fingerprint
+    (as an imported adapter: shapes are checked on load), pfit recording the prompt base's fingerprint (UNet
+    + text encoder, as train-lora on a prompt base writes), punet the UNet's alone and pother another base's
+    (neither is this prompt base's, for Pipeline.add_lora as for the page). Trigger words in the metadata
+    keys an adapter may use."""
+    import dataclasses
+
+    from lora4diffusion.lora.adapters import UNKNOWN, adapter_from_model
+    from lora4diffusion.lora.layers import inject_lora, lora_layers
+    from lora4diffusion.lora.prompt_lora import prompt_fingerprint
+
+    folder = tmp_path_factory.mktemp("prompt_adapters")
+    pipe = Pipeline.load(prompt_model)
+    both = prompt_fingerprint(pipe.unet, pipe.text_encoder)
+    inject_lora(pipe.unet, "all-linear", rank=2, alpha=2.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(pipe.unet).values():
+            w = layer.lora_up["default"].weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.5)
+    adapter = adapter_from_model(pipe.unet)  # records the UNet's fingerprint
+    copies = [("pstyle", UNKNOWN, {"trigger": "sks"}), ("pfit", both, {"trigger_words": '["ohwx"]'}),
+              ("punet", adapter.fingerprint, {}), ("pother", "e" * 64, {})]
+    for name, fp, meta in copies:
+        dataclasses.replace(adapter, fingerprint=fp, extra={"style": "bold", **meta}).save(folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def papp(prompt_model, prompt_adapters):
+    return create_app(ServeConfig(checkpoint=str(prompt_model), adapters=str(prompt_adapters), max_queue=3))
+
+
+@pytest.fixture(scope="module")
+def pclient(papp):
+    with TestClient(papp, base_url="http://127.0.0.1:7860", raise_server_exceptions=False) as c:
+        yield c
+
+
+def prompt_pipe(prompt_model: Path, papp, lora: tuple[Path, float] | None = None) -> Pipeline:
+    pipe = Pipeline.load(prompt_model).to(papp.state.serve.pipe.device)
+    if lora is not None:
+        pipe.add_lora(lora[0], weight=lora[1])
+    return pipe
+
+
+def test_prompt_model_info_and_adapters(pclient, prompt_model):
+    info = pclient.get("/api/info").json()
+    assert info["model"] == "prompt" and info["latent"] is True and info["negative_prompt"] is True
+    assert info["checkpoint"] == str(prompt_model) and info["prompt_separator"] == "|"
+    words = set(info["vocabulary"])
+    assert {"seven", "handwritten", "sks"} <= words and "<|endoftext|>" not in words
+    assert set(info["train"]["options"]) == {"trigger", "prior", "text_encoder"}
+    items = {a["name"]: a for a in pclient.get("/api/adapters").json()["adapters"]}
+    assert items["pstyle"]["fits"] is None and items["pstyle"]["triggers"] == ["sks"]
+    assert items["pfit"]["fits"] is True and items["pfit"]["triggers"] == ["ohwx"]
+    assert items["pother"]["fits"] is False and "another base" in items["pother"]["reason"]
+    assert items["punet"]["fits"] is False and items["punet"]["triggers"] == []
+    assert items["bold-pixel"]["fits"] is False  # the pixel (label) base's
+
+
+def test_adapter_triggers_are_read_defensively():
+    from lora4diffusion.web.engine import adapter_triggers
+
+    assert adapter_triggers({}) == []
+    assert adapter_triggers({"trigger": "sks"}) == ["sks"]
+    assert adapter_triggers({"trigger": "sks, ohwx"}) == ["sks", "ohwx"]
+    assert adapter_triggers({"triggers": '["zwx", "sks"]', "trigger": "sks"}) == ["zwx", "sks"]
+    assert adapter_triggers({"trigger_words": '["ohwx", "tok"]'}) == ["ohwx", "tok"]  # train-lora --trigger
+    assert adapter_triggers({"triggers": "{not json", "trigger": "<lora:x>"}) == []  # malformed: none
+
+
+def test_prompt_generate_matches_the_pipeline_and_the_printed_command(pclient, papp, prompt_model,
+                                                                       prompt_adapters, tmp_path):
+    body = {"prompt": "a handwritten seven | the  digit 3 <lora:pstyle:0.7>", "negative": "thin", "n": 2,
+            "steps": STEPS, "seed": 4}
+    r = pclient.post("/api/generate", json=body)
+    got = images(r)
+    out = r.json()
+    prompts = ["a handwritten seven"] * 2 + ["the digit 3"] * 2
+    assert out["prompts"] == prompts and out["labels"] == [7, 7, 3, 3]
+    assert out["columns"] == ["a handwritten seven", "the digit 3"]
+    s = out["settings"]
+    assert (s["model"], s["prompts"], s["negative"], s["loras"]) == \
+        ("prompt", ["a handwritten seven", "the digit 3"], "thin", {"pstyle": 0.7})
+    assert got.shape == (4, 28, 28) and decode(out["grid"]).shape == (2 * 28 + 3, 2 * 28 + 3)
+
+    pipe = prompt_pipe(prompt_model, papp, (prompt_adapters / "pstyle", 0.7))
+    want, _ = pipe.generate(prompts, steps=STEPS, guidance=1.25, seed=4, negative="thin")
+    assert np.array_equal(got, as_png_pixels(want))
+    again = {**body, "prompt": body["prompt"].replace("pstyle", "pfit")}  # the same factors, fingerprinted
+    assert np.array_equal(images(pclient.post("/api/generate", json=again)), got)
+    plain = images(pclient.post("/api/generate", json={**body, "prompt": "a handwritten seven|the digit 3"}))
+    neg = images(pclient.post("/api/generate", json={**body, "negative": ""}))
+    assert not np.array_equal(plain, got) and not np.array_equal(neg, got)  # the adapter and the negative act
+
+    from lora4diffusion.cli import main
+
+    args = shlex.split(out["command"])
+    assert args[:2] == ["lora4diffusion", "sample"] and "--negative" in args and "--digits" not in args
+    args[args.index("--out") + 1] = str(tmp_path / "s")
+    assert main(["-q", *args[1:]]) == 0
+    npz = np.load(tmp_path / "s" / "samples.npz")
+    assert np.array_equal(as_png_pixels(torch.from_numpy(npz["images"])), got)
+    assert npz["prompts"].tolist() == prompts
+
+
+def test_prompt_model_concurrent_requests_get_their_own_adapter_weight(pclient, papp, prompt_model):
+    body = {"prompt": "seven | the digit 2", "negative": "bold", "steps": STEPS, "seed": 9}
+    alone = {w: images(pclient.post("/api/generate", json={**body, "loras": {"pstyle": w}})) for w in (1, 0)}
+    base, _ = prompt_pipe(prompt_model, papp).generate(["seven", "the digit 2"], steps=STEPS, seed=9,
+                                                       negative="bold")
+    assert np.array_equal(alone[0], as_png_pixels(base)) and not np.array_equal(alone[1], alone[0])
+    engine = papp.state.serve.engine
+    got: dict[float, np.ndarray] = {}
+
+    def ask(w):
+        got[w] = images(pclient.post("/api/generate", json={**body, "loras": {"pstyle": w}}))
+
+    with engine.model_lock:  # queued together, run back to back on the shared model
+        n0 = engine.submitted
+        threads = [threading.Thread(target=ask, args=(w,)) for w in (1, 0)]
+        for t in threads:
+            t.start()
+        # the worker holds one (waiting for the model), the other waits in the queue
+        wait_for(lambda: engine.submitted == n0 + 2 and engine.jobs.qsize() == 1)
+    for t in threads:
+        t.join(60)
+    assert np.array_equal(got[1], alone[1]) and np.array_equal(got[0], alone[0])
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": "a handwriten seven"}, "unknown word 'handwriten'"),
+    ({"prompt": "a handwriten seven"}, "nearest: handwritten"),
+    ({"prompt": "seven", "negative": "blury"}, "unknown word 'blury'"),
+    ({"prompt": "seven " * 20}, "the limit is"),
+    ({"prompt": "seven | | two"}, "empty prompt"),
+    ({"prompt": "seven <lora:nope:1>"}, "unknown adapter"),
+    ({"prompt": "seven <lora:bold-pixel:1>"}, "does not fit"),
+    ({"prompt": "seven <lora:pother:1>"}, "does not fit"),
+    ({"prompt": "seven <lora:punet:1>"}, "does not fit"),
+])
+def test_bad_prompts_for_the_prompt_model_are_one_line_400(pclient, body, words):
+    r = pclient.post("/api/generate", json=body)
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]
+    assert words in msg and "\n" not in msg and "Traceback" not in msg
+    assert pclient.post("/api/generate/stream", json=body).status_code == 400  # before any stream starts
+
+
+def test_prompt_model_previews_are_decoded_images(pclient, papp):
+    from lora4diffusion.autoencoder import decode_latents
+    from lora4diffusion.web.engine import preview_images
+
+    vae = papp.state.serve.pipe.vae
+    z = torch.randn(3, vae.cfg.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = preview_images(z, vae)
+    assert x.shape == (3, 28, 28) and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(x, decode_latents(vae, z))  # the latent decoded as the final image is
+
+    kinds, previews, done = stream(pclient, {"prompt": "the digit 5 | seven", "n": 2, "steps": 10, "seed": 2})
+    assert kinds[0] == "queued" and kinds[-1] == "done"
+    assert [p["step"] for p in previews] == [1, 2, 4, 6, 8, 10]  # the first step, then every steps // 5
+    final = decode(done["grid"])
+    for p in previews:
+        frame = decode(p["grid"])
+        assert frame.shape == final.shape == (2 * 28 + 3, 2 * 28 + 3) and frame.dtype == np.uint8
+    assert not np.array_equal(decode(previews[0]["grid"]), final)
+    # the last step's x0_hat is the final latent (abar_prev = 1), decoded: the result's pixels
+    assert np.abs(decode(previews[-1]["grid"]).astype(int) - final).max() <= 1
+
+
+def test_train_options_for_prompt_models_follow_the_installed_cli(papp, monkeypatch):
+    from lora4diffusion.web import training
+
+    t = papp.state.serve.training
+    flags = training.train_lora_flags()
+    for key, flag in training.PROMPT_OPTIONS.items():
+        assert t.options(True)["options"][key] == (flag in flags)
+        if flag not in flags:  # asked for but not installed: 400, not a different adapter
+            with pytest.raises(UserError, match=f"no {flag}"):
+                t.prompt_args({key: "sks" if key == "trigger" else True})
+    monkeypatch.setattr(training, "train_lora_flags", lambda: {"--trigger": None, "--prior": 0,
+                                                               "--text-encoder": 0})
+    assert t.prompt_args({"trigger": "SKS", "prior": True, "text_encoder": True}) == \
+        ["--trigger", "sks", "--prior", "--text-encoder"]
+    assert t.prompt_args({"trigger": "", "prior": False}) == []
+    for bad in ({"trigger": "--out"}, {"trigger": "two words"}, {"trigger": "seven"}, {"trigger": "abc"},
+                {"prior": "x"}):  # "seven": an ordinary caption word; "abc": not a reserved trigger
+        with pytest.raises(UserError):
+            t.prompt_args(bad)
+
+
+def test_training_a_triggered_adapter_on_the_prompt_model(pclient, papp, prompt_model, prompt_adapters):
+    """Where the installed train-lora has --trigger/--prior/--text-encoder (train_lora_flags), the page's
+    options reach it and the adapter it writes is listed with its trigger, fits, and draws as Pipeline does;
+    where it has not, asking for them is a 400 and nothing starts."""
+    from lora4diffusion.web import training
+
+    flags = training.train_lora_flags()
+    body = {"name": "sks_bold", "style": "bold", "rank": 1, "steps": 2, "trigger": "sks", "prior": True,
+            "text_encoder": True}
+    r = pclient.post("/api/train", json=body)
+    if not all(f in flags for f in training.PROMPT_OPTIONS.values()):
+        assert r.status_code == 400 and "the installed train-lora has no" in r.json()["error"]
+        assert not (prompt_adapters / "sks_bold").exists()
+        return
+    assert r.status_code == 202, r.text
+    assert r.json()["options"] == ["--trigger", "sks", "--prior", "--text-encoder"]
+    job = wait_train(pclient, r.json()["id"])
+    assert job["status"] == "done", job
+    items = {a["name"]: a for a in pclient.get("/api/adapters").json()["adapters"]}
+    assert items["sks_bold"]["triggers"] == ["sks"] and items["sks_bold"]["fits"] is True
+    gen = {"prompt": "a handwritten sks seven <lora:sks_bold:1>", "steps": STEPS, "seed": 1}
+    got = images(pclient.post("/api/generate", json=gen))
+    want, _ = prompt_pipe(prompt_model, papp, (prompt_adapters / "sks_bold", 1.0)).generate(
+        ["a handwritten sks seven"], steps=STEPS, seed=1)
+    assert np.array_equal(got, as_png_pixels(want))  # UNet and text-encoder LoRA, as Pipeline loads them
+
+
+def test_shipped_prompt_base_is_the_default_and_its_command_omits_checkpoint(prompt_model, tmp_path,
+                                                                             monkeypatch):
+    """Without --checkpoint the page serves what Pipeline.load() loads; once that is a prompt model (the
+    shipped base is switching to one), /api/info says so and the copied command, with no --checkpoint, loads
+    the same base and draws the same images."""
+    import shutil
+
+    from lora4diffusion import checkpoint, pipeline
+    from lora4diffusion.cli import main
+
+    shipped = tmp_path / "pretrained" / "base"
+    shutil.copytree(prompt_model, shipped)
+    original = checkpoint.pretrained_dir
+
+    def pretrained_dir(name: str = checkpoint.DEFAULT_BASE):
+        return shipped if name == checkpoint.DEFAULT_BASE else original(name)
+
+    for module in (checkpoint, pipeline):
+        monkeypatch.setattr(module, "pretrained_dir", pretrained_dir)
+    with TestClient(create_app(ServeConfig()), base_url="http://127.0.0.1:7860") as c:
+        info = c.get("/api/info").json()
+        assert (info["model"], info["checkpoint"]) == ("prompt", "shipped base (prompt model)")
+        body = {"prompt": "the digit 5", "negative": "a", "steps": STEPS, "seed": 2}
+        r = c.post("/api/generate", json=body)
+        got, command = images(r), r.json()["command"]
+    args = shlex.split(command)
+    assert "--checkpoint" not in args and args[args.index("--negative") + 1] == "a"
+    args[args.index("--out") + 1] = str(tmp_path / "s")
+    assert main(["-q", *args[1:]]) == 0
+    npz = np.load(tmp_path / "s" / "samples.npz")
+    assert np.array_equal(as_png_pixels(torch.from_numpy(npz["images"])), got)
+
+
+def test_missing_trigger_is_a_warning_beside_the_images(pclient):
+    body = {"prompt": "a handwritten seven <lora:pfit:1>", "steps": 1, "seed": 0}
+    warnings = pclient.post("/api/generate", json=body).json()["warnings"]
+    assert len(warnings) == 1 and "'pfit'" in warnings[0] and "ohwx" in warnings[0]
+    body["prompt"] = "a handwritten ohwx seven <lora:pfit:1>"
+    assert pclient.post("/api/generate", json=body).json()["warnings"] == []
+    assert pclient.post("/api/generate", json={**body, "prompt": "seven"}).json()["warnings"] == []

@@ -8,6 +8,7 @@ Playwright is installed (.ci/run installs both).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -34,14 +35,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def serving(*args: str):
+    """`lora4diffusion serve ARGS --port P` as the user starts it; yields the URL; Ctrl-C at the end."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    adapters = tmp_path_factory.mktemp("adapters")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lora4diffusion", "serve", "--checkpoint", "pixel-base", "--port", str(port),
-         "--adapters", str(adapters)],
+        [sys.executable, "-m", "lora4diffusion", "serve", "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )
     line = proc.stdout.readline()  # the URL, printed before the socket opens
@@ -62,6 +62,12 @@ def server(tmp_path_factory):
     assert "Traceback" not in err, err
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serving("--checkpoint", "pixel-base", "--adapters", str(tmp_path_factory.mktemp("adapters"))) as url:
+        yield url
+
+
 def _pixels(page) -> list[int]:
     return page.evaluate("""() => {
         const img = document.getElementById('output');
@@ -72,7 +78,7 @@ def _pixels(page) -> list[int]:
     }""")
 
 
-def test_page_generates_previews_and_follows_the_slider(server):
+def test_page_generates_previews_and_follows_the_slider(server, tmp_path):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
@@ -133,9 +139,172 @@ def test_page_generates_previews_and_follows_the_slider(server):
             assert labels == ["bold-pixel 0", "bold-pixel 0.5", "bold-pixel 1"]
             page.wait_for_selector("#compare:not([disabled])")
             assert not errors, errors
-            shot = ROOT / "docs" / "serve.png"
+            # the README's picture is the default base's page: this one until a prompt base ships
+            shot = tmp_path / "serve_pixel.png" if shipped_prompt_base() else ROOT / "docs" / "serve.png"
             shot.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------------------------------------ prompt models
+def shipped_prompt_base() -> bool:
+    """Whether the default base (Pipeline.load()) is installed and is a prompt model."""
+    from lora4diffusion.errors import UserError
+    from lora4diffusion.pipeline import Pipeline
+
+    try:
+        return Pipeline.load().is_prompt_model
+    except UserError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def prompt_server(request, tmp_path_factory):
+    """The page on a prompt-conditioned latent model: the shipped base where it is one, else the tiny one of
+    conftest.py (its digits are blobs, so only the shipped base's page becomes docs/serve.png).
+    An adapter that fits it (small random factors) carries the trigger word "sks"."""
+    shipped = shipped_prompt_base()
+    base = None if shipped else request.getfixturevalue("tiny_prompt_model")
+    adapters = tmp_path_factory.mktemp("prompt_adapters")
+    write_trigger_adapter(base, adapters / "pstyle")
+    with serving(*(["--checkpoint", str(base)] if base else []), "--adapters", str(adapters)) as url:
+        yield url, shipped
+
+
+def write_trigger_adapter(base, directory: Path, scale: float = 0.05) -> None:
+    """Small random factors on the base's UNet, with the base's fingerprint and the trigger word "sks"."""
+    import dataclasses
+
+    import torch
+
+    from lora4diffusion.lora.adapters import adapter_from_model
+    from lora4diffusion.lora.layers import inject_lora, lora_layers
+    from lora4diffusion.lora.prompt_lora import prompt_fingerprint
+    from lora4diffusion.pipeline import Pipeline
+
+    pipe = Pipeline.load(base)
+    fingerprint = prompt_fingerprint(pipe.unet, pipe.text_encoder)
+    inject_lora(pipe.unet, "all-linear", rank=2, alpha=2.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(pipe.unet).values():
+            w = layer.lora_up["default"].weight
+            w.copy_(torch.randn(w.shape, generator=g) * scale)
+    extra = {"style": "bold", "trigger_words": '["sks"]'}
+    dataclasses.replace(adapter_from_model(pipe.unet), fingerprint=fingerprint, extra=extra).save(directory)
+
+
+def drive_prompt_page(url: str, shot: Path, previews_png: Path | None = None) -> None:
+    """Type prompts (completion, a trigger chip, a bad word, a negative prompt), generate with the live
+    preview, check what the page shows, screenshot it."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 940})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            page.wait_for_selector('input[data-adapter="pstyle"]')
+            assert page.is_enabled("#negative") and page.is_hidden("#digit-picks")
+            assert page.text_content("#n-label") == "Images per prompt"
+            assert "prompt model" in page.text_content("#model-info")
+
+            # the adapter's trigger word is a chip: a click puts it into the prompt, with the adapter's tag
+            page.fill("#prompt", "a handwritten seven")
+            page.click('button.trig[data-adapter="pstyle"][data-trigger="sks"]')
+            text = page.input_value("#prompt")
+            assert "sks" in text.split() and "<lora:pstyle:1>" in text
+            assert page.input_value('input[data-adapter="pstyle"]') == "1"
+
+            # completion: the tokenizer's words and the adapters' trigger words
+            page.fill("#prompt", "")
+            page.type("#prompt", "a handw")
+            page.wait_for_selector("#complete li[data-name=handwritten]")
+            page.keyboard.press("Tab")
+            assert page.input_value("#prompt") == "a handwritten "
+            page.type("#prompt", "sk")
+            page.wait_for_selector("#complete li[data-name=sks]")
+            page.keyboard.press("Tab")
+            assert page.input_value("#prompt") == "a handwritten sks "
+
+            # a word the text encoder does not know: the tokenizer's one line, next to the prompt box
+            page.uncheck("#auto")
+            page.fill("#prompt", "a handwriten seven")
+            page.click("#generate")
+            page.wait_for_selector("#prompt-error:not([hidden])")
+            msg = page.text_content("#prompt-error")
+            assert "unknown word 'handwriten'" in msg and "nearest: handwritten" in msg
+
+            # two prompts (a column each) and a negative prompt: live preview, then the image and the command
+            page.fill("#prompt", "a handwritten seven | the digit 3 <lora:pstyle:0.3>")
+            page.fill("#negative", "bold")
+            page.fill("#steps", "10")
+            page.fill("#seed", "3")
+            page.click("#generate")
+            page.wait_for_selector("#output[data-state=done]", timeout=30_000)
+            assert page.is_hidden("#prompt-error")
+            assert int(page.get_attribute("#output", "data-previews")) >= 1
+            assert page.evaluate("document.getElementById('output').naturalWidth") == 2 * 28 + 3
+            command = page.text_content("#command")
+            assert "--prompt 'a handwritten seven' --prompt 'the digit 3' --num 1 --negative bold" in command
+            assert "pstyle:0.3" in command
+            # the adapter's trigger is not in the prompts: a warning beside the box (the images are drawn)
+            assert page.is_visible("#prompt-warning") and "sks" in page.text_content("#prompt-warning")
+
+            # the preview frames the page receives are decoded digits (28 px per image), not 8x8 latents
+            frames = page.evaluate("""async () => {
+                const r = await fetch('/api/generate/stream', {method: 'POST',
+                    headers: {'Content-Type': 'application/json'},
+                    body: JSON.stringify({prompt: 'the digit 0 | seven | the digit 4', steps: 20, seed: 1})});
+                const text = await r.text();
+                return text.split('\\n\\n').filter((c) => c.startsWith('event: preview'))
+                    .map((c) => JSON.parse(c.split('\\ndata: ')[1]).grid);
+            }""")
+            assert len(frames) == 6  # steps 1, 4, 8, 12, 16, 20
+            sizes = page.evaluate("""async (frames) => Promise.all(frames.map((b) => new Promise((ok) => {
+                const im = new Image(); im.onload = () => ok([im.naturalWidth, im.naturalHeight]);
+                im.src = 'data:image/png;base64,' + b; })))""", frames)
+            assert all(s == [3 * 28 + 4, 28 + 2] for s in sizes), sizes  # 1 px padding around each
+            if previews_png is not None:  # for a look: the frames one under the other
+                _stack_frames(frames, previews_png)
+
+            page.locator('input[data-adapter="pstyle"]').fill("0")  # the slider at 0 removes the tag
+            assert page.input_value("#prompt") == "a handwritten seven | the digit 3"
+
+            # the picture: a 0-9 row x 3, one prompt per column
+            page.fill("#prompt", " | ".join(f"the digit {d}" for d in range(10)))
+            page.fill("#negative", "")
+            page.fill("#n", "3")
+            page.fill("#steps", "20")
+            page.click("#generate")
+            page.wait_for_function("() => document.querySelectorAll('#history .card').length === 2")
+            assert page.evaluate("document.getElementById('output').naturalWidth") == 10 * 28 + 11
+            assert not errors, errors
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+
+
+def _stack_frames(frames: list[str], path: Path) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    ims = [Image.open(io.BytesIO(base64.b64decode(b))) for b in frames]
+    out = Image.new("L", (ims[0].width, sum(im.height + 2 for im in ims)), 128)
+    for k, im in enumerate(ims):
+        out.paste(im.convert("L"), (0, k * (im.height + 2)))
+    out.resize((out.width * 4, out.height * 4), Image.NEAREST).save(path)
+
+
+def test_prompt_model_page(prompt_server, tmp_path):
+    url, shipped = prompt_server
+    # The README's picture is the shipped base's page; a tiny model's page is checked all the same.
+    shot = ROOT / "docs" / "serve.png" if shipped else tmp_path / "serve_prompt.png"
+    drive_prompt_page(url, shot, tmp_path / "previews.png")
+    assert (tmp_path / "previews.png").is_file()

@@ -14,25 +14,27 @@ import io
 import json
 import logging
 import queue
+import re
 import secrets
 import shlex
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from lora4diffusion.captions import digit_of
 from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora.adapters import ADAPTER_FILE, UNKNOWN, load_adapter, shipped_adapters
-from lora4diffusion.lora.layers import set_adapter_weight
+from lora4diffusion.lora.adapters import ADAPTER_FILE, UNKNOWN, load_adapter, read_adapter, shipped_adapters
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image
 from lora4diffusion.web.prompt import Conditioning, check_name
 
 log = logging.getLogger("lora4diffusion")
 STYLES = ("bold", "thin", "italic")
+_WORD = re.compile(r"[^\s<>:|,]{1,64}")  # a trigger the prompt box can carry (not a tag, not a separator)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class AdapterInfo:
             targets = json.loads(m.get("targets", "[]"))
         except json.JSONDecodeError:
             targets = []
+        triggers = adapter_triggers(m)
         return {
             "name": self.name,
             "source": self.source,
@@ -84,11 +87,32 @@ class AdapterInfo:
             "targets": m.get("target_spec") or f"{len(targets)} modules",
             "modules": len(targets),
             "style": _style_label(m.get("style", "")),
-            "trigger": m.get("trigger", ""),
+            "triggers": triggers,
+            "trigger": ", ".join(triggers),
             "steps": int(m.get("steps", 0) or 0),
             "fits": self.fits,
             "reason": self.reason,
         }
+
+
+def adapter_triggers(meta: dict[str, str]) -> list[str]:
+    """The trigger word(s) an adapter was trained with, from its metadata: ``trigger_words`` (a JSON list, as
+    train-lora --trigger writes it) or ``triggers`` (the same), or ``trigger`` (one word, or several separated
+    by commas or spaces). Read defensively: absent or malformed is none (adapters trained before triggers
+    existed, or imported from elsewhere)."""
+    found: list[str] = []
+    for key in ("trigger_words", "triggers"):
+        raw = meta.get(key)
+        if raw:
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = None  # malformed: ignored
+            found += value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    found += [meta.get("trigger") or ""]
+    words = [w for item in found if isinstance(item, str) for w in item.replace(",", " ").split()]
+    words = [w for w in words if _WORD.fullmatch(w)]
+    return [w for i, w in enumerate(words) if w not in words[:i]][:8]
 
 
 def _style_label(style: str) -> str:
@@ -103,7 +127,7 @@ class AdapterRegistry:
     """
 
     def __init__(self, folder: Path | None, fingerprint: str):
-        self.folder, self.fingerprint = folder, fingerprint
+        self.folder, self.fingerprint = folder, fingerprint  # the loaded base's (pipe_fingerprint)
         self._cache: dict[Path, tuple[int, AdapterInfo]] = {}
         self._lock = threading.Lock()
 
@@ -164,6 +188,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     preview_every: int = 0  # 0: no previews
+    warnings: list[str] = field(default_factory=list)  # shown beside the prompt; the images are unaffected
     id: str = field(default_factory=lambda: secrets.token_hex(6))
 
     def emit(self, kind: str, data: dict) -> None:
@@ -171,6 +196,22 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))
         except RuntimeError:  # the request's event loop is gone (client left, server stopping)
             pass
+
+
+DECODED_SIZE = 28  # what autoencoder.decode_latents crops a decoded latent to (MNIST's size)
+
+
+def preview_images(x0: torch.Tensor, vae) -> torch.Tensor:
+    """The sampler's predicted clean sample x0_hat [b, C, h, w] -> images [b, H, W] in [0, 1].
+
+    Pixel model: x0_hat is an image in [-1, 1]. Latent model: x0_hat is a (scaled) latent, which means
+    nothing to look at until the VAE decodes it, as the final latents are (LDM, Rombach et al. 2022, sec. 3).
+    """
+    if vae is None:
+        return ((x0[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
+    from lora4diffusion.autoencoder import decode_latents
+
+    return decode_latents(vae, x0, DECODED_SIZE, DECODED_SIZE)
 
 
 def png_b64(images: torch.Tensor, nrow: int) -> str:
@@ -238,7 +279,10 @@ class Engine:
         if key not in self.loaded:
             # A fresh name per file version: a re-trained adapter is loaded anew, the old copy stays at 0.
             name = f"a{len(self.loaded)}"
-            load_adapter(self.pipe.unet, info.path, name=name, weight=0.0)
+            # The registry has checked the adapter fits this base (pipe_fingerprint); the loaders then check
+            # every module's shape.
+            adapter = replace(read_adapter(info.path), fingerprint=UNKNOWN)
+            load_into(self.pipe, adapter, name)
             self.loaded[key] = name
         return self.loaded[key]
 
@@ -246,9 +290,10 @@ class Engine:
         """Sample one job on the shared model: every loaded adapter at this request's weight (0 if absent)."""
         wanted = {self._model_name(self.registry.get(n)): w for n, w in job.loras.items()}
         for name in self.loaded.values():
-            set_adapter_weight(self.pipe.unet, name, wanted.get(name, 0.0))
-        labels, ncol = job.cond.labels, len(job.cond.digits)
-        canvas = torch.full((len(labels), self.pipe.image_size, self.pipe.image_size), 0.5)
+            self.pipe.set_lora_weight(name, wanted.get(name, 0.0))  # UNet and text encoder
+        labels, ncol, vae = job.cond.labels, len(job.cond.columns), self.pipe.vae
+        size = DECODED_SIZE if vae is not None else self.pipe.image_size
+        canvas = torch.full((len(labels), size, size), 0.5)
         t0 = time.perf_counter()
 
         def preview(start: int, step: int, steps: int, x0: torch.Tensor) -> None:
@@ -256,20 +301,24 @@ class Engine:
                 raise HTTPError(503, "the server is stopping")
             if not job.preview_every or (step % job.preview_every and step not in (1, steps)):
                 return  # the first step too: something to look at as early as possible
-            canvas[start : start + x0.shape[0]] = ((x0[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
+            canvas[start : start + x0.shape[0]] = preview_images(x0, vae)
             job.emit("preview", {"step": step, "steps": steps, "first": start, "grid": grid_b64(canvas, ncol),
                                  "seconds": round(time.perf_counter() - t0, 3)})
 
         images, _ = self.pipe.generate(
             labels, steps=job.steps, guidance=job.guidance, seed=job.seed, batch_size=self.cfg.sampler_batch,
-            callback=preview, bf16=self.cfg.bf16,
+            callback=preview, negative=job.cond.negative, bf16=self.cfg.bf16,
         )
+        prompts = job.cond.prompts is not None
         return {
             "id": job.id,
             "grid": grid_b64(images, ncol),
             "images": [png_b64(im[None], 1) for im in images],
-            "labels": labels,
+            # as `sample`'s samples.npz: the digit each image's prompt names (-1: none), and the prompts
+            "labels": [digit_of(p) for p in labels] if prompts else labels,
+            "prompts": labels if prompts else None,
             "columns": job.cond.columns,
+            "warnings": job.warnings,
             "settings": job.settings,
             "command": sample_command(job.settings, self.registry, self.cfg.checkpoint, self.cfg.bf16),
             "seconds": round(time.perf_counter() - t0, 3),
@@ -300,13 +349,43 @@ class Engine:
                 self.done_count += 1
 
 
+def pipe_fingerprint(pipe: Pipeline) -> str:
+    """The base fingerprint an adapter of this base records, as Pipeline.add_lora checks it: the UNet's for a
+    label model, the one over UNet and text encoder for a prompt model (lora.prompt_lora.prompt_fingerprint,
+    what train-lora on a prompt base writes)."""
+    if pipe.is_prompt_model:
+        from lora4diffusion.lora.prompt_lora import prompt_fingerprint
+
+        return prompt_fingerprint(pipe.unet, pipe.text_encoder)
+    from lora4diffusion.lora.adapters import base_fingerprint
+
+    return base_fingerprint(pipe.unet)
+
+
+def load_into(pipe: Pipeline, adapter, name: str) -> None:
+    """Load an adapter at weight 0 under ``name``: into the UNet, and for a prompt model into the text encoder
+    too where it has text-encoder modules (train-lora --text-encoder)."""
+    if pipe.is_prompt_model:
+        from lora4diffusion.lora.prompt_lora import load_prompt_adapter
+
+        load_prompt_adapter(pipe.unet, pipe.text_encoder, adapter, 0.0, name=name)
+    else:
+        load_adapter(pipe.unet, adapter, name=name, weight=0.0)
+
+
 def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None, bf16: bool = False) -> str:
     """The ``lora4diffusion sample`` command that draws the same images (same seed, layout and batches)."""
     parts = ["lora4diffusion sample"]
-    if checkpoint:
-        parts.append(f"--checkpoint {_quote(str(checkpoint))}")
-    parts += [f"--digits {','.join(map(str, s['digits']))}", f"--per-digit {s['n']}", f"--steps {s['steps']}",
-              f"--guidance {s['guidance']:g}", f"--seed {s['seed']}"]
+    if checkpoint:  # absent: `sample` loads the shipped base, as the server did
+        where = Path(checkpoint).expanduser()
+        parts.append(f"--checkpoint {_quote(str(where.resolve() if where.exists() else checkpoint))}")
+    if s.get("prompts") is not None:  # a prompt model: the same prompts, N images each, in the same order
+        parts += [f"--prompt {_quote(p)}" for p in s["prompts"]] + [f"--num {s['n']}"]
+        if s.get("negative"):
+            parts.append(f"--negative {_quote(s['negative'])}")
+    else:
+        parts += [f"--digits {','.join(map(str, s['digits']))}", f"--per-digit {s['n']}"]
+    parts += [f"--steps {s['steps']}", f"--guidance {s['guidance']:g}", f"--seed {s['seed']}"]
     have = registry.all()
     for name, w in s["loras"].items():
         info = have.get(name)

@@ -1,8 +1,8 @@
 """Prompts for the web page: ``<lora:NAME:WEIGHT>`` tags (AUTOMATIC1111's syntax) and prompt -> conditioning.
 
-Today's model is conditioned on a digit label, so the text that is left once the tags are stripped must name
-digits: ``"7"``, ``"seven"``, ``"3 5 7"``, ``"0-9"``, ``"three and 8"``. A text-conditioned pipeline replaces
-:func:`encode_prompt` (the one place where a prompt becomes model conditioning) and keeps everything else.
+What the text left once the tags are stripped becomes is decided in one place, :func:`encode_prompt`: a label
+model reads digits from it (``"7"``, ``"seven"``, ``"3 5 7"``, ``"0-9"``, ``"three and 8"``); a prompt model
+(prompt_model.py) gives it to its text encoder, with the negative prompt as guidance's unconditional branch.
 """
 
 from __future__ import annotations
@@ -66,22 +66,42 @@ def prompt_digits(text: str) -> list[int]:
 
 @dataclass
 class Conditioning:
-    labels: list[int]  # one per image: per_digit of the first digit, then of the next (``sample``'s order)
+    labels: list  # one per image: digits (label model) or prompts (prompt model), ``sample``'s order
     columns: list[str]  # what each column of the page's grid shows
-    per_digit: int
-    digits: list[int]
+    per_digit: int  # images per column
+    digits: list[int] | None  # label model: the digits asked for; prompt model: None
+    prompts: list[str] | None = None  # prompt model: the prompts asked for (one column each)
+    negative: str | None = None  # prompt model: the unconditional branch's prompt (None: "")
 
 
-def encode_prompt(text: str, negative: str, per_digit: int) -> Conditioning:
-    """Prompt -> the model's conditioning: THE function a text-conditioned pipeline replaces.
+PROMPT_SEPARATOR = "|"  # several prompts in one box, one grid column each (= repeated `sample --prompt`)
 
-    The label model draws ``per_digit`` images of each digit the text names, in the order of
-    ``lora4diffusion sample --digits D --per-digit N`` (so the equivalent command gives the same images).
+
+def encode_prompt(text: str, negative: str, per_digit: int, tokenizer=None) -> Conditioning:
+    """Prompt -> the model's conditioning: the one place where the page's text becomes model input.
+
+    Label model (``tokenizer`` None): draws ``per_digit`` images of each digit the text names, in the order
+    of ``lora4diffusion sample --digits D --per-digit N`` (so the equivalent command gives the same images).
     It has no text encoder to read a negative prompt with, so one is refused rather than silently ignored.
+
+    Prompt model (its ``models.tokenizer.Tokenizer``): the text goes to the text encoder as it is; ``|``
+    separates prompts (one grid column each), ``per_digit`` images of each, in the order of ``sample
+    --prompt A --prompt B --num N``. The negative prompt replaces the empty prompt as guidance's
+    unconditional branch (SD's negative prompt). Every prompt is tokenized here, so an unknown word is a
+    400 with the tokenizer's one line (naming the word and the nearest vocabulary words) before any queueing.
     """
-    if negative.strip():
-        raise UserError("negative prompts need a text-conditioned model; this base is conditioned on a digit "
-                        "label (leave it empty)")
-    digits = prompt_digits(text)
-    labels = [d for d in digits for _ in range(per_digit)]
-    return Conditioning(labels, [str(d) for d in digits], per_digit, digits)
+    if tokenizer is None:
+        if negative.strip():
+            raise UserError("negative prompts need a text-conditioned model; this base is conditioned on a "
+                            "digit label (leave it empty)")
+        digits = prompt_digits(text)
+        labels = [d for d in digits for _ in range(per_digit)]
+        return Conditioning(labels, [str(d) for d in digits], per_digit, digits)
+    prompts = [" ".join(p.split()) for p in text.split(PROMPT_SEPARATOR)]
+    if len(prompts) > 1 and not all(prompts):
+        raise UserError(f"an empty prompt between '{PROMPT_SEPARATOR}' separators (one prompt per column)")
+    negative = " ".join(negative.split())
+    tokenizer.encode([*prompts, negative])  # UserError: unknown word (nearest ones named) or too long
+    labels = [p for p in prompts for _ in range(per_digit)]
+    return Conditioning(labels, [p or "(empty prompt)" for p in prompts], per_digit, None, prompts,
+                        negative or None)

@@ -1,5 +1,8 @@
 """``lora4diffusion serve``: a local web page and JSON API to generate digits with LoRA weights, live.
 
+The base is ``--checkpoint`` or whatever ``Pipeline.load()`` loads (the shipped base): a prompt model (text
+prompts through its text encoder, a negative prompt, VAE-decoded previews) or a label model (digits).
+
 Starlette + uvicorn around ``engine.Engine`` (generation: a queue and one worker on the shared model) and
 ``training.Training`` (one LoRA training subprocess at a time). Endpoints (docs/API.md): GET /api/info,
 GET /api/adapters, POST /api/generate, POST /api/generate/stream (Server-Sent Events: queued, start, preview,
@@ -18,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lora4diffusion.captions import TRIGGER_WORDS
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora.adapters import base_fingerprint
 from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
 from lora4diffusion.web.engine import (
     STYLES,
@@ -30,6 +33,7 @@ from lora4diffusion.web.engine import (
     ServeConfig,
     float_field,
     int_field,
+    pipe_fingerprint,
 )
 from lora4diffusion.web.prompt import check_name, check_weight, encode_prompt, parse_prompt
 from lora4diffusion.web.training import Training, TrainJob
@@ -44,7 +48,10 @@ class State:
         self.cfg = cfg
         self.pipe = Pipeline.load(cfg.checkpoint).to(cfg.device)
         self.pipe.unet.eval()
-        self.fingerprint = base_fingerprint(self.pipe.unet)
+        self.fingerprint = pipe_fingerprint(self.pipe)
+        self.kind = "prompt" if self.pipe.is_prompt_model else "label"
+        # What Pipeline.load(None) loaded is the shipped base, whichever kind it is at the moment.
+        self.checkpoint_name = cfg.checkpoint or f"shipped base ({self.kind} model)"
         self.tmp_adapters: Path | None = None
         if cfg.adapters:
             folder = Path(cfg.adapters).expanduser()
@@ -55,7 +62,7 @@ class State:
         self.adapters_folder = folder
         self.registry = AdapterRegistry(folder, self.fingerprint)
         self.engine = Engine(cfg, self.pipe, self.registry)
-        self.training = Training(cfg, folder, self.registry)
+        self.training = Training(cfg, folder, self.registry, self.pipe.tokenizer)
 
     def close(self) -> None:
         self.engine.stop()
@@ -98,15 +105,29 @@ class State:
         for name in merged:
             self.registry.get(name)  # unknown names and adapters of another base: 400 now, not in the worker
         merged = {k: v for k, v in merged.items() if v != 0}  # weight 0 is the base exactly (skipped branch)
-        cond = encode_prompt(parsed.text, negative, n)
+        tokenizer = self.pipe.tokenizer if self.pipe.is_prompt_model else None  # None: a label model
+        cond = encode_prompt(parsed.text, negative, n, tokenizer)
         if len(cond.labels) > cfg.max_images:
             raise UserError(f"{len(cond.labels)} images asked; the limit is {cfg.max_images}")
-        settings = {"prompt": parsed.text, "negative": negative, "digits": cond.digits, "n": n,
-                    "steps": steps,
+        settings = {"model": self.kind, "prompt": parsed.text, "negative": cond.negative or "",
+                    "digits": cond.digits, "prompts": cond.prompts, "n": n, "steps": steps,
                     "guidance": guidance, "seed": seed, "loras": merged, "sampler": "ddim",
-                    "checkpoint": cfg.checkpoint or "shipped base"}
-        every = max(1, steps // 10) if preview else 0
-        return Job(cond, merged, steps, guidance, seed, settings, loop, asyncio.Queue(), every)
+                    "checkpoint": self.checkpoint_name}
+        # A latent model's preview costs a VAE decode per frame: every few steps (fewer frames than pixels).
+        every = max(1, steps // (5 if self.pipe.vae is not None else 10)) if preview else 0
+        job = Job(cond, merged, steps, guidance, seed, settings, loop, asyncio.Queue(), every)
+        job.warnings = self.missing_triggers(merged, cond.prompts or [])
+        return job
+
+    def missing_triggers(self, loras: dict[str, float], prompts: list[str]) -> list[str]:
+        """One line per adapter in use whose trigger words a prompt lacks (as `sample` warns): trained with
+        its trigger, it acts weakly without it, or with prior preservation hardly at all."""
+        from lora4diffusion.lora.prompt_lora import missing_triggers
+
+        have = self.registry.all()
+        triggers = {name: have[name].public()["triggers"] for name in loras if name in have}
+        return [f"adapter {name!r} was trained with its trigger ({', '.join(triggers[name])}), which prompt "
+                f"{prompt!r} lacks" for name, prompt in missing_triggers(triggers, prompts)]
 
 
 def create_app(cfg: ServeConfig | None = None):
@@ -156,16 +177,25 @@ def create_app(cfg: ServeConfig | None = None):
         return FileResponse(STATIC / "index.html")
 
     async def info(request: Request):
+        pipe, prompt_model = state.pipe, state.pipe.is_prompt_model
         return JSONResponse({
-            "model": "label", "conditioning": "digit label 0-9 (the prompt names digits)",
-            "checkpoint": cfg.checkpoint or "shipped base", "device": str(state.pipe.device),
-            "defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "n": 1},
+            "model": state.kind,
+            "conditioning": "text prompt (a text encoder reads it; '|' separates prompts, one column each)"
+            if prompt_model else "digit label 0-9 (the prompt names digits)",
+            "latent": pipe.vae is not None,
+            "checkpoint": state.checkpoint_name, "device": str(pipe.device),
+            "defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "n": 1,
+                         "prompt": "a handwritten seven" if prompt_model else "3 5 7"},
+            "vocabulary": list(pipe.tokenizer.words) if prompt_model else [],
+            "prompt_separator": "|" if prompt_model else None,
+            "trigger_words": list(TRIGGER_WORDS) if prompt_model else [],
+            "train": state.training.options(prompt_model),
             "limits": {"steps": cfg.max_steps, "n": cfg.max_per_digit, "images": cfg.max_images,
                        "queue": cfg.max_queue, "upload_mib": cfg.max_upload_bytes // 2**20,
                        "upload_images": cfg.max_upload_images, "train_steps": cfg.max_train_steps,
                        "rank": cfg.max_rank},
             "adapters_folder": None if state.tmp_adapters else str(state.adapters_folder),
-            "negative_prompt": False, "styles": list(STYLES),
+            "negative_prompt": prompt_model, "styles": list(STYLES),
             "queue": {"waiting": state.engine.jobs.qsize(), "running": state.engine.running is not None},
         })
 

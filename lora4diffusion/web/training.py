@@ -7,9 +7,12 @@ without ever using a zip member's name as a path.
 
 from __future__ import annotations
 
+import argparse
 import base64
+import functools
 import io
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -28,6 +31,19 @@ from lora4diffusion.web.engine import STYLES, AdapterRegistry, HTTPError, ServeC
 from lora4diffusion.web.prompt import check_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Options of train-lora for prompt models, passed on only where the installed CLI has them (see options()).
+PROMPT_OPTIONS = {"trigger": "--trigger", "prior": "--prior", "text_encoder": "--text-encoder"}
+TRIGGER = re.compile(r"[A-Za-z][A-Za-z0-9]{0,31}")  # one word, never read as an option ("-x")
+
+
+@functools.cache
+def train_lora_flags() -> dict[str, int | str | None]:
+    """The option strings of the installed ``train-lora`` command and how many values each takes (0: a
+    switch), read from the CLI's own parser, so the page offers exactly what the subprocess will accept."""
+    from lora4diffusion.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {flag: action.nargs for flag, action in sub.choices["train-lora"]._option_string_actions.items()}
 
 
 @dataclass
@@ -39,6 +55,7 @@ class TrainJob:
     steps: int
     trigger: str
     work: Path  # staging folder beside the adapters, removed at the end
+    extra: list[str] = field(default_factory=list)  # the prompt-model options given to train-lora
     proc: subprocess.Popen | None = None
     status: str = "running"  # running | done | failed | cancelled
     error: str = ""
@@ -67,6 +84,7 @@ class TrainJob:
             self.read_curve()
         step = self.steps if self.status == "done" else (int(self.curve[-1][0]) if self.curve else 0)
         return {"id": self.id, "name": self.name, "style": self.style, "rank": self.rank, "steps": self.steps,
+                "trigger": self.trigger, "options": self.extra,
                 "status": self.status, "error": self.error, "step": step,
                 "progress": round(step / self.steps, 4), "loss": self.curve,
                 "images": self.images, "seconds": round((self.finished or time.time()) - self.started, 1)}
@@ -75,10 +93,52 @@ class TrainJob:
 class Training:
     """One LoRA training job at a time, in a subprocess running ``train-lora`` with one torch thread."""
 
-    def __init__(self, cfg: ServeConfig, folder: Path, registry: AdapterRegistry):
+    def __init__(self, cfg: ServeConfig, folder: Path, registry: AdapterRegistry, tokenizer=None):
         self.cfg, self.folder, self.registry = cfg, folder, registry
+        self.tokenizer = tokenizer  # a prompt model's (None: a label model)
+        self.prompt_model = tokenizer is not None
         self.jobs: dict[str, TrainJob] = {}
         self.lock = threading.Lock()
+
+    def options(self, prompt_model: bool) -> dict:
+        """What /api/info tells the page: which prompt-model options this install's train-lora takes."""
+        flags = train_lora_flags()
+        have = {key: flag in flags for key, flag in PROMPT_OPTIONS.items()}
+        note = ""
+        if prompt_model and not all(have.values()):
+            missing = ", ".join(f for k, f in PROMPT_OPTIONS.items() if not have[k])
+            note = f"this install's train-lora has no {missing}"
+        return {"options": have, "note": note}
+
+    def prompt_args(self, body: dict) -> list[str]:
+        """train-lora arguments for the prompt-model fields of a request; each only where train-lora has
+        the flag (asking for a missing one is a 400, not a silently different adapter)."""
+        flags, args = train_lora_flags(), []
+        for key, flag in PROMPT_OPTIONS.items():
+            value = body.get(key)
+            if value in (None, False, ""):
+                continue
+            if flag not in flags:
+                raise UserError(f"{key}: the installed train-lora has no {flag} option")
+            if not self.prompt_model:
+                raise UserError(f"{key} is for prompt models; the loaded base is a label model")
+            if key == "trigger":
+                if not isinstance(value, str) or not TRIGGER.fullmatch(value.strip()):
+                    raise UserError(f"trigger must be one word (letters, digits), got {str(value)[:40]!r}")
+                from lora4diffusion.lora.prompt_lora import check_trigger_in
+
+                # a reserved rare word of this base's vocabulary: a 400 now, not a failed job later
+                args += [flag, check_trigger_in(value.strip(), self.tokenizer)]
+            elif value is True and flags[flag] in (0, "?"):
+                args.append(flag)  # a switch
+            elif value is not True and flags[flag] not in (0,) and isinstance(value, int | float | str):
+                text = str(value).strip()
+                if not text or text.startswith("-") and not _number(text):
+                    raise UserError(f"{key}: bad value {text[:40]!r}")
+                args += [flag, text]
+            else:
+                raise UserError(f"{key}: {flag} takes {'no value' if flags[flag] == 0 else 'a value'}")
+        return args
 
     def busy(self) -> TrainJob | None:
         return next((j for j in self.jobs.values() if j.status == "running"), None)
@@ -88,7 +148,8 @@ class Training:
         style = str(body.get("style", ""))
         rank = int_field(body, "rank", 4, 1, self.cfg.max_rank)
         steps = int_field(body, "steps", 200, 1, self.cfg.max_train_steps)
-        trigger = str(body.get("trigger", ""))[:64]
+        extra = self.prompt_args(body)
+        trigger = str(body.get("trigger") or "").strip().lower()[:32]
         if style not in (*STYLES, "upload"):
             raise UserError(f"style must be one of {', '.join(STYLES)} or 'upload', got {style[:40]!r}")
         with self.lock:
@@ -99,7 +160,7 @@ class Training:
                 raise UserError(f"an adapter named {name!r} exists already; pick another name")
             self.folder.mkdir(parents=True, exist_ok=True)
             work = Path(tempfile.mkdtemp(prefix=".train-", dir=self.folder))
-            job = TrainJob(secrets.token_hex(6), name, style, rank, steps, trigger, work)
+            job = TrainJob(secrets.token_hex(6), name, style, rank, steps, trigger, work, extra)
             try:
                 source = style
                 if style == "upload":
@@ -110,6 +171,7 @@ class Training:
                        "--device", self.cfg.device]
                 if self.cfg.checkpoint:
                     cmd += ["--checkpoint", str(self.cfg.checkpoint)]
+                cmd += extra
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
                 # Its own session: a Ctrl-C in the server's terminal reaches the server, which stops the job.
                 job.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
@@ -176,6 +238,14 @@ class Training:
                 except subprocess.TimeoutExpired:
                     job.proc.kill()
             shutil.rmtree(job.work, ignore_errors=True)
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def unpack_zip(data: object, dest: Path, cfg: ServeConfig) -> int:

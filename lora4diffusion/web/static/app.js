@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-// AUTOMATIC1111's tag, as the server parses it (lora4diffusion/web/prompt.py).
+// AUTOMATIC1111's tag, as the server parses it (lora4diffusion/prompt_syntax.py).
 const TAG = /<lora:([^:<>]*)(?::([^:<>]*))?(?::([^<>]*))?>/gi;
 const state = { adapters: [], info: null, busy: false, pending: false, history: [], train: null };
 
@@ -18,10 +18,17 @@ function parseTags(text) {
 }
 function promptText(text) { return text.replace(TAG, " ").replace(/\s+/g, " ").trim(); }
 
-function showError(msg) {
-  const e = $("error");
-  e.textContent = msg || "";
-  e.hidden = !msg;
+function isPrompt() { return state.info?.model === "prompt"; }
+
+// Errors about the prompt (an unknown word, a bad tag, the negative prompt) show next to the prompt box.
+const PROMPT_ERROR = /\b(prompt|word|words|tag|negative)\b/i;
+function showError(msg, where) {
+  const near = where ?? (msg && PROMPT_ERROR.test(msg) ? "prompt-error" : "error");
+  for (const id of ["error", "prompt-error"]) {
+    const e = $(id);
+    if (id === near || (!msg && where === undefined)) { e.textContent = msg || ""; e.hidden = !msg; }
+    else if (msg) e.hidden = true;
+  }
 }
 
 async function api(path, opts = {}) {
@@ -56,7 +63,8 @@ function syncSliders() {
     s.closest(".adapter").querySelector(".w").textContent = fmt(w);
   }
   const unknown = Object.keys(tags).filter((n) => !known.has(n));
-  showError(unknown.length ? `unknown adapter(s) in the prompt: ${unknown.join(", ")}` : "");
+  showError(unknown.length ? `unknown adapter(s) in the prompt: ${unknown.join(", ")}` : "", "prompt-error");
+  if (isPrompt()) return;
   const digits = digitsOf(promptText($("prompt").value));
   document.querySelectorAll("#digit-picks button").forEach((b) => {
     b.classList.toggle("on", digits.includes(Number(b.dataset.digit)));
@@ -85,20 +93,48 @@ function pickDigit(d) {
   syncSliders();
 }
 
-// ---------------------------------------------------------------- completion of <lora:name
+// ---------------------------------------------------------------- completion
+// Inside <lora: the adapter names; elsewhere (prompt models) the words being typed: adapters' trigger words
+// first, then the tokenizer's vocabulary (the only words the text encoder knows).
+function insideTag(before) { return before.lastIndexOf("<") > before.lastIndexOf(">"); }
+
+function suggestions(before) {
+  const m = before.match(/<lora:([A-Za-z0-9_-]*)$/i);
+  if (m) {
+    return state.adapters.filter((a) => a.name.startsWith(m[1]) && a.fits !== false).map((a) => ({
+      text: a.name, kind: a.triggers?.length ? `trigger ${a.triggers.join(", ")}` : "adapter",
+      apply: () => complete(a.name),
+    }));
+  }
+  const w = before.match(/(?:^|[^A-Za-z0-9_<:-])([A-Za-z]+)$/);
+  if (!isPrompt() || !w || insideTag(before)) return [];
+  const pre = w[1].toLowerCase(), seen = new Set(), out = [];
+  for (const a of state.adapters.filter((x) => x.fits !== false)) {
+    for (const t of a.triggers || []) {
+      if (t.startsWith(pre) && !seen.has(t)) { seen.add(t); out.push({ text: t, kind: `trigger of ${a.name}`, apply: () => completeWord(t) }); }
+    }
+  }
+  for (const v of state.info.vocabulary || []) {
+    if (/^[a-z]+$/.test(v) && v.startsWith(pre) && v !== pre && !seen.has(v)) {
+      seen.add(v); out.push({ text: v, kind: "", apply: () => completeWord(v) });
+    }
+  }
+  return out.slice(0, 8);
+}
+
 function completion() {
   const p = $("prompt"), list = $("complete");
-  const before = p.value.slice(0, p.selectionStart);
-  const m = before.match(/<lora:([A-Za-z0-9_-]*)$/i);
-  if (!m) { list.hidden = true; return; }
-  const hits = state.adapters.filter((a) => a.name.startsWith(m[1]) && a.fits !== false);
+  const hits = suggestions(p.value.slice(0, p.selectionStart));
+  state.completions = hits;
   list.innerHTML = "";
-  hits.forEach((a, i) => {
+  hits.forEach((h, i) => {
     const li = document.createElement("li");
-    li.textContent = `${a.name}${a.trigger ? "  (" + a.trigger + ")" : ""}`;
-    li.dataset.name = a.name;
+    li.textContent = h.text;
+    if (h.kind) { const k = document.createElement("span"); k.className = "kind"; k.textContent = h.kind; li.appendChild(k); }
+    li.dataset.name = h.text;
+    li.dataset.i = i;
     if (i === 0) li.classList.add("sel");
-    li.addEventListener("mousedown", (e) => { e.preventDefault(); complete(a.name); });
+    li.addEventListener("mousedown", (e) => { e.preventDefault(); h.apply(); });
     list.appendChild(li);
   });
   list.hidden = hits.length === 0;
@@ -116,12 +152,35 @@ function complete(name) {
   syncSliders();
 }
 
+function completeWord(word) {
+  const p = $("prompt");
+  const pos = p.selectionStart, before = p.value.slice(0, pos);
+  const after = p.value.slice(pos).replace(/^[A-Za-z]*/, "");
+  const head = before.replace(/[A-Za-z]+$/, "") + word + (/^\s/.test(after) ? "" : " ");
+  p.value = head + after;
+  p.selectionStart = p.selectionEnd = head.length;
+  $("complete").hidden = true;
+  syncSliders();
+}
+
+// A trigger chip of the adapters panel: the word goes in at the caret (never inside a tag), and the adapter's
+// tag joins at weight 1 if it is not in the prompt yet: a trigger means nothing without its adapter.
+function insertTrigger(word, adapter) {
+  const p = $("prompt");
+  let pos = p.selectionStart ?? p.value.length;
+  if (insideTag(p.value.slice(0, pos))) pos = p.value.length;
+  const before = p.value.slice(0, pos), after = p.value.slice(pos);
+  const head = before + (before && !/\s$/.test(before) ? " " : "") + word;
+  p.value = head + (after && !/^\s/.test(after) ? " " : "") + after;
+  p.selectionStart = p.selectionEnd = head.length;
+  if (!(adapter in parseTags(p.value))) setTag(adapter, 1);
+  syncSliders();
+}
+
 function onPromptKey(e) {
   const list = $("complete");
-  if (list.hidden) {
-    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
-    return;
-  }
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); list.hidden = true; generate(); return; }
+  if (list.hidden) return;
   const items = [...list.children];
   let i = items.findIndex((li) => li.classList.contains("sel"));
   if (e.key === "ArrowDown" || e.key === "ArrowUp") {
@@ -131,7 +190,7 @@ function onPromptKey(e) {
     items[i].classList.add("sel");
   } else if (e.key === "Enter" || e.key === "Tab") {
     e.preventDefault();
-    complete(items[Math.max(i, 0)].dataset.name);
+    state.completions[Math.max(i, 0)].apply();
   } else if (e.key === "Escape") {
     list.hidden = true;
   }
@@ -151,12 +210,23 @@ async function loadAdapters() {
         : '<span class="badge unk" title="no base fingerprint recorded">base unknown</span>';
     div.innerHTML = `<div><span class="name"></span>${fit}</div>
       <div class="row"><input type="range" min="-1" max="2" step="0.05" value="0"><span class="w">0</span></div>
-      <div class="meta"></div>`;
+      <div class="meta"></div><div class="triggers"></div>`;
     div.querySelector(".name").textContent = a.name;
     div.querySelector(".meta").textContent =
       `rank ${a.rank} · alpha ${a.alpha} · ${a.targets} · style ${a.style || "?"}` +
-      (a.steps ? ` · ${a.steps} steps` : "") + (a.trigger ? ` · trigger "${a.trigger}"` : "") +
+      (a.steps ? ` · ${a.steps} steps` : "") + (a.triggers?.length || !isPrompt() ? "" : " · no trigger") +
       (a.source === "shipped" ? " · shipped" : "");
+    for (const t of a.triggers || []) {  // click: into the prompt (with the adapter's tag)
+      const b = document.createElement("button");
+      b.className = "trig small";
+      b.textContent = t;
+      b.title = `trigger word of ${a.name}: insert it into the prompt`;
+      b.dataset.trigger = t;
+      b.dataset.adapter = a.name;
+      b.disabled = a.fits === false;
+      b.addEventListener("click", () => insertTrigger(t, a.name));
+      div.querySelector(".triggers").appendChild(b);
+    }
     const s = div.querySelector("input");
     s.dataset.adapter = a.name;
     s.disabled = a.fits === false;
@@ -182,7 +252,7 @@ async function loadAdapters() {
 function request() {
   const seed = $("seed-random").checked ? null : Number($("seed").value);
   return {
-    prompt: $("prompt").value, negative: "", n: Number($("n").value), steps: Number($("steps").value),
+    prompt: $("prompt").value, negative: $("negative").disabled ? "" : $("negative").value, n: Number($("n").value), steps: Number($("steps").value),
     guidance: Number($("guidance").value), seed, loras: {},
   };
 }
@@ -251,7 +321,9 @@ async function generate() {
 }
 
 function show(result) {
-  const out = $("output");
+  const out = $("output"), warn = $("prompt-warning");
+  warn.textContent = (result.warnings || []).join(" · ");
+  warn.hidden = !warn.textContent;
   out.src = `data:image/png;base64,${result.grid}`;
   out.dataset.state = "done";
   out.dataset.resultId = result.id;
@@ -262,7 +334,9 @@ function show(result) {
 // ---------------------------------------------------------------- history
 function summary(s) {
   const l = Object.entries(s.loras).map(([n, w]) => `${n} ${fmt(w)}`).join(", ");
-  return `${s.digits.join(",")} ×${s.n} · ${s.steps} steps · w ${s.guidance} · seed ${s.seed}${l ? " · " + l : ""}`;
+  const what = s.prompts ? s.prompts.map((p) => `"${p}"`).join(" | ") + (s.negative ? ` − "${s.negative}"` : "")
+    : s.digits.join(",");
+  return `${what} ×${s.n} · ${s.steps} steps · w ${s.guidance} · seed ${s.seed}${l ? " · " + l : ""}`;
 }
 
 function addHistory(r) {
@@ -292,6 +366,7 @@ function renderHistory() {
 function apply(s) {
   const tags = Object.entries(s.loras).map(([n, w]) => `<lora:${n}:${fmt(w)}>`).join(" ");
   $("prompt").value = `${s.prompt} ${tags}`.trim();
+  if (!$("negative").disabled) $("negative").value = s.negative || "";
   $("n").value = s.n; $("steps").value = s.steps; $("guidance").value = s.guidance;
   $("seed").value = s.seed; $("seed-random").checked = false;
   syncSliders();
@@ -360,6 +435,10 @@ async function startTraining() {
     name: $("train-name").value.trim(), style: $("train-style").value,
     rank: Number($("train-rank").value), steps: Number($("train-steps").value),
   };
+  // prompt-model options: only those the installed train-lora takes (the others are disabled)
+  if (!$("train-trigger").disabled && $("train-trigger").value.trim()) body.trigger = $("train-trigger").value.trim();
+  if (!$("train-prior").disabled && $("train-prior").checked) body.prior = true;
+  if (!$("train-te").disabled && $("train-te").checked) body.text_encoder = true;
   try {
     if (body.style === "upload") {
       const f = $("train-file").files[0];
@@ -411,6 +490,32 @@ function drawLoss(curve) {
   g.fillText(`loss ${y1.toFixed(3)}`, 4, 10); g.fillText(y0.toFixed(3), 4, c.height - 4);
 }
 
+// ---------------------------------------------------------------- the loaded base's kind
+function setupModel(i) {
+  const prompt = i.model === "prompt";
+  document.body.dataset.model = i.model;
+  const neg = $("negative");
+  neg.disabled = !prompt;
+  if (prompt) {
+    neg.placeholder = "e.g. thin: guidance steers away from it";
+    neg.title = "the negative prompt: guidance pushes from it toward the prompt";
+    $("negative-hint").textContent = "";
+    $("prompt-hint").innerHTML = "text for the text encoder (<code>a handwritten seven</code>), <code>|</code> " +
+      "between prompts (a column each), adapters' trigger words, <code>&lt;lora:name:weight&gt;</code>";
+    $("digit-picks").hidden = true;
+    $("n-label").textContent = "Images per prompt";
+    if ($("prompt").value === "3 5 7") $("prompt").value = i.defaults.prompt;
+  }
+  const t = i.train || { options: {}, note: "" };
+  const opts = [["train-trigger", "trigger"], ["train-prior", "prior"], ["train-te", "text_encoder"]];
+  for (const [id, key] of opts) $(id).disabled = !prompt || !t.options[key];
+  $("train-prompt").classList.toggle("off", opts.every(([id]) => $(id).disabled));
+  $("train-note").textContent = !prompt ? "trigger, --prior, --text-encoder: for prompt models (this base reads digit labels)"
+    : t.note ? `${t.note}: those options are off` : "";
+  const dl = $("trigger-words");
+  for (const w of i.trigger_words || []) dl.appendChild(new Option(w));
+}
+
 // ---------------------------------------------------------------- start
 async function init() {
   for (let d = 0; d <= 9; d++) {
@@ -421,7 +526,8 @@ async function init() {
   }
   try { state.history = JSON.parse(localStorage.getItem("l4d-history") || "[]"); } catch (e) { state.history = []; }
   renderHistory();
-  $("prompt").addEventListener("input", () => { syncSliders(); completion(); });
+  $("prompt").addEventListener("input", () => { showError("", "prompt-error"); syncSliders(); completion(); });
+  $("negative").addEventListener("input", () => showError("", "prompt-error"));
   $("prompt").addEventListener("keydown", onPromptKey);
   $("prompt").addEventListener("blur", () => { $("complete").hidden = true; });
   $("generate").addEventListener("click", generate);
@@ -438,7 +544,10 @@ async function init() {
   try {
     state.info = await api("/api/info");
     const i = state.info;
-    $("model-info").textContent = `${i.checkpoint} · ${i.conditioning} · ${i.device}`;
+    $("model-info").textContent = `${i.checkpoint} · ` +
+      (i.model === "prompt" ? `prompt model (text encoder${i.latent ? ", latent + VAE" : ""})` : i.conditioning) +
+      ` · ${i.device}`;
+    setupModel(i);
     $("steps").max = i.limits.steps; $("n").max = i.limits.n;
     $("steps").value = i.defaults.steps; $("guidance").value = i.defaults.guidance;
     await loadAdapters();
