@@ -58,7 +58,7 @@ def _child(argv: list[str]) -> None:  # pragma: no cover - runs in the forked ch
     import lora4diffusion.lora.finetune as finetune
     import lora4diffusion.train as train
 
-    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (it can hang)
     presets, lora_default = train._presets, finetune.default_lora_train_config
     train._presets = lambda: {
         k: (u, replace(t, checkpoint_every=2, sample_every=0, log_every=1)) for k, (u, t) in presets().items()
@@ -67,7 +67,7 @@ def _child(argv: list[str]) -> None:  # pragma: no cover - runs in the forked ch
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    os._exit(cli.main(argv))
+    os._exit(cli.main(["--threads", "1", *argv]))  # the CLI would otherwise size the pool to the cores
 
 
 def _start(argv: list[str]) -> int:
