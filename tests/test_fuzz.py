@@ -417,6 +417,48 @@ def build_classifier(d: Path) -> None:
 IMAGES = tuple(f"{p}/a{s}" for p, s in [("0", ".png"), ("1", ".jpg"), ("2", ".gif"), ("3", ".bmp"),
                                         ("4", ".tif"), ("5", ".png")])
 
+def build_vae(d: Path) -> None:
+    from lora4diffusion.autoencoder import save_vae
+    from lora4diffusion.models.vae import VAE, VAEConfig
+
+    torch.manual_seed(0)
+    save_vae(d, VAE(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4, image_size=16)))
+
+
+def read_vae(d: Path) -> None:
+    from lora4diffusion.autoencoder import load_vae
+
+    load_vae(d)
+
+
+def build_tokenizer(d: Path) -> None:
+    from lora4diffusion.models.tokenizer import Tokenizer
+
+    Tokenizer.load().save(d)
+
+
+def read_tokenizer(d: Path) -> None:
+    from lora4diffusion.models.tokenizer import Tokenizer
+
+    Tokenizer.load(d).encode(["a handwritten seven", "the digit 7"])
+
+
+def _lora_file(d: Path, fmt: str) -> None:
+    from lora4diffusion.formats import write_lora
+    from lora4diffusion.lora.adapters import adapter_from_model
+
+    model = copy.deepcopy(BASE)
+    inject_lora(model, "attention", 2, 2.0)
+    write_lora(adapter_from_model(model), fmt, d, title="fuzz")
+
+
+def read_lora_file(d: Path) -> None:
+    from lora4diffusion.formats import read_any
+
+    files = sorted(d.glob("*.safetensors"))
+    load_adapter(copy.deepcopy(BASE), read_any(files[0] if files else d))
+
+
 # ------------------------------------------------------------------ one line per reader
 READERS = {
     "IDX folder": (build_idx, lambda d: load_mnist(str(d), heldout_per_class=1),
@@ -432,7 +474,11 @@ READERS = {
                     ("adapter_config.json", "adapter_model.safetensors")),
     "npz samples": (build_npz, lambda d: load_samples(d / "samples.npz"), ("samples.npz",)),
     "classifier": (build_classifier, load_classifier, (CLF_CONFIG, CLF_WEIGHTS)),
-    # later issues: "tokenizer": (build_tokenizer, load_tokenizer, ("vocab.json",)), ...
+    "VAE folder": (build_vae, read_vae, ("config.json", "model.safetensors")),
+    "tokenizer folder": (build_tokenizer, read_tokenizer, ("vocab.txt", "config.json")),
+    "kohya LoRA file": (lambda d: _lora_file(d, "kohya"), read_lora_file, ("fuzz.safetensors",)),
+    "diffusers LoRA file": (lambda d: _lora_file(d, "diffusers"), read_lora_file,
+                            ("pytorch_lora_weights.safetensors",)),
 }
 
 
