@@ -459,6 +459,29 @@ def read_lora_file(d: Path) -> None:
     load_adapter(copy.deepcopy(BASE), read_any(files[0] if files else d))
 
 
+def build_prompt_model(d: Path) -> None:
+    """A tiny prompt-conditioned latent model: UNet (text mode), text encoder, tokenizer/ and vae/."""
+    from lora4diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
+    from lora4diffusion.models.tokenizer import Tokenizer
+    from lora4diffusion.models.unet import UNet, UNetConfig
+    from lora4diffusion.models.vae import VAE, VAEConfig
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(block_out_channels=(8, 16, 16), norm_num_groups=4))
+    tok = Tokenizer.load()
+    te = TextEncoder(TextEncoderConfig.for_tokenizer(tok, width=32, layers=1, heads=2))
+    unet = UNet(UNetConfig(image_size=vae.cfg.latent_size, in_channels=vae.cfg.latent_channels,
+                           base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,),
+                           context_dim=32, conditioning="text"))
+    save_model(d, unet, DiffusionConfig(), vae=vae, text=(te, tok))
+
+
+def read_prompt_model(d: Path) -> None:
+    from lora4diffusion.pipeline import Pipeline
+
+    Pipeline.load(d)
+
+
 # ------------------------------------------------------------------ one line per reader
 READERS = {
     "IDX folder": (build_idx, lambda d: load_mnist(str(d), heldout_per_class=1),
@@ -475,6 +498,9 @@ READERS = {
     "npz samples": (build_npz, lambda d: load_samples(d / "samples.npz"), ("samples.npz",)),
     "classifier": (build_classifier, load_classifier, (CLF_CONFIG, CLF_WEIGHTS)),
     "VAE folder": (build_vae, read_vae, ("config.json", "model.safetensors")),
+    "prompt model folder": (build_prompt_model, read_prompt_model,
+                            ("config.json", "model.safetensors", "text_encoder.safetensors",
+                             "tokenizer/vocab.txt", "vae/config.json")),
     "tokenizer folder": (build_tokenizer, read_tokenizer, ("vocab.txt", "config.json")),
     "kohya LoRA file": (lambda d: _lora_file(d, "kohya"), read_lora_file, ("fuzz.safetensors",)),
     "diffusers LoRA file": (lambda d: _lora_file(d, "diffusers"), read_lora_file,
