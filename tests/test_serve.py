@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -743,3 +745,37 @@ def test_missing_trigger_is_a_warning_beside_the_images(pclient):
     body["prompt"] = "a handwritten ohwx seven <lora:pfit:1>"
     assert pclient.post("/api/generate", json=body).json()["warnings"] == []
     assert pclient.post("/api/generate", json={**body, "prompt": "seven"}).json()["warnings"] == []
+
+
+# ------------------------------------------------------------------------------ fuzzed request bodies
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.sampled_from([-5, 0, 1, 2, 3, 10**9, 2**70]),
+    st.sampled_from([float("nan"), float("inf"), -1.0, 0.5, 1e308]),
+    st.text(max_size=40), st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+_KEYS = ["prompt", "negative", "n", "steps", "guidance", "seed", "loras", "style", "rank", "trigger", "prior",
+         "text_encoder", "name"]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(body=st.one_of(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6), _VALUES,
+                      st.binary(max_size=64)),
+       path=st.sampled_from(["/api/generate", "/api/train"]))
+def test_fuzzed_request_bodies_get_a_one_line_4xx_never_a_500(pclient, body, path):
+    """Random JSON (wrong types, NaN, 2**70, nested values, unknown keys) or raw bytes: either a valid request
+    (200) or a 4xx with a one-line JSON error; never a 500 or a traceback."""
+    if isinstance(body, bytes):
+        r = pclient.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        text = json.dumps(body, allow_nan=True)  # NaN / Infinity as JSON extensions, as a sloppy client sends
+        r = pclient.post(path, content=text, headers={"content-type": "application/json"})
+    assert r.status_code < 500, (path, body, r.status_code, r.text[:200])
+    if r.status_code >= 400:
+        msg = r.json()["error"]
+        assert msg and "\n" not in msg and "Traceback" not in msg, (path, body, msg)
+    elif path == "/api/train":  # a valid training request started a job: stop it at once
+        job = r.json().get("id")
+        if job:
+            pclient.delete(f"/api/train/{job}")
