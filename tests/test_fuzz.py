@@ -26,6 +26,7 @@ import copy
 import io
 import json
 import resource
+import shutil
 import signal
 import struct
 import time
@@ -482,6 +483,23 @@ def read_prompt_model(d: Path) -> None:
     Pipeline.load(d)
 
 
+def build_sd_pipeline(d: Path) -> None:
+    """The tiny prompt model above, exported as a diffusers StableDiffusionPipeline folder."""
+    from lora4diffusion.formats.diffusers import export_diffusers
+    from lora4diffusion.pipeline import Pipeline
+
+    build_prompt_model(d / "src")
+    pipe = Pipeline.load(d / "src")
+    export_diffusers(pipe.unet, pipe.diffusion, d / "sd", vae=pipe.vae, text=pipe.text)
+    shutil.rmtree(d / "src")
+
+
+def read_sd_pipeline(d: Path) -> None:
+    from lora4diffusion.formats.stable_diffusion import read_sd_pipeline as read
+
+    read(d / "sd")
+
+
 # ------------------------------------------------------------------ one line per reader
 READERS = {
     "IDX folder": (build_idx, lambda d: load_mnist(str(d), heldout_per_class=1),
@@ -502,6 +520,11 @@ READERS = {
                             ("config.json", "model.safetensors", "text_encoder.safetensors",
                              "tokenizer/vocab.txt", "vae/config.json")),
     "tokenizer folder": (build_tokenizer, read_tokenizer, ("vocab.txt", "config.json")),
+    "diffusers SD pipeline folder": (build_sd_pipeline, read_sd_pipeline,
+                                     ("sd/model_index.json", "sd/unet/config.json",
+                                      "sd/unet/diffusion_pytorch_model.safetensors", "sd/vae/config.json",
+                                      "sd/text_encoder/config.json", "sd/tokenizer/vocab.json",
+                                      "sd/scheduler/scheduler_config.json")),
     "kohya LoRA file": (lambda d: _lora_file(d, "kohya"), read_lora_file, ("fuzz.safetensors",)),
     "diffusers LoRA file": (lambda d: _lora_file(d, "diffusers"), read_lora_file,
                             ("pytorch_lora_weights.safetensors",)),

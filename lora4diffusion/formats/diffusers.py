@@ -149,6 +149,18 @@ _FIXED = [
 def unet_config_from_diffusers(
     d: dict, context_tokens: int = 4, num_classes: int = 10, conditioning: str = "label"
 ) -> UNetConfig:
+    """``_unet_config_from_diffusers``; a malformed value (a list where a number belongs) is one line."""
+    try:
+        return _unet_config_from_diffusers(d, context_tokens, num_classes, conditioning)
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise UserError(f"unet/{UNET_CONFIG}: malformed value ({type(e).__name__}: {e})") from None
+
+
+def _unet_config_from_diffusers(
+    d: dict, context_tokens: int = 4, num_classes: int = 10, conditioning: str = "label"
+) -> UNetConfig:
     """The UNetConfig our UNet needs to compute what this ``UNet2DConditionModel`` config computes; an
     architecture we cannot represent is a UserError naming the setting. ``conditioning`` "label": the pooled
     label context enters as ``class_labels`` (simple_projection); "text": nothing is added to the timestep

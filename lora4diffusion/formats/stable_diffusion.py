@@ -193,6 +193,17 @@ def _scheduler(folder: Path) -> DiffusionConfig:
 
 
 def read_sd_pipeline(folder: str | Path) -> tuple[UNet, DiffusionConfig, VAE, TextEncoder, Tokenizer]:
+    """``_read_sd_pipeline``; a config value of the wrong type anywhere in the folder (a list or an object
+    where a name or a number belongs: JSON from another tool) is one line naming the folder."""
+    try:
+        return _read_sd_pipeline(folder)
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise UserError(f"{folder}: malformed diffusers config value ({type(e).__name__}: {e})") from None
+
+
+def _read_sd_pipeline(folder: str | Path) -> tuple[UNet, DiffusionConfig, VAE, TextEncoder, Tokenizer]:
     """The parts of a ``StableDiffusionPipeline`` folder of ``export_sd_pipeline``'s shape (also one trained
     further or re-saved by diffusers' own scripts); a part our modules cannot compute is a one-line
     UserError that names it (``unet/config.json: ...``, ``vae/...``, ``text_encoder/...``, ...)."""
