@@ -15,10 +15,10 @@ import torch
 
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import FORMAT, UNKNOWN, Adapter
+from lora4diffusion.lora.prompt_lora import TRIGGER_KEY, trigger_words  # one parser of the trigger entry
 
 log = logging.getLogger("lora4diffusion")
 META_KEY = "lora4diffusion"
-TRIGGER_KEY = "trigger_words"  # Adapter.extra entry: a JSON list of words (prompt models); kohya metadata
 _RESERVED = frozenset(Adapter({}, 1, 1.0).metadata())  # the settings; everything else is the caller's extra
 
 
@@ -73,17 +73,6 @@ def common_rank(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], where: obje
             " per adapter is supported"
         )
     return next(iter(ranks))
-
-
-def trigger_words(adapter: Adapter) -> list[str]:
-    raw = adapter.extra.get(TRIGGER_KEY)
-    if not raw:
-        return []
-    try:
-        words = json.loads(raw)
-    except json.JSONDecodeError:
-        words = raw.split(",")
-    return [str(w).strip() for w in (words if isinstance(words, list) else [words]) if str(w).strip()]
 
 
 __all__ = ["META_KEY", "TRIGGER_KEY", "blob", "common_rank", "from_blob", "trigger_words"]

@@ -42,7 +42,7 @@ log = logging.getLogger("lora4diffusion")
 TE_PREFIX = "text_encoder."
 # CLIP's attention and MLP linears in every encoder layer (kohya's lora_te targets: CLIPAttention, CLIPMLP)
 TE_TARGETS = r"re:layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
-TRIGGER_KEY = "trigger_words"  # = formats.ours.TRIGGER_KEY: a JSON list of words in the adapter metadata
+TRIGGER_KEY = "trigger_words"  # Adapter.extra entry: a JSON list of words (kohya exports it as metadata)
 
 
 # ------------------------------------------------------------------------------------------ adapters
