@@ -1,7 +1,9 @@
 """Quality against cost of sampling: accuracy, classifier-feature FID and wall time for DDIM steps x guidance.
 
-    python benchmarks/sampling_sweep.py --checkpoint lora4diffusion/pretrained/pixel-base --per-digit 20 \
+    python benchmarks/sampling_sweep.py --checkpoint pixel-base --per-digit 20 \
         --steps 10,20,50 --guidance 1,2,3 [--bf16]
+    python benchmarks/sampling_sweep.py --checkpoint base --per-digit 100 --steps 5,8,10,15,20 \
+        --guidance 1.25 --bf16
 
 Prints a Markdown table (one row per setting). Used to pick the pipeline's default steps and guidance.
 """
@@ -32,6 +34,11 @@ def main() -> None:
     keep_freed_memory()  # as the CLI does
     pipe = Pipeline.load(args.checkpoint)
     labels = [d for d in range(10) for _ in range(args.per_digit)]
+    conditions: list = labels
+    if pipe.is_prompt_model:  # as `evaluate`: every training template, cycled per digit
+        from lora4diffusion.prompt_model import digit_prompts
+
+        conditions = digit_prompts(labels, None)
     print(
         f"checkpoint {args.checkpoint}, {len(labels)} samples per setting, "
         f"{'bf16' if args.bf16 else 'fp32'}, {args.threads} threads"
@@ -41,7 +48,7 @@ def main() -> None:
     for steps in (int(s) for s in args.steps.split(",")):
         for w in (float(g) for g in args.guidance.split(",")):
             t0 = time.perf_counter()
-            images, _ = pipe.generate(labels, steps=steps, guidance=w, seed=args.seed, bf16=args.bf16)
+            images, _ = pipe.generate(conditions, steps=steps, guidance=w, seed=args.seed, bf16=args.bf16)
             dt = time.perf_counter() - t0
             r = evaluate_samples(images, torch.tensor(labels))
             print(

@@ -4,9 +4,10 @@ and stay out of the way WITHOUT it? Prior preservation on/off x UNet-only / UNet
     python benchmarks/trigger_specificity.py --base DIR --out /tmp/trigger_spec --style bold --trigger sks \
         [--steps 500] [--per-digit 100] [--second italic=zwx:ADAPTER_DIR] [--adapters row=DIR,...]
 
-For every row an adapter is trained with `train_lora` (style, trigger, --prior, --text-encoder; rank 4,
-alpha 4) unless `--adapters` names already trained ones; then the same digits, templates and seed are
-sampled (DDIM 20, guidance 1.25; same seed = the same initial noise per sample) by
+For every row an adapter is trained with `train_lora` (style, trigger, --prior, --text-encoder; rank 4
+or --rank, alpha = rank) unless `--adapters` names already trained ones; then the same digits, templates
+and seed are sampled (DDIM at the pipeline's default steps, guidance 1.25; same seed = the same initial
+noise per sample) by
   - the base, on the plain prompts ("a handwritten seven", ...: the training templates, cycled);
   - the base + adapter at weight 1, on the same prompts WITH the trigger ("a handwritten sks seven") and
     WITHOUT it (the plain prompts),
@@ -31,7 +32,7 @@ import torch
 from lora4diffusion.captions import caption, family_templates
 from lora4diffusion.evaluate import evaluate_samples
 from lora4diffusion.lora.finetune import LoRAConfig, train_lora
-from lora4diffusion.pipeline import Pipeline
+from lora4diffusion.pipeline import DEFAULT_STEPS, Pipeline
 from lora4diffusion.styles import slant
 
 ROWS = {  # name: (prior, text encoder)
@@ -81,8 +82,11 @@ def main() -> None:
     ap.add_argument("--second", default=None, help="NAME=TRIGGER:DIR: a second triggered adapter to compose")
     ap.add_argument("--steps", type=int, default=None, help="LoRA steps (default: train_lora's)")
     ap.add_argument("--prior-weight", type=float, default=1.0)
+    ap.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank)")
+    ap.add_argument("--targets", default=None, help="LoRA targets (default: train_lora's, all-linear)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: train_lora's)")
     ap.add_argument("--per-digit", type=int, default=100, help="samples per digit (100: 1,000 per row)")
-    ap.add_argument("--sample-steps", type=int, default=20)
+    ap.add_argument("--sample-steps", type=int, default=DEFAULT_STEPS, help="DDIM steps (the pipeline's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny settings: check that the script runs")
@@ -111,7 +115,9 @@ def main() -> None:
         info: dict = {"prior": prior, "text_encoder": te}
         if row not in given:
             t0 = time.perf_counter()
-            run = train_lora(args.style, run_dir, base=args.base, lora=LoRAConfig(rank=4, alpha=4.0),
+            lora = LoRAConfig(rank=args.rank, alpha=float(args.rank), **({"targets": args.targets}
+                                                                         if args.targets else {}))
+            run = train_lora(args.style, run_dir, base=args.base, lora=lora, lr=args.lr,
                              trigger=args.trigger, prior=prior, text_encoder=te, progress=False,
                              prior_weight=args.prior_weight if prior else 1.0, steps=args.steps,
                              overwrite=True)

@@ -46,6 +46,7 @@ from lora4diffusion.checkpoint import (
 )
 from lora4diffusion.data import from_model_range, load_mnist, to_model_range
 from lora4diffusion.errors import UserError
+from lora4diffusion.models.unet import UNetConfig
 from lora4diffusion.models.vae import VAE, VAEConfig, crop_to, encode_dataset, kl_divergence, pad_to
 from lora4diffusion.styles import STYLES, apply_style
 from lora4diffusion.train import TrainConfig, Trainer, prepare_run
@@ -125,6 +126,15 @@ def check_encodable(cfg: VAEConfig, h: int = 28, w: int = 28) -> None:
         raise UserError(
             f"this VAE encodes images of at most {cfg.image_size}x{cfg.image_size}; these are {h}x{w}"
         )
+
+
+def latent_unet(vae: str | Path | None, unet_cfg: UNetConfig) -> tuple[VAE, UNetConfig]:
+    """Load the VAE a latent base trains on and fit the UNet to it: in_channels = latent channels,
+    image_size = latent size (Rombach et al. 2022: the UNet denoises the autoencoder's latents)."""
+    autoencoder, _ = load_vae(vae)
+    check_encodable(autoencoder.cfg)
+    lat = autoencoder.cfg
+    return autoencoder, replace(unet_cfg, in_channels=lat.latent_channels, image_size=lat.latent_size)
 
 
 def augment(images_uint8: torch.Tensor, width: torch.Tensor, slant: torch.Tensor) -> torch.Tensor:

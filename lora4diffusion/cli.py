@@ -50,7 +50,7 @@ commands in workflow order: train-vae -> train -> sample, evaluate -> train-lora
 
 examples:
   lora4diffusion sample --digits 3,5,7 --lora bold:0.5 --out samples   # the shipped base + a shipped adapter
-  lora4diffusion train-lora --style italic --out runs/italic          # ~3 min on 2 CPU cores
+  lora4diffusion train-lora --style italic --out runs/italic          # ~2 min on 2 CPU cores
   lora4diffusion list                                                 # what is shipped (models, adapters)
 
 -q/--quiet, --threads N and, where a model runs, --device and --bf16/--no-bf16 go before or after the
@@ -59,7 +59,7 @@ command. `lora4diffusion COMMAND --help` lists a command's options with their de
 
 # commands that run a model: they take --device and --bf16/--no-bf16 (added in build_parser's last loop)
 MODEL_COMMANDS = ("train-vae", "train", "sample", "evaluate", "train-lora", "merge", "extract",
-                  "train-classifier", "reconstruct", "serve")  # demo: not yet (its runs pick their device)
+                  "train-classifier", "reconstruct", "serve", "demo")
 BF16_HELP = ("bf16 autocast (default: on where the device supports it: CUDA with bf16, CPUs with bf16"
              " kernels; the master weights stay fp32)")
 DEVICE_HELP = "auto (the default): CUDA if available, else CPU"
@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.commands[name]._option_string_actions["--bf16"].help = (
             "accepted like every model command's; the arithmetic stays fp32 (merge) / fp64 (extract's SVD)"
         )
+    p.commands["demo"]._option_string_actions["--bf16"].help = (
+        "bf16 autocast for the adapters' (and --from-scratch base's) training, default on where the device"
+        " supports it; the demo samples in fp32 so that merged vs unmerged is exact to 1e-5"
+    )
     return p
 
 
@@ -214,7 +218,7 @@ def _add_sample(sub) -> None:
     s.add_argument("--negative", metavar="TEXT", help="prompt models: replaces the empty prompt in guidance")
     s.add_argument("--sampler", choices=["ddim", "ddpm"], help="sampler (default ddim)")
     s.add_argument("--steps", type=positive_int, metavar="N",
-                   help="sampling steps (default: 20 DDIM, 1000 DDPM)")
+                   help="sampling steps (default: 10 DDIM, 1000 DDPM)")
     s.add_argument("--guidance", type=nonneg_float,
                    help="classifier-free guidance scale w (default 1.25; 1 = none)")
     s.add_argument("--eta", type=unit_float, help="DDIM eta in [0, 1] (default 0: deterministic)")
@@ -234,9 +238,10 @@ def _add_train_lora(sub) -> None:
     tl.add_argument("--style", required=True, help="bold | thin | italic | FOLDER (subfolders 0-9 of images)"
                     " | FILE.csv (rows: label, then 784 pixel values 0-255, as the MNIST CSVs)")
     tl.add_argument("--out", required=True, help="run directory; the adapter is OUT/adapter.safetensors")
-    tl.add_argument("--max-train-steps", type=positive_int, metavar="N", help="training steps (default 500)")
+    tl.add_argument("--max-train-steps", type=positive_int, metavar="N",
+                    help="training steps (default: 500; 750 on a prompt base)")
     _renamed(tl, "--steps", "--max-train-steps", type=positive_int)
-    tl.add_argument("--rank", type=rank_int, default=4, help="LoRA rank r")
+    tl.add_argument("--rank", type=rank_int, help="LoRA rank r (default: 4; 16 on a prompt base)")
     tl.add_argument(
         "--alpha",
         type=finite_float(0.0, 1e4, low_open=True),
@@ -257,7 +262,8 @@ def _add_train_lora(sub) -> None:
     tl.add_argument("--data", default="embedded", help="MNIST source for the built-in styles")
     tl.add_argument("--lr", type=learning_rate, help="learning rate (default 2e-3)")
     tl.add_argument("--batch-size", type=batch_int, help="batch (default 64)")
-    tl.add_argument("--ema", type=fraction_float, help="EMA decay of the adapter weights (default: off)")
+    tl.add_argument("--ema", type=fraction_float,
+                    help="EMA decay of the adapter weights (default: off; 0.995 on a prompt base)")
     tl.add_argument("--seed", type=seed_int, help="training seed (default 0)")
     tl.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (for comparison)")
     tl.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
@@ -345,9 +351,10 @@ def _add_demo(sub) -> None:
                     help="prompt bases: train-lora --text-encoder, LoRA on the text encoder too (default on)")
     dm.add_argument("--overwrite", action="store_true", help="replace the demo already in --out")
     dm.add_argument("--lora-steps", type=positive_int, metavar="N",
-                    help="training steps per LoRA (default 500)")
+                    help="training steps per LoRA (default: train-lora's: 750 on a prompt base, 500 on a"
+                    " label base)")
     dm.add_argument("--per-digit", type=per_digit_int, metavar="N", help="samples per digit (default 8)")
-    dm.add_argument("--steps", type=positive_int, metavar="N", help="DDIM sampling steps (default 20)")
+    dm.add_argument("--steps", type=positive_int, metavar="N", help="DDIM sampling steps (default 10)")
     dm.add_argument("--scratch-preset", choices=["tiny", "fast"], default="fast", help=argparse.SUPPRESS)
     dm.set_defaults(func=cmd_demo)
 
@@ -706,12 +713,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
-    from lora4diffusion.lora.finetune import LoRAConfig, train_lora
+    from lora4diffusion.lora.finetune import LoRAConfig, default_lora_config, train_lora
 
     out = _train_out(args, inputs=_existing(args.checkpoint, args.style, args.data))
+    rank = args.rank or default_lora_config(args.checkpoint).rank
     lora = LoRAConfig(
-        rank=args.rank,
-        alpha=float(args.rank) if args.alpha is None else args.alpha,
+        rank=rank,
+        alpha=float(rank) if args.alpha is None else args.alpha,
         targets=args.targets or LoRAConfig.targets,
         init=args.init,
         rslora=args.rslora,
@@ -860,6 +868,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             prompt_options=PromptOptions(
                 args.bold_trigger, args.italic_trigger, args.prior, args.text_encoder
             ),
+            device=args.device,
+            bf16=args.bf16,
             **sizes,
         )
     except KeyboardInterrupt:  # training runs saved resumable checkpoints; no report was written

@@ -284,17 +284,21 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
              overwrite: bool = False, lora_steps: int | None = None, per_digit: int = DEFAULT_PER_DIGIT,
              steps: int = DEFAULT_STEPS, scratch_preset: str = "fast", seed: int = 0,
              progress: bool = True, vae: str | Path | None = None,
-             prompt_options: PromptOptions | None = None) -> dict:  # fmt: skip
+             prompt_options: PromptOptions | None = None, device: str = "auto",
+             bf16: bool | None = None) -> dict:  # fmt: skip
     """Run the demo into folder ``out``; returns what ``metrics.json`` holds plus ``"report"`` (its path).
 
     ``base``: a model directory, prompt or label model (default: the shipped base); ``from_scratch`` trains a
     prompt base (``scratch_preset``, on ``vae``, default the shipped VAE) into ``out/base`` instead.
     ``prompt_options``: triggers, prior preservation, text-encoder LoRA of the prompt-base adapters.
+    ``device``: auto | cpu | cuda for training and sampling; ``bf16``: autocast in the trainings (None: on
+    where the device supports it); sampling stays fp32 so the merge check is exact.
     Bad input raises UserError before anything is written. Ctrl-C during training raises KeyboardInterrupt
     after the training run saved a resumable checkpoint.
     """
     from lora4diffusion.checkpoint import write_json
-    from lora4diffusion.lora.finetune import LoRAConfig, default_lora_train_config, train_lora
+    from lora4diffusion.distributed import resolve_device
+    from lora4diffusion.lora.finetune import default_lora_config, train_lora
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE, Pipeline
     from lora4diffusion.plots import save_trajectory
 
@@ -320,8 +324,10 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
         from lora4diffusion.prompt_model import train_prompt_base
 
         log.info("demo: training a %s prompt base model into %s", scratch_preset, base_dir)
-        finished(train_prompt_base(scratch_preset, base_dir, vae=vae_dir, progress=progress))
+        finished(train_prompt_base(scratch_preset, base_dir, vae=vae_dir, progress=progress, device=device,
+                                   bf16=bf16))
         pipe = Pipeline.load(base_dir)
+    pipe = pipe.to(resolve_device(device))
     lap("base_train" if from_scratch else "base_load", t0)
     prompt = pipe.is_prompt_model
     triggers, prior, text_encoder = resolved if prompt else ({}, False, False)
@@ -335,7 +341,8 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
         log.info("demo: training the %s LoRA", style)
         run_dir = out / f"lora_{style}"
         kw = lora_kw | {"trigger": triggers.get(style)}
-        r = finished(train_lora(style, run_dir, base=base_dir, steps=lora_steps, progress=progress, **kw))
+        r = finished(train_lora(style, run_dir, base=base_dir, steps=lora_steps, progress=progress,
+                                device=device, bf16=bf16, **kw))
         lap(f"lora_{style}", t0)
         adapters[style] = {"trainable_params": r["trainable_params"], "share": r["share"], "steps": r["step"],
                            "final_loss": r["loss"], "train_seconds": round(r["train_seconds"], 2),
@@ -380,7 +387,8 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
     if prompt:
         prompts[merged_v.key] = [prompt_text(d, merged_v, triggers, run_adapters) for d in range(10)]
     inputs = [prompts[merged_v.key][d] for d in digits] if prompt else digits
-    images[merged_v.key] = Pipeline.load(out / "merged_bold").generate(inputs, progress=progress, **kw)[0]
+    merged = Pipeline.load(out / "merged_bold").to(pipe.device)
+    images[merged_v.key] = merged.generate(inputs, progress=progress, **kw)[0]
     lap("merge_and_sample", t0)
     zero_ref = "base_trigger" if prompt else "base"  # weight 0 = the base on the same prompt, bit for bit
     checks = {"scale0_reference": zero_ref,
@@ -405,7 +413,7 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
         losses[s] = _plot_csv(
             out / f"lora_{s}" / "metrics.csv", out / "images" / f"loss_{s}.png", f"{s} LoRA"
         )
-    lora = LoRAConfig()
+    lora = default_lora_config(base_dir)  # rank 16 on a prompt base, 4 on a label base
     settings = {"base": str(base_dir), "shipped_base": shipped, "from_scratch": from_scratch,
                 "conditioning": "text" if prompt else "label", "latent": pipe.vae is not None,
                 "scratch_preset": scratch_preset if from_scratch else None,
@@ -414,8 +422,9 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
                 "mix": list(PROMPT_MIX if prompt else LABEL_MIX), **kw,
                 "template": TEMPLATE if prompt else None,
                 "triggers": triggers, "prior": prior, "text_encoder_lora": text_encoder,
-                "lora_steps": lora_steps or default_lora_train_config().steps, "lora_rank": lora.rank,
-                "lora_targets": lora.targets}  # fmt: skip
+                "lora_steps": lora_steps or adapters["bold"]["steps"], "lora_rank": lora.rank,
+                "lora_targets": lora.targets, "device": str(pipe.device),
+                "bf16_training": bf16 if bf16 is not None else "auto"}  # fmt: skip
     weights = ["model.safetensors"] + (["text_encoder.safetensors"] if prompt else [])
     base_info = {"path": str(base_dir), "file_bytes": sum((base_dir / w).stat().st_size for w in weights),
                  "params": base_params}  # fmt: skip
@@ -471,6 +480,10 @@ def _commands(out: Path, base_dir: Path, shipped: bool, variants: list[Variant],
     gen = f"--steps {kw['steps']} --guidance {kw['guidance']:g} --seed {kw['seed']} --no-bf16"  # demo: fp32
     lora_dir = {s: repro / f"lora_{s}" for s in STYLES}
     n = f" --max-train-steps {st['lora_steps']}" if st["lora_steps"] else ""
+    if st["bf16_training"] in (True, False):  # the trainings' precision, when the demo was told one
+        n += " --bf16" if st["bf16_training"] else " --no-bf16"
+    if not st["device"].startswith("cpu"):
+        n += f" --device {st['device'].split(':')[0]}"
     prompt = st["conditioning"] == "text"
     cmds = []
     if st["from_scratch"]:

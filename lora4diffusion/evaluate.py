@@ -283,7 +283,7 @@ def add_parser(subparsers) -> None:
     src.add_argument("--checkpoint", metavar="DIR", help="model or run directory: sample first, then score")
     p.add_argument("--digits", help="digits to sample with --checkpoint (default 0-9)")
     p.add_argument("--per-digit", type=per_digit_int, help="samples per digit (default 100)")
-    p.add_argument("--steps", type=positive_int, help="DDIM steps with --checkpoint (default 20)")
+    p.add_argument("--steps", type=positive_int, help="DDIM steps with --checkpoint (default 10)")
     p.add_argument("--guidance", type=nonneg_float, help="guidance with --checkpoint (default 1.25)")
     p.add_argument("--seed", type=seed_int, help="sampling seed with --checkpoint (default 0)")
     p.add_argument("--family", help="prompt models: prompts from one caption family (numeral, word,"

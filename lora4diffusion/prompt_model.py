@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -263,7 +263,7 @@ def train_prompt_base(
     Same contract as train.train_base (run folder, EMA export, --resume bit-exact); ``vae`` is required:
     the prompt presets are latent models, as SD.
     """
-    from lora4diffusion.autoencoder import cached_latents, check_encodable, load_vae, vae_fingerprint
+    from lora4diffusion.autoencoder import cached_latents, latent_unet, vae_fingerprint
     from lora4diffusion.checkpoint import save_model
     from lora4diffusion.data import load_mnist
     from lora4diffusion.diffusion import DiffusionConfig
@@ -275,10 +275,7 @@ def train_prompt_base(
     if image_size is not None:
         raise UserError("--image-size does not apply with --vae: the latent size is the VAE's")
     unet_cfg, te_size, cfg = _presets()[preset]
-    autoencoder, _ = load_vae(vae)
-    check_encodable(autoencoder.cfg)
-    lat = autoencoder.cfg
-    unet_cfg = replace(unet_cfg, in_channels=lat.latent_channels, image_size=lat.latent_size)
+    autoencoder, unet_cfg = latent_unet(vae, unet_cfg)
     cfg, out, device = prepare_run(
         cfg, out, resume, device, overwrite=overwrite, allow_changes=allow_changes, steps=steps, **overrides
     )

@@ -816,12 +816,9 @@ def train_base(
         unet_cfg = replace(unet_cfg, image_size=image_size)  # validated by UNetConfig.__post_init__
     autoencoder = None
     if vae is not None:
-        from lora4diffusion.autoencoder import check_encodable, load_vae
+        from lora4diffusion.autoencoder import latent_unet
 
-        autoencoder, _ = load_vae(vae)
-        check_encodable(autoencoder.cfg)
-        lat = autoencoder.cfg
-        unet_cfg = replace(unet_cfg, in_channels=lat.latent_channels, image_size=lat.latent_size)
+        autoencoder, unet_cfg = latent_unet(vae, unet_cfg)
     cfg, out, device = prepare_run(
         cfg, out, resume, device, overwrite=overwrite, allow_changes=allow_changes, steps=steps, **overrides
     )

@@ -59,7 +59,9 @@ def demo(base, tmp_path_factory):
     (out / "lora_bold").mkdir(parents=True)
     (out / "lora_bold" / "train_state.safetensors").write_bytes(b"stale")
     (out / "notes.txt").write_text("mine")
-    assert main(["-q", "demo", "--out", str(out), "--checkpoint", str(base), "--overwrite", *SMALL]) == 0
+    argv = ["demo", "--out", str(out), "--checkpoint", str(base), "--overwrite", "-q", "--device", "cpu",
+            "--no-bf16"]  # -q, --device and --bf16 after the command, as for every model command
+    assert main([*argv, *SMALL]) == 0
     return out
 
 
@@ -134,7 +136,7 @@ def test_prompt_report_sections_commands_and_checks(prompt_demo):
     assert sets["bold_1"]["ink_ratio"] == pytest.approx(ink, rel=1e-5)  # the reported ratio is the pixels'
     for style, word in (("bold", "sks"), ("italic", "ohwx")):
         a = m["adapters"][style]
-        assert a["trigger"] == word and a["steps"] == 2 and 0 < a["share"] < 0.2
+        assert a["trigger"] == word and a["steps"] == 2 and 0 < a["share"] < 1  # rank 16 on a tiny base
         adapter = read_adapter(prompt_demo / f"lora_{style}")
         assert trigger_words(adapter) == [word]  # recorded in the adapter's metadata
         assert split_adapter(adapter)[1] is not None  # a text-encoder part: --text-encoder was on
@@ -186,6 +188,15 @@ def test_report_renders_in_headless_chromium(prompt_demo, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- label base
+def test_label_demo_takes_device_and_bf16(demo):
+    """--device reaches the sampling pipeline, --no-bf16 the adapters' training config."""
+    settings = _metrics(demo)["settings"]
+    assert settings["device"] == "cpu" and settings["bf16_training"] is False
+    for style in ("bold", "italic"):
+        train = json.loads(read_adapter(demo / f"lora_{style}").extra["train"])
+        assert train["bf16"] is False
+
+
 def test_label_report_and_checks(demo):
     text = _self_contained(demo)
     assert (demo / "notes.txt").read_text() == "mine"  # --overwrite removes only what the demo writes

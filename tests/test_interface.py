@@ -181,9 +181,9 @@ def test_info_says_everything_and_whether_an_adapter_fits(tiny, capsys):
 
     assert main(["info", "bold", "--checkpoint", "base", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["kind"] == "adapter" and data["rank"] == 4 and data["style"] == "bold"
+    assert data["kind"] == "adapter" and data["rank"] == 16 and data["style"] == "bold"
     assert data["fingerprint"] == Pipeline.load().fingerprint  # UNet + text encoder of the prompt base
-    assert data["fits"].startswith("yes") and data["train"]["steps"] == 500
+    assert data["fits"].startswith("yes") and data["train"]["steps"] == 750
     assert main(["info", "bold", "--checkpoint", str(tiny), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"].startswith("no")
     assert main(["info", str(tiny)]) == 0

@@ -8,6 +8,7 @@ are skipped (they are this test's own environment). `lora4diffusion` on the comm
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -81,3 +82,111 @@ def test_sizes_the_readme_states_match_the_shipped_files():
         assert abs(actual - stated) <= 0.01 * stated + 2**10, (row, actual)  # the text rounds
         checked += 1
     assert checked >= 1 or not rows
+
+
+# ----- the numbers README.md states come from measurement files made by our own commands -----
+RESULTS = ROOT / "benchmarks" / "results"  # written by benchmarks/evaluate_shipped.sh and the demo
+PRETRAINED = ROOT / "lora4diffusion" / "pretrained"
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _pct(x: float, space: str = " ") -> str:
+    return f"{100 * x:.1f}{space}%"
+
+
+def _fid_ratio(r: dict) -> str:
+    return f"FID {r['fid_classifier'] / r['reference']['real_vs_real_fid']:.2f}x the real-data floor"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {round(seconds % 60)} s"
+
+
+def readme_claims() -> dict[str, list[str]]:
+    """README line marker -> strings that line must contain, each formatted from a measurement file."""
+    ev = {p.stem: _json(p) for p in RESULTS.glob("*.json")}
+    base, pixel = ev["base"], ev["pixel-base"]
+    bold = ev["trigger_bold"]["rows"]["unet+te+prior"]
+    italic = ev["trigger_italic"]["rows"]["unet+te+prior"]
+    vae = _json(PRETRAINED / "vae" / "reconstruction_report.json")
+    classifier = _json(PRETRAINED / "classifier" / "classifier.json")
+    demo = ev["demo"]
+    sets, spec = demo["sets"], {s["what"]: s["value"] for s in demo["checks"]["specificity"]}
+    drops = [100 * (s["accuracy_originals"] - s["accuracy_reconstructions"]) for s in vae.values()]
+    both_ink, both_slant = spec["both composed: ink / base"], spec["both composed: slant - base (px)"]
+
+    def speed(r: dict) -> str:
+        return f"{r['source']['sample_seconds_per_100']:.2f} s per 100 digits"
+
+    def ink(r: dict, ref: dict) -> str:
+        return f"{r['mean_ink'] / ref['mean_ink']:.2f}x"
+
+    return {
+        "| prompt base `pretrained/base`": [_pct(base["accuracy"]), _fid_ratio(base), speed(base)],
+        "| VAE `pretrained/vae`": [
+            f"within {max(drops):.1f} points",
+            f"ink within {max(100 * abs(s['ink_ratio'] - 1) for s in vae.values()):.1f} %",
+            f"slant within {max(100 * abs(s['slant_ratio'] - 1) for s in vae.values()):.1f} %",
+        ],
+        "| `bold` adapter `pretrained/adapters/bold`": [
+            f"{bold['with']['ink_ratio']:.2f}x the base's ink, {_pct(bold['with']['accuracy'])}",
+            f"ink {bold['without']['ink_ratio']:.2f}x, {_pct(bold['without']['accuracy'])}",
+        ],
+        "| `italic` adapter `pretrained/adapters/italic`": [
+            f"slant {italic['with']['slant_diff']:+.1f}", f"{_pct(italic['with']['accuracy'])}",
+            f"without it: slant {italic['without']['slant_diff']:+.1f}",
+        ],
+        "| label base `pretrained/pixel-base`": [_pct(pixel["accuracy"]), _fid_ratio(pixel), speed(pixel)],
+        "| `bold-pixel` adapter": [
+            f"scale 1: {_pct(ev['bold-pixel']['accuracy'])} accuracy, {ink(ev['bold-pixel'], pixel)}",
+            f"scale 0.5: {_pct(ev['bold-pixel_0.5']['accuracy'])}, {ink(ev['bold-pixel_0.5'], pixel)}",
+        ],
+        "| `italic-pixel` adapter": [f"scale 1: {_pct(ev['italic-pixel']['accuracy'])} accuracy"],
+        "| MNIST classifier `pretrained/classifier`": [f"{_pct(classifier['heldout_accuracy'])} on the 500"],
+        "<!-- demo numbers -->": [
+            _minutes(demo["timings"]["total"]),
+            f"Bold with `sks`: {_pct(sets['bold_1']['accuracy'])} accuracy",
+            f"{spec['bold WITH its trigger: ink / base']:.2f}x the base's ink",
+            f"WITHOUT `sks`: {_pct(sets['bold_no_trigger']['accuracy'])}, ink"
+            f" {spec['bold WITHOUT its trigger: ink / base']:.2f}x",
+            f"italic with `ohwx`: {_pct(sets['italic_1']['accuracy'])}, slant"
+            f" {spec['italic WITH its trigger: slant - base (px)']:+.1f}",
+            f"ink {both_ink:.1f}x and slant {both_slant:+.1f}",
+            f"{_pct(sets['both']['accuracy'])} accuracy",
+        ],
+        "安装包内附带预训练的基础模型": [_pct(base["accuracy"], space="")],
+    }
+
+
+def test_numbers_the_readme_states_match_the_measurement_files():
+    """Each claim's line is found once, and holds every number as the measurement file gives it (rounded as
+    the text rounds). Re-measuring (benchmarks/evaluate_shipped.sh, the demo) without updating the text
+    fails here, and so does a text edited away from what was measured."""
+    text = (ROOT / "README.md").read_text()
+    lines = text.splitlines()
+    for marker, expected in readme_claims().items():
+        if marker.startswith("<!--"):  # a paragraph between <!-- x --> and <!-- /x -->, lines joined
+            closing = marker.replace("<!-- ", "<!-- /")
+            assert text.count(marker) == 1 and text.count(closing) == 1, marker
+            hits = [" ".join(text.split(marker)[1].split(closing)[0].split())]
+        else:
+            hits = [ln for ln in lines if marker in ln]
+        assert len(hits) == 1, (marker, len(hits))
+        missing = [e for e in expected if e not in hits[0]]
+        assert not missing, f"README line {marker!r} lacks {missing}:\n{hits[0]}"
+
+
+def test_measurement_files_were_made_at_the_defaults():
+    """The README's figures are the defaults' figures: the settings recorded in every evaluate file."""
+    from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    for path in RESULTS.glob("*.json"):
+        r = _json(path)
+        settings = r.get("source") or r.get("settings")
+        steps = settings["sample_steps"] if "sample_steps" in settings else settings["steps"]  # trigger files
+        assert steps == DEFAULT_STEPS and settings.get("guidance", DEFAULT_GUIDANCE) == DEFAULT_GUIDANCE, path
+        if "source" in r:
+            assert r["source"]["per_digit"] == 100 and r["source"]["seed"] == 0, path

@@ -19,7 +19,13 @@ from lora4diffusion.cli import main
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import read_adapter
-from lora4diffusion.lora.finetune import LoRAConfig, train_lora
+from lora4diffusion.lora.finetune import (
+    LoRAConfig,
+    default_lora_config,
+    default_lora_train_config,
+    default_trigger_train_config,
+    train_lora,
+)
 from lora4diffusion.lora.layers import base_state_dict, inject_lora, lora_layers
 from lora4diffusion.lora.prompt_lora import TE_TARGETS, TriggerTask, prompt_fingerprint
 from lora4diffusion.pipeline import Pipeline
@@ -332,3 +338,18 @@ def test_merge_folds_text_encoder_lora_too(base, adapter, tmp_path):
     with torch.no_grad():
         a, b = live.text_encoder(ids)[0], merged.text_encoder(ids)[0]
     assert (a - b).abs().max() < 1e-5 and (a - plain).abs().max() > 1e-4  # TE LoRA merged, and it mattered
+
+
+def test_prompt_base_lora_defaults_are_the_searched_recipe(base, adapter, tmp_path):
+    """On a prompt base train-lora defaults to rank 16 (alpha 16), 750 steps and EMA 0.995 (the recipe search
+    in benchmarks/RESULTS.md); --rank and --ema still win; a label base keeps rank 4, 500 steps, no EMA."""
+    a = read_adapter(adapter)
+    assert (a.rank, a.alpha) == (16, 16.0) and json.loads(a.extra["train"])["ema_decay"] == 0.995
+    assert default_trigger_train_config().steps == 750 and default_lora_train_config().steps == 500
+    argv = ["-q", "train-lora", "--checkpoint", str(base), "--style", "bold", "--max-train-steps", "2",
+            "--batch-size", "8", "--device", "cpu", "--rank", "2", "--ema", "0.5",
+            "--out", str(tmp_path / "r2")]  # fmt: skip
+    assert main(argv) == 0
+    a = read_adapter(tmp_path / "r2")
+    assert (a.rank, a.alpha) == (2, 2.0) and json.loads(a.extra["train"])["ema_decay"] == 0.5
+    assert default_lora_config("pixel-base") == LoRAConfig()

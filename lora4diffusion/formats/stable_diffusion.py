@@ -114,7 +114,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("{name}", safety_checker=None, requires_safety_checker=False)
-out = pipe(["the digit 7", "a bold digit three"], num_inference_steps=20, guidance_scale=1.25,
+out = pipe(["the digit 7", "a bold digit three"], num_inference_steps=10, guidance_scale=1.25,
            generator=torch.Generator().manual_seed(0), output_type="pt")
 digits = out.images[:, 0, 2:30, 2:30]            # [B, 28, 28] in [0, 1]: the centre of the canvas
 ```

@@ -1,0 +1,65 @@
+"""The benchmark scripts behind benchmarks/RESULTS.md run (at toy sizes): a figure whose script is broken
+cannot be re-measured. Timing is never asserted; each row's numbers must parse and lie in range."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--threads", "1", *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def _rows(out: str) -> list[list[str]]:
+    """The Markdown table rows after the header's separator line."""
+    lines = [ln for ln in out.splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if not ln.startswith("|---")][1:]
+
+
+def test_fast_curve_runs_on_a_prompt_model(tmp_path):
+    out = _run("fast_curve.py", "--conditioning", "text", "--preset", "tiny", "--every", "15",
+               "--per-digit", "1", "--out", str(tmp_path / "run"))  # fmt: skip
+    rows = _rows(out)
+    assert [r[0] for r in rows] == ["15", "30"]  # tiny: 30 steps, a point every 15
+    for r in rows:
+        assert 0.0 <= float(r[2]) <= 1.0 and float(r[1]) >= 0.0
+    assert (tmp_path / "run" / "text_encoder.safetensors").is_file()  # a prompt model was trained
+
+
+def test_sampling_sweep_runs_on_the_prompt_base():
+    rows = _rows(_run("sampling_sweep.py", "--checkpoint", "base", "--per-digit", "1", "--steps", "2,3",
+                      "--guidance", "1.25", "--bf16"))  # fmt: skip
+    assert [(r[0], r[1]) for r in rows] == [("2", "1.25"), ("3", "1.25")]
+    assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
+
+
+def test_trigger_specificity_smoke(tmp_path):
+    out = _run("trigger_specificity.py", "--smoke", "--rows", "unet", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    row = results["rows"]["unet"]
+    assert row["steps"] == 4 and row["params"] > 0
+    for label in ("with", "without"):
+        assert 0.0 <= row[label]["accuracy"] <= 1.0 and row[label]["ink_ratio"] > 0
+    assert "| unet | off | off |" in out
+
+
+def test_trigger_recipes_smoke(tmp_path):
+    out = _run("trigger_recipes.py", "--per-digit", "1", "--out", str(tmp_path),
+               "tiny=steps:2,rank:2", "plain=steps:2,prior:0,te:0,trigger:")  # fmt: skip
+    lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    assert "base" in lines[0]
+    tiny, plain = lines[1], lines[2]
+    assert tiny["recipe"] == "tiny" and tiny["rank"] == 2 and tiny["steps"] == 2 and tiny["params"] > 0
+    assert set(tiny) >= {"with", "without"} and "plain" in plain and "with" not in plain
+    assert (tmp_path / "tiny" / "adapter.safetensors").is_file()
