@@ -50,7 +50,7 @@ commands in workflow order: train-vae -> train -> sample, evaluate -> train-lora
 
 examples:
   lora4diffusion sample --digits 3,5,7 --lora bold:0.5 --out samples   # the shipped base + a shipped adapter
-  lora4diffusion train-lora --style italic --out runs/italic          # ~2 min on 2 CPU cores
+  lora4diffusion train-lora --style italic --out runs/italic          # ~1 min on 2 CPU cores
   lora4diffusion list                                                 # what is shipped (models, adapters)
 
 -q/--quiet, --threads N and, where a model runs, --device and --bf16/--no-bf16 go before or after the
@@ -239,7 +239,7 @@ def _add_train_lora(sub) -> None:
                     " | FILE.csv (rows: label, then 784 pixel values 0-255, as the MNIST CSVs)")
     tl.add_argument("--out", required=True, help="run directory; the adapter is OUT/adapter.safetensors")
     tl.add_argument("--max-train-steps", type=positive_int, metavar="N",
-                    help="training steps (default: 500; 750 on a prompt base)")
+                    help="training steps (default: 500; on a prompt base 750, or 400 without --trigger)")
     _renamed(tl, "--steps", "--max-train-steps", type=positive_int)
     tl.add_argument("--rank", type=rank_int, help="LoRA rank r (default: 4; 16 on a prompt base)")
     tl.add_argument(
@@ -351,8 +351,8 @@ def _add_demo(sub) -> None:
                     help="prompt bases: train-lora --text-encoder, LoRA on the text encoder too (default on)")
     dm.add_argument("--overwrite", action="store_true", help="replace the demo already in --out")
     dm.add_argument("--lora-steps", type=positive_int, metavar="N",
-                    help="training steps per LoRA (default: train-lora's: 750 on a prompt base, 500 on a"
-                    " label base)")
+                    help="training steps per LoRA (default: train-lora's: 750 on a prompt base with a"
+                    " trigger, 500 on a label base)")
     dm.add_argument("--per-digit", type=per_digit_int, metavar="N", help="samples per digit (default 8)")
     dm.add_argument("--steps", type=positive_int, metavar="N", help="DDIM sampling steps (default 10)")
     dm.add_argument("--scratch-preset", choices=["tiny", "fast"], default="fast", help=argparse.SUPPRESS)

@@ -341,11 +341,13 @@ def test_merge_folds_text_encoder_lora_too(base, adapter, tmp_path):
 
 
 def test_prompt_base_lora_defaults_are_the_searched_recipe(base, adapter, tmp_path):
-    """On a prompt base train-lora defaults to rank 16 (alpha 16), 750 steps and EMA 0.995 (the recipe search
-    in benchmarks/RESULTS.md); --rank and --ema still win; a label base keeps rank 4, 500 steps, no EMA."""
+    """On a prompt base train-lora defaults to rank 16 (alpha 16), 750 steps (400 without --trigger) and EMA
+    0.995 (the recipe search in benchmarks/RESULTS.md); --rank and --ema still win; a label base keeps rank 4,
+    500 steps, no EMA."""
     a = read_adapter(adapter)
     assert (a.rank, a.alpha) == (16, 16.0) and json.loads(a.extra["train"])["ema_decay"] == 0.995
-    assert default_trigger_train_config().steps == 750 and default_lora_train_config().steps == 500
+    assert default_trigger_train_config("sks").steps == 750 and default_lora_train_config().steps == 500
+    assert default_trigger_train_config(None).steps == 400  # no trigger to separate: a plain style LoRA
     argv = ["-q", "train-lora", "--checkpoint", str(base), "--style", "bold", "--max-train-steps", "2",
             "--batch-size", "8", "--device", "cpu", "--rank", "2", "--ema", "0.5",
             "--out", str(tmp_path / "r2")]  # fmt: skip
