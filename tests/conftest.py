@@ -35,3 +35,29 @@ def tiny_prompt_model(tmp_path_factory):
     argv = ["-q", "train", "--conditioning", "text", "--preset", "tiny", "--vae", vae, "--out", str(base)]
     assert main([*argv, "--device", "cpu"]) == 0
     return base
+
+
+def _random_prompt_lora(base, scale: float):
+    """Random rank-2 all-linear factors on a prompt base's UNet (lora_up ~ N(0, scale^2), seed 0).
+    -> (the adapter, recording the UNet's fingerprint; the base's prompt fingerprint, UNet + text encoder)."""
+    from lora4diffusion.lora.adapters import adapter_from_model
+    from lora4diffusion.lora.layers import inject_lora, lora_layers
+    from lora4diffusion.lora.prompt_lora import prompt_fingerprint
+    from lora4diffusion.pipeline import Pipeline
+
+    pipe = Pipeline.load(base)
+    fingerprint = prompt_fingerprint(pipe.unet, pipe.text_encoder)
+    inject_lora(pipe.unet, "all-linear", rank=2, alpha=2.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(pipe.unet).values():
+            w = layer.lora_up["default"].weight
+            w.copy_(torch.randn(w.shape, generator=g) * scale)
+    return adapter_from_model(pipe.unet), fingerprint
+
+
+@pytest.fixture(scope="session")
+def random_prompt_lora():
+    """random_prompt_lora(base, scale) -> (adapter, prompt fingerprint): a stand-in adapter for a prompt
+    base (the serve tests save copies of it with chosen fingerprints and trigger words)."""
+    return _random_prompt_lora

@@ -484,7 +484,7 @@ def prompt_model(tiny_prompt_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prompt_adapters(prompt_model, tmp_path_factory) -> Path:
+def prompt_adapters(prompt_model, tmp_path_factory, random_prompt_lora) -> Path:
     """Random low-rank factors on the prompt base's UNet, saved four times: pstyle with no base fingerprint
     (as an imported adapter: shapes are checked on load), pfit recording the prompt base's fingerprint (UNet
     + text encoder, as train-lora on a prompt base writes), punet the UNet's alone and pother another base's
@@ -492,20 +492,10 @@ def prompt_adapters(prompt_model, tmp_path_factory) -> Path:
     keys an adapter may use."""
     import dataclasses
 
-    from lora4diffusion.lora.adapters import UNKNOWN, adapter_from_model
-    from lora4diffusion.lora.layers import inject_lora, lora_layers
-    from lora4diffusion.lora.prompt_lora import prompt_fingerprint
+    from lora4diffusion.lora.adapters import UNKNOWN
 
     folder = tmp_path_factory.mktemp("prompt_adapters")
-    pipe = Pipeline.load(prompt_model)
-    both = prompt_fingerprint(pipe.unet, pipe.text_encoder)
-    inject_lora(pipe.unet, "all-linear", rank=2, alpha=2.0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in lora_layers(pipe.unet).values():
-            w = layer.lora_up["default"].weight
-            w.copy_(torch.randn(w.shape, generator=g) * 0.5)
-    adapter = adapter_from_model(pipe.unet)  # records the UNet's fingerprint
+    adapter, both = random_prompt_lora(prompt_model, 0.5)  # the adapter records the UNet's fingerprint
     copies = [("pstyle", UNKNOWN, {"trigger": "sks"}), ("pfit", both, {"trigger_words": '["ohwx"]'}),
               ("punet", adapter.fingerprint, {}), ("pother", "e" * 64, {})]
     for name, fp, meta in copies:

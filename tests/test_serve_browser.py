@@ -9,6 +9,7 @@ Playwright is installed (.ci/run installs both).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -68,6 +69,23 @@ def server(tmp_path_factory):
         yield url
 
 
+@contextlib.contextmanager
+def open_page(url: str, ready: str):
+    """Headless Chromium at ``url`` once the selector ``ready`` is on the page; yields (page, errors): the
+    page's uncaught JavaScript errors, which every test asserts empty at its end."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 940})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            page.wait_for_selector(ready)
+            yield page, errors
+        finally:
+            browser.close()
+
+
 def _pixels(page) -> list[int]:
     return page.evaluate("""() => {
         const img = document.getElementById('output');
@@ -79,73 +97,65 @@ def _pixels(page) -> list[int]:
 
 
 def test_page_generates_previews_and_follows_the_slider(server, tmp_path):
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1360, "height": 940})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server)
-            page.wait_for_selector('input[data-adapter="bold-pixel"]')  # pixel-base's shipped adapters
-            assert page.locator(".adapter.shipped .name", has_text="bold-pixel").count() == 1
+    # the page is ready once pixel-base's shipped adapters are listed
+    with open_page(server, 'input[data-adapter="bold-pixel"]') as (page, errors):
+        assert page.locator(".adapter.shipped .name", has_text="bold-pixel").count() == 1
 
-            # completion of adapter names inside <lora:
-            page.fill("#prompt", "")
-            page.type("#prompt", "3 5 7 <lora:italic-p")
-            page.wait_for_selector("#complete li[data-name=italic-pixel]")
-            page.keyboard.press("Tab")
-            assert "<lora:italic-pixel:1>" in page.input_value("#prompt")
-            assert page.input_value('input[data-adapter="italic-pixel"]') == "1"  # the tag moved the slider
+        # completion of adapter names inside <lora:
+        page.fill("#prompt", "")
+        page.type("#prompt", "3 5 7 <lora:italic-p")
+        page.wait_for_selector("#complete li[data-name=italic-pixel]")
+        page.keyboard.press("Tab")
+        assert "<lora:italic-pixel:1>" in page.input_value("#prompt")
+        assert page.input_value('input[data-adapter="italic-pixel"]') == "1"  # the tag moved the slider
 
-            page.fill("#prompt", "0-9")
-            page.fill("#steps", "4")
-            page.fill("#seed", "3")
-            page.uncheck("#auto")
-            page.click("#generate")
-            page.wait_for_selector("#output[data-state=done]", timeout=30_000)
-            assert int(page.get_attribute("#output", "data-previews")) >= 1  # the live preview was shown
-            first_id = page.get_attribute("#output", "data-result-id")
-            before = _pixels(page)
+        page.fill("#prompt", "0-9")
+        page.fill("#steps", "4")
+        page.fill("#seed", "3")
+        page.uncheck("#auto")
+        page.click("#generate")
+        page.wait_for_selector("#output[data-state=done]", timeout=30_000)
+        assert int(page.get_attribute("#output", "data-previews")) >= 1  # the live preview was shown
+        first_id = page.get_attribute("#output", "data-result-id")
+        before = _pixels(page)
 
-            page.check("#auto")  # from here the slider alone regenerates
-            page.locator('input[data-adapter="bold-pixel"]').fill("1")
-            assert "<lora:bold-pixel:1>" in page.input_value("#prompt")  # the slider wrote the tag
-            page.wait_for_function(
-                f"() => {{ const o = document.getElementById('output');"
-                f" return o.dataset.state === 'done' && o.dataset.resultId !== '{first_id}'; }}",
-                timeout=30_000,
-            )
-            after = _pixels(page)
-            assert len(after) == len(before)
-            changed = sum(a != b for a, b in zip(before, after, strict=True)) / len(before)
-            assert changed > 0.05, changed
-            assert sum(after) > 1.1 * sum(before)  # bold at 1: more ink than the base, same seed
-            assert "--lora bold-pixel:1" in page.text_content("#command")
-            assert page.locator("#history .card").count() == 2
-            assert not errors, errors
+        page.check("#auto")  # from here the slider alone regenerates
+        page.locator('input[data-adapter="bold-pixel"]').fill("1")
+        assert "<lora:bold-pixel:1>" in page.input_value("#prompt")  # the slider wrote the tag
+        page.wait_for_function(
+            f"() => {{ const o = document.getElementById('output');"
+            f" return o.dataset.state === 'done' && o.dataset.resultId !== '{first_id}'; }}",
+            timeout=30_000,
+        )
+        after = _pixels(page)
+        assert len(after) == len(before)
+        changed = sum(a != b for a, b in zip(before, after, strict=True)) / len(before)
+        assert changed > 0.05, changed
+        assert sum(after) > 1.1 * sum(before)  # bold at 1: more ink than the base, same seed
+        assert "--lora bold-pixel:1" in page.text_content("#command")
+        assert page.locator("#history .card").count() == 2
+        assert not errors, errors
 
-            # the picture for the README: a 0-9 row x 3 with bold at 0.6, and a compare of bold's weights
-            page.fill("#prompt", "0-9 <lora:bold-pixel:0.6>")
-            page.dispatch_event("#prompt", "input")
-            page.fill("#n", "3")
-            page.fill("#steps", "12")
-            page.click("#generate")
-            page.wait_for_function("() => document.querySelectorAll('#history .card').length === 3")
-            page.fill("#n", "1")
-            page.select_option("#compare-mode", "w:bold-pixel")
-            page.click("#compare")
-            page.wait_for_function("() => document.querySelectorAll('#compare-rows .crow').length === 3")
-            labels = page.locator("#compare-rows .crow span").all_text_contents()
-            assert labels == ["bold-pixel 0", "bold-pixel 0.5", "bold-pixel 1"]
-            page.wait_for_selector("#compare:not([disabled])")
-            assert not errors, errors
-            # the README's picture is the default base's page: this one until a prompt base ships
-            shot = tmp_path / "serve_pixel.png" if shipped_prompt_base() else ROOT / "docs" / "serve.png"
-            shot.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-        finally:
-            browser.close()
+        # the picture for the README: a 0-9 row x 3 with bold at 0.6, and a compare of bold's weights
+        page.fill("#prompt", "0-9 <lora:bold-pixel:0.6>")
+        page.dispatch_event("#prompt", "input")
+        page.fill("#n", "3")
+        page.fill("#steps", "12")
+        page.click("#generate")
+        page.wait_for_function("() => document.querySelectorAll('#history .card').length === 3")
+        page.fill("#n", "1")
+        page.select_option("#compare-mode", "w:bold-pixel")
+        page.click("#compare")
+        page.wait_for_function("() => document.querySelectorAll('#compare-rows .crow').length === 3")
+        labels = page.locator("#compare-rows .crow span").all_text_contents()
+        assert labels == ["bold-pixel 0", "bold-pixel 0.5", "bold-pixel 1"]
+        page.wait_for_selector("#compare:not([disabled])")
+        assert not errors, errors
+        # the README's picture is the default base's page: this one until a prompt base ships
+        shot = tmp_path / "serve_pixel.png" if shipped_prompt_base() else ROOT / "docs" / "serve.png"
+        shot.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
 
 
 # ------------------------------------------------------------------------------------------ prompt models
@@ -161,132 +171,102 @@ def shipped_prompt_base() -> bool:
 
 
 @pytest.fixture(scope="module")
-def prompt_server(request, tmp_path_factory):
+def prompt_server(request, tmp_path_factory, random_prompt_lora):
     """The page on a prompt-conditioned latent model: the shipped base where it is one, else the tiny one of
     conftest.py (its digits are blobs, so only the shipped base's page becomes docs/serve.png).
     An adapter that fits it (small random factors) carries the trigger word "sks"."""
     shipped = shipped_prompt_base()
     base = None if shipped else request.getfixturevalue("tiny_prompt_model")
     adapters = tmp_path_factory.mktemp("prompt_adapters")
-    write_trigger_adapter(base, adapters / "pstyle")
+    adapter, fingerprint = random_prompt_lora(base, 0.05)  # small: the page's digits stay digits
+    extra = {"style": "bold", "trigger_words": '["sks"]'}
+    dataclasses.replace(adapter, fingerprint=fingerprint, extra=extra).save(adapters / "pstyle")
     with serving(*(["--checkpoint", str(base)] if base else []), "--adapters", str(adapters)) as url:
         yield url, shipped
-
-
-def write_trigger_adapter(base, directory: Path, scale: float = 0.05) -> None:
-    """Small random factors on the base's UNet, with the base's fingerprint and the trigger word "sks"."""
-    import dataclasses
-
-    import torch
-
-    from lora4diffusion.lora.adapters import adapter_from_model
-    from lora4diffusion.lora.layers import inject_lora, lora_layers
-    from lora4diffusion.lora.prompt_lora import prompt_fingerprint
-    from lora4diffusion.pipeline import Pipeline
-
-    pipe = Pipeline.load(base)
-    fingerprint = prompt_fingerprint(pipe.unet, pipe.text_encoder)
-    inject_lora(pipe.unet, "all-linear", rank=2, alpha=2.0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in lora_layers(pipe.unet).values():
-            w = layer.lora_up["default"].weight
-            w.copy_(torch.randn(w.shape, generator=g) * scale)
-    extra = {"style": "bold", "trigger_words": '["sks"]'}
-    dataclasses.replace(adapter_from_model(pipe.unet), fingerprint=fingerprint, extra=extra).save(directory)
 
 
 def drive_prompt_page(url: str, shot: Path, previews_png: Path | None = None) -> None:
     """Type prompts (completion, a trigger chip, a bad word, a negative prompt), generate with the live
     preview, check what the page shows, screenshot it."""
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1360, "height": 940})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url)
-            page.wait_for_selector('input[data-adapter="pstyle"]')
-            assert page.is_enabled("#negative") and page.is_hidden("#digit-picks")
-            assert page.text_content("#n-label") == "Images per prompt"
-            assert "prompt model" in page.text_content("#model-info")
+    with open_page(url, 'input[data-adapter="pstyle"]') as (page, errors):
+        assert page.is_enabled("#negative") and page.is_hidden("#digit-picks")
+        assert page.text_content("#n-label") == "Images per prompt"
+        assert "prompt model" in page.text_content("#model-info")
 
-            # the adapter's trigger word is a chip: a click puts it into the prompt, with the adapter's tag
-            page.fill("#prompt", "a handwritten seven")
-            page.click('button.trig[data-adapter="pstyle"][data-trigger="sks"]')
-            text = page.input_value("#prompt")
-            assert "sks" in text.split() and "<lora:pstyle:1>" in text
-            assert page.input_value('input[data-adapter="pstyle"]') == "1"
+        # the adapter's trigger word is a chip: a click puts it into the prompt, with the adapter's tag
+        page.fill("#prompt", "a handwritten seven")
+        page.click('button.trig[data-adapter="pstyle"][data-trigger="sks"]')
+        text = page.input_value("#prompt")
+        assert "sks" in text.split() and "<lora:pstyle:1>" in text
+        assert page.input_value('input[data-adapter="pstyle"]') == "1"
 
-            # completion: the tokenizer's words and the adapters' trigger words
-            page.fill("#prompt", "")
-            page.type("#prompt", "a handw")
-            page.wait_for_selector("#complete li[data-name=handwritten]")
-            page.keyboard.press("Tab")
-            assert page.input_value("#prompt") == "a handwritten "
-            page.type("#prompt", "sk")
-            page.wait_for_selector("#complete li[data-name=sks]")
-            page.keyboard.press("Tab")
-            assert page.input_value("#prompt") == "a handwritten sks "
+        # completion: the tokenizer's words and the adapters' trigger words
+        page.fill("#prompt", "")
+        page.type("#prompt", "a handw")
+        page.wait_for_selector("#complete li[data-name=handwritten]")
+        page.keyboard.press("Tab")
+        assert page.input_value("#prompt") == "a handwritten "
+        page.type("#prompt", "sk")
+        page.wait_for_selector("#complete li[data-name=sks]")
+        page.keyboard.press("Tab")
+        assert page.input_value("#prompt") == "a handwritten sks "
 
-            # a word the text encoder does not know: the tokenizer's one line, next to the prompt box
-            page.uncheck("#auto")
-            page.fill("#prompt", "a handwriten seven")
-            page.click("#generate")
-            page.wait_for_selector("#prompt-error:not([hidden])")
-            msg = page.text_content("#prompt-error")
-            assert "unknown word 'handwriten'" in msg and "nearest: handwritten" in msg
+        # a word the text encoder does not know: the tokenizer's one line, next to the prompt box
+        page.uncheck("#auto")
+        page.fill("#prompt", "a handwriten seven")
+        page.click("#generate")
+        page.wait_for_selector("#prompt-error:not([hidden])")
+        msg = page.text_content("#prompt-error")
+        assert "unknown word 'handwriten'" in msg and "nearest: handwritten" in msg
 
-            # two prompts (a column each) and a negative prompt: live preview, then the image and the command
-            page.fill("#prompt", "a handwritten seven | the digit 3 <lora:pstyle:0.3>")
-            page.fill("#negative", "bold")
-            page.fill("#steps", "10")
-            page.fill("#seed", "3")
-            page.click("#generate")
-            page.wait_for_selector("#output[data-state=done]", timeout=30_000)
-            assert page.is_hidden("#prompt-error")
-            assert int(page.get_attribute("#output", "data-previews")) >= 1
-            assert page.evaluate("document.getElementById('output').naturalWidth") == 2 * 28 + 3
-            command = page.text_content("#command")
-            assert "--prompt 'a handwritten seven' --prompt 'the digit 3' --num 1 --negative bold" in command
-            assert "pstyle:0.3" in command
-            # the adapter's trigger is not in the prompts: a warning beside the box (the images are drawn)
-            assert page.is_visible("#prompt-warning") and "sks" in page.text_content("#prompt-warning")
+        # two prompts (a column each) and a negative prompt: live preview, then the image and the command
+        page.fill("#prompt", "a handwritten seven | the digit 3 <lora:pstyle:0.3>")
+        page.fill("#negative", "bold")
+        page.fill("#steps", "10")
+        page.fill("#seed", "3")
+        page.click("#generate")
+        page.wait_for_selector("#output[data-state=done]", timeout=30_000)
+        assert page.is_hidden("#prompt-error")
+        assert int(page.get_attribute("#output", "data-previews")) >= 1
+        assert page.evaluate("document.getElementById('output').naturalWidth") == 2 * 28 + 3
+        command = page.text_content("#command")
+        assert "--prompt 'a handwritten seven' --prompt 'the digit 3' --num 1 --negative bold" in command
+        assert "pstyle:0.3" in command
+        # the adapter's trigger is not in the prompts: a warning beside the box (the images are drawn)
+        assert page.is_visible("#prompt-warning") and "sks" in page.text_content("#prompt-warning")
 
-            # the preview frames the page receives are decoded digits (28 px per image), not 8x8 latents
-            frames = page.evaluate("""async () => {
-                const r = await fetch('/api/generate/stream', {method: 'POST',
-                    headers: {'Content-Type': 'application/json'},
-                    body: JSON.stringify({prompt: 'the digit 0 | seven | the digit 4', steps: 20, seed: 1})});
-                const text = await r.text();
-                return text.split('\\n\\n').filter((c) => c.startsWith('event: preview'))
-                    .map((c) => JSON.parse(c.split('\\ndata: ')[1]).grid);
-            }""")
-            assert len(frames) == 6  # steps 1, 4, 8, 12, 16, 20
-            sizes = page.evaluate("""async (frames) => Promise.all(frames.map((b) => new Promise((ok) => {
-                const im = new Image(); im.onload = () => ok([im.naturalWidth, im.naturalHeight]);
-                im.src = 'data:image/png;base64,' + b; })))""", frames)
-            assert all(s == [3 * 28 + 4, 28 + 2] for s in sizes), sizes  # 1 px padding around each
-            if previews_png is not None:  # for a look: the frames one under the other
-                _stack_frames(frames, previews_png)
+        # the preview frames the page receives are decoded digits (28 px per image), not 8x8 latents
+        frames = page.evaluate("""async () => {
+            const r = await fetch('/api/generate/stream', {method: 'POST',
+                headers: {'Content-Type': 'application/json'},
+                body: JSON.stringify({prompt: 'the digit 0 | seven | the digit 4', steps: 20, seed: 1})});
+            const text = await r.text();
+            return text.split('\\n\\n').filter((c) => c.startsWith('event: preview'))
+                .map((c) => JSON.parse(c.split('\\ndata: ')[1]).grid);
+        }""")
+        assert len(frames) == 6  # steps 1, 4, 8, 12, 16, 20
+        sizes = page.evaluate("""async (frames) => Promise.all(frames.map((b) => new Promise((ok) => {
+            const im = new Image(); im.onload = () => ok([im.naturalWidth, im.naturalHeight]);
+            im.src = 'data:image/png;base64,' + b; })))""", frames)
+        assert all(s == [3 * 28 + 4, 28 + 2] for s in sizes), sizes  # 1 px padding around each
+        if previews_png is not None:  # for a look: the frames one under the other
+            _stack_frames(frames, previews_png)
 
-            page.locator('input[data-adapter="pstyle"]').fill("0")  # the slider at 0 removes the tag
-            assert page.input_value("#prompt") == "a handwritten seven | the digit 3"
+        page.locator('input[data-adapter="pstyle"]').fill("0")  # the slider at 0 removes the tag
+        assert page.input_value("#prompt") == "a handwritten seven | the digit 3"
 
-            # the picture: a 0-9 row x 3, one prompt per column
-            page.fill("#prompt", " | ".join(f"the digit {d}" for d in range(10)))
-            page.fill("#negative", "")
-            page.fill("#n", "3")
-            page.fill("#steps", "20")
-            page.click("#generate")
-            page.wait_for_function("() => document.querySelectorAll('#history .card').length === 2")
-            assert page.evaluate("document.getElementById('output').naturalWidth") == 10 * 28 + 11
-            assert not errors, errors
-            shot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-        finally:
-            browser.close()
+        # the picture: a 0-9 row x 3, one prompt per column
+        page.fill("#prompt", " | ".join(f"the digit {d}" for d in range(10)))
+        page.fill("#negative", "")
+        page.fill("#n", "3")
+        page.fill("#steps", "20")
+        page.click("#generate")
+        page.wait_for_function("() => document.querySelectorAll('#history .card').length === 2")
+        assert page.evaluate("document.getElementById('output').naturalWidth") == 10 * 28 + 11
+        assert not errors, errors
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
 
 
 def _stack_frames(frames: list[str], path: Path) -> None:

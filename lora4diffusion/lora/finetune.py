@@ -101,8 +101,9 @@ def train_lora(
     ``trigger``, ``prior``, ``prior_weight``, ``text_encoder``, ``text_encoder_lr``: LoRA on a prompt base
     (lora/prompt_lora.py); a label base refuses them. A prompt base goes to ``train_prompt_lora``.
     """
-    lora = lora or default_lora_config(base)
-    if _is_prompt_base(base):
+    prompt = _is_prompt_base(base)
+    lora = lora or _default_lora_config(prompt)
+    if prompt:
         return train_prompt_lora(style, out, base, lora, data, per_digit, resume, full, progress, device,
                                  compile, should_stop, overwrite, allow_changes, trigger=trigger, prior=prior,
                                  prior_weight=prior_weight, text_encoder=text_encoder,
@@ -227,9 +228,11 @@ def default_trigger_train_config(trigger: str | None = "sks") -> TrainConfig:
 
 def default_lora_config(base: str | Path | None) -> LoRAConfig:
     """train-lora's LoRA defaults for this base: rank 4 on a label base, PROMPT_LORA_RANK on a prompt base."""
-    if _is_prompt_base(base):
-        return LoRAConfig(rank=PROMPT_LORA_RANK, alpha=float(PROMPT_LORA_RANK))
-    return LoRAConfig()
+    return _default_lora_config(_is_prompt_base(base))
+
+
+def _default_lora_config(prompt: bool) -> LoRAConfig:
+    return LoRAConfig(rank=PROMPT_LORA_RANK, alpha=float(PROMPT_LORA_RANK)) if prompt else LoRAConfig()
 
 
 def train_prompt_lora(
