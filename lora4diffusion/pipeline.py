@@ -16,11 +16,16 @@ from lora4diffusion.errors import UserError
 from lora4diffusion.models.unet import UNet
 
 # Measured on the shipped bases (benchmarks/RESULTS.md, sampling sweep, 1,000 samples, bf16): DDIM 10 keeps
-# 99.4 % accuracy on the latent prompt base (FID 0.25 vs 0.22 at 20, 0.9 s vs 2.0 s per 100 digits) and 99.4 %
-# on the pixel base; 5 steps keep the accuracy but the FID rises to 0.31, worse than the pixel base's.
+# 99.4 % accuracy on the latent prompt base (FID 0.19, the real-data floor; 0.17 at 20 for 1.5x the time) and
+# 99.4 % on the pixel base; 5 steps keep the accuracy but the FID rises to 0.24 and 0.40.
 # Guidance above ~1.5 over-saturates the pixel model's strokes (its label also enters the timestep embedding).
 DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 1.25
+# Digits per sampling batch (x2 rows with guidance), the fastest measured on 2 cores, bf16 (benchmarks/
+# RESULTS.md): the pixel model at 50 (100 rows keep every 28x28 activation under glibc's 32 MiB mmap ceiling;
+# 250 was slower); a latent model's 8x8 activations are 12x smaller and 250 ran ~1.2x faster than 50.
+PIXEL_BATCH = 50
+LATENT_BATCH = 250
 
 
 @dataclass
@@ -194,6 +199,11 @@ class Pipeline:
         return next(self.unet.parameters()).device
 
     @property
+    def batch_size(self) -> int:
+        """Digits per sampling batch by default: the fastest measured for this kind of model."""
+        return PIXEL_BATCH if self.vae is None else LATENT_BATCH
+
+    @property
     def image_size(self) -> int:
         return self.unet.cfg.image_size
 
@@ -223,7 +233,7 @@ class Pipeline:
         guidance: float = DEFAULT_GUIDANCE,
         seed: int = 0,
         eta: float = 0.0,
-        batch_size: int = 50,
+        batch_size: int | None = None,
         trajectory_every: int = 0,
         bf16: bool = False,
         progress: bool = False,
@@ -235,8 +245,9 @@ class Pipeline:
         The same seed gives the same images bit for bit (on one device). Batches are seeded (seed, batch
         index), so the result does not depend on how many other digits are asked for in later batches. Noise
         is drawn by a CPU generator on every device, so a GPU run starts from the same x_T as a CPU run.
-        ``batch_size`` 50 (100 rows with guidance) keeps every activation under glibc's 32 MiB mmap ceiling:
-        250 was 1.4x slower on CPU, most of it page faults (benchmarks/RESULTS.md). Raise it on a GPU.
+        ``batch_size`` (None: ``self.batch_size``, 50 for a pixel model, 250 for a latent one) is part of
+        the seeding, so the same seed at another batch size gives other (equally good) images. Raise it on a
+        GPU.
         Non-finite results (an overflowing model, adapter or guidance) raise UserError instead of returning.
         ``callback(first_index, step, steps, x0_hat)``: after every step of every batch, the predicted clean
         images of the batch starting at ``first_index`` ([b, C, H, W] in [-1, 1]; latents for latent models);
@@ -258,6 +269,7 @@ class Pipeline:
                 raise UserError("this is a label model: it takes digits, not prompts (use --digits)")
             labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         s = self.sampler(sampler, steps, eta)
+        batch_size = batch_size or self.batch_size
         self.unet.eval()
         shape = (self.unet.cfg.in_channels, self.image_size, self.image_size)
         out, traj = [], []
@@ -292,9 +304,9 @@ class Pipeline:
         if self.vae is not None:  # latent diffusion: the decoder turns the sampled latents into digits
             from lora4diffusion.autoencoder import decode_latents
 
-            images = torch.cat([decode_latents(self.vae, x) for x in out])
+            images = torch.cat([decode_latents(self.vae, x, bf16=bf16) for x in out])
             # the denoising strip shows decoded latents: plots expect [B, 1, H, W] in [-1, 1]
-            return images, [decode_latents(self.vae, x)[:, None] * 2 - 1 for x in traj]
+            return images, [decode_latents(self.vae, x, bf16=bf16)[:, None] * 2 - 1 for x in traj]
         images = ((torch.cat(out) + 1) / 2).clamp(0, 1)[:, 0]
         return images, traj
 

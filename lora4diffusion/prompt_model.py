@@ -187,31 +187,35 @@ class PromptTask:
 def _presets() -> dict[str, tuple[UNetConfig, dict, TrainConfig]]:
     """Latent (4x8x8) prompt models: (UNet config, text encoder size, training recipe).
 
-    FLOPs per forward at batch 1 (torch.utils.flop_counter; the text encoder adds 3.3 MFLOP): fast 0.053 G,
-    base 0.115 G, vs the 28x28 pixel base's 0.406 G, which trains at ~0.7 s/step (batch 128, bf16, 2 cores).
-    Scaled by FLOPs: ~0.1 s (fast) and ~0.2 s (base) per step; small 8x8 maps use the cores less well than
-    28x28 ones, so these are lower bounds, to be measured. Transformer blocks at both levels (8x8 and 4x4):
-    cross-attention at full latent resolution is where the prompt reaches every position.
+    Chosen by measured CPU time, not FLOPs (`benchmarks/latent_arch.py`, benchmarks/RESULTS.md): at 8x8 the
+    64-token Transformer blocks (softmax, GEGLU, LayerNorm on small tensors) took 39 % of the old base's
+    forward for 18 % of its FLOPs, and 40/80 channels ran no faster than 48/96 (oneDNN's bf16 kernels want
+    multiples of 16/32). So `base` has three levels, 8x8 (32 channels), 4x4 and 2x2 (64), with Transformer
+    blocks (self-attention, cross-attention to the prompt, GEGLU) at 4x4, 2x2 and in the middle, none at the
+    full latent resolution: SDXL's layout (no attention at its highest resolution), and our pixel base's
+    (7x7 + mid). 0.043 GFLOP per forward at batch 1 against the pixel base's 0.406. `fast` (32/64 channels,
+    attention at 8x8 and 4x4) is the 10-minute preset.
     """
-    latent = dict(image_size=8, in_channels=4, channel_mults=(1, 2), num_res_blocks=1, conditioning="text")
+    latent = dict(image_size=8, in_channels=4, num_res_blocks=1, conditioning="text")
     return {
         "tiny": (  # seconds: tests and smoke runs
-            UNetConfig(base_channels=16, attn_levels=(1,), context_dim=32, **latent),
+            UNetConfig(base_channels=16, channel_mults=(1, 2), attn_levels=(1,), context_dim=32, **latent),
             dict(width=32, layers=1, heads=2),
             TrainConfig(steps=30, batch_size=32, lr=2e-3, warmup=5, ema_decay=0.9, log_every=5,
                         checkpoint_every=10, sample_every=30),
         ),
         "fast": (  # 4,600 x 0.127 s = 9.7 min on 2 quiet cores: 98.5 % on 1,000 samples, FID 0.187 (4,000
             # steps, 8.4 min: 97.5 %); benchmarks/RESULTS.md. Issue 10's goal: >= 98 % within 10 minutes
-            UNetConfig(base_channels=32, attn_levels=(0, 1), context_dim=64, **latent),
+            UNetConfig(base_channels=32, channel_mults=(1, 2), attn_levels=(0, 1), context_dim=64, **latent),
             dict(width=64, layers=2, heads=4),
             TrainConfig(steps=4600, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999,
                         checkpoint_every=250, sample_every=1000),
         ),
-        "base": (  # the shipped one: ~10,000 x ~0.2 s: ~35 min on 2 cores (estimate)
-            UNetConfig(base_channels=48, attn_levels=(0, 1), context_dim=64, **latent),
+        "base": (  # the shipped one: 8x8, 4x4, 2x2; Transformer blocks below 8x8 (SDXL's layout)
+            UNetConfig(base_channels=32, channel_mults=(1, 2, 2), attn_levels=(1, 2), context_dim=64,
+                       **latent),
             dict(width=64, layers=2, heads=4),
-            TrainConfig(steps=10000, batch_size=128, lr=5e-4, warmup=200, ema_decay=0.9995,
+            TrainConfig(steps=14000, batch_size=128, lr=5e-4, warmup=200, ema_decay=0.9995,
                         checkpoint_every=250, sample_every=1000),
         ),
     }

@@ -63,3 +63,14 @@ def test_trigger_recipes_smoke(tmp_path):
     assert tiny["recipe"] == "tiny" and tiny["rank"] == 2 and tiny["steps"] == 2 and tiny["params"] > 0
     assert set(tiny) >= {"with", "without"} and "plain" in plain and "with" not in plain
     assert (tmp_path / "tiny" / "adapter.safetensors").is_file()
+
+
+def test_latent_arch_table():
+    out = _run("latent_arch.py", "--rows", "4", "--repeats", "1")
+    rows = _rows(out)
+    assert len(rows) == 8 and rows[0][0].startswith("pixel base")
+    gflops = {r[0]: float(r[2]) for r in rows}
+    assert 0.3 < gflops[rows[0][0]] < 0.5  # the pixel base's 0.406
+    assert all(0 < g < gflops[rows[0][0]] for name, g in gflops.items() if name.startswith("latent"))
+    assert all(r[3] == "4" and float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    assert "VAE decode of 4 latents" in out

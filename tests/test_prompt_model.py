@@ -298,3 +298,19 @@ def test_text_conditioned_unet_checks_widths():
     te = TextEncoder(TextEncoderConfig.for_tokenizer(tok, width=64, layers=1, heads=4))
     with pytest.raises(UserError, match="context_dim"):
         TextConditionedUNet(UNet(UNetConfig(**TEXT_CFG)), te)
+
+
+def test_default_sampling_batch_follows_the_kind_of_model(tiny_text_model, monkeypatch):
+    """A latent model samples 250 digits per batch by default, a pixel model 50 (the fastest measured for
+    each); the batch is part of the seeding, so the default must give what an explicit batch of that size
+    gives."""
+    from lora4diffusion import pipeline as pipeline_module
+
+    pipe = Pipeline.load(tiny_text_model)
+    assert pipe.batch_size == pipeline_module.LATENT_BATCH == 250
+    assert Pipeline.load("pixel-base").batch_size == pipeline_module.PIXEL_BATCH == 50
+    monkeypatch.setattr(pipeline_module, "LATENT_BATCH", 2)  # small, so 3 prompts make two batches
+    prompts, one = ["0", "1", "2"], dict(steps=2, seed=3)
+    default = pipe.generate(prompts, **one)[0]
+    assert torch.equal(default, pipe.generate(prompts, batch_size=2, **one)[0])
+    assert not torch.equal(default, pipe.generate(prompts, batch_size=3, **one)[0])

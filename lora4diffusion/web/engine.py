@@ -53,7 +53,7 @@ class ServeConfig:
     max_train_steps: int = 2000
     max_rank: int = 64
     local_only: bool = True  # answer only to Host 127.0.0.1/localhost (serve sets False for other binds)
-    sampler_batch: int = 50  # = Pipeline.generate's default, so `lora4diffusion sample` gives the same images
+    sampler_batch: int | None = None  # None: Pipeline.generate's default, so `sample` gives the same images
 
 
 class HTTPError(Exception):
