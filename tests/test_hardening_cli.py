@@ -440,13 +440,21 @@ def test_ctrl_c_during_sample_is_one_line_exit_130(tmp_path):
     errf = tmp_path / "err.txt"
     cmd = [sys.executable, "-m", "lora4diffusion", "sample", "--per-digit", "50", "--steps", "1000",
            "--out", str(tmp_path / "s")]  # fmt: skip
+    # the child gets SIGINT's default action even when this runner was started in the background (`cmd &`
+    # without job control leaves SIGINT ignored, and an ignored signal stays ignored across exec)
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     with errf.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + 60
-        while "sampling" not in errf.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=default_sigint)
+        try:
+            deadline = time.monotonic() + 60
+            while "sampling" not in errf.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()  # no-op once it has exited; never leave a 1,000-step sampler running
     text = errf.read_text()
     assert proc.returncode == 130 and "Traceback" not in text, text
     assert text.strip().splitlines()[-1].strip().endswith("lora4diffusion: sample interrupted")
