@@ -12,10 +12,9 @@ measured on the shipped VAE in fp32 and bf16). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench import _median_time  # this folder's script
 from torch.utils.flop_counter import FlopCounterMode
 
 from lora4diffusion.autoencoder import decode_latents, load_vae
@@ -59,15 +58,6 @@ def _inputs(cfg: UNetConfig, rows: int) -> tuple[torch.Tensor, torch.Tensor, tor
     return x, t, torch.zeros(rows, dtype=torch.int64)
 
 
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, help="rows per forward (default: 2 x the Pipeline's batch)")
@@ -83,8 +73,7 @@ def main() -> None:
     decode_ms = {}
     with torch.no_grad():
         for bf16 in (False, True):
-            decode_latents(vae, z, bf16=bf16)
-            decode_ms[bf16] = _median_ms(lambda b=bf16: decode_latents(vae, z, bf16=b), args.repeats)
+            decode_ms[bf16] = 1000 * _median_time(lambda b=bf16: decode_latents(vae, z, bf16=b), args.repeats)
     print(f"VAE decode of {len(z)} latents: fp32 {decode_ms[False]:.1f} ms, bf16 {decode_ms[True]:.1f} ms\n")
     print("| UNet | params | GFLOP/fwd | rows | ms per forward (bf16) | s per 100 digits (decode incl.) |")
     print("|---|---|---|---|---|---|")
@@ -96,9 +85,7 @@ def main() -> None:
         rows = args.rows or 2 * (LATENT_BATCH if cfg.in_channels == 4 else PIXEL_BATCH)
         x, t, c = _inputs(cfg, rows)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            for _ in range(3):
-                model(x, t, c)
-            ms = _median_ms(lambda m=model, a=(x, t, c): m(*a), args.repeats)
+            ms = 1000 * _median_time(lambda m=model, a=(x, t, c): m(*a), args.repeats, warmup=3)
         per_100 = 2 * args.steps * 100 / rows  # forwards of `rows` rows per 100 digits (guidance doubles)
         decode = decode_ms[True] * 100 / len(z) if cfg.in_channels == 4 else 0.0
         seconds = (per_100 * ms + decode) / 1000
