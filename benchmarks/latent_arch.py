@@ -1,12 +1,12 @@
 """Which latent UNet can be >= 4x faster than the pixel base: inference cost of candidate layouts, measured.
 
-    python benchmarks/latent_arch.py                 # 2 threads, bf16 autocast, each at its default batch
+    python benchmarks/latent_arch.py [--steps 10]     # 2 threads, bf16 autocast, each at its default batch
 
 For each UNet (random weights: cost does not depend on them): parameters, GFLOP per forward at batch 1
 (torch.utils.flop_counter), the median milliseconds of one forward of a sampling batch under bf16 autocast
 (Pipeline's default batch x 2 rows for guidance: 100 rows for the pixel model, 500 for latent ones), and the
-implied seconds per 100 digits at DDIM 10 (2 x 10 forwards per digit, + the VAE decode for latent models,
-measured on the shipped VAE in fp32 and bf16). Prints a Markdown table.
+implied seconds per 100 digits at DDIM --steps (default the pipeline's; 2 x steps forwards per digit with
+guidance, + the VAE decode for latent models, measured on the shipped VAE in fp32 and bf16). Prints a Markdown table.
 """
 
 from __future__ import annotations

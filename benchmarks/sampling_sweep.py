@@ -6,18 +6,22 @@
         --guidance 1.25 --bf16
 
 Prints a Markdown table (one row per setting). Used to pick the pipeline's default steps and guidance.
+With `--grid PNG`, also writes a picture with one row per setting: the first two samples of every digit, the
+same seeds in every row, so what the FID column measures can be seen.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from lora4diffusion.distributed import keep_freed_memory
 from lora4diffusion.evaluate import evaluate_samples
 from lora4diffusion.pipeline import Pipeline
+from lora4diffusion.plots import save_grid
 
 
 def main() -> None:
@@ -29,6 +33,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grid", default=None, help="PNG: two samples per digit, one row per setting")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the CLI does
@@ -45,6 +50,8 @@ def main() -> None:
     )
     print("\n| DDIM steps | guidance | accuracy | FID (classifier) | floor | mean ink | s / 100 digits |")
     print("|---|---|---|---|---|---|---|")
+    shown = [i for i, d in enumerate(labels) if i < labels.index(d) + 2]  # two samples per digit
+    rows = []
     for steps in (int(s) for s in args.steps.split(",")):
         for w in (float(g) for g in args.guidance.split(",")):
             t0 = time.perf_counter()
@@ -56,6 +63,10 @@ def main() -> None:
                 f"{r['reference']['real_vs_real_fid']:.2f} | {r['mean_ink']:.3f} | "
                 f"{100 * dt / len(labels):.1f} |"
             )
+            rows.append(images[shown])
+    if args.grid:
+        save_grid(torch.cat(rows), len(shown), Path(args.grid))
+        print(f"\nwrote {args.grid}: one row per setting, in the table's order")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 
 Prints (and with --json writes) the median of --repeats runs of:
   * first preview / final image: "generate" of a 10-digit row (prompt 0-9; a prompt model: "the digit 0 | ...
-    | the digit 9") at the defaults (DDIM 20, w 1.25),
+    | the digit 9") at the defaults (the pipeline's DDIM steps, w 1.25),
     over the streaming endpoint: time to the first predicted-x0 frame and to the final grid;
   * slider move -> new image: a generate request with bold at a new weight (what releasing a slider sends),
     after the adapter has been loaded once (the first load is reported on its own);

@@ -15,11 +15,12 @@ from lora4diffusion.diffusion import DDIMSampler, DDPMSampler, DiffusionConfig, 
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.unet import UNet
 
-# Measured on the shipped bases (benchmarks/RESULTS.md, sampling sweep, 1,000 samples, bf16): DDIM 10 keeps
-# 99.4 % accuracy on the latent prompt base (FID 0.19, the real-data floor; 0.17 at 20 for 1.5x the time) and
-# 99.4 % on the pixel base; 5 steps keep the accuracy but the FID rises to 0.24 and 0.40.
+# The cheapest DDIM step count that keeps >= 99 % accuracy on both shipped bases and draws clean digits
+# (benchmarks/RESULTS.md, "Sampling steps", 1,000 samples, bf16): at 5 the latent prompt base scores 99.6 %
+# (FID 0.24; 0.19 at 10 for twice the time) and the pixel base 99.5 %; 3 and 4 still score >= 99 % but the
+# pixel base's digits go soft and grainy (FID 1.1 and 0.52 against 0.40 at 5), and 2 breaks both.
 # Guidance above ~1.5 over-saturates the pixel model's strokes (its label also enters the timestep embedding).
-DEFAULT_STEPS = 10
+DEFAULT_STEPS = 5
 DEFAULT_GUIDANCE = 1.25
 # Digits per sampling batch (x2 rows with guidance), the fastest measured on 2 cores, bf16 (benchmarks/
 # RESULTS.md): the pixel model at 50 (100 rows keep every 28x28 activation under glibc's 32 MiB mmap ceiling;

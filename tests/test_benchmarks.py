@@ -37,11 +37,16 @@ def test_fast_curve_runs_on_a_prompt_model(tmp_path):
     assert (tmp_path / "run" / "text_encoder.safetensors").is_file()  # a prompt model was trained
 
 
-def test_sampling_sweep_runs_on_the_prompt_base():
-    rows = _rows(_run("sampling_sweep.py", "--checkpoint", "base", "--per-digit", "1", "--steps", "2,3",
-                      "--guidance", "1.25", "--bf16"))  # fmt: skip
+def test_sampling_sweep_runs_on_the_prompt_base(tmp_path):
+    from PIL import Image
+
+    grid = tmp_path / "steps.png"
+    rows = _rows(_run("sampling_sweep.py", "--checkpoint", "base", "--per-digit", "2", "--steps", "2,3",
+                      "--guidance", "1.25", "--bf16", "--grid", str(grid)))  # fmt: skip
     assert [(r[0], r[1]) for r in rows] == [("2", "1.25"), ("3", "1.25")]
     assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
+    # one row per setting, two samples per digit: 2 x 20 cells of 28 px + 2 px padding, scaled 2x
+    assert Image.open(grid).size == (2 * (20 * 30 + 2), 2 * (2 * 30 + 2))
 
 
 def test_trigger_specificity_smoke(tmp_path):

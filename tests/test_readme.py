@@ -185,6 +185,61 @@ def test_numbers_the_readme_states_match_the_measurement_files():
         assert not missing, f"README line {marker!r} lacks {missing}:\n{hits[0]}"
 
 
+def card_claims() -> dict[Path, list[str]]:
+    """Model card -> strings it must contain (whitespace-normalised), each formatted from a measurement."""
+    from lora4diffusion.pipeline import DEFAULT_STEPS
+
+    ev = {p.stem: _json(p) for p in RESULTS.glob("*.json")}
+    base, pixel = ev["base"], ev["pixel-base"]
+
+    def row(r: dict) -> str:  # accuracy | ink / base | slant - base, as the adapter cards' tables
+        return f"| {_pct(r['accuracy'])} | {r['ink_ratio']:.2f} | {r['slant_diff']:+.2f} |"
+
+    def ev_row(r: dict, bold_time: bool = False) -> str:  # accuracy | FID (x floor) | s per 100: base card
+        ratio = r["fid_classifier"] / r["reference"]["real_vs_real_fid"]
+        t = f"{r['source']['sample_seconds_per_100']:.2f}"
+        t = f"**{t}**" if bold_time else t
+        return f"| {_pct(r['accuracy'])} | {r['fid_classifier']:.3f} ({ratio:.2f}x) | {t} |"
+
+    def ink(r: dict) -> str:
+        return f"ink {r['mean_ink'] / pixel['mean_ink']:.2f}x"
+
+    bold, italic = ev["trigger_bold"], ev["trigger_italic"]
+    b, i, c = bold["rows"]["unet+te+prior"], italic["rows"]["unet+te+prior"], bold["composed"]
+    adapters = PRETRAINED / "adapters"
+    return {
+        adapters / "bold" / "README.md": [
+            f'("a handwritten sks seven") {row(b["with"])}', f'("a handwritten seven") {row(b["without"])}',
+            f"{_pct(c['accuracy'])} accuracy, {c['ink_ratio']:.2f}x the ink, slant {c['slant_diff']:+.2f} px",
+            f"DDIM {DEFAULT_STEPS} (the default)",
+        ],
+        adapters / "italic" / "README.md": [
+            f'("a handwritten ohwx seven") {row(i["with"])}', f'("a handwritten seven") {row(i["without"])}',
+            f"DDIM {DEFAULT_STEPS} (the default)",
+        ],
+        ROOT / "docs" / "base_model.md": [
+            f"| bf16, DDIM {DEFAULT_STEPS}, w 1.25 (the defaults) {ev_row(base, bold_time=True)}",
+            f"bf16, DDIM {DEFAULT_STEPS}, same run {ev_row(pixel)}",
+        ],
+        adapters / "bold-pixel" / "README.md": [
+            f"scale 1: {_pct(ev['bold-pixel']['accuracy'])}, {ink(ev['bold-pixel'])}",
+            f"scale 0.5: {_pct(ev['bold-pixel_0.5']['accuracy'])}, {ink(ev['bold-pixel_0.5'])}",
+        ],
+        adapters / "italic-pixel" / "README.md": [
+            f"scale 1: {_pct(ev['italic-pixel']['accuracy'])}, {ink(ev['italic-pixel'])}"
+        ],
+    }
+
+
+def test_model_cards_state_the_measured_numbers():
+    """The base and adapter cards' measured figures match the files benchmarks/evaluate_shipped.sh wrote, at
+    the current defaults (benchmarks/RESULTS.md says the cards are checked: this is the check)."""
+    for card, expected in card_claims().items():
+        text = " ".join(card.read_text().split())
+        missing = [e for e in expected if e not in text]
+        assert not missing, f"{card.relative_to(ROOT)} lacks {missing}"
+
+
 def test_measurement_files_were_made_at_the_defaults():
     """The README's figures are the defaults' figures: the settings recorded in every evaluate file."""
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
