@@ -5,6 +5,11 @@ Two processes training into the same folder would overwrite each other's checkpo
 on local and NFSv3+ file systems), so of two racing processes exactly one wins. A lock whose process is gone
 (same host, pid no longer running: a SIGKILL, a power cut) is stale and is taken over with a note; a lock
 from another host cannot be checked from here, so it is reported and left to the user.
+
+A pid alone is not an identity: after a reboot, or on a busy machine, the dead holder's pid can belong to
+another, unrelated process, and the folder would look "in use" forever. Where Linux tells us (/proc), the
+lock also records the kernel's boot id and the holder's start time (field 22 of /proc/PID/stat, clock ticks
+since boot); a lock whose boot id or start time no longer match that pid's is stale too.
 """
 
 from __future__ import annotations
@@ -34,6 +39,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _identity(pid: int) -> dict:
+    """{"boot_id", "pid_start"} for a live ``pid`` where /proc has them (Linux), else {}."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        # the command name (field 2) may hold spaces and parentheses: count fields after its closing ')'
+        start = int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return {"boot_id": boot, "pid_start": start}
+
+
+def _same_process(info: dict) -> bool:
+    """Is the lock's pid, alive on this host, still the process that wrote the lock?"""
+    if not _alive(info["pid"]):
+        return False
+    recorded = {k: info[k] for k in ("boot_id", "pid_start") if k in info}
+    if not recorded:  # an older lock, or a system without /proc: the pid is all we have
+        return True
+    now = _identity(info["pid"])
+    return not now or all(now.get(k) == v for k, v in recorded.items())
+
+
 def _read(path: Path) -> dict | None:
     try:
         info = json.loads(path.read_text())
@@ -54,7 +82,7 @@ def holder(directory: str | Path) -> dict | None:
         except OSError:
             return None
         return {"pid": "?", "host": "?", "started": "just now"} if age < _UNREADABLE_GRACE_S else None
-    if info.get("host") == socket.gethostname() and not _alive(info["pid"]):
+    if info.get("host") == socket.gethostname() and not _same_process(info):
         return None
     return info
 
@@ -83,6 +111,7 @@ class RunLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **_identity(os.getpid()),
         }
         self.held = False
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,6 +247,45 @@ def test_a_live_lock_refuses_a_second_training_and_a_stale_one_is_taken_over(wor
     assert main(resume) == 0
     assert "stale lock" in caplog.text and f"pid {dead.pid}" in caplog.text
     assert not (run / LOCK_NAME).exists()  # released when the training ended
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process identity needs Linux's /proc")
+def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path, caplog):
+    """A dead holder's pid, reused by an unrelated process (or after a reboot), must not keep the folder
+    "in use" forever: the lock records the holder's start time and the boot id, and a mismatch is stale."""
+    from lora4diffusion.runlock import RunLock, _identity, holder
+
+    me = RunLock(tmp_path).info  # what a lock written by this very process records
+    assert {"boot_id", "pid_start"} <= set(me)
+    lock = tmp_path / LOCK_NAME
+    for info, live in [
+        (me, True),  # the same process: held
+        ({k: v for k, v in me.items() if k not in ("boot_id", "pid_start")}, True),  # an older lock: pid only
+        ({**me, "pid_start": me["pid_start"] + 1}, False),  # this pid, but started at another time
+        ({**me, "boot_id": "another-boot"}, False),  # written before a reboot
+    ]:
+        lock.write_text(json.dumps(info))
+        assert (holder(tmp_path) is not None) == live, info
+    with RunLock(tmp_path) as taken:  # the last, stale one is taken over with a note
+        assert json.loads(lock.read_text()) == taken.info
+    assert "stale lock" in caplog.text and not lock.exists()
+
+    # the start time is field 22 of /proc/PID/stat even when the command name holds spaces and ')'
+    odd = tmp_path / "a b) (c"
+    odd.symlink_to(sys.executable)
+    child = subprocess.Popen([str(odd), "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while "a b) (c" not in Path(f"/proc/{child.pid}/stat").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ticks = os.sysconf("SC_CLK_TCK")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        start = _identity(child.pid)["pid_start"]
+        assert (uptime - 60) * ticks <= start <= (uptime + 1) * ticks  # started within the last minute
+        assert start >= me["pid_start"]  # and after this test process
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_two_trainings_into_one_folder_one_is_refused(tmp_path):
