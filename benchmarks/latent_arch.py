@@ -6,7 +6,8 @@ For each UNet (random weights: cost does not depend on them): parameters, GFLOP 
 (torch.utils.flop_counter), the median milliseconds of one forward of a sampling batch under bf16 autocast
 (Pipeline's default batch x 2 rows for guidance: 100 rows for the pixel model, 500 for latent ones), and the
 implied seconds per 100 digits at DDIM --steps (default the pipeline's; 2 x steps forwards per digit with
-guidance, + the VAE decode for latent models, measured on the shipped VAE in fp32 and bf16). Prints a Markdown table.
+guidance, + the VAE decode for latent models, measured on the shipped VAE in fp32 and bf16). Prints a
+Markdown table.
 """
 
 from __future__ import annotations
