@@ -61,7 +61,7 @@ def main() -> None:
             print(
                 f"| {steps} | {w:g} | {r['accuracy']:.3f} | {r['fid_classifier']:.2f} | "
                 f"{r['reference']['real_vs_real_fid']:.2f} | {r['mean_ink']:.3f} | "
-                f"{100 * dt / len(labels):.1f} |"
+                f"{100 * dt / len(labels):.2f} |"
             )
             rows.append(images[shown])
     if args.grid:
