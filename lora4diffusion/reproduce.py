@@ -76,7 +76,13 @@ def apply_recorded(args: argparse.Namespace, params: dict) -> None:
 
 def summary_line(params: dict) -> str:
     """One line: everything the run used (what `sample` prints)."""
-    loras = ", ".join(f"{p}:{w:g}" for p, w in params["loras"]) or "none"
+    loras = ", ".join(f"{p}:{w:g}" for p, w in params["loras"])
+    if params.get("prompts"):  # adapters loaded by <lora:...> tags act as much as --lora ones: name them
+        from lora4diffusion.prompt_syntax import call_loras
+
+        tagged = ", ".join(f"{n}:{w:g}" for n, w in call_loras(list(params["prompts"]))[1].items())
+        loras = ", ".join(x for x in (loras, tagged and f"{tagged} (prompt tags)") if x)
+    loras = loras or "none"
     what = (f"prompts {params['prompts']} x {params['num']}" if params.get("prompts")
             else f"digits {','.join(map(str, params['digits']))} x {params['per_digit']}")
     neg = f", negative {params['negative']!r}" if params.get("negative") is not None else ""

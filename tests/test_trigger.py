@@ -228,10 +228,12 @@ def test_one_call_needs_the_same_tags_in_every_prompt():
         call_loras(["<lora:a:0.5> seven", "<lora:a:0.8> one"])
 
 
-def test_tag_loads_strips_and_matches_the_lora_flag(base, adapter, tmp_path, caplog):
+def test_tag_loads_strips_and_matches_the_lora_flag(base, adapter, tmp_path, caplog, capsys):
     common = ["-q", "sample", "--checkpoint", str(base), "--num", "2", "--steps", "3"]
     tagged = f"<lora:{adapter}:0.8> a sks seven"
     assert main([*common, "--prompt", tagged, "--out", str(tmp_path / "tag")]) == 0
+    # the summary line names the adapter a tag loaded, as it names --lora ones (not "loras none")
+    assert f"loras {adapter}:0.8 (prompt tags)," in capsys.readouterr().out
     assert main([*common, "--prompt", "a sks seven", "--lora", f"{adapter}:0.8",
                  "--out", str(tmp_path / "flag")]) == 0
     tag, flag = np.load(tmp_path / "tag" / "samples.npz"), np.load(tmp_path / "flag" / "samples.npz")
