@@ -79,3 +79,11 @@ def test_latent_arch_table():
     assert all(0 < g < gflops[rows[0][0]] for name, g in gflops.items() if name.startswith("latent"))
     assert all(r[3] == "4" and float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
     assert "VAE decode of 4 latents" in out
+
+
+def test_latent_vs_pixel_times_both_bases():
+    out = _run("latent_vs_pixel.py", "--per-digit", "1", "--repeats", "2", "--steps", "2")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result["runs"]) == {"latent", "pixel"} and all(len(v) == 2 for v in result["runs"].values())
+    assert all(t > 0 for v in result["runs"].values() for t in v)
+    assert abs(result["ratio"] - result["median"]["pixel"] / result["median"]["latent"]) < 1e-9
