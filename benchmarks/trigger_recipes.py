@@ -9,8 +9,9 @@ Each NAME=KEY:VALUE,... overrides the shipped recipe (`train-lora --trigger sks 
 its prompt-base defaults: all-linear, rank 16, 750 steps, EMA 0.995, lr 2e-3): keys rank (alpha = rank),
 targets, steps, lr, te_lr, prior (0/1), te (0/1), prior_weight, ema, trigger (empty: no trigger, scored on
 the plain prompts only). Prints one JSON line per recipe: trainable parameters, training seconds, and
-(accuracy, ink / base, slant - base) with and without the trigger. benchmarks/trigger_specificity.py
-measures a chosen recipe on 1,000 samples.
+(accuracy, ink / base, slant - base) with and without the trigger; with `--sample-steps 5,10` at each DDIM
+step count (keys "with@5", "without@5", ...; the base is scored at each too).
+benchmarks/trigger_specificity.py measures a chosen recipe on 1,000 samples.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lora4diffusion.lora.finetune import (
     default_lora_train_config,
     train_lora,
 )
+from lora4diffusion.pipeline import DEFAULT_STEPS
 
 # train-lora's own defaults on a prompt base (lora/finetune.py), so a recipe names only what it changes
 SHIPPED = {"rank": PROMPT_LORA_RANK, "targets": LoRAConfig().targets, "steps": PROMPT_LORA_STEPS,
@@ -54,13 +56,17 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--per-digit", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sample-steps", default=str(DEFAULT_STEPS), help="DDIM steps, or a list: 5,10")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     digits = [d for d in range(10) for _ in range(args.per_digit)]
     labels = torch.tensor(digits)
-    gen = {"seed": 0}
-    base = score(sample(args.base, [], prompts_for(digits, None), dict(gen)), labels, None)
-    print(json.dumps({"base": base}), flush=True)
+    step_counts = [int(n) for n in args.sample_steps.split(",")]
+    at = {n: f"@{n}" if len(step_counts) > 1 else "" for n in step_counts}  # key suffix
+    gens = {n: {"seed": 0, "steps": n} for n in step_counts}
+    base = {n: score(sample(args.base, [], prompts_for(digits, None), dict(gens[n])), labels, None)
+            for n in step_counts}
+    print(json.dumps({f"base{at[n]}": base[n] for n in step_counts}), flush=True)
     for item in args.recipes:
         name, _, spec = item.partition("=")
         r, out = recipe(spec), Path(args.out) / name
@@ -72,9 +78,12 @@ def main() -> None:
                          lr=r["lr"], ema_decay=r["ema"])  # fmt: skip
         res = {"recipe": name, **r, "params": run["trainable_params"],
                "train_s": round(run["train_seconds"], 1)}
-        for label, t in (("with", trigger), ("without", None)) if trigger else (("plain", None),):
-            s = score(sample(args.base, [(str(out), 1.0)], prompts_for(digits, t), dict(gen)), labels, base)
-            res[label] = [round(s["accuracy"], 3), round(s["ink_ratio"], 2), round(s["slant_diff"], 2)]
+        for n in step_counts:
+            for label, t in (("with", trigger), ("without", None)) if trigger else (("plain", None),):
+                prompts = prompts_for(digits, t)
+                s = score(sample(args.base, [(str(out), 1.0)], prompts, dict(gens[n])), labels, base[n])
+                res[label + at[n]] = [round(s[k], r) for k, r in (("accuracy", 3), ("ink_ratio", 2),
+                                                                   ("slant_diff", 2))]
         print(json.dumps(res), flush=True)
 
 

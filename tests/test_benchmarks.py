@@ -68,6 +68,11 @@ def test_trigger_recipes_smoke(tmp_path):
     assert tiny["recipe"] == "tiny" and tiny["rank"] == 2 and tiny["steps"] == 2 and tiny["params"] > 0
     assert set(tiny) >= {"with", "without"} and "plain" in plain and "with" not in plain
     assert (tmp_path / "tiny" / "adapter.safetensors").is_file()
+    out = _run("trigger_recipes.py", "--per-digit", "1", "--out", str(tmp_path), "--sample-steps", "2,3",
+               "tiny=steps:2,rank:2")  # fmt: skip
+    lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    assert set(lines[0]) == {"base@2", "base@3"}
+    assert {"with@2", "without@2", "with@3", "without@3"} <= set(lines[1])
 
 
 def test_latent_arch_table():
