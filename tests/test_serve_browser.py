@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from lora4diffusion.pipeline import DEFAULT_STEPS
+
 ROOT = Path(__file__).resolve().parents[1]
 _CANDIDATES = ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
 CHROMIUM = next((p for p in _CANDIDATES if p and os.path.exists(p)), None)
@@ -259,7 +261,7 @@ def drive_prompt_page(url: str, shot: Path, previews_png: Path | None = None) ->
         page.fill("#prompt", " | ".join(f"the digit {d}" for d in range(10)))
         page.fill("#negative", "")
         page.fill("#n", "3")
-        page.fill("#steps", "20")
+        page.fill("#steps", str(DEFAULT_STEPS))  # the picture shows the defaults
         page.click("#generate")
         page.wait_for_function("() => document.querySelectorAll('#history .card').length === 2")
         assert page.evaluate("document.getElementById('output').naturalWidth") == 10 * 28 + 11
