@@ -2,8 +2,9 @@
 
 Starts the server as the user would (the CLI, a free port), types a prompt, generates, watches the live
 preview, moves the bold slider, and checks the new image's pixels changed the way bold should (more ink).
-Saves the screenshot the README shows (docs/serve.png). Skips, saying why, only where no Chromium or no
-Playwright is installed (.ci/run installs both).
+Takes the screenshot the README shows; it rewrites docs/serve.png only when LORA4DIFFUSION_WRITE_DOCS=1 (a
+test run leaves tracked files alone). Skips, saying why, only where no Chromium or no Playwright is installed
+(.ci/run installs both).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def test_page_generates_previews_and_follows_the_slider(server, tmp_path):
         page.wait_for_selector("#compare:not([disabled])")
         assert not errors, errors
         # the README's picture is the default base's page: this one until a prompt base ships
-        shot = tmp_path / "serve_pixel.png" if shipped_prompt_base() else ROOT / "docs" / "serve.png"
+        shot = tmp_path / "serve_pixel.png" if shipped_prompt_base() else _docs_shot(tmp_path)
         shot.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
@@ -271,6 +272,12 @@ def drive_prompt_page(url: str, shot: Path, previews_png: Path | None = None) ->
         assert shot.stat().st_size > 10_000
 
 
+def _docs_shot(tmp_path: Path) -> Path:
+    """Where the README's picture goes: docs/serve.png if asked (LORA4DIFFUSION_WRITE_DOCS=1), else tmp."""
+    write_docs = os.environ.get("LORA4DIFFUSION_WRITE_DOCS") == "1"
+    return ROOT / "docs" / "serve.png" if write_docs else tmp_path / "serve.png"
+
+
 def _stack_frames(frames: list[str], path: Path) -> None:
     import base64
     import io
@@ -287,6 +294,6 @@ def _stack_frames(frames: list[str], path: Path) -> None:
 def test_prompt_model_page(prompt_server, tmp_path):
     url, shipped = prompt_server
     # The README's picture is the shipped base's page; a tiny model's page is checked all the same.
-    shot = ROOT / "docs" / "serve.png" if shipped else tmp_path / "serve_prompt.png"
+    shot = _docs_shot(tmp_path) if shipped else tmp_path / "serve_prompt.png"
     drive_prompt_page(url, shot, tmp_path / "previews.png")
     assert (tmp_path / "previews.png").is_file()
