@@ -18,7 +18,8 @@ from lora4diffusion.models.unet import UNet
 # The cheapest DDIM step count that keeps >= 99 % accuracy on both shipped bases and draws clean digits
 # (benchmarks/RESULTS.md, "Sampling steps", 1,000 samples, bf16): at 5 the latent prompt base scores 99.6 %
 # (FID 0.24; 0.19 at 10 for twice the time) and the pixel base 99.5 %; 3 and 4 still score >= 99 % but the
-# pixel base's digits go soft and grainy (FID 1.1 and 0.52 against 0.40 at 5), and 2 breaks both.
+# pixel base's digits go fuzzy at 3 and keep a faint background grain at 4 (FID 1.1 and 0.52 against 0.40 at
+# 5), and 2 breaks both.
 # Guidance above ~1.5 over-saturates the pixel model's strokes (its label also enters the timestep embedding).
 DEFAULT_STEPS = 5
 DEFAULT_GUIDANCE = 1.25
