@@ -240,6 +240,31 @@ def test_model_cards_state_the_measured_numbers():
         assert not missing, f"{card.relative_to(ROOT)} lacks {missing}"
 
 
+def test_results_at_a_glance_matches_the_measurement_files():
+    """benchmarks/RESULTS.md's headline table states the current measurement files' numbers."""
+    ev = {p.stem: _json(p) for p in RESULTS.glob("*.json")}
+    base, pixel = ev["base"], ev["pixel-base"]
+    bold = ev["trigger_bold"]["rows"]["unet+te+prior"]
+    italic = ev["trigger_italic"]["rows"]["unet+te+prior"]
+    text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    glance = text.split("## At a glance", 1)[1].split("\n## ", 1)[0]
+    speed = base["source"]["sample_seconds_per_100"], pixel["source"]["sample_seconds_per_100"]
+    families = {round(ev[k]["accuracy"], 3) for k in ev if k.startswith("family_") or k == "base_held_out"}
+    expected = [
+        f"{_pct(base['accuracy'])} of 1,000 prompts", f"FID {base['fid_classifier']:.3f}",
+        f"{speed[0]:.2f} s per 100 digits bf16",
+        f"{_pct(pixel['accuracy'])}, FID {pixel['fid_classifier']:.3f}, {speed[1]:.2f} s per 100",
+        f"{speed[1] / speed[0]:.1f}x (one cold call each)",
+        f"with the trigger {_pct(bold['with']['accuracy'])}, {bold['with']['ink_ratio']:.2f}x ink",
+        f"without {_pct(bold['without']['accuracy'])}, {bold['without']['ink_ratio']:.2f}x",
+        f"slant {italic['with']['slant_diff']:+.2f} px",
+    ]
+    assert len(families) == 1, f"the table gives one figure for every family; they now differ: {families}"
+    expected.append(f"{_pct(families.pop())} for each of the six template families")
+    missing = [e for e in expected if e not in glance]
+    assert not missing, f"RESULTS.md's at-a-glance table lacks {missing}"
+
+
 def test_measurement_files_were_made_at_the_defaults():
     """The README's figures are the defaults' figures: the settings recorded in every evaluate file."""
     from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
