@@ -50,7 +50,7 @@ def main() -> None:
     )
     print("\n| DDIM steps | guidance | accuracy | FID (classifier) | floor | mean ink | s / 100 digits |")
     print("|---|---|---|---|---|---|---|")
-    shown = [i for i, d in enumerate(labels) if i < labels.index(d) + 2]  # two samples per digit
+    shown = [i for i in range(len(labels)) if i % args.per_digit < 2]  # the first two of every digit
     rows = []
     for steps in (int(s) for s in args.steps.split(",")):
         for w in (float(g) for g in args.guidance.split(",")):

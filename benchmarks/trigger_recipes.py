@@ -82,8 +82,8 @@ def main() -> None:
             for label, t in (("with", trigger), ("without", None)) if trigger else (("plain", None),):
                 prompts = prompts_for(digits, t)
                 s = score(sample(args.base, [(str(out), 1.0)], prompts, dict(gens[n])), labels, base[n])
-                res[label + at[n]] = [round(s[k], r) for k, r in (("accuracy", 3), ("ink_ratio", 2),
-                                                                   ("slant_diff", 2))]
+                res[label + at[n]] = [round(s["accuracy"], 3), round(s["ink_ratio"], 2),
+                                      round(s["slant_diff"], 2)]
         print(json.dumps(res), flush=True)
 
 

@@ -101,16 +101,30 @@ def _fid_ratio(r: dict) -> str:
     return f"FID {r['fid_classifier'] / r['reference']['real_vs_real_fid']:.2f}x the real-data floor"
 
 
+def _measurements() -> dict[str, dict]:
+    """Every measurement file in benchmarks/results, by name (base, pixel-base, trigger_bold, demo, ...)."""
+    return {p.stem: _json(p) for p in RESULTS.glob("*.json")}
+
+
+def _seconds(r: dict) -> float:
+    """An evaluate file's sampling time, seconds per 100 digits."""
+    return r["source"]["sample_seconds_per_100"]
+
+
+def _trigger(ev: dict, style: str) -> dict:
+    """The shipped trigger adapter's row (with / without its trigger) in trigger_STYLE.json."""
+    return ev[f"trigger_{style}"]["rows"]["unet+te+prior"]
+
+
 def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {round(seconds % 60)} s"
 
 
 def readme_claims() -> dict[str, list[str]]:
     """README line marker -> strings that line must contain, each formatted from a measurement file."""
-    ev = {p.stem: _json(p) for p in RESULTS.glob("*.json")}
+    ev = _measurements()
     base, pixel = ev["base"], ev["pixel-base"]
-    bold = ev["trigger_bold"]["rows"]["unet+te+prior"]
-    italic = ev["trigger_italic"]["rows"]["unet+te+prior"]
+    bold, italic = _trigger(ev, "bold"), _trigger(ev, "italic")
     vae = _json(PRETRAINED / "vae" / "reconstruction_report.json")
     classifier = _json(PRETRAINED / "classifier" / "classifier.json")
     demo = ev["demo"]
@@ -118,11 +132,8 @@ def readme_claims() -> dict[str, list[str]]:
     drops = [100 * (s["accuracy_originals"] - s["accuracy_reconstructions"]) for s in vae.values()]
     both_ink, both_slant = spec["both composed: ink / base"], spec["both composed: slant - base (px)"]
 
-    def seconds(r: dict) -> float:
-        return r["source"]["sample_seconds_per_100"]
-
     def speed(r: dict) -> str:
-        return f"{seconds(r):.2f} s per 100 digits"
+        return f"{_seconds(r):.2f} s per 100 digits"
 
     def ink(r: dict, ref: dict) -> str:
         return f"{r['mean_ink'] / ref['mean_ink']:.2f}x"
@@ -130,7 +141,7 @@ def readme_claims() -> dict[str, list[str]]:
     return {
         "| prompt base `pretrained/base`": [
             _pct(base["accuracy"]), _fid_ratio(base), speed(base),
-            f"{seconds(pixel) / seconds(base):.1f}x faster than the pixel base",
+            f"{_seconds(pixel) / _seconds(base):.1f}x faster than the pixel base",
         ],
         "| VAE `pretrained/vae`": [
             f"within {max(drops):.1f} points",
@@ -189,7 +200,7 @@ def card_claims() -> dict[Path, list[str]]:
     """Model card -> strings it must contain (whitespace-normalised), each formatted from a measurement."""
     from lora4diffusion.pipeline import DEFAULT_STEPS
 
-    ev = {p.stem: _json(p) for p in RESULTS.glob("*.json")}
+    ev = _measurements()
     base, pixel = ev["base"], ev["pixel-base"]
 
     def row(r: dict) -> str:  # accuracy | ink / base | slant - base, as the adapter cards' tables
@@ -197,15 +208,13 @@ def card_claims() -> dict[Path, list[str]]:
 
     def ev_row(r: dict, bold_time: bool = False) -> str:  # accuracy | FID (x floor) | s per 100: base card
         ratio = r["fid_classifier"] / r["reference"]["real_vs_real_fid"]
-        t = f"{r['source']['sample_seconds_per_100']:.2f}"
-        t = f"**{t}**" if bold_time else t
+        t = f"**{_seconds(r):.2f}**" if bold_time else f"{_seconds(r):.2f}"
         return f"| {_pct(r['accuracy'])} | {r['fid_classifier']:.3f} ({ratio:.2f}x) | {t} |"
 
     def ink(r: dict) -> str:
         return f"ink {r['mean_ink'] / pixel['mean_ink']:.2f}x"
 
-    bold, italic = ev["trigger_bold"], ev["trigger_italic"]
-    b, i, c = bold["rows"]["unet+te+prior"], italic["rows"]["unet+te+prior"], bold["composed"]
+    b, i, c = _trigger(ev, "bold"), _trigger(ev, "italic"), ev["trigger_bold"]["composed"]
     adapters = PRETRAINED / "adapters"
     return {
         adapters / "bold" / "README.md": [
@@ -242,13 +251,12 @@ def test_model_cards_state_the_measured_numbers():
 
 def test_results_at_a_glance_matches_the_measurement_files():
     """benchmarks/RESULTS.md's headline table states the current measurement files' numbers."""
-    ev = {p.stem: _json(p) for p in RESULTS.glob("*.json")}
+    ev = _measurements()
     base, pixel = ev["base"], ev["pixel-base"]
-    bold = ev["trigger_bold"]["rows"]["unet+te+prior"]
-    italic = ev["trigger_italic"]["rows"]["unet+te+prior"]
+    bold, italic = _trigger(ev, "bold"), _trigger(ev, "italic")
     text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     glance = text.split("## At a glance", 1)[1].split("\n## ", 1)[0]
-    speed = base["source"]["sample_seconds_per_100"], pixel["source"]["sample_seconds_per_100"]
+    speed = _seconds(base), _seconds(pixel)
     families = {round(ev[k]["accuracy"], 3) for k in ev if k.startswith("family_") or k == "base_held_out"}
     expected = [
         f"{_pct(base['accuracy'])} of 1,000 prompts", f"FID {base['fid_classifier']:.3f}",
