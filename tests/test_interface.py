@@ -11,6 +11,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -246,6 +248,48 @@ def test_pipeline_set_and_remove_lora_weight():
     assert torch.equal(pipe.generate([3, 7], steps=3, seed=1)[0], base)
     with pytest.raises(UserError, match="no adapter named"):
         pipe.remove_lora(name)
+
+
+# (tokens, features in, features out): the UNet's and text encoder's linear layers at sampling batch sizes
+GEMM_SHAPES = [(16, 64, 64), (64, 64, 192), (100, 32, 96), (250, 128, 128), (1000, 64, 64), (7, 48, 80)]
+
+
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+def test_matrix_products_do_not_depend_on_buffer_addresses(m, k, n):
+    """Weight 0 = the base bit for bit needs products whose low bits do not depend on where the allocator put
+    a buffer (an adapter's allocations move the activations): the same input at 64-byte-step offsets."""
+    g = torch.Generator().manual_seed(m * k + n)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    reference = torch.nn.functional.linear(x, w, b)
+    for offset in range(16, 256, 16):  # floats: 64 bytes apart, every address class mod 1024
+        xs = torch.empty(m * k + offset)[offset:].view(m, k)
+        ws = torch.empty(n * k + offset)[offset:].view(n, k)
+        xs.copy_(x), ws.copy_(w)
+        assert torch.equal(torch.nn.functional.linear(xs, ws, b), reference), offset
+
+
+def _mkl_mode_after_import(env: dict) -> tuple[str | None, int | None]:
+    code = ("import ctypes, os, torch, lora4diffusion\n"
+            "torch.randn(8, 8) @ torch.randn(8, 8)\n"
+            "lib = os.path.join(os.path.dirname(torch.__file__), 'lib', 'libtorch_cpu.so')\n"
+            "try:\n    mode = ctypes.CDLL(lib).mkl_serv_cbwr_get(1)\n"
+            "except (OSError, AttributeError):\n    mode = None\n"
+            "print(os.environ.get('MKL_CBWR'), mode)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    value, mode = out.stdout.split()
+    return value, None if mode == "None" else int(mode)
+
+
+def test_importing_the_package_asks_mkl_for_reproducible_results():
+    """MKL reads its reproducibility mode once, at its first call: importing lora4diffusion (before any
+    product) must set it, and a mode the user chose is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    value, mode = _mkl_mode_after_import(env)
+    assert value == "AUTO"
+    if mode is not None:  # torch built with MKL (x86 wheels): 2 is MKL_CBWR_AUTO, 1 would mean "off"
+        assert mode == 2
+    value, mode = _mkl_mode_after_import({**env, "MKL_CBWR": "COMPATIBLE"})
+    assert value == "COMPATIBLE" and mode in (None, 3)
 
 
 def test_extract_defaults_to_all_linear_and_counts_what_it_cannot_capture(tiny):
