@@ -52,10 +52,10 @@ def _model():
     import torch
 
     from lora4diffusion.models.unet import UNet
-    from lora4diffusion.train import _presets
+    from lora4diffusion.training.base import presets
 
     torch.manual_seed(0)
-    cfg = _presets()["base"][0]
+    cfg = presets()["base"][0]
     return UNet(cfg), cfg
 
 
@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--only", choices=["gemm", "core", "attention", "lora"])
     args = ap.parse_args()
-    from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     steps = args.steps or DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance

@@ -19,12 +19,13 @@ import time
 
 import torch
 
+from lora4diffusion.captions import digit_prompts
 from lora4diffusion.distributed import keep_freed_memory
 from lora4diffusion.evaluate import evaluate_samples
 from lora4diffusion.pipeline import Pipeline
-from lora4diffusion.prompt_model import _presets as prompt_presets
-from lora4diffusion.prompt_model import digit_prompts, train_prompt_base
-from lora4diffusion.train import _presets, train_base
+from lora4diffusion.training.base import presets, train_base
+from lora4diffusion.training.prompt_base import presets as prompt_presets
+from lora4diffusion.training.prompt_base import train_prompt_base
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the CLI does
     text = args.conditioning == "text"
-    total = (prompt_presets()[args.preset][2] if text else _presets()[args.preset][1]).steps
+    total = (prompt_presets()[args.preset][2] if text else presets()[args.preset][1]).steps
     labels = [d for d in range(10) for _ in range(args.per_digit)]
     conditions = digit_prompts(labels, None) if text else labels
     print(f"--preset {args.preset} ({args.conditioning}), {total} steps, {len(labels)} samples per point"

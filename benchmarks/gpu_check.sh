@@ -98,13 +98,14 @@ import torch
 from lora4diffusion.data import load_mnist, to_model_range
 from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
 from lora4diffusion.pipeline import Pipeline
-from lora4diffusion.train import TrainConfig, Trainer, _presets
+from lora4diffusion.training.base import presets
+from lora4diffusion.training.loop import TrainConfig, Trainer
 from lora4diffusion.models.unet import UNet
 
 logging.disable(logging.INFO)
 dev, dry, out = torch.device(sys.argv[1]), sys.argv[2] == "1", Path(sys.argv[3])
 warm, steps, batch, repeats = (1, 2, 16, 1) if dry else (10, 100, 128, 3)
-unet_cfg, base_cfg = _presets()["base"]
+unet_cfg, base_cfg = presets()["base"]
 splits = load_mnist("embedded")
 images = to_model_range(splits.train.images, unet_cfg.image_size)
 diffusion = DiffusionConfig()

@@ -18,10 +18,12 @@ import torch
 from bench import _median_time  # this folder's script
 from torch.utils.flop_counter import FlopCounterMode
 
-from lora4diffusion.autoencoder import decode_latents, load_vae
+from lora4diffusion.diffusion import DEFAULT_STEPS
 from lora4diffusion.distributed import keep_freed_memory
+from lora4diffusion.folders.vae import load_vae
+from lora4diffusion.latents import decode_latents
 from lora4diffusion.models.unet import UNet, UNetConfig, count_parameters
-from lora4diffusion.pipeline import DEFAULT_STEPS, LATENT_BATCH, PIXEL_BATCH
+from lora4diffusion.pipeline import LATENT_BATCH, PIXEL_BATCH
 
 PIXEL = dict(image_size=28, in_channels=1, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1)
 LATENT = dict(image_size=8, in_channels=4, num_res_blocks=1, conditioning="text")

@@ -19,9 +19,10 @@ import time
 
 import torch
 
+from lora4diffusion.captions import digit_prompts
+from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from lora4diffusion.distributed import keep_freed_memory
-from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
-from lora4diffusion.prompt_model import digit_prompts
+from lora4diffusion.pipeline import Pipeline
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ import torch
 from lora4diffusion.data import load_mnist
 from lora4diffusion.distributed import keep_freed_memory
 from lora4diffusion.evaluate import evaluate_samples
-from lora4diffusion.lora.finetune import LoRAConfig, train_lora
 from lora4diffusion.lora.layers import set_adapter_weight
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.styles import style_splits
+from lora4diffusion.training.lora import LoRAConfig, train_lora
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def main() -> None:
     labels = [d for d in range(10) for _ in range(args.per_digit)]
     conditions: list = labels
     if pipe.is_prompt_model:  # as `evaluate`: every training template, cycled per digit
-        from lora4diffusion.prompt_model import digit_prompts
+        from lora4diffusion.captions import digit_prompts
 
         conditions = digit_prompts(labels, None)
     print(

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from trigger_specificity import prompts_for, sample, score  # this folder's script
 
-from lora4diffusion.lora.finetune import (
+from lora4diffusion.diffusion import DEFAULT_STEPS
+from lora4diffusion.training.lora import (
     PROMPT_LORA_EMA,
     PROMPT_LORA_RANK,
     PROMPT_LORA_STEPS,
@@ -31,7 +32,6 @@ from lora4diffusion.lora.finetune import (
     default_lora_train_config,
     train_lora,
 )
-from lora4diffusion.pipeline import DEFAULT_STEPS
 
 # train-lora's own defaults on a prompt base (lora/finetune.py), so a recipe names only what it changes
 SHIPPED = {"rank": PROMPT_LORA_RANK, "targets": LoRAConfig().targets, "steps": PROMPT_LORA_STEPS,

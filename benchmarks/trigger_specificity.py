@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 
 from lora4diffusion.captions import caption, family_templates
+from lora4diffusion.diffusion import DEFAULT_STEPS
 from lora4diffusion.evaluate import evaluate_samples
-from lora4diffusion.lora.finetune import LoRAConfig, train_lora
-from lora4diffusion.pipeline import DEFAULT_STEPS, Pipeline
+from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.styles import slant
+from lora4diffusion.training.lora import LoRAConfig, train_lora
 
 ROWS = {  # name: (prior, text encoder)
     "unet": (False, False),

@@ -178,8 +178,42 @@ def iter_every_caption() -> Iterator[str]:
     yield EMPTY_PROMPT
 
 
+# What `sample --digits` asks a prompt model for: the "digit" family, cycled ("the digit 7", "the digit
+# seven", "a digit seven", ...).
+DIGITS_FAMILY = "digit"
+
+
+def digit_prompts(digits: list[int] | torch.Tensor, family: str | None = DIGITS_FAMILY) -> list[str]:
+    """One prompt per digit from a caption family's templates, cycled per digit (the k-th occurrence of a
+    digit takes template k mod T), so N samples of one digit cover the family evenly. family None = every
+    training template; captions.HELD_OUT = the phrasings never seen in training."""
+    templates = family_templates(family)
+    seen: dict[int, int] = {}
+    out = []
+    for d in (digits.tolist() if isinstance(digits, torch.Tensor) else list(digits)):
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9:
+            raise UserError(f"a digit prompt needs a digit 0-9, got {d!r}")
+        k = seen.get(d, 0)
+        seen[d] = k + 1
+        out.append(caption(d, templates[k % len(templates)]))
+    return out
+
+
+def negative_prompts(negative: str | list[str] | None, n: int) -> list[str]:
+    """The unconditional branch's prompts: "" (None), one negative for all, or one per prompt."""
+    if negative is None:
+        return [EMPTY_PROMPT] * n
+    if isinstance(negative, str):
+        return [negative] * n
+    negative = list(negative)
+    if len(negative) != n:
+        raise UserError(f"{len(negative)} negative prompts for {n} prompts: give one, or one per prompt")
+    return negative
+
+
 __all__ = [
     "DIGIT_WORDS", "EMPTY_PROMPT", "FORMS", "HELD_OUT", "HELD_OUT_TEMPLATES", "NUMERALS", "STYLE_WORDS",
     "TEMPLATES", "TRIGGER_WORDS", "all_captions", "caption", "caption_words", "captions_for", "check_style",
-    "check_trigger", "digit_of", "family_templates", "iter_every_caption",
+    "check_trigger", "digit_of", "digit_prompts", "family_templates", "iter_every_caption",
+    "negative_prompts", "DIGITS_FAMILY",
 ]

@@ -1,13 +1,10 @@
-"""Weights on disk: safetensors for tensors, JSON for configs. No pickle anywhere.
+"""Bytes on disk: safetensors for tensors, JSON for configs, atomic writes. No pickle anywhere; no model.
 
-A model directory holds
-    config.json          {"format", "version", "unet": UNetConfig, "diffusion": DiffusionConfig, ...extra}
-    model.safetensors    the (EMA) weights used for sampling
 Every write goes to a temporary file first, is fsynced and renamed into place (then the directory is synced),
 so a crash or power loss never leaves a half file. Every read is checked before use: config values by the
-config dataclasses, tensor names/shapes/dtypes against the network built on the meta device (before any
-memory is allocated), every float tensor for NaN/inf. Every failure is a UserError naming the file and the
-problem: never a silent fresh start. docs/RELIABILITY.md lists the cases and the tests.
+config dataclasses (folders/), tensor names/shapes/dtypes against the network built on the meta device
+(before any memory is allocated), every float tensor for NaN/inf. Every failure is a UserError naming the
+file and the problem: never a silent fresh start. docs/RELIABILITY.md lists the cases and the tests.
 """
 
 from __future__ import annotations
@@ -24,13 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError, describe_os_error
-from lora4diffusion.models.unet import UNet, UNetConfig
-from lora4diffusion.schema import shown
 
-FORMAT = "lora4diffusion-model"
-VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MAX_JSON_BYTES = 16 << 20  # our configs are a few KiB; a larger "config" is not ours (json parses it whole)
@@ -235,91 +227,3 @@ def load_weights(module_factory: Callable[[], nn.Module], path: Path) -> nn.Modu
     module = module_factory()
     load_state_into(module, load_tensors(path), path)
     return module
-
-
-def save_model(
-    directory: Path, model: UNet, diffusion: DiffusionConfig, extra: dict | None = None, vae=None,
-    text: tuple | None = None,
-) -> None:
-    """``vae``: the VAE of a latent model, written into ``directory``/vae and named in config.json.
-    ``text``: (text encoder, tokenizer) of a prompt model (prompt_model.py: text_encoder.safetensors and
-    tokenizer/ beside model.safetensors)."""
-    directory = Path(directory)
-    config = {"format": FORMAT, "version": VERSION, "unet": model.cfg.to_dict(), "diffusion": vars(diffusion)}
-    config.update(extra or {})
-    if (model.cfg.conditioning == "text") != (text is not None):
-        raise UserError("a prompt model is saved with its text encoder and tokenizer, a label model without")
-    if text is not None:
-        from lora4diffusion.prompt_model import save_text_parts
-
-        config.update(save_text_parts(directory, *text))
-    if vae is not None:
-        from lora4diffusion.autoencoder import attach_vae
-
-        config["vae"] = attach_vae(directory, vae)
-    save_tensors(directory / WEIGHTS_NAME, {k: v.float() for k, v in model.state_dict().items()})
-    write_json(directory / CONFIG_NAME, config)
-
-
-def read_model_config(directory: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
-    directory = Path(directory)
-    kind = path_kind(directory)
-    if kind == "missing":
-        raise UserError(f"checkpoint {directory} does not exist")
-    if kind != "dir":
-        raise UserError(
-            f"checkpoint {directory} is not a directory (expected a run directory with {CONFIG_NAME})"
-        )
-    where = directory / CONFIG_NAME
-    config = read_json(where)
-    if config.get("format") != FORMAT:
-        raise UserError(f"{where}: not a lora4diffusion model config")
-    if type(config.get("version")) is not int or config["version"] != VERSION:  # True == 1 in Python
-        raise UserError(f"{where}: unsupported format version {shown(config.get('version'))}")
-    for key in ("unet", "diffusion"):
-        if not isinstance(config.get(key), dict):
-            raise UserError(f"{where}: malformed config ({key!r} must be a JSON object)")
-    try:  # the dataclasses check every field's type and range (UNetConfig / DiffusionConfig.validate)
-        unet_cfg = UNetConfig.from_dict(config["unet"])
-        diff_cfg = DiffusionConfig.from_dict(config["diffusion"])
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-    return unet_cfg, diff_cfg, config
-
-
-def load_model(directory: Path) -> tuple[UNet, DiffusionConfig, dict]:
-    """Load a model directory written by ``save_model`` (or a training run directory).
-
-    The config is validated, then the weights file's names, shapes and dtypes are checked against the
-    network built on the meta device before any memory is allocated, then every tensor must be finite.
-    """
-    directory = Path(directory)
-    unet_cfg, diff_cfg, config = read_model_config(directory)
-    model = load_weights(lambda: UNet(unet_cfg), directory / WEIGHTS_NAME)
-    return model.eval(), diff_cfg, config
-
-
-PRETRAINED = Path(__file__).parent / "pretrained"
-DEFAULT_BASE = "base"  # the prompt-conditioned latent model; "pixel-base" is the label-conditioned pixel one
-
-
-def pretrained_dir(name: str = DEFAULT_BASE) -> Path:
-    """A model shipped inside the package, by name: ``base`` (the default, the prompt-conditioned latent
-    model) or ``pixel-base`` (the label-conditioned pixel model, the reference's design)."""
-    return PRETRAINED / name
-
-
-def shipped_models() -> dict[str, Path]:
-    """The diffusion models shipped inside the package, by name (``catalog.shipped``: not the VAE folder)."""
-    from lora4diffusion.catalog import shipped
-
-    return shipped("model")
-
-
-def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
-    """A ``--checkpoint`` value -> a model directory: None is the shipped default base; an existing path wins;
-    else the name of a shipped model (``base``, ``pixel-base``); else one line naming the nearest names
-    (``catalog.resolve``, the one resolver of names)."""
-    from lora4diffusion.catalog import resolve
-
-    return resolve(checkpoint, "model", default="base")

@@ -448,7 +448,7 @@ def _lora_inputs(items: list[str]) -> tuple[Path, ...]:
 def _train_out(args: argparse.Namespace, inputs: tuple) -> Path:
     """--out of train / train-lora: --resume continues the run there, --overwrite starts over."""
     from lora4diffusion import runlock
-    from lora4diffusion.train import STATE_NAME
+    from lora4diffusion.training.loop import STATE_NAME
 
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
@@ -510,7 +510,7 @@ def _train_with_signals(fn, out: Path, *args, **kwargs) -> tuple[dict | None, in
     Interrupted with a resumable checkpoint: EXIT_INTERRUPTED (75). Stopped before anything was written:
     128 + the signal number (130 Ctrl-C, 143 SIGTERM), as a shell reports a process killed by it.
     """
-    from lora4diffusion.train import STATE_NAME
+    from lora4diffusion.training.loop import STATE_NAME
 
     with _StopSignals() as stop:
         try:
@@ -545,7 +545,7 @@ def _compile_arg(p: argparse.ArgumentParser) -> None:
 
 def _bf16(args: argparse.Namespace, device) -> bool:
     """--bf16/--no-bf16, or (neither given) whether ``device`` has bf16 kernels."""
-    from lora4diffusion.train import bf16_supported
+    from lora4diffusion.distributed import bf16_supported
 
     return bf16_supported(device) if args.bf16 is None else bool(args.bf16)
 
@@ -563,10 +563,10 @@ def _run_training(fn, *args, **kwargs) -> dict | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lora4diffusion.train import train_base
+    from lora4diffusion.training.base import train_base
 
     if args.conditioning == "text":  # prompt-conditioned latent base (prompt_model.py)
-        from lora4diffusion.prompt_model import train_prompt_base as train_base
+        from lora4diffusion.training.prompt_base import train_prompt_base as train_base
     out = _train_out(args, inputs=_existing(args.data))
     summary, status = _train_with_signals(
         train_base,
@@ -602,10 +602,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lora4diffusion.checkpoint import atomic_write, pretrained_dir
+    from lora4diffusion.catalog import pretrained_dir
+    from lora4diffusion.checkpoint import atomic_write
     from lora4diffusion.data import parse_digits
+    from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from lora4diffusion.distributed import resolve_device
-    from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
+    from lora4diffusion.pipeline import Pipeline
     from lora4diffusion.plots import grid_image, save_trajectory
     from lora4diffusion.reproduce import a1111_parameters, apply_recorded, read_parameters, summary_line
 
@@ -626,8 +628,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(args.checkpoint)
     prompts = None
     if pipe.is_prompt_model:
-        from lora4diffusion.captions import digit_of
-        from lora4diffusion.prompt_model import digit_prompts
+        from lora4diffusion.captions import digit_of, digit_prompts
 
         per_row = (args.num or 8) if args.prompt else (args.per_digit or 8)
         if args.prompt:
@@ -713,7 +714,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
-    from lora4diffusion.lora.finetune import LoRAConfig, default_lora_config, train_lora
+    from lora4diffusion.training.lora import LoRAConfig, default_lora_config, train_lora
 
     out = _train_out(args, inputs=_existing(args.checkpoint, args.style, args.data))
     rank = args.rank or default_lora_config(args.checkpoint).rank
@@ -765,8 +766,9 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lora4diffusion.checkpoint import pretrained_dir, save_model
+    from lora4diffusion.catalog import pretrained_dir
     from lora4diffusion.finite import require_finite
+    from lora4diffusion.folders.model import save_model
     from lora4diffusion.lora.layers import unload_lora
     from lora4diffusion.pipeline import Pipeline
 
@@ -787,11 +789,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from lora4diffusion.checkpoint import load_model, pretrained_dir
+    from lora4diffusion.catalog import pretrained_dir
     from lora4diffusion.distributed import resolve_device
     from lora4diffusion.finite import require_finite
+    from lora4diffusion.folders.model import load_model
     from lora4diffusion.lora.adapters import base_fingerprint, extract_lora
-    from lora4diffusion.lora.finetune import load_base
+    from lora4diffusion.training.lora import load_base
 
     base_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
     out = out_dir(args.out, overwrite=args.overwrite, inputs=_existing(base_dir, args.tuned))
@@ -839,9 +842,9 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 
 def cmd_import_peft(args: argparse.Namespace) -> int:
-    from lora4diffusion.checkpoint import pretrained_dir
+    from lora4diffusion.catalog import pretrained_dir
     from lora4diffusion.lora.adapters import import_peft
-    from lora4diffusion.lora.finetune import load_base
+    from lora4diffusion.training.lora import load_base
 
     base = args.checkpoint if args.checkpoint is not None else pretrained_dir()
     out = out_dir(args.out, overwrite=args.overwrite, inputs=_existing(args.peft, base))
@@ -905,7 +908,7 @@ def _add_format_parsers(sub) -> None:
 
 
 def cmd_export_diffusers(args: argparse.Namespace) -> int:
-    from lora4diffusion.checkpoint import pretrained_dir
+    from lora4diffusion.catalog import pretrained_dir
     from lora4diffusion.formats.diffusers import export_diffusers
     from lora4diffusion.pipeline import Pipeline
 
@@ -942,7 +945,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
-    from lora4diffusion.autoencoder import DEFAULT_KL_WEIGHT, train_vae
+    from lora4diffusion.training.vae import DEFAULT_KL_WEIGHT, train_vae
 
     out = _train_out(args, inputs=_existing(args.data))
     r, status = _train_with_signals(
@@ -978,18 +981,17 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lora4diffusion.autoencoder import (
-        check_encodable,
-        format_reconstruction_report,
-        heldout_digits,
-        load_vae,
-        reconstruct,
-        reconstruction_report,
-        save_comparison,
-    )
     from lora4diffusion.checkpoint import write_json
     from lora4diffusion.data import parse_digits
     from lora4diffusion.distributed import resolve_device
+    from lora4diffusion.folders.vae import load_vae
+    from lora4diffusion.latents import check_encodable, reconstruct
+    from lora4diffusion.plots import save_comparison
+    from lora4diffusion.reconstruction import (
+        format_reconstruction_report,
+        heldout_digits,
+        reconstruction_report,
+    )
 
     digits = parse_digits(args.digits)
     inputs = (args.vae,) if args.vae else ()
@@ -1058,7 +1060,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from lora4diffusion.catalog import format_listing, listing
+    from lora4diffusion.inventory import format_listing, listing
 
     rows = listing(args.folders)
     print(json.dumps(rows, indent=2) if args.json else format_listing(rows))
@@ -1066,7 +1068,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from lora4diffusion.catalog import format_info, info
+    from lora4diffusion.inventory import format_info, info
 
     data = info(args.item, checkpoint=args.checkpoint)
     print(json.dumps(data, indent=2, default=str) if args.json else format_info(data))
@@ -1079,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
     from lora4diffusion import quick
     from lora4diffusion.distributed import keep_freed_memory
     from lora4diffusion.threads import configure_threads
-    from lora4diffusion.train import NonFiniteLoss
+    from lora4diffusion.training.loop import NonFiniteLoss
 
     keep_freed_memory()
     configure_threads(args.threads)

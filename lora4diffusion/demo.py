@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lora4diffusion.diffusion import DEFAULT_STEPS
 from lora4diffusion.errors import UserError
-from lora4diffusion.pipeline import DEFAULT_STEPS
 
 log = logging.getLogger("lora4diffusion")
 
@@ -158,12 +158,11 @@ def _prepare(out: Path, base, from_scratch: bool, overwrite: bool, steps: int, p
              opts: PromptOptions):  # fmt: skip
     """Validate everything, then clear what --overwrite replaces.
     -> (base_dir, shipped, pipeline or None, vae_dir or None, (triggers, prior, text encoder) or None)."""
-    from lora4diffusion.autoencoder import default_vae_dir, load_vae
-    from lora4diffusion.catalog import resolve
-    from lora4diffusion.checkpoint import pretrained_dir
+    from lora4diffusion.catalog import pretrained_dir, resolve
     from lora4diffusion.diffusion import DiffusionConfig
+    from lora4diffusion.folders.vae import default_vae_dir, load_vae
     from lora4diffusion.pipeline import Pipeline
-    from lora4diffusion.prompt_model import PRESET_NAMES
+    from lora4diffusion.training.prompt_base import PRESET_NAMES
 
     if from_scratch and base is not None:
         raise UserError("pass either --checkpoint DIR or --from-scratch, not both")
@@ -267,7 +266,7 @@ def _score(images: dict, labels: list[int], per_digit: int, out: Path, captions:
 def _merge(base_dir: Path, adapter: Path, out: Path) -> None:
     """Fold the adapter into the weights (UNet and, for a prompt model, text encoder) and write a plain
     checkpoint, exactly as ``lora4diffusion merge`` does."""
-    from lora4diffusion.checkpoint import save_model
+    from lora4diffusion.folders.model import save_model
     from lora4diffusion.lora.layers import unload_lora
     from lora4diffusion.pipeline import Pipeline
 
@@ -297,10 +296,11 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
     after the training run saved a resumable checkpoint.
     """
     from lora4diffusion.checkpoint import write_json
+    from lora4diffusion.diffusion import DEFAULT_GUIDANCE
     from lora4diffusion.distributed import resolve_device
-    from lora4diffusion.lora.finetune import default_lora_config, train_lora
-    from lora4diffusion.pipeline import DEFAULT_GUIDANCE, Pipeline
+    from lora4diffusion.pipeline import Pipeline
     from lora4diffusion.plots import save_trajectory
+    from lora4diffusion.training.lora import default_lora_config, train_lora
 
     t_start, out = time.perf_counter(), Path(out)
     for name, v in (("--per-digit", per_digit), ("--steps", steps), ("--lora-steps", lora_steps or 1)):
@@ -321,7 +321,7 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
 
     t0 = time.perf_counter()  # 1. the base model
     if from_scratch:
-        from lora4diffusion.prompt_model import train_prompt_base
+        from lora4diffusion.training.prompt_base import train_prompt_base
 
         log.info("demo: training a %s prompt base model into %s", scratch_preset, base_dir)
         finished(train_prompt_base(scratch_preset, base_dir, vae=vae_dir, progress=progress, device=device,

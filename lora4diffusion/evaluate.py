@@ -297,12 +297,12 @@ def add_parser(subparsers) -> None:
 
 def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
     from lora4diffusion.args import add_loras
-    from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
+    from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from lora4diffusion.pipeline import Pipeline
 
     digits = parse_digits(args.digits or "0-9")
     per_digit = args.per_digit or 100
-    from lora4diffusion.distributed import resolve_device
-    from lora4diffusion.train import bf16_supported
+    from lora4diffusion.distributed import bf16_supported, resolve_device
 
     device = resolve_device(getattr(args, "device", "auto"))
     bf16 = bf16_supported(device) if getattr(args, "bf16", None) is None else bool(args.bf16)
@@ -319,7 +319,7 @@ def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dic
     family = getattr(args, "family", None)
     conditions: list = labels
     if pipe.is_prompt_model:  # the digits become prompts: a family's templates cycled per digit
-        from lora4diffusion.prompt_model import digit_prompts
+        from lora4diffusion.captions import digit_prompts
 
         conditions = digit_prompts(labels, family)
     elif family is not None:
@@ -367,8 +367,7 @@ def add_classifier_parser(subparsers) -> None:
 
 def run_train_classifier(args: argparse.Namespace) -> int:
     from lora4diffusion.args import out_dir
-    from lora4diffusion.distributed import resolve_device
-    from lora4diffusion.train import bf16_supported
+    from lora4diffusion.distributed import bf16_supported, resolve_device
 
     data = (Path(args.data),) if Path(args.data).exists() else ()
     out_dir(args.out, overwrite=args.overwrite, inputs=data)  # refused now, not after the training

@@ -10,19 +10,20 @@ from pathlib import Path
 
 import torch
 
-from lora4diffusion.checkpoint import load_model, pretrained_dir, resolve_checkpoint
-from lora4diffusion.diffusion import DDIMSampler, DDPMSampler, DiffusionConfig, NoiseSchedule, sample
+from lora4diffusion.catalog import pretrained_dir, resolve_checkpoint
+from lora4diffusion.diffusion import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    DDIMSampler,
+    DDPMSampler,
+    DiffusionConfig,
+    NoiseSchedule,
+    sample,
+)
 from lora4diffusion.errors import UserError
+from lora4diffusion.folders.model import load_model
 from lora4diffusion.models.unet import UNet
 
-# The cheapest DDIM step count that keeps >= 99 % accuracy on both shipped bases and draws clean digits
-# (benchmarks/RESULTS.md, "Sampling steps", 1,000 samples, bf16): at 5 the latent prompt base scores 99.6 %
-# (FID 0.24; 0.19 at 10 for twice the time) and the pixel base 99.5 %; 3 and 4 still score >= 99 % but the
-# pixel base's digits go fuzzy at 3 and keep a faint background grain at 4 (FID 1.1 and 0.52 against 0.40 at
-# 5), and 2 breaks both.
-# Guidance above ~1.5 over-saturates the pixel model's strokes (its label also enters the timestep embedding).
-DEFAULT_STEPS = 5
-DEFAULT_GUIDANCE = 1.25
 # Digits per sampling batch (x2 rows with guidance), the fastest measured on 2 cores, bf16 (benchmarks/
 # RESULTS.md): the pixel model at 50 (100 rows keep every 28x28 activation under glibc's 32 MiB mmap ceiling;
 # 250 was slower); a latent model's 8x8 activations are 12x smaller and 250 ran ~1.2x faster than 50.
@@ -49,7 +50,7 @@ class Pipeline:
 
     @property
     def text(self) -> tuple | None:
-        """(text encoder, tokenizer) of a prompt model (what checkpoint.save_model takes), else None."""
+        """(text encoder, tokenizer) of a prompt model (what folders.model.save_model takes), else None."""
         return (self.text_encoder, self.tokenizer) if self.is_prompt_model else None
 
     @classmethod
@@ -63,14 +64,14 @@ class Pipeline:
                     "no shipped base model in this install; pass --checkpoint DIR (train one first)"
                 )
         checkpoint = resolve_checkpoint(checkpoint)
-        from lora4diffusion.autoencoder import load_attached_vae
+        from lora4diffusion.folders.vae import load_attached_vae
 
         unet, diffusion, config = load_model(Path(checkpoint))
         vae = load_attached_vae(checkpoint, config)  # None for a pixel model
         if vae is None and unet.cfg.in_channels != 1:
             raise UserError(f"{checkpoint}: a latent model ({unet.cfg.in_channels} channels) without its VAE")
         if unet.cfg.conditioning == "text":
-            from lora4diffusion.prompt_model import load_text_parts
+            from lora4diffusion.folders.text import load_text_parts
 
             text_encoder, tokenizer = load_text_parts(checkpoint, config)
             return cls(unet, diffusion, config, vae, text_encoder, tokenizer)
@@ -213,10 +214,10 @@ class Pipeline:
         schedule = NoiseSchedule(self.diffusion)
         clip = self.vae is None  # pixels live in [-1, 1]; latents have no such range (SD does not clip them)
         # prompt models sample as StableDiffusionPipeline does (timesteps shifted by SD's steps_offset 1), so
-        # their diffusers export gives the same images (prompt_model.STEPS_OFFSET)
+        # their diffusers export gives the same images (diffusion.STEPS_OFFSET)
         offset = 0
         if self.is_prompt_model:
-            from lora4diffusion.prompt_model import STEPS_OFFSET as offset
+            from lora4diffusion.diffusion import STEPS_OFFSET as offset
         if kind == "ddim":
             s = DDIMSampler(schedule, eta=eta, clip_sample=clip, steps_offset=offset)
         elif kind == "ddpm":
@@ -257,7 +258,7 @@ class Pipeline:
         [-1, 1], one row per label: ``[x[::k] for x in trajectory]`` shows every k-th sample's denoising.
 
         Prompt models: ``labels`` are prompts (strings), or digits, which become prompts of the "digit"
-        family (prompt_model.digit_prompts). ``negative`` (one string, or one per prompt) replaces the empty
+        family (captions.digit_prompts). ``negative`` (one string, or one per prompt) replaces the empty
         prompt as the unconditional branch of guidance. A bad prompt raises UserError before any sampling.
         Prompts may carry ``<lora:NAME_OR_PATH[:WEIGHT]>`` tags: see ``apply_prompt_tags``.
         """
@@ -304,7 +305,7 @@ class Pipeline:
             traj.append(t)
         traj = [torch.cat(frames) for frames in zip(*traj, strict=True)] if trajectory_every else []
         if self.vae is not None:  # latent diffusion: the decoder turns the sampled latents into digits
-            from lora4diffusion.autoencoder import decode_latents
+            from lora4diffusion.latents import decode_latents
 
             images = torch.cat([decode_latents(self.vae, x, bf16=bf16) for x in out])
             # the denoising strip shows decoded latents: plots expect [B, 1, H, W] in [-1, 1]
@@ -314,7 +315,7 @@ class Pipeline:
 
     def _contexts(self, prompts, negative) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of the prompts and of their unconditional branch (a bad word is a UserError)."""
-        from lora4diffusion.prompt_model import digit_prompts, negative_prompts
+        from lora4diffusion.captions import digit_prompts, negative_prompts
 
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()

@@ -54,3 +54,15 @@ def plot_loss(steps: list[int], losses: list[float], path: Path, title: str = "t
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_comparison(originals: torch.Tensor, recons: torch.Tensor, per_row: int, path: Path) -> None:
+    """Rows of ``per_row`` originals, each above its row of reconstructions ([N, H, W] in [0, 1])."""
+    chunks = []
+    for i in range(0, len(originals), per_row):
+        o, r = originals[i : i + per_row], recons[i : i + per_row]
+        pad = per_row - len(o)
+        if pad:
+            o, r = (torch.cat([t, torch.zeros(pad, *t.shape[1:])]) for t in (o, r))
+        chunks += [o, r]
+    save_grid(torch.cat(chunks), per_row, path)

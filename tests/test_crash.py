@@ -27,9 +27,10 @@ import pytest
 
 import lora4diffusion.checkpoint as checkpoint
 from lora4diffusion import cli
-from lora4diffusion.checkpoint import load_model, load_tensors, read_metadata
+from lora4diffusion.checkpoint import load_tensors, read_metadata
+from lora4diffusion.folders.model import load_model
 from lora4diffusion.lora.adapters import read_adapter
-from lora4diffusion.train import STATE_NAME
+from lora4diffusion.training.loop import STATE_NAME
 
 SEED = 14
 TRAIN_KILLS, LORA_KILLS = 6, 4
@@ -55,15 +56,15 @@ def idx_dir(tmp_path_factory) -> Path:
 def _child(argv: list[str]) -> None:  # pragma: no cover - runs in the forked child
     import torch
 
-    import lora4diffusion.lora.finetune as finetune
-    import lora4diffusion.train as train
+    import lora4diffusion.training.base as base_training
+    import lora4diffusion.training.lora as lora_training
 
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (it can hang)
-    presets, lora_default = train._presets, finetune.default_lora_train_config
-    train._presets = lambda: {
+    presets, lora_default = base_training.presets, lora_training.default_lora_train_config
+    base_training.presets = lambda: {
         k: (u, replace(t, checkpoint_every=2, sample_every=0, log_every=1)) for k, (u, t) in presets().items()
     }
-    finetune.default_lora_train_config = lambda: replace(lora_default(), checkpoint_every=2, log_every=1)
+    lora_training.default_lora_train_config = lambda: replace(lora_default(), checkpoint_every=2, log_every=1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)

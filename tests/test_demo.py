@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora4diffusion.autoencoder import train_vae
 from lora4diffusion.cli import main
 from lora4diffusion.lora.adapters import read_adapter
 from lora4diffusion.lora.prompt_lora import split_adapter, trigger_words
-from lora4diffusion.train import train_base
+from lora4diffusion.training.base import train_base
+from lora4diffusion.training.vae import train_vae
 
 CHROMIUM = Path("/usr/bin/chromium")
 SMALL = ["--lora-steps", "2", "--per-digit", "2", "--steps", "3"]
@@ -281,8 +281,8 @@ def test_bad_prompt_options_are_refused_and_nothing_written(base, prompt_demo, v
 
 
 def test_no_shipped_base_names_the_way_out(tmp_path, capsys, monkeypatch):
-    import lora4diffusion.checkpoint
+    import lora4diffusion.catalog
 
-    monkeypatch.setattr(lora4diffusion.checkpoint, "pretrained_dir", lambda name="base": tmp_path / "none")
+    monkeypatch.setattr(lora4diffusion.catalog, "pretrained_dir", lambda name="base": tmp_path / "none")
     _refused(["--out", str(tmp_path / "o")], capsys, "--checkpoint DIR", "--from-scratch")
     assert not (tmp_path / "o").exists()

@@ -14,12 +14,12 @@ import torch
 
 from lora4diffusion import classifier as classifier_mod
 from lora4diffusion import evaluate
-from lora4diffusion.checkpoint import load_model, save_model
 from lora4diffusion.classifier import default_dir, load_classifier
 from lora4diffusion.data import Digits, MNISTSplits, from_model_range, load_mnist, to_model_range
 from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError
 from lora4diffusion.evaluate import evaluate_samples, format_report, frechet_distance, load_samples
+from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.lora.adapters import save_adapter
 from lora4diffusion.lora.layers import inject_lora, lora_layers
 from lora4diffusion.models.unet import UNet, UNetConfig

@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 
 from lora4diffusion.cli import main
-from lora4diffusion.lora.finetune import LoRAConfig, train_lora
 from lora4diffusion.lora.layers import lora_layers
 from lora4diffusion.pipeline import Pipeline
-from lora4diffusion.train import train_base
+from lora4diffusion.training.base import train_base
+from lora4diffusion.training.lora import LoRAConfig, train_lora
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora4diffusion.checkpoint import load_model, save_model
 from lora4diffusion.cli import main
 from lora4diffusion.diffusion import DDIMSampler, DiffusionConfig, NoiseSchedule, sample
 from lora4diffusion.errors import UserError
+from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.formats import detect, read_any, write_lora
 from lora4diffusion.formats.diffusers import export_diffusers, read_diffusers
 from lora4diffusion.formats.names import from_diffusers, from_kohya, to_diffusers, to_kohya

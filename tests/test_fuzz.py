@@ -45,7 +45,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from lora4diffusion.checkpoint import load_model, save_model, save_tensors, write_json
+from lora4diffusion.checkpoint import save_tensors, write_json
 from lora4diffusion.classifier import CONFIG_NAME as CLF_CONFIG
 from lora4diffusion.classifier import FORMAT as CLF_FORMAT
 from lora4diffusion.classifier import VERSION as CLF_VERSION
@@ -55,11 +55,12 @@ from lora4diffusion.data import load_mnist
 from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.evaluate import load_samples
+from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.lora.adapters import export_peft, import_peft, load_adapter, save_adapter
 from lora4diffusion.lora.layers import inject_lora
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.styles import load_style_data
-from lora4diffusion.train import STATE_NAME, TrainConfig, Trainer
+from lora4diffusion.training.loop import STATE_NAME, TrainConfig, Trainer
 
 EXAMPLES = 60  # per reader: the whole file stays well under a minute on 2 cores
 CALL_SECONDS = 30
@@ -419,7 +420,7 @@ IMAGES = tuple(f"{p}/a{s}" for p, s in [("0", ".png"), ("1", ".jpg"), ("2", ".gi
                                         ("4", ".tif"), ("5", ".png")])
 
 def build_vae(d: Path) -> None:
-    from lora4diffusion.autoencoder import save_vae
+    from lora4diffusion.folders.vae import save_vae
     from lora4diffusion.models.vae import VAE, VAEConfig
 
     torch.manual_seed(0)
@@ -427,7 +428,7 @@ def build_vae(d: Path) -> None:
 
 
 def read_vae(d: Path) -> None:
-    from lora4diffusion.autoencoder import load_vae
+    from lora4diffusion.folders.vae import load_vae
 
     load_vae(d)
 

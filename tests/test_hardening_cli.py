@@ -20,12 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora4diffusion.checkpoint import pretrained_dir
+from lora4diffusion.catalog import pretrained_dir
 from lora4diffusion.cli import EXIT_INTERRUPTED, main
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import Adapter, export_peft, shipped_adapters
 from lora4diffusion.runlock import LOCK_NAME
-from lora4diffusion.train import STATE_NAME, NonFiniteLoss, Trainer, train_base
+from lora4diffusion.training.base import train_base
+from lora4diffusion.training.loop import STATE_NAME, NonFiniteLoss, Trainer
 
 BOLD = str(shipped_adapters()["bold-pixel"])  # the label adapter of the shipped pixel-base
 PIXEL = str(pretrained_dir("pixel-base"))
@@ -431,7 +432,7 @@ def test_sigterm_in_the_loop_exits_75_with_a_resumable_checkpoint(tmp_path, monk
 
 
 def test_sigterm_before_the_loop_writes_nothing(tmp_path, monkeypatch, capsys):
-    import lora4diffusion.data as data
+    import lora4diffusion.training.base as data  # where `train` looks load_mnist up
 
     real = data.load_mnist
 

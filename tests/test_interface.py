@@ -41,7 +41,7 @@ ALIASES = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny label model (another base than the shipped one)."""
-    from lora4diffusion.train import train_base
+    from lora4diffusion.training.base import train_base
 
     out = tmp_path_factory.mktemp("tiny") / "run"
     train_base("tiny", out, steps=2, progress=False)
@@ -293,9 +293,9 @@ def test_importing_the_package_asks_mkl_for_reproducible_results():
 
 
 def test_extract_defaults_to_all_linear_and_counts_what_it_cannot_capture(tiny):
-    from lora4diffusion.checkpoint import load_model
+    from lora4diffusion.folders.model import load_model
     from lora4diffusion.lora.adapters import extract_lora
-    from lora4diffusion.lora.finetune import LoRAConfig
+    from lora4diffusion.training.lora import LoRAConfig
 
     assert _subparsers()["extract"].get_default("targets") == LoRAConfig.targets == "all-linear"
     base, _, _ = load_model(tiny)
@@ -333,7 +333,7 @@ def test_threads_follow_the_allowed_cores_and_the_flag(monkeypatch, capsys):
 
 
 def test_library_training_installs_no_signal_handlers(tmp_path):
-    from lora4diffusion.train import train_base
+    from lora4diffusion.training.base import train_base
 
     seen = []
 

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora4diffusion.checkpoint import load_model, read_metadata, save_model, save_tensors
+from lora4diffusion.checkpoint import read_metadata, save_tensors
 from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
 from lora4diffusion.errors import UserError
+from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.lora.adapters import (
     ADAPTER_FILE,
     FORMAT,
@@ -50,7 +51,7 @@ from lora4diffusion.lora.layers import (
     unmerge_lora,
 )
 from lora4diffusion.models.unet import UNet, UNetConfig
-from lora4diffusion.train import TrainConfig, Trainer
+from lora4diffusion.training.loop import TrainConfig, Trainer
 
 CFG = UNetConfig(
     image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), context_dim=32

@@ -13,22 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from lora4diffusion.captions import EMPTY_PROMPT, HELD_OUT, digit_of, family_templates
-from lora4diffusion.checkpoint import load_tensors, pretrained_dir, read_json
+from lora4diffusion.captions import EMPTY_PROMPT, HELD_OUT, digit_of, digit_prompts, family_templates
+from lora4diffusion.catalog import pretrained_dir
+from lora4diffusion.checkpoint import load_tensors, read_json
 from lora4diffusion.cli import main
 from lora4diffusion.diffusion import DDIMSampler, DiffusionConfig, NoiseSchedule, guided_eps, sample
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import base_fingerprint, read_adapter, shipped_adapters
+from lora4diffusion.models.prompt_unet import TextConditionedUNet
 from lora4diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from lora4diffusion.models.tokenizer import Tokenizer
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.pipeline import Pipeline
-from lora4diffusion.prompt_model import (
-    PromptTask,
-    TextConditionedUNet,
-    digit_prompts,
-    train_prompt_base,
-)
+from lora4diffusion.training.prompt_base import PromptTask, train_prompt_base
 
 REPO = Path(__file__).resolve().parent.parent
 # The last commit before the text mode existed: the label-mode reference implementation.
@@ -227,7 +224,7 @@ def test_negative_prompt_replaces_the_empty_one(tiny_text_model):
         uncond = pipe.text_encoder(pipe.tokenizer.encode(["the digit 1"] * 2))[0]
         z, _ = sample(pipe.unet, s, cond, (4, 8, 8), 2.0, torch.Generator().manual_seed(4 * 1_000_003),
                       clip=False, uncond=uncond)
-    from lora4diffusion.autoencoder import decode_latents
+    from lora4diffusion.latents import decode_latents
 
     assert torch.equal(neg, decode_latents(pipe.vae, z))
     # at guidance 1 the unconditional branch is not used at all

@@ -23,12 +23,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora4diffusion.checkpoint import load_model, load_tensors, read_json, read_metadata, save_model
+from lora4diffusion.checkpoint import load_tensors, read_json, read_metadata
 from lora4diffusion.classifier import Classifier, ClassifierConfig, load_classifier
 from lora4diffusion.data import load_mnist, read_idx
 from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.evaluate import load_samples
+from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.lora.adapters import (
     export_peft,
     extract_lora,
@@ -41,7 +42,7 @@ from lora4diffusion.lora.adapters import (
 from lora4diffusion.lora.layers import inject_lora
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.styles import load_style_data
-from lora4diffusion.train import STATE_NAME, TrainConfig, Trainer
+from lora4diffusion.training.loop import STATE_NAME, TrainConfig, Trainer
 
 CFG = UNetConfig(
     image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), context_dim=32

@@ -66,7 +66,7 @@ def test_every_readme_command_runs(tmp_path):
 
 def test_sizes_the_readme_states_match_the_shipped_files():
     """Every README table row naming `pretrained/X` and a size (KiB / MiB) matches X's weights and configs."""
-    from lora4diffusion.catalog import _size
+    from lora4diffusion.inventory import _size
 
     lines = (ROOT / "README.md").read_text().splitlines()
     rows = [r for r in lines if r.startswith("|") and "pretrained/" in r]
@@ -198,7 +198,7 @@ def test_numbers_the_readme_states_match_the_measurement_files():
 
 def card_claims() -> dict[Path, list[str]]:
     """Model card -> strings it must contain (whitespace-normalised), each formatted from a measurement."""
-    from lora4diffusion.pipeline import DEFAULT_STEPS
+    from lora4diffusion.diffusion import DEFAULT_STEPS
 
     ev = _measurements()
     base, pixel = ev["base"], ev["pixel-base"]
@@ -275,7 +275,7 @@ def test_results_at_a_glance_matches_the_measurement_files():
 
 def test_measurement_files_were_made_at_the_defaults():
     """The README's figures are the defaults' figures: the settings recorded in every evaluate file."""
-    from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     for path in RESULTS.glob("*.json"):
         r = _json(path)

@@ -626,7 +626,7 @@ def test_bad_prompts_for_the_prompt_model_are_one_line_400(pclient, body, words)
 
 
 def test_prompt_model_previews_are_decoded_images(pclient, papp):
-    from lora4diffusion.autoencoder import decode_latents
+    from lora4diffusion.latents import decode_latents
     from lora4diffusion.web.engine import preview_images
 
     vae = papp.state.serve.pipe.vae
@@ -702,17 +702,17 @@ def test_shipped_prompt_base_is_the_default_and_its_command_omits_checkpoint(pro
     the same base and draws the same images."""
     import shutil
 
-    from lora4diffusion import checkpoint, pipeline
+    from lora4diffusion import catalog, pipeline
     from lora4diffusion.cli import main
 
     shipped = tmp_path / "pretrained" / "base"
     shutil.copytree(prompt_model, shipped)
-    original = checkpoint.pretrained_dir
+    original = catalog.pretrained_dir
 
-    def pretrained_dir(name: str = checkpoint.DEFAULT_BASE):
-        return shipped if name == checkpoint.DEFAULT_BASE else original(name)
+    def pretrained_dir(name: str = catalog.DEFAULT_BASE):
+        return shipped if name == catalog.DEFAULT_BASE else original(name)
 
-    for module in (checkpoint, pipeline):
+    for module in (catalog, pipeline):
         monkeypatch.setattr(module, "pretrained_dir", pretrained_dir)
     with TestClient(create_app(ServeConfig()), base_url="http://127.0.0.1:7860") as c:
         info = c.get("/api/info").json()

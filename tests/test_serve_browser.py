@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lora4diffusion.pipeline import DEFAULT_STEPS
+from lora4diffusion.diffusion import DEFAULT_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 _CANDIDATES = ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from lora4diffusion.checkpoint import pretrained_dir, read_json, resolve_checkpoint, shipped_models
+from lora4diffusion.captions import digit_prompts
+from lora4diffusion.catalog import pretrained_dir, resolve_checkpoint, shipped_models
+from lora4diffusion.checkpoint import read_json
 from lora4diffusion.cli import main
 from lora4diffusion.evaluate import evaluate_samples
 from lora4diffusion.lora.adapters import base_fingerprint, read_adapter, resolve_adapter, shipped_adapters
 from lora4diffusion.lora.layers import set_adapter_weight
 from lora4diffusion.lora.prompt_lora import prompt_fingerprint, trigger_words
 from lora4diffusion.pipeline import Pipeline
-from lora4diffusion.prompt_model import digit_prompts
 
 LABELS = [d for d in range(10) for _ in range(2)]
 PIXEL_ADAPTERS = {"bold-pixel": "bold", "italic-pixel": "italic"}  # shipped name -> style

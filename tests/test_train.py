@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora4diffusion.checkpoint import load_model, read_metadata
+from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
-from lora4diffusion.train import STATE_NAME, NonFiniteLoss, Trainer, train_base
+from lora4diffusion.folders.model import load_model
+from lora4diffusion.training.base import train_base
+from lora4diffusion.training.loop import STATE_NAME, NonFiniteLoss, Trainer
 
 
 def _losses(run):

@@ -19,19 +19,21 @@ from lora4diffusion.cli import main
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import read_adapter
-from lora4diffusion.lora.finetune import (
+from lora4diffusion.lora.layers import base_state_dict, inject_lora, lora_layers
+from lora4diffusion.lora.prompt_lora import TE_TARGETS, prompt_fingerprint
+from lora4diffusion.models.prompt_unet import TextConditionedUNet
+from lora4diffusion.pipeline import Pipeline
+from lora4diffusion.prompt_syntax import NAME, call_loras, parse_prompt
+from lora4diffusion.training.loop import TrainConfig, Trainer
+from lora4diffusion.training.lora import (
     LoRAConfig,
+    TriggerTask,
     default_lora_config,
     default_lora_train_config,
     default_trigger_train_config,
     train_lora,
 )
-from lora4diffusion.lora.layers import base_state_dict, inject_lora, lora_layers
-from lora4diffusion.lora.prompt_lora import TE_TARGETS, TriggerTask, prompt_fingerprint
-from lora4diffusion.pipeline import Pipeline
-from lora4diffusion.prompt_model import TextConditionedUNet, train_prompt_base
-from lora4diffusion.prompt_syntax import NAME, call_loras, parse_prompt
-from lora4diffusion.train import TrainConfig, Trainer
+from lora4diffusion.training.prompt_base import train_prompt_base
 
 FAST = dict(steps=6, batch_size=16, progress=False, device="cpu", sample_every=0)
 

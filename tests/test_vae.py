@@ -13,25 +13,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora4diffusion import autoencoder
-from lora4diffusion.autoencoder import (
-    augment,
-    cached_latents,
-    draw_augmentation,
-    load_vae,
-    reconstruct,
-    reconstruction_report,
-    to_vae_input,
-    train_vae,
-)
 from lora4diffusion.cli import main
 from lora4diffusion.data import load_mnist
 from lora4diffusion.errors import UserError
 from lora4diffusion.evaluate import load_samples
+from lora4diffusion.folders import vae as vae_folders
+from lora4diffusion.folders.vae import load_vae
 from lora4diffusion.formats.diffusers_vae import diffusers_config, from_diffusers, to_diffusers
+from lora4diffusion.latents import reconstruct, to_vae_input
+from lora4diffusion.models import vae as vae_model
 from lora4diffusion.models.vae import VAE, DiagonalGaussian, VAEConfig, measure_scaling_factor
+from lora4diffusion.reconstruction import reconstruction_report
 from lora4diffusion.styles import apply_style, slant
-from lora4diffusion.train import STATE_NAME
+from lora4diffusion.training import latents as training_latents
+from lora4diffusion.training.latents import cached_latents
+from lora4diffusion.training.loop import STATE_NAME
+from lora4diffusion.training.vae import augment, draw_augmentation, train_vae
 
 TINY = VAEConfig(block_out_channels=(8, 16, 16), norm_num_groups=4)
 
@@ -203,7 +200,7 @@ def test_train_vae_writes_a_vae_folder_with_measured_scale(tiny_vae):
     assert config["step"] == 20 and config["loss"] == "l1" and config["kl_weight"] == 1e-6
     # the stored scale is 1 / std of the (EMA) model's latent means of the first 1000 train digits
     first = load_mnist("embedded").train.images[:1000]
-    latents = autoencoder.encode_dataset(vae, to_vae_input(first, vae.cfg))
+    latents = vae_model.encode_dataset(vae, to_vae_input(first, vae.cfg))
     assert vae.cfg.scaling_factor == pytest.approx(1 / float(latents.double().std()), rel=1e-4)
 
 
@@ -274,13 +271,13 @@ def test_cached_latents_are_computed_once(tiny_vae, tmp_path, monkeypatch):
     vae, _ = load_vae(tiny_vae)
     digits = load_mnist("embedded").heldout.images[:10]
     first = cached_latents(vae, digits, tmp_path)
-    want = autoencoder.encode_dataset(vae, to_vae_input(digits, vae.cfg)) * vae.cfg.scaling_factor
+    want = vae_model.encode_dataset(vae, to_vae_input(digits, vae.cfg)) * vae.cfg.scaling_factor
     assert torch.equal(first, want) and len(list(tmp_path.iterdir())) == 1
 
     def no_encoding(*a, **k):
         raise AssertionError("encoded again")
 
-    monkeypatch.setattr(autoencoder, "encode_dataset", no_encoding)
+    monkeypatch.setattr(training_latents, "encode_dataset", no_encoding)
     assert torch.equal(cached_latents(vae, digits, tmp_path), first)
     with pytest.raises(AssertionError):  # other data: a new entry
         cached_latents(vae, digits[:5], tmp_path)
@@ -312,7 +309,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tiny_vae, tmp_path, capsys):
     (truncated / "model.safetensors").write_bytes((tiny_vae / "model.safetensors").read_bytes()[:300])
     _bad(capsys, [*rec, "--vae", str(truncated)], "model.safetensors")
     small = tmp_path / "small"  # a valid VAE for 16x16 images: cannot take 28x28 digits
-    autoencoder.save_vae(small, VAE(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4, image_size=16)))
+    vae_folders.save_vae(small, VAE(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4, image_size=16)))
     _bad(capsys, [*rec, "--vae", str(small)], "at most 16x16")
     assert not out.exists()
     f = tmp_path / "file"
@@ -334,9 +331,9 @@ def test_bad_inputs_exit_2_and_write_nothing(tiny_vae, tmp_path, capsys):
 def test_latent_base_trains_samples_and_stays_self_contained(tiny_vae, tmp_path, monkeypatch, capsys):
     """train --vae: the UNet denoises the VAE's cached latents; the folder carries the VAE (fingerprinted),
     sampling decodes to 28x28 digits, and train-lora / merge keep working on it."""
-    from lora4diffusion.checkpoint import load_model
+    from lora4diffusion.folders.model import load_model
     from lora4diffusion.pipeline import Pipeline
-    from lora4diffusion.train import train_base
+    from lora4diffusion.training.base import train_base
 
     monkeypatch.setenv("LORA4DIFFUSION_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "latent"
@@ -344,7 +341,7 @@ def test_latent_base_trains_samples_and_stays_self_contained(tiny_vae, tmp_path,
     vae, _ = load_vae(tiny_vae)
     unet, _, config = load_model(run)
     assert (unet.cfg.in_channels, unet.cfg.image_size) == (4, 8)
-    assert config["vae"] == {"folder": "vae", "fingerprint": autoencoder.vae_fingerprint(vae)}
+    assert config["vae"] == {"folder": "vae", "fingerprint": vae_folders.vae_fingerprint(vae)}
     assert (run / "samples" / "step_0000004.png").is_file()
     assert len(list((tmp_path / "cache" / "latents").iterdir())) == 1  # encoded once, cached
     images, traj = Pipeline.load(run).generate([3, 5], steps=3, trajectory_every=1)
@@ -359,7 +356,7 @@ def test_latent_base_trains_samples_and_stays_self_contained(tiny_vae, tmp_path,
 
     with pytest.raises(UserError, match="different vae"):  # resume with another VAE
         other = tmp_path / "other_vae"
-        autoencoder.save_vae(other, VAE(TINY))
+        vae_folders.save_vae(other, VAE(TINY))
         train_base("tiny", run, steps=6, resume=True, progress=False, device="cpu", vae=other)
     with pytest.raises(UserError, match="--image-size"):
         train_base("tiny", tmp_path / "x", steps=2, progress=False, image_size=32, vae=tiny_vae)
@@ -376,7 +373,7 @@ def test_latent_base_trains_samples_and_stays_self_contained(tiny_vae, tmp_path,
 def test_decode_latents_bf16_is_close_to_fp32_and_float32():
     """bf16 sampling decodes under bf16 autocast too: the images stay float32 in [0, 1], within a few grey
     levels of the fp32 decode (the shipped VAE: max 0.013, benchmarks/RESULTS.md), and the flag does act."""
-    from lora4diffusion.autoencoder import decode_latents
+    from lora4diffusion.latents import decode_latents
 
     vae, _ = load_vae("vae")
     z = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))

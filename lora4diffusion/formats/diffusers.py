@@ -19,16 +19,10 @@ from pathlib import Path
 
 import torch
 
-from lora4diffusion.checkpoint import (
-    atomic_write,
-    load_tensors,
-    read_json,
-    save_model,
-    save_tensors,
-    write_json,
-)
+from lora4diffusion.checkpoint import atomic_write, load_tensors, read_json, save_tensors, write_json
 from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError
+from lora4diffusion.folders.model import save_model
 from lora4diffusion.formats.names import from_diffusers, to_diffusers
 from lora4diffusion.models.unet import NULL_LABEL, UNet, UNetConfig
 
@@ -243,7 +237,7 @@ def scheduler_config(diffusion: DiffusionConfig, prompt_model: bool = False) -> 
     "leading" steps (n-1) r, ..., r, 0 with r = T // n, offset 0, clip x0 to [-1, 1], and the last step
     going to abar = 1 (``set_alpha_to_one``). diffusers' "squaredcos_cap_v2" is our cosine schedule
     (Nichol & Dhariwal eq. 17 with s = 0.008 and betas capped at 0.999). ``prompt_model``: latents are not
-    clipped and the steps are offset by 1 (prompt_model.STEPS_OFFSET), as StableDiffusionPipeline needs."""
+    clipped and the steps are offset by 1 (diffusion.STEPS_OFFSET), as StableDiffusionPipeline needs."""
     return {
         "_class_name": "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,

@@ -19,7 +19,7 @@ What makes the pipeline compute what ``Pipeline.generate`` computes, step for st
 - guidance: eps_u + w (eps_c - eps_u) with the negative prompt (or "") as eps_u, as ours; diffusers skips
   guidance for w <= 1 (w = 1 is the same; w < 1 is not);
 - scheduler: DDIM, our betas, "leading" timesteps with steps_offset 1 (StableDiffusionPipeline rewrites any
-  other offset to 1 on load, so our prompt models sample with 1: prompt_model.STEPS_OFFSET), no clipping of
+  other offset to 1 on load, so our prompt models sample with 1: diffusion.STEPS_OFFSET), no clipping of
   the latents (the pipeline also forces clip_sample False), set_alpha_to_one;
 - latents -> image: vae.decode(z / scaling_factor), then (x / 2 + 0.5).clamp(0, 1): the pipeline returns
   the VAE's whole 32 x 32 canvas; our digits are its centred 28 x 28 (models/vae.py crop_to).
@@ -32,16 +32,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora4diffusion.checkpoint import (
-    atomic_write,
-    load_tensors,
-    read_json,
-    save_model,
-    save_tensors,
-    write_json,
-)
+from lora4diffusion.checkpoint import atomic_write, load_tensors, read_json, save_tensors, write_json
 from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError
+from lora4diffusion.folders.model import save_model
 from lora4diffusion.formats import diffusers_vae
 from lora4diffusion.formats.diffusers import (
     DIFFUSERS_VERSION,

@@ -378,7 +378,7 @@ def enable_lora(model: nn.Module, enabled: bool = True) -> None:
 
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain base layers back, with every enabled adapter merged in (PEFT's merge_and_unload), so
-    ``checkpoint.save_model`` writes an ordinary model. Base parameters stay frozen."""
+    ``folders.model.save_model`` writes an ordinary model. Base parameters stay frozen."""
     for path, layer in lora_layers(model).items():
         if merge and layer.adapters_enabled:
             layer.merge()

@@ -23,20 +23,22 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lora4diffusion.captions import EMPTY_PROMPT, all_captions, captions_for, check_trigger
+from lora4diffusion.captions import check_trigger
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import (
     UNKNOWN,
     Adapter,
+    _check_fits,
     _default_name,
     base_fingerprint,
     load_adapter,
+    read_adapter,
     resolve_adapter,
 )
 from lora4diffusion.lora.layers import lora_layers, set_adapter_weight
+from lora4diffusion.models.prompt_unet import TextConditionedUNet
 
 log = logging.getLogger("lora4diffusion")
 TE_PREFIX = "text_encoder."
@@ -48,8 +50,6 @@ TRIGGER_KEY = "trigger_words"  # Adapter.extra entry: a JSON list of words (kohy
 # ------------------------------------------------------------------------------------------ adapters
 def prompt_fingerprint(unet: nn.Module, text_encoder: nn.Module) -> str:
     """The base fingerprint of a prompt model: UNet config + UNet and text-encoder base weights."""
-    from lora4diffusion.prompt_model import TextConditionedUNet
-
     return base_fingerprint(TextConditionedUNet(unet, text_encoder))
 
 
@@ -105,8 +105,6 @@ def load_prompt_adapter(unet: nn.Module, text_encoder: nn.Module, path, weight: 
                         ) -> tuple[str, Adapter]:
     """Load an adapter (any layout ``reader`` reads) into a prompt model's UNet and text encoder under one
     name; the fingerprint is checked against the whole prompt model. Returns (name, adapter)."""
-    from lora4diffusion.lora.adapters import read_adapter
-
     if isinstance(path, Adapter):
         adapter, where = path, "adapter"
     else:
@@ -123,7 +121,6 @@ def load_prompt_adapter(unet: nn.Module, text_encoder: nn.Module, path, weight: 
     if name is None:
         name = "default" if where == "adapter" else _default_name(unet, path)
     if te_part is not None:  # check the text-encoder part fits before the UNet is touched
-        from lora4diffusion.lora.adapters import _check_fits
 
         _check_fits(text_encoder, te_part, where)
     if unet_part is not None:
@@ -166,81 +163,6 @@ def check_trigger_in(trigger: str, tokenizer) -> str:
     return word
 
 
-class TriggerTask:
-    """The Trainer's task for LoRA on a prompt model (see train.DiffusionTask for the contract).
-
-    Batch of step s (``trainer.batch_indices(s)``, B styled digits): exactly what a plain prompt-LoRA step
-    draws, from the step's generator, in this order: t, eps, caption-dropout mask, then one caption per
-    digit with the trigger (or none). With ``prior`` the same generator then draws B more rows: B plain
-    digits uniformly from the prior pool (with replacement), their t, eps, dropout mask and trigger-less
-    captions. So a step sees 2B rows (B styled + B prior, as diffusers' train_dreambooth_lora.py with
-    --with_prior_preservation), its styled half is bit-identical to the run without --prior, and
-        loss = mean over the styled rows + prior_weight * mean over the prior rows     (DreamBooth eq. 2).
-    Each half is split over the ranks as PromptTask splits its batch.
-    """
-
-    def __init__(self, schedule, tokenizer, trigger: str | None, prior_images: torch.Tensor | None = None,
-                 prior_labels: torch.Tensor | None = None, prior_weight: float = 1.0):
-        self.schedule, self.trigger = schedule, trigger
-        self.prior = prior_images is not None
-        self.prior_images, self.prior_labels = prior_images, prior_labels
-        self.prior_weight = float(prior_weight)
-        texts = {EMPTY_PROMPT}
-        for d in range(10):
-            texts.update(all_captions(d, trigger))
-            if self.prior:
-                texts.update(all_captions(d))
-        texts = sorted(texts)
-        self.row = {c: i for i, c in enumerate(texts)}
-        self.ids = tokenizer.encode(texts)
-        self._on: dict = {}
-
-    def _captions(self, labels: torch.Tensor, g: torch.Generator, drop, trigger) -> torch.Tensor:
-        texts = captions_for(labels.cpu(), g, trigger=trigger)
-        if drop is not None:
-            texts = [EMPTY_PROMPT if d else c for c, d in zip(texts, drop.tolist(), strict=True)]
-        return torch.tensor([self.row[c] for c in texts])
-
-    def _half(self, trainer, images, labels, idx, g, trigger):
-        """One half of the batch: its (x0, ids, t, eps) rows for this rank."""
-        n = idx.shape[0]
-        shape = (n, *images.shape[1:])
-        t, noise, drop = self.schedule.draw_training_inputs(shape, g, trainer.cfg.label_dropout)
-        rows_all = self._captions(labels[idx], g, drop, trigger)
-        rows = slice(trainer.rank * n // trainer.world, (trainer.rank + 1) * n // trainer.world)
-        dev = trainer.device
-        return (images[idx[rows].to(dev)], self._ids(dev)[rows_all[rows].to(dev)], t[rows].to(dev),
-                noise[rows].to(dev))
-
-    def _ids(self, dev) -> torch.Tensor:
-        if dev not in self._on:
-            self._on[dev] = self.ids.to(dev)
-            if self.prior:
-                self._on[("prior", dev)] = (self.prior_images.to(dev), self.prior_labels.to(dev))
-        return self._on[dev]
-
-    def loss(self, trainer, step: int) -> torch.Tensor:
-        from lora4diffusion.train import _seed
-
-        cfg, schedule, dev = trainer.cfg, self.schedule, trainer.device
-        g = torch.Generator().manual_seed(_seed(cfg.seed * 1_000_003 + step))
-        idx = trainer.batch_indices(step)
-        x0, ids, t, noise = self._half(trainer, trainer.images, trainer.labels, idx, g, self.trigger)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=trainer.use_bf16):
-            if not self.prior:
-                return schedule.loss(trainer.net(), x0, ids, t, noise, None)
-            self._ids(dev)
-            p_images, p_labels = self._on[("prior", dev)]
-            pidx = torch.randint(0, p_images.shape[0], (idx.shape[0],), generator=g)
-            px0, pids, pt, pnoise = self._half(trainer, p_images, p_labels, pidx, g, None)
-            k = x0.shape[0]
-            x0, ids, t, noise = (torch.cat(p) for p in ((x0, px0), (ids, pids), (t, pt), (noise, pnoise)))
-            eps = trainer.net()(schedule.q_sample(x0, t, noise.to(x0.dtype)), t, ids).float()
-            loss_fn = F.mse_loss if schedule.cfg.loss == "mse" else F.l1_loss
-            per_row = loss_fn(eps, noise.float(), reduction="none").flatten(1).mean(1)
-            return per_row[:k].mean() + self.prior_weight * per_row[k:].mean()
-
-
-__all__ = ["TE_PREFIX", "TE_TARGETS", "TriggerTask", "adapter_from_prompt_model", "check_trigger_in",
+__all__ = ["TE_PREFIX", "TE_TARGETS", "adapter_from_prompt_model", "check_trigger_in",
            "load_prompt_adapter", "missing_triggers", "prompt_fingerprint", "set_prompt_adapter_weight",
            "split_adapter", "trigger_words"]

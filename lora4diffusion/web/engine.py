@@ -209,7 +209,7 @@ def preview_images(x0: torch.Tensor, vae) -> torch.Tensor:
     """
     if vae is None:
         return ((x0[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
-    from lora4diffusion.autoencoder import decode_latents
+    from lora4diffusion.latents import decode_latents
 
     return decode_latents(vae, x0, DECODED_SIZE, DECODED_SIZE)
 

@@ -22,8 +22,9 @@ import tempfile
 from pathlib import Path
 
 from lora4diffusion.captions import TRIGGER_WORDS
+from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from lora4diffusion.errors import UserError
-from lora4diffusion.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
+from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.web.engine import (
     STYLES,
     AdapterRegistry,

@@ -12,17 +12,33 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lora4diffusion.autoencoder import cached_latents, load_attached_vae
-from lora4diffusion.checkpoint import PRETRAINED, load_model, resolve_checkpoint, save_model
-from lora4diffusion.data import to_model_range
+from lora4diffusion.captions import EMPTY_PROMPT, all_captions, captions_for
+from lora4diffusion.catalog import PRETRAINED, resolve_checkpoint
+from lora4diffusion.checkpoint import read_json
+from lora4diffusion.data import load_mnist, to_model_range
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
+from lora4diffusion.folders.model import load_model, save_model
+from lora4diffusion.folders.text import load_text_parts
+from lora4diffusion.folders.vae import load_attached_vae
 from lora4diffusion.lora.adapters import base_fingerprint, save_adapter
 from lora4diffusion.lora.layers import inject_lora, lora_summary
+from lora4diffusion.lora.prompt_lora import (
+    TE_TARGETS,
+    TRIGGER_KEY,
+    adapter_from_prompt_model,
+    check_trigger_in,
+    prompt_fingerprint,
+)
+from lora4diffusion.models.prompt_unet import TextConditionedUNet
 from lora4diffusion.styles import load_style_data
-from lora4diffusion.train import TrainConfig, Trainer, data_fingerprint, prepare_run, preview_grid
+from lora4diffusion.training.base import preview_grid
+from lora4diffusion.training.latents import cached_latents
+from lora4diffusion.training.loop import TrainConfig, Trainer, data_fingerprint, prepare_run, seed_value
+from lora4diffusion.training.prompt_base import preview_prompts
 
 log = logging.getLogger("lora4diffusion")
 
@@ -194,8 +210,6 @@ def train_lora(
 
 # ------------------------------------------------------------------------------------------ prompt bases
 def _is_prompt_base(base: str | Path | None) -> bool:
-    from lora4diffusion.checkpoint import read_json
-
     path = resolve_checkpoint(base)
     config = path / "config.json"
     if not config.is_file():
@@ -260,17 +274,6 @@ def train_prompt_lora(
     """LoRA on a prompt base (lora/prompt_lora.py): styled digits captioned with ``trigger`` (or plain
     captions without one), optional prior preservation and text-encoder LoRA. Same run folder, resume and
     export contract as ``train_lora``; writes ``out/adapter.safetensors``."""
-    from lora4diffusion.data import load_mnist
-    from lora4diffusion.lora.prompt_lora import (
-        TE_TARGETS,
-        TRIGGER_KEY,
-        TriggerTask,
-        adapter_from_prompt_model,
-        check_trigger_in,
-        prompt_fingerprint,
-    )
-    from lora4diffusion.prompt_model import TextConditionedUNet, load_text_parts, preview_prompts
-
     if full:
         raise UserError("--full on a prompt base is not supported: train LoRA (or fine-tune with train)")
     if prior and trigger is None:
@@ -360,3 +363,76 @@ def train_prompt_lora(
     result = trainer.fit(progress=progress)
     result.update(summary, out=str(out))
     return result
+
+
+class TriggerTask:
+    """The Trainer's task for LoRA on a prompt model (see train.DiffusionTask for the contract).
+
+    Batch of step s (``trainer.batch_indices(s)``, B styled digits): exactly what a plain prompt-LoRA step
+    draws, from the step's generator, in this order: t, eps, caption-dropout mask, then one caption per
+    digit with the trigger (or none). With ``prior`` the same generator then draws B more rows: B plain
+    digits uniformly from the prior pool (with replacement), their t, eps, dropout mask and trigger-less
+    captions. So a step sees 2B rows (B styled + B prior, as diffusers' train_dreambooth_lora.py with
+    --with_prior_preservation), its styled half is bit-identical to the run without --prior, and
+        loss = mean over the styled rows + prior_weight * mean over the prior rows     (DreamBooth eq. 2).
+    Each half is split over the ranks as PromptTask splits its batch.
+    """
+
+    def __init__(self, schedule, tokenizer, trigger: str | None, prior_images: torch.Tensor | None = None,
+                 prior_labels: torch.Tensor | None = None, prior_weight: float = 1.0):
+        self.schedule, self.trigger = schedule, trigger
+        self.prior = prior_images is not None
+        self.prior_images, self.prior_labels = prior_images, prior_labels
+        self.prior_weight = float(prior_weight)
+        texts = {EMPTY_PROMPT}
+        for d in range(10):
+            texts.update(all_captions(d, trigger))
+            if self.prior:
+                texts.update(all_captions(d))
+        texts = sorted(texts)
+        self.row = {c: i for i, c in enumerate(texts)}
+        self.ids = tokenizer.encode(texts)
+        self._on: dict = {}
+
+    def _captions(self, labels: torch.Tensor, g: torch.Generator, drop, trigger) -> torch.Tensor:
+        texts = captions_for(labels.cpu(), g, trigger=trigger)
+        if drop is not None:
+            texts = [EMPTY_PROMPT if d else c for c, d in zip(texts, drop.tolist(), strict=True)]
+        return torch.tensor([self.row[c] for c in texts])
+
+    def _half(self, trainer, images, labels, idx, g, trigger):
+        """One half of the batch: its (x0, ids, t, eps) rows for this rank."""
+        n = idx.shape[0]
+        shape = (n, *images.shape[1:])
+        t, noise, drop = self.schedule.draw_training_inputs(shape, g, trainer.cfg.label_dropout)
+        rows_all = self._captions(labels[idx], g, drop, trigger)
+        rows = slice(trainer.rank * n // trainer.world, (trainer.rank + 1) * n // trainer.world)
+        dev = trainer.device
+        return (images[idx[rows].to(dev)], self._ids(dev)[rows_all[rows].to(dev)], t[rows].to(dev),
+                noise[rows].to(dev))
+
+    def _ids(self, dev) -> torch.Tensor:
+        if dev not in self._on:
+            self._on[dev] = self.ids.to(dev)
+            if self.prior:
+                self._on[("prior", dev)] = (self.prior_images.to(dev), self.prior_labels.to(dev))
+        return self._on[dev]
+
+    def loss(self, trainer, step: int) -> torch.Tensor:
+        cfg, schedule, dev = trainer.cfg, self.schedule, trainer.device
+        g = torch.Generator().manual_seed(seed_value(cfg.seed * 1_000_003 + step))
+        idx = trainer.batch_indices(step)
+        x0, ids, t, noise = self._half(trainer, trainer.images, trainer.labels, idx, g, self.trigger)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=trainer.use_bf16):
+            if not self.prior:
+                return schedule.loss(trainer.net(), x0, ids, t, noise, None)
+            self._ids(dev)
+            p_images, p_labels = self._on[("prior", dev)]
+            pidx = torch.randint(0, p_images.shape[0], (idx.shape[0],), generator=g)
+            px0, pids, pt, pnoise = self._half(trainer, p_images, p_labels, pidx, g, None)
+            k = x0.shape[0]
+            x0, ids, t, noise = (torch.cat(p) for p in ((x0, px0), (ids, pids), (t, pt), (noise, pnoise)))
+            eps = trainer.net()(schedule.q_sample(x0, t, noise.to(x0.dtype)), t, ids).float()
+            loss_fn = F.mse_loss if schedule.cfg.loss == "mse" else F.l1_loss
+            per_row = loss_fn(eps, noise.float(), reduction="none").flatten(1).mean(1)
+            return per_row[:k].mean() + self.prior_weight * per_row[k:].mean()

@@ -39,8 +39,9 @@ from lora4diffusion.checkpoint import (
     write_text_atomic,
 )
 from lora4diffusion.diffusion import NoiseSchedule
+from lora4diffusion.distributed import bf16_supported
 from lora4diffusion.errors import UserError
-from lora4diffusion.models.unet import UNetConfig
+from lora4diffusion.plots import plot_loss
 from lora4diffusion.runlock import RunLock
 from lora4diffusion.schema import float_text, int_text
 
@@ -102,18 +103,9 @@ def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def _seed(value: int) -> int:
+def seed_value(value: int) -> int:
     """A derived seed folded into manual_seed's 64-bit range (the identity for every seed below ~2**43)."""
     return value % 2**64
-
-
-def bf16_supported(device: torch.device | None = None) -> bool:
-    if device is not None and device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return (
-        torch.backends.mkldnn.is_available()
-        and getattr(torch.backends.mkldnn, "is_bf16_supported", lambda: True)()
-    )
 
 
 class EMA:
@@ -151,7 +143,7 @@ class DiffusionTask:
 
     def loss(self, trainer: Trainer, step: int) -> torch.Tensor:
         cfg, schedule = trainer.cfg, self.schedule
-        g = torch.Generator().manual_seed(_seed(cfg.seed * 1_000_003 + step))
+        g = torch.Generator().manual_seed(seed_value(cfg.seed * 1_000_003 + step))
         idx = trainer.batch_indices(step)
         n = idx.shape[0]
         # Draw for the whole global batch on every rank (one process: exactly training_loss's draws), keep
@@ -253,10 +245,10 @@ class Trainer:
         per_epoch = max(1, n // b)
         epoch, pos = divmod(step, per_epoch)
         if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(_seed(self.cfg.seed * 7919 + epoch))
+            g = torch.Generator().manual_seed(seed_value(self.cfg.seed * 7919 + epoch))
             self._perm_epoch, self._perm = epoch, torch.randperm(n, generator=g)
         if n < b:  # few-shot data sets: sample with replacement
-            g = torch.Generator().manual_seed(_seed(self.cfg.seed * 7919 + step))
+            g = torch.Generator().manual_seed(seed_value(self.cfg.seed * 7919 + step))
             return torch.randint(0, n, (b,), generator=g)
         return self._perm[pos * b : (pos + 1) * b]
 
@@ -416,7 +408,7 @@ class Trainer:
         # caller's RNG is left alone, else a resumed run draws other masks than an uninterrupted one.
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(_seed(self.cfg.seed * 1_000_003 + step + 1))
+            torch.manual_seed(seed_value(self.cfg.seed * 1_000_003 + step + 1))
             return self.task.loss(self, step)
 
     def _stop_requested(self) -> bool:
@@ -622,95 +614,9 @@ def _finite_cell(text: str) -> bool:
 
 
 def _plot_loss(metrics_path: Path, out: Path) -> None:
-    from lora4diffusion.plots import plot_loss
-
     rows = list(csv.DictReader(metrics_path.open()))
     if rows:
         plot_loss([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], out)
-
-
-# ----- the base model: presets and the `train` command's Python API -----
-def _presets() -> dict[str, tuple[UNetConfig, TrainConfig]]:
-    # `fast`/`base` share the architecture chosen by measurement (benchmarks/RESULTS.md): ~0.41 GFLOP/forward
-    # at 28x28, Transformer blocks (self- + cross-attention) at 7x7 and in the middle.
-    model = UNetConfig(
-        image_size=28, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_levels=(2,)
-    )
-    return {
-        "tiny": (
-            UNetConfig(
-                image_size=28,
-                base_channels=16,
-                channel_mults=(1, 2),
-                num_res_blocks=1,
-                attn_levels=(1,),
-                context_dim=32,
-            ),
-            TrainConfig(
-                steps=30,
-                batch_size=32,
-                lr=2e-3,
-                warmup=5,
-                ema_decay=0.9,
-                log_every=5,
-                checkpoint_every=10,
-                sample_every=30,
-            ),
-        ),
-        "fast": (
-            model,
-            TrainConfig(
-                steps=1000,
-                batch_size=128,
-                lr=1e-3,
-                warmup=100,
-                ema_decay=0.995,
-                checkpoint_every=100,
-                sample_every=250,
-            ),
-        ),
-        "base": (
-            model,
-            TrainConfig(
-                steps=20000,
-                batch_size=128,
-                lr=5e-4,
-                warmup=200,
-                ema_decay=0.9995,
-                checkpoint_every=200,
-                sample_every=1000,
-            ),
-        ),
-    }
-
-
-PRESET_NAMES = ("tiny", "fast", "base")
-
-
-def preview_grid(model: nn.Module, schedule: NoiseSchedule, path: Path, steps: int = 20, vae=None) -> None:
-    """One DDIM sample per digit (fixed seed, default guidance), for watching training progress.
-
-    ``vae``: the model denoises that VAE's latents: no [-1, 1] clipping, decoded to pixels for the picture.
-    """
-    from lora4diffusion.diffusion import DDIMSampler, sample
-    from lora4diffusion.pipeline import DEFAULT_GUIDANCE
-    from lora4diffusion.plots import save_grid
-
-    s = DDIMSampler(schedule, clip_sample=vae is None)
-    s.set_timesteps(steps)
-    size = model.cfg.image_size
-    labels = torch.arange(10, device=next(model.parameters()).device)  # sample() runs on the labels' device
-    shape = (model.cfg.in_channels, size, size)
-    with torch.no_grad():
-        x, _ = sample(
-            model, s, labels, shape, DEFAULT_GUIDANCE, torch.Generator().manual_seed(0), clip=vae is None
-        )
-    if vae is not None:
-        from lora4diffusion.autoencoder import decode_latents
-
-        save_grid(decode_latents(vae, x), 10, path)
-    else:
-        save_grid(((x[:, 0].cpu() + 1) / 2).clamp(0, 1), 10, path)
 
 
 def _saved_config(path: Path) -> dict:
@@ -777,99 +683,3 @@ def prepare_run(
     return cfg, out, device
 
 
-def train_base(
-    preset: str,
-    out: Path,
-    data: str = "embedded",
-    steps: int | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    image_size: int | None = None,
-    diffusion_overrides: dict | None = None,
-    device: str | torch.device = "auto",
-    compile: bool = False,
-    vae: str | Path | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    overwrite: bool = False,
-    allow_changes: bool = False,
-    **overrides,
-) -> dict:
-    """Train a base UNet from a preset into run directory ``out``; returns a summary dict.
-
-    ``device``: auto (CUDA if available) | cpu | cuda. Under torchrun every process calls this (see Trainer).
-    ``vae``: a VAE folder: latent diffusion (Rombach et al. 2022): the UNet (in_channels = latent channels,
-    image_size = latent size) denoises the VAE's scaled latents of the training digits, encoded once and
-    cached; the run folder carries a copy of the VAE (``vae/``), named by its fingerprint in config.json.
-    ``should_stop``, ``overwrite``, ``allow_changes``: see Trainer and prepare_run.
-    """
-    from lora4diffusion.checkpoint import save_model
-    from lora4diffusion.data import load_mnist, to_model_range
-    from lora4diffusion.diffusion import DiffusionConfig
-    from lora4diffusion.models.unet import UNet
-
-    if preset not in PRESET_NAMES:
-        raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
-    unet_cfg, cfg = _presets()[preset]
-    if image_size is not None:
-        if vae is not None:
-            raise UserError("--image-size does not apply with --vae: the latent size is the VAE's")
-        unet_cfg = replace(unet_cfg, image_size=image_size)  # validated by UNetConfig.__post_init__
-    autoencoder = None
-    if vae is not None:
-        from lora4diffusion.autoencoder import latent_unet
-
-        autoencoder, unet_cfg = latent_unet(vae, unet_cfg)
-    cfg, out, device = prepare_run(
-        cfg, out, resume, device, overwrite=overwrite, allow_changes=allow_changes, steps=steps, **overrides
-    )
-    diffusion = DiffusionConfig(**(diffusion_overrides or {}))  # DDPM's linear schedule and MSE by default
-    splits = load_mnist(data)
-    if autoencoder is not None:
-        from lora4diffusion.autoencoder import cached_latents, vae_fingerprint
-
-        images = cached_latents(autoencoder, splits.train.images)
-    else:
-        images = to_model_range(splits.train.images, unet_cfg.image_size)
-    torch.manual_seed(cfg.seed)  # initial weights
-    model = UNet(unet_cfg)
-    schedule = NoiseSchedule(diffusion)
-    run_info = {
-        "unet": unet_cfg.to_dict(),
-        "diffusion": asdict(diffusion),
-        "preset": preset,
-        "data": splits.source,
-        "data_fingerprint": data_fingerprint(splits.train.images, splits.train.labels),
-    }
-    if autoencoder is not None:
-        run_info["vae"] = vae_fingerprint(autoencoder)  # --resume refuses another VAE
-    preview_steps = 5 if preset == "tiny" else 20
-
-    def export(m: nn.Module, directory: Path) -> None:
-        extra = {
-            "train": asdict(cfg),
-            "preset": preset,
-            "data": splits.source,
-            "step": trainer.step,
-            "train_seconds": round(trainer.train_seconds, 1),
-        }
-        save_model(directory, m, diffusion, extra, vae=autoencoder)
-
-    trainer = Trainer(
-        model,
-        schedule,
-        images,
-        splits.train.labels,
-        cfg,
-        out,
-        export,
-        preview=lambda m, p: preview_grid(m, schedule, p, steps=preview_steps, vae=autoencoder),
-        run_info=run_info,
-        device=device,
-        compile=compile,
-        should_stop=should_stop,
-    )
-    if resume:
-        trainer.resume(allow_changes)
-    summary = trainer.fit(progress=progress)
-    summary["out"] = str(out)
-    return summary

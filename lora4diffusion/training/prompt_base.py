@@ -17,7 +17,7 @@ A prompt model folder (maps one to one onto diffusers' unet/, text_encoder/, tok
     model.safetensors          the UNet (EMA) weights, our names (as every model folder)
     text_encoder.safetensors   the text encoder (EMA) weights, CLIPTextModel's names minus prefixes
     tokenizer/                 vocab.txt + config.json (models/tokenizer.py)
-    vae/                       the VAE it denoises the latents of (autoencoder.attach_vae)
+    vae/                       the VAE it denoises the latents of (folders/vae.py)
 """
 
 from __future__ import annotations
@@ -30,115 +30,35 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora4diffusion.captions import EMPTY_PROMPT, all_captions, caption, captions_for, family_templates
-from lora4diffusion.checkpoint import load_state_into, load_tensors, save_tensors
-from lora4diffusion.diffusion import NoiseSchedule
+from lora4diffusion.captions import EMPTY_PROMPT, all_captions, captions_for
+from lora4diffusion.data import load_mnist
+from lora4diffusion.diffusion import (
+    DEFAULT_GUIDANCE,
+    STEPS_OFFSET,
+    DDIMSampler,
+    DiffusionConfig,
+    NoiseSchedule,
+    sample,
+)
 from lora4diffusion.errors import UserError
+from lora4diffusion.folders.model import save_model
+from lora4diffusion.folders.vae import vae_fingerprint
+from lora4diffusion.latents import decode_latents
+from lora4diffusion.models.prompt_unet import TextConditionedUNet
 from lora4diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from lora4diffusion.models.tokenizer import Tokenizer
 from lora4diffusion.models.unet import UNet, UNetConfig
-from lora4diffusion.train import TrainConfig, Trainer, data_fingerprint, prepare_run
+from lora4diffusion.plots import save_grid
+from lora4diffusion.training.latents import cached_latents, latent_unet
+from lora4diffusion.training.loop import TrainConfig, Trainer, data_fingerprint, prepare_run
 
 log = logging.getLogger("lora4diffusion")
-
-TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
-TOKENIZER_FOLDER = "tokenizer"
-# What `sample --digits` asks a prompt model for: the "digit" family, cycled ("the digit 7", "the digit
-# seven", "a digit seven", ...).
-DIGITS_FAMILY = "digit"
-# Prompt models sample with SD's "leading" timesteps shifted by steps_offset 1 ((n-1) r + 1, ..., 1):
-# diffusers' StableDiffusionPipeline rewrites any other steps_offset to 1 when it loads, so this is what
-# makes the exported pipeline (formats/stable_diffusion.py) draw the same images. Pipeline.sampler uses it.
-STEPS_OFFSET = 1
-
-
-class TextConditionedUNet(nn.Module):
-    """UNet + text encoder as one module: forward(x, t, ids) = unet(x, t, text_encoder(ids).last_hidden)."""
-
-    def __init__(self, unet: UNet, text_encoder: TextEncoder):
-        super().__init__()
-        if unet.cfg.conditioning != "text":
-            raise UserError("TextConditionedUNet needs a UNet with conditioning='text'")
-        if text_encoder.cfg.width != unet.cfg.context_dim:
-            raise UserError(
-                f"text encoder width {text_encoder.cfg.width} != the UNet's context_dim"
-                f" {unet.cfg.context_dim}"
-            )
-        self.unet, self.text_encoder = unet, text_encoder
-
-    @property
-    def cfg(self) -> UNetConfig:
-        return self.unet.cfg
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, self.text_encoder(ids)[0])
 
 
 # ------------------------------------------------------------------------------------------ prompts
 
 
-def digit_prompts(digits: list[int] | torch.Tensor, family: str | None = DIGITS_FAMILY) -> list[str]:
-    """One prompt per digit from a caption family's templates, cycled per digit (the k-th occurrence of a
-    digit takes template k mod T), so N samples of one digit cover the family evenly. family None = every
-    training template; captions.HELD_OUT = the phrasings never seen in training."""
-    templates = family_templates(family)
-    seen: dict[int, int] = {}
-    out = []
-    for d in (digits.tolist() if isinstance(digits, torch.Tensor) else list(digits)):
-        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9:
-            raise UserError(f"a digit prompt needs a digit 0-9, got {d!r}")
-        k = seen.get(d, 0)
-        seen[d] = k + 1
-        out.append(caption(d, templates[k % len(templates)]))
-    return out
-
-
-def negative_prompts(negative: str | list[str] | None, n: int) -> list[str]:
-    """The unconditional branch's prompts: "" (None), one negative for all, or one per prompt."""
-    if negative is None:
-        return [EMPTY_PROMPT] * n
-    if isinstance(negative, str):
-        return [negative] * n
-    negative = list(negative)
-    if len(negative) != n:
-        raise UserError(f"{len(negative)} negative prompts for {n} prompts: give one, or one per prompt")
-    return negative
-
-
 # ------------------------------------------------------------------------------------------ files
-
-
-def save_text_parts(directory: str | Path, text_encoder: TextEncoder, tokenizer: Tokenizer) -> dict:
-    """Write text_encoder.safetensors and tokenizer/ into ``directory``; returns the config.json entries."""
-    directory = Path(directory)
-    weights = {k: v.float() for k, v in text_encoder.state_dict().items()}
-    save_tensors(directory / TEXT_ENCODER_WEIGHTS, weights)
-    tokenizer.save(directory / TOKENIZER_FOLDER)
-    return {
-        "text_encoder": {"config": text_encoder.cfg.to_dict(), "weights": TEXT_ENCODER_WEIGHTS},
-        "tokenizer": {"folder": TOKENIZER_FOLDER},
-    }
-
-
-def load_text_parts(directory: str | Path, config: dict) -> tuple[TextEncoder, Tokenizer]:
-    """The text encoder (eval mode) and tokenizer of a prompt model folder; UserError naming what is wrong."""
-    directory = Path(directory)
-    te_entry, tok_entry = config.get("text_encoder"), config.get("tokenizer")
-    if not isinstance(te_entry, dict) or not isinstance(tok_entry, dict):
-        raise UserError(f"prompt model {directory}: config.json has no 'text_encoder'/'tokenizer' entries")
-    try:
-        te_cfg = TextEncoderConfig.from_dict(te_entry["config"])
-        weights, folder = directory / te_entry["weights"], directory / tok_entry["folder"]
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{directory / 'config.json'}: malformed text encoder entry ({e})") from None
-    tokenizer = Tokenizer.load(folder)
-    if (tokenizer.vocab_size, tokenizer.context_length, tokenizer.eos_id) != (
-        te_cfg.vocab_size, te_cfg.context_length, te_cfg.eos_token_id
-    ):
-        raise UserError(f"prompt model {directory}: the tokenizer in {folder} does not fit its text encoder")
-    text_encoder = TextEncoder(te_cfg)
-    load_state_into(text_encoder, load_tensors(weights), weights)
-    return text_encoder.eval(), tokenizer
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -184,7 +104,7 @@ class PromptTask:
             return schedule.loss(trainer.net(), x0, ids, t[rows].to(dev), noise[rows].to(dev), None)
 
 
-def _presets() -> dict[str, tuple[UNetConfig, dict, TrainConfig]]:
+def presets() -> dict[str, tuple[UNetConfig, dict, TrainConfig]]:
     """Latent (4x8x8) prompt models: (UNet config, text encoder size, training recipe).
 
     Chosen by measured CPU time, not FLOPs (`benchmarks/latent_arch.py`, benchmarks/RESULTS.md): at 8x8 the
@@ -229,11 +149,6 @@ def preview_prompts(model: TextConditionedUNet, tokenizer: Tokenizer, schedule: 
                     path: Path, steps: int = 20, prompts: list[str] | None = None) -> None:
     """One DDIM sample per digit ("the digit 0" ... "the digit 9", or ``prompts``: ten of them, e.g. with a
     LoRA's trigger), fixed seed, for watching training."""
-    from lora4diffusion.autoencoder import decode_latents
-    from lora4diffusion.diffusion import DDIMSampler, sample
-    from lora4diffusion.pipeline import DEFAULT_GUIDANCE
-    from lora4diffusion.plots import save_grid
-
     s = DDIMSampler(schedule, clip_sample=False, steps_offset=STEPS_OFFSET)
     s.set_timesteps(steps)
     dev = next(model.parameters()).device
@@ -268,18 +183,13 @@ def train_prompt_base(
     Same contract as train.train_base (run folder, EMA export, --resume bit-exact); ``vae`` is required:
     the prompt presets are latent models, as SD.
     """
-    from lora4diffusion.autoencoder import cached_latents, latent_unet, vae_fingerprint
-    from lora4diffusion.checkpoint import save_model
-    from lora4diffusion.data import load_mnist
-    from lora4diffusion.diffusion import DiffusionConfig
-
     if preset not in PRESET_NAMES:
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
     if vae is None:
         raise UserError("--conditioning text trains a latent model: pass --vae DIR (a VAE from train-vae)")
     if image_size is not None:
         raise UserError("--image-size does not apply with --vae: the latent size is the VAE's")
-    unet_cfg, te_size, cfg = _presets()[preset]
+    unet_cfg, te_size, cfg = presets()[preset]
     autoencoder, unet_cfg = latent_unet(vae, unet_cfg)
     cfg, out, device = prepare_run(
         cfg, out, resume, device, overwrite=overwrite, allow_changes=allow_changes, steps=steps, **overrides
@@ -329,8 +239,4 @@ def train_prompt_base(
     return summary
 
 
-__all__ = [
-    "DIGITS_FAMILY", "PRESET_NAMES", "STEPS_OFFSET",
-    "PromptTask", "TextConditionedUNet", "digit_prompts", "load_text_parts",
-    "negative_prompts", "save_text_parts", "train_prompt_base",
-]
+__all__ = ["PRESET_NAMES", "PromptTask", "preview_prompts", "train_prompt_base"]
