@@ -168,7 +168,8 @@ def gaussian_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def _fid(a: torch.Tensor, b: torch.Tensor) -> float:
+def fid(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two [N, F] feature sets (FID, Heusel et al. 2017)."""
     return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
 
 
@@ -217,7 +218,7 @@ def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, classifier: Cla
         "accuracy": float(correct.double().mean()),
         "per_digit_accuracy": per_digit,
         "per_digit_n": {d: int((labels == d).sum()) for d in range(10)},
-        "fid_classifier": _fid(feats, held_feats),
+        "fid_classifier": fid(feats, held_feats),
         "fid_n": {"samples": n, "heldout": len(held_y)},
         "mean_ink": float(images.double().mean()),
         "reference": {
@@ -225,7 +226,7 @@ def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, classifier: Cla
             "heldout_n": len(held_y),
             "heldout_accuracy": float((held_pred == held_y).double().mean()),
             "heldout_mean_ink": float(held_x.double().mean()),
-            "real_vs_real_fid": _fid(floor_feats, held_feats) if len(floor_idx) >= 2 else None,
+            "real_vs_real_fid": fid(floor_feats, held_feats) if len(floor_idx) >= 2 else None,
             "real_vs_real_n": {"train_slice": len(floor_idx), "heldout": len(held_y)},
             "real_vs_real_note": "train digits (same label mix; seen by the classifier) vs held-out digits",
         },

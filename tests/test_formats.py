@@ -133,7 +133,7 @@ def test_every_weight_has_a_diffusers_name_and_back():
 
 
 def _config(cfg: UNetConfig) -> dict:
-    from lora4diffusion.formats.diffusers import unet_config_to_diffusers
+    from lora4diffusion.formats.diffusers_unet import unet_config_to_diffusers
 
     return unet_config_to_diffusers(cfg)
 

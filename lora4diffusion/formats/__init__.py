@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from safetensors import safe_open
+
 from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
 from lora4diffusion.formats import diffusers_lora, kohya, peft
@@ -21,8 +23,6 @@ _FILE_READERS = {"diffusers": diffusers_lora, "kohya": kohya, "peft": peft}
 
 
 def _keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
     read_metadata(path)  # a corrupt file: one line naming it
     with safe_open(str(path), framework="pt") as f:
         return list(f.keys())

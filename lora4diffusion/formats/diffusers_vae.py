@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lora4diffusion.errors import UserError
-from lora4diffusion.models.vae import VAEConfig
+from lora4diffusion.models.vae import VAE, VAEConfig
 
 
 def diffusers_config(cfg: VAEConfig) -> dict:
@@ -104,8 +104,6 @@ def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def from_diffusers(state: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
     """diffusers ``AutoencoderKL`` state dict -> ours, checked against ``cfg``'s names and shapes."""
-    from lora4diffusion.models.vae import VAE
-
     with torch.device("meta"):  # names and shapes only: no memory, no init
         own = VAE(cfg).state_dict()
     out = {}

@@ -1,4 +1,4 @@
-"""A prompt model <-> a diffusers ``StableDiffusionPipeline`` folder (issue 12, items 1-2).
+"""A prompt model <-> a diffusers ``StableDiffusionPipeline`` folder (export and import).
 
 Our prompt model folder (prompt_model.py) and the diffusers folder hold the same five parts:
 
@@ -37,7 +37,7 @@ from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.model import save_model
 from lora4diffusion.formats import diffusers_vae
-from lora4diffusion.formats.diffusers import (
+from lora4diffusion.formats.diffusers_unet import (
     DIFFUSERS_VERSION,
     SCHEDULER_CONFIG,
     SCHEDULER_DIR,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lora4diffusion.checkpoint import save_tensors, write_json
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from lora4diffusion.models.tokenizer import Tokenizer
@@ -159,8 +160,6 @@ def config_from_transformers(config: dict) -> TextEncoderConfig:
 def export_text_encoder(model: TextEncoder, tokenizer: Tokenizer, out_dir: str | Path) -> None:
     """Write `out_dir/text_encoder/{config.json, model.safetensors}` and `out_dir/tokenizer/` (CLIP BPE
     files): the two folders of a diffusers Stable Diffusion pipeline."""
-    from lora4diffusion.checkpoint import save_tensors, write_json
-
     out_dir = Path(out_dir)
     config = transformers_config(model.cfg, tokenizer)
     write_json(out_dir / "text_encoder" / "config.json", config)
