@@ -20,9 +20,9 @@ import logging
 import re
 from pathlib import Path
 
+import lora4diffusion.formats.ours as ours
 from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
 from lora4diffusion.errors import UserError
-from lora4diffusion.formats import ours
 from lora4diffusion.formats.names import (
     from_diffusers,
     is_text_encoder,

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+import lora4diffusion.formats.ours as ours
 from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
 from lora4diffusion.errors import UserError
-from lora4diffusion.formats import ours
 from lora4diffusion.formats.names import KOHYA_TE, KOHYA_UNET, any_from_kohya, any_to_kohya
 from lora4diffusion.lora.adapters import UNKNOWN, Adapter
 
