@@ -99,7 +99,8 @@ from lora4diffusion.data import load_mnist, to_model_range
 from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.training.base import presets
-from lora4diffusion.training.loop import TrainConfig, Trainer
+from lora4diffusion.training.loop import Trainer
+from lora4diffusion.training.run import TrainConfig
 from lora4diffusion.models.unet import UNet
 
 logging.disable(logging.INFO)

@@ -22,6 +22,7 @@ from torch import nn
 
 from lora4diffusion.checkpoint import load_weights, path_kind, read_json, save_tensors, write_json
 from lora4diffusion.data import load_mnist
+from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
 from lora4diffusion.schema import integer, number, shown
 
@@ -143,8 +144,6 @@ def train_classifier(out_dir: str | Path, data: str = "embedded", epochs: int = 
     only once, after training, for the recorded accuracy (no early stopping on it). ``device``: where the
     steps run (augmentation stays on the CPU: the same random stream everywhere); ``bf16``: autocast.
     """
-    from lora4diffusion.distributed import resolve_device
-
     dev = resolve_device(device)
     if epochs <= 0 or batch_size <= 0:
         raise UserError(f"epochs and batch size must be > 0, got {epochs} and {batch_size}")

@@ -448,7 +448,7 @@ def _lora_inputs(items: list[str]) -> tuple[Path, ...]:
 def _train_out(args: argparse.Namespace, inputs: tuple) -> Path:
     """--out of train / train-lora: --resume continues the run there, --overwrite starts over."""
     from lora4diffusion import runlock
-    from lora4diffusion.training.loop import STATE_NAME
+    from lora4diffusion.training.run import STATE_NAME
 
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
@@ -510,7 +510,7 @@ def _train_with_signals(fn, out: Path, *args, **kwargs) -> tuple[dict | None, in
     Interrupted with a resumable checkpoint: EXIT_INTERRUPTED (75). Stopped before anything was written:
     128 + the signal number (130 Ctrl-C, 143 SIGTERM), as a shell reports a process killed by it.
     """
-    from lora4diffusion.training.loop import STATE_NAME
+    from lora4diffusion.training.run import STATE_NAME
 
     with _StopSignals() as stop:
         try:
@@ -1081,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
     from lora4diffusion import quick
     from lora4diffusion.distributed import keep_freed_memory
     from lora4diffusion.threads import configure_threads
-    from lora4diffusion.training.loop import NonFiniteLoss
+    from lora4diffusion.training.run import NonFiniteLoss
 
     keep_freed_memory()
     configure_threads(args.threads)

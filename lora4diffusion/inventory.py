@@ -16,7 +16,7 @@ from lora4diffusion.lora.adapters import UNKNOWN
 from lora4diffusion.pipeline import Pipeline
 
 
-def _size(path: Path) -> int:
+def stored_size(path: Path) -> int:
     """Bytes of a file; of a folder, its weights and config (not the pictures and logs of a run)."""
     if path.is_file():
         return path.stat().st_size
@@ -46,7 +46,7 @@ def _adapter_meta(path: Path) -> dict:
 
 def entry(path: Path, kind: str, name: str | None = None) -> dict:
     """One row of `list`: name, kind, path, size and the few facts that tell items apart."""
-    row = {"name": name or path.name, "kind": kind, "path": str(path), "size": _human(_size(path))}
+    row = {"name": name or path.name, "kind": kind, "path": str(path), "size": _human(stored_size(path))}
     if kind == "adapter":
         meta = _adapter_meta(path)
         for key in ("style", "trigger", "rank", "target_spec", "base"):
@@ -94,7 +94,7 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
     kind = kind_of(p)
     if kind is None:
         raise UserError(f"info {p}: not a model, VAE or adapter folder (nor an adapter file)")
-    out: dict = {"path": str(p), "kind": kind, "size": _human(_size(p))}
+    out: dict = {"path": str(p), "kind": kind, "size": _human(stored_size(p))}
     if kind == "adapter":
         adapter = read_any(p)
         out.update({"rank": adapter.rank, "alpha": adapter.alpha, "rslora": adapter.rslora,

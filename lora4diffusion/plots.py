@@ -1,4 +1,4 @@
-"""Pictures: sample grids, denoising strips and loss curves (Pillow and matplotlib, nothing at import)."""
+"""Pictures: sample grids, denoising strips and loss curves (Pillow; matplotlib only for loss curves)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 def grid_image(images: torch.Tensor | np.ndarray, nrow: int, pad: int = 2, scale: int = 2):
     """images [N, H, W] in [0, 1] -> a PIL image with ``nrow`` images per row, white on black like MNIST."""
-    from PIL import Image
-
     arr = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, dtype=np.float32)
     n, h, w = arr.shape
     rows = -(-n // nrow)
@@ -38,7 +37,7 @@ def save_trajectory(trajectory: list[torch.Tensor], path: Path, max_rows: int = 
 
 
 def plot_loss(steps: list[int], losses: list[float], path: Path, title: str = "training loss") -> None:
-    import matplotlib
+    import matplotlib  # heavy (~0.3 s to import) and needed for loss curves only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

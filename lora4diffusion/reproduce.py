@@ -11,15 +11,18 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lora4diffusion.checkpoint import path_kind
 from lora4diffusion.errors import UserError
+from lora4diffusion.prompt_syntax import call_loras
 
 KEY = "lora4diffusion"
 
 
 def read_parameters(path: str | Path) -> dict:
     """The sampling record of a samples.png or samples.npz written by `lora4diffusion sample`."""
-    from lora4diffusion.checkpoint import path_kind
-
     p = Path(path)
     if path_kind(p) == "dir":
         p = p / "samples.png"
@@ -27,16 +30,12 @@ def read_parameters(path: str | Path) -> dict:
         raise UserError(f"--from {path}: file not found")
     text = None
     if p.suffix.lower() == ".npz":
-        import numpy as np
-
         try:
             with np.load(p, allow_pickle=False) as data:
                 text = str(data["parameters"]) if "parameters" in data.files else None
         except (OSError, ValueError) as e:
             raise UserError(f"--from {p}: not a readable .npz ({e})") from None
     else:
-        from PIL import Image, UnidentifiedImageError
-
         try:
             with Image.open(p) as im:
                 text = getattr(im, "text", {}).get(KEY)
@@ -78,7 +77,6 @@ def summary_line(params: dict) -> str:
     """One line: everything the run used (what `sample` prints)."""
     loras = ", ".join(f"{p}:{w:g}" for p, w in params["loras"])
     if params.get("prompts"):  # adapters loaded by <lora:...> tags act as much as --lora ones: name them
-        from lora4diffusion.prompt_syntax import call_loras
 
         tagged = ", ".join(f"{n}:{w:g}" for n, w in call_loras(list(params["prompts"]))[1].items())
         loras = ", ".join(x for x in (loras, tagged and f"{tagged} (prompt tags)") if x)

@@ -39,7 +39,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _identity(pid: int) -> dict:
+def process_identity(pid: int) -> dict:
     """{"boot_id", "pid_start"} for a live ``pid`` where /proc has them (Linux), else {}."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -58,7 +58,7 @@ def _same_process(info: dict) -> bool:
     recorded = {k: info[k] for k in ("boot_id", "pid_start") if k in info}
     if not recorded:  # an older lock, or a system without /proc: the pid is all we have
         return True
-    now = _identity(info["pid"])
+    now = process_identity(info["pid"])
     return not now or all(now.get(k) == v for k, v in recorded.items())
 
 
@@ -111,7 +111,7 @@ class RunLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **_identity(os.getpid()),
+            **process_identity(os.getpid()),
         }
         self.held = False
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 # Intel MKL, torch's CPU BLAS on x86, may choose a GEMM kernel by the memory alignment of its operands; then
 # the same numbers give different low bits depending on where the allocator put a buffer. Reported on an
 # Intel Xeon: after an adapter was loaded and removed, a UNet output differed from the base's by 9.5e-7 with
@@ -39,8 +41,6 @@ def configure_threads(threads: int | None = None) -> int:
     ``threads`` (``--threads N``) wins; otherwise an explicit ``OMP_NUM_THREADS`` is respected (the user
     or a launcher such as torchrun chose it); otherwise the allowed cores.
     """
-    import torch
-
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "").strip()
         threads = int(env) if env.isdigit() and int(env) > 0 else allowed_cores()

@@ -30,7 +30,7 @@ from lora4diffusion import cli
 from lora4diffusion.checkpoint import load_tensors, read_metadata
 from lora4diffusion.folders.model import load_model
 from lora4diffusion.lora.adapters import read_adapter
-from lora4diffusion.training.loop import STATE_NAME
+from lora4diffusion.training.run import STATE_NAME
 
 SEED = 14
 TRAIN_KILLS, LORA_KILLS = 6, 4

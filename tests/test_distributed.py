@@ -20,8 +20,9 @@ from lora4diffusion import distributed
 from lora4diffusion.cli import main
 from lora4diffusion.errors import UserError
 from lora4diffusion.training.base import train_base
-from lora4diffusion.training.loop import STATE_NAME, Trainer
+from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.lora import train_lora
+from lora4diffusion.training.run import STATE_NAME
 
 WORLD = 2
 ATOL = 1e-5
@@ -139,7 +140,7 @@ def test_trainer_loss_is_bit_identical_to_training_loss(tmp_path):
     from lora4diffusion.data import load_mnist, to_model_range
     from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
     from lora4diffusion.models.unet import UNet, UNetConfig
-    from lora4diffusion.training.loop import TrainConfig
+    from lora4diffusion.training.run import TrainConfig
 
     torch.manual_seed(0)
     model = UNet(UNetConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,)))

@@ -60,7 +60,8 @@ from lora4diffusion.lora.adapters import export_peft, import_peft, load_adapter,
 from lora4diffusion.lora.layers import inject_lora
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.styles import load_style_data
-from lora4diffusion.training.loop import STATE_NAME, TrainConfig, Trainer
+from lora4diffusion.training.loop import Trainer
+from lora4diffusion.training.run import STATE_NAME, TrainConfig
 
 EXAMPLES = 60  # per reader: the whole file stays well under a minute on 2 cores
 CALL_SECONDS = 30

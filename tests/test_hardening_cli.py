@@ -26,7 +26,8 @@ from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import Adapter, export_peft, shipped_adapters
 from lora4diffusion.runlock import LOCK_NAME
 from lora4diffusion.training.base import train_base
-from lora4diffusion.training.loop import STATE_NAME, NonFiniteLoss, Trainer
+from lora4diffusion.training.loop import Trainer
+from lora4diffusion.training.run import STATE_NAME, NonFiniteLoss
 
 BOLD = str(shipped_adapters()["bold-pixel"])  # the label adapter of the shipped pixel-base
 PIXEL = str(pretrained_dir("pixel-base"))
@@ -254,7 +255,7 @@ def test_a_live_lock_refuses_a_second_training_and_a_stale_one_is_taken_over(wor
 def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path, caplog):
     """A dead holder's pid, reused by an unrelated process (or after a reboot), must not keep the folder
     "in use" forever: the lock records the holder's start time and the boot id, and a mismatch is stale."""
-    from lora4diffusion.runlock import RunLock, _identity, holder
+    from lora4diffusion.runlock import RunLock, holder, process_identity
 
     me = RunLock(tmp_path).info  # what a lock written by this very process records
     assert {"boot_id", "pid_start"} <= set(me)
@@ -281,7 +282,7 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path, capl
             time.sleep(0.05)
         ticks = os.sysconf("SC_CLK_TCK")
         uptime = float(Path("/proc/uptime").read_text().split()[0])
-        start = _identity(child.pid)["pid_start"]
+        start = process_identity(child.pid)["pid_start"]
         assert (uptime - 60) * ticks <= start <= (uptime + 1) * ticks  # started within the last minute
         assert start >= me["pid_start"]  # and after this test process
     finally:

@@ -51,7 +51,8 @@ from lora4diffusion.lora.layers import (
     unmerge_lora,
 )
 from lora4diffusion.models.unet import UNet, UNetConfig
-from lora4diffusion.training.loop import TrainConfig, Trainer
+from lora4diffusion.training.loop import Trainer
+from lora4diffusion.training.run import TrainConfig
 
 CFG = UNetConfig(
     image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), context_dim=32

@@ -42,7 +42,8 @@ from lora4diffusion.lora.adapters import (
 from lora4diffusion.lora.layers import inject_lora
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.styles import load_style_data
-from lora4diffusion.training.loop import STATE_NAME, TrainConfig, Trainer
+from lora4diffusion.training.loop import Trainer
+from lora4diffusion.training.run import STATE_NAME, TrainConfig
 
 CFG = UNetConfig(
     image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), context_dim=32

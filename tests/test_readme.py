@@ -66,7 +66,7 @@ def test_every_readme_command_runs(tmp_path):
 
 def test_sizes_the_readme_states_match_the_shipped_files():
     """Every README table row naming `pretrained/X` and a size (KiB / MiB) matches X's weights and configs."""
-    from lora4diffusion.inventory import _size
+    from lora4diffusion.inventory import stored_size
 
     lines = (ROOT / "README.md").read_text().splitlines()
     rows = [r for r in lines if r.startswith("|") and "pretrained/" in r]
@@ -78,7 +78,7 @@ def test_sizes_the_readme_states_match_the_shipped_files():
         if size is None or not folder.exists():
             continue
         stated = float(size.group(1)) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[size.group(2)]
-        actual = _size(folder)
+        actual = stored_size(folder)
         assert abs(actual - stated) <= 0.01 * stated + 2**10, (row, actual)  # the text rounds
         checked += 1
     assert checked >= 1 or not rows

@@ -12,7 +12,8 @@ from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.model import load_model
 from lora4diffusion.training.base import train_base
-from lora4diffusion.training.loop import STATE_NAME, NonFiniteLoss, Trainer
+from lora4diffusion.training.loop import Trainer
+from lora4diffusion.training.run import STATE_NAME, NonFiniteLoss
 
 
 def _losses(run):

@@ -24,7 +24,7 @@ from lora4diffusion.lora.prompt_lora import TE_TARGETS, prompt_fingerprint
 from lora4diffusion.models.prompt_unet import TextConditionedUNet
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.prompt_syntax import NAME, call_loras, parse_prompt
-from lora4diffusion.training.loop import TrainConfig, Trainer
+from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.lora import (
     LoRAConfig,
     TriggerTask,
@@ -34,6 +34,7 @@ from lora4diffusion.training.lora import (
     train_lora,
 )
 from lora4diffusion.training.prompt_base import train_prompt_base
+from lora4diffusion.training.run import TrainConfig
 
 FAST = dict(steps=6, batch_size=16, progress=False, device="cpu", sample_every=0)
 

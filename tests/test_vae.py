@@ -27,7 +27,7 @@ from lora4diffusion.reconstruction import reconstruction_report
 from lora4diffusion.styles import apply_style, slant
 from lora4diffusion.training import latents as training_latents
 from lora4diffusion.training.latents import cached_latents
-from lora4diffusion.training.loop import STATE_NAME
+from lora4diffusion.training.run import STATE_NAME
 from lora4diffusion.training.vae import augment, draw_augmentation, train_vae
 
 TINY = VAEConfig(block_out_channels=(8, 16, 16), norm_num_groups=4)

@@ -23,15 +23,12 @@ unchanged; heads of 16 match the UNet's head_dim. A 12-layer 512-wide CLIP would
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lora4diffusion.errors import UserError
-
-if TYPE_CHECKING:
-    from lora4diffusion.models.tokenizer import Tokenizer
+from lora4diffusion.models.tokenizer import Tokenizer
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from lora4diffusion.checkpoint import atomic_write  # lazy: models/ stay free of file plumbing
 from lora4diffusion.errors import UserError
 
 BOS = "<|startoftext|>"
@@ -195,8 +196,6 @@ class Tokenizer:
         }
 
     def save(self, folder: str | Path) -> None:
-        from lora4diffusion.checkpoint import atomic_write  # lazy: models/ stay free of file plumbing
-
         for name, text in self.files().items():
             atomic_write(Path(folder) / name, lambda p, t=text: p.write_text(t))
 
@@ -271,8 +270,6 @@ class Tokenizer:
 
     def export_clip_bpe(self, out_dir: str | Path) -> None:
         """Write `clip_bpe_files` into out_dir (atomically, file by file)."""
-        from lora4diffusion.checkpoint import atomic_write  # lazy: models/ stay free of file plumbing
-
         for name, text in self.clip_bpe_files().items():
             atomic_write(Path(out_dir) / name, lambda p, t=text: p.write_text(t))
 

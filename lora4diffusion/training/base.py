@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora4diffusion.data import load_mnist, to_model_range
+from lora4diffusion.data import MNISTSplits, load_mnist, to_model_range
 from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DDIMSampler, DiffusionConfig, NoiseSchedule, sample
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.model import save_model
@@ -22,7 +22,8 @@ from lora4diffusion.latents import decode_latents
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.plots import save_grid
 from lora4diffusion.training.latents import cached_latents, latent_unet
-from lora4diffusion.training.loop import TrainConfig, Trainer, data_fingerprint, prepare_run
+from lora4diffusion.training.loop import Trainer
+from lora4diffusion.training.run import TrainConfig, data_fingerprint, prepare_run
 
 
 # ----- the base model: presets and the `train` command's Python API -----
@@ -150,16 +151,51 @@ def train_base(
     torch.manual_seed(cfg.seed)  # initial weights
     model = UNet(unet_cfg)
     schedule = NoiseSchedule(diffusion)
-    run_info = {
+    run_info = base_run_info(unet_cfg, diffusion, preset, splits)
+    if autoencoder is not None:
+        run_info["vae"] = vae_fingerprint(autoencoder)  # --resume refuses another VAE
+    preview_steps = 5 if preset == "tiny" else 20
+    return fit_base(
+        model, schedule, images, splits, cfg, out, preset,
+        save=lambda m, directory, extra: save_model(directory, m, diffusion, extra, vae=autoencoder),
+        preview=lambda m, p: preview_grid(m, schedule, p, steps=preview_steps, vae=autoencoder),
+        run_info=run_info, device=device, compile=compile, should_stop=should_stop, resume=resume,
+        allow_changes=allow_changes, progress=progress,
+    )
+
+
+def base_run_info(unet_cfg: UNetConfig, diffusion: DiffusionConfig, preset: str, splits: MNISTSplits) -> dict:
+    """What a base run records for --resume to compare: architecture, schedule, preset, data."""
+    return {
         "unet": unet_cfg.to_dict(),
         "diffusion": asdict(diffusion),
         "preset": preset,
         "data": splits.source,
         "data_fingerprint": data_fingerprint(splits.train.images, splits.train.labels),
     }
-    if autoencoder is not None:
-        run_info["vae"] = vae_fingerprint(autoencoder)  # --resume refuses another VAE
-    preview_steps = 5 if preset == "tiny" else 20
+
+
+def fit_base(
+    model: nn.Module,
+    task,
+    images: torch.Tensor,
+    splits: MNISTSplits,
+    cfg: TrainConfig,
+    out: Path,
+    preset: str,
+    save: Callable[[nn.Module, Path, dict], None],
+    preview: Callable[[nn.Module, Path], None],
+    run_info: dict,
+    device: torch.device,
+    compile: bool,
+    should_stop: Callable[[], bool] | None,
+    resume: bool,
+    allow_changes: bool,
+    progress: bool,
+) -> dict:
+    """What every base shares once its model, task and data are built: the Trainer over the training split,
+    an export that saves the model folder with the run's record (settings, preset, data, step, seconds),
+    resume, fit. ``save(model, directory, extra)`` writes the folder."""
 
     def export(m: nn.Module, directory: Path) -> None:
         extra = {
@@ -169,22 +205,10 @@ def train_base(
             "step": trainer.step,
             "train_seconds": round(trainer.train_seconds, 1),
         }
-        save_model(directory, m, diffusion, extra, vae=autoencoder)
+        save(m, directory, extra)
 
-    trainer = Trainer(
-        model,
-        schedule,
-        images,
-        splits.train.labels,
-        cfg,
-        out,
-        export,
-        preview=lambda m, p: preview_grid(m, schedule, p, steps=preview_steps, vae=autoencoder),
-        run_info=run_info,
-        device=device,
-        compile=compile,
-        should_stop=should_stop,
-    )
+    trainer = Trainer(model, task, images, splits.train.labels, cfg, out, export, preview=preview,
+                      run_info=run_info, device=device, compile=compile, should_stop=should_stop)
     if resume:
         trainer.resume(allow_changes)
     summary = trainer.fit(progress=progress)

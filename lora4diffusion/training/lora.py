@@ -18,7 +18,7 @@ from torch import nn
 from lora4diffusion.captions import EMPTY_PROMPT, all_captions, captions_for
 from lora4diffusion.catalog import PRETRAINED, resolve_checkpoint
 from lora4diffusion.checkpoint import read_json
-from lora4diffusion.data import load_mnist, to_model_range
+from lora4diffusion.data import Digits, load_mnist, to_model_range
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.model import load_model, save_model
@@ -37,8 +37,9 @@ from lora4diffusion.models.prompt_unet import TextConditionedUNet
 from lora4diffusion.styles import load_style_data
 from lora4diffusion.training.base import preview_grid
 from lora4diffusion.training.latents import cached_latents
-from lora4diffusion.training.loop import TrainConfig, Trainer, data_fingerprint, prepare_run, seed_value
+from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.prompt_base import preview_prompts
+from lora4diffusion.training.run import TrainConfig, data_fingerprint, prepare_run, seed_value
 
 log = logging.getLogger("lora4diffusion")
 
@@ -142,9 +143,7 @@ def train_lora(
     else:
         images = to_model_range(styled.images, model.cfg.image_size)
     base_name = _base_name(base, base_path)  # no machine path in shipped adapters
-    run_info = {"base": base_name, "base_fingerprint": base_fingerprint(model), "style": style,
-                "data": styled.source, "data_fingerprint": data_fingerprint(styled.images, styled.labels),
-                "per_digit": per_digit, "full": full}  # fmt: skip
+    run_info = style_run_info(base_name, base_fingerprint(model), style, styled, per_digit, full)
     if full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -173,34 +172,60 @@ def train_lora(
     schedule = NoiseSchedule(diffusion)
     model.train()
 
-    def export(m: nn.Module, directory: Path) -> None:
-        meta = {
-            "style": style,
-            "steps": trainer.step,
-            "base": base_name,
-            "data": styled.source,
-            "train": asdict(cfg),
-            "target_spec": lora.targets,
-        }
+    def export(m: nn.Module, directory: Path, step: int) -> None:
+        meta = adapter_meta(style, step, base_name, styled, cfg, lora)
         if full:
             save_model(directory, m, diffusion, {"finetune": meta}, vae=vae)
         else:
             save_adapter(m, directory, "default", metadata=meta)
 
-    trainer = Trainer(
-        model,
-        schedule,
-        images,
-        styled.labels,
-        cfg,
-        out,
-        export,
-        preview=lambda m, p: preview_grid(m, schedule, p, vae=vae),
-        run_info=run_info,
-        device=device,
-        compile=compile,
-        should_stop=should_stop,
+    return fit_adapter(
+        model, schedule, images, styled.labels, cfg, out, export,
+        preview=lambda m, p: preview_grid(m, schedule, p, vae=vae), run_info=run_info, summary=summary,
+        device=device, compile=compile, should_stop=should_stop, resume=resume, allow_changes=allow_changes,
+        progress=progress,
     )
+
+
+def style_run_info(base_name: str, fingerprint: str, style: str, styled: Digits, per_digit: int | None,
+                   full: bool) -> dict:
+    """What every adapter run records for --resume to compare: the base, the style and its data."""
+    return {"base": base_name, "base_fingerprint": fingerprint, "style": style, "data": styled.source,
+            "data_fingerprint": data_fingerprint(styled.images, styled.labels), "per_digit": per_digit,
+            "full": full}
+
+
+def adapter_meta(style: str, step: int, base_name: str, styled: Digits, cfg: TrainConfig,
+                 lora: LoRAConfig) -> dict:
+    """The metadata every trained adapter file carries (its training record)."""
+    return {"style": style, "steps": step, "base": base_name, "data": styled.source, "train": asdict(cfg),
+            "target_spec": lora.targets}
+
+
+def fit_adapter(
+    model: nn.Module,
+    task,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    out: Path,
+    export: Callable[[nn.Module, Path, int], None],
+    preview: Callable[[nn.Module, Path], None],
+    run_info: dict,
+    summary: dict,
+    device: torch.device,
+    compile: bool,
+    should_stop: Callable[[], bool] | None,
+    resume: bool,
+    allow_changes: bool,
+    progress: bool,
+    lr_scale: Callable[[str], float] | None = None,
+) -> dict:
+    """What label and prompt LoRA share once the model is adapted: the Trainer (``export(model, directory,
+    step)`` writes the adapter), resume, fit, and the parameter counts in the summary."""
+    trainer = Trainer(model, task, images, labels, cfg, out, lambda m, d: export(m, d, trainer.step),
+                      preview=preview, run_info=run_info, device=device, compile=compile,
+                      should_stop=should_stop, lr_scale=lr_scale)
     if resume:
         trainer.resume(allow_changes)
     result = trainer.fit(progress=progress)
@@ -309,9 +334,8 @@ def train_prompt_lora(
         plain = load_mnist(data).train
         prior_images, prior_labels, prior_source = cached_latents(vae, plain.images), plain.labels, plain
     base_name = _base_name(base, base_path)
-    run_info = {"base": base_name, "base_fingerprint": fingerprint, "style": style, "data": styled.source,
-                "data_fingerprint": data_fingerprint(styled.images, styled.labels), "per_digit": per_digit,
-                "full": False, "trigger": trigger, "prior": prior, "prior_weight": prior_weight,
+    run_info = {**style_run_info(base_name, fingerprint, style, styled, per_digit, False),
+                "trigger": trigger, "prior": prior, "prior_weight": prior_weight,
                 "text_encoder": text_encoder, "text_encoder_lr": te_lr if text_encoder else None,
                 "lora": asdict(lora)}  # fmt: skip
     if prior_source is not None:
@@ -331,10 +355,9 @@ def train_prompt_lora(
     model.train()
     preview_words = [trigger] if trigger else []
 
-    def export(m: nn.Module, directory: Path) -> None:
+    def export(m: nn.Module, directory: Path, step: int) -> None:
         adapter = adapter_from_prompt_model(m, fingerprint)
-        meta = {"style": style, "steps": trainer.step, "base": base_name, "data": styled.source,
-                "train": asdict(cfg), "target_spec": lora.targets, TRIGGER_KEY: preview_words,
+        meta = {**adapter_meta(style, step, base_name, styled, cfg, lora), TRIGGER_KEY: preview_words,
                 "text_encoder": text_encoder, "text_encoder_targets": TE_TARGETS if text_encoder else None,
                 "text_encoder_lr": te_lr if text_encoder else None, "prior": prior,
                 "prior_weight": prior_weight if prior else None, "conditioning": "text"}  # fmt: skip
@@ -342,27 +365,15 @@ def train_prompt_lora(
         adapter.save(directory)
 
     preview = [f"the digit {trigger + ' ' if trigger else ''}{d}" for d in range(10)]
-    trainer = Trainer(
-        model,
-        TriggerTask(schedule, tokenizer, trigger, prior_images, prior_labels, prior_weight),
-        images,
-        styled.labels,
-        cfg,
-        out,
-        export,
+    return fit_adapter(
+        model, TriggerTask(schedule, tokenizer, trigger, prior_images, prior_labels, prior_weight), images,
+        styled.labels, cfg, out, export,
         preview=lambda m, p: preview_prompts(m, tokenizer, schedule, vae, p, prompts=preview),
-        run_info=run_info,
-        device=device,
-        compile=compile,
-        should_stop=should_stop,
+        run_info=run_info, summary=summary, device=device, compile=compile, should_stop=should_stop,
+        resume=resume, allow_changes=allow_changes, progress=progress,
         lr_scale=(lambda k: te_lr / cfg.lr if k.startswith("text_encoder.") else 1.0) if text_encoder
         else None,
     )
-    if resume:
-        trainer.resume(allow_changes)
-    result = trainer.fit(progress=progress)
-    result.update(summary, out=str(out))
-    return result
 
 
 class TriggerTask:

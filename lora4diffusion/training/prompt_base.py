@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from lora4diffusion.captions import EMPTY_PROMPT, all_captions, captions_for
 from lora4diffusion.data import load_mnist
@@ -49,8 +47,10 @@ from lora4diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from lora4diffusion.models.tokenizer import Tokenizer
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.plots import save_grid
+from lora4diffusion.training.base import base_run_info, fit_base
 from lora4diffusion.training.latents import cached_latents, latent_unet
-from lora4diffusion.training.loop import TrainConfig, Trainer, data_fingerprint, prepare_run
+from lora4diffusion.training.loop import Trainer
+from lora4diffusion.training.run import TrainConfig, prepare_run
 
 log = logging.getLogger("lora4diffusion")
 
@@ -180,8 +180,8 @@ def train_prompt_base(
 ) -> dict:
     """Train a prompt-conditioned latent base (UNet + text encoder, jointly, from scratch) into ``out``.
 
-    Same contract as train.train_base (run folder, EMA export, --resume bit-exact); ``vae`` is required:
-    the prompt presets are latent models, as SD.
+    Same contract as training.base.train_base (run folder, EMA export, --resume bit-exact); ``vae`` is
+    required: the prompt presets are latent models, as SD.
     """
     if preset not in PRESET_NAMES:
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
@@ -202,41 +202,17 @@ def train_prompt_base(
     torch.manual_seed(cfg.seed)  # initial weights: the UNet's, then the text encoder's
     model = TextConditionedUNet(UNet(unet_cfg), TextEncoder(te_cfg))
     schedule = NoiseSchedule(diffusion)
-    run_info = {
-        "unet": unet_cfg.to_dict(),
-        "text_encoder": te_cfg.to_dict(),
-        "diffusion": asdict(diffusion),
-        "preset": preset,
-        "data": splits.source,
-        "data_fingerprint": data_fingerprint(splits.train.images, splits.train.labels),
-        "vae": vae_fingerprint(autoencoder),  # --resume refuses another VAE
-    }
-
-    def export(m: nn.Module, directory: Path) -> None:
-        extra = {"train": asdict(cfg), "preset": preset, "data": splits.source, "step": trainer.step,
-                 "train_seconds": round(trainer.train_seconds, 1)}
-        save_model(directory, m.unet, diffusion, extra, vae=autoencoder, text=(m.text_encoder, tokenizer))
-
-    trainer = Trainer(
-        model,
-        PromptTask(schedule, tokenizer),
-        images,
-        splits.train.labels,
-        cfg,
-        out,
-        export,
+    run_info = base_run_info(unet_cfg, diffusion, preset, splits)
+    run_info["text_encoder"] = te_cfg.to_dict()
+    run_info["vae"] = vae_fingerprint(autoencoder)  # --resume refuses another VAE
+    return fit_base(
+        model, PromptTask(schedule, tokenizer), images, splits, cfg, out, preset,
+        save=lambda m, directory, extra: save_model(directory, m.unet, diffusion, extra, vae=autoencoder,
+                                                    text=(m.text_encoder, tokenizer)),
         preview=lambda m, p: preview_prompts(m, tokenizer, schedule, autoencoder, p,
                                              steps=5 if preset == "tiny" else 20),
-        run_info=run_info,
-        device=device,
-        compile=compile,
-        should_stop=should_stop,
+        run_info=run_info, device=device, compile=compile, should_stop=should_stop, resume=resume,
+        allow_changes=allow_changes, progress=progress,
     )
-    if resume:
-        trainer.resume(allow_changes)
-    summary = trainer.fit(progress=progress)
-    summary["out"] = str(out)
-    return summary
-
 
 __all__ = ["PRESET_NAMES", "PromptTask", "preview_prompts", "train_prompt_base"]

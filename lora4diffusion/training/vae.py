@@ -44,7 +44,8 @@ from lora4diffusion.latents import check_encodable, measure_scaling, reconstruct
 from lora4diffusion.models.vae import VAE, VAEConfig, kl_divergence
 from lora4diffusion.plots import save_comparison
 from lora4diffusion.styles import STYLES, apply_style
-from lora4diffusion.training.loop import TrainConfig, Trainer, prepare_run
+from lora4diffusion.training.loop import Trainer
+from lora4diffusion.training.run import TrainConfig, prepare_run
 
 log = logging.getLogger("lora4diffusion")
 
