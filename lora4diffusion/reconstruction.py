@@ -36,7 +36,7 @@ def reconstruction_report(
 ) -> dict:
     """For plain held-out digits and each built-in style: the classifier's accuracy and FID on originals and
     reconstructions (evaluate.evaluate_samples), their mean ink and slant (styles.slant), and the ratios
-    reconstruction / original, so the numbers of issue 10 can go into benchmarks/RESULTS.md."""
+    reconstruction / original (benchmarks/RESULTS.md quotes them)."""
     clf = classifier if classifier is not None else load_classifier()
     splits = load_mnist(data)
     report = {}

@@ -3,7 +3,7 @@
 torch sizes its OpenMP pool from the machine's core count, not from the cores the process is allowed
 (``taskset``, cgroups, a scheduler's CPU set). Two processes that each think they own the machine then
 oversubscribe it: two torch processes with 2 OpenMP threads each on 2 cores slowed one training step from
-~0.1 s to ~7 s (issue 15). docs/THREADS.md says how to share a machine.
+~0.1 s to ~7 s. docs/THREADS.md says how to share a machine.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``lora4diffusion demo``: the whole LoRA story in one offline command, written up as an HTML report.
 
-Prompt base (the shipped default; prompt_model.py): base -> a ``bold`` LoRA with trigger ``sks`` and an
+Prompt base (the shipped default): base -> a ``bold`` LoRA with trigger ``sks`` and an
 ``italic`` one with trigger ``ohwx`` (DreamBooth-LoRA: ``train-lora --trigger --prior --text-encoder``) -> the
 SAME prompts and seed sampled with the base, with bold at weights 0 / 0.5 / 1, with bold WITHOUT its trigger
 (trigger specificity: it should look like the base), with italic, with both triggered adapters composed in one

@@ -85,7 +85,7 @@ class DiffusionTask:
 
     A *task* is what the one training loop needs to know about a model: ``loss(trainer, step)``, this rank's
     mean loss on step ``step``'s batch (``trainer.batch_indices(step)``), drawing every random number from
-    a generator seeded with (seed, step) so that resume is bit-exact. The VAE's task is in autoencoder.py.
+    a generator seeded with (seed, step) so that resume is bit-exact. The VAE's task is in training/vae.py.
     """
 
     def __init__(self, schedule: NoiseSchedule):

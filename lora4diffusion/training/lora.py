@@ -1,6 +1,6 @@
 """Teaching the frozen base a new style: LoRA training (and full fine-tuning, for comparison).
 
-Both go through the one training loop in train.py; only what is trainable and what is exported differ.
+Both go through the one training loop in training/loop.py; only what is trainable and what is exported differ.
 """
 
 from __future__ import annotations
@@ -113,8 +113,9 @@ def train_lora(
 
     Writes ``out/adapter.safetensors`` (LoRA) or ``out/config.json`` + ``model.safetensors`` (full).
     ``device``: auto (CUDA if available) | cpu | cuda; under torchrun every process calls this.
-    ``should_stop``, ``overwrite``, ``allow_changes``: see train.Trainer and train.prepare_run; ``--resume``
-    on another base than the run's is always refused (the base fingerprint is recorded in the state).
+    ``should_stop``, ``overwrite``, ``allow_changes``: see training.loop.Trainer and training.run.prepare_run;
+    ``--resume`` on another base than the run's is always refused (the base fingerprint is recorded in the
+    state).
     ``trigger``, ``prior``, ``prior_weight``, ``text_encoder``, ``text_encoder_lr``: LoRA on a prompt base
     (lora/prompt_lora.py); a label base refuses them. A prompt base goes to ``train_prompt_lora``.
     """
@@ -377,7 +378,7 @@ def train_prompt_lora(
 
 
 class TriggerTask:
-    """The Trainer's task for LoRA on a prompt model (see train.DiffusionTask for the contract).
+    """The Trainer's task for LoRA on a prompt model (see training.loop.DiffusionTask for the contract).
 
     Batch of step s (``trainer.batch_indices(s)``, B styled digits): exactly what a plain prompt-LoRA step
     draws, from the step's generator, in this order: t, eps, caption-dropout mask, then one caption per

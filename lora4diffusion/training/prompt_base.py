@@ -1,4 +1,4 @@
-"""Prompt-conditioned latent diffusion: SD 1.x's design at MNIST scale (issue 11, items 3-4).
+"""Training a prompt-conditioned latent base: SD 1.x's design at MNIST scale.
 
     prompt --tokenizer--> ids [B, 16] --text encoder--> last hidden state [B, 16, D] = the UNet's context
     eps_theta(z_t, t, context): a UNet with conditioning="text" (cross-attention only; nothing is added to
@@ -65,7 +65,7 @@ log = logging.getLogger("lora4diffusion")
 
 
 class PromptTask:
-    """The diffusion loss on captions (the Trainer's task; see train.DiffusionTask for the contract).
+    """The diffusion loss on captions (the Trainer's task; see training.loop.DiffusionTask for the contract).
 
     The step's generator draws t, eps and the dropout mask exactly as DiffusionTask does, then one caption
     per digit of the global batch; every rank keeps its rows, so K ranks see what one process sees.
@@ -125,7 +125,7 @@ def presets() -> dict[str, tuple[UNetConfig, dict, TrainConfig]]:
                         checkpoint_every=10, sample_every=30),
         ),
         "fast": (  # 4,600 x 0.127 s = 9.7 min on 2 quiet cores: 98.5 % on 1,000 samples, FID 0.187 (4,000
-            # steps, 8.4 min: 97.5 %); benchmarks/RESULTS.md. Issue 10's goal: >= 98 % within 10 minutes
+            # steps, 8.4 min: 97.5 %); benchmarks/RESULTS.md. The aim: >= 98 % within 10 minutes
             UNetConfig(base_channels=32, channel_mults=(1, 2), attn_levels=(0, 1), context_dim=64, **latent),
             dict(width=64, layers=2, heads=4),
             TrainConfig(steps=4600, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999,

@@ -6,7 +6,7 @@ A VAE folder holds
     model.safetensors    the (EMA) weights
     train_state.safetensors, metrics.csv, loss.png, samples/   when it is a training run (``train-vae``)
 
-Training (``train_vae``) runs the project's one loop (train.Trainer) with ``VAETask``'s loss:
+Training (``train_vae``) runs the project's one loop (training/loop.py) with ``VAETask``'s loss:
 
     L = mean |x - D(z)| + kl_weight * KL(q(z|x) || N(0, I)) / (H * W),   z = mean + std * eps
 
@@ -155,7 +155,7 @@ def train_vae(
     """Train a VAE into run directory ``out`` (a VAE folder plus train state); returns a summary dict.
 
     ``overrides``: TrainConfig fields (steps, batch_size, lr, seed, bf16, ...; None keeps the preset's).
-    ``should_stop``, ``overwrite``, ``allow_changes``: as for ``train.train_base``.
+    ``should_stop``, ``overwrite``, ``allow_changes``: as for ``training.base.train_base``.
     """
     if preset not in PRESET_NAMES:
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
