@@ -27,7 +27,7 @@ class AdapterMethod(nn.Module):
     """
 
     kind: ClassVar[str]  # its name in adapter files and in layers.METHODS ("lora")
-    keys: ClassVar[tuple[str, ...]]  # its state_dict() names, the first one present in every file module
+    keys: ClassVar[tuple[str, ...]]  # its state_dict() names; in a file, the first marks a module
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, init: str = "normal", rslora: bool = False,
                  dropout: float = 0.0):
