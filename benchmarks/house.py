@@ -17,8 +17,8 @@ from pathlib import Path
 # The reading path of docs/ARCHITECTURE.md: tokenizer -> text encoder -> UNet -> diffusion -> VAE -> LoRA
 # layer -> LoRA training (paths relative to the package).
 READING_PATH = [
-    "models/tokenizer.py", "models/text_encoder.py", "models/unet.py", "models/prompt_unet.py", "diffusion.py",
-    "models/vae.py", "latents.py", "lora/layers.py", "lora/lora.py", "training/loop.py", "training/lora.py",
+    "models/tokenizer.py", "models/text_encoder.py", "models/unet.py", "models/prompt_unet.py",
+    "diffusion.py", "models/vae.py", "latents.py", "lora/layers.py", "lora/lora.py", "training/loop.py", "training/lora.py",
     "pipeline.py",
 ]
 
@@ -112,7 +112,8 @@ def main() -> None:
     print(f"modules: {len(mods)}, lines: {sum(lines.values())}")
     print(f"import cycles: {len(found)}" + "".join(f"\n  {len(c)}: {', '.join(c)}" for c in found))
     print(f"in-function imports of our own modules: {lazy}")
-    print("longest files: " + ", ".join(f"{m} {n}" for m, n in sorted(lines.items(), key=lambda x: -x[1])[:3]))
+    longest = sorted(lines.items(), key=lambda x: -x[1])[:3]
+    print("longest files: " + ", ".join(f"{m} {n}" for m, n in longest))
     print("longest classes: " + ", ".join(f"{c} {n}" for n, c in longest_classes(mods)))
     path = [(f, len((pkg / f).read_text(encoding="utf-8").splitlines())) for f in READING_PATH
             if (pkg / f).is_file()]

@@ -793,7 +793,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from lora4diffusion.distributed import resolve_device
     from lora4diffusion.finite import require_finite
     from lora4diffusion.folders.model import load_model
-    from lora4diffusion.lora.adapters import base_fingerprint, extract_lora
+    from lora4diffusion.lora.adapters import base_fingerprint
+    from lora4diffusion.lora.extract import extract_lora
     from lora4diffusion.training.lora import load_base
 
     base_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
@@ -818,7 +819,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_resize(args: argparse.Namespace) -> int:
     from lora4diffusion.finite import require_finite
-    from lora4diffusion.lora.adapters import resize_adapter, resolve_adapter
+    from lora4diffusion.lora.adapters import resolve_adapter
+    from lora4diffusion.lora.extract import resize_adapter
 
     out = out_dir(args.out, overwrite=args.overwrite, inputs=(resolve_adapter(args.lora),))
     adapter, errors = resize_adapter(args.lora, args.rank)

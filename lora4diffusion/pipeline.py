@@ -123,7 +123,7 @@ class Pipeline:
 
         weights: dict[str, float] = {}
         for layer in lora_layers(self.unet).values():
-            weights.update(layer.weight)
+            weights.update(layer.multipliers)
         return {n: weights[n] for n in adapter_names(self.unet)}
 
     def apply_prompt_tags(self, prompts: list[str], force: bool = False) -> list[str]:
@@ -167,7 +167,7 @@ class Pipeline:
     def _muted(self) -> set[str]:
         from lora4diffusion.lora.layers import lora_layers
 
-        return {n for m in lora_layers(self.unet).values() for n, w in m.weight.items() if w == 0.0}
+        return {n for m in lora_layers(self.unet).values() for n, w in m.multipliers.items() if w == 0.0}
 
     def to(self, device: str | torch.device) -> Pipeline:
         """Move the UNet (adapters included) to ``device``: auto | cpu | cuda or a torch.device."""

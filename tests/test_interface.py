@@ -294,7 +294,7 @@ def test_importing_the_package_asks_mkl_for_reproducible_results():
 
 def test_extract_defaults_to_all_linear_and_counts_what_it_cannot_capture(tiny):
     from lora4diffusion.folders.model import load_model
-    from lora4diffusion.lora.adapters import extract_lora
+    from lora4diffusion.lora.extract import extract_lora
     from lora4diffusion.training.lora import LoRAConfig
 
     assert _subparsers()["extract"].get_default("targets") == LoRAConfig.targets == "all-linear"

@@ -1,5 +1,6 @@
-"""Tests for lora4diffusion.lora.layers and .lora.adapters: LoRA layers, injection, merging, adapter files,
-fingerprints, PEFT interop (the real ``peft`` package as the oracle), extraction and resizing.
+"""Tests for lora4diffusion.lora: LoRA layers, injection, merging, the adapter-method contract (a second
+method plugs in), adapter files, fingerprints, PEFT interop (the real ``peft`` package as the oracle),
+extraction and resizing.
 
 peft is a declared test dependency (pyproject [test]); it is imported only here, never by the package.
 """
@@ -25,20 +26,21 @@ from lora4diffusion.lora.adapters import (
     Adapter,
     base_fingerprint,
     export_peft,
-    extract_lora,
     import_peft,
     load_adapter,
     load_peft,
     parse_lora_arg,
     read_adapter,
-    resize_adapter,
     save_adapter,
 )
+from lora4diffusion.lora.extract import extract_lora, resize_adapter
 from lora4diffusion.lora.layers import (
+    METHODS,
     LoRAConv2d,
     LoRALayer,
     LoRALinear,
     base_state_dict,
+    delete_adapter,
     enable_lora,
     inject_lora,
     lora_layers,
@@ -50,6 +52,8 @@ from lora4diffusion.lora.layers import (
     unload_lora,
     unmerge_lora,
 )
+from lora4diffusion.lora.lora import LoRA
+from lora4diffusion.lora.method import AdapterMethod
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.run import TrainConfig
@@ -513,3 +517,147 @@ def test_resize_error_is_the_svd_tail_energy(tmp_path):
     assert none["overall"] < 1e-6
     with pytest.raises(UserError, match="between 1 and the adapter's rank 4"):
         resize_adapter(adapter, 5)
+
+
+# ----- the adapter-method contract: a second method gets the wrapper's features for free -----
+class Dense(AdapterMethod):
+    """A full-rank method, ΔW = (alpha/r) D with D shaped like W0 and zero at start: the least a method writes
+    (its tensors, ``shapes`` and ``delta_weight``; ``forward`` is the default, ΔW applied as a weight)."""
+
+    kind = "dense"
+    keys = ("dense.weight",)
+
+    def __init__(self, base, rank, alpha, init="normal", rslora=False, dropout=0.0):
+        super().__init__(base, rank, alpha, init, rslora, dropout)
+        zeros = torch.zeros(base.weight.shape, device=base.weight.device)
+        self.dense = nn.ParameterDict({"weight": nn.Parameter(zeros)})
+
+    @classmethod
+    def shapes(cls, base, rank):
+        return {"dense.weight": tuple(base.weight.shape)}
+
+    def delta_weight(self, multiplier=1.0):
+        return self.dense["weight"].float() * (multiplier * self.scale)
+
+
+def randomize_dense(model: nn.Module, name: str, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            if name in layer.adapters:
+                d = layer.dense[name]["weight"]  # the wrapper holds the method's child under its name
+                d.copy_(torch.randn(d.shape, generator=g) * 0.05)
+
+
+def test_a_new_method_gets_merging_multipliers_and_deletion_for_free():
+    model, base = make_base(), make_base()
+    base_out, fp = out(base), base_fingerprint(base)
+    inject_lora(model, "attention", rank=2, alpha=2.0, name="a")
+    randomize(model, "a")
+    only_a = out(model)
+    paths = inject_lora(model, "reference+conv", rank=2, alpha=4.0, name="d", method=Dense)
+    assert torch.equal(out(model), only_a)  # D = 0: adding the method changes nothing
+    randomize_dense(model, "d")
+    keys = set(model.state_dict())
+    assert {f"{p}.dense.d.weight" for p in paths} <= keys  # <path>.<child>.<name>.<param>
+    assert {"mid_attn.attn2.to_q.lora_down.a.weight", "mid_attn.attn2.to_q.base_layer.weight"} <= keys
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{p}.dense.d.weight" for p in paths}
+    assert lora_parameter_count(model, "d") == sum(base.get_submodule(p).weight.numel() for p in paths)
+    assert base_fingerprint(model) == fp  # the method's tensors are not part of the base
+
+    # the forward (the default: ΔW applied as a weight, convs with the base's stride/padding) equals W0 + m ΔW
+    set_adapter_weight(model, "d", 0.5)
+    plain = make_base()
+    with torch.no_grad():
+        for path, layer in lora_layers(model).items():
+            w = plain.get_submodule(path).weight
+            for name in layer.adapters:
+                w += layer.delta_weight(name)
+            if "d" in layer.adapters:
+                want = 0.5 * 2.0 * layer.dense["d"]["weight"]  # m (alpha/r) D
+                assert torch.allclose(layer.delta_weight("d"), want, atol=1e-7, rtol=0)
+    adapted = out(model)
+    assert torch.allclose(adapted, out(plain), atol=1e-5, rtol=0)
+    assert (adapted - only_a).abs().max() > 1e-3
+
+    w0 = {k: v.clone() for k, v in base_state_dict(model).items()}
+    merge_lora(model)
+    assert torch.allclose(out(model), adapted, atol=1e-5, rtol=0)
+    set_adapter_weight(model, "d", 0.25)  # merged: unmerged, re-weighted, merged again
+    merged_quarter = out(model)
+    unmerge_lora(model)
+    assert all(torch.equal(v, w0[k]) for k, v in base_state_dict(model).items())
+    for path, layer in lora_layers(model).items():  # W0 restored exactly
+        assert torch.equal(layer.base_layer.weight, w0[f"{path}.weight"])
+    assert torch.allclose(out(model), merged_quarter, atol=1e-5, rtol=0)
+    set_adapter_weight(model, "a", 0.0)
+    set_adapter_weight(model, "d", 0.0)
+    assert torch.equal(out(model), base_out)  # every multiplier 0: the base, bit for bit
+    set_adapter_weight(model, "a", 1.0)
+    set_adapter_weight(model, "d", 1.0)
+    enable_lora(model, False)
+    assert torch.equal(out(model), base_out)
+    enable_lora(model, True)
+
+    model.train()
+    assert all(a.training for layer in lora_layers(model).values() for a in layer.adapters.values())
+    model.eval()
+    assert not any(a.training for layer in lora_layers(model).values() for a in layer.adapters.values())
+
+    delete_adapter(model, "d")
+    assert torch.equal(out(model), only_a) and not any(".dense." in k for k in model.state_dict())
+    delete_adapter(model, "a")
+    assert not lora_layers(model) and set(model.state_dict()) == set(base.state_dict())
+    assert torch.equal(out(model), base_out)
+
+
+def test_a_new_method_round_trips_through_an_adapter_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, Dense.kind, Dense)  # a real method adds this line to layers.METHODS
+    model = make_base()
+    inject_lora(model, "attention+conv", rank=2, alpha=3.0, name="d", method=Dense)
+    randomize_dense(model, "d")
+    path = save_adapter(model, tmp_path / "dense", name="d")
+    meta = read_metadata(path)
+    assert meta["method"] == "dense" and meta["rank"] == "2"
+    assert meta["base_fingerprint"] == base_fingerprint(model)
+    adapter = read_adapter(path)
+    assert adapter.method == "dense" and "method" not in adapter.extra
+    assert set(adapter.tensors) == {f"{p}.dense.weight" for p in adapter.modules}
+    fresh = make_base()
+    assert load_adapter(fresh, path, weight=0.5) == "dense"
+    assert all(isinstance(layer.adapters["dense"], Dense) for layer in lora_layers(fresh).values())
+    set_adapter_weight(model, "d", 0.5)
+    assert torch.equal(out(fresh), out(model))
+    with pytest.raises(UserError, match="PEFT's LoRA files hold LoRA adapters, not dense"):
+        export_peft(adapter, tmp_path / "peft")
+    adapter.tensors["mid_attn.attn2.to_k.dense.weight"] = torch.zeros(32, 7)
+    with pytest.raises(UserError, match=r"module mid_attn\.attn2\.to_k: adapter shapes \(32, 7\), this model"
+                                        r" needs \(32, 32\)"):
+        load_adapter(make_base(), adapter)
+    inject_lora(model, "reference", rank=2, alpha=2.0)  # a LoRA file stays as it always was: no "method"
+    assert "method" not in read_metadata(save_adapter(model, tmp_path / "lora"))
+
+
+def test_the_default_forward_applies_delta_weight_with_the_base_geometry():
+    """AdapterMethod.forward (ΔW as a weight) equals LoRA's factored B (A x); a strided, dilated conv too."""
+    torch.manual_seed(0)
+    for base, x in ((nn.Linear(12, 10), torch.randn(3, 5, 12)),
+                    (nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2), torch.randn(2, 4, 11, 11))):
+        lora = LoRA(base, rank=3, alpha=6.0, rslora=True)
+        nn.init.normal_(lora.lora_up.weight)
+        assert lora.delta_weight(0.5).shape == base.weight.shape
+        factored, dense = lora(x, 0.5), AdapterMethod.forward(lora, x, 0.5)
+        assert factored.shape == base(x).shape and torch.allclose(dense, factored, atol=1e-5, rtol=0)
+        assert lora.metadata() == {"rank": 3, "alpha": 6.0, "init": "normal", "rslora": True, "dropout": 0.0}
+        assert {k: tuple(t.shape) for k, t in lora.state_dict().items()} == LoRA.shapes(base, 3)
+
+
+def test_a_method_keeps_its_tensors_in_child_modules():
+    class Bare(Dense):
+        def __init__(self, base, *args, **kw):
+            super().__init__(base, *args, **kw)
+            self.extra = nn.Parameter(torch.zeros(1))  # not in a child: the wrapper could not file it
+
+    with pytest.raises(TypeError, match="child modules"):
+        inject_lora(make_base(), ["mid_attn.attn2.to_q"], rank=1, alpha=1.0, method=Bare)

@@ -32,13 +32,12 @@ from lora4diffusion.evaluate import load_samples
 from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.lora.adapters import (
     export_peft,
-    extract_lora,
     import_peft,
     load_adapter,
     read_adapter,
-    resize_adapter,
     save_adapter,
 )
+from lora4diffusion.lora.extract import extract_lora, resize_adapter
 from lora4diffusion.lora.layers import inject_lora
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.styles import load_style_data

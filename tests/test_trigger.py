@@ -249,9 +249,9 @@ def test_tag_loads_strips_and_matches_the_lora_flag(base, adapter, tmp_path, cap
     assert pipe.apply_prompt_tags([f"<lora:{adapter}:0.8> a sks seven"]) == ["a sks seven"]
     (name,) = pipe.tag_adapters.values()
     for part in (pipe.unet, pipe.text_encoder):  # loaded into both, at the tag's weight
-        assert {m.weight[name] for m in lora_layers(part).values()} == {0.8}
+        assert {m.multipliers[name] for m in lora_layers(part).values()} == {0.8}
     pipe.apply_prompt_tags(["a seven"])  # a later call without the tag switches it off
-    assert {m.weight[name] for m in lora_layers(pipe.unet).values()} == {0.0}
+    assert {m.multipliers[name] for m in lora_layers(pipe.unet).values()} == {0.0}
 
 
 def test_missing_trigger_warns_once(base, adapter, tmp_path, caplog):

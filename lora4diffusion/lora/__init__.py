@@ -1,1 +1,3 @@
-"""LoRA: the adapter layers (`layers`), our adapter files (`adapters`) and training one (`finetune`)."""
+"""Adapters: the adapted layers and the adapter-method contract (`layers`, `method`), LoRA (`lora`), adapter
+files (`adapters`), SVD extraction and resizing (`extract`), prompt-model adapters (`prompt_lora`), training
+(`finetune`)."""

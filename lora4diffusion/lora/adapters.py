@@ -1,11 +1,14 @@
-"""LoRA adapter files: save/load with a base-model fingerprint, PEFT interop, extraction and resizing.
+"""Adapter files: save/load with a base-model fingerprint, and PEFT interop.
 
-An adapter directory holds ``adapter.safetensors``: only LoRA tensors, keyed
+An adapter directory holds ``adapter.safetensors``: only the adapter's tensors, keyed ``<module path>.<key>``
+with the method's keys (layers.py); for LoRA
     <module path>.lora_down.weight   A, [r, in] (conv: [r, in, kh, kw])
     <module path>.lora_up.weight     B, [out, r] (conv: [out, r, 1, 1])
 and string metadata: format, version, rank, alpha, scale_rule (standard = alpha/r, rslora = alpha/sqrt(r)),
-targets (JSON list of module paths), init, dropout, base_fingerprint, plus whatever the caller adds (style,
-steps, ...). The adapter's name is not in the keys: it is chosen when loading (one file can be loaded twice).
+targets (JSON list of module paths), init, dropout, base_fingerprint, ``method`` for a method other than LoRA
+(so LoRA files are as they always were), plus whatever the caller adds (style, steps, ...). The adapter's name
+is not in the keys: it is chosen when loading (one file can be loaded twice). Extraction and resizing by SVD
+are in ``extract.py``.
 
 PEFT's layout is the same with other names (``base_model.model.<path>.lora_A.weight`` = our down,
 ``lora_B`` = our up, same conv layout, same scaling rule), so conversion is renaming plus a config file.
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lora4diffusion.catalog import resolve, shipped
 from lora4diffusion.checkpoint import (
     FLOAT_DTYPES,
     load_tensors,
@@ -38,16 +42,16 @@ from lora4diffusion.checkpoint import (
 from lora4diffusion.errors import UserError
 from lora4diffusion.finite import require_finite
 from lora4diffusion.lora.layers import (
-    INITS,
+    METHODS,
+    LoRALayer,
     adaptable_modules,
     adapter_names,
     base_state_dict,
     inject_lora_at,
     lora_layers,
-    lora_shapes,
-    resolve_targets,
     set_adapter_weight,
 )
+from lora4diffusion.lora.lora import INITS
 from lora4diffusion.schema import boolean, float_text, int_text, integer, number, shown, string
 
 log = logging.getLogger("lora4diffusion")
@@ -61,7 +65,8 @@ MAX_RANK = 4096  # far above any MNIST-sized layer; a bigger rank is a broken or
 MAX_ALPHA = 1e6  # scale alpha/r > 1e6 turns any delta into inf/NaN outputs (alpha 1e30 is not an adapter)
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _RESERVED = ("format", "version", "rank", "alpha", "scale_rule", "targets", "init", "dropout",
-             "base_fingerprint")
+             "base_fingerprint")  # required
+METHOD_KEY = "method"  # written for methods other than LoRA only
 
 
 @dataclass
@@ -74,16 +79,23 @@ class Adapter:
     dropout: float = 0.0
     fingerprint: str = UNKNOWN
     extra: dict[str, str] = field(default_factory=dict)  # the caller's metadata (style, steps, ...)
+    method: str = "lora"  # the AdapterMethod's kind (layers.METHODS)
 
     @property
     def modules(self) -> list[str]:
-        return [k.removesuffix(".lora_down.weight") for k in self.tensors if k.endswith(".lora_down.weight")]
+        first = "." + METHODS[self.method].keys[0]
+        return [k.removesuffix(first) for k in self.tensors if k.endswith(first)]
+
+    def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
+        """One module's tensors by the method's keys (LoRA: lora_down.weight, lora_up.weight)."""
+        return {k: self.tensors[f"{module}.{k}"] for k in METHODS[self.method].keys}
 
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def pair(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoRA's (A, B) of ``module``."""
         return self.tensors[f"{module}.lora_down.weight"], self.tensors[f"{module}.lora_up.weight"]
 
     def metadata(self) -> dict[str, str]:
@@ -91,6 +103,8 @@ class Adapter:
                 "alpha": repr(float(self.alpha)), "scale_rule": "rslora" if self.rslora else "standard",
                 "targets": json.dumps(self.modules), "init": self.init, "dropout": repr(float(self.dropout)),
                 "base_fingerprint": self.fingerprint}
+        if self.method != "lora":
+            meta[METHOD_KEY] = self.method
         clash = set(self.extra) & set(meta)
         if clash:
             raise ValueError(f"metadata keys {sorted(clash)} are reserved")
@@ -105,7 +119,7 @@ class Adapter:
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 of the UNet config (canonical JSON) and the base weights (sorted names, shapes, fp32 bytes).
 
-    LoRA tensors and merged deltas are left out, so the value depends only on the base checkpoint.
+    Adapter tensors and merged deltas are left out, so the value depends only on the base checkpoint.
     """
     h = hashlib.sha256()
     cfg = getattr(model, "cfg", None)
@@ -117,20 +131,28 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def adapter_settings(layers: list[LoRALayer], name: str) -> dict:
+    """Adapter ``name``'s method and settings (``metadata()``) on ``layers``, as Adapter fields; a file
+    records one set, so a method, rank, alpha or init differing between layers is refused (dropout: the
+    first layer's)."""
+    found = [{"method": layer.adapters[name].kind, **layer.adapters[name].metadata()} for layer in layers]
+    if len({(s["method"], s["rank"], s["alpha"], s["rslora"], s["init"]) for s in found}) > 1:
+        raise UserError(f"adapter {name!r} has different rank/alpha/init on different modules; not saveable")
+    return found[0]
+
+
+def adapter_tensors(model: nn.Module, name: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors in ``model``, keyed as in a file: ``<prefix><path>.<key>`` (fp32, CPU)."""
+    return {f"{prefix}{path}.{k}": t.detach().float().cpu() for path, layer in lora_layers(model).items()
+            if name in layer.adapters for k, t in layer.adapters[name].state_dict().items()}
+
+
 def adapter_from_model(model: nn.Module, name: str = "default") -> Adapter:
-    layers = {p: m for p, m in lora_layers(model).items() if name in m.lora_down}
+    layers = [m for m in lora_layers(model).values() if name in m.adapters]
     if not layers:
         raise UserError(f"the model has no adapter named {name!r} (have {adapter_names(model)})")
-    settings = {(m.rank[name], m.alpha[name], m.rslora[name], m.init[name]) for m in layers.values()}
-    if len(settings) > 1:
-        raise UserError(f"adapter {name!r} has different rank/alpha/init on different modules; not saveable")
-    (rank, alpha, rslora, init), first = settings.pop(), next(iter(layers.values()))
-    drop = first.lora_dropout[name]
-    tensors = {}
-    for path, m in layers.items():
-        tensors[f"{path}.lora_down.weight"] = m.lora_down[name].weight.detach().float().cpu()
-        tensors[f"{path}.lora_up.weight"] = m.lora_up[name].weight.detach().float().cpu()
-    return Adapter(tensors, rank, alpha, rslora, init, getattr(drop, "p", 0.0), base_fingerprint(model))
+    settings = adapter_settings(layers, name)
+    return Adapter(adapter_tensors(model, name), fingerprint=base_fingerprint(model), **settings)
 
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
@@ -143,16 +165,12 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
 
 def shipped_adapters() -> dict[str, Path]:
     """The example adapters shipped inside the package (trained on the shipped base), by name."""
-    from lora4diffusion.catalog import shipped
-
     return shipped("adapter")
 
 
 def resolve_adapter(path: str | Path) -> Path:
     """A path; or, where no such path exists, the name of a shipped adapter (``bold``, ``italic``); else a
     UserError suggesting the nearest names (catalog.resolve)."""
-    from lora4diffusion.catalog import resolve
-
     return resolve(path, "adapter")
 
 
@@ -166,22 +184,26 @@ def _adapter_file(path: str | Path) -> Path:
 
 
 def _check(adapter: Adapter, where: str | Path) -> Adapter:
-    """Every module needs A and B of rank ``adapter.rank`` in the Linear or Conv2d layout."""
+    """Every module has each of the method's tensors (LoRA: A and B), passing the method's own checks (LoRA:
+    rank ``adapter.rank`` in the Linear or Conv2d layout)."""
+    method = METHODS[adapter.method]
+    first, *rest = method.keys
     if not adapter.tensors:
-        raise UserError(f"{where}: the adapter holds no LoRA tensors")
+        raise UserError(f"{where}: the adapter holds no {method.__name__} tensors")
     for key in adapter.tensors:
-        if not key.endswith((".lora_down.weight", ".lora_up.weight")):
-            raise UserError(f"{where}: unexpected tensor {key!r} (an adapter holds only LoRA tensors)")
+        if not key.endswith(tuple(f".{k}" for k in method.keys)):
+            raise UserError(f"{where}: unexpected tensor {key!r} (an adapter holds only {method.__name__}"
+                            " tensors)")
     for m in adapter.modules:
-        if f"{m}.lora_up.weight" not in adapter.tensors:
-            raise UserError(f"{where}: module {m} has lora_down but no lora_up")
-        a, b = adapter.pair(m)
-        ok = a.dim() in (2, 4) and b.dim() == a.dim() and a.shape[0] == b.shape[1] == adapter.rank
-        if not ok or (a.dim() == 4 and tuple(b.shape[2:]) != (1, 1)):
-            raise UserError(f"{where}: module {m}: tensors {tuple(a.shape)}/{tuple(b.shape)} are not a rank-"
-                            f"{adapter.rank} LoRA pair")
-    if len(adapter.modules) * 2 != len(adapter.tensors):
-        raise UserError(f"{where}: some lora_up tensors have no lora_down")
+        for k in rest:
+            if f"{m}.{k}" not in adapter.tensors:
+                raise UserError(f"{where}: module {m} has {first.split('.')[0]} but no {k.split('.')[0]}")
+        problem = method.problem(adapter.module_tensors(m), adapter.rank)
+        if problem:
+            raise UserError(f"{where}: module {m}: {problem}")
+    if len(adapter.modules) * len(method.keys) != len(adapter.tensors):
+        others = "/".join(k.split(".")[0] for k in rest)
+        raise UserError(f"{where}: some {others} tensors have no {first.split('.')[0]}")
     return adapter
 
 
@@ -197,6 +219,7 @@ def read_adapter(path: str | Path) -> Adapter:
     if missing:
         raise UserError(f"{path}: malformed adapter metadata (missing {', '.join(missing)})")
     try:
+        method = string(meta.get(METHOD_KEY, "lora"), METHOD_KEY, tuple(METHODS))
         rank = int_text(meta["rank"], "rank", 1, MAX_RANK)
         alpha = float_text(meta["alpha"], "alpha", 0.0, MAX_ALPHA, lo_open=True)
         rule = string(meta["scale_rule"], "scale_rule", ("standard", "rslora"))
@@ -220,7 +243,7 @@ def read_adapter(path: str | Path) -> Adapter:
         if dtype not in FLOAT_DTYPES:
             raise UserError(f"{path}: tensor {key} has dtype {dtype}; LoRA weights are floats")
     adapter = Adapter(load_tensors(path), rank, alpha, rule == "rslora", meta["init"], dropout, fingerprint,
-                      {k: v for k, v in meta.items() if k not in _RESERVED})
+                      {k: v for k, v in meta.items() if k not in (*_RESERVED, METHOD_KEY)}, method)
     _check(adapter, path)
     if sorted(targets) != sorted(adapter.modules):
         raise UserError(f"{path}: the metadata's targets ({len(targets)} modules) do not match the tensors"
@@ -228,7 +251,8 @@ def read_adapter(path: str | Path) -> Adapter:
     return adapter
 
 
-def _default_name(model: nn.Module, path: Path) -> str:
+def default_name(model: nn.Module, path: Path) -> str:
+    """An adapter name from its directory (or file) name, unique in ``model``: bold, bold_2, ..."""
     stem = path.parent.name if path.name == ADAPTER_FILE else (path.name if path.is_dir() else path.stem)
     base = re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "adapter"
     taken, name, i = set(adapter_names(model)), base, 2
@@ -237,17 +261,18 @@ def _default_name(model: nn.Module, path: Path) -> str:
     return name
 
 
-def _check_fits(model: nn.Module, adapter: Adapter, where: str | Path) -> None:
+def check_fits(model: nn.Module, adapter: Adapter, where: str | Path) -> None:
     """Every adapter module exists in ``model`` (as an adaptable layer) with the adapter's shapes."""
     candidates = adaptable_modules(model)
+    method = METHODS[adapter.method]
     for m in adapter.modules:
         if m not in candidates:
             raise UserError(f"{where}: adapter module {shown(m, 80)} does not exist in this model")
-        a, b = adapter.pair(m)
-        want = lora_shapes(candidates[m], adapter.rank)
-        if (tuple(a.shape), tuple(b.shape)) != want:
-            raise UserError(f"{where}: module {m}: adapter shapes {tuple(a.shape)}/{tuple(b.shape)},"
-                            f" this model needs {want[0]}/{want[1]}")
+        have = {k: tuple(t.shape) for k, t in adapter.module_tensors(m).items()}
+        want = method.shapes(candidates[m], adapter.rank)
+        if have != want:
+            raise UserError(f"{where}: module {m}: adapter shapes {'/'.join(map(str, have.values()))},"
+                            f" this model needs {'/'.join(str(want[k]) for k in have)}")
 
 
 def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None = None, weight: float = 1.0,
@@ -272,7 +297,7 @@ def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None 
         adapter = read_adapter(path)
     where = "adapter" if isinstance(path, Adapter) else str(path)
     if name is None:
-        name = "default" if isinstance(path, Adapter) else _default_name(model, Path(path))
+        name = "default" if isinstance(path, Adapter) else default_name(model, Path(path))
     if adapter.fingerprint != UNKNOWN:
         mine = base_fingerprint(model)
         if adapter.fingerprint != mine and not force:
@@ -280,16 +305,14 @@ def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None 
                             f"{adapter.fingerprint[:12]}, this base {mine[:12]}); use --force to load anyway")
         if adapter.fingerprint != mine:
             log.warning("%s: loading an adapter trained on a different base model (--force)", where)
-    _check_fits(model, adapter, where)
+    check_fits(model, adapter, where)
     init = adapter.init if adapter.init in INITS else "normal"  # only a record; the weights are loaded below
     inject_lora_at(model, adapter.modules, adapter.rank, adapter.alpha, name, init, adapter.rslora,
-                   adapter.dropout)
+                   adapter.dropout, METHODS[adapter.method])
     layers = lora_layers(model)
     with torch.no_grad():
-        for m in adapter.modules:
-            a, b = adapter.pair(m)
-            layers[m].lora_down[name].weight.copy_(a)
-            layers[m].lora_up[name].weight.copy_(b)
+        for m in adapter.modules:  # copy_ into the parameters: device and dtype stay the model's
+            layers[m].adapters[name].load_state_dict(adapter.module_tensors(m))
     set_adapter_weight(model, name, weight)
     return name
 
@@ -317,6 +340,8 @@ def export_peft(source: nn.Module | Adapter | str | Path, out_dir: str | Path, n
     else:
         adapter = source if isinstance(source, Adapter) else read_adapter(source)
     out_dir = Path(out_dir)
+    if adapter.method != "lora":
+        raise UserError(f"export-peft: PEFT's LoRA files hold LoRA adapters, not {adapter.method}")
     require_finite(adapter.tensors, "export-peft")
     if not math.isfinite(adapter.alpha):
         raise UserError(f"export-peft: the adapter's alpha is {adapter.alpha}; nothing was written")
@@ -388,107 +413,9 @@ def import_peft(peft_dir: str | Path, base_model: nn.Module | None = None) -> Ad
     adapter = _check(Adapter(tensors, rank, alpha, rslora, init, dropout, fingerprint, {"source": "peft"}),
                      weights)
     if base_model is not None:  # every module must exist in the base with the right shapes
-        _check_fits(base_model, adapter, weights)
+        check_fits(base_model, adapter, weights)
     return adapter
 
 
 def load_peft(model: nn.Module, peft_dir: str | Path, name: str = "default", weight: float = 1.0) -> str:
     return load_adapter(model, import_peft(peft_dir), name, weight)
-
-
-# ----- extraction and resizing: truncated SVD (Eckart-Young: the best rank-k approximation) -----
-def _low_rank(delta: torch.Tensor, rank: int, scale: float,
-              ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """delta [out, in] ~= scale * B A with B [out, rank], A [rank, in]; returns (B, A, tail energy, energy).
-
-    sqrt(S) goes to both sides, so A and B have similar magnitudes (better conditioned for further training).
-    """
-    delta = delta.double()
-    if not bool(torch.isfinite(delta).all()):  # SVD of NaN/inf raises deep in LAPACK (or returns NaN)
-        raise UserError("the weight difference holds NaN or infinite values; cannot factor it")
-    try:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    except torch.linalg.LinAlgError as e:  # did not converge: pathological values
-        raise UserError(f"SVD did not converge ({str(e).splitlines()[0][:100]})") from None
-    root = (s[:rank] / scale).sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank], float((s[rank:] ** 2).sum()), float((s**2).sum())
-
-
-def _named(module: str, fn, *args):
-    try:
-        return fn(*args)
-    except UserError as e:
-        raise UserError(f"module {module}: {e}") from None
-
-
-def _errors(parts: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """Relative Frobenius errors ||delta - approx|| / ||delta|| per module and "overall" (0 if delta = 0)."""
-    def rel(tail: float, total: float) -> float:
-        return math.sqrt(tail / total) if total > 0 else 0.0
-
-    overall = rel(sum(t for t, _ in parts.values()), sum(e for _, e in parts.values()))
-    return {"overall": overall, **{m: rel(*te) for m, te in parts.items()}}
-
-
-def extract_lora(base_model: nn.Module, tuned_model: nn.Module, rank: int, targets,
-                 ) -> tuple[Adapter, dict[str, float]]:
-    """The best rank-``rank`` LoRA of the weight deltas tuned - base in the ``targets`` modules.
-
-    Returns the adapter (alpha = rank, so scale 1 and B A = the approximated delta) and the relative
-    errors (see ``_errors``). Changed tensors outside the targets cannot be represented: their whole delta
-    counts in "overall" (it is error the adapter leaves), "uncaptured" says how many there are, and a warning
-    names one.
-    """
-    if not isinstance(rank, int) or rank <= 0:
-        raise UserError(f"LoRA rank must be a positive integer, got {rank}")
-    paths = resolve_targets(base_model, targets)
-    modules = adaptable_modules(base_model)
-    base, tuned = base_state_dict(base_model), base_state_dict(tuned_model)
-    if set(base) != set(tuned) or any(base[k].shape != tuned[k].shape for k in base):
-        raise UserError("the tuned model does not have the base model's architecture")
-    tensors, parts = {}, {}
-    for path in paths:
-        w0 = base[f"{path}.weight"]
-        if rank > min(w0.shape[0], w0[0].numel()):
-            raise UserError(f"rank {rank} exceeds the rank of module {path} (weight {tuple(w0.shape)})")
-        delta = (tuned[f"{path}.weight"].double() - w0.double()).flatten(1)
-        b, a, tail, total = _named(path, _low_rank, delta, rank, 1.0)
-        shape_a, shape_b = lora_shapes(modules[path], rank)
-        tensors[f"{path}.lora_down.weight"] = a.float().reshape(shape_a)
-        tensors[f"{path}.lora_up.weight"] = b.float().reshape(shape_b)
-        parts[path] = (tail, total)
-    covered = {f"{p}.weight" for p in paths}
-    ignored = [k for k in base if k not in covered and not torch.equal(base[k], tuned[k])]
-    if ignored:
-        log.warning("extract: %d changed tensors outside the targets are not captured (e.g. %s)",
-                    len(ignored), ignored[0])
-    missed = [float((tuned[k].double() - base[k].double()).pow(2).sum()) for k in ignored]
-    adapter = Adapter(tensors, rank, float(rank), init="extracted", fingerprint=base_fingerprint(base_model))
-    errors = _errors(parts)
-    tail = sum(t for t, _ in parts.values()) + sum(missed)
-    total = sum(e for _, e in parts.values()) + sum(missed)
-    errors["overall"] = math.sqrt(tail / total) if total > 0 else 0.0
-    errors["uncaptured"] = float(len(ignored))
-    return adapter, errors
-
-
-def resize_adapter(source: Adapter | str | Path, new_rank: int) -> tuple[Adapter, dict[str, float]]:
-    """Reduce an adapter to ``new_rank`` by truncated SVD of each module's scale * B A.
-
-    alpha and the scale rule are kept (the factors absorb the new scale); returns the adapter and the relative
-    Frobenius errors per module and "overall" (= the discarded singular values' energy share, Eckart-Young).
-    """
-    adapter = source if isinstance(source, Adapter) else read_adapter(source)
-    if not isinstance(new_rank, int) or not 1 <= new_rank <= adapter.rank:
-        raise UserError(f"new rank must be between 1 and the adapter's rank {adapter.rank}, got {new_rank}")
-    new = Adapter({}, new_rank, adapter.alpha, adapter.rslora, adapter.init, adapter.dropout,
-                  adapter.fingerprint, {**adapter.extra, "resized_from_rank": str(adapter.rank)})
-    parts = {}
-    for m in adapter.modules:
-        a, b = adapter.pair(m)
-        delta = adapter.scale * (b.double().flatten(1) @ a.double().flatten(1))
-        b2, a2, tail, total = _named(m, _low_rank, delta, new_rank, new.scale)
-        new.tensors[f"{m}.lora_down.weight"] = a2.float().reshape(new_rank, *a.shape[1:])
-        new.tensors[f"{m}.lora_up.weight"] = b2.float().reshape(b.shape[0], new_rank, *b.shape[2:])
-        parts[m] = (tail, total)
-    return new, _errors(parts)

@@ -1,14 +1,36 @@
-"""LoRA (Hu et al. 2021) for the UNet's nn.Linear and nn.Conv2d layers: wrappers, injection, merging.
+"""Adapted layers: a frozen nn.Linear / nn.Conv2d plus named adapters, and injecting them into a model.
 
-Eq. 3 of the paper: h = W0 x + (alpha/r) B A x, with W0 frozen, A = ``down`` [r, in] random and B = ``up``
-[out, r] zero, so an adapted model starts exactly equal to its base. With rsLoRA (Kalajdzievski 2023) the
-scale is alpha/sqrt(r). As in PEFT, a wrapper (``LoRALinear``/``LoRAConv2d``) holds the layer it adapts as
-``base_layer`` and any number of named adapters; each adapter also has a user multiplier ``weight`` (1 by
-default; ``--lora a:0.5`` sets 0.5), so its branch adds weight * scale * B A x.
+A wrapper (``LoRALayer``, as PEFT's tuner layers) holds the layer it adapts as ``base_layer`` and any number
+of named adapters, each an *adapter method*: an ``AdapterMethod`` (method.py) that owns its tensors and
+knows its ΔW. Each adapter also has a user multiplier (``multipliers[name]``, 1 by default; ``--lora a:0.5``
+sets 0.5), so for adapters i with multipliers m_i the layer computes
 
-In the model's state dict adapter NAME is ``<path>.lora_down.NAME.weight`` and ``<path>.lora_up.NAME.weight``;
-the base weights become ``<path>.base_layer.weight`` (``base_state_dict`` gives them their original names).
-Files, fingerprints, PEFT interop, extraction and resizing are in ``lora4diffusion.lora.adapters``.
+    h = W0 x + sum_i m_i ΔW_i x                       (a merged adapter is inside W0 instead: W0 += m_i ΔW_i)
+
+LoRA (Hu et al. 2021, eq. 3; lora.py) is the first method: ΔW = (alpha/r) B A, with A = ``lora_down``
+[r, in] random and B = ``lora_up`` [out, r] zero, so an adapted model starts exactly equal to its base
+(rsLoRA, Kalajdzievski 2023: alpha/sqrt(r)).
+
+The contract: a new method (DoRA, LoHa, LoKr, ...) is one file with a subclass of ``AdapterMethod`` plus one
+line in ``METHODS``; it implements
+- ``__init__(base, rank, alpha, init, rslora, dropout)``: its tensors, shaped and initialised for the base
+  nn.Linear / nn.Conv2d (ΔW = 0 at first, as LoRA's B = 0), each held in a child module;
+- ``keys`` and ``shapes(base, rank)``: the names of its tensors (its own ``state_dict()`` keys) and their
+  shapes on a base, which adapter files are checked against before any model is touched; ``problem``: the
+  checks a file's tensors must pass on their own;
+- ``delta_weight(m)``: m ΔW in fp32, shaped like the base weight (what merging adds to W0);
+- ``forward(x, m)``: m ΔW x, run in fp32 with autocast off (the default applies ``delta_weight`` with the
+  base's linear / conv operation; LoRA computes B (A x) instead);
+- ``metadata()``: its settings (rank, alpha, init, rslora, dropout), written into adapter files.
+The wrapper then gives every method, unchanged: multipliers (0 skips the adapter, so the output is the base's
+bit for bit), merging and exact unmerging, enabling, deleting, ``base_state_dict`` and the base fingerprint,
+saving and loading adapter files (adapters.py) and the format exports built on them.
+
+State-dict keys: child C of adapter NAME at module <path> is stored as ``<path>.C.NAME`` (LoRA:
+``<path>.lora_down.NAME.weight``, ``<path>.lora_up.NAME.weight``); the base weights become
+``<path>.base_layer.weight`` (``base_state_dict`` gives them their original names). In an adapter file the
+same tensors are ``<path>.<key>`` (``<path>.lora_down.weight``): the adapter's name is chosen when loading.
+Files, fingerprints and PEFT interop are in ``adapters.py``, extraction and resizing in ``extract.py``.
 """
 
 from __future__ import annotations
@@ -21,78 +43,79 @@ import torch
 from torch import nn
 
 from lora4diffusion.errors import UserError
+from lora4diffusion.lora.lora import INITS, LoRA
+from lora4diffusion.lora.method import AdapterMethod
 from lora4diffusion.models.unet import ResBlock
 
-INITS = ("normal", "kaiming")  # normal: the seed's N(0, (1/r)^2) (PEFT "gaussian"); kaiming: PEFT's default
+METHODS: dict[str, type[AdapterMethod]] = {LoRA.kind: LoRA}  # adapter files name their method by kind
 
 
 class LoRALayer(nn.Module):
-    """A frozen base layer plus named low-rank branches; subclasses say how to build A and B."""
+    """A frozen base layer plus named adapters (``adapters[name]``, each an AdapterMethod).
+
+    The adapters' child modules are registered here, under one ModuleDict per child name (``lora_down``,
+    ``lora_up``, ...) keyed by adapter name, so the state-dict keys are ``<child>.<name>.<param>``; the
+    ``adapters`` dict itself is a plain dict (registering it too would list every tensor twice).
+    """
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         for p in base_layer.parameters():  # on the parameters (the reference set a module attribute)
             p.requires_grad_(False)
-        self.lora_down = nn.ModuleDict()
-        self.lora_up = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.rank: dict[str, int] = {}
-        self.alpha: dict[str, float] = {}
-        self.rslora: dict[str, bool] = {}
-        self.init: dict[str, str] = {}
-        self.weight: dict[str, float] = {}  # the user's per-adapter multiplier
+        self.adapters: dict[str, AdapterMethod] = {}
+        self.multipliers: dict[str, float] = {}  # the user's per-adapter multiplier m
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
         self._unmerged_weight: torch.Tensor | None = None  # W0 as it was before the first merge
 
-    # --- subclass hooks ---
-    def _make_pair(self, rank: int) -> tuple[nn.Module, nn.Module]:
-        raise NotImplementedError
-
     # --- adapters ---
-    def add_adapter(self, name: str, rank: int, alpha: float, init: str = "normal", rslora: bool = False,
-                    dropout: float = 0.0) -> None:
-        if name in self.lora_down:
+    def add_adapter(self, name: str, method: AdapterMethod) -> None:
+        if name in self.adapters:
             raise UserError(f"adapter {name!r} already exists on this layer")
-        down, up = self._make_pair(rank)
-        # fp32 whatever the base dtype: the branch is computed in fp32 (see forward)
-        w0 = self.base_layer.weight
-        down.to(device=w0.device, dtype=torch.float32)
-        up.to(device=w0.device, dtype=torch.float32)
-        if init == "normal":
-            nn.init.normal_(down.weight, std=1 / rank)
-        else:
-            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-        nn.init.zeros_(up.weight)  # B = 0: the adapted model starts as the base model
-        self.lora_down[name], self.lora_up[name] = down, up
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.rank[name], self.alpha[name], self.rslora[name], self.weight[name] = rank, alpha, rslora, 1.0
-        self.init[name] = init
+        if [*method.parameters(recurse=False), *method.buffers(recurse=False)]:
+            raise TypeError(f"{type(method).__name__}: keep tensors in child modules (see lora/layers.py)")
+        for child, module in method.named_children():
+            if child not in self._modules:
+                self.add_module(child, nn.ModuleDict())
+            store = self._modules[child]
+            if not isinstance(store, nn.ModuleDict):
+                raise TypeError(f"{type(method).__name__}: child name {child!r} is taken by the wrapper")
+            store[name] = module
+        self.adapters[name] = method
+        self.multipliers[name] = 1.0
 
-    def scale(self, name: str) -> float:
-        """alpha / r (eq. 3), or alpha / sqrt(r) with rsLoRA; the user's weight is not included."""
-        r = self.rank[name]
-        return self.alpha[name] / (math.sqrt(r) if self.rslora[name] else r)
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` and its tensors (merged adapters: see ``delete_adapter``)."""
+        for child, _ in self.adapters.pop(name).named_children():
+            del self._modules[child][name]
+        del self.multipliers[name]
 
-    def set_scale(self, name: str, weight: float) -> None:
+    def _require(self, name: str) -> AdapterMethod:
+        if name not in self.adapters:
+            raise UserError(f"no adapter named {name!r} (have {sorted(self.adapters)})")
+        return self.adapters[name]
+
+    def state_key(self, name: str, key: str) -> str:
+        """Key ``key`` of adapter ``name`` as this layer's state dict names it (``lora_down.NAME.weight``)."""
+        child, _, rest = key.partition(".")
+        return f"{child}.{name}.{rest}"
+
+    def set_multiplier(self, name: str, multiplier: float) -> None:
         """Set the multiplier of adapter ``name`` (0 switches it off exactly); merged weights are redone."""
-        if name not in self.lora_down:
-            raise UserError(f"no adapter named {name!r} (have {sorted(self.lora_down)})")
+        self._require(name)
         merged = list(self.merged_adapters)
         if merged:
             self.unmerge()
-        self.weight[name] = float(weight)
+        self.multipliers[name] = float(multiplier)
         if merged:
             self.merge(merged)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """weight * scale * B A in fp32, shaped like the base weight (conv: [out, r] @ [r, in*kh*kw])."""
-        b, a = self.lora_up[name].weight, self.lora_down[name].weight
-        delta = b.float().flatten(1) @ a.float().flatten(1)
-        return (delta * (self.weight[name] * self.scale(name))).view(self.base_layer.weight.shape)
+        """m ΔW of adapter ``name`` in fp32, shaped like the base weight."""
+        return self.adapters[name].delta_weight(self.multipliers[name])
 
-    # --- merging: fold the branches into W0 for inference speed ---
+    # --- merging: fold the adapters into W0 for inference speed ---
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
@@ -101,16 +124,15 @@ class LoRALayer(nn.Module):
     def merge(self, names: Sequence[str] | None = None) -> None:
         if not self.adapters_enabled:
             raise UserError("adapters are disabled; enable them before merging")
-        names = list(self.lora_down) if names is None else list(names)
+        names = list(self.adapters) if names is None else list(names)
         w0 = self.base_layer.weight
         for name in names:
-            if name not in self.lora_down:
-                raise UserError(f"no adapter named {name!r} (have {sorted(self.lora_down)})")
+            self._require(name)
             if name in self.merged_adapters:
                 continue
             if self._unmerged_weight is None:
                 self._unmerged_weight = w0.detach().clone()
-            if self.weight[name] != 0:
+            if self.multipliers[name] != 0:
                 w0.add_(self.delta_weight(name).to(w0.dtype))
             self.merged_adapters.append(name)
 
@@ -130,70 +152,54 @@ class LoRALayer(nn.Module):
         self.unmerge()
         self.adapters_enabled = False
 
+    def train(self, mode: bool = True) -> LoRALayer:
+        super().train(mode)
+        for method in self.adapters.values():  # not registered as modules (their children are)
+            method.train(mode)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if not self.adapters_enabled:
             return out
-        for name, down in self.lora_down.items():
-            w = self.weight[name]
-            if w == 0 or name in self.merged_adapters:  # skipping keeps scale 0 bit-identical to the base
+        for name, method in self.adapters.items():
+            m = self.multipliers[name]
+            if m == 0 or name in self.merged_adapters:  # skipping keeps m = 0 bit-identical to the base
                 continue
-            # The branch runs in fp32 even under bf16 autocast (input cast to the LoRA weights' dtype, as in
-            # the seed and PEFT): the small factors and their product keep full precision; only the sum with
-            # the base output takes that output's dtype.
+            # The adapter runs in fp32 even under bf16 autocast; only the sum with the base output takes that
+            # output's dtype.
             with torch.autocast(device_type=x.device.type, enabled=False):
-                h = self.lora_up[name](down(self.lora_dropout[name](x.to(down.weight.dtype))))
-                out = out + (h * (w * self.scale(name))).to(out.dtype)
+                out = out + method(x, m).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{n}: r={self.rank[n]}, alpha={self.alpha[n]:g}, w={self.weight[n]:g}"
-                         for n in self.rank)
+        return ", ".join(f"{n}: {type(a).__name__}({a.extra_repr()}), m={self.multipliers[n]:g}"
+                         for n, a in self.adapters.items())
 
 
 class LoRALinear(LoRALayer):
-    """LoRA around an nn.Linear: A = Linear(in, r), B = Linear(r, out), no biases."""
+    """An nn.Linear in a LoRALayer with one LoRA adapter ``name``: A = Linear(in, r), B = Linear(r, out)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, init: str = "normal", rslora: bool = False,
                  dropout: float = 0.0, name: str = "default"):
         super().__init__(base)
-        self.add_adapter(name, rank, alpha, init, rslora, dropout)
-
-    def _make_pair(self, rank: int) -> tuple[nn.Module, nn.Module]:
-        base = self.base_layer
-        return nn.Linear(base.in_features, rank, bias=False), nn.Linear(rank, base.out_features, bias=False)
+        self.add_adapter(name, LoRA(base, rank, alpha, init, rslora, dropout))
 
 
 class LoRAConv2d(LoRALayer):
-    """LoRA around an nn.Conv2d, laid out as PEFT: A = the base's conv with r outputs, B = a 1x1 conv."""
+    """An nn.Conv2d in a LoRALayer with one LoRA adapter ``name``: A = the base's conv with r outputs, B = a
+    1x1 conv."""
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float, init: str = "normal", rslora: bool = False,
                  dropout: float = 0.0, name: str = "default"):
         super().__init__(base)
-        self.add_adapter(name, rank, alpha, init, rslora, dropout)
-
-    def _make_pair(self, rank: int) -> tuple[nn.Module, nn.Module]:
-        b = self.base_layer
-        down = nn.Conv2d(b.in_channels, rank, b.kernel_size, b.stride, b.padding, b.dilation, bias=False)
-        return down, nn.Conv2d(rank, b.out_channels, 1, bias=False)
-
-
-def _wrap(base: nn.Module, **kw) -> LoRALayer:
-    return LoRALinear(base, **kw) if isinstance(base, nn.Linear) else LoRAConv2d(base, **kw)
+        self.add_adapter(name, LoRA(base, rank, alpha, init, rslora, dropout))
 
 
 def max_rank(base: nn.Module) -> int:
     """The rank of the base weight matrix (a conv kernel counts as [out, in * kh * kw])."""
     w = base.weight
     return min(w.shape[0], w[0].numel())
-
-
-def lora_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of (A, B) for a base layer: Linear [r, in], [out, r]; Conv2d [r, in, kh, kw], [out, r, 1, 1]."""
-    w = base.weight
-    if isinstance(base, nn.Linear):
-        return (rank, w.shape[1]), (w.shape[0], rank)
-    return (rank, *w.shape[1:]), (w.shape[0], rank, 1, 1)
 
 
 # ----- finding the layers to adapt -----
@@ -272,16 +278,19 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]
 # ----- injection -----
 def inject_lora(model: nn.Module, targets: str | Sequence[str], rank: int, alpha: float,
                 name: str = "default", init: str = "normal", rslora: bool = False, dropout: float = 0.0,
-                ) -> list[str]:
-    """Add adapter ``name`` to every matched layer; afterwards only that adapter is trainable.
+                method: type[AdapterMethod] = LoRA) -> list[str]:
+    """Add adapter ``name`` (a ``method``, LoRA by default) to every matched layer; afterwards only that
+    adapter is trainable.
 
     Returns the adapted module paths. Everything is validated before the model is touched.
     """
-    return inject_lora_at(model, resolve_targets(model, targets), rank, alpha, name, init, rslora, dropout)
+    return inject_lora_at(model, resolve_targets(model, targets), rank, alpha, name, init, rslora, dropout,
+                          method)
 
 
 def inject_lora_at(model: nn.Module, paths: Sequence[str], rank: int, alpha: float, name: str = "default",
-                   init: str = "normal", rslora: bool = False, dropout: float = 0.0) -> list[str]:
+                   init: str = "normal", rslora: bool = False, dropout: float = 0.0,
+                   method: type[AdapterMethod] = LoRA) -> list[str]:
     """``inject_lora`` for exact module paths (used when loading an adapter file)."""
     if not isinstance(rank, int) or rank <= 0:
         raise UserError(f"LoRA rank must be a positive integer, got {rank}")
@@ -305,19 +314,19 @@ def inject_lora_at(model: nn.Module, paths: Sequence[str], rank: int, alpha: flo
             raise UserError(f"LoRA rank {rank} exceeds the rank {max_rank(base)} of module {path}"
                             f" (weight {tuple(base.weight.shape)})")
         existing = model.get_submodule(path)
-        if isinstance(existing, LoRALayer) and name in existing.lora_down:
+        if isinstance(existing, LoRALayer) and name in existing.adapters:
             raise UserError(f"module {path} already has an adapter named {name!r}")
     for path in paths:
-        existing = model.get_submodule(path)
-        if isinstance(existing, LoRALayer):
-            existing.add_adapter(name, rank, alpha, init, rslora, dropout)
-        else:
+        layer = model.get_submodule(path)
+        if not isinstance(layer, LoRALayer):
             parent, _, child = path.rpartition(".")
-            wrapper = _wrap(existing, rank=rank, alpha=alpha, init=init, rslora=rslora, dropout=dropout,
-                            name=name)
-            setattr(model.get_submodule(parent), child, wrapper)
-    for key, p in model.named_parameters():
-        p.requires_grad_(f".lora_down.{name}." in key or f".lora_up.{name}." in key)
+            layer = LoRALayer(layer)
+            setattr(model.get_submodule(parent), child, layer)
+        layer.add_adapter(name, method(layer.base_layer, rank, alpha, init, rslora, dropout))
+    model.requires_grad_(False)
+    for layer in lora_layers(model).values():
+        if name in layer.adapters:
+            layer.adapters[name].requires_grad_(True)
     return list(paths)
 
 
@@ -329,41 +338,43 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
 def adapter_names(model: nn.Module) -> list[str]:
     names: dict[str, None] = {}
     for layer in lora_layers(model).values():
-        names.update(dict.fromkeys(layer.lora_down))
+        names.update(dict.fromkeys(layer.adapters))
     return list(names)
 
 
 def set_adapter_weight(model: nn.Module, name: str, weight: float) -> None:
-    layers = [m for m in lora_layers(model).values() if name in m.lora_down]
+    """Set adapter ``name``'s multiplier on every layer (0 gives the base model's outputs exactly)."""
+    layers = [m for m in lora_layers(model).values() if name in m.adapters]
     if not layers:
         raise UserError(f"the model has no adapter named {name!r} (have {adapter_names(model)})")
     for layer in layers:
-        layer.set_scale(name, weight)
+        layer.set_multiplier(name, weight)
+
+
+def _put_back_base(model: nn.Module, path: str, layer: LoRALayer) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from every layer (PEFT's delete_adapter); a layer left without adapters gets
     its plain base layer back, so removing every adapter restores the base model exactly."""
-    layers = {p: m for p, m in lora_layers(model).items() if name in m.lora_down}
+    layers = {p: m for p, m in lora_layers(model).items() if name in m.adapters}
     if not layers:
         raise UserError(f"the model has no adapter named {name!r} (have {adapter_names(model)})")
     for path, layer in layers.items():
         merged = [n for n in layer.merged_adapters if n != name]
         layer.unmerge()  # W0 back exactly, then the others are merged again
-        for d in (layer.lora_down, layer.lora_up, layer.lora_dropout):
-            del d[name]
-        for d in (layer.rank, layer.alpha, layer.rslora, layer.init, layer.weight):
-            d.pop(name, None)
+        layer.remove_adapter(name)
         if merged:
             layer.merge(merged)
-        if not layer.lora_down:
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+        if not layer.adapters:
+            _put_back_base(model, path, layer)
 
 
 def merge_lora(model: nn.Module, names: Sequence[str] | None = None) -> None:
     for layer in lora_layers(model).values():
-        layer.merge([n for n in names if n in layer.lora_down] if names is not None else None)
+        layer.merge([n for n in names if n in layer.adapters] if names is not None else None)
 
 
 def unmerge_lora(model: nn.Module) -> None:
@@ -382,17 +393,18 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     for path, layer in lora_layers(model).items():
         if merge and layer.adapters_enabled:
             layer.merge()
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+        _put_back_base(model, path, layer)
     return model
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's tensors under their original names, without LoRA tensors and without merged deltas."""
+    """The base model's tensors under their original names, without adapter tensors and merged deltas."""
     layers = lora_layers(model)
+    adapter_keys = {f"{path}.{layer.state_key(n, k)}" for path, layer in layers.items()
+                    for n, method in layer.adapters.items() for k in method.state_dict()}
     out = {}
     for key, t in model.state_dict().items():
-        if ".lora_down." in key or ".lora_up." in key:
+        if key in adapter_keys:
             continue
         path, _, leaf = key.rpartition(".base_layer.")
         if path in layers:
@@ -404,18 +416,14 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_parameter_count(model: nn.Module, name: str | None = None) -> int:
-    """Number of LoRA parameters (of adapter ``name``, or of all adapters)."""
-    def is_lora(key: str) -> bool:
-        if name is None:
-            return ".lora_down." in key or ".lora_up." in key
-        return f".lora_down.{name}." in key or f".lora_up.{name}." in key
-
-    return sum(p.numel() for k, p in model.named_parameters() if is_lora(k))
+    """Number of adapter parameters (of adapter ``name``, or of all adapters)."""
+    return sum(p.numel() for layer in lora_layers(model).values() for n, method in layer.adapters.items()
+               if name is None or n == name for p in method.parameters())
 
 
 def lora_summary(model: nn.Module, name: str | None = None) -> dict:
-    """Counts for the report: LoRA parameters, base parameters and the LoRA share of the base."""
+    """Counts for the report: adapter parameters, base parameters and the adapters' share of the base."""
     lora = lora_parameter_count(model, name)
     base = sum(t.numel() for t in base_state_dict(model).values())
     return {"lora_params": lora, "base_params": base, "share": lora / base if base else 0.0,
-            "modules": len([m for m in lora_layers(model).values() if name is None or name in m.lora_down])}
+            "modules": len([m for m in lora_layers(model).values() if name is None or name in m.adapters])}

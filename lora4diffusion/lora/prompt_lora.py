@@ -1,12 +1,11 @@
 """LoRA on a prompt model (UNet + text encoder): trigger-word captions, prior preservation, text-encoder LoRA.
 
-DreamBooth-LoRA as SD users train it (issue 11, item 5):
+DreamBooth-LoRA as SD users train it:
 - the styled digits are captioned with a rare trigger word in the caption templates ("a handwritten sks
   seven", "the digit 7 in sks style"; captions.captions_for), so the adapter learns "sks = this style";
 - ``--prior`` (prior preservation, Ruiz et al. 2023, eq. 2) adds to every step a second half batch of PLAIN
   digits with trigger-less captions, whose loss (weight ``prior_weight``) keeps the adapted model answering
-  ordinary prompts as the base does: the remedy for LoRAs that act without their trigger
-  (kohya-ss/sd-scripts #1045);
+  ordinary prompts as the base does: the remedy for LoRAs that act without their trigger;
 - ``--text-encoder`` adds LoRA to the text encoder's attention (q/k/v/out_proj) and MLP (fc1/fc2), as
   kohya's ``lora_te_*`` modules, with its own learning rate.
 
@@ -22,7 +21,6 @@ import json
 import logging
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from lora4diffusion.captions import check_trigger
@@ -30,9 +28,11 @@ from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import (
     UNKNOWN,
     Adapter,
-    _check_fits,
-    _default_name,
+    adapter_settings,
+    adapter_tensors,
     base_fingerprint,
+    check_fits,
+    default_name,
     load_adapter,
     read_adapter,
     resolve_adapter,
@@ -53,27 +53,14 @@ def prompt_fingerprint(unet: nn.Module, text_encoder: nn.Module) -> str:
     return base_fingerprint(TextConditionedUNet(unet, text_encoder))
 
 
-def _pairs(module: nn.Module, name: str, prefix: str = "") -> dict[str, torch.Tensor]:
-    out = {}
-    for path, m in lora_layers(module).items():
-        if name in m.lora_down:
-            out[f"{prefix}{path}.lora_down.weight"] = m.lora_down[name].weight.detach().float().cpu()
-            out[f"{prefix}{path}.lora_up.weight"] = m.lora_up[name].weight.detach().float().cpu()
-    return out
-
-
 def adapter_from_prompt_model(model: nn.Module, fingerprint: str, name: str = "default") -> Adapter:
-    """One Adapter from a TextConditionedUNet's LoRA layers: UNet names bare, text encoder's prefixed."""
-    layers = [m for m in lora_layers(model).values() if name in m.lora_down]
+    """One Adapter from a TextConditionedUNet's adapted layers: UNet names bare, text encoder's prefixed."""
+    layers = [m for m in lora_layers(model).values() if name in m.adapters]
     if not layers:
         raise UserError(f"the model has no adapter named {name!r}")
-    settings = {(m.rank[name], m.alpha[name], m.rslora[name], m.init[name]) for m in layers}
-    if len(settings) > 1:
-        raise UserError(f"adapter {name!r} has different rank/alpha/init on different modules; not saveable")
-    rank, alpha, rslora, init = settings.pop()
-    tensors = {**_pairs(model.unet, name), **_pairs(model.text_encoder, name, TE_PREFIX)}
-    return Adapter(tensors, rank, alpha, rslora, init, getattr(layers[0].lora_dropout[name], "p", 0.0),
-                   fingerprint)
+    settings = adapter_settings(layers, name)
+    tensors = {**adapter_tensors(model.unet, name), **adapter_tensors(model.text_encoder, name, TE_PREFIX)}
+    return Adapter(tensors, fingerprint=fingerprint, **settings)
 
 
 def split_adapter(adapter: Adapter) -> tuple[Adapter | None, Adapter | None]:
@@ -83,7 +70,7 @@ def split_adapter(adapter: Adapter) -> tuple[Adapter | None, Adapter | None]:
         if not tensors:
             return None
         return Adapter(tensors, adapter.rank, adapter.alpha, adapter.rslora, adapter.init, adapter.dropout,
-                       UNKNOWN, dict(adapter.extra))
+                       UNKNOWN, dict(adapter.extra), adapter.method)
 
     return (part(lambda k: not k.startswith(TE_PREFIX), lambda k: k),
             part(lambda k: k.startswith(TE_PREFIX), lambda k: k[len(TE_PREFIX):]))
@@ -119,10 +106,9 @@ def load_prompt_adapter(unet: nn.Module, text_encoder: nn.Module, path, weight: 
             log.warning("%s: loading an adapter trained on a different base model (--force)", where)
     unet_part, te_part = split_adapter(adapter)
     if name is None:
-        name = "default" if where == "adapter" else _default_name(unet, path)
+        name = "default" if where == "adapter" else default_name(unet, path)
     if te_part is not None:  # check the text-encoder part fits before the UNet is touched
-
-        _check_fits(text_encoder, te_part, where)
+        check_fits(text_encoder, te_part, where)
     if unet_part is not None:
         load_adapter(unet, unet_part, name, weight)
     if te_part is not None:
@@ -133,7 +119,7 @@ def load_prompt_adapter(unet: nn.Module, text_encoder: nn.Module, path, weight: 
 def set_prompt_adapter_weight(unet: nn.Module, text_encoder: nn.Module, name: str, weight: float) -> None:
     found = False
     for part in (unet, text_encoder):
-        if any(name in m.lora_down for m in lora_layers(part).values()):
+        if any(name in m.adapters for m in lora_layers(part).values()):
             set_adapter_weight(part, name, weight)
             found = True
     if not found:
