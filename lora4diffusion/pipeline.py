@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,19 +11,37 @@ from pathlib import Path
 
 import torch
 
+from lora4diffusion.captions import digit_prompts, negative_prompts
 from lora4diffusion.catalog import pretrained_dir, resolve_checkpoint
+from lora4diffusion.checkpoint import path_kind
 from lora4diffusion.diffusion import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
+    STEPS_OFFSET,
     DDIMSampler,
     DDPMSampler,
     DiffusionConfig,
     NoiseSchedule,
     sample,
 )
+from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.model import load_model
+from lora4diffusion.folders.text import load_text_parts
+from lora4diffusion.folders.vae import load_attached_vae
+from lora4diffusion.formats import read_any
+from lora4diffusion.latents import decode_latents
+from lora4diffusion.lora.adapters import base_fingerprint, load_adapter, shipped_adapters
+from lora4diffusion.lora.layers import adapter_names, delete_adapter, lora_layers, set_adapter_weight
+from lora4diffusion.lora.prompt_lora import (
+    load_prompt_adapter,
+    missing_triggers,
+    prompt_fingerprint,
+    set_prompt_adapter_weight,
+    trigger_words,
+)
 from lora4diffusion.models.unet import UNet
+from lora4diffusion.prompt_syntax import call_loras, has_tags, parse_prompt
 
 # Digits per sampling batch (x2 rows with guidance), the fastest measured on 2 cores, bf16 (benchmarks/
 # RESULTS.md): the pixel model at 50 (100 rows keep every 28x28 activation under glibc's 32 MiB mmap ceiling;
@@ -64,15 +83,11 @@ class Pipeline:
                     "no shipped base model in this install; pass --checkpoint DIR (train one first)"
                 )
         checkpoint = resolve_checkpoint(checkpoint)
-        from lora4diffusion.folders.vae import load_attached_vae
-
         unet, diffusion, config = load_model(Path(checkpoint))
         vae = load_attached_vae(checkpoint, config)  # None for a pixel model
         if vae is None and unet.cfg.in_channels != 1:
             raise UserError(f"{checkpoint}: a latent model ({unet.cfg.in_channels} channels) without its VAE")
         if unet.cfg.conditioning == "text":
-            from lora4diffusion.folders.text import load_text_parts
-
             text_encoder, tokenizer = load_text_parts(checkpoint, config)
             return cls(unet, diffusion, config, vae, text_encoder, tokenizer)
         return cls(unet, diffusion, config, vae)
@@ -80,12 +95,7 @@ class Pipeline:
     def add_lora(self, path: str | Path, weight: float = 1.0, force: bool = False) -> str:
         """Load an adapter (ours, PEFT's, diffusers' or kohya's layout: detected) into the UNet at ``weight``;
         returns its name."""
-        from lora4diffusion.formats import read_any
-        from lora4diffusion.lora.adapters import load_adapter
-
         if self.is_prompt_model:  # UNet and text-encoder modules, one fingerprint over both
-            from lora4diffusion.lora.prompt_lora import load_prompt_adapter, trigger_words
-
             name, adapter = load_prompt_adapter(self.unet, self.text_encoder, path, weight, force, read_any)
             self.triggers[name] = trigger_words(adapter)
             return name
@@ -93,9 +103,6 @@ class Pipeline:
 
     def set_lora_weight(self, name: str, weight: float) -> None:
         """Change a loaded adapter's weight (the name add_lora returned); 0 gives the base's images."""
-        from lora4diffusion.lora.layers import set_adapter_weight
-        from lora4diffusion.lora.prompt_lora import set_prompt_adapter_weight
-
         if self.is_prompt_model:
             set_prompt_adapter_weight(self.unet, self.text_encoder, name, weight)
         else:
@@ -104,8 +111,6 @@ class Pipeline:
     def remove_lora(self, name: str) -> None:
         """Unload adapter ``name`` (from the text encoder too); once every adapter is removed the model is the
         plain base again."""
-        from lora4diffusion.lora.layers import adapter_names, delete_adapter
-
         found = False
         for part in (self.unet, self.text_encoder):
             if part is not None and name in adapter_names(part):
@@ -119,8 +124,6 @@ class Pipeline:
     @property
     def loras(self) -> dict[str, float]:
         """The loaded adapters and their weights, by name."""
-        from lora4diffusion.lora.layers import adapter_names, lora_layers
-
         weights: dict[str, float] = {}
         for layer in lora_layers(self.unet).values():
             weights.update(layer.multipliers)
@@ -132,12 +135,6 @@ class Pipeline:
         that earlier calls' tags loaded and this call's tags do not name are set to weight 0. Returns the
         prompts without their tags. Every prompt of a call must carry the same tags (weights apply to the
         whole batch); a different set or weight is refused."""
-        import difflib
-
-        from lora4diffusion.checkpoint import path_kind
-        from lora4diffusion.lora.adapters import shipped_adapters
-        from lora4diffusion.prompt_syntax import call_loras
-
         if not self.is_prompt_model:
             raise UserError("<lora:...> tags go in prompts of a prompt model; a label model takes --lora")
         stripped, wanted = call_loras(list(prompts), paths=True)
@@ -158,21 +155,14 @@ class Pipeline:
     def missing_triggers(self, prompts: list[str]) -> list[tuple[str, str]]:
         """(adapter, prompt) for loaded adapters (weight != 0 not checked) whose trigger words a prompt
         (without its tags) lacks: the adapter then acts weakly or, with prior preservation, not at all."""
-        from lora4diffusion.lora.prompt_lora import missing_triggers
-        from lora4diffusion.prompt_syntax import parse_prompt
-
         active = {n: w for n, w in self.triggers.items() if n not in self._muted()}
         return missing_triggers(active, [parse_prompt(p, paths=True).text for p in prompts])
 
     def _muted(self) -> set[str]:
-        from lora4diffusion.lora.layers import lora_layers
-
         return {n for m in lora_layers(self.unet).values() for n, w in m.multipliers.items() if w == 0.0}
 
     def to(self, device: str | torch.device) -> Pipeline:
         """Move the UNet (adapters included) to ``device``: auto | cpu | cuda or a torch.device."""
-        from lora4diffusion.distributed import resolve_device
-
         self.unet.to(resolve_device(device))
         for part in (self.vae, self.text_encoder):
             if part is not None:
@@ -182,12 +172,8 @@ class Pipeline:
     @property
     def fingerprint(self) -> str:
         """The base fingerprint adapters record: the UNet's, and for a prompt model the text encoder's too."""
-        from lora4diffusion.lora.adapters import base_fingerprint
-
         if self.text_encoder is None:
             return base_fingerprint(self.unet)
-        from lora4diffusion.lora.prompt_lora import prompt_fingerprint
-
         return prompt_fingerprint(self.unet, self.text_encoder)
 
     def module_names(self) -> set[str]:
@@ -215,9 +201,7 @@ class Pipeline:
         clip = self.vae is None  # pixels live in [-1, 1]; latents have no such range (SD does not clip them)
         # prompt models sample as StableDiffusionPipeline does (timesteps shifted by SD's steps_offset 1), so
         # their diffusers export gives the same images (diffusion.STEPS_OFFSET)
-        offset = 0
-        if self.is_prompt_model:
-            from lora4diffusion.diffusion import STEPS_OFFSET as offset
+        offset = STEPS_OFFSET if self.is_prompt_model else 0
         if kind == "ddim":
             s = DDIMSampler(schedule, eta=eta, clip_sample=clip, steps_offset=offset)
         elif kind == "ddpm":
@@ -305,8 +289,6 @@ class Pipeline:
             traj.append(t)
         traj = [torch.cat(frames) for frames in zip(*traj, strict=True)] if trajectory_every else []
         if self.vae is not None:  # latent diffusion: the decoder turns the sampled latents into digits
-            from lora4diffusion.latents import decode_latents
-
             images = torch.cat([decode_latents(self.vae, x, bf16=bf16) for x in out])
             # the denoising strip shows decoded latents: plots expect [B, 1, H, W] in [-1, 1]
             return images, [decode_latents(self.vae, x, bf16=bf16)[:, None] * 2 - 1 for x in traj]
@@ -315,14 +297,10 @@ class Pipeline:
 
     def _contexts(self, prompts, negative) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of the prompts and of their unconditional branch (a bad word is a UserError)."""
-        from lora4diffusion.captions import digit_prompts, negative_prompts
-
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
         prompts = list(prompts)
         if all(isinstance(p, str) for p in prompts):
-            from lora4diffusion.prompt_syntax import has_tags
-
             if self.tag_adapters or any(has_tags(p) for p in prompts):
                 prompts = self.apply_prompt_tags(prompts)  # <lora:...> loads/weights adapters, then goes
         if not all(isinstance(p, str) for p in prompts):

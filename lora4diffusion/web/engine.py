@@ -27,7 +27,16 @@ import torch
 from lora4diffusion.captions import digit_of
 from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora.adapters import ADAPTER_FILE, UNKNOWN, load_adapter, read_adapter, shipped_adapters
+from lora4diffusion.latents import decode_latents
+from lora4diffusion.lora.adapters import (
+    ADAPTER_FILE,
+    UNKNOWN,
+    base_fingerprint,
+    load_adapter,
+    read_adapter,
+    shipped_adapters,
+)
+from lora4diffusion.lora.prompt_lora import load_prompt_adapter, prompt_fingerprint
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image
 from lora4diffusion.web.prompt import Conditioning, check_name
@@ -209,7 +218,6 @@ def preview_images(x0: torch.Tensor, vae) -> torch.Tensor:
     """
     if vae is None:
         return ((x0[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
-    from lora4diffusion.latents import decode_latents
 
     return decode_latents(vae, x0, DECODED_SIZE, DECODED_SIZE)
 
@@ -354,10 +362,7 @@ def pipe_fingerprint(pipe: Pipeline) -> str:
     label model, the one over UNet and text encoder for a prompt model (lora.prompt_lora.prompt_fingerprint,
     what train-lora on a prompt base writes)."""
     if pipe.is_prompt_model:
-        from lora4diffusion.lora.prompt_lora import prompt_fingerprint
-
         return prompt_fingerprint(pipe.unet, pipe.text_encoder)
-    from lora4diffusion.lora.adapters import base_fingerprint
 
     return base_fingerprint(pipe.unet)
 
@@ -366,8 +371,6 @@ def load_into(pipe: Pipeline, adapter, name: str) -> None:
     """Load an adapter at weight 0 under ``name``: into the UNet, and for a prompt model into the text encoder
     too where it has text-encoder modules (train-lora --text-encoder)."""
     if pipe.is_prompt_model:
-        from lora4diffusion.lora.prompt_lora import load_prompt_adapter
-
         load_prompt_adapter(pipe.unet, pipe.text_encoder, adapter, 0.0, name=name)
     else:
         load_adapter(pipe.unet, adapter, name=name, weight=0.0)
