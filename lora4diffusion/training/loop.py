@@ -18,11 +18,9 @@ makes for those rows, so K ranks match one process up to float rounding. Only ra
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,20 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lora4diffusion import distributed
-from lora4diffusion.checkpoint import (
-    check_against,
-    load_tensors,
-    read_metadata,
-    save_tensors,
-    tensor_header,
-)
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.distributed import bf16_supported
 from lora4diffusion.errors import UserError
 from lora4diffusion.runlock import RunLock
-from lora4diffusion.schema import float_text, int_text
 from lora4diffusion.training.run import (
-    RESUME_FIXED,
     STATE_NAME,
     NonFiniteLoss,
     TrainConfig,
@@ -53,6 +42,13 @@ from lora4diffusion.training.run import (
     seed_value,
     tensorboard_writer,
     trim_metrics,
+)
+from lora4diffusion.training.state import (
+    expected_state,
+    read_state,
+    restore_state,
+    state_tensors,
+    write_state,
 )
 
 log = logging.getLogger("lora4diffusion")
@@ -172,7 +168,7 @@ class Trainer:
         # ``lr_scale(name)``: a parameter's learning rate as a multiple of cfg.lr (e.g. a text encoder's own
         # rate in LoRA training); without it, the two groups below are all there is.
         scales = sorted({lr_scale(k) for k in self.params}) if lr_scale is not None else [None]
-        groups, self._opt_names = [], []
+        groups, self.opt_names = [], []
         for scale in scales:
             mine = {k: p for k, p in self.params.items() if scale is None or lr_scale(k) == scale}
             for decayed in (True, False):
@@ -182,7 +178,7 @@ class Trainer:
                 if scale is not None:
                     group["lr_scale"] = scale
                 groups.append(group)
-                self._opt_names += names
+                self.opt_names += names
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr)
         self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step = 0
@@ -205,34 +201,14 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup))
 
-    # ----- checkpoints -----
-    def _opt_params(self) -> list[nn.Parameter]:
-        return [p for g in self.opt.param_groups for p in g["params"]]
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"param.{k}": p.detach() for k, p in self.params.items()}  # save_tensors moves to the CPU
-        if self.ema:
-            out.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
-        for name, p in zip(self._opt_names, self._opt_params(), strict=True):
-            st = self.opt.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                if key in st:
-                    out[f"optim.{name}.{key}"] = (
-                        st[key].detach().reshape(-1) if key == "step" else st[key].detach()
-                    )
-        return out
-
+    # ----- checkpoints (the file format: training/state.py) -----
     def save_checkpoint(self) -> None:
         """Write the training state and the export (rank 0 only: every rank holds the same weights)."""
         if not distributed.is_main():
             return
-        meta = {
-            "step": str(self.step),
-            "train_seconds": f"{self.train_seconds:.3f}",
-            "config": json.dumps(asdict(self.cfg)),
-            "run": json.dumps(self.run_info, default=str),
-        }
-        save_tensors(self.run_dir / STATE_NAME, self.state_tensors(), metadata=meta)
+        tensors = state_tensors(self.params, self.ema, self.opt, self.opt_names)
+        path = self.run_dir / STATE_NAME
+        write_state(path, tensors, self.step, self.train_seconds, self.cfg, self.run_info)
         self._export_ema()
         self._saved_step = self.step
 
@@ -245,97 +221,15 @@ class Trainer:
             if self.ema:
                 self.ema.swap(self.params)
 
-    # TrainConfig fields that shape the trajectory: resuming with one changed trains a different run.
-    TRAJECTORY = ("batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "label_dropout",
-                  "seed")
-
-    def check_resume(self, path: Path, meta: dict[str, str], saved_run: dict, allow_changes: bool) -> None:
-        """A different base (the fingerprint) is always refused; other settings (``TRAJECTORY``) or data and
-        run entries (``run_info`` outside RESUME_FIXED) are refused, naming them, unless ``allow_changes``.
-        ``steps`` may grow, and logging, checkpoint and preview intervals may change."""
-        now = json.loads(json.dumps(self.run_info, default=str))
-        if "base_fingerprint" in saved_run and saved_run["base_fingerprint"] != now.get("base_fingerprint"):
-            raise UserError(
-                f"--resume: {path} was trained on base {saved_run.get('base')!r}"
-                f" (fingerprint {str(saved_run['base_fingerprint'])[:12]}), not on {now.get('base')!r}"
-                f" (fingerprint {str(now.get('base_fingerprint'))[:12]})"
-            )
-        try:
-            saved_cfg = json.loads(meta.get("config", "{}"))
-        except (json.JSONDecodeError, RecursionError):
-            raise UserError(f"--resume: {path}: malformed metadata (config is not JSON)") from None
-        if not isinstance(saved_cfg, dict):
-            raise UserError(f"--resume: {path}: malformed metadata (config must be a JSON object)")
-        now_cfg = asdict(self.cfg)
-        changed = [f"{k} {saved_cfg[k]!r} -> {now_cfg[k]!r}" for k in self.TRAJECTORY
-                   if k in saved_cfg and saved_cfg[k] != now_cfg[k]]
-        changed += [
-            f"{k} {saved_run[k]!r} -> {now.get(k)!r}"
-            for k in sorted(saved_run)
-            if k not in RESUME_FIXED and k != "base" and k in now and saved_run[k] != now[k]
-        ]
-        if changed and not allow_changes:
-            raise UserError(
-                f"--resume: {path} used other data or settings ({'; '.join(changed)[:300]});"
-                " pass --allow-changes to continue with the new ones"
-            )
-        if changed:
-            log.warning("resuming with changes: %s", "; ".join(changed))
-
     def resume(self, allow_changes: bool = False) -> None:
         """Continue from the run folder's train state (checked: metadata, settings, tensor names/shapes)."""
         path = self.run_dir / STATE_NAME
-        if not path.is_file():
-            raise UserError(f"--resume: no training state at {path}")
-        meta = read_metadata(path)
-        try:  # metadata is text from a file: check it before anything is copied into the model
-            step = int_text(meta.get("step"), "step", 0, 2**62)
-            seconds = float_text(meta.get("train_seconds", "0"), "train_seconds", 0.0, 1e12)
-            saved_run = json.loads(meta.get("run", "{}"))
-            if not isinstance(saved_run, dict):
-                raise UserError("run must be a JSON object")
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise UserError(f"--resume: {path}: malformed metadata (run is not JSON: {e})") from None
-        except UserError as e:
-            raise UserError(f"--resume: {path}: malformed metadata ({e})") from None
-        for key in ("unet", "diffusion", "lora", "vae", "text_encoder"):
-            if key in self.run_info and saved_run.get(key) != json.loads(
-                json.dumps(self.run_info[key], default=str)
-            ):
-                raise UserError(f"--resume: {path} was trained with a different {key} config")
-        self.check_resume(path, meta, saved_run, allow_changes)
-        # every tensor named, shaped and typed as this run needs (a missing optimizer entry included)
-        check_against(self._expected_state(optimizer=step > 0), tensor_header(path), path, "this run")
-        tensors = load_tensors(path)
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(tensors[f"param.{k}"])
-                if self.ema:
-                    self.ema.shadow[k].copy_(tensors[f"ema.{k}"])
-        for name, p in zip(self._opt_names, self._opt_params(), strict=True):
-            if f"optim.{name}.exp_avg" in tensors:
-                adam_step = tensors[f"optim.{name}.step"].reshape(())
-                if not 0 <= float(adam_step) <= 2**62:
-                    raise UserError(f"--resume: {path}: optim.{name}.step is {float(adam_step):g}")
-                self.opt.state[p] = {
-                    "step": adam_step.float(),  # AdamW keeps it on the CPU
-                    "exp_avg": tensors[f"optim.{name}.exp_avg"].to(p.device, copy=True),
-                    "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].to(p.device, copy=True),
-                }
-        self.step = step
-        self.train_seconds = seconds
+        self.step, self.train_seconds, tensors = read_state(
+            path, self.run_info, self.cfg, allow_changes,
+            lambda optimizer: expected_state(self.params, self.ema, self.opt, self.opt_names, optimizer),
+        )
+        restore_state(tensors, self.params, self.ema, self.opt, self.opt_names, path)
         log.info("resumed from %s at step %d", path, self.step)
-
-    def _expected_state(self, optimizer: bool = True) -> dict[str, torch.Tensor]:
-        """What ``state_tensors`` writes after at least one step (names, shapes, dtypes): the schema a
-        train_state file is checked against before resuming. A step-0 checkpoint has no optimizer state."""
-        out = {f"param.{k}": p for k, p in self.params.items()}
-        if self.ema:
-            out.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
-        for name, p in zip(self._opt_names, self._opt_params(), strict=True) if optimizer else ():
-            out[f"optim.{name}.exp_avg"] = out[f"optim.{name}.exp_avg_sq"] = p
-            out[f"optim.{name}.step"] = torch.zeros(1)
-        return out
 
     # ----- the loop -----
     def net(self) -> nn.Module:
