@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora4diffusion.checkpoint import load_model, read_metadata, save_model, save_tensors
+from lora4diffusion.cli.args import parse_lora_arg
 from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import (
@@ -28,7 +29,6 @@ from lora4diffusion.lora.adapters import (
     import_peft,
     load_adapter,
     load_peft,
-    parse_lora_arg,
     read_adapter,
     resize_adapter,
     save_adapter,
