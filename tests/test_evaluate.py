@@ -15,6 +15,7 @@ import torch
 from lora4diffusion import classifier as classifier_mod
 from lora4diffusion import evaluate
 from lora4diffusion.classifier import default_dir, load_classifier
+from lora4diffusion.cli import evaluate as evaluate_cli
 from lora4diffusion.data import Digits, MNISTSplits, from_model_range, load_mnist, to_model_range
 from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError
@@ -251,26 +252,26 @@ def no_reload(monkeypatch, splits):
 
 
 def test_run_json_and_table(real_npz, capsys, no_reload):
-    assert evaluate.run(_cli("evaluate", "--samples", str(real_npz), "--json")) == 0
+    assert evaluate_cli.run(_cli("evaluate", "--samples", str(real_npz), "--json")) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 300 and out["accuracy"] >= 0.97 and out["source"] == {"samples": str(real_npz)}
     assert set(out["per_digit_accuracy"]) == {str(d) for d in range(10)}
     args = _cli("evaluate", "--samples", str(real_npz))
-    assert args.func is evaluate.run and args.func(args) == 0
+    assert args.func is evaluate_cli.run and args.func(args) == 0
     table = capsys.readouterr().out
     assert "classifier accuracy" in table and "300 train vs 500" in table and "samples from samples " in table
 
 
 def test_run_bad_input(tmp_path, real_npz):
     with pytest.raises(UserError, match="file not found"):
-        evaluate.run(_cli("evaluate", "--samples", str(tmp_path / "missing.npz")))
+        evaluate_cli.run(_cli("evaluate", "--samples", str(tmp_path / "missing.npz")))
     for extra in (["--steps", "5"], ["--bf16"], ["--lora", "a"]):
         with pytest.raises(UserError, match="only applies with --checkpoint"):
-            evaluate.run(_cli("evaluate", "--samples", str(real_npz), *extra))
+            evaluate_cli.run(_cli("evaluate", "--samples", str(real_npz), *extra))
     with pytest.raises(UserError, match="does not exist"):
-        evaluate.run(_cli("evaluate", "--samples", str(real_npz), "--classifier", str(tmp_path / "none")))
+        evaluate_cli.run(_cli("evaluate", "--samples", str(real_npz), "--classifier", str(tmp_path / "none")))
     with pytest.raises(UserError):
-        evaluate.run(_cli("evaluate", "--checkpoint", str(tmp_path / "no-model")))
+        evaluate_cli.run(_cli("evaluate", "--checkpoint", str(tmp_path / "no-model")))
     for argv in (
         ["evaluate"],
         ["evaluate", "--samples", "a.npz", "--checkpoint", "d"],
@@ -306,7 +307,7 @@ def test_run_samples_a_checkpoint_first(tmp_path, small_model, capsys, no_reload
     assert out["source"]["steps"] == 2 and out["source"]["per_digit"] == 2
     assert out["reference"]["real_vs_real_n"]["train_slice"] == 20
     with pytest.raises(UserError, match="exceeds"):
-        evaluate.run(_cli("evaluate", "--checkpoint", str(tmp_path / "m"), "--steps", "11"))
+        evaluate_cli.run(_cli("evaluate", "--checkpoint", str(tmp_path / "m"), "--steps", "11"))
 
 
 def test_run_scores_a_checkpoint_with_adapters(tmp_path, small_model, capsys, no_reload):
@@ -318,7 +319,7 @@ def test_run_scores_a_checkpoint_with_adapters(tmp_path, small_model, capsys, no
 
     def scores(*extra):
         argv = ["evaluate", "--checkpoint", str(small_model), "--per-digit", "2", "--steps", "2", "--json"]
-        assert evaluate.run(_cli(*argv, *extra)) == 0
+        assert evaluate_cli.run(_cli(*argv, *extra)) == 0
         return json.loads(capsys.readouterr().out)
 
     plain, off, on = scores(), scores("--lora", f"{tmp_path / 'a'}:0"), scores("--lora", str(tmp_path / "a"))

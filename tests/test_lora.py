@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora4diffusion.checkpoint import read_metadata, save_tensors
+from lora4diffusion.cli.args import parse_lora_arg
 from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.model import load_model, save_model
@@ -29,7 +30,6 @@ from lora4diffusion.lora.adapters import (
     import_peft,
     load_adapter,
     load_peft,
-    parse_lora_arg,
     read_adapter,
     save_adapter,
 )

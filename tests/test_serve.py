@@ -668,6 +668,22 @@ def test_train_options_for_prompt_models_follow_the_installed_cli(papp, monkeypa
             t.prompt_args(bad)
 
 
+def test_the_cli_hands_serve_train_loras_options(monkeypatch):
+    """serve's page learns train-lora's options from the CLI (web code never imports it): its serve command
+    fills ServeConfig.train_lora_options from its own parser; the page's default, used without it, agrees."""
+    from lora4diffusion.cli import apps, build_parser, main
+    from lora4diffusion.web import training
+
+    table = build_parser().parse_args(["serve"]).train_lora_options
+    assert table["--max-train-steps"] is None and table["--rslora"] == 0 and "--out" in table
+    assert {f: table[f] for f in training.DEFAULT_TRAIN_LORA_FLAGS} == training.DEFAULT_TRAIN_LORA_FLAGS
+    seen = {}
+    monkeypatch.setattr(apps, "serve", lambda cfg, host, port: seen.update(cfg=cfg))
+    monkeypatch.delenv("LORA4DIFFUSION_QUICK", raising=False)
+    assert main(["-q", "serve", "--port", "0"]) == 0
+    assert seen["cfg"].train_lora_options == table
+
+
 def test_training_a_triggered_adapter_on_the_prompt_model(pclient, papp, prompt_model, prompt_adapters):
     """Where the installed train-lora has --trigger/--prior/--text-encoder (train_lora_flags), the page's
     options reach it and the adapter it writes is listed with its trigger, fits, and draws as Pipeline does;

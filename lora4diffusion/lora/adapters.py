@@ -317,20 +317,6 @@ def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None 
     return name
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:WEIGHT`` (the CLI's --lora) -> (path, weight)."""
-    path, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return text, 1.0  # a colon inside the path
-        if not math.isfinite(weight):
-            raise UserError(f"--lora {text}: the weight must be a finite number")
-        return path, weight
-    return text, 1.0
-
-
 # ----- PEFT interop -----
 def export_peft(source: nn.Module | Adapter | str | Path, out_dir: str | Path, name: str = "default") -> Path:
     """Write a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that

@@ -63,6 +63,9 @@ class ServeConfig:
     max_rank: int = 64
     local_only: bool = True  # answer only to Host 127.0.0.1/localhost (serve sets False for other binds)
     sampler_batch: int | None = None  # None: Pipeline.generate's default, so `sample` gives the same images
+    # train-lora's option strings -> how many values each takes (argparse nargs, 0: a switch), handed in by
+    # the CLI's serve from its own parser; None: training.DEFAULT_TRAIN_LORA_FLAGS
+    train_lora_options: dict[str, int | str | None] | None = None
 
 
 class HTTPError(Exception):

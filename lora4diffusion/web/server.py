@@ -17,13 +17,24 @@ import json
 import logging
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
+from contextlib import asynccontextmanager
 from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from lora4diffusion.captions import TRIGGER_WORDS
 from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from lora4diffusion.errors import UserError
+from lora4diffusion.lora.prompt_lora import missing_triggers
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.web.engine import (
     STYLES,
@@ -123,8 +134,6 @@ class State:
     def missing_triggers(self, loras: dict[str, float], prompts: list[str]) -> list[str]:
         """One line per adapter in use whose trigger words a prompt lacks (as `sample` warns): trained with
         its trigger, it acts weakly without it, or with prior preservation hardly at all."""
-        from lora4diffusion.lora.prompt_lora import missing_triggers
-
         have = self.registry.all()
         triggers = {name: have[name].public()["triggers"] for name in loras if name in have}
         return [f"adapter {name!r} was trained with its trigger ({', '.join(triggers[name])}), which prompt "
@@ -133,16 +142,6 @@ class State:
 
 def create_app(cfg: ServeConfig | None = None):
     """The Starlette application (the model loads here; the worker starts with the app's lifespan)."""
-    from contextlib import asynccontextmanager
-
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.middleware import Middleware
-    from starlette.requests import Request
-    from starlette.responses import FileResponse, JSONResponse, StreamingResponse
-    from starlette.routing import Mount, Route
-    from starlette.staticfiles import StaticFiles
-
     cfg = cfg or ServeConfig()
     state = State(cfg)
 
@@ -298,8 +297,6 @@ class Guard:
         self.app, self.local_only = app, local_only
 
     async def __call__(self, scope, receive, send):
-        from starlette.responses import JSONResponse
-
         if scope["type"] == "http":
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             host = headers.get("host", "")
@@ -348,8 +345,6 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 7860) -> None:
 
 
 def _check_port(host: str, port: int) -> None:
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as e:

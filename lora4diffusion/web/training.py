@@ -7,9 +7,7 @@ without ever using a zip member's name as a path.
 
 from __future__ import annotations
 
-import argparse
 import base64
-import functools
 import io
 import os
 import re
@@ -27,23 +25,24 @@ from pathlib import Path, PurePosixPath
 from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import ADAPTER_FILE
+from lora4diffusion.lora.prompt_lora import check_trigger_in
 from lora4diffusion.web.engine import STYLES, AdapterRegistry, HTTPError, ServeConfig, int_field
 from lora4diffusion.web.prompt import check_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# Options of train-lora for prompt models, passed on only where the installed CLI has them (see options()).
+# Options of train-lora for prompt models, passed on only where its option table has them (see options()).
 PROMPT_OPTIONS = {"trigger": "--trigger", "prior": "--prior", "text_encoder": "--text-encoder"}
 TRIGGER = re.compile(r"[A-Za-z][A-Za-z0-9]{0,31}")  # one word, never read as an option ("-x")
 
 
-@functools.cache
-def train_lora_flags() -> dict[str, int | str | None]:
-    """The option strings of the installed ``train-lora`` command and how many values each takes (0: a
-    switch), read from the CLI's own parser, so the page offers exactly what the subprocess will accept."""
-    from lora4diffusion.cli import build_parser
+# train-lora's prompt-model options as this package's CLI defines them (argparse nargs: None one value, 0 a
+# switch): what the page assumes when it is created without the CLI's table (ServeConfig.train_lora_options)
+DEFAULT_TRAIN_LORA_FLAGS: dict[str, int | str | None] = {"--trigger": None, "--prior": 0, "--text-encoder": 0}
 
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {flag: action.nargs for flag, action in sub.choices["train-lora"]._option_string_actions.items()}
+
+def train_lora_flags() -> dict[str, int | str | None]:
+    """The default table of train-lora's options (flag -> nargs) where ServeConfig carries none."""
+    return dict(DEFAULT_TRAIN_LORA_FLAGS)
 
 
 @dataclass
@@ -100,9 +99,14 @@ class Training:
         self.jobs: dict[str, TrainJob] = {}
         self.lock = threading.Lock()
 
+    def flags(self) -> dict[str, int | str | None]:
+        """train-lora's option table: the one the CLI handed in (ServeConfig), else train_lora_flags()."""
+        table = self.cfg.train_lora_options
+        return train_lora_flags() if table is None else table
+
     def options(self, prompt_model: bool) -> dict:
         """What /api/info tells the page: which prompt-model options this install's train-lora takes."""
-        flags = train_lora_flags()
+        flags = self.flags()
         have = {key: flag in flags for key, flag in PROMPT_OPTIONS.items()}
         note = ""
         if prompt_model and not all(have.values()):
@@ -113,7 +117,7 @@ class Training:
     def prompt_args(self, body: dict) -> list[str]:
         """train-lora arguments for the prompt-model fields of a request; each only where train-lora has
         the flag (asking for a missing one is a 400, not a silently different adapter)."""
-        flags, args = train_lora_flags(), []
+        flags, args = self.flags(), []
         for key, flag in PROMPT_OPTIONS.items():
             value = body.get(key)
             if value in (None, False, ""):
@@ -125,7 +129,6 @@ class Training:
             if key == "trigger":
                 if not isinstance(value, str) or not TRIGGER.fullmatch(value.strip()):
                     raise UserError(f"trigger must be one word (letters, digits), got {str(value)[:40]!r}")
-                from lora4diffusion.lora.prompt_lora import check_trigger_in
 
                 # a reserved rare word of this base's vocabulary: a 400 now, not a failed job later
                 args += [flag, check_trigger_in(value.strip(), self.tokenizer)]

@@ -1,18 +1,13 @@
-"""Argument types, the ``--lora`` parser and output checks shared by the CLI, ``evaluate`` and the server.
-
-They live here, not in ``cli.py``, so that library modules never import the command line.
-"""
+"""The command line's argument types (bounded integers, finite floats) and ``--lora PATH[:SCALE]`` parsing."""
 
 from __future__ import annotations
 
 import argparse
-import errno
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from lora4diffusion.errors import UserError
+from lora4diffusion.pipeline import Pipeline
 
 # Upper bounds at the door: beyond them a run cannot fit in memory, would never finish, or makes no sense
 # (each message names the limit). Seeds feed torch.Generator.manual_seed, which takes 64-bit values.
@@ -85,58 +80,8 @@ fraction_float = finite_float(0.0, 1.0, high_open=True)  # dropout, EMA decay
 learning_rate = finite_float(0.0, 10.0, low_open=True)
 
 
-def out_dir(path: str | Path, overwrite: bool = False, inputs: tuple[str | Path, ...] = ()) -> Path:
-    """An output directory: may not exist yet or be empty; a file there is refused.
-
-    A directory that already holds files is refused unless ``overwrite`` (so a typo never replaces a model,
-    an adapter or samples), and so is one that is, or lies inside, one of ``inputs`` (never write over what
-    is being read).
-    """
-    p = Path(path)
-    if str(path) == "":
-        raise UserError("--out is empty: name a directory")
-    if p.exists() and not p.is_dir():
-        raise UserError(f"--out {p} is a file, not a directory")
-    resolved = p.resolve()
-    for src in inputs:
-        s = Path(src).resolve()
-        if resolved == s or s in resolved.parents:
-            raise UserError(f"--out {p} is the input {src}: write to another directory")
-    from lora4diffusion import runlock
-
-    if p.is_dir():
-        runlock.check_free(p)  # a training running there: name it
-    try:
-        held = sorted(q.name for q in p.iterdir()) if p.is_dir() else []
-    except OSError as e:
-        raise UserError(f"--out {p}: cannot read it ({e.strerror or e})") from None
-    if held and not overwrite:
-        names = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-        raise UserError(f"--out {p} already holds files ({names}); pass --overwrite or choose another --out")
-    check_writable(p)
-    return p
-
-
-def check_writable(path: Path) -> None:
-    """Fail now, not after the work: create and remove a probe file in ``path`` or its nearest parent.
-
-    A real probe, not os.access: it also catches read-only file systems and works for root.
-    """
-    probe = Path(path).absolute()
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"--out {path}: {probe} is a file, not a directory")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".lora4diffusion-probe-", dir=probe)
-    except OSError as e:
-        denied = "permission denied, " if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
-        raise UserError(f"--out {path}: {denied}cannot write in {probe} ({e.strerror or e})") from None
-    os.close(fd)
-    os.unlink(tmp)
-
-
 def lora_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--lora PATH[:SCALE] (repeatable) and --force."""
     p.add_argument(
         "--lora",
         action="append",
@@ -149,9 +94,22 @@ def lora_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--force", action="store_true", help="load adapters trained on a different base")
 
 
-def parse_loras(items: list[str]) -> list[tuple[str, float]]:
-    from lora4diffusion.lora.adapters import parse_lora_arg
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:WEIGHT`` (the CLI's --lora) -> (path, weight)."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return text, 1.0  # a colon inside the path
+        if not math.isfinite(weight):
+            raise UserError(f"--lora {text}: the weight must be a finite number")
+        return path, weight
+    return text, 1.0
 
+
+def parse_loras(items: list[str]) -> list[tuple[str, float]]:
+    """Each ``--lora PATH[:SCALE]`` -> (path, scale), every scale finite and within MAX_LORA_WEIGHT."""
     out = []
     for text in items:
         path, weight = parse_lora_arg(text)
@@ -165,7 +123,7 @@ def parse_loras(items: list[str]) -> list[tuple[str, float]]:
     return out
 
 
-def add_loras(pipe, args: argparse.Namespace) -> list[tuple[str, float, str]]:
+def add_loras(pipe: Pipeline, args: argparse.Namespace) -> list[tuple[str, float, str]]:
     """Load each ``--lora PATH[:SCALE]`` (``--force``: any base) into ``pipe``; -> [(path, scale, name)]."""
     loras = parse_loras(args.lora)  # every argument checked before any adapter is read
     return [(path, weight, pipe.add_lora(path, weight, force=args.force)) for path, weight in loras]

@@ -1,0 +1,160 @@
+"""``lora4diffusion sample``: digits or prompts from a model, with adapters, into samples.png (with the
+sampling settings recorded for ``--from``) and samples.npz."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL.PngImagePlugin import PngInfo
+
+from lora4diffusion import __version__
+from lora4diffusion.captions import digit_of, digit_prompts
+from lora4diffusion.catalog import pretrained_dir
+from lora4diffusion.checkpoint import atomic_write
+from lora4diffusion.cli.args import (
+    add_loras,
+    lora_args,
+    nonneg_float,
+    per_digit_int,
+    positive_int,
+    seed_int,
+    unit_float,
+)
+from lora4diffusion.cli.common import Commands, existing, log, lora_inputs, out_dir, overwrite_arg, use_bf16
+from lora4diffusion.data import parse_digits
+from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from lora4diffusion.distributed import resolve_device
+from lora4diffusion.errors import UserError
+from lora4diffusion.pipeline import Pipeline
+from lora4diffusion.plots import grid_image, save_trajectory
+from lora4diffusion.reproduce import a1111_parameters, apply_recorded, read_parameters, summary_line
+
+
+def add_sample(sub: Commands) -> None:
+    s = sub.add_parser("sample", help="sample digits (or prompts) from a model, with adapters")
+    s.add_argument("--checkpoint", metavar="DIR|NAME",
+                   help="model or run directory, or a shipped model's name (default: the shipped base;"
+                   " `lora4diffusion list`)")
+    s.add_argument("--from", dest="from_file", metavar="PNG|NPZ",
+                   help="re-run the exact sampling recorded in a samples.png / samples.npz (same pixels);"
+                   " options given here override it")
+    s.add_argument("--digits", help="e.g. 0-9 or 3,5,7 (default 0-9); prompt models: 'the digit 7', ...")
+    s.add_argument("--per-digit", type=per_digit_int, metavar="N", help="samples per digit (default 8)")
+    s.add_argument("--prompt", action="append", metavar="TEXT", help="prompt models: a prompt (repeatable)")
+    s.add_argument("--num", type=per_digit_int, metavar="N", help="images per --prompt (default 8)")
+    s.add_argument("--negative", metavar="TEXT", help="prompt models: replaces the empty prompt in guidance")
+    s.add_argument("--sampler", choices=["ddim", "ddpm"], help="sampler (default ddim)")
+    s.add_argument("--steps", type=positive_int, metavar="N",
+                   help="sampling steps (default: 10 DDIM, 1000 DDPM)")
+    s.add_argument("--guidance", type=nonneg_float,
+                   help="classifier-free guidance scale w (default 1.25; 1 = none)")
+    s.add_argument("--eta", type=unit_float, help="DDIM eta in [0, 1] (default 0: deterministic)")
+    s.add_argument("--seed", type=seed_int, help="sampling seed (default 0)")
+    s.add_argument("--trajectory", action="store_true",
+                   help="also write trajectory.png: the denoising of the first sample of each digit (prompt)")
+    s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
+    overwrite_arg(s)
+    lora_args(s)
+    s.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    if args.from_file is not None:  # the recorded settings fill every option not given on this command line
+        apply_recorded(args, read_parameters(args.from_file))
+    if args.prompt and args.digits is not None:
+        raise UserError("--prompt and --digits: give one of them")
+    if args.num is not None and not args.prompt:
+        raise UserError("--num goes with --prompt (with --digits, use --per-digit)")
+    sampler = args.sampler or "ddim"
+    eta = 0.0 if args.eta is None else args.eta
+    seed = 0 if args.seed is None else args.seed
+    digits = parse_digits(args.digits or "0-9")
+    model_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=existing(model_dir) + lora_inputs(args.lora))
+    device = resolve_device(args.device)
+    bf16 = use_bf16(args, device)
+    pipe = Pipeline.load(args.checkpoint)
+    prompts = None
+    if pipe.is_prompt_model:
+        per_row = (args.num or 8) if args.prompt else (args.per_digit or 8)
+        if args.prompt:
+            prompts = [p for p in args.prompt for _ in range(per_row)]
+        else:
+            prompts = digit_prompts([d for d in digits for _ in range(per_row)])
+        loras = add_loras(pipe, args)
+        # <lora:...> tags load their adapters; bad tags, names and prompts (unknown word, too long) fail
+        # here, before any sampling or writing
+        stripped = pipe.apply_prompt_tags(prompts, force=args.force) if args.prompt else prompts
+        pipe.tokenizer.encode(stripped + ([args.negative] if args.negative is not None else []))
+        missing = pipe.missing_triggers(stripped)
+        if missing:
+            name, prompt = missing[0]
+            words = ", ".join(pipe.triggers[name])
+            log.warning("warning: adapter %r is loaded but its trigger (%s) is absent from prompt %r%s: it"
+                        " was trained to act with it", name, words, prompt,
+                        f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        labels = [digit_of(p) for p in prompts]
+    elif args.prompt or args.negative is not None:
+        raise UserError(
+            f"{args.checkpoint or 'the shipped base'} is a label model:"
+            " it takes --digits, not --prompt/--negative"
+        )
+    else:
+        per_row = args.per_digit or 8
+        labels = [d for d in digits for _ in range(per_row)]
+        loras = add_loras(pipe, args)
+    pipe.to(device)
+    steps = args.steps or (DEFAULT_STEPS if sampler == "ddim" else None)  # None: DDPM over every timestep
+    if steps is not None and steps > pipe.diffusion.timesteps:
+        raise UserError(f"--steps {steps} exceeds the model's {pipe.diffusion.timesteps} diffusion timesteps")
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    params = {
+        "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
+        "loras": [[str(p), w] for p, w, _ in loras], "force": bool(args.force),
+        "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta, "seed": seed,
+        "digits": None if args.prompt else digits, "per_digit": None if args.prompt else per_row,
+        "prompts": list(args.prompt) if args.prompt else None, "num": per_row if args.prompt else None,
+        "negative": args.negative, "bf16": bf16, "device": device.type, "version": __version__,
+    }
+    traj_every = max(1, (steps or pipe.diffusion.timesteps) // 10) if args.trajectory else 0
+    images, trajectory = pipe.generate(
+        prompts if prompts is not None else labels,
+        sampler=sampler,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        eta=eta,
+        trajectory_every=traj_every,
+        bf16=bf16,
+        progress=not args.quiet,
+        negative=args.negative,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    record = json.dumps(params, sort_keys=True)
+
+    def write_png(tmp: Path) -> None:  # AUTOMATIC1111's "parameters" text chunk, plus ours for --from
+        info = PngInfo()
+        info.add_text("parameters", a1111_parameters(params, pipe.image_size))
+        info.add_text("lora4diffusion", record)
+        grid_image(images, per_row).save(tmp, format="PNG", pnginfo=info)
+
+    atomic_write(out / "samples.png", write_png)
+    arrays = {"images": images.numpy().astype(np.float32), "labels": np.array(labels, dtype=np.int64),
+              "parameters": np.array(record, dtype=np.str_)}  # fixed-width unicode: no pickle on load
+    if prompts is not None:
+        arrays["prompts"] = np.array(prompts, dtype=np.str_)
+
+    def write_npz(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(out / "samples.npz", write_npz)
+    if args.trajectory:  # one row per asked digit (prompt): the first sample of each row of the grid
+        rows = len(labels) // per_row
+        save_trajectory([x[::per_row] for x in trajectory], out / "trajectory.png", max_rows=rows)
+    print(summary_line(params))  # after the files: a closed stdout (`| head`) loses no work
+    print(f"wrote {len(labels)} samples to {out / 'samples.png'} and {out / 'samples.npz'}")
+    return 0

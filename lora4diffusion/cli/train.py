@@ -1,0 +1,305 @@
+"""The training commands: train-vae, train (a base UNet), train-lora (an adapter), and reconstruct (a VAE's
+encode-decode of held-out digits, what train-vae's model keeps)."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from lora4diffusion.checkpoint import write_json
+from lora4diffusion.cli.args import (
+    batch_int,
+    finite_float,
+    fraction_float,
+    image_size_int,
+    learning_rate,
+    nonneg_float,
+    per_digit_int,
+    positive_int,
+    rank_int,
+    seed_int,
+)
+from lora4diffusion.cli.common import (
+    Commands,
+    compile_arg,
+    existing,
+    out_dir,
+    renamed,
+    run_dir_args,
+    train_out,
+    train_with_signals,
+    use_bf16,
+)
+from lora4diffusion.data import parse_digits
+from lora4diffusion.distributed import resolve_device
+from lora4diffusion.folders.vae import load_vae
+from lora4diffusion.latents import check_encodable, reconstruct
+from lora4diffusion.plots import save_comparison
+from lora4diffusion.reconstruction import format_reconstruction_report, heldout_digits, reconstruction_report
+from lora4diffusion.training.base import train_base
+from lora4diffusion.training.lora import LoRAConfig, default_lora_config, train_lora
+from lora4diffusion.training.prompt_base import train_prompt_base
+from lora4diffusion.training.vae import DEFAULT_KL_WEIGHT, train_vae
+
+
+def add_train_vae(sub: Commands) -> None:
+    tv = sub.add_parser("train-vae", help="train the KL autoencoder (VAE) for latent diffusion")
+    tv.add_argument("--out", default="runs/vae", help="VAE folder / run directory")
+    tv.add_argument("--preset", choices=["tiny", "base"], default="base", help="tiny: a smoke test")
+    tv.add_argument("--max-train-steps", type=positive_int, metavar="N",
+                    help="training steps (default: the preset's)")
+    renamed(tv, "--train-steps", "--max-train-steps", type=positive_int)
+    tv.add_argument("--batch-size", type=batch_int, help="batch (default: the preset's)")
+    tv.add_argument("--lr", type=learning_rate, help="learning rate (default: the preset's)")
+    tv.add_argument("--kl-weight", type=nonneg_float, help="weight of the KL term (default 1e-6, as LDM)")
+    tv.add_argument("--no-augment", action="store_true", help="train on plain digits (no bold/thin/italic)")
+    tv.add_argument("--data", default="embedded", help="embedded | download | PATH to IDX files")
+    tv.add_argument("--seed", type=seed_int, help="training seed (default 0)")
+    tv.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    run_dir_args(tv)
+    compile_arg(tv)
+    tv.set_defaults(func=cmd_train_vae)
+
+
+def add_train(sub: Commands) -> None:
+    t = sub.add_parser("train", help="train a base diffusion UNet on MNIST")
+    t.add_argument("--preset", choices=["tiny", "fast", "base"], default="fast",
+                   help="tiny: seconds, a smoke test | fast: the CPU recipe, ~12 min | base: the shipped one")
+    t.add_argument("--out", required=True, help="run directory (checkpoints, logs, pictures)")
+    t.add_argument(
+        "--data", default="embedded", help="embedded (offline) | download | PATH to IDX files"
+    )
+    t.add_argument("--max-train-steps", type=positive_int, metavar="N",
+                   help="training steps (default: the preset's: tiny 30, fast 1000, base 20000)")
+    renamed(t, "--steps", "--max-train-steps", type=positive_int)
+    t.add_argument("--batch-size", type=batch_int, help="global batch (default: the preset's)")
+    t.add_argument("--lr", type=learning_rate, help="peak learning rate (default: the preset's)")
+    t.add_argument("--image-size", type=image_size_int,
+                   help="train at this size (default 28, native; 32, 48 resized)")
+    t.add_argument("--seed", type=seed_int, help="training seed (default 0)")
+    t.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
+    t.add_argument("--loss", choices=["mse", "l1"], default="mse", help="l1 is the reference's choice")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    t.add_argument("--vae", metavar="DIR|NAME",
+                   help="latent diffusion: denoise this VAE's latents (train-vae; default: pixels)")
+    t.add_argument(
+        "--conditioning", choices=["label", "text"], default="label",
+        help="label: digit labels | text: prompts, a text encoder trained jointly (SD 1.x; needs"
+        " --vae; presets tiny / fast ~10 min / base ~35 min, prompt_model.py)",
+    )
+    run_dir_args(t)
+    compile_arg(t)
+    t.set_defaults(func=cmd_train)
+
+
+def add_train_lora(sub: Commands) -> None:
+    tl = sub.add_parser("train-lora", help="train a LoRA adapter that teaches the frozen base a style")
+    tl.add_argument("--checkpoint", metavar="DIR|NAME", help="base model (default: the shipped base)")
+    renamed(tl, "--base", "--checkpoint")
+    tl.add_argument("--style", required=True, help="bold | thin | italic | FOLDER (subfolders 0-9 of images)"
+                    " | FILE.csv (rows: label, then 784 pixel values 0-255, as the MNIST CSVs)")
+    tl.add_argument("--out", required=True, help="run directory; the adapter is OUT/adapter.safetensors")
+    tl.add_argument("--max-train-steps", type=positive_int, metavar="N",
+                    help="training steps (default: 500; on a prompt base 750, or 400 without --trigger)")
+    renamed(tl, "--steps", "--max-train-steps", type=positive_int)
+    tl.add_argument("--rank", type=rank_int, help="LoRA rank r (default: 4; 16 on a prompt base)")
+    tl.add_argument(
+        "--alpha",
+        type=finite_float(0.0, 1e4, low_open=True),
+        help="LoRA alpha (default: = rank, i.e. scale 1)",
+    )
+    tl.add_argument(
+        "--targets",
+        help="preset (all-linear, the default | attention | reference | conv, combinable: attention+conv),"
+        " module names/suffixes (to_q,to_v) or re:REGEX",
+    )
+    tl.add_argument("--init", choices=["normal", "kaiming"], default="normal",
+                    help="init of A (B starts at 0)")
+    tl.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+    tl.add_argument("--dropout", type=fraction_float, default=0.0, help="LoRA dropout, in [0, 1)")
+    tl.add_argument("--examples-per-digit", type=per_digit_int, metavar="N",
+                    help="few-shot: train on N examples per digit (default: every example)")
+    renamed(tl, "--per-digit", "--examples-per-digit", type=per_digit_int)
+    tl.add_argument("--data", default="embedded", help="MNIST source for the built-in styles")
+    tl.add_argument("--lr", type=learning_rate, help="learning rate (default 2e-3)")
+    tl.add_argument("--batch-size", type=batch_int, help="batch (default 64)")
+    tl.add_argument("--ema", type=fraction_float,
+                    help="EMA decay of the adapter weights (default: off; 0.995 on a prompt base)")
+    tl.add_argument("--seed", type=seed_int, help="training seed (default 0)")
+    tl.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (for comparison)")
+    tl.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    # LoRA on a prompt base (lora/prompt_lora.py): trigger words, prior preservation, text-encoder LoRA
+    tl.add_argument("--trigger", metavar="WORD",
+                    help="prompt bases: caption the styled digits with this reserved rare word (sks, ohwx,"
+                    " ...)")
+    tl.add_argument("--prior", action="store_true",
+                    help="prompt bases: prior preservation: each step adds as many plain digits with"
+                    " trigger-less captions (DreamBooth)")
+    tl.add_argument("--prior-weight", type=finite_float(0.0, 1e3), default=1.0, metavar="W",
+                    help="loss weight of the prior half of the batch")
+    tl.add_argument("--text-encoder", action="store_true",
+                    help="prompt bases: LoRA on the text encoder's attention and MLP too (kohya's lora_te)")
+    tl.add_argument("--text-encoder-lr", type=learning_rate, metavar="LR",
+                    help="learning rate of the text-encoder LoRA (default: --lr)")
+    run_dir_args(tl)
+    compile_arg(tl)
+    tl.set_defaults(func=cmd_train_lora)
+
+
+def add_reconstruct(sub: Commands) -> None:
+    rc = sub.add_parser("reconstruct", help="encode and decode held-out digits with a VAE: what it keeps")
+    rc.add_argument("--vae", metavar="DIR|NAME", help="VAE folder (default: the shipped VAE)")
+    rc.add_argument("--style", help="restyle the digits first: bold | thin | italic (default: as drawn)")
+    rc.add_argument("--digits", default="0-9", help="e.g. 0-9 or 3,5,7")
+    rc.add_argument("--per-digit", type=per_digit_int, default=8, metavar="N",
+                    help="held-out digits per class")
+    rc.add_argument("--data", default="embedded", help="embedded | download | PATH to IDX files")
+    rc.add_argument("--report", action="store_true",
+                    help="also score every style (accuracy, ink, slant) into OUT/report.json")
+    rc.add_argument("--out", required=True, help="directory for originals/reconstructions .npz and .png")
+    rc.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    rc.set_defaults(func=cmd_reconstruct)
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    out = train_out(args, inputs=existing(args.data))
+    r, status = train_with_signals(
+        train_vae,
+        out,
+        out,
+        preset=args.preset,
+        data=args.data,
+        resume=args.resume,
+        progress=not args.quiet,
+        kl_weight=DEFAULT_KL_WEIGHT if args.kl_weight is None else args.kl_weight,
+        augment=not args.no_augment,
+        device=args.device,
+        compile=args.compile,
+        steps=args.max_train_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        bf16=args.bf16,
+        overwrite=args.overwrite,
+        allow_changes=args.allow_changes,
+    )
+    if r is None:
+        return status
+    print(
+        f"{'interrupted (resumable: --resume)' if r['interrupted'] else 'done'}: step {r['step']}, "
+        f"loss {r['loss']:.4f}, scaling factor {r.get('scaling_factor', float('nan')):.5f}, "
+        f"{r['train_seconds']:.0f} s of training; VAE folder {out}"
+    )
+    return status
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    # label: the pixel or latent base (train.py) | text: the prompt-conditioned latent base (prompt_model.py)
+    train = train_prompt_base if args.conditioning == "text" else train_base
+    out = train_out(args, inputs=existing(args.data))
+    summary, status = train_with_signals(
+        train,
+        out,
+        args.preset,
+        out,
+        data=args.data,
+        steps=args.max_train_steps,
+        resume=args.resume,
+        image_size=args.image_size,
+        diffusion_overrides={"schedule": args.schedule, "loss": args.loss},
+        progress=not args.quiet,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        bf16=args.bf16,  # None: the preset's (on), used where the device supports it
+        device=args.device,
+        compile=args.compile,
+        vae=args.vae,
+        overwrite=args.overwrite,
+        allow_changes=args.allow_changes,
+    )
+    if summary is None:
+        return status
+    state = "interrupted (resumable: --resume)" if summary["interrupted"] else "done"
+    print(
+        f"{state}: step {summary['step']}, loss {summary['loss']:.4f}, "
+        f"{summary['train_seconds']:.0f} s of training; run directory {out}"
+    )
+    return status
+
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    out = train_out(args, inputs=existing(args.checkpoint, args.style, args.data))
+    rank = args.rank or default_lora_config(args.checkpoint).rank
+    lora = LoRAConfig(
+        rank=rank,
+        alpha=float(rank) if args.alpha is None else args.alpha,
+        targets=args.targets or LoRAConfig.targets,
+        init=args.init,
+        rslora=args.rslora,
+        dropout=args.dropout,
+    )
+    r, status = train_with_signals(
+        train_lora,
+        out,
+        args.style,
+        out,
+        base=args.checkpoint,
+        lora=lora,
+        data=args.data,
+        per_digit=args.examples_per_digit,
+        resume=args.resume,
+        full=args.full,
+        progress=not args.quiet,
+        steps=args.max_train_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        ema_decay=args.ema,
+        bf16=args.bf16,
+        device=args.device,
+        compile=args.compile,
+        overwrite=args.overwrite,
+        allow_changes=args.allow_changes,
+        trigger=args.trigger,
+        prior=args.prior,
+        prior_weight=args.prior_weight,
+        text_encoder=args.text_encoder,
+        text_encoder_lr=args.text_encoder_lr,
+    )
+    if r is None:
+        return status
+    what = "model" if args.full else "adapter"
+    print(
+        f"{'interrupted (resumable: --resume)' if r['interrupted'] else 'done'}: {what} in {out}, "
+        f"step {r['step']}, {r['trainable_params']} trainable parameters ({100 * r['share']:.2f}% of the "
+        f"base), {r['train_seconds']:.0f} s of training"
+    )
+    return status
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    digits = parse_digits(args.digits)
+    inputs = (args.vae,) if args.vae else ()
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=inputs)
+    device = resolve_device(args.device)
+    vae, _ = load_vae(args.vae)
+    check_encodable(vae.cfg, 28, 28)  # MNIST's size, before any data is read
+    images, labels = heldout_digits(args.style, args.per_digit, digits, data=args.data)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(args, device)):
+        recons = reconstruct(vae.to(device), images).float()  # raises UserError before anything is written
+    report = reconstruction_report(vae, data=args.data) if args.report else None
+    originals = images.float() / 255
+    out.mkdir(parents=True, exist_ok=True)
+    for name, x in (("originals", originals), ("reconstructions", recons)):
+        np.savez(out / f"{name}.npz", images=x.numpy().astype(np.float32), labels=labels.numpy())
+    save_comparison(originals, recons, args.per_digit, out / "reconstructions.png")
+    if report is not None:
+        write_json(out / "report.json", report)
+        print(format_reconstruction_report(report))
+    err = float((recons - originals).abs().mean())
+    print(f"reconstructed {len(labels)} digits (mean |error| {err:.4f}); wrote {out / 'reconstructions.png'},"
+          f" originals.npz, reconstructions.npz{', report.json' if report else ''}")
+    return 0
