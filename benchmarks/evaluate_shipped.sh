@@ -13,7 +13,7 @@ ev() { local name=$1; shift; echo "evaluate $*" >&2; lora4diffusion -q evaluate 
 ev base --checkpoint base                                  # bf16 (the default on this CPU)
 ev base_fp32 --checkpoint base --no-bf16
 ev base_held_out --checkpoint base --family held_out       # phrasings never used in training
-for f in numeral word handwritten digit picture number; do   # issue 11: >= 99 % for each template family
+for f in numeral word handwritten digit picture number; do   # the aim: >= 99 % for each template family
     ev "family_$f" --checkpoint base --family "$f"
 done
 ev pixel-base --checkpoint pixel-base

@@ -18,8 +18,8 @@ from pathlib import Path
 # layer -> LoRA training (paths relative to the package).
 READING_PATH = [
     "models/tokenizer.py", "models/text_encoder.py", "models/unet.py", "models/prompt_unet.py",
-    "diffusion.py", "models/vae.py", "latents.py", "lora/layers.py", "lora/lora.py", "training/loop.py",
-    "training/lora.py", "pipeline.py",
+    "diffusion.py", "models/vae.py", "latents.py", "lora/method.py", "lora/lora.py", "lora/layers.py",
+    "training/loop.py", "training/lora.py",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The shipped label pixel base and its adapters through diffusers (issue 12): max differences (INTEROP.md).
+"""The shipped label pixel base and its adapters through diffusers: max differences (INTEROP.md).
 
     HF_HUB_OFFLINE=1 python benchmarks/interop_diffs.py      # ~1 min on 2 CPU cores, fp32
 

@@ -1,4 +1,4 @@
-"""Which LoRA targets teach the frozen base a style best per trainable parameter (issue 4).
+"""Which LoRA targets teach the frozen base a style best per trainable parameter.
 
     python benchmarks/lora_presets.py --out /tmp/lora_presets --style bold \
         --specs reference:4,attention:4,all-linear:4,attention+conv:4 [--steps 300] [--per-digit 50]

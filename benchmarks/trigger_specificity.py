@@ -1,4 +1,4 @@
-"""Trigger specificity of LoRA on a prompt base (issue 11, "Measured"): does an adapter act WITH its trigger
+"""Trigger specificity of LoRA on a prompt base: does an adapter act WITH its trigger
 and stay out of the way WITHOUT it? Prior preservation on/off x UNet-only / UNet + text encoder, at rank 4.
 
     python benchmarks/trigger_specificity.py --base DIR --out /tmp/trigger_spec --style bold --trigger sks \

@@ -20,7 +20,7 @@ from lora4diffusion.errors import UserError
 TAG = re.compile(r"<lora:([^:<>]*)(?::([^:<>]*))?(?::([^<>]*))?>", re.IGNORECASE)
 _OPEN = re.compile(r"<\s*lora\b", re.IGNORECASE)  # what is left of a tag that TAG could not read
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_WEIGHT = 4.0  # as args.MAX_LORA_WEIGHT: beyond it adapters overflow rather than style
+MAX_WEIGHT = 4.0  # as cli.args.MAX_LORA_WEIGHT: beyond it adapters overflow rather than style
 
 
 @dataclass

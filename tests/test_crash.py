@@ -1,4 +1,4 @@
-"""Crash safety (issue 14): SIGKILL at random moments and a full disk never cost more than the work since
+"""Crash safety: SIGKILL at random moments and a full disk never cost more than the work since
 the last checkpoint.
 
 ``train`` and ``train-lora`` run as the CLI (``cli.main``) in a forked child, so each start skips Python's

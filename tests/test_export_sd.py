@@ -1,4 +1,5 @@
-"""A prompt model as a diffusers StableDiffusionPipeline (issue 12, items 1-3), against diffusers itself.
+"""A prompt model as a diffusers StableDiffusionPipeline (UNet, text encoder, tokenizer, VAE, scheduler),
+against diffusers itself.
 
 One tiny VAE and one tiny prompt model, trained for a few steps once per module, exported once with the
 CLI; diffusers' StableDiffusionPipeline loads the folder and, from the same initial latents, draws the
@@ -27,7 +28,7 @@ from lora4diffusion.pipeline import Pipeline
 diffusers = pytest.importorskip("diffusers")  # installed as a test oracle (pyproject [test])
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
-TOL = 1e-3  # issue 12: <= 1e-3 on [0, 1] pixels, fp32 (measured: ~1e-6)
+TOL = 1e-3  # the promise: <= 1e-3 on [0, 1] pixels, fp32 (measured: ~1e-6)
 PROMPTS = ["the digit 7", "a bold digit three"]
 NEGATIVE = "the digit 1"
 SEED, STEPS = 3, 5

@@ -30,13 +30,8 @@ from lora4diffusion.lora.adapters import (
     read_adapter,
     shipped_adapters,
 )
-from lora4diffusion.lora.layers import (
-    adaptable_modules,
-    inject_lora,
-    lora_layers,
-    merge_lora,
-    set_adapter_weight,
-)
+from lora4diffusion.lora.layers import inject_lora, lora_layers, merge_lora, set_adapter_weight
+from lora4diffusion.lora.targets import adaptable_modules
 from lora4diffusion.models.unet import NULL_LABEL, UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")  # installed as a test oracle (pyproject [test])

@@ -1,4 +1,4 @@
-"""Fuzzed readers (issue 14): every reader of a file from elsewhere, given damaged files, either succeeds or
+"""Fuzzed readers: every reader of a file from elsewhere, given damaged files, either succeeds or
 raises our one-line UserError: never another exception, a hang or a blown memory.
 
 ``fuzz_a_reader`` is the generic part: a reader (directory -> anything), a function that writes a valid

@@ -1,4 +1,4 @@
-"""Issue 14, command-line half: bad flags are refused at the door, --out is never overwritten by accident,
+"""The command line, hardened: bad flags are refused at the door, --out is never overwritten by accident,
 a run folder has one trainer at a time, nothing non-finite is written, and exit statuses say what happened.
 
 Every refusal: exit 2, one line on stderr, no traceback, and the files in --out unchanged (hashed).

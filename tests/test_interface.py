@@ -1,4 +1,4 @@
-"""The interface a newcomer touches first (issue 15): one flag vocabulary with deprecated aliases, --help with
+"""The interface a newcomer touches first: one flag vocabulary with deprecated aliases, --help with
 defaults, global options after the command, `list` / `info`, shipped names everywhere with suggestions,
 reproducible `sample` outputs (`--from`), one trajectory row per digit, threads, quick mode, extract's report,
 and Pipeline.set_lora_weight / remove_lora."""

@@ -47,13 +47,13 @@ from lora4diffusion.lora.layers import (
     lora_parameter_count,
     lora_summary,
     merge_lora,
-    resolve_targets,
     set_adapter_weight,
     unload_lora,
     unmerge_lora,
 )
 from lora4diffusion.lora.lora import LoRA
 from lora4diffusion.lora.method import AdapterMethod
+from lora4diffusion.lora.targets import resolve_targets
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.run import TrainConfig

@@ -1,4 +1,4 @@
-"""No code runs when a file is loaded (issue 14): enforced over the source tree, not promised in a README.
+"""No code runs when a file is loaded: enforced over the source tree, not promised in a README.
 
 Unpickling runs whatever the file says (the reference loaded pickled whole models), and so do eval/exec of
 text read from a file. The checker walks the syntax tree of every .py file in lora4diffusion/ and

@@ -1,4 +1,4 @@
-"""Every file we read is checked against a schema before use (issue 14, "validate at the door").
+"""Every file we read is checked against a schema before use ("validate at the door").
 
 One test per class of bad file the issue lists, each asserting a UserError whose one line names the file and
 the problem: model config.json (types, ranges), safetensors tensors (names, shapes, dtypes, finiteness),

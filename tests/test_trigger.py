@@ -1,4 +1,5 @@
-"""Trigger-word LoRA on a prompt model (issue 11, item 5) and <lora:...> tags in prompts (items 4-5).
+"""Trigger-word LoRA on a prompt model (DreamBooth's rare identifier, prior preservation, text-encoder
+LoRA) and <lora:...> tags in prompts.
 
 One tiny VAE and one tiny prompt model per module (seconds); adapters trained for a handful of steps.
 """

@@ -87,7 +87,7 @@ def add_train(sub: Commands) -> None:
     t.add_argument(
         "--conditioning", choices=["label", "text"], default="label",
         help="label: digit labels | text: prompts, a text encoder trained jointly (SD 1.x; needs"
-        " --vae; presets tiny / fast ~10 min / base ~35 min, prompt_model.py)",
+        " --vae; presets tiny / fast ~10 min / base ~35 min, training/prompt_base.py)",
     )
     run_dir_args(t)
     compile_arg(t)
@@ -196,7 +196,8 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    # label: the pixel or latent base (train.py) | text: the prompt-conditioned latent base (prompt_model.py)
+    # label: the pixel or latent base (training/base.py) | text: the prompt-conditioned latent base
+    # (training/prompt_base.py)
     train = train_prompt_base if args.conditioning == "text" else train_base
     out = train_out(args, inputs=existing(args.data))
     summary, status = train_with_signals(

@@ -44,7 +44,6 @@ from lora4diffusion.finite import require_finite
 from lora4diffusion.lora.layers import (
     METHODS,
     LoRALayer,
-    adaptable_modules,
     adapter_names,
     base_state_dict,
     inject_lora_at,
@@ -52,6 +51,7 @@ from lora4diffusion.lora.layers import (
     set_adapter_weight,
 )
 from lora4diffusion.lora.lora import INITS
+from lora4diffusion.lora.targets import adaptable_modules
 from lora4diffusion.schema import boolean, float_text, int_text, integer, number, shown, string
 
 log = logging.getLogger("lora4diffusion")

@@ -17,8 +17,9 @@ from torch import nn
 
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import Adapter, base_fingerprint, read_adapter
-from lora4diffusion.lora.layers import adaptable_modules, base_state_dict, resolve_targets
+from lora4diffusion.lora.layers import base_state_dict
 from lora4diffusion.lora.lora import LoRA
+from lora4diffusion.lora.targets import adaptable_modules, resolve_targets
 
 log = logging.getLogger("lora4diffusion")
 
