@@ -349,7 +349,7 @@ def test_fingerprint_is_stable_and_tracks_the_weights(tmp_path):
     assert base_fingerprint(load_model(tmp_path / "m")[0]) == fp
     assert base_fingerprint(load_model(tmp_path / "m")[0]) == fp  # loaded twice
     code = (
-        "import torch; torch.set_num_threads(1); from lora4diffusion.checkpoint import load_model;"
+        "import torch; torch.set_num_threads(1); from lora4diffusion.folders.model import load_model;"
         "from lora4diffusion.lora.adapters import base_fingerprint;"
         f"print(base_fingerprint(load_model({str(tmp_path / 'm')!r})[0]))"
     )

@@ -82,7 +82,7 @@ what the base draws (a LoRA that acts without its trigger is the failure of kohy
 DreamBooth's prior preservation is the remedy). The second grid is the base given the trigger word without
 the adapter: what the rare word alone does.</p>
 {_row(fig["base"], fig["base_trigger"], fig["bold_1"], fig["bold_no_trigger"])}
-{_table(["measure (same seeds as the base)", "value", "target (issue 11)", ""], spec)}
+{_table(["measure (same seeds as the base)", "value", "target", ""], spec)}
 <h2>Weight sweep</h2>{_row(fig["bold_0"], fig["bold_0.5"], fig["bold_1"])}
 <p>Weight 0 reproduces the base on the same prompt bit for bit: {_verdict(ck["scale0_equals_base"])}
 (max |difference| {ck["scale0_max_abs_diff"]:.3g}).</p>
