@@ -8,7 +8,7 @@ which continues bit-exactly: the learning rate is constant after warm-up and eve
 seeded by (seed, step)), and after each chunk samples the EMA weights at the pipeline defaults (bf16) and
 scores them with the shipped classifier. Sampling and scoring are not counted as training time. Prints a
 Markdown table; the run folder keeps the final `fast` checkpoint. ``--conditioning text`` does the same for
-the prompt-conditioned latent model (``train --conditioning text --vae VAE``, `prompt_model.py`): its
+the prompt-conditioned latent model (``train --conditioning text --vae VAE``, `training/prompt_base.py`): its
 samples are drawn from the training templates cycled per digit, as `evaluate` does.
 """
 

@@ -33,7 +33,7 @@ from lora4diffusion.training.lora import (
     train_lora,
 )
 
-# train-lora's own defaults on a prompt base (lora/finetune.py), so a recipe names only what it changes
+# train-lora's own defaults on a prompt base (training/lora.py), so a recipe names only what it changes
 SHIPPED = {"rank": PROMPT_LORA_RANK, "targets": LoRAConfig().targets, "steps": PROMPT_LORA_STEPS,
            "lr": default_lora_train_config().lr, "te_lr": None, "prior": 1, "te": 1, "prior_weight": 1.0,
            "ema": PROMPT_LORA_EMA, "trigger": "sks"}  # fmt: skip

@@ -1,5 +1,5 @@
 """Sampling API: a loaded model plus its noise schedule, turning digit labels (label models) or prompts
-(prompt models, prompt_model.py) into images."""
+(prompt models: a text encoder reads the prompt) into images."""
 
 from __future__ import annotations
 

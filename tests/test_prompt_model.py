@@ -1,4 +1,4 @@
-"""The prompt-conditioned latent base (prompt_model.py): UNet text mode, joint training, guidance with the
+"""The prompt-conditioned latent base (training/prompt_base.py, models/prompt_unet.py): UNet text mode, joint training, guidance with the
 empty / negative prompt, `sample --prompt`, and the label mode left exactly as it was."""
 
 from __future__ import annotations

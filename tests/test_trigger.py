@@ -72,7 +72,7 @@ class _Recorder(torch.nn.Module):
 
 
 class _FakeTrainer:
-    """What TriggerTask reads from the Trainer (train.Trainer's attributes of the same names)."""
+    """What TriggerTask reads from the Trainer (training.loop.Trainer's attributes of the same names)."""
 
     def __init__(self, images, labels, batch=8, seed=0):
         self.cfg = TrainConfig(batch_size=batch, seed=seed, label_dropout=0.0)

@@ -1,6 +1,6 @@
 """A prompt model <-> a diffusers ``StableDiffusionPipeline`` folder (export and import).
 
-Our prompt model folder (prompt_model.py) and the diffusers folder hold the same five parts:
+Our prompt model folder (folders/model.py) and the diffusers folder hold the same five parts:
 
     ours                                    diffusers folder (model_index.json: StableDiffusionPipeline)
     config.json "unet" + model.safetensors  unet/config.json + diffusion_pytorch_model.safetensors

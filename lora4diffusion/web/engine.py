@@ -210,7 +210,7 @@ class Job:
             pass
 
 
-DECODED_SIZE = 28  # what autoencoder.decode_latents crops a decoded latent to (MNIST's size)
+DECODED_SIZE = 28  # what latents.decode_latents crops a decoded latent to (MNIST's size)
 
 
 def preview_images(x0: torch.Tensor, vae) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """LoRA training for ``serve``: one job at a time, in a subprocess, installed into the adapters folder whole.
 
-The subprocess runs the ``train-lora`` command (``lora.finetune.train_lora``) with one torch thread, so the
+The subprocess runs the ``train-lora`` command (``training.lora.train_lora``) with one torch thread, so the
 server's generation keeps working; progress is read from the run's metrics.csv. Uploaded images are unpacked
 without ever using a zip member's name as a path.
 """
