@@ -77,7 +77,8 @@ def m_flops() -> dict:
 
 
 def _train_step(model, cfg, batch: int, bf16: bool, channels_last: bool):
-    """One optimiser step on a fixed random batch, set up as training.loop.Trainer does (AdamW on what trains)."""
+    """One optimiser step on a fixed random batch, set up as training.loop.Trainer does (AdamW on what
+    trains)."""
     import torch
 
     from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule

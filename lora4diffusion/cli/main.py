@@ -27,7 +27,9 @@ from lora4diffusion.errors import UserError
 from lora4diffusion.threads import configure_threads
 from lora4diffusion.training.run import NonFiniteLoss
 
-DESCRIPTION = "The command line: a thin layer over the Python API (training.base.train_base, pipeline.Pipeline, ...)."
+DESCRIPTION = (
+    "The command line: a thin layer over the Python API (training.base.train_base, pipeline.Pipeline, ...)."
+)
 WORKFLOW = """\
 commands in workflow order: train-vae -> train -> sample, evaluate -> train-lora -> merge, extract, resize
   -> export-*/import-* (diffusers, kohya, PEFT) -> list, info -> demo, serve

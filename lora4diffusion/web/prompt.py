@@ -2,7 +2,8 @@
 
 What the text left once the tags are stripped becomes is decided in one place, :func:`encode_prompt`: a label
 model reads digits from it (``"7"``, ``"seven"``, ``"3 5 7"``, ``"0-9"``, ``"three and 8"``); a prompt model
-(training/prompt_base.py trains it) gives it to its text encoder, with the negative prompt as guidance's unconditional branch.
+(training/prompt_base.py trains it) gives it to its text encoder, with the negative prompt as guidance's
+unconditional branch.
 """
 
 from __future__ import annotations
