@@ -1,5 +1,6 @@
 """The prompt-conditioned latent base (training/prompt_base.py, models/prompt_unet.py): UNet text mode,
-joint training, guidance with the empty / negative prompt, `sample --prompt`, and the label mode left exactly as it was."""
+joint training, guidance with the empty / negative prompt, `sample --prompt`, and the label mode left
+exactly as it was."""
 
 from __future__ import annotations
 
