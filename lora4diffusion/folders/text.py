@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora4diffusion.catalog import inside
-from lora4diffusion.checkpoint import load_state_into, load_tensors, save_tensors
+from lora4diffusion.checkpoint import load_weights, save_tensors
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from lora4diffusion.models.tokenizer import Tokenizer
@@ -58,6 +58,5 @@ def load_text_parts(directory: str | Path, config: dict) -> tuple[TextEncoder, T
         te_cfg.vocab_size, te_cfg.context_length, te_cfg.eos_token_id
     ):
         raise UserError(f"prompt model {directory}: the tokenizer in {folder} does not fit its text encoder")
-    text_encoder = TextEncoder(te_cfg)
-    load_state_into(text_encoder, load_tensors(weights), weights)
+    text_encoder = load_weights(lambda: TextEncoder(te_cfg), weights)  # header checked before allocating
     return text_encoder.eval(), tokenizer

@@ -20,8 +20,7 @@ from lora4diffusion.catalog import inside, pretrained_dir, resolve
 from lora4diffusion.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    load_state_into,
-    load_tensors,
+    load_weights,
     path_kind,
     read_json,
     save_tensors,
@@ -62,8 +61,7 @@ def load_vae(path: str | Path | None = None) -> tuple[VAE, dict]:
     if not directory.is_dir():
         raise UserError(f"VAE {directory} is not a directory (expected a VAE folder with {CONFIG_NAME})")
     cfg, config = read_vae_config(directory)
-    vae = VAE(cfg)
-    load_state_into(vae, load_tensors(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
+    vae = load_weights(lambda: VAE(cfg), directory / WEIGHTS_NAME)  # the header is checked before allocating
     return vae.eval(), config
 
 

@@ -272,7 +272,7 @@ def parse_metadata(meta: dict[str, str]) -> dict:
     check_settings(rank, alpha, rule == "rslora", dropout, init, fingerprint, method)
     try:
         targets = json.loads(meta["targets"]) if isinstance(meta["targets"], str) else None
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, too deep, or an integer of more than 4300 digits
         targets = None
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise UserError(f"targets must be a JSON list of module names, got {shown(meta['targets'])}")
