@@ -29,7 +29,7 @@ def kind_of(path: Path) -> str | None:
     """'model' | 'vae' | 'adapter' for a folder or file we can read, else None (looks at names and the
     config's format only; what the files hold is checked by their readers). An adapter is a .safetensors file,
     or a folder holding adapter.safetensors, a PEFT adapter_config.json, diffusers'
-    pytorch_lora_weights.safetensors, or (without a config.json or subfolders) exactly one .safetensors
+    pytorch_lora_weights.safetensors, or (without .json files or subfolders) exactly one .safetensors
     file: the folders ``--lora`` reads. A folder that may not be looked into is a UserError ("permission
     denied")."""
     path = Path(path)
@@ -44,13 +44,12 @@ def kind_of(path: Path) -> str | None:
         return "vae"
     if path_kind(path / "model.safetensors") == "file":
         return "model"
-    if path_kind(path / "config.json") == "missing":  # a downloaded LoRA's folder: x.safetensors, README, ...
-        try:
-            entries = [(p.suffix, path_kind(p)) for p in path.iterdir()]
-        except OSError as e:
-            raise UserError(f"{path}: cannot read ({describe_os_error(e)})") from None
-        if entries.count((".safetensors", "file")) == 1 and all(kind != "dir" for _, kind in entries):
-            return "adapter"
+    try:  # a downloaded LoRA's folder: x.safetensors, a preview, a README (no configs, no subfolders)
+        entries = [(p.suffix, path_kind(p)) for p in path.iterdir()]
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({describe_os_error(e)})") from None
+    if entries.count((".safetensors", "file")) == 1 and all(k != "dir" and s != ".json" for s, k in entries):
+        return "adapter"
     return None
 
 
