@@ -9,39 +9,56 @@ the adapter readers and the server all go through it.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from pathlib import Path
 
-from lora4diffusion.checkpoint import path_kind
-from lora4diffusion.errors import UserError
+from lora4diffusion.checkpoint import path_kind, read_json
+from lora4diffusion.errors import UserError, describe_os_error
+from lora4diffusion.schema import shown
 
 PRETRAINED = Path(__file__).parent / "pretrained"
 DEFAULT_BASE = "base"  # the prompt-conditioned latent model; "pixel-base" is the label-conditioned pixel one
 KINDS = ("model", "vae", "adapter")
 _FLAG = {"model": "--checkpoint", "vae": "--vae", "adapter": "--lora"}
+_WHAT = {"model": "model", "vae": "VAE", "adapter": "adapter"}
+# files that make a folder an adapter: ours, PEFT's config, diffusers' LoRA weights (formats/ reads them)
+_ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors")
 
 
 def kind_of(path: Path) -> str | None:
-    """'model' | 'vae' | 'adapter' for a folder or file we can read, else None (looks at names only)."""
+    """'model' | 'vae' | 'adapter' for a folder or file we can read, else None (looks at names and the
+    config's format only; what the files hold is checked by their readers). An adapter is a .safetensors file,
+    or a folder holding adapter.safetensors, a PEFT adapter_config.json, diffusers'
+    pytorch_lora_weights.safetensors, or (without .json files or subfolders) exactly one .safetensors
+    file: the folders ``--lora`` reads. A folder that may not be looked into is a UserError ("permission
+    denied")."""
     path = Path(path)
-    if path.is_file():
+    kind = path_kind(path)
+    if kind == "file":
         return "adapter" if path.suffix == ".safetensors" else None
-    if (path / "adapter.safetensors").is_file() or (path / "adapter_config.json").is_file():
+    if kind != "dir":
+        return None
+    if any(path_kind(path / name) == "file" for name in _ADAPTER_FILES):
         return "adapter"
     if folder_config(path).get("format") == "lora4diffusion-vae":  # a VAE folder holds model.safetensors too
         return "vae"
-    if (path / "model.safetensors").is_file():
+    if path_kind(path / "model.safetensors") == "file":
         return "model"
+    try:  # a downloaded LoRA's folder: x.safetensors, a preview, a README (no configs, no subfolders)
+        entries = [(p.suffix, path_kind(p)) for p in path.iterdir()]
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({describe_os_error(e)})") from None
+    if entries.count((".safetensors", "file")) == 1 and all(k != "dir" and s != ".json" for s, k in entries):
+        return "adapter"
     return None
 
 
 def folder_config(folder: Path) -> dict:
+    """A folder's config.json as a dict; {} where there is none or it is not a readable JSON object (the
+    size limit, depth and permission checks of ``checkpoint.read_json``)."""
     try:
-        with (Path(folder) / "config.json").open() as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        return read_json(Path(folder) / "config.json")
+    except UserError:
         return {}
 
 
@@ -82,7 +99,13 @@ def resolve(value: str | Path | None, kind: str, default: str | None = None) -> 
     names = shipped(kind)
     if str(value) in names:
         return names[str(value)]
-    what = {"model": "model", "vae": "VAE", "adapter": "adapter"}[kind]
+    what = _WHAT[kind]
+    other = next((k for k in KINDS if k != kind and str(value) in shipped(k)), None)
+    if other is not None:  # `--vae pixel-base`: a name we know, of another kind
+        known = ", ".join(names) or "none"
+        article = "an" if kind == "adapter" else "a"
+        raise UserError(f"{_FLAG[kind]} {value}: {value} is a shipped {_WHAT[other]} (for {_FLAG[other]}),"
+                        f" not {article} {what} (shipped {what}s: {known})")
     missing = "file not found" if kind == "adapter" else "does not exist"
     if "/" in str(value) or os.sep in str(value):  # clearly a path: no name to suggest
         raise UserError(f"{_FLAG[kind]} {value}: {missing}")
@@ -90,6 +113,28 @@ def resolve(value: str | Path | None, kind: str, default: str | None = None) -> 
         f"{_FLAG[kind]} {value}: {missing} (no such file or folder, and no shipped {what} of that name)"
         + suggest(str(value), list(names))
     )
+
+
+def inside(folder: str | Path, name: object, what: str) -> Path:
+    """``folder``/``name``, where ``name`` is a part's path that a file in ``folder`` chose (config.json's
+    ``"vae": {"folder": "vae"}``): a relative path without '..' whose real location (symbolic links
+    followed) lies inside ``folder``. Parts of a model folder are read only from inside it, never from a path
+    a downloaded file chose; anything else is a UserError naming ``what`` (the file and the key)."""
+    if not isinstance(name, str) or not name.strip() or "\0" in name or len(name) > 255:
+        raise UserError(f"{what} must be a path inside {folder}, got {shown(name, 80)}")
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\", "~")) or ":" in parts[0] or ".." in parts:
+        raise UserError(f"{what} {shown(name, 80)} is not a path inside {folder}: parts of a model are read"
+                        " only from inside its folder (no absolute path, no '..')")
+    root = Path(folder).resolve()
+    try:
+        real = (Path(folder) / name).resolve()
+    except (OSError, RuntimeError) as e:  # a symbolic-link loop
+        raise UserError(f"{what} {shown(name, 80)}: cannot follow it (a symbolic-link loop: {e})") from None
+    if real != root and root not in real.parents:
+        raise UserError(f"{what} {shown(name, 80)} leads outside {folder} (to {real}, through a symbolic"
+                        " link): parts of a model are read only from inside its folder")
+    return Path(folder) / name
 
 
 def pretrained_dir(name: str = DEFAULT_BASE) -> Path:

@@ -1,6 +1,11 @@
 """What a folder or file holds: the rows of ``list`` and everything ``info`` tells (and whether an adapter
 fits a base). Names and paths come from ``catalog``; reading adapters and models from ``formats`` and
-``pipeline``."""
+``pipeline``.
+
+``list`` reads each item on its own: an adapter as ``sample --lora`` reads it, a model or VAE folder by its
+configs and headers (no weights); an item that cannot be read (a damaged config, an unreadable file, a
+folder that may not be entered) is one row saying why, and the listing goes on. ``info`` reads the whole
+item with the same readers as ``sample``."""
 
 from __future__ import annotations
 
@@ -9,11 +14,16 @@ import os
 from pathlib import Path
 
 from lora4diffusion.catalog import KINDS, folder_config, kind_of, shipped, suggest
-from lora4diffusion.checkpoint import read_metadata
-from lora4diffusion.errors import UserError
-from lora4diffusion.formats import read_any
+from lora4diffusion.checkpoint import MAX_JSON_BYTES, WEIGHTS_NAME, path_kind, read_metadata, tensor_header
+from lora4diffusion.errors import UserError, describe_os_error
+from lora4diffusion.folders.model import read_model_config
+from lora4diffusion.folders.text import text_parts
+from lora4diffusion.folders.vae import check_attached_vae, load_vae, read_vae_config
+from lora4diffusion.formats import detect, read_any
 from lora4diffusion.lora.adapters import UNKNOWN
 from lora4diffusion.pipeline import Pipeline
+
+MAX_DEPTH = 8  # nesting shown by `info`; a deeper value (a hostile config or metadata entry) is summarised
 
 
 def stored_size(path: Path) -> int:
@@ -34,55 +44,158 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _adapter_meta(path: Path) -> dict:
-    f = path / "adapter.safetensors" if path.is_dir() else path
-    if not f.is_file():
-        return {}
+def _size(path: Path) -> str:
     try:
-        return dict(read_metadata(f))
+        return _human(stored_size(path))
+    except OSError:  # a file that vanished or may not be looked at: the row says so elsewhere
+        return "?"
+
+
+def _depth(value: object, limit: int = MAX_DEPTH) -> int:
+    """How deeply ``value`` nests lists and dicts, counted without recursion, up to ``limit`` + 1."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            if d + 1 > limit:
+                return limit + 1
+            deepest = max(deepest, d + 1)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _shallow(value: object) -> object:
+    """``value``, or a note where it nests deeper than MAX_DEPTH (printing it would recurse that deep)."""
+    return value if _depth(value) <= MAX_DEPTH else f"(nested more than {MAX_DEPTH} levels deep: not shown)"
+
+
+def _adapter_meta(path: Path) -> dict:
+    """The metadata of an adapter's safetensors file (ours, diffusers', kohya's); {} for a PEFT folder."""
+    try:
+        _, f = detect(path)
+        return dict(read_metadata(f)) if path_kind(f) == "file" else {}
     except UserError:
         return {}
 
 
-def entry(path: Path, kind: str, name: str | None = None) -> dict:
-    """One row of `list`: name, kind, path, size and the few facts that tell items apart."""
-    row = {"name": name or path.name, "kind": kind, "path": str(path), "size": _human(stored_size(path))}
-    if kind == "adapter":
-        meta = _adapter_meta(path)
-        for key in ("style", "trigger", "rank", "target_spec", "base"):
-            if meta.get(key):
-                row[key] = meta[key]
+def _adapter_facts(path: Path) -> dict:
+    """What ``list`` shows of an adapter, read as ``sample --lora`` reads it (``formats.read_any``: every
+    check of its layout); a UserError says what cannot be read."""
+    layout, _ = detect(path)
+    adapter = read_any(path)
+    facts: dict = {} if layout == "ours" else {"format": layout}
+    for key in ("style", "trigger", "rank", "target_spec", "base"):
+        value = adapter.rank if key == "rank" else adapter.extra.get(key)
+        if value:
+            facts[key] = value
+    return facts
+
+
+def _folder_facts(path: Path, kind: str) -> dict:
+    """What ``list`` shows of a model or VAE folder, from its configs and headers (no weights read): the
+    checks its loader makes on them (config fields, paths of its parts, the VAE's latents against the
+    UNet) and readable weight files."""
+    if kind == "model":
+        unet, _diffusion, cfg = read_model_config(path)
+        check_attached_vae(path, cfg)
+        if unet.conditioning == "text":
+            _te, weights, _tokenizer = text_parts(path, cfg)
+            tensor_header(weights)
+        facts = {"conditioning": unet.conditioning,
+                 "latent": "yes" if isinstance(cfg.get("vae"), dict) or unet.in_channels != 1 else "no"}
     else:
-        cfg = folder_config(path)
-        unet = cfg.get("unet") or {}
-        if kind == "model":
-            row["conditioning"] = unet.get("conditioning", "label")
-            row["latent"] = "yes" if (path / "vae").is_dir() or unet.get("in_channels", 1) != 1 else "no"
-        for key in ("preset", "step"):
-            if key in cfg:
-                row[key] = cfg[key]
+        _vae, cfg = read_vae_config(path)
+        facts = {}
+    tensor_header(path / WEIGHTS_NAME)
+    for key in ("preset", "step"):
+        if isinstance(cfg.get(key), (str, int)) and not isinstance(cfg.get(key), bool):
+            facts[key] = cfg[key]
+    return facts
+
+
+def entry(path: Path, kind: str, name: str | None = None) -> dict:
+    """One row of `list`: name, kind, path, size and the few facts that tell items apart; or, for an item
+    that cannot be read, a ``problem`` saying why (one line)."""
+    row = {"name": name or path.name, "kind": kind, "path": str(path), "size": _size(path)}
+    try:
+        row.update(_adapter_facts(path) if kind == "adapter" else _folder_facts(path, kind))
+    except UserError as e:
+        row["problem"] = str(e)
+    except OSError as e:  # a file that changed under us: this row, not the whole listing
+        row["problem"] = f"{path}: cannot read ({describe_os_error(e)})"
     return row
 
 
-def listing(folders: list[str | Path] = ()) -> list[dict]:
-    """The shipped items, then every model, VAE and adapter found in ``folders`` (and one level below)."""
-    rows = [entry(p, kind, name) for kind in KINDS for name, p in shipped(kind).items()]
-    for folder in folders:
-        folder = Path(folder)
-        if not folder.exists():
-            raise UserError(f"list: {folder} does not exist")
-        candidates = [folder] + (sorted(p for p in folder.iterdir()) if folder.is_dir() else [])
-        for p in candidates:
-            kind = kind_of(p)
-            if kind is not None:
-                rows.append(entry(p, kind, str(p)))
+def _unreadable(path: Path, why: str) -> dict:
+    return {"name": str(path), "kind": "unknown", "path": str(path), "size": _size(path), "problem": why}
+
+
+def _rows_for(path: Path) -> list[dict]:
+    """The rows for one ``list`` argument: the item it is; else, for a folder, the items directly in it."""
+    try:
+        kind = kind_of(path)
+    except UserError as e:
+        return [_unreadable(path, str(e))]
+    if kind is not None:
+        return [entry(path, kind, str(path))]
+    if path_kind(path) != "dir":
+        return [_unreadable(path, f"{path}: not a model, VAE or adapter (list reads model, VAE and adapter"
+                                  " folders, .safetensors LoRA files, and folders holding them)")]
+    try:
+        children = sorted(path.iterdir())
+    except OSError as e:
+        return [_unreadable(path, f"{path}: cannot read ({describe_os_error(e)})")]
+    rows = []
+    for child in children:
+        try:
+            kind = kind_of(child)
+        except UserError as e:
+            rows.append(_unreadable(child, str(e)))
+            continue
+        if kind is not None:
+            rows.append(entry(child, kind, str(child)))
+    if not rows:
+        rows.append(_unreadable(path, f"{path}: holds no model, VAE or adapter (nor does any folder directly"
+                                      " in it)"))
     return rows
+
+
+def listing(folders: list[str | Path] = ()) -> list[dict]:
+    """The shipped items, then each of ``folders``: the item it is (a model, VAE or adapter folder, an adapter
+    file), or the items directly inside it. An item that cannot be read is a row with a ``problem``; a path
+    that does not exist is a UserError (before anything is read)."""
+    paths = [Path(f) for f in folders]
+    for p in paths:
+        if path_kind(p) == "missing":
+            raise UserError(f"{p} does not exist (no such file or folder)")
+    rows = [entry(p, kind, name) for kind in KINDS for name, p in shipped(kind).items()]
+    for p in paths:
+        rows.extend(_rows_for(p))
+    return rows
+
+
+def _last_metrics(metrics: Path) -> dict | str | None:
+    """The last row of a run's metrics.csv by its header; a note where it cannot be read."""
+    try:
+        if path_kind(metrics) != "file":
+            return None
+        if metrics.stat().st_size > MAX_JSON_BYTES:
+            return f"{metrics.name}: too large to show ({metrics.stat().st_size} bytes)"
+        lines = metrics.read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UserError, UnicodeDecodeError) as e:
+        why = describe_os_error(e) if isinstance(e, OSError) else "not UTF-8 text" \
+            if isinstance(e, UnicodeDecodeError) else str(e)
+        return f"{metrics.name}: cannot read ({why})"
+    if len(lines) > 1:
+        return dict(zip(lines[0].split(","), lines[-1].split(","), strict=False))
+    return None
 
 
 def info(value: str | Path, checkpoint: str | None = None) -> dict:
     """Everything a model, VAE or adapter's metadata says; for an adapter and ``checkpoint``, whether it fits.
 
-    ``value`` is a path or a shipped name (any kind).
+    ``value`` is a path or a shipped name (any kind). The item is read whole, by the readers ``sample`` uses;
+    one that cannot be read is a UserError saying why.
     """
     p = Path(value)
     if not os.path.lexists(p):
@@ -94,7 +207,7 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
     kind = kind_of(p)
     if kind is None:
         raise UserError(f"info {p}: not a model, VAE or adapter folder (nor an adapter file)")
-    out: dict = {"path": str(p), "kind": kind, "size": _human(stored_size(p))}
+    out: dict = {"path": str(p), "kind": kind, "size": _size(p)}
     if kind == "adapter":
         adapter = read_any(p)
         out.update({"rank": adapter.rank, "alpha": adapter.alpha, "rslora": adapter.rslora,
@@ -106,22 +219,23 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
                 continue
             try:
                 out[key] = json.loads(text) if text[:1] in "[{" else text
-            except ValueError:
+            except (ValueError, RecursionError):
                 out[key] = text
         if "targets" in out and isinstance(out["targets"], list):
-            out["targets"] = f"{len(out['targets'])} modules ({', '.join(out['targets'][:3])}, ...)"
+            out["targets"] = f"{len(out['targets'])} modules ({', '.join(map(str, out['targets'][:3]))}, ...)"
         if checkpoint is not None:
             out["fits"] = _fits(adapter, checkpoint)
-    else:
+    elif kind == "model":
+        fingerprint = Pipeline.load(p).fingerprint  # the whole model, as sample reads it
         out.update(folder_config(p))
-        if kind == "model":
-            out["fingerprint"] = Pipeline.load(p).fingerprint
-    metrics = (p if p.is_dir() else p.parent) / "metrics.csv"
-    if metrics.is_file():
-        lines = metrics.read_text().strip().splitlines()
-        if len(lines) > 1:
-            out["last_metrics"] = dict(zip(lines[0].split(","), lines[-1].split(","), strict=False))
-    return out
+        out["fingerprint"] = fingerprint
+    else:
+        _, config = load_vae(p)
+        out.update(config)
+    metrics = _last_metrics((p if p.is_dir() else p.parent) / "metrics.csv")
+    if metrics is not None:
+        out["last_metrics"] = metrics
+    return {k: _shallow(v) for k, v in out.items()}
 
 
 def _fits(adapter, checkpoint: str) -> str:
@@ -140,7 +254,7 @@ def _fits(adapter, checkpoint: str) -> str:
 def format_info(data: dict, indent: str = "") -> str:
     lines = []
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and len(indent) < 2 * MAX_DEPTH:
             lines.append(f"{indent}{key}:")
             lines.append(format_info(value, indent + "  "))
         else:
@@ -150,16 +264,25 @@ def format_info(data: dict, indent: str = "") -> str:
 
 
 _TITLES = {"model": "models (--checkpoint)", "vae": "VAEs (--vae)", "adapter": "adapters (--lora)"}
+_UNREADABLE = "not readable (each line says why)"
+_NOT_FACTS = ("name", "kind", "path", "size", "problem")
 
 
 def format_listing(rows: list[dict]) -> str:
     lines = []
     for kind in KINDS:
-        group = [r for r in rows if r["kind"] == kind]
+        group = [r for r in rows if r["kind"] == kind and "problem" not in r]
         if not group:
             continue
         lines.append(_TITLES[kind])
         for r in group:
-            facts = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("name", "kind", "path", "size"))
+            facts = ", ".join(f"{k} {v}" for k, v in r.items() if k not in _NOT_FACTS)
             lines.append(f"  {r['name']:<16} {r['size']:>10}  {facts}")
+    bad = [r for r in rows if "problem" in r]
+    if bad:
+        lines.append(_UNREADABLE)
+        lines.extend(f"  {r['problem']}" for r in bad)
     return "\n".join(lines) if lines else "nothing found"
+
+
+__all__ = ["entry", "format_info", "format_listing", "info", "listing", "stored_size"]

@@ -269,9 +269,10 @@ def _alarm(signum, frame):
 
 def fuzz_a_reader(name: str, build: Callable[[Path], None], read: Callable[[Path], object],
                   targets: tuple[str, ...], tmp_path: Path, examples: int = EXAMPLES,
-                  seconds: float = CALL_SECONDS) -> dict[str, int]:
+                  seconds: float = CALL_SECONDS, damages=None) -> dict[str, int]:
     """Damage one of ``targets`` in a valid fixture (written once by ``build``), call ``read(directory)``:
-    success or a one-line UserError, within CALL_SECONDS, without growing peak memory by MEMORY_GROWTH."""
+    success or a one-line UserError, within CALL_SECONDS, without growing peak memory by MEMORY_GROWTH.
+    ``damages``: the strategy drawing (target, kind, new bytes) from (files, targets); default ``damage``."""
     fixture = tmp_path / "valid"
     fixture.mkdir()
     build(fixture)
@@ -284,7 +285,7 @@ def fuzz_a_reader(name: str, build: Callable[[Path], None], read: Callable[[Path
 
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(damage(files, targets))
+    @given((damages or damage)(files, targets))
     def one_case(case):
         target, kind, new = case
         case_dir = tmp_path / f"case{next(counter)}"
@@ -537,6 +538,165 @@ READERS = {
 def test_fuzz_reader(name, tmp_path):
     build, read, targets = READERS[name]
     fuzz_a_reader(name, build, read, targets, tmp_path)
+
+
+# ------------------------------------------------------------------ files from elsewhere
+# What other tools write and we read: foreign LoRA metadata (diffusers' lora_adapter_metadata, our
+# lora4diffusion entry inside diffusers/kohya files, kohya's per-module alphas, PEFT's adapter_config.json)
+# given wrong types, lists, huge numbers and deep nesting; and `list` / `info` over a folder mixing good and
+# damaged models and adapters.
+DEEP_JSON = st.sampled_from([50, 999, 5_000, 100_000]).flatmap(
+    lambda n: st.sampled_from(["[" * n + "]" * n, '{"a":' * n + "1" + "}" * n, "[" * n]))
+RAW_NUMBERS = st.sampled_from(["1e400", "-1e400", "9" * 5000, "1e-400", "-0", "2e308", str(2**70), "1E+3"])
+
+
+def _json_text_damage(draw, text: str) -> str:
+    """A JSON text (a metadata entry or a .json file) with one value replaced by another type, a list, a
+    huge or overflowing number, or deep nesting; or the whole text replaced."""
+    how = draw(st.sampled_from(["value", "value", "number", "deep", "whole"]))
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = None
+    if how == "whole" or not isinstance(obj, (dict, list)) or not obj:
+        return draw(DEEP_JSON | st.builds(json.dumps, JSON_VALUES))
+    paths = [p for p in _json_paths(obj) if p]
+    path = draw(st.sampled_from(paths))
+    parent = obj
+    for k in path[:-1]:
+        parent = parent[k]
+    if how == "value":
+        parent[path[-1]] = draw(JSON_VALUES | st.lists(st.integers(-(2**70), 2**70), max_size=3))
+        return json.dumps(obj)
+    parent[path[-1]] = "\0MARK\0"  # a raw number or nesting json.dumps cannot write, spliced in as text
+    raw = draw(RAW_NUMBERS if how == "number" else DEEP_JSON)
+    return json.dumps(obj).replace('"\\u0000MARK\\u0000"', raw)
+
+
+@st.composite
+def foreign_damage(draw, files: dict[str, bytes], targets: tuple[str, ...]) -> tuple[str, str, bytes]:
+    """One damage to what another tool writes: a JSON-valued metadata entry of a .safetensors file, a kohya
+    alpha tensor (another shape, dtype or value), or a .json file's text."""
+    target = draw(st.sampled_from(targets))
+    data = files[target]
+    if target.endswith(".json"):
+        return target, "json text", _json_text_damage(draw, data.decode()).encode()
+    header, body = _split_safetensors(data)
+    meta = header.get("__metadata__") or {}
+    alphas = sorted(k for k in header if k.endswith(".alpha"))
+    kinds = (["metadata json"] if any(v[:1] in "[{" for v in meta.values()) else []) + (["alpha"] if alphas
+                                                                                      else [])
+    kind = draw(st.sampled_from(kinds or ["metadata"]))
+    if kind == "alpha":
+        tensors = dict(st_load(data))
+        value = draw(st.sampled_from([[1.0, 2.0], [[1.0]], [], 0.0, -4.0, 1e30, 2**62, True, 3]))
+        dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool, torch.float64]))
+        for key in draw(st.lists(st.sampled_from(alphas), min_size=1, max_size=3, unique=True)):
+            tensors[key] = torch.tensor(value).to(dtype)
+        return target, kind, st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+    if kind == "metadata json":
+        key = draw(st.sampled_from(sorted(k for k, v in meta.items() if v[:1] in "[{")))
+        meta[key] = _json_text_damage(draw, meta[key])
+    else:
+        meta[draw(st.sampled_from(sorted(meta) + ["extra"]))] = draw(META_TEXT)
+    header["__metadata__"] = meta
+    return target, kind, _join_safetensors(header, body)
+
+
+def _foreign(d: Path, fmt: str, keep_ours: bool) -> None:
+    """A LoRA file in ``fmt`` with trigger words (kohya: ss_tag_frequency JSON), as another tool writes it
+    (no lora4diffusion entry) unless ``keep_ours``."""
+    from safetensors import safe_open
+
+    from lora4diffusion.formats import write_lora
+    from lora4diffusion.lora.adapters import adapter_from_model
+
+    model = copy.deepcopy(BASE)
+    inject_lora(model, "attention", 2, 2.0)
+    adapter = adapter_from_model(model)
+    adapter.extra = {"trigger_words": json.dumps(["sks", "bold digit"])}
+    path = write_lora(adapter, fmt, d, title="fuzz")
+    if not keep_ours:
+        with safe_open(str(path), "pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if not k.startswith("lora4diffusion")}
+        tensors = st_load(path.read_bytes())
+        path.write_bytes(st_save(tensors, metadata=meta))
+
+
+def _read_any_folder(d: Path) -> None:
+    from lora4diffusion.formats import read_any
+
+    load_adapter(copy.deepcopy(BASE), read_any(d))
+
+
+def build_mixed_folder(d: Path) -> None:
+    """Good items of every kind side by side: a model, a VAE, ours, PEFT, diffusers and kohya adapters."""
+    build_model(d / "model")
+    build_vae(d / "vae")
+    build_adapter(d / "ours")
+    build_peft(d / "peft")
+    _foreign(d / "diffusers", "diffusers", keep_ours=False)
+    _foreign(d, "kohya", keep_ours=False)
+
+
+def list_and_info(d: Path) -> None:
+    """`list` over the folder never stops: every item has its row; undamaged items (compared with the
+    fixture) read fine in both `list` and `info`; a damaged one is a row with a one-line problem, and `info`
+    on it is a one-line UserError (raised here, so the harness counts it)."""
+    from lora4diffusion.inventory import info, listing
+
+    valid = d.parent / "valid"
+    items = sorted(p.name for p in valid.iterdir())
+    damaged = {n for n in items for q in [valid / n, *(valid / n).rglob("*")]
+               if q.is_file() and q.read_bytes() != (d / q.relative_to(valid)).read_bytes()}
+    rows = {Path(r["path"]).name: r for r in listing([d]) if Path(r["path"]).parent == d}
+    assert set(rows) == set(items), (sorted(rows), items)
+    problems = []
+    for name in items:
+        if "problem" in rows[name]:
+            assert name in damaged and "\n" not in rows[name]["problem"], rows[name]
+            problems.append(rows[name]["problem"])
+        try:
+            info(d / name)
+        except UserError as e:
+            assert name in damaged, (name, str(e))
+            problems.append(str(e))
+    if problems:
+        raise UserError(problems[0])
+
+
+MIXED_TARGETS = ("model/config.json", "model/model.safetensors", "vae/config.json",
+                 "ours/adapter.safetensors", "peft/adapter_config.json", "peft/adapter_model.safetensors",
+                 "diffusers/pytorch_lora_weights.safetensors", "fuzz.safetensors")
+FOREIGN_READERS = {  # name: (build, read, targets, damages)
+    "kohya LoRA file from elsewhere (alphas, metadata)": (
+        lambda d: _foreign(d, "kohya", keep_ours=False), read_lora_file, ("fuzz.safetensors",),
+        foreign_damage),
+    "kohya LoRA file with our settings entry": (
+        lambda d: _foreign(d, "kohya", keep_ours=True), read_lora_file, ("fuzz.safetensors",),
+        foreign_damage),
+    "diffusers LoRA file from elsewhere (lora_adapter_metadata)": (
+        lambda d: _foreign(d, "diffusers", keep_ours=False), read_lora_file,
+        ("pytorch_lora_weights.safetensors",), foreign_damage),
+    "diffusers LoRA file with our settings entry": (
+        lambda d: _foreign(d, "diffusers", keep_ours=True), read_lora_file,
+        ("pytorch_lora_weights.safetensors",), foreign_damage),
+    "PEFT folder as --lora reads it (adapter_config.json)": (
+        build_peft, _read_any_folder, ("adapter_config.json",), foreign_damage),
+    "prompt model folder (configs: types, huge numbers, deep nesting)": (
+        build_prompt_model, read_prompt_model, ("config.json", "vae/config.json", "tokenizer/config.json"),
+        foreign_damage),
+    "list/info over a mixed folder (damaged foreign metadata)": (
+        build_mixed_folder, list_and_info, MIXED_TARGETS, foreign_damage),
+    "list/info over a mixed folder (damaged bytes, JSON, tensors)": (
+        build_mixed_folder, list_and_info, MIXED_TARGETS, damage),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOREIGN_READERS))
+def test_fuzz_files_from_elsewhere(name, tmp_path):
+    build, read, targets, damages = FOREIGN_READERS[name]
+    fuzz_a_reader(name, build, read, targets, tmp_path, damages=damages)
 
 
 def test_the_harness_fails_on_a_foreign_exception(tmp_path):

@@ -22,7 +22,8 @@ from lora4diffusion.web.server import ServeConfig, create_app, serve
 def add_list_info(sub: Commands) -> None:
     """list, info."""
     ls = sub.add_parser("list", help="shipped models, VAEs and adapters (and those in given folders)")
-    ls.add_argument("folders", nargs="*", metavar="FOLDER", help="also list what these folders hold")
+    ls.add_argument("folders", nargs="*", metavar="PATH", help="also list these: a model, VAE or adapter"
+                    " (folder or file) is listed itself, another folder by what it holds")
     ls.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ls.set_defaults(func=cmd_list)
 
@@ -72,9 +73,15 @@ def add_serve(sub: Commands) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """Exit 0 when anything was listed; an item that cannot be read is a row saying why (and counted on
+    stderr), so one damaged folder never hides the others. Only unreadable rows: exit 2."""
     rows = listing(args.folders)
     print(json.dumps(rows, indent=2) if args.json else format_listing(rows))
-    return 0
+    bad = sum("problem" in r for r in rows)
+    if bad:
+        print(f"lora4diffusion list: {bad} item(s) could not be read (marked 'problem' / 'not readable')",
+              file=sys.stderr)
+    return 2 if bad and bad == len(rows) else 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -133,7 +133,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_resize(args: argparse.Namespace) -> int:
     out = out_dir(args.out, overwrite=args.overwrite, inputs=(resolve_adapter(args.lora),))
-    adapter, errors = resize_adapter(args.lora, args.rank)
+    adapter, errors = resize_adapter(read_any(args.lora), args.rank)  # any layout sample --lora reads
     require_finite(adapter.tensors, "resize")
     adapter.save(out)
     worst = max((v for k, v in errors.items() if k != "overall"), default=0.0)
@@ -176,7 +176,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
 def cmd_export_peft(args: argparse.Namespace) -> int:
     out = out_dir(args.out, overwrite=args.overwrite, inputs=(resolve_adapter(args.lora),))
-    export_peft(args.lora, out)
+    export_peft(read_any(args.lora), out)  # any layout sample --lora reads
     print(f"wrote PEFT adapter (adapter_config.json, adapter_model.safetensors) to {out}")
     return 0
 

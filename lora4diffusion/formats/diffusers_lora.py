@@ -30,7 +30,14 @@ from lora4diffusion.formats.names import (
     te_to_diffusers,
     to_diffusers,
 )
-from lora4diffusion.lora.adapters import UNKNOWN, Adapter
+from lora4diffusion.lora.adapters import (
+    UNKNOWN,
+    Adapter,
+    check_adapter,
+    lora_config_settings,
+    require_float_tensors,
+)
+from lora4diffusion.schema import shown
 
 log = logging.getLogger("lora4diffusion")
 WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -89,16 +96,18 @@ def looks_like(keys: list[str]) -> bool:
 def read(path: str | Path) -> Adapter:
     """A diffusers LoRA file (ours or another tool's) as our Adapter."""
     path = Path(path)
-    raw, meta = load_tensors(path), read_metadata(path)
+    meta = read_metadata(path)
+    require_float_tensors(path)  # from the header, before any tensor is read
+    raw = load_tensors(path)
     pairs: dict[str, dict[str, object]] = {}
     for key, t in raw.items():
         match = KEY_RX.match(key)
         if not match:
-            raise UserError(
-                f"{path}: unexpected tensor {key!r} (diffusers LoRA files hold lora_A/lora_B weights)"
-            )
+            raise UserError(f"{path}: unexpected tensor {shown(key, 80)} (diffusers LoRA files hold"
+                            " lora_A/lora_B weights)")
         if match[1] not in (None, PREFIX, TE_PREFIX):
-            raise UserError(f"{path}: {match[1]} LoRA ({key}) is not supported (one text encoder, SD 1.x)")
+            raise UserError(f"{path}: {match[1]} LoRA ({shown(key, 80)}) is not supported (one text encoder,"
+                            " SD 1.x)")
         module = f"{TE_PREFIX}.{match[2]}" if match[1] == TE_PREFIX else match[2]
         pairs.setdefault(module, {})[match[3]] = t.float()
     tensors = {}
@@ -114,37 +123,54 @@ def read(path: str | Path) -> Adapter:
     if ours.META_KEY in meta:
         adapter = ours.from_blob(tensors, meta[ours.META_KEY], path)
     else:
-        adapter = Adapter(
-            tensors, rank, float(rank), init="peft", fingerprint=UNKNOWN, extra={"source": "diffusers"}
-        )
-        config = _config(meta, path)
-        if config is None:
+        settings = _config(meta, path, rank)
+        if settings is None:
             log.warning("%s: no alpha in the file; using alpha = rank = %d, as diffusers does", path, rank)
-        else:
-            adapter.alpha = float(config.get("lora_alpha", rank))
-            adapter.rslora = bool(config.get("use_rslora", False))
-            adapter.dropout = float(config.get("lora_dropout") or 0.0)
+            settings = {"rank": rank, "alpha": float(rank)}
+        settings["init"] = "peft"
+        adapter = Adapter(tensors, fingerprint=UNKNOWN, extra={"source": "diffusers"}, **settings)
     if adapter.rank != rank:
         raise UserError(f"{path}: the tensors have rank {rank}, the metadata says {adapter.rank}")
-    return adapter
+    return check_adapter(adapter, path)
 
 
-def _config(meta: dict[str, str], path: Path) -> dict | None:
-    """diffusers' LoraConfig from the metadata (``unet.``-prefixed or bare); options we lack are refused."""
+def _config(meta: dict[str, str], path: Path, rank: int) -> dict | None:
+    """The adapter's settings from diffusers' LoraConfig metadata (``unet.``/``text_encoder.``-prefixed
+    sections, or bare keys), each section checked as PEFT's adapter_config.json is
+    (``lora_config_settings``); None without metadata. Sections that disagree on rank, alpha or the scale
+    rule are refused: our adapter has one of each."""
     if METADATA_KEY not in meta:
         return None
     try:
         full = json.loads(meta[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: malformed {METADATA_KEY} ({e})") from None
-    prefixed = {k.removeprefix(f"{PREFIX}."): v for k, v in full.items() if k.startswith(f"{PREFIX}.")}
-    config = prefixed or full
-    for option in ("rank_pattern", "alpha_pattern", "use_dora", "lora_bias"):
-        if config.get(option):
-            raise UserError(
-                f"{path}: LoRA option {option} is not supported (plain LoRA with one rank and alpha)"
-            )
-    return config
+    except (ValueError, RecursionError):
+        raise UserError(f"{path}: {METADATA_KEY} is not JSON ({shown(meta[METADATA_KEY])}); expected an"
+                        " object of LoraConfig fields") from None
+    if not isinstance(full, dict):
+        raise UserError(f"{path}: {METADATA_KEY} must be a JSON object of LoraConfig fields, got"
+                        f" {shown(full)}")
+    if not full:
+        return None
+    sections: dict[str, dict] = {}
+    for key, value in full.items():
+        part, _, field = key.partition(".")
+        if not field or part not in (PREFIX, TE_PREFIX, f"{TE_PREFIX}_2"):
+            part, field = "", key
+        sections.setdefault(part, {})[field] = value
+    found = {}
+    for part, config in sections.items():
+        try:
+            found[part] = lora_config_settings(config, rank, f"{part}." if part else "")
+        except UserError as e:
+            raise UserError(f"{path}: {METADATA_KEY}: {e}") from None
+    first, *others = found.items()
+    for part, settings in others:
+        keys = ("rank", "alpha", "rslora")
+        if any(settings[k] != first[1][k] for k in keys):
+            raise UserError(f"{path}: {METADATA_KEY}: the {first[0] or 'bare'} and {part or 'bare'} sections"
+                            " differ in r, lora_alpha or use_rslora; one rank and alpha per adapter is"
+                            " supported")
+    return first[1]
 
 
 __all__ = ["WEIGHTS", "looks_like", "read", "write"]

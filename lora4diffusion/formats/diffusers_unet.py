@@ -23,6 +23,7 @@ from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError
 from lora4diffusion.formats.names import from_diffusers, to_diffusers
 from lora4diffusion.models.unet import UNet, UNetConfig
+from lora4diffusion.schema import integer, number, shown
 
 DIFFUSERS_VERSION = "0.42.0"  # the version the export is tested against (tests/test_formats.py)
 UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
@@ -137,31 +138,43 @@ _FIXED = [
 ]
 
 
+def _typed(d: dict, key: str, default: object, kind: str) -> object:
+    """``d[key]`` (``default`` where absent or null, as diffusers' defaults) checked against what
+    UNet2DConditionModel takes there: "int" (a positive integer, not a bool), "number" (finite, >= 0), "ints"
+    (a non-empty list of positive integers), "names" (a list of strings). A value of another type is one
+    line naming the key, the value and what was expected: never Python's own TypeError text."""
+    value = d.get(key)
+    if value is None:
+        return default
+    where = f"unet/{UNET_CONFIG}: {key}"
+    if kind == "int":
+        return integer(value, where, 1, 1 << 20)
+    if kind == "number":
+        return number(value, where, 0.0, 1.0)
+    ok = isinstance(value, list) and (
+        (kind == "ints" and value and all(type(v) is int and v > 0 for v in value))
+        or (kind == "names" and all(isinstance(v, str) for v in value))
+    )
+    if not ok:
+        what = "a non-empty list of positive integers" if kind == "ints" else "a list of block class names"
+        raise UserError(f"{where} is {shown(value)}; expected {what}")
+    return value
+
+
 def unet_config_from_diffusers(
     d: dict, context_tokens: int = 4, num_classes: int = 10, conditioning: str = "label"
 ) -> UNetConfig:
-    """``_unet_config_from_diffusers``; a malformed value (a list where a number belongs) is one line."""
-    try:
-        return _unet_config_from_diffusers(d, context_tokens, num_classes, conditioning)
-    except UserError:
-        raise
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-        raise UserError(f"unet/{UNET_CONFIG}: malformed value ({type(e).__name__}: {e})") from None
-
-
-def _unet_config_from_diffusers(
-    d: dict, context_tokens: int = 4, num_classes: int = 10, conditioning: str = "label"
-) -> UNetConfig:
     """The UNetConfig our UNet needs to compute what this ``UNet2DConditionModel`` config computes; an
-    architecture we cannot represent is a UserError naming the setting. ``conditioning`` "label": the pooled
-    label context enters as ``class_labels`` (simple_projection); "text": nothing is added to the timestep
-    embedding (SD 1.x), ``context_tokens`` / ``num_classes`` are unused (our UNetConfig's defaults)."""
+    architecture we cannot represent is a UserError naming the setting, and a value of the wrong type one
+    naming the key and what was expected (``_typed``). ``conditioning`` "label": the pooled label context
+    enters as ``class_labels`` (simple_projection); "text": nothing is added to the timestep embedding (SD
+    1.x), ``context_tokens`` / ``num_classes`` are unused (our UNetConfig's defaults)."""
 
     def refuse(part: str, why: str) -> UserError:
         return UserError(f"unet/{UNET_CONFIG}: {part} {why}; our UNet cannot represent this architecture")
 
     if d.get("_class_name") != "UNet2DConditionModel":
-        raise refuse("_class_name", f"is {d.get('_class_name')!r}, not UNet2DConditionModel")
+        raise refuse("_class_name", f"is {shown(d.get('_class_name'))}, not UNet2DConditionModel")
     label = conditioning == "label"
     fixed = [*_FIXED, ("class_embed_type", ("simple_projection",) if label else (None,))]
     if not label:
@@ -170,19 +183,20 @@ def _unet_config_from_diffusers(
         if key not in d and None in ok:
             continue
         if d.get(key) not in ok:
-            raise refuse(key, f"is {d.get(key)!r} (ours: {ok[0]!r})")
+            raise refuse(key, f"is {shown(d.get(key))} (ours: {ok[0]!r})")
     per_block = d.get("transformer_layers_per_block", 1)
     if any(x != 1 for x in (per_block if isinstance(per_block, list) else [per_block])):
-        raise refuse("transformer_layers_per_block", f"is {per_block!r} (ours: 1)")
-    chans = list(d.get("block_out_channels") or [])
-    if not chans or chans[0] <= 0 or any(c % chans[0] for c in chans):
+        raise refuse("transformer_layers_per_block", f"is {shown(per_block)} (ours: 1)")
+    chans = _typed(d, "block_out_channels", None, "ints")
+    if chans is None:
+        raise refuse("block_out_channels", "is missing")
+    if any(c % chans[0] for c in chans):
         raise refuse("block_out_channels", f"{chans} are not multiples of the first")
-    if not isinstance(d.get("in_channels"), int) or d.get("in_channels") != d.get("out_channels"):
-        raise refuse(
-            "out_channels", f"{d.get('out_channels')} differs from in_channels {d.get('in_channels')}"
-        )
+    in_channels, out_channels = _typed(d, "in_channels", 4, "int"), _typed(d, "out_channels", 4, "int")
+    if in_channels != out_channels:
+        raise refuse("out_channels", f"{out_channels} differs from in_channels {in_channels}")
     n = len(chans)
-    down, up = list(d.get("down_block_types") or []), list(d.get("up_block_types") or [])
+    down, up = _typed(d, "down_block_types", [], "names"), _typed(d, "up_block_types", [], "names")
     kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
     if len(down) != n or any(b not in kinds for b in down):
         raise refuse("down_block_types", f"{down} are not {n} of CrossAttnDownBlock2D/DownBlock2D")
@@ -192,9 +206,9 @@ def _unet_config_from_diffusers(
         raise refuse("up_block_types", f"{up} do not mirror the down blocks (ours: {want_up})")
     layers = d.get("layers_per_block")
     if not isinstance(layers, int):
-        raise refuse("layers_per_block", f"is {layers!r} (ours: one integer for every block)")
+        raise refuse("layers_per_block", f"is {shown(layers)} (ours: one integer for every block)")
     heads = d.get("attention_head_dim")
-    heads = [heads] * n if isinstance(heads, int) else list(heads or [])
+    heads = [heads] * n if isinstance(heads, int) else heads if isinstance(heads, list) else []
     if len(heads) != n or any(not isinstance(h, int) or h <= 0 or c % h
                               for h, c in zip(heads, chans, strict=True)):
         raise refuse("attention_head_dim", f"{heads} is not a head count dividing each block's channels")
@@ -206,15 +220,18 @@ def _unet_config_from_diffusers(
             )
     ctx = d.get("cross_attention_dim")
     if not isinstance(ctx, int) or isinstance(ctx, bool):
-        raise refuse("cross_attention_dim", f"is {ctx!r} (ours: one integer)")
+        raise refuse("cross_attention_dim", f"is {shown(ctx)} (ours: one integer)")
     if label and d.get("projection_class_embeddings_input_dim") != ctx:
         raise refuse(
             "projection_class_embeddings_input_dim",
             "must equal cross_attention_dim (our pooled context is the mean of the context tokens)",
         )
+    size = d.get("sample_size")
+    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:  # diffusers allows (height, width)
+        size = size[0]
     return UNetConfig(
-        image_size=int(d.get("sample_size") or 28),
-        in_channels=int(d["in_channels"]),
+        image_size=_typed({"sample_size": size}, "sample_size", 28, "int"),
+        in_channels=in_channels,
         base_channels=chans[0],
         channel_mults=tuple(c // chans[0] for c in chans),
         num_res_blocks=layers,
@@ -223,8 +240,8 @@ def _unet_config_from_diffusers(
         context_tokens=context_tokens,
         context_dim=ctx,
         num_classes=num_classes,
-        groups=int(d.get("norm_num_groups") or 32),
-        dropout=float(d.get("dropout") or 0.0),
+        groups=_typed(d, "norm_num_groups", 32, "int"),
+        dropout=_typed(d, "dropout", 0.0, "number"),
         conditioning=conditioning,
     )
 
@@ -271,23 +288,21 @@ def diffusion_from_scheduler(d: dict) -> DiffusionConfig:
             f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}: _class_name {d.get('_class_name')!r} is not"
             " DDIMScheduler or DDPMScheduler"
         )
+    where = f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}"
     for key, value in _SCHEDULER_FIXED:
         if d.get(key, value) != value:
-            raise UserError(
-                f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}: {key} {d[key]!r} is not supported (ours: {value!r})"
-            )
-    schedule = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(d.get("beta_schedule", "linear"))
+            raise UserError(f"{where}: {key} {shown(d[key])} is not supported (ours: {value!r})")
+    beta_schedule = d.get("beta_schedule", "linear")
+    schedule = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(beta_schedule) \
+        if isinstance(beta_schedule, str) else None
     if schedule is None:
-        raise UserError(
-            f"{SCHEDULER_DIR}/{SCHEDULER_CONFIG}: beta_schedule {d['beta_schedule']!r} is not"
-            " supported (linear or squaredcos_cap_v2)"
-        )
-    return DiffusionConfig(
-        timesteps=int(d.get("num_train_timesteps", 1000)),
-        schedule=schedule,
-        beta_start=float(d.get("beta_start", 1e-4)),
-        beta_end=float(d.get("beta_end", 0.02)),
-    )
+        raise UserError(f"{where}: beta_schedule {shown(beta_schedule)} is not supported (linear or"
+                        " squaredcos_cap_v2)")
+    try:  # DiffusionConfig checks each type and range: 999.5 steps are not truncated to 999
+        return DiffusionConfig(timesteps=d.get("num_train_timesteps", 1000), schedule=schedule,
+                               beta_start=d.get("beta_start", 1e-4), beta_end=d.get("beta_end", 0.02))
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def unet_state_to_diffusers(model: UNet) -> dict[str, torch.Tensor]:

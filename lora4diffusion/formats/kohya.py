@@ -24,14 +24,16 @@ from pathlib import Path
 import torch
 
 import lora4diffusion.formats.ours as ours
-from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
+from lora4diffusion.checkpoint import FLOAT_DTYPES, load_tensors, read_metadata, save_tensors, tensor_header
 from lora4diffusion.errors import UserError
 from lora4diffusion.formats.names import KOHYA_TE, KOHYA_UNET, any_from_kohya, any_to_kohya
-from lora4diffusion.lora.adapters import UNKNOWN, Adapter
+from lora4diffusion.lora.adapters import MAX_ALPHA, UNKNOWN, Adapter, check_adapter
+from lora4diffusion.schema import number, shown
 
 log = logging.getLogger("lora4diffusion")
 BASE_MODEL_VERSION = "lora4diffusion_mnist_unet"  # not an SD version: A1111's SD 1.5 block map does not apply
 ARCHITECTURE = "lora4diffusion-mnist-unet/lora"
+INT_DTYPES = ("I64", "I32", "I16", "I8", "U8")  # safetensors codes of integer tensors (an integer alpha)
 KEY_RX = re.compile(r"^(lora_[a-z0-9]+_[^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 
@@ -77,17 +79,40 @@ def looks_like(keys: list[str]) -> bool:
     )
 
 
+def _alpha(t: torch.Tensor, key: str, path: Path) -> float:
+    """A module's ``.alpha``: one number (kohya writes a 0-d float tensor; an integer one is read too, as
+    sd-scripts and ComfyUI read it), in our range for alpha (``check_settings``). 0 is kohya's "alpha = r"."""
+    if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
+        raise UserError(f"{path}: tensor {key} must hold one number (kohya's alpha), got shape"
+                        f" {tuple(t.shape)} of {t.dtype}")
+    value = t.item()
+    if value == 0:
+        return 0.0
+    try:
+        return number(value, f"tensor {key}", 0.0, MAX_ALPHA, lo_open=True)
+    except UserError as e:
+        raise UserError(f"{path}: {e} (kohya's alpha)") from None
+
+
 def read(path: str | Path) -> Adapter:
     """A kohya LoRA file as our Adapter (``lora_unet_*`` and the text encoder's ``lora_te_*`` modules)."""
     path = Path(path)
-    raw, meta = load_tensors(path), read_metadata(path)
+    meta = read_metadata(path)
+    for key, (_shape, dtype) in tensor_header(path).items():  # before any tensor is read
+        ok = FLOAT_DTYPES + INT_DTYPES if key.endswith(".alpha") else FLOAT_DTYPES
+        if dtype not in ok:
+            what = "a number" if key.endswith(".alpha") else "floats (LoRA weights)"
+            raise UserError(f"{path}: tensor {shown(key, 80)} has dtype {dtype}; it must hold {what}")
+    raw = load_tensors(path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         match = KEY_RX.match(key)
         if not match:
-            raise UserError(f"{path}: unexpected tensor {key!r} (kohya LoRA: lora_down/lora_up/alpha only)")
+            raise UserError(f"{path}: unexpected tensor {shown(key, 80)} (kohya LoRA: lora_down/lora_up/alpha"
+                            " only)")
         if not match[1].startswith((KOHYA_UNET, KOHYA_TE)):  # lora_te1_/lora_te2_: SDXL's two encoders
-            raise UserError(f"{path}: module {match[1]} is not supported (lora_unet_* and lora_te_* only)")
+            raise UserError(f"{path}: module {shown(match[1], 80)} is not supported (lora_unet_* and"
+                            " lora_te_* only)")
         parts.setdefault(match[1], {})[match[2]] = t
     tensors, pairs, alphas, missing = {}, {}, {}, []
     for name, p in parts.items():
@@ -97,8 +122,9 @@ def read(path: str | Path) -> Adapter:
         a, b = p["lora_down.weight"].float(), p["lora_up.weight"].float()
         tensors[f"{mine}.lora_down.weight"], tensors[f"{mine}.lora_up.weight"] = a, b
         pairs[name] = (a, b)
-        if "alpha" in p:
-            alphas[name] = float(p["alpha"].float().item())
+        alpha = _alpha(p["alpha"], f"{name}.alpha", path) if "alpha" in p else 0.0
+        if alpha:
+            alphas[name] = alpha
         else:
             missing.append(name)
     if not tensors:
@@ -111,7 +137,7 @@ def read(path: str | Path) -> Adapter:
         return adapter
     if missing:
         log.warning(
-            "%s: %d module(s) without .alpha (e.g. %s): alpha = rank = %d, as kohya does",
+            "%s: %d module(s) without .alpha or with alpha 0 (e.g. %s): alpha = rank = %d, as kohya does",
             path,
             len(missing),
             missing[0],
@@ -129,7 +155,8 @@ def read(path: str | Path) -> Adapter:
     if meta.get("modelspec.trigger_phrase"):
         words = [w.strip() for w in meta["modelspec.trigger_phrase"].split(",") if w.strip()]
         extra[ours.TRIGGER_KEY] = json.dumps(words)
-    return Adapter(tensors, rank, next(iter(distinct)), init="kohya", fingerprint=UNKNOWN, extra=extra)
+    adapter = Adapter(tensors, rank, next(iter(distinct)), init="kohya", fingerprint=UNKNOWN, extra=extra)
+    return check_adapter(adapter, path)
 
 
 __all__ = ["looks_like", "read", "write"]

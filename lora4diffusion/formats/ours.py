@@ -14,12 +14,13 @@ import logging
 import torch
 
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora.adapters import FORMAT, UNKNOWN, Adapter
+from lora4diffusion.lora.adapters import METHOD_KEY, Adapter, check_adapter, parse_metadata
 from lora4diffusion.lora.prompt_lora import TRIGGER_KEY, trigger_words  # one parser of the trigger entry
+from lora4diffusion.schema import shown
 
 log = logging.getLogger("lora4diffusion")
 META_KEY = "lora4diffusion"
-_RESERVED = frozenset(Adapter({}, 1, 1.0).metadata())  # the settings; everything else is the caller's extra
+_RESERVED = frozenset({*Adapter({}, 1, 1.0).metadata(), METHOD_KEY})  # the settings; the rest: the caller's
 
 
 def blob(adapter: Adapter) -> str:
@@ -27,33 +28,28 @@ def blob(adapter: Adapter) -> str:
 
 
 def from_blob(tensors: dict[str, torch.Tensor], text: str, where: object) -> Adapter:
-    """An Adapter from our tensor names and the ``lora4diffusion`` metadata entry."""
+    """An Adapter from our tensor names and the ``lora4diffusion`` metadata entry: the same settings, parsed
+    and checked by the same function as an adapter.safetensors header (``parse_metadata``)."""
     try:
-        meta = json.loads(text)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
-        order = json.loads(
-            meta.get("targets", "[]")
-        )  # the file's tensor order is sorted: restore the model's
-        mods = {k.rsplit(".lora_", 1)[0] for k in tensors}
-        if isinstance(order, list) and set(order) == mods:
-            tensors = {
-                f"{m}.{leaf}": tensors[f"{m}.{leaf}"]
-                for m in order
-                for leaf in ("lora_down.weight", "lora_up.weight")
-            }
-        return Adapter(
-            tensors,
-            int(meta["rank"]),
-            float(meta["alpha"]),
-            meta["scale_rule"] == "rslora",
-            meta["init"],
-            float(meta["dropout"]),
-            meta.get("base_fingerprint", UNKNOWN),
-            {k: v for k, v in meta.items() if k not in _RESERVED},
-        )
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        try:
+            meta = json.loads(text)
+        except (ValueError, RecursionError):
+            raise UserError(f"not JSON ({shown(text)})") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"expected a JSON object, got {shown(meta)}")
+        odd = next((k for k, v in meta.items() if not isinstance(v, str)), None)
+        if odd is not None:  # Adapter.metadata() is text -> text, as safetensors metadata
+            raise UserError(f"{shown(odd)} must be text, got {shown(meta[odd])}")
+        settings = parse_metadata(meta)
+    except UserError as e:
         raise UserError(f"{where}: malformed '{META_KEY}' metadata ({e})") from None
+    order = settings.pop("targets")  # the file's tensor order is sorted: restore the model's
+    mods = {k.rsplit(".lora_", 1)[0] for k in tensors}
+    if set(order) == mods:
+        tensors = {f"{m}.{leaf}": tensors[f"{m}.{leaf}"] for m in order for leaf in ("lora_down.weight",
+                                                                                 "lora_up.weight")}
+    extra = {k: v for k, v in meta.items() if k not in _RESERVED}
+    return check_adapter(Adapter(tensors, extra=extra, **settings), where)
 
 
 def common_rank(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], where: object, name=str) -> int:

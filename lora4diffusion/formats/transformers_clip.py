@@ -26,6 +26,7 @@ from lora4diffusion.checkpoint import save_tensors, write_json
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.text_encoder import TextEncoder, TextEncoderConfig
 from lora4diffusion.models.tokenizer import Tokenizer
+from lora4diffusion.schema import integer, number
 
 PREFIX = "text_model."
 _TOP = {
@@ -141,15 +142,18 @@ def config_from_transformers(config: dict) -> TextEncoderConfig:
     if config.get("model_type", "clip_text_model") != "clip_text_model" or act != "quick_gelu":
         raise UserError(f"text encoder config: model_type {config.get('model_type')!r} / hidden_act {act!r}"
                         " is not a CLIP text model with quick-GELU")
-    try:
-        width, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        inter, eos = int(config["intermediate_size"]), int(config["eos_token_id"])
-        cfg = {"vocab_size": eos + 1, "eos_token_id": eos, "width": width, "heads": heads,
-               "context_length": int(config["max_position_embeddings"]),
-               "layers": int(config["num_hidden_layers"]),
-               "layer_norm_eps": float(config.get("layer_norm_eps", 1e-5))}
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"text encoder config: missing or bad field ({e})") from None
+    fields = ("hidden_size", "num_attention_heads", "intermediate_size", "eos_token_id",
+              "max_position_embeddings", "num_hidden_layers")
+    missing = [k for k in fields if k not in config]
+    if missing:
+        raise UserError(f"text encoder config: missing {', '.join(missing)}")
+    width, heads, inter, eos, length, layers = (
+        integer(config[k], f"text encoder config: {k}", int(k != "eos_token_id"), 1 << 20) for k in fields
+    )
+    eps = number(config.get("layer_norm_eps", 1e-5), "text encoder config: layer_norm_eps", 0.0, 1.0,
+                 lo_open=True)
+    cfg = {"vocab_size": eos + 1, "eos_token_id": eos, "width": width, "heads": heads,
+           "context_length": length, "layers": layers, "layer_norm_eps": eps}
     if inter % width:
         raise UserError(
             f"text encoder config: intermediate_size {inter} is not a multiple of hidden_size {width}"

@@ -183,7 +183,7 @@ def _adapter_file(path: str | Path) -> Path:
     return path
 
 
-def _check(adapter: Adapter, where: str | Path) -> Adapter:
+def _structure(adapter: Adapter, where: str | Path) -> None:
     """Every module has each of the method's tensors (LoRA: A and B), passing the method's own checks (LoRA:
     rank ``adapter.rank`` in the Linear or Conv2d layout)."""
     method = METHODS[adapter.method]
@@ -192,8 +192,8 @@ def _check(adapter: Adapter, where: str | Path) -> Adapter:
         raise UserError(f"{where}: the adapter holds no {method.__name__} tensors")
     for key in adapter.tensors:
         if not key.endswith(tuple(f".{k}" for k in method.keys)):
-            raise UserError(f"{where}: unexpected tensor {key!r} (an adapter holds only {method.__name__}"
-                            " tensors)")
+            raise UserError(f"{where}: unexpected tensor {shown(key, 80)} (an adapter holds only"
+                            f" {method.__name__} tensors)")
     for m in adapter.modules:
         for k in rest:
             if f"{m}.{k}" not in adapter.tensors:
@@ -204,47 +204,106 @@ def _check(adapter: Adapter, where: str | Path) -> Adapter:
     if len(adapter.modules) * len(method.keys) != len(adapter.tensors):
         others = "/".join(k.split(".")[0] for k in rest)
         raise UserError(f"{where}: some {others} tensors have no {first.split('.')[0]}")
+
+
+def check_settings(rank: object, alpha: object, rslora: object = False, dropout: object = 0.0,
+                   init: object = "normal", fingerprint: object = UNKNOWN, method: object = "lora") -> None:
+    """The one check of an adapter's settings, whichever file (or Python caller) they come from: rank an
+    integer in 1..MAX_RANK, alpha a finite number in (0, MAX_ALPHA], rslora a bool, dropout in [0, 1), init
+    a string, the fingerprint 64 hex digits or 'unknown', a known method. A UserError naming the field."""
+    string(method, METHOD_KEY, tuple(METHODS))
+    integer(rank, "rank", 1, MAX_RANK)
+    number(alpha, "alpha", 0.0, MAX_ALPHA, lo_open=True)
+    boolean(rslora, "rslora")
+    if number(dropout, "dropout", 0.0, 1.0) >= 1.0:
+        raise UserError(f"dropout must be < 1, got {dropout:g}")
+    if not isinstance(init, str) or len(init) > 64:
+        raise UserError(f"init must be a short string, got {shown(init)}")
+    if fingerprint != UNKNOWN and not (isinstance(fingerprint, str) and _FINGERPRINT.fullmatch(fingerprint)):
+        raise UserError(f"base_fingerprint must be 64 hex digits or {UNKNOWN!r}, got {shown(fingerprint)}")
+
+
+def check_adapter(adapter: Adapter, where: str | Path) -> Adapter:
+    """What every reader (ours, PEFT, diffusers, kohya) hands back passes here: the settings
+    (``check_settings``), float tensors (an int64 or bool tensor is refused, not cast), the caller's
+    metadata text -> text, and the structure (every module's tensors, the method's own checks)."""
+    try:
+        check_settings(adapter.rank, adapter.alpha, adapter.rslora, adapter.dropout, adapter.init,
+                       adapter.fingerprint, adapter.method)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    for key, t in adapter.tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise UserError(f"{where}: tensor {shown(key, 80)} has dtype {what}; LoRA weights are floats")
+    for key, value in adapter.extra.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise UserError(f"{where}: metadata {shown(key)} must be text, got {shown(value)}")
+    _structure(adapter, where)
     return adapter
+
+
+def require_float_tensors(path: Path, keep: Callable[[str], bool] = lambda key: True) -> None:
+    """Every tensor of ``path`` that ``keep`` selects is a float tensor, from the header alone (before any
+    tensor is read): LoRA weights are floats, an int64 or bool tensor is refused rather than cast."""
+    for key, (_shape, dtype) in tensor_header(path).items():
+        if keep(key) and dtype not in FLOAT_DTYPES:
+            raise UserError(f"{path}: tensor {shown(key, 80)} has dtype {dtype}; LoRA weights are floats")
+
+
+def parse_metadata(meta: dict[str, str]) -> dict:
+    """Our adapter settings from their text form (``Adapter.metadata()``: an adapter.safetensors header, or
+    the ``lora4diffusion`` entry other formats carry): the fields of ``Adapter`` plus ``targets``. A missing
+    or malformed value is a UserError naming the field (the caller adds the file)."""
+    if meta.get("format") != FORMAT:
+        raise UserError(f"format is {shown(meta.get('format'))}, not {FORMAT!r}")
+    if meta.get("version") != str(VERSION):
+        raise UserError(f"unsupported adapter version {shown(meta.get('version'))} (this release reads"
+                        f" {VERSION})")
+    missing = [k for k in _RESERVED if k not in meta]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}")
+    method = string(meta.get(METHOD_KEY, "lora"), METHOD_KEY, tuple(METHODS))
+    rank = int_text(meta["rank"], "rank", 1, MAX_RANK)
+    alpha = float_text(meta["alpha"], "alpha", 0.0, MAX_ALPHA, lo_open=True)
+    rule = string(meta["scale_rule"], "scale_rule", ("standard", "rslora"))
+    dropout = float_text(meta["dropout"], "dropout", 0.0, 1.0)
+    init, fingerprint = meta["init"], meta["base_fingerprint"]
+    check_settings(rank, alpha, rule == "rslora", dropout, init, fingerprint, method)
+    try:
+        targets = json.loads(meta["targets"]) if isinstance(meta["targets"], str) else None
+    except (ValueError, RecursionError):  # not JSON, too deep, or an integer of more than 4300 digits
+        targets = None
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise UserError(f"targets must be a JSON list of module names, got {shown(meta['targets'])}")
+    return {"rank": rank, "alpha": alpha, "rslora": rule == "rslora", "init": init, "dropout": dropout,
+            "fingerprint": fingerprint, "method": method, "targets": targets}
+
+
+def read_adapter_metadata(path: str | Path) -> tuple[Path, dict, dict[str, str]]:
+    """(the file, its settings as ``parse_metadata`` gives them, the raw metadata) of our adapter file or
+    folder, from the header alone: every check ``read_adapter`` makes before reading a tensor."""
+    path = _adapter_file(path)
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        found = f"format {shown(meta['format'])}" if "format" in meta else "no 'format' entry in its metadata"
+        raise UserError(f"{path}: not a lora4diffusion adapter ({found}); diffusers, kohya and PEFT files are"
+                        " read where an adapter is expected (sample --lora, info, export-lora, resize)")
+    try:
+        settings = parse_metadata(meta)
+    except UserError as e:
+        raise UserError(f"{path}: malformed adapter metadata ({e})") from None
+    require_float_tensors(path)
+    return path, settings, meta
 
 
 def read_adapter(path: str | Path) -> Adapter:
     """Read and validate an adapter file (or the directory holding ``adapter.safetensors``)."""
-    path = _adapter_file(path)
-    meta = read_metadata(path)
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path}: not a lora4diffusion adapter (format {meta.get('format')!r})")
-    if meta.get("version") != str(VERSION):
-        raise UserError(f"{path}: unsupported adapter version {meta.get('version')!r}")
-    missing = [k for k in _RESERVED if k not in meta]
-    if missing:
-        raise UserError(f"{path}: malformed adapter metadata (missing {', '.join(missing)})")
-    try:
-        method = string(meta.get(METHOD_KEY, "lora"), METHOD_KEY, tuple(METHODS))
-        rank = int_text(meta["rank"], "rank", 1, MAX_RANK)
-        alpha = float_text(meta["alpha"], "alpha", 0.0, MAX_ALPHA, lo_open=True)
-        rule = string(meta["scale_rule"], "scale_rule", ("standard", "rslora"))
-        dropout = float_text(meta["dropout"], "dropout", 0.0, 1.0)
-        if dropout >= 1.0:
-            raise UserError(f"dropout must be < 1, got {dropout:g}")
-        fingerprint = meta["base_fingerprint"]
-        if fingerprint != UNKNOWN and not _FINGERPRINT.fullmatch(fingerprint):
-            raise UserError(f"base_fingerprint must be 64 hex digits or {UNKNOWN!r}, got {shown(fingerprint)}"
-                            )
-        try:
-            targets = json.loads(meta["targets"])
-        except (json.JSONDecodeError, RecursionError):
-            targets = None
-        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-            raise UserError(f"targets must be a JSON list of module names, got {shown(meta['targets'])}")
-    except UserError as e:
-        raise UserError(f"{path}: malformed adapter metadata ({e})") from None
-    header = tensor_header(path)
-    for key, (_shape, dtype) in header.items():
-        if dtype not in FLOAT_DTYPES:
-            raise UserError(f"{path}: tensor {key} has dtype {dtype}; LoRA weights are floats")
-    adapter = Adapter(load_tensors(path), rank, alpha, rule == "rslora", meta["init"], dropout, fingerprint,
-                      {k: v for k, v in meta.items() if k not in (*_RESERVED, METHOD_KEY)}, method)
-    _check(adapter, path)
+    path, settings, meta = read_adapter_metadata(path)
+    targets = settings.pop("targets")
+    adapter = Adapter(load_tensors(path), extra={k: v for k, v in meta.items()
+                                                 if k not in (*_RESERVED, METHOD_KEY)}, **settings)
+    check_adapter(adapter, path)
     if sorted(targets) != sorted(adapter.modules):
         raise UserError(f"{path}: the metadata's targets ({len(targets)} modules) do not match the tensors"
                         f" ({len(adapter.modules)} modules)")
@@ -296,6 +355,7 @@ def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None 
     else:
         adapter = read_adapter(path)
     where = "adapter" if isinstance(path, Adapter) else str(path)
+    check_adapter(adapter, where)  # whichever reader (or Python caller) made it: the same checks
     if name is None:
         name = "default" if isinstance(path, Adapter) else default_name(model, Path(path))
     if adapter.fingerprint != UNKNOWN:
@@ -347,57 +407,71 @@ def export_peft(source: nn.Module | Adapter | str | Path, out_dir: str | Path, n
     return out_dir
 
 
+# LoraConfig options beyond plain LoRA (one rank, one alpha, A and B only): refused where they are set
+PEFT_OPTIONS = ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save",
+                "target_parameters", "layer_replication", "trainable_token_indices")
+
+
+def lora_config_settings(config: object, rank_default: int | None = None, prefix: str = "") -> dict:
+    """Adapter settings from a PEFT ``LoraConfig`` as JSON: PEFT's adapter_config.json, and diffusers'
+    ``lora_adapter_metadata`` (the same fields). Types as PEFT's LoraConfig takes them (``r`` an integer,
+    ``use_rslora`` true/false, not "no"), ranges as ours (``check_settings``); options we lack are refused.
+    ``rank_default``: the rank when ``r`` is absent (diffusers; PEFT's file always has it). A UserError
+    naming the field (as ``prefix`` + its name: diffusers' ``unet.lora_alpha``); the caller adds the file."""
+    if not isinstance(config, dict):
+        raise UserError(f"expected a JSON object of LoraConfig fields, got {shown(config)}")
+    unsupported = [prefix + k for k in PEFT_OPTIONS if config.get(k)]
+    if config.get("bias", "none") != "none":
+        unsupported.append(prefix + "bias")
+    if unsupported:
+        raise UserError(f"LoRA options {unsupported} are not supported (plain LoRA with one rank and alpha)")
+    rank = integer(config.get("r", rank_default), prefix + "r", 1, MAX_RANK)
+    alpha = config.get("lora_alpha", 8 if rank_default is None else rank)  # PEFT's default; diffusers': r
+    alpha = number(alpha, prefix + "lora_alpha", 0.0, MAX_ALPHA, lo_open=True)
+    rslora = boolean(config.get("use_rslora", False), prefix + "use_rslora")
+    dropout = number(config.get("lora_dropout", 0.0), prefix + "lora_dropout", 0.0, 1.0)
+    if dropout >= 1.0:
+        raise UserError(f"{prefix}lora_dropout must be < 1, got {dropout:g}")
+    init_weights = config.get("init_lora_weights", True)
+    if init_weights not in (True, False, "gaussian") or not isinstance(init_weights, (bool, str)):
+        # pissa, olora, loftq, eva, corda, ... also rewrite the BASE weights: this adapter alone is wrong
+        raise UserError(f"{prefix}init_lora_weights {shown(init_weights)} is not supported (true, false or"
+                        " 'gaussian'; pissa/olora/loftq/eva/corda change the base weights too)")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    ):
+        raise UserError(f"{prefix}target_modules must be a string or a list of strings, got {shown(targets)}")
+    init = {"gaussian": "normal", True: "kaiming"}.get(init_weights, "peft")
+    return {"rank": rank, "alpha": alpha, "rslora": rslora, "dropout": dropout, "init": init}
+
+
 def import_peft(peft_dir: str | Path, base_model: nn.Module | None = None) -> Adapter:
     """Read a PEFT LoRA adapter directory as an Adapter (``.save(dir)`` writes our format). PEFT records no
     base fingerprint: pass ``base_model`` to record its fingerprint, else the adapter loads unchecked."""
     peft_dir = Path(peft_dir)
-    config = read_json(peft_dir / PEFT_CONFIG)
+    where = peft_dir / PEFT_CONFIG
+    config = read_json(where)
     if config.get("peft_type") != "LORA":
         raise UserError(f"{peft_dir}: not a PEFT LoRA adapter (peft_type {shown(config.get('peft_type'))})")
-    options = ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save",
-               "target_parameters", "layer_replication", "trainable_token_indices")
-    unsupported = [k for k in options if config.get(k)]
-    if config.get("bias", "none") != "none":
-        unsupported.append("bias")
-    if unsupported:
-        raise UserError(f"{peft_dir}: PEFT options {unsupported} are not supported (plain LoRA only)")
-    where = peft_dir / PEFT_CONFIG
-    try:  # PEFT's own LoraConfig accepts these types; anything else is a broken or foreign file
-        rank = integer(config.get("r"), "r", 1, MAX_RANK)
-        alpha = number(config.get("lora_alpha", 8), "lora_alpha", 0.0, MAX_ALPHA, lo_open=True)
-        rslora = boolean(config.get("use_rslora", False), "use_rslora")
-        dropout = number(config.get("lora_dropout", 0.0), "lora_dropout", 0.0, 1.0)
-        if dropout >= 1.0:
-            raise UserError(f"lora_dropout must be < 1, got {dropout:g}")
-        init_weights = config.get("init_lora_weights", True)
-        if init_weights not in (True, False, "gaussian") or not isinstance(init_weights, (bool, str)):
-            # pissa, olora, loftq, eva, corda, ... also rewrite the BASE weights: this adapter alone is wrong
-            raise UserError(f"init_lora_weights {shown(init_weights)} is not supported (true, false or"
-                            " 'gaussian'; pissa/olora/loftq/eva/corda change the base weights too)")
-        targets = config.get("target_modules")
-        if targets is not None and not isinstance(targets, str) and not (
-            isinstance(targets, list) and all(isinstance(t, str) for t in targets)
-        ):
-            raise UserError(f"target_modules must be a string or a list of strings, got {shown(targets)}")
+    try:
+        settings = lora_config_settings(config)
     except UserError as e:
         raise UserError(f"{where}: malformed PEFT config ({e})") from None
     weights = peft_dir / PEFT_WEIGHTS
     if not weights.is_file() and (peft_dir / "adapter_model.bin").is_file():
         raise UserError(f"{peft_dir}: only adapter_model.safetensors is read (pickled .bin is not loaded)")
     key_rx = re.compile(rf"^{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
-    for key, (_shape, dtype) in tensor_header(weights).items():
-        if dtype not in FLOAT_DTYPES:
-            raise UserError(f"{weights}: tensor {key} has dtype {dtype}; LoRA weights are floats")
+    require_float_tensors(weights)
     tensors = {}
     for key, t in load_tensors(weights).items():
         match = key_rx.match(key)
         if not match:
             raise UserError(f"{weights}: unexpected tensor {shown(key, 80)} (plain LoRA A/B weights only)")
         tensors[f"{match[1]}.lora_{'down' if match[2] == 'A' else 'up'}.weight"] = t.float()
-    init = {"gaussian": "normal", True: "kaiming"}.get(init_weights, "peft")
     fingerprint = base_fingerprint(base_model) if base_model is not None else UNKNOWN
-    adapter = _check(Adapter(tensors, rank, alpha, rslora, init, dropout, fingerprint, {"source": "peft"}),
-                     weights)
+    adapter = check_adapter(Adapter(tensors, fingerprint=fingerprint, extra={"source": "peft"}, **settings),
+                            weights)
     if base_model is not None:  # every module must exist in the base with the right shapes
         check_fits(base_model, adapter, weights)
     return adapter

@@ -77,14 +77,17 @@ def split_adapter(adapter: Adapter) -> tuple[Adapter | None, Adapter | None]:
 
 
 def trigger_words(adapter: Adapter) -> list[str]:
+    """The adapter's trigger words: its ``trigger_words`` entry, a JSON list of words (or, from other tools,
+    comma-separated text). Entries that are not words (numbers, lists, deep nesting) are left out."""
     raw = adapter.extra.get(TRIGGER_KEY)
-    if not raw:
+    if not raw or not isinstance(raw, str):
         return []
     try:
         words = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON (kohya's "a, b"), too deep, or a 5000-digit number
         words = raw.split(",")
-    return [str(w).strip() for w in (words if isinstance(words, list) else [words]) if str(w).strip()]
+    words = words if isinstance(words, list) else [words] if isinstance(words, str) else []
+    return [w.strip() for w in words if isinstance(w, str) and w.strip()]
 
 
 def load_prompt_adapter(unet: nn.Module, text_encoder: nn.Module, path, weight: float = 1.0,

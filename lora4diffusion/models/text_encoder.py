@@ -42,11 +42,19 @@ class TextEncoderConfig:
     mlp_ratio: int = 4
     layer_norm_eps: float = 1e-5
 
+    # Upper bounds far above CLIP's own (49,408 ids, 77 positions, width 768, 12 layers): a config from
+    # elsewhere asking for 2**40 is refused before the network is built (and allocated).
+    LIMITS = {"vocab_size": 1 << 20, "eos_token_id": 1 << 20, "context_length": 4096, "width": 8192,
+              "layers": 64, "heads": 256, "mlp_ratio": 16}
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "eos_token_id", "context_length", "width", "layers", "heads", "mlp_ratio"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise UserError(f"text encoder config: {name} must be an integer, got {v!r}")
+                raise UserError(f"text encoder config: {name} must be an integer, got {str(v)[:40]}")
+            if v > self.LIMITS[name]:
+                raise UserError(f"text encoder config: {name} must be <= {self.LIMITS[name]}, got"
+                                f" {str(v)[:40]}")
         for name in ("vocab_size", "context_length", "width", "layers", "heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise UserError(f"text encoder config: {name} must be >= 1, got {getattr(self, name)}")
@@ -59,7 +67,8 @@ class TextEncoderConfig:
             raise UserError(f"text encoder config: width {self.width} is not divisible by heads {self.heads}")
         if not (isinstance(self.layer_norm_eps, float) and self.layer_norm_eps > 0):
             raise UserError(
-                f"text encoder config: layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}"
+                "text encoder config: layer_norm_eps must be a positive float, got"
+                f" {str(self.layer_norm_eps)[:40]}"
             )
 
     @classmethod
@@ -76,10 +85,10 @@ class TextEncoderConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise UserError(f"unknown text encoder config keys: {sorted(unknown)}")
-        try:
-            return cls(**d)
-        except TypeError as e:  # a missing required key
-            raise UserError(f"text encoder config: {e}") from None
+        missing = [k for k in ("vocab_size", "eos_token_id") if k not in d]
+        if missing:
+            raise UserError(f"text encoder config: missing {', '.join(missing)}")
+        return cls(**d)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -212,8 +212,10 @@ class Tokenizer:
         try:
             config = json.loads(config_path.read_text())
             lines = vocab_path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{folder}: unreadable tokenizer file ({e})") from None
+        except (OSError, ValueError) as e:  # not UTF-8, not JSON (ValueErrors both)
+            raise UserError(f"{folder}: unreadable tokenizer file ({str(e).splitlines()[0][:120]})") from None
+        except RecursionError:
+            raise UserError(f"{config_path}: not readable JSON (nested too deeply)") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise UserError(f"{config_path}: not a {FORMAT} config")
         if config.get("version") != VERSION:

@@ -60,14 +60,22 @@ class VAEConfig:
         self.block_out_channels = tuple(self.block_out_channels)
         self.validate()
 
+    # Upper bounds far above any MNIST-sized VAE: a config from elsewhere asking for 2**70 ResNet blocks or
+    # channels would otherwise build (and allocate) that network before its weights file is looked at.
+    LIMITS = {"in_channels": 64, "latent_channels": 64, "layers_per_block": 32, "norm_num_groups": 2048,
+              "image_size": 4096, "block_out_channels": 4096}
+
     def validate(self) -> None:
         for name in ("in_channels", "latent_channels", "layers_per_block", "norm_num_groups", "image_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise UserError(f"VAE config: {name} must be a positive integer, got {v!r}")
-        chans = self.block_out_channels
-        if not chans or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in chans):
-            raise UserError(f"VAE config: block_out_channels must be positive integers, got {chans!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= self.LIMITS[name]:
+                raise UserError(f"VAE config: {name} must be an integer in 1..{self.LIMITS[name]}, got"
+                                f" {str(v)[:40]}")
+        chans, most = self.block_out_channels, self.LIMITS["block_out_channels"]
+        if not 0 < len(chans) <= 8 or any(isinstance(c, bool) or not isinstance(c, int) or not 0 < c <= most
+                                          for c in chans):
+            raise UserError(f"VAE config: block_out_channels must be 1 to 8 integers in 1..{most}, got"
+                            f" {str(chans)[:60]}")
         bad = [c for c in chans if c % self.norm_num_groups]
         if bad:
             raise UserError(
