@@ -21,6 +21,7 @@ from lora4diffusion.cli.args import parse_lora_arg
 from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.model import load_model, save_model
+from lora4diffusion.formats import LORA_FORMATS, write_lora
 from lora4diffusion.lora.adapters import (
     ADAPTER_FILE,
     FORMAT,
@@ -631,6 +632,10 @@ def test_a_new_method_round_trips_through_an_adapter_file(tmp_path, monkeypatch)
     assert torch.equal(out(fresh), out(model))
     with pytest.raises(UserError, match="PEFT's LoRA files hold LoRA adapters, not dense"):
         export_peft(adapter, tmp_path / "peft")
+    for fmt in LORA_FORMATS:  # every foreign layout names LoRA's A/B pairs: refused, nothing written
+        with pytest.raises(UserError, match=f"a dense adapter cannot be written as {fmt}"):
+            write_lora(adapter, fmt, tmp_path / fmt)
+        assert not (tmp_path / fmt).exists()
     adapter.tensors["mid_attn.attn2.to_k.dense.weight"] = torch.zeros(32, 7)
     with pytest.raises(UserError, match=r"module mid_attn\.attn2\.to_k: adapter shapes \(32, 7\), this model"
                                         r" needs \(32, 32\)"):

@@ -81,8 +81,15 @@ def read_any(path: str | Path) -> Adapter:
 
 
 def write_lora(adapter: Adapter, fmt: str, out_dir: str | Path, title: str = "adapter") -> Path:
-    """Write ``adapter`` as ``fmt`` (diffusers | kohya | peft) in ``out_dir``; returns the file or folder."""
+    """Write ``adapter`` as ``fmt`` (diffusers | kohya | peft) in ``out_dir``; returns the file or folder.
+
+    These layouts name LoRA's A/B pairs (lora_down/lora_up, lora_A/lora_B): another adapter method is refused
+    rather than written under LoRA's names."""
     out_dir = Path(out_dir)
+    if adapter.method != "lora":
+        raise UserError(
+            f"a {adapter.method} adapter cannot be written as {fmt}: that layout holds LoRA pairs only"
+        )
     if fmt == "diffusers":
         return diffusers_lora.write(adapter, out_dir)
     if fmt == "kohya":
