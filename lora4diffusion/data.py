@@ -285,26 +285,30 @@ def from_model_range(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-_PART = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+_PART = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")  # ASCII digits only, as the CSV labels (styles.py)
 
 
 def parse_digits(spec: str) -> list[int]:
-    """Parse ``"0-9"``, ``"3,5,7"``, ``"2-4,8"``: digits in the order given, duplicates dropped."""
+    """Parse ``"0-9"``, ``"3,5,7"``, ``"2-4,8"``: digits in the order given, duplicates dropped. Only the
+    ASCII digits 0-9, as the CSV reader's labels and the style folders' names (styles.py)."""
     if not spec or not spec.strip():
         raise UserError("empty digit list (expected e.g. '0-9', '3,5,7' or '2-4,8')")
+    shown = repr(spec) if len(spec) <= 40 else repr(spec[:37] + "...")
     out: list[int] = []
     for part in spec.split(","):
         m = _PART.fullmatch(part)
+        what = repr(part.strip()) if len(part.strip()) <= 20 else repr(part.strip()[:17] + "...")
+        other = next((c for c in part if c.isdigit() and c not in "0123456789"), None)
+        if other is not None:  # '٣', '３': a digit in Unicode, not one the CSV reader or a folder name takes
+            raise UserError(f"bad digit list {shown}: {other!r} is not a digit 0-9 (ASCII digits only)")
         if not m:
-            raise UserError(
-                f"bad digit list {spec!r}: cannot parse {part.strip()!r} (want e.g. '3' or '2-4')"
-            )
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
+            raise UserError(f"bad digit list {shown}: cannot parse {what} (want e.g. '3' or '2-4')")
+        lo, hi = m.group(1), m.group(2) if m.group(2) is not None else m.group(1)
         for d in (lo, hi):
-            if d > 9:
-                raise UserError(f"bad digit list {spec!r}: {d} in {part.strip()!r} is not a digit 0..9")
+            if len(d.lstrip("0")) > 1:
+                raise UserError(f"bad digit list {shown}: {d[:20]} in {what} is not a digit 0-9")
+        lo, hi = int(lo), int(hi)
         if hi < lo:
-            raise UserError(f"bad digit list {spec!r}: range {part.strip()!r} is reversed (write {hi}-{lo})")
+            raise UserError(f"bad digit list {shown}: range {what} is reversed (write {hi}-{lo})")
         out += [d for d in range(lo, hi + 1) if d not in out]
     return out

@@ -31,7 +31,8 @@ from lora4diffusion.folders.text import load_text_parts
 from lora4diffusion.folders.vae import load_attached_vae
 from lora4diffusion.formats import read_any
 from lora4diffusion.latents import decode_latents
-from lora4diffusion.lora.adapters import base_fingerprint, load_adapter, shipped_adapters
+from lora4diffusion.limits import lora_weight
+from lora4diffusion.lora.adapters import base_fingerprint, load_adapter, resolve_adapter, shipped_adapters
 from lora4diffusion.lora.layers import adapter_names, delete_adapter, lora_layers, set_adapter_weight
 from lora4diffusion.lora.prompt_lora import (
     load_prompt_adapter,
@@ -62,6 +63,8 @@ class Pipeline:
     triggers: dict = field(default_factory=dict)
     # <lora:KEY:W> tags seen so far: KEY -> adapter name (loaded once; weights are set per call)
     tag_adapters: dict = field(default_factory=dict)
+    # adapters loaded by add_lora (--lora), not by tags: their resolved file -> adapter name
+    added: dict = field(default_factory=dict)
 
     @property
     def is_prompt_model(self) -> bool:
@@ -94,15 +97,30 @@ class Pipeline:
 
     def add_lora(self, path: str | Path, weight: float = 1.0, force: bool = False) -> str:
         """Load an adapter (ours, PEFT's, diffusers' or kohya's layout: detected) into the UNet at ``weight``;
-        returns its name."""
+        returns its name. ``weight`` lies within limits.MAX_LORA_WEIGHT (as every way a weight arrives)."""
+        name = self._load(path, weight, force)
+        if isinstance(path, str | Path):
+            self.added[self._source(path)] = name
+        return name
+
+    def _load(self, path: str | Path, weight: float, force: bool) -> str:
+        weight = lora_weight(weight, f"adapter {path}")
         if self.is_prompt_model:  # UNet and text-encoder modules, one fingerprint over both
             name, adapter = load_prompt_adapter(self.unet, self.text_encoder, path, weight, force, read_any)
             self.triggers[name] = trigger_words(adapter)
             return name
         return load_adapter(self.unet, path, weight=weight, force=force, reader=read_any)
 
+    @staticmethod
+    def _source(path: str | Path) -> Path:
+        """The file an adapter argument names (a path, or a shipped adapter's name), for telling whether a tag
+        and --lora name the same adapter."""
+        return resolve_adapter(path).resolve()
+
     def set_lora_weight(self, name: str, weight: float) -> None:
-        """Change a loaded adapter's weight (the name add_lora returned); 0 gives the base's images."""
+        """Change a loaded adapter's weight (the name add_lora returned); 0 gives the base's images.
+        ``weight`` lies within limits.MAX_LORA_WEIGHT."""
+        weight = lora_weight(weight, f"adapter {name!r}")
         if self.is_prompt_model:
             set_prompt_adapter_weight(self.unet, self.text_encoder, name, weight)
         else:
@@ -119,6 +137,7 @@ class Pipeline:
         if not found:
             delete_adapter(self.unet, name)  # raises the one-line "no adapter named ..." error
         self.tag_adapters = {k: v for k, v in self.tag_adapters.items() if v != name}
+        self.added = {k: v for k, v in self.added.items() if v != name}
         self.triggers.pop(name, None)
 
     @property
@@ -134,7 +153,9 @@ class Pipeline:
         adapter is loaded once (a path, else a shipped adapter's name) and set to the call's weight; adapters
         that earlier calls' tags loaded and this call's tags do not name are set to weight 0. Returns the
         prompts without their tags. Every prompt of a call must carry the same tags (weights apply to the
-        whole batch); a different set or weight is refused."""
+        whole batch); a different set or weight is refused. A tag naming an adapter that ``add_lora`` (--lora)
+        loaded is not applied a second time: at the same weight it is that adapter, at another it is refused
+        (as the web API refuses a tag and a ``loras`` entry that disagree)."""
         if not self.is_prompt_model:
             raise UserError("<lora:...> tags go in prompts of a prompt model; a label model takes --lora")
         stripped, wanted = call_loras(list(prompts), paths=True)
@@ -145,12 +166,28 @@ class Pipeline:
                 near = difflib.get_close_matches(key, known, n=3, cutoff=0.4)
                 hint = f"nearest: {', '.join(near)}" if near else f"known: {', '.join(known) or 'none'}"
                 raise UserError(f"<lora:{key}>: no adapter of that name or path ({hint})")
+        for key, weight in list(wanted.items()):
+            name = None if key in self.tag_adapters else self.added.get(self._source(key))
+            if name is not None:  # loaded by --lora (add_lora): one adapter, one weight
+                have = self._weight(name)
+                if have != weight:
+                    raise UserError(f"adapter {name!r}: the prompt's tag <lora:{key}:{weight:g}> says"
+                                    f" {weight:g}, --lora (add_lora) says {have:g}; give its weight in one"
+                                    " place")
+                del wanted[key]
         for key, weight in wanted.items():
             if key not in self.tag_adapters:
-                self.tag_adapters[key] = self.add_lora(key, weight, force=force)
+                self.tag_adapters[key] = self._load(key, weight, force)
         for key, name in self.tag_adapters.items():
             self.set_lora_weight(name, wanted.get(key, 0.0))
         return stripped
+
+    def _weight(self, name: str) -> float | None:
+        for part in (self.unet, self.text_encoder):
+            for layer in lora_layers(part).values() if part is not None else ():
+                if name in layer.multipliers:
+                    return layer.multipliers[name]
+        return None
 
     def missing_triggers(self, prompts: list[str]) -> list[tuple[str, str]]:
         """(adapter, prompt) for loaded adapters (weight != 0 not checked) whose trigger words a prompt

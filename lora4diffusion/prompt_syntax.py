@@ -11,16 +11,15 @@ than ignored. Used by ``sample --prompt``, ``Pipeline.generate`` (pipeline.py) a
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
 from lora4diffusion.errors import UserError
+from lora4diffusion.limits import lora_weight
 
 TAG = re.compile(r"<lora:([^:<>]*)(?::([^:<>]*))?(?::([^<>]*))?>", re.IGNORECASE)
 _OPEN = re.compile(r"<\s*lora\b", re.IGNORECASE)  # what is left of a tag that TAG could not read
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_WEIGHT = 4.0  # as cli.args.MAX_LORA_WEIGHT: beyond it adapters overflow rather than style
 
 
 @dataclass
@@ -30,10 +29,8 @@ class Prompt:
 
 
 def check_weight(name: str, weight: float) -> float:
-    weight = float(weight)
-    if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
-        raise UserError(f"weight of adapter {name!r} must be a number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
-    return weight
+    """An adapter's weight, within the one limit of every way a weight arrives (limits.MAX_LORA_WEIGHT)."""
+    return lora_weight(weight, f"adapter {str(name)[:80]!r}")
 
 
 def check_name(name: str) -> str:
@@ -54,7 +51,15 @@ def parse_prompt(prompt: str, paths: bool = False) -> Prompt:
     if not isinstance(prompt, str):
         raise UserError(f"a prompt must be text, got {type(prompt).__name__}")
     loras: dict[str, float] = {}
-    for m in TAG.finditer(prompt):
+    tags = list(TAG.finditer(prompt))
+    starts = {m.start() for m in tags}
+    for m in _OPEN.finditer(prompt):  # a "<lora" that does not begin a readable tag: quote it as written
+        if m.start() not in starts:
+            close = prompt.find(">", m.start())
+            end = close + 1 if 0 <= close < m.start() + 60 else m.start() + 40
+            raise UserError(f"malformed tag {prompt[m.start() : end]!r} in prompt {prompt[:80]!r} (write"
+                            " <lora:NAME[:WEIGHT]>)")
+    for m in tags:
         tag, name, weight, extra = m.group(0), m.group(1).strip(), m.group(2), m.group(3)
         if not name:
             raise UserError(f"malformed tag {tag!r}: no adapter name (write <lora:NAME[:WEIGHT]>)")
@@ -69,12 +74,7 @@ def parse_prompt(prompt: str, paths: bool = False) -> Prompt:
             raise UserError(f"tag {tag!r}: weight {weight.strip()!r} is not a number") from None
         loras.pop(name, None)
         loras[name] = check_weight(name, w)
-    rest = TAG.sub(" ", prompt)
-    bad = _OPEN.search(rest)
-    if bad:
-        near = rest[bad.start() : bad.start() + 40]
-        raise UserError(f"malformed tag {near!r} in prompt {prompt[:80]!r} (write <lora:NAME[:WEIGHT]>)")
-    return Prompt(" ".join(rest.split()), loras)
+    return Prompt(" ".join(TAG.sub(" ", prompt).split()), loras)
 
 
 def has_tags(prompt: str) -> bool:
@@ -104,5 +104,5 @@ def call_loras(prompts: list[str], paths: bool = True) -> tuple[list[str], dict[
     return [p.text for p in parsed], dict(first)
 
 
-__all__ = ["MAX_WEIGHT", "NAME", "TAG", "Prompt", "call_loras", "check_name", "check_weight", "has_tags",
+__all__ = ["NAME", "TAG", "Prompt", "call_loras", "check_name", "check_weight", "has_tags",
            "parse_prompt"]

@@ -1,7 +1,8 @@
 """One training at a time per run folder: a lock file naming its holder (pid, host, start time).
 
 Two processes training into the same folder would overwrite each other's checkpoints, and both would say
-"done". The Trainer takes ``OUT/train.lock`` for as long as it runs. The file is created with O_EXCL (atomic
+"done". The Trainer takes ``OUT/train.lock`` for as long as it runs; `sample` takes the same lock on its
+``--out`` (the lock names the command holding it). The file is created with O_EXCL (atomic
 on local and NFSv3+ file systems), so of two racing processes exactly one wins. A lock whose process is gone
 (same host, pid no longer running: a SIGKILL, a power cut) is stale and is taken over with a note; a lock
 from another host cannot be checked from here, so it is reported and left to the user.
@@ -92,12 +93,13 @@ def describe(info: dict) -> str:
 
 
 def check_free(directory: str | Path) -> None:
-    """Raise UserError naming the holder if a live training holds ``directory``."""
+    """Raise UserError naming the holder if a live training (or `sample`) holds ``directory``."""
     info = holder(directory)
     if info is not None:
         path = Path(directory) / LOCK_NAME
+        what = info.get("command") if isinstance(info.get("command"), str) else "training"
         raise UserError(
-            f"{directory} is in use by another training ({describe(info)}); wait for it to end,"
+            f"{directory} is in use by another {what[:40]} ({describe(info)}); wait for it to end,"
             f" or delete {path} if that process is gone"
         )
 
@@ -105,9 +107,10 @@ def check_free(directory: str | Path) -> None:
 class RunLock:
     """``with RunLock(dir):`` or acquire()/release(); release removes the file only while it is still ours."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, command: str = "training") -> None:
         self.path = Path(directory) / LOCK_NAME
         self.info = {
+            "command": command,  # what the refusal of a second writer names
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

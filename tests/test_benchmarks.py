@@ -92,3 +92,14 @@ def test_latent_vs_pixel_times_both_bases():
     assert set(result["runs"]) == {"latent", "pixel"} and all(len(v) == 2 for v in result["runs"].values())
     assert all(t > 0 for v in result["runs"].values() for t in v)
     assert abs(result["ratio"] - result["median"]["pixel"] / result["median"]["latent"]) < 1e-9
+
+
+def test_weight_limits_runs_beyond_the_limits():
+    """benchmarks/weight_limits.py (the measurement behind limits.py) samples past both limits."""
+    out = _run("weight_limits.py", "--models", "base", "--per-digit", "1", "--weights", "1,3",
+               "--guidance", "1.25,50")  # fmt: skip
+    rows = [r for r in _rows(out) if r[0] != "guidance"]  # the second table's header
+    assert [(r[0], r[1]) for r in rows if len(r) == 6] == [("bold", "1"), ("bold", "3"), ("italic", "1"),
+                                                            ("italic", "3")]  # fmt: skip
+    assert [r[0] for r in rows if len(r) == 5] == ["1.25", "50"]
+    assert all(0.0 <= float(r[-4]) <= 1.0 and 0.0 <= float(r[-3]) <= 1.0 for r in rows)

@@ -20,6 +20,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 
 from lora4diffusion import data
 from lora4diffusion.data import (
@@ -32,6 +33,7 @@ from lora4diffusion.data import (
     to_model_range,
 )
 from lora4diffusion.errors import UserError
+from lora4diffusion.styles import load_style_data
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -393,3 +395,24 @@ def test_parse_digits_bad(spec, named):
 def test_parse_digits_lists_keep_order_and_dedupe(digits):
     want = list(dict.fromkeys(digits))
     assert parse_digits(",".join(map(str, digits))) == want
+
+
+# Arabic-Indic, fullwidth, Bengali and mathematical 3s
+@pytest.mark.parametrize("digit", ["\u0663", "\uff13", "\u09e9", "\U0001d7d1"])
+def test_unicode_digits_follow_the_csv_readers_rule(digit, tmp_path):
+    """`--digits ٣` drew a 3 while the CSV style table refused the label '٣': one rule now, ASCII 0-9 only,
+    and both messages say the same thing."""
+    with pytest.raises(UserError) as e:
+        parse_digits(f"1,{digit}")
+    assert f"{digit!r} is not a digit 0-9" in str(e.value)
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")
+    (tmp_path / "t.csv").write_text(f"a.png,1\na.png,{digit}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="is not a digit 0-9"):
+        load_style_data(str(tmp_path / "t.csv"))
+
+
+def test_a_long_digit_list_is_one_short_line():
+    """A 5000-digit number (beyond Python's int-from-text limit) is named, shortened, without a traceback."""
+    with pytest.raises(UserError) as e:
+        parse_digits("9" * 5000)
+    assert "is not a digit 0-9" in str(e.value) and len(str(e.value)) < 200

@@ -41,6 +41,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
@@ -51,6 +52,9 @@ from lora4diffusion.classifier import FORMAT as CLF_FORMAT
 from lora4diffusion.classifier import VERSION as CLF_VERSION
 from lora4diffusion.classifier import WEIGHTS_NAME as CLF_WEIGHTS
 from lora4diffusion.classifier import Classifier, ClassifierConfig, load_classifier
+from lora4diffusion.cli import main
+from lora4diffusion.cli import sample as sample_cli
+from lora4diffusion.cli.main import build_parser
 from lora4diffusion.data import load_mnist
 from lora4diffusion.diffusion import DiffusionConfig, NoiseSchedule
 from lora4diffusion.errors import UserError
@@ -59,6 +63,7 @@ from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.lora.adapters import export_peft, import_peft, load_adapter, save_adapter
 from lora4diffusion.lora.layers import inject_lora
 from lora4diffusion.models.unet import UNet, UNetConfig
+from lora4diffusion.prompt_syntax import call_loras
 from lora4diffusion.styles import load_style_data
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.run import STATE_NAME, TrainConfig
@@ -192,6 +197,57 @@ def _npz_damage(draw, data: bytes) -> bytes:
     return out.getvalue()
 
 
+RECORD_TEXT = st.sampled_from([
+    "", "{", "[" * 100_000 + "]" * 100_000, '{"seed": ' + "9" * 5000 + "}", "[]", "null", '"text"', "NaN",
+    '{"steps": Infinity}', "x" * (1 << 20 | 1), '{"per_digit": 1e999}',
+]) | st.text(max_size=40)
+
+
+def _record_of(target: str, data: bytes) -> str | None:
+    """The sampling record (JSON text) of a samples.png / samples.npz as `sample` writes it, else None."""
+    try:
+        if target.endswith(".png"):
+            with Image.open(io.BytesIO(data)) as im:
+                return im.info.get("lora4diffusion")
+        if target.endswith(".npz"):
+            with np.load(io.BytesIO(data), allow_pickle=False) as f:
+                return str(f["parameters"]) if "parameters" in f.files else None
+    except Exception:
+        return None
+    return None
+
+
+def _with_record(target: str, data: bytes, text: str) -> bytes:
+    """The same file with its record replaced by ``text``."""
+    out = io.BytesIO()
+    if target.endswith(".png"):
+        with Image.open(io.BytesIO(data)) as im:
+            info = PngInfo()
+            for key, value in im.info.items():
+                if isinstance(value, str):
+                    info.add_text(key, text if key == "lora4diffusion" else value)
+            im.save(out, format="PNG", pnginfo=info)
+        return out.getvalue()
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    np.savez(out, **{**arrays, "parameters": np.array(text, dtype=np.str_)})
+    return out.getvalue()
+
+
+def _record_npy_damage(draw, data: bytes) -> bytes:
+    """``parameters.npy``'s header claims another shape or dtype (a text of 10^8 characters, objects, ...)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    shape = draw(st.sampled_from([(), (2,), (2**40,)]))
+    dtype = draw(st.sampled_from(["<U100000000", "<U10", "|O", "<f8", "|S300", ">U300"]))
+    members["parameters.npy"] = _npy(shape, dtype, members["parameters.npy"][128:])
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    return out.getvalue()
+
+
 def png_bomb(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -212,6 +268,9 @@ def damage(draw, files: dict[str, bytes], targets: tuple[str, ...]) -> tuple[str
         kinds += ["npy", "npy"]
     if target.endswith(IMAGE_SUFFIXES):
         kinds += ["bomb"]
+    if _record_of(target, data) is not None:  # a sampling record inside a samples.png / samples.npz
+        kinds += ["record", "record", "record", "record text"] + (["record npy"] if target.endswith(".npz")
+                                                                   else [])
     kind = draw(st.sampled_from(kinds))
     if kind == "truncate":
         new = data[: draw(st.integers(0, max(0, len(data) - 1)))]
@@ -236,6 +295,12 @@ def damage(draw, files: dict[str, bytes], targets: tuple[str, ...]) -> tuple[str
         new = _header_damage(draw, data)
     elif kind == "npy":
         new = _npz_damage(draw, data)
+    elif kind == "record":
+        new = _with_record(target, data, _json_damage(draw, _record_of(target, data).encode()).decode())
+    elif kind == "record text":
+        new = _with_record(target, data, draw(RECORD_TEXT))
+    elif kind == "record npy":
+        new = _record_npy_damage(draw, data)
     else:
         new = png_bomb(draw(st.integers(1, 2**31 - 1)), draw(st.integers(1, 2**31 - 1)))
     return target, kind, new
@@ -503,6 +568,37 @@ def read_sd_pipeline(d: Path) -> None:
     read(d / "sd")
 
 
+RECORDS = ("digits/samples.png", "digits/samples.npz", "prompts/samples.png", "prompts/samples.npz")
+
+
+def build_sampling_records(d: Path) -> None:
+    """What `sample` writes, for digits (with an adapter) and for prompts (with a <lora:...> tag)."""
+    common = ["-q", "sample", "--steps", "1", "--lora", "bold:0.5"]
+    assert main([*common, "--digits", "3,7", "--per-digit", "1", "--out", str(d / "digits")]) == 0
+    assert main(["-q", "sample", "--steps", "1", "--prompt", "<lora:italic:0.5> a sks ohwx seven", "--num",
+                 "1", "--out", str(d / "prompts")]) == 0  # fmt: skip
+
+
+def _checked_only(args, digits, out) -> int:
+    """cmd_sample up to the model: what a record put on the command line, tags included, is checked; the
+    sampling itself (seconds per case, or hours for a valid record asking 10,000 x 10^9 steps) is not run."""
+    if args.prompt:
+        call_loras(list(args.prompt))
+    return 0
+
+
+def read_sampling_records(d: Path) -> None:
+    """`sample --from FILE` for each record, to the point where the model would load."""
+    for i, rel in enumerate(RECORDS):
+        args = build_parser().parse_args(["sample", "--from", str(d / rel), "--out", str(d / f"out{i}")])
+        original = sample_cli.sample_into
+        sample_cli.sample_into = _checked_only
+        try:
+            assert sample_cli.cmd_sample(args) == 0
+        finally:
+            sample_cli.sample_into = original
+
+
 # ------------------------------------------------------------------ one line per reader
 READERS = {
     "IDX folder": (build_idx, lambda d: load_mnist(str(d), heldout_per_class=1),
@@ -531,6 +627,7 @@ READERS = {
     "kohya LoRA file": (lambda d: _lora_file(d, "kohya"), read_lora_file, ("fuzz.safetensors",)),
     "diffusers LoRA file": (lambda d: _lora_file(d, "diffusers"), read_lora_file,
                             ("pytorch_lora_weights.safetensors",)),
+    "sampling record (`sample --from` a PNG / npz)": (build_sampling_records, read_sampling_records, RECORDS),
 }
 
 

@@ -107,7 +107,17 @@ BAD_FLAGS = [
     ("--guidance", "inf", "finite", ["sample", "evaluate"]),
     ("--guidance", "nan", "finite", ["sample", "evaluate"]),
     ("--guidance", "-1", ">= 0", ["sample"]),
-    ("--lora", "bold:1e30", "[-1000, 1000]", ["sample", "evaluate", "merge"]),
+    ("--lora", "bold:1e30", "[-2, 2]", ["sample", "evaluate", "merge"]),
+    ("--lora", "bold:-5", "[-2, 2]", ["sample", "evaluate", "merge"]),  # one limit for every weight
+    ("--lora", "bold:999", "[-2, 2]", ["sample"]),
+    ("--lora", "bold:2.5", "[-2, 2]", ["sample"]),
+    ("--lora", "", "is empty", ["sample", "merge"]),  # was "--out ... is the input ."
+    ("--lora", "bold:0.5:0.5", "more than one weight", ["sample"]),  # was "bold:0.5: file not found"
+    ("--guidance", "1e6", "<= 30", ["sample", "evaluate"]),  # exited 0 with saturated noise
+    ("--guidance", "31", "<= 30", ["sample"]),
+    ("--digits", "", "empty digit list", ["sample", "evaluate"]),  # drew 0-9
+    ("--digits", "\u0663", "is not a digit 0-9", ["sample", "evaluate"]),  # Arabic-Indic 3: drew a 3
+    ("--digits", "\uff13", "is not a digit 0-9", ["sample"]),  # fullwidth 3
     ("--lora", "bold:inf", "finite", ["sample", "merge"]),
     ("--lora", "bold:nan", "finite", ["sample"]),
     ("--image-size", "0", "must be > 0", ["train"]),
@@ -384,13 +394,25 @@ def test_lora_resume_is_bit_identical_to_one_run(work, tmp_path):
 
 
 # ----------------------------------------------------------------------------- never emit garbage
-def test_overflowing_sampler_writes_nothing(tmp_path, capsys):
+def test_overflowing_sampler_writes_nothing(tmp_path, capsys, monkeypatch):
+    """Guidance past its measured limit is refused at the door; a sampler that overflows all the same (here:
+    the limit lifted for the test) is refused after sampling, before anything is written."""
     out = tmp_path / "s"
     base = ["-q", "sample", "--digits", "1", "--per-digit", "1", "--steps", "2", "--out", str(out)]
-    _refused(capsys, [*base, "--guidance", "1e308"], "non-finite")
+    _refused(capsys, [*base, "--guidance", "1e308"], "<= 30")
     assert not out.exists()
-    _refused(capsys, ["-q", "evaluate", "--checkpoint", PIXEL, "--digits", "1", "--per-digit",
-                      "2", "--steps", "2", "--guidance", "1e308"], "non-finite")  # fmt: skip
+    from lora4diffusion.cli import sample as sample_cli
+    from lora4diffusion.cli.args import finite_float
+
+    monkeypatch.setitem(sample_cli.NUMBERS, "guidance", finite_float(0.0))
+    (tmp_path / "rec").mkdir()
+    np.savez(tmp_path / "rec" / "samples.npz", parameters=np.array(json.dumps({"guidance": 1e308})))
+    _refused(capsys, [*base, "--from", str(tmp_path / "rec" / "samples.npz")], "non-finite")
+    assert not out.exists()
+    from lora4diffusion.pipeline import Pipeline
+
+    with pytest.raises(UserError, match="non-finite"):  # the library has no guidance limit: its guard holds
+        Pipeline.load(PIXEL).generate([1], steps=2, guidance=1e308)
 
 
 def test_overflowing_merge_and_export_write_nothing(tmp_path, capsys):
@@ -514,3 +536,206 @@ def test_out_of_memory_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "out of memory" in err and "--batch-size" in err
     assert not (tmp_path / "s").exists()
+
+
+# ----------------------------------------------------------------------------- sample --from: the record
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """The sampling record of a real `sample` run (digits, one adapter) and of a prompt run."""
+    root = tmp_path_factory.mktemp("record")
+    argv = ["-q", "sample", "--digits", "3", "--per-digit", "1", "--steps", "2", "--lora", "bold:0.5"]
+    assert main([*argv, "--out", str(root / "d")]) == 0
+    assert main(["-q", "sample", "--prompt", "a sks seven", "--num", "1", "--steps", "2", "--lora",
+                 "bold:0.5", "--out", str(root / "p")]) == 0  # fmt: skip
+    read = lambda d: json.loads(str(np.load(root / d / "samples.npz")["parameters"]))  # noqa: E731
+    return read("d"), read("p")
+
+
+def _write_record(folder: Path, fmt: str, text: str) -> Path:
+    """A samples.png / samples.npz whose record is ``text`` (written as `sample` writes it)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "npz":
+        np.savez(folder / "samples.npz", images=np.zeros((1, 28, 28), np.float32),
+                 labels=np.zeros(1, np.int64), parameters=np.array(text, dtype=np.str_))  # fmt: skip
+        return folder / "samples.npz"
+    info = PngInfo()
+    info.add_text("lora4diffusion", text)
+    Image.new("L", (30, 30)).save(folder / "samples.png", pnginfo=info)
+    return folder / "samples.png"
+
+
+HUGE = 10**9
+# (what the record's values become, or its whole text; what the one line must say); the digit record unless
+# the change holds "prompts"
+BAD_RECORDS = [
+    ({"per_digit": HUGE}, "field 'per_digit' must be an integer > 0 and <= 10000"),  # hung
+    ({"per_digit": 1e9}, "field 'per_digit' must be an integer > 0 and <= 10000"),
+    ({"per_digit": 0}, "field 'per_digit' must be an integer > 0 and <= 10000"),  # silently became 8
+    ({"prompts": ["a sks seven"], "num": HUGE}, "field 'num' must be an integer > 0 and <= 10000"),
+    ({"steps": "abc"}, "field 'steps' must be an integer > 0"),  # traceback
+    ({"steps": 2.5}, "field 'steps' must be an integer > 0"),
+    ({"steps": True}, "field 'steps' must be an integer > 0"),
+    ({"guidance": "nan"}, "field 'guidance' must be a finite number >= 0 and <= 30"),  # traceback
+    ({"guidance": float("nan")}, "field 'guidance' must be a finite number >= 0 and <= 30"),
+    ({"guidance": 1e6}, "field 'guidance' must be a finite number >= 0 and <= 30"),
+    ({"eta": 5}, "field 'eta' must be a finite number >= 0 and <= 1"),  # "non-finite ... at guidance 1.25"
+    ({"seed": 2**70}, "field 'seed' must be an integer >= 0"),  # accepted
+    ({"seed": -3}, "field 'seed' must be an integer >= 0"),  # accepted
+    ({"loras": "bold"}, "field 'loras' must be a list of [adapter, weight] pairs, got 'bold'"),  # traceback
+    ({"loras": [["bold", 5]]}, "field 'loras', adapter 'bold': the weight must be a finite number in [-2, 2]"
+     ),
+    ({"loras": [["bold"]]}, "field 'loras' must hold [adapter, weight] pairs"),
+    ({"loras": [["", 1]]}, "field 'loras' must hold [adapter, weight] pairs"),
+    ({"prompts": "t"}, "field 'prompts' must be a non-empty list of prompts (text), got 't'"),
+    ({"prompts": []}, "field 'prompts' must be a non-empty list"),
+    ({"digits": []}, "field 'digits': empty digit list"),  # drew 0-9
+    ({"digits": [12]}, "field 'digits': bad digit list '12': 12 in '12' is not a digit 0-9"),
+    ({"digits": ["3"]}, "field 'digits' must be a list of digits 0-9"),
+    ({"sampler": "euler"}, "field 'sampler' must be one of ddim, ddpm"),
+    ({"bf16": "no"}, "field 'bf16' must be true or false"),
+    ({"checkpoint": "a\0b"}, "field 'checkpoint' must be a model folder or name"),
+    ({"checkpoint": 5}, "field 'checkpoint' must be a model folder or name"),
+    ({"negative": ["x"]}, "field 'negative' must be text"),
+    ({"foo": 1}, "unknown field 'foo'"),
+    ({"prompts": ["a sks seven"], "digits": [3]}, "holds both 'prompts' and 'digits'"),
+    ("[" * 100_000 + "]" * 100_000, "the sampling record is not valid JSON"),  # deep nesting
+    ('{"seed": ' + "9" * 5000 + "}", "the sampling record is not valid JSON"),  # a 5000-digit integer
+    ("[1, 2]", "the sampling record is not a JSON object"),
+    ("x" * (2 << 20), "the sampling record holds"),  # 2 M characters
+]
+
+
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+@pytest.mark.parametrize("change, match", BAD_RECORDS, ids=[str(c)[:30] for c, _ in BAD_RECORDS])
+def test_a_sampling_record_is_checked_like_the_flags(recorded, tmp_path, capsys, change, match, fmt):
+    """`sample --from` puts every recorded value through the check its flag gets: one line naming the
+    record, the field and what is allowed; exit 2; no --out."""
+    if isinstance(change, dict):
+        digits, prompts = recorded
+        record = {**(prompts if "prompts" in change else digits), **change}
+        text = json.dumps(record)
+    else:
+        text = change
+    source = _write_record(tmp_path / "rec", fmt, text)
+    out = tmp_path / "out"
+    err = _refused(capsys, ["sample", "--from", str(source), "--out", str(out)], match)
+    assert f"--from {source}" in err
+    assert not out.exists()
+
+
+def test_a_record_within_the_limits_still_redraws(recorded, tmp_path, capsys):
+    """The checks refuse nothing that `sample` writes: both records sample again."""
+    for i, record in enumerate(recorded):
+        source = _write_record(tmp_path / f"rec{i}", "npz", json.dumps(record))
+        assert main(["-q", "sample", "--from", str(source), "--out", str(tmp_path / f"o{i}")]) == 0
+
+
+def test_a_record_file_that_is_not_ours_is_one_line(tmp_path, capsys):
+    """A bare .npy, an npz whose `parameters` header claims 10^8 characters (400 MB), a PNG declaring
+    2^31 x 2^31 pixels (the record is read without decoding pixels): one line, no allocation, no traceback."""
+    bare = tmp_path / "bare.npz"
+    with bare.open("wb") as f:
+        np.save(f, np.zeros(3))
+    _refused(capsys, ["sample", "--from", str(bare), "--out", str(tmp_path / "o")], "not a readable .npz")
+    huge = tmp_path / "huge.npz"
+    head = repr({"descr": "<U100000000", "fortran_order": False, "shape": ()}).encode()
+    head += b" " * (63 - (len(head) + 10) % 64) + b"\n"
+    npy = b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head + b"x" * 64
+    import zipfile
+
+    with zipfile.ZipFile(huge, "w") as z:
+        z.writestr("parameters.npy", npy)
+    _refused(capsys, ["sample", "--from", str(huge), "--out", str(tmp_path / "o")],
+             "the sampling record holds 100000000 characters")  # fmt: skip
+    from test_fuzz import png_bomb
+
+    (tmp_path / "bomb.png").write_bytes(png_bomb(2**31 - 1, 2**31 - 1))
+    _refused(capsys, ["sample", "--from", str(tmp_path / "bomb.png"), "--out", str(tmp_path / "o")],
+             "--from")  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- two samples, one --out
+def test_two_samples_into_one_out_one_wins_and_the_other_is_refused(tmp_path):
+    """Two real `sample --out D` processes started together: one exits 0, the other exits 2 with one line
+    (the folder is in use by another sample, or already holds the winner's files), and D holds the winner's
+    samples only (its seed in the record), no lock file left."""
+    out = tmp_path / "s"
+    procs = []
+    for seed in (1, 2):
+        cmd = [sys.executable, "-m", "lora4diffusion", "-q", "sample", "--digits", "0-9", "--per-digit", "4",
+               "--steps", "20", "--seed", str(seed), "--out", str(out)]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    winner = 1 + [code for code, _ in results].index(0)
+    loser = next(err for code, err in results if code == 2).strip()
+    assert len(loser.splitlines()) == 1 and "Traceback" not in loser, loser
+    assert "in use by another sample" in loser or "already holds files" in loser, loser
+    with np.load(out / "samples.npz", allow_pickle=False) as f:
+        assert json.loads(str(f["parameters"]))["seed"] == winner
+    assert sorted(p.name for p in out.iterdir()) == ["samples.npz", "samples.png"]
+
+
+# a `sample` process whose sampling waits until the file argv[1] exists: the lock is held for as long as the
+# test needs, on any machine, without a long sampling
+_PAUSED_SAMPLE = """
+import pathlib, sys, time
+from lora4diffusion.cli import main
+from lora4diffusion.pipeline import Pipeline
+real = Pipeline.generate
+def paused(self, *a, **k):
+    while not pathlib.Path(sys.argv[1]).exists():
+        time.sleep(0.02)
+    return real(self, *a, **k)
+Pipeline.generate = paused
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_running_sample_holds_its_out_and_a_second_is_refused_at_once(tmp_path):
+    """While one `sample` runs, a second into the same --out is refused naming it (pid, "sample"), even with
+    --overwrite; the first then finishes with its files intact."""
+    out, go = tmp_path / "s", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", _PAUSED_SAMPLE, str(go), "-q", "sample", "--digits",
+                              "0-9", "--per-digit", "2", "--steps", "2", "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_NAME).exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (out / LOCK_NAME).exists(), "the first sample never took the lock"
+        second = subprocess.run([sys.executable, "-m", "lora4diffusion", "sample", "--digits", "1", "--out",
+                                 str(out), "--overwrite"], capture_output=True, text=True)  # fmt: skip
+        go.touch()
+        assert second.returncode == 2, second.stderr
+        err = second.stderr.strip()
+        assert len(err.splitlines()) == 1 and "in use by another sample" in err and f"pid {first.pid}" in err
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    finally:
+        go.touch()
+        first.kill()
+    with np.load(out / "samples.npz", allow_pickle=False) as f:
+        assert f["images"].shape[0] == 20  # the first one's 10 x 2, not the second's 8
+    assert sorted(p.name for p in out.iterdir()) == ["samples.npz", "samples.png"]  # no lock left
+
+
+def test_out_is_checked_again_under_the_lock(tmp_path):
+    """Between `out_dir`'s look and the lock another run may have written into --out: refused under the
+    lock, and a folder the call created is removed again when nothing was written."""
+    from lora4diffusion.cli.common import holding_out, out_dir
+
+    out = out_dir(tmp_path / "s")
+    out.mkdir()
+    (out / "samples.png").write_bytes(b"another run's")
+    with pytest.raises(UserError, match="already holds files"), holding_out(out, False, "sample"):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == ["samples.png"]
+    fresh = out_dir(tmp_path / "t")
+    with pytest.raises(UserError, match="bad"), holding_out(fresh, False, "sample"):
+        raise UserError("bad input found after the lock was taken")
+    assert not fresh.exists()

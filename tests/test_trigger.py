@@ -19,6 +19,7 @@ from lora4diffusion.checkpoint import load_tensors, read_metadata
 from lora4diffusion.cli import main
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
+from lora4diffusion.limits import MAX_LORA_WEIGHT
 from lora4diffusion.lora.adapters import read_adapter
 from lora4diffusion.lora.layers import base_state_dict, inject_lora, lora_layers
 from lora4diffusion.lora.prompt_lora import TE_TARGETS, prompt_fingerprint
@@ -197,7 +198,7 @@ def test_resume_is_bit_exact(base, tmp_path):
 
 # ------------------------------------------------------------------------------------------ <lora:...> tags
 _names = st.from_regex(NAME, fullmatch=True)
-_weights = st.floats(-4.0, 4.0, allow_nan=False)
+_weights = st.floats(-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT, allow_nan=False)
 _words = st.lists(st.sampled_from(["a", "sks", "seven", "the", "digit", "7"]), max_size=4)
 
 
@@ -224,6 +225,26 @@ def test_tags_parse_strip_and_last_wins(parts):
 def test_malformed_tags_are_refused(bad):
     with pytest.raises(UserError):
         parse_prompt(bad, paths=True)
+
+
+@pytest.mark.parametrize("prompt, quoted", [
+    ("<lora:<lora:bold>> seven", "<lora:<lora:bold>"),  # was '<lora: > seven': text not in the prompt
+    ("a <lora:x:1 <lora:y> seven", "<lora:x:1 <lora:y>"),
+    ("<LoRA bold> seven <lora:italic>", "<LoRA bold>"),
+    ("seven <lora:bold", "<lora:bold"),
+])
+def test_a_malformed_tag_is_quoted_as_it_is_written(prompt, quoted):
+    with pytest.raises(UserError) as e:
+        parse_prompt(prompt, paths=True)
+    msg = str(e.value)
+    assert msg.startswith(f"malformed tag {quoted!r} in prompt ") and quoted in prompt, msg
+
+
+@pytest.mark.parametrize("weight", [2.5, -2.01, 4.0, 1e30, float("inf"), float("nan")])
+def test_a_tag_weight_has_the_one_limit(weight):
+    with pytest.raises(UserError, match=r"the weight must be a finite number in \[-2, 2\]"):
+        parse_prompt(f"<lora:bold:{weight!r}> seven")
+    assert parse_prompt("<lora:bold:2> <lora:italic:-2> seven").loras == {"bold": 2.0, "italic": -2.0}
 
 
 def test_one_call_needs_the_same_tags_in_every_prompt():
@@ -274,6 +295,8 @@ def test_missing_trigger_warns_once(base, adapter, tmp_path, caplog):
     ("<lora:ADAPTER:x1> a sks seven", "not a number"),
     ("<lora:ADAPTER a sks seven", "malformed tag"),
     ("<lora:ADAPTER:0.5:1> a seven", "only <lora:NAME[:WEIGHT]>"),
+    ("<lora:ADAPTER:4> a sks seven", "the weight must be a finite number in [-2, 2]"),  # was the maximum
+    ("<lora:<lora:ADAPTER>> a sks seven", "malformed tag '<lora:<lora:"),
 ])
 def test_bad_sample_input_exits_2_and_writes_nothing(base, adapter, tmp_path, capsys, prompt, message):
     out = tmp_path / "out"
@@ -282,6 +305,42 @@ def test_bad_sample_input_exits_2_and_writes_nothing(base, adapter, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_a_tag_and_lora_naming_one_adapter_apply_it_once(base, adapter, tmp_path, capsys):
+    """`--lora A:0.5` with `<lora:A:0.3>` in the prompt applied A twice (0.8 in all); now refused, naming A,
+    as the web API refuses a tag and a `loras` entry that disagree. At the same weight it is one adapter."""
+    common = ["-q", "sample", "--checkpoint", str(base), "--num", "1", "--steps", "2",
+              "--lora", f"{adapter}:0.5"]
+    out = tmp_path / "out"
+    code = main([*common, "--prompt", f"<lora:{adapter}:0.3> a sks seven", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "adapter 'bold'" in err[0] and "says 0.3" in err[0], err
+    assert "--lora (add_lora) says 0.5" in err[0] and not out.exists()
+    assert main([*common, "--prompt", f"<lora:{adapter}:0.5> a sks seven", "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--prompt", "a sks seven", "--out", str(tmp_path / "b")]) == 0
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"] for d in "ab")
+    assert np.array_equal(a, b)  # the tag at the --lora's weight is that adapter, not a second copy
+    pipe = Pipeline.load(base)
+    name = pipe.add_lora(adapter, 0.5)
+    assert pipe.apply_prompt_tags([f"<lora:{adapter}:0.5> a sks seven"]) == ["a sks seven"]
+    assert pipe.tag_adapters == {} and pipe.loras == {name: 0.5}
+    with pytest.raises(UserError, match="says 0.3"):
+        pipe.apply_prompt_tags([f"<lora:{adapter}:0.3> a sks seven"])
+
+
+def test_pipeline_weights_have_the_one_limit(base, adapter):
+    """add_lora, set_lora_weight and tags: |weight| <= limits.MAX_LORA_WEIGHT, checked before loading."""
+    pipe = Pipeline.load(base)
+    for bad in (2.5, -3.0, float("nan"), 1e30):
+        with pytest.raises(UserError, match=r"\[-2, 2\]"):
+            pipe.add_lora(adapter, bad)
+    assert pipe.loras == {}  # nothing was loaded
+    name = pipe.add_lora(adapter, 2.0)
+    with pytest.raises(UserError, match=r"\[-2, 2\]"):
+        pipe.set_lora_weight(name, -2.5)
+    pipe.set_lora_weight(name, -2.0)
+    assert pipe.loras == {name: -2.0}
 
 
 def test_two_weights_of_one_adapter_in_one_call_are_refused(base, adapter, tmp_path, capsys):

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from lora4diffusion.errors import UserError
+from lora4diffusion.limits import MAX_GUIDANCE, lora_weight
 from lora4diffusion.pipeline import Pipeline
 
 # Upper bounds at the door: beyond them a run cannot fit in memory, would never finish, or makes no sense
@@ -15,30 +16,35 @@ SEED_LIMIT = 2**63
 MAX_COUNT = 10**9  # step counts, epochs: no allocation depends on them
 MAX_BATCH = 4096  # global training batch: 4096 x 28 x 28 activations already need tens of GB in the UNet
 MAX_PER_DIGIT = 10_000  # samples per digit: 10 digits x 10,000 x 28 x 28 float32 = 314 MB of images
+MAX_IMAGES = 10 * MAX_PER_DIGIT  # images in one `sample` (prompts x --num too): the same 314 MB
 MAX_IMAGE_SIZE = 128  # training resolution (28 native): 5,000 digits at 128 px are 330 MB on the device
 MAX_RANK = 512
-MAX_LORA_WEIGHT = 1000.0  # |scale| of an adapter; beyond it an adapter only produces overflow
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
 
 
 def _int(text: str) -> int:
     try:
         return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    except ValueError:  # also a 5,000-digit number (Python's int-from-text limit)
+        raise argparse.ArgumentTypeError(f"expected an integer, got {_shown(text)}") from None
 
 
 def bounded_int(low: int, high: int, why: str = "the limit"):
-    """argparse type factory: an integer in [low, high]; the message says which bound and why."""
+    """argparse type factory: an integer in [low, high]; the message states both bounds and why. Its
+    ``allowed`` says what passes (for messages about the same value read from a file)."""
+    bounds = f"{'> 0' if low == 1 else f'>= {low}'} and <= {high}"
 
     def parse(text: str) -> int:
         value = _int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be {'> 0' if low == 1 else f'>= {low}'}, got {value}")
-        if value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high} ({why}), got {value}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {bounds} ({why}), got {value}")
         return value
 
     parse.__name__ = "integer"
+    parse.allowed = f"an integer {bounds} ({why})"
     return parse
 
 
@@ -53,22 +59,27 @@ rank_int = bounded_int(1, MAX_RANK, "the largest LoRA rank")
 
 def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False,
                  high_open: bool = False):
-    """argparse type factory: a finite number (never nan/inf) within the given bounds."""
+    """argparse type factory: a finite number (never nan/inf) within the given bounds. Its ``allowed`` says
+    what passes (for messages about the same value read from a file)."""
+    parts = ([] if low is None else [f"{'>' if low_open else '>='} {low:g}"]) + (
+        [] if high is None else [f"{'<' if high_open else '<='} {high:g}"])
+    bounds = " and ".join(parts)
+    finite = f"a finite number{bounds and ' ' + bounds}"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a number, got {_shown(text)}") from None
         if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if low is not None and (value <= low if low_open else value < low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g}, got {text}")
-        if high is not None and (value >= high if high_open else value > high):
-            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {finite}, got {text[:40]}")
+        if low is not None and (value <= low if low_open else value < low) or high is not None and (
+                value >= high if high_open else value > high):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text[:40]}")
         return value
 
     parse.__name__ = "number"
+    parse.allowed = finite
     return parse
 
 
@@ -78,6 +89,7 @@ positive_float = finite_float(0.0, low_open=True)
 unit_float = finite_float(0.0, 1.0)  # DDIM eta, probabilities
 fraction_float = finite_float(0.0, 1.0, high_open=True)  # dropout, EMA decay
 learning_rate = finite_float(0.0, 10.0, low_open=True)
+guidance_float = finite_float(0.0, MAX_GUIDANCE)  # the measured limit (limits.py): beyond it, saturated noise
 
 
 def lora_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -95,30 +107,40 @@ def lora_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:WEIGHT`` (the CLI's --lora) -> (path, weight)."""
+    """``PATH`` or ``PATH:WEIGHT`` (the CLI's --lora) -> (path, weight); the weight within the one limit of
+    every adapter weight (limits.MAX_LORA_WEIGHT)."""
     path, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return text, 1.0  # a colon inside the path
-        if not math.isfinite(weight):
-            raise UserError(f"--lora {text}: the weight must be a finite number")
-        return path, weight
-    return text, 1.0
+    if not sep:
+        return text, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        return text, 1.0  # a colon inside the path
+    return path, lora_weight(weight, f"--lora {text}")
 
 
 def parse_loras(items: list[str]) -> list[tuple[str, float]]:
-    """Each ``--lora PATH[:SCALE]`` -> (path, scale), every scale finite and within MAX_LORA_WEIGHT."""
+    """Each ``--lora PATH[:SCALE]`` -> (path, scale): a path or shipped name, a weight within the limit."""
     out = []
     for text in items:
+        if not text.strip():
+            raise UserError(f"--lora {text!r} is empty: name an adapter folder or file, or a shipped adapter"
+                            " (bold, italic; `lora4diffusion list`)")
         path, weight = parse_lora_arg(text)
         head, sep, tail = text.rpartition(":")
         if sep and path == text and not Path(text).exists():
             raise UserError(f"--lora {text}: scale {tail!r} is not a number")
-        if not abs(weight) <= MAX_LORA_WEIGHT:
-            limit = f"{MAX_LORA_WEIGHT:g}"
-            raise UserError(f"--lora {text}: the scale must lie in [-{limit}, {limit}]")
+        if not path.strip():
+            raise UserError(f"--lora {text}: no adapter before the weight (write PATH[:WEIGHT])")
+        inner, sep2, tail2 = path.rpartition(":")
+        if sep2 and inner and path != text and not Path(path).exists():
+            try:
+                float(tail2)
+            except ValueError:
+                pass
+            else:
+                raise UserError(f"--lora {text}: more than one weight (write PATH[:WEIGHT], e.g."
+                                f" {inner}:{tail})")
         out.append((path, weight))
     return out
 

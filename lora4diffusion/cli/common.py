@@ -16,7 +16,8 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,15 +60,42 @@ def out_dir(path: str | Path, overwrite: bool = False, inputs: tuple[str | Path,
             raise UserError(f"--out {p} is the input {src}: write to another directory")
     if p.is_dir():
         runlock.check_free(p)  # a training running there: name it
+    check_empty(p, overwrite)
+    check_writable(p)
+    return p
+
+
+def check_empty(p: Path, overwrite: bool) -> None:
+    """--out holds no files (a stale run lock aside: check_free has said no live process holds it), unless
+    ``overwrite``."""
     try:
-        held = sorted(q.name for q in p.iterdir()) if p.is_dir() else []
+        held = sorted(q.name for q in p.iterdir() if q.name != runlock.LOCK_NAME) if p.is_dir() else []
     except OSError as e:
         raise UserError(f"--out {p}: cannot read it ({e.strerror or e})") from None
     if held and not overwrite:
         names = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
         raise UserError(f"--out {p} already holds files ({names}); pass --overwrite or choose another --out")
-    check_writable(p)
-    return p
+
+
+@contextmanager
+def holding_out(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
+    """Hold --out's run lock (runlock.py) while a command works and writes there: a second process writing
+    into the same folder is refused (one line naming the holder) instead of silently replacing the files.
+    Under the lock the folder is checked again (``check_empty``): another run may have filled it since
+    ``out_dir`` looked. A folder this call created is removed again if nothing was written into it."""
+    created = not out.exists()
+    lock = runlock.RunLock(out, command=command)
+    try:
+        lock.acquire()
+        check_empty(out, overwrite)
+        yield out
+    finally:
+        lock.release()
+        if created:
+            try:
+                out.rmdir()  # only an empty folder: what this run (or a racing one) wrote stays
+            except OSError:
+                pass
 
 
 def check_writable(path: Path) -> None:

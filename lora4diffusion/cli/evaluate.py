@@ -14,8 +14,8 @@ from lora4diffusion.classifier import load_classifier, train_classifier
 from lora4diffusion.cli.args import (
     add_loras,
     bounded_int,
+    guidance_float,
     lora_args,
-    nonneg_float,
     per_digit_int,
     positive_int,
     seed_int,
@@ -38,7 +38,7 @@ def add_evaluate(subparsers: Commands) -> None:
     p.add_argument("--digits", help="digits to sample with --checkpoint (default 0-9)")
     p.add_argument("--per-digit", type=per_digit_int, help="samples per digit (default 100)")
     p.add_argument("--steps", type=positive_int, help="DDIM steps with --checkpoint (default 10)")
-    p.add_argument("--guidance", type=nonneg_float, help="guidance with --checkpoint (default 1.25)")
+    p.add_argument("--guidance", type=guidance_float, help="guidance with --checkpoint (default 1.25)")
     p.add_argument("--seed", type=seed_int, help="sampling seed with --checkpoint (default 0)")
     p.add_argument("--family", help="prompt models: prompts from one caption family (numeral, word,"
                    " handwritten, digit, picture, number, held_out; default: every training template)")
@@ -50,7 +50,10 @@ def add_evaluate(subparsers: Commands) -> None:
 
 
 def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    digits = parse_digits(args.digits or "0-9")
+    try:
+        digits = parse_digits("0-9" if args.digits is None else args.digits)  # '' is refused, not 0-9
+    except UserError as e:
+        raise UserError(f"--digits: {e}") from None
     per_digit = args.per_digit or 100
     device = resolve_device(getattr(args, "device", "auto"))
     bf16 = bf16_supported(device) if getattr(args, "bf16", None) is None else bool(args.bf16)

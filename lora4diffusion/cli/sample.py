@@ -15,22 +15,44 @@ from lora4diffusion.captions import digit_of, digit_prompts
 from lora4diffusion.catalog import pretrained_dir
 from lora4diffusion.checkpoint import atomic_write
 from lora4diffusion.cli.args import (
+    MAX_IMAGES,
     add_loras,
+    guidance_float,
     lora_args,
-    nonneg_float,
     per_digit_int,
     positive_int,
     seed_int,
     unit_float,
 )
-from lora4diffusion.cli.common import Commands, existing, log, lora_inputs, out_dir, overwrite_arg, use_bf16
+from lora4diffusion.cli.common import (
+    Commands,
+    existing,
+    holding_out,
+    log,
+    lora_inputs,
+    out_dir,
+    overwrite_arg,
+    use_bf16,
+)
 from lora4diffusion.data import parse_digits
 from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
+from lora4diffusion.limits import MAX_GUIDANCE
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image, save_trajectory
-from lora4diffusion.reproduce import a1111_parameters, apply_recorded, read_parameters, summary_line
+from lora4diffusion.reproduce import SAMPLERS, a1111_parameters, apply_recorded, read_parameters, summary_line
+
+# The numeric sampling options and their types: the flags parse with them, and a sampling record read by
+# --from goes through the same ones (reproduce.check_record): a value is checked alike wherever it comes from.
+NUMBERS = {
+    "per_digit": per_digit_int,
+    "num": per_digit_int,
+    "steps": positive_int,
+    "guidance": guidance_float,  # 0 .. limits.MAX_GUIDANCE (measured)
+    "eta": unit_float,
+    "seed": seed_int,
+}
 
 
 def add_sample(sub: Commands) -> None:
@@ -42,17 +64,18 @@ def add_sample(sub: Commands) -> None:
                    help="re-run the exact sampling recorded in a samples.png / samples.npz (same pixels);"
                    " options given here override it")
     s.add_argument("--digits", help="e.g. 0-9 or 3,5,7 (default 0-9); prompt models: 'the digit 7', ...")
-    s.add_argument("--per-digit", type=per_digit_int, metavar="N", help="samples per digit (default 8)")
+    s.add_argument("--per-digit", type=NUMBERS["per_digit"], metavar="N",
+                   help="samples per digit (default 8)")
     s.add_argument("--prompt", action="append", metavar="TEXT", help="prompt models: a prompt (repeatable)")
-    s.add_argument("--num", type=per_digit_int, metavar="N", help="images per --prompt (default 8)")
+    s.add_argument("--num", type=NUMBERS["num"], metavar="N", help="images per --prompt (default 8)")
     s.add_argument("--negative", metavar="TEXT", help="prompt models: replaces the empty prompt in guidance")
-    s.add_argument("--sampler", choices=["ddim", "ddpm"], help="sampler (default ddim)")
-    s.add_argument("--steps", type=positive_int, metavar="N",
+    s.add_argument("--sampler", choices=SAMPLERS, help="sampler (default ddim)")
+    s.add_argument("--steps", type=NUMBERS["steps"], metavar="N",
                    help="sampling steps (default: 10 DDIM, 1000 DDPM)")
-    s.add_argument("--guidance", type=nonneg_float,
-                   help="classifier-free guidance scale w (default 1.25; 1 = none)")
-    s.add_argument("--eta", type=unit_float, help="DDIM eta in [0, 1] (default 0: deterministic)")
-    s.add_argument("--seed", type=seed_int, help="sampling seed (default 0)")
+    s.add_argument("--guidance", type=NUMBERS["guidance"],
+                   help=f"classifier-free guidance scale w, 0-{MAX_GUIDANCE:g} (default 1.25; 1 = none)")
+    s.add_argument("--eta", type=NUMBERS["eta"], help="DDIM eta in [0, 1] (default 0: deterministic)")
+    s.add_argument("--seed", type=NUMBERS["seed"], help="sampling seed (default 0)")
     s.add_argument("--trajectory", action="store_true",
                    help="also write trajectory.png: the denoising of the first sample of each digit (prompt)")
     s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
@@ -63,17 +86,30 @@ def add_sample(sub: Commands) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     if args.from_file is not None:  # the recorded settings fill every option not given on this command line
-        apply_recorded(args, read_parameters(args.from_file))
+        record = read_parameters(args.from_file)
+        apply_recorded(args, record, f"--from {args.from_file}", NUMBERS)
     if args.prompt and args.digits is not None:
         raise UserError("--prompt and --digits: give one of them")
     if args.num is not None and not args.prompt:
         raise UserError("--num goes with --prompt (with --digits, use --per-digit)")
+    if args.prompt and len(args.prompt) * (args.num or 8) > MAX_IMAGES:
+        raise UserError(f"{len(args.prompt)} prompts x {args.num or 8} images: over the limit of {MAX_IMAGES}"
+                        " images in one `sample` (larger sample sets do not fit in memory)")
+    try:
+        digits = parse_digits("0-9" if args.digits is None else args.digits)
+    except UserError as e:
+        raise UserError(f"--digits: {e}") from None
+    model_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=existing(model_dir) + lora_inputs(args.lora))
+    with holding_out(out, args.overwrite, "sample"):  # a second `sample --out` there is refused, not merged
+        return sample_into(args, digits, out)
+
+
+def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
+    """The sampling and writing of `sample`, its options checked, under --out's lock."""
     sampler = args.sampler or "ddim"
     eta = 0.0 if args.eta is None else args.eta
     seed = 0 if args.seed is None else args.seed
-    digits = parse_digits(args.digits or "0-9")
-    model_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
-    out = out_dir(args.out, overwrite=args.overwrite, inputs=existing(model_dir) + lora_inputs(args.lora))
     device = resolve_device(args.device)
     bf16 = use_bf16(args, device)
     pipe = Pipeline.load(args.checkpoint)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from lora4diffusion.errors import UserError
 from lora4diffusion.prompt_syntax import (  # noqa: F401 (re-exported for web/)
-    MAX_WEIGHT,
     NAME,
     TAG,
     Prompt,

@@ -34,6 +34,7 @@ from starlette.staticfiles import StaticFiles
 from lora4diffusion.captions import TRIGGER_WORDS
 from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from lora4diffusion.errors import UserError
+from lora4diffusion.limits import MAX_GUIDANCE
 from lora4diffusion.lora.prompt_lora import missing_triggers
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.web.engine import (
@@ -95,7 +96,7 @@ class State:
             raise UserError("prompt and negative must be strings (prompt at most 2000 characters)")
         n = int_field(body, "n", 1, 1, cfg.max_per_digit)
         steps = int_field(body, "steps", DEFAULT_STEPS, 1, min(cfg.max_steps, self.pipe.diffusion.timesteps))
-        guidance = float_field(body, "guidance", DEFAULT_GUIDANCE, 0.0, 20.0)
+        guidance = float_field(body, "guidance", DEFAULT_GUIDANCE, 0.0, MAX_GUIDANCE)
         seed = body.get("seed")
         if seed is None or seed == -1:
             seed = secrets.randbelow(2**31)
