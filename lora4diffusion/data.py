@@ -69,10 +69,32 @@ class MNISTSplits:
     source: str
 
 
+CACHE_ENV = "LORA4DIFFUSION_CACHE"
+
+
+def cache_root() -> Path:
+    """``$LORA4DIFFUSION_CACHE`` if set (and not empty), else ``~/.cache/lora4diffusion``: where downloads
+    (``mnist/``) and encoded latents (``latents/``) are kept. A path that is, or lies inside, a file is a
+    UserError naming the variable, before anything is downloaded or encoded."""
+    value = os.environ.get(CACHE_ENV)
+    root = Path(value).expanduser() if value else Path.home() / ".cache" / "lora4diffusion"
+    where = f"{CACHE_ENV}={value}" if value else f"the cache folder {root}"
+    for p in (root, *root.parents):  # the nearest existing part must be a folder
+        try:
+            if p.exists():
+                if not p.is_dir():
+                    what = "is a file" if p == root else f"lies inside {p}, a file"
+                    raise UserError(f"{where} {what}, not a folder (downloads and encoded latents are kept"
+                                    " there): point it at a folder")
+                break
+        except OSError as e:
+            raise UserError(f"{where}: cannot use it ({describe_os_error(e)})") from None
+    return root
+
+
 def default_cache_dir() -> Path:
     """``$LORA4DIFFUSION_CACHE/mnist`` if that variable is set, else ``~/.cache/lora4diffusion/mnist``."""
-    root = os.environ.get("LORA4DIFFUSION_CACHE") or Path.home() / ".cache" / "lora4diffusion"
-    return Path(root).expanduser() / "mnist"
+    return cache_root() / "mnist"
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -207,7 +229,10 @@ def download_mnist(
     leaves a file that looks valid.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the download folder {cache} ({describe_os_error(e)})") from None
     for name, want in md5.items():
         target = cache / name
         if target.is_file() and _md5(target) == want:

@@ -222,10 +222,11 @@ class DDIMSampler(_Sampler):
 
     def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, clip_sample: bool = True,
                  spacing: str = "leading", steps_offset: int = 0):
-        if eta < 0:
-            raise UserError(f"eta must be >= 0, got {eta}")
+        # Song et al. eq. 16: eta 0 is deterministic, 1 is DDPM's posterior variance; past 1 the
+        # "direction to x_t" term takes the square root of a negative number (NaN images), so it is refused
+        # here, whoever asks (a flag, a sampling record, the Python API).
+        self.eta = number(eta, "eta (DDIM's noise: 0 deterministic, 1 DDPM's variance)", 0.0, 1.0)
         super().__init__(schedule, clip_sample, spacing, steps_offset)
-        self.eta = eta
 
     def step(self, eps: Tensor, t: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         t = int(t)

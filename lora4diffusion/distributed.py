@@ -56,6 +56,11 @@ def env_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), before the process group exists."""
+    return _env_int("RANK", 0)
+
+
 def local_rank() -> int:
     return _env_int("LOCAL_RANK", 0)
 

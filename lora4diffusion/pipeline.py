@@ -242,6 +242,9 @@ class Pipeline:
         if kind == "ddim":
             s = DDIMSampler(schedule, eta=eta, clip_sample=clip, steps_offset=offset)
         elif kind == "ddpm":
+            if isinstance(eta, bool) or not isinstance(eta, int | float) or eta != 0:  # not silently dropped
+                raise UserError(f"eta {eta!r:.40} applies to the ddim sampler; ddpm always draws DDPM's own"
+                                " variance (ddim's eta 1)")
             s = DDPMSampler(schedule, clip_sample=clip, steps_offset=offset)
         else:
             raise UserError(f"unknown sampler {kind!r} (choose ddim or ddpm)")

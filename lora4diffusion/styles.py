@@ -44,6 +44,9 @@ _DESCRIPTIONS = {
     "italic": f"italic: shear {ITALIC_SHEAR} to the right (bilinear), digit re-centred in the frame",
 }
 _DIGIT_NAMES = frozenset("0123456789")
+# What a style table holds, as _load_csv reads it (train-lora's --help quotes this, so the two cannot drift)
+CSV_FORMAT = ("rows 'path,label': an image file (relative to the table, or absolute) and its digit 0-9;"
+              " an optional header row")
 _LOAD_ERRORS = (OSError, ValueError, SyntaxError)  # what Pillow raises for files it cannot read as images
 MAX_IMAGE_PIXELS = 4096 * 4096  # a digit needs 28x28; this bounds what one file can make us decode (64 MiB)
 
@@ -221,7 +224,8 @@ def _load_csv(table: Path) -> tuple[list[torch.Tensor], list[int], int]:
                 if not any(c.strip() for c in row):
                     continue
                 if len(row) != 2:
-                    raise UserError(f"{table}, row {n}: expected 'path,label', got {len(row)} fields")
+                    raise UserError(f"{table}, row {n}: expected 'path,label', got {len(row)} fields (a style"
+                                    f" table holds {CSV_FORMAT})")
                 name, label = row[0].strip(), row[1].strip()
                 if first and not label.lstrip("+-").isdigit():  # a header: "path,label" or similar
                     first = False

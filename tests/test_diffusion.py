@@ -372,6 +372,27 @@ def test_bad_input_raises_user_error(bad):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("eta", [5, 1.0001, -0.1, float("nan"), float("inf"), True, "0.5"])
+def test_eta_outside_0_1_is_named_by_the_sampler(eta):
+    """eta 5 (a sampling record's, say) made NaN images, reported as "non-finite values ... at guidance
+    1.25"; the sampler itself now says what eta may be, whoever asks (flag, record, Python API)."""
+    words = r"eta \(DDIM's noise: 0 deterministic, 1 DDPM's variance\) must"
+    with pytest.raises(UserError, match=words) as e:
+        DDIMSampler(LINEAR, eta=eta)
+    assert "\n" not in str(e.value)
+
+
+def test_eta_through_the_pipeline(tmp_path):
+    from lora4diffusion.pipeline import Pipeline
+
+    pipe = Pipeline.load("pixel-base")
+    with pytest.raises(UserError, match=r"must be >= 0 and <= 1, got 5"):
+        pipe.generate([3], steps=2, eta=5)
+    with pytest.raises(UserError, match="applies to the ddim sampler"):  # ddpm has no eta; not ignored
+        pipe.generate([3], steps=2, sampler="ddpm", eta=0.5)
+    assert pipe.generate([3], steps=2, eta=1.0)[0].isfinite().all()  # the bounds themselves sample
+
+
 def test_package_never_imports_diffusers():
     """diffusers, transformers and peft are test oracles: no module of the package imports them."""
     oracle = {"diffusers", "transformers", "peft"}

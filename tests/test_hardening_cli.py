@@ -5,6 +5,7 @@ Every refusal: exit 2, one line on stderr, no traceback, and the files in --out 
 """
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -21,9 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora4diffusion.catalog import pretrained_dir
+from lora4diffusion.classifier import load_classifier
 from lora4diffusion.cli import EXIT_INTERRUPTED, main
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora.adapters import Adapter, export_peft, shipped_adapters
+from lora4diffusion.folders.model import load_model
+from lora4diffusion.lora.adapters import Adapter, export_peft, import_peft, shipped_adapters
 from lora4diffusion.runlock import LOCK_NAME
 from lora4diffusion.training.base import train_base
 from lora4diffusion.training.loop import Trainer
@@ -724,18 +727,226 @@ def test_a_running_sample_holds_its_out_and_a_second_is_refused_at_once(tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["samples.npz", "samples.png"]  # no lock left
 
 
-def test_out_is_checked_again_under_the_lock(tmp_path):
-    """Between `out_dir`'s look and the lock another run may have written into --out: refused under the
-    lock, and a folder the call created is removed again when nothing was written."""
-    from lora4diffusion.cli.common import holding_out, out_dir
+# ----------------------------------------------------------------------------- concurrent writers
+def _cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "lora4diffusion", "-q", *argv]
 
-    out = out_dir(tmp_path / "s")
-    out.mkdir()
-    (out / "samples.png").write_bytes(b"another run's")
-    with pytest.raises(UserError, match="already holds files"), holding_out(out, False, "sample"):
-        pass
-    assert sorted(p.name for p in out.iterdir()) == ["samples.png"]
-    fresh = out_dir(tmp_path / "t")
-    with pytest.raises(UserError, match="bad"), holding_out(fresh, False, "sample"):
-        raise UserError("bad input found after the lock was taken")
-    assert not fresh.exists()
+
+# (argv without --out, a check that the folder holds that command's output whole)
+TWO_WRITERS = {
+    "train-classifier": (["train-classifier", "--epochs", "1", "--device", "cpu"],
+                         lambda out: load_classifier(out)),
+    "merge": (["merge", "--checkpoint", PIXEL, "--lora", "bold-pixel"],
+              lambda out: load_model(out)),
+    "export-peft": (["export-peft", "--lora", "bold-pixel"],
+                    lambda out: import_peft(out)),
+}
+
+
+@pytest.mark.parametrize("cmd", list(TWO_WRITERS))
+def test_two_writers_into_one_folder_the_second_is_refused(tmp_path, cmd):
+    """Two real processes: the first holds --out (paused right after it took the folder's lock), the second
+    (even with --overwrite) gets one line naming the first, exit 2, and writes nothing; the first then
+    finishes and its files are whole. Before the lock both exited 0 and one's files replaced the other's."""
+    argv, check = TWO_WRITERS[cmd]
+    out = tmp_path / "out"
+    first = subprocess.Popen(_cli(*argv, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_NAME).is_file() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)  # holds the lock, mid-command
+        assert first.poll() is None and (out / LOCK_NAME).is_file(), "the first never took the lock"
+        before = _snapshot(out)
+        second = subprocess.run(_cli(*argv, "--out", str(out), "--overwrite"), capture_output=True, text=True)
+        err = second.stderr.strip()
+        assert second.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert f"{out} is in use by another lora4diffusion process (pid {first.pid} on" in err, err
+        assert _snapshot(out) == before  # the second wrote nothing
+    finally:
+        first.send_signal(signal.SIGCONT)
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert not (out / LOCK_NAME).exists()  # released at the end
+    check(out)  # the first's output, whole
+
+
+def test_two_writers_started_together_exactly_one_writes(tmp_path):
+    """No pause: two train-classifier runs started at once on one new folder. The emptiness check is made
+    under the lock, so one writes and the other is refused (in use, or the folder already holds files)."""
+    out = tmp_path / "out"
+    argv = _cli("train-classifier", "--epochs", "1", "--device", "cpu", "--out", str(out))
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read().strip()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert len(refused.splitlines()) == 1 and ("in use" in refused or "already holds files" in refused)
+    load_classifier(out)
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "classifier.safetensors"]
+
+
+def _every_writer(work: Path, tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Every command that writes an output folder: (argv without --out, files it must have written)."""
+    diffusers = tmp / "exported-diffusers"
+    return {
+        "train-classifier": (["train-classifier", "--epochs", "1"], ["classifier.safetensors"]),
+        "train-vae": (["train-vae", "--preset", "tiny", "--max-train-steps", "1"], ["model.safetensors"]),
+        "train": (["train", "--preset", "tiny", "--max-train-steps", "1"], ["train_state.safetensors"]),
+        "train-lora": (["train-lora", "--checkpoint", str(work / "tiny"), "--style", "bold",
+                        "--max-train-steps", "1"], ["adapter.safetensors"]),
+        "sample": (["sample", "--checkpoint", PIXEL, "--digits", "1", "--per-digit", "1", "--steps", "1"],
+                   ["samples.npz"]),
+        "merge": (["merge", "--checkpoint", PIXEL, "--lora", "bold-pixel"], ["model.safetensors"]),
+        "extract": (["extract", "--checkpoint", PIXEL, "--tuned", PIXEL, "--rank", "1"],
+                    ["adapter.safetensors"]),
+        "resize": (["resize", "--lora", "bold-pixel", "--rank", "1"], ["adapter.safetensors"]),
+        "export-diffusers": (["export-diffusers", "--checkpoint", PIXEL], ["unet"]),
+        "import-diffusers": ([f"--out={diffusers}", "import-diffusers", str(diffusers)],
+                             ["model.safetensors"]),
+        "export-lora": (["export-lora", "--lora", "bold-pixel", "--format", "kohya"],
+                        ["bold-pixel.safetensors"]),
+        "export-peft": (["export-peft", "--lora", "bold-pixel"], ["adapter_model.safetensors"]),
+        "import-peft": (["import-peft", "--peft", str(work / "peft"), "--checkpoint", PIXEL],
+                        ["adapter.safetensors"]),
+        "reconstruct": (["reconstruct", "--per-digit", "1", "--digits", "1"], ["reconstructions.npz"]),
+        "demo": (["demo", "--checkpoint", str(work / "tiny"), "--lora-steps", "1", "--per-digit", "1",
+                  "--steps", "1"], ["report.html"]),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("cmd", list(_every_writer(Path("w"), Path("t"))))
+def test_every_writing_command_holds_its_out_folder_until_it_ends(work, tmp_path, monkeypatch, cmd):
+    """Each command's output is written while it holds OUT/train.lock (so a second process is refused, as
+    the two-process tests show), and the lock is gone when the command returns."""
+    cli_main = importlib.import_module("lora4diffusion.cli.main")  # the module (cli.main is the function)
+    argv, written = _every_writer(work, tmp_path)[cmd]
+    if cmd == "import-diffusers":  # its input: a diffusers folder written first
+        assert main(["-q", "export-diffusers", "--checkpoint", PIXEL, "--out", argv[0].split("=", 1)[1]]) == 0
+        argv = argv[1:]
+    out = tmp_path / "out"
+    seen = []
+    real = cli_main.release_outputs
+
+    def at_the_end() -> None:  # what the folder holds when the command returns, before its lock goes
+        lock = out / LOCK_NAME
+        seen.append((json.loads(lock.read_text())["pid"] if lock.is_file() else None,
+                     {p.name for p in out.iterdir()} if out.is_dir() else set()))
+        real()
+
+    monkeypatch.setattr(cli_main, "release_outputs", at_the_end)
+    assert main(["-q", *argv, "--out", str(out)]) == 0
+    (pid, held), = seen
+    assert pid == os.getpid() and set(written) <= held, (pid, held)
+    assert not (out / LOCK_NAME).exists() and set(written) <= {p.name for p in out.iterdir()}
+
+
+def test_a_refused_command_leaves_no_folder_and_no_lock(tmp_path, capsys):
+    """The lock creates --out before the work; a refusal after that (a bad adapter here) removes it again."""
+    out = tmp_path / "new" / "out"
+    _refused(capsys, ["merge", "--checkpoint", PIXEL, "--lora", "bold-pixel:1e30", "--out", str(out)],
+             "1000")
+    _refused(capsys, ["merge", "--checkpoint", PIXEL, "--lora", str(tmp_path / "nope"), "--out", str(out)],
+             "nope")
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_run_lock_is_reentrant_within_a_process(tmp_path):
+    """The command holds the folder; the Trainer (or anything it calls) may take the same lock again. Only
+    the outermost release removes the file, and the folder where it created it and nothing was written."""
+    from lora4diffusion.runlock import RunLock, check_free, held_here, holder
+
+    folder = tmp_path / "a" / "b"
+    with RunLock(folder) as outer:
+        assert held_here(folder) and holder(folder) is None  # this process: never "in use" to itself
+        check_free(folder)
+        with RunLock(folder) as inner:
+            assert inner.nested and (folder / LOCK_NAME).is_file()
+        assert (folder / LOCK_NAME).is_file() and json.loads((folder / LOCK_NAME).read_text()) == outer.info
+    assert not (tmp_path / "a").exists()  # created by the lock, empty: removed
+    with RunLock(folder):
+        (folder / "model.safetensors").write_bytes(b"x")
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]  # kept, lock gone
+    # another process sees the live holder
+    code = ("import sys; from lora4diffusion.runlock import RunLock\n"
+            "try:\n    RunLock(sys.argv[1]).acquire()\nexcept Exception as e:\n    print(e); sys.exit(2)")
+    with RunLock(folder):
+        r = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
+    assert r.returncode == 2 and f"pid {os.getpid()}" in r.stdout, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- smaller classes
+def test_resume_to_fewer_steps_than_the_run_has_is_refused_and_touches_nothing(tmp_path, capsys):
+    """A step-4 run resumed with --max-train-steps 2 printed "loss nan" and rewrote metrics.csv (cut back to
+    step 2): refused now, every file unchanged. At exactly its step it trains nothing and changes nothing."""
+    run = tmp_path / "run"
+    tiny = ["-q", "train", "--preset", "tiny", "--out", str(run)]
+    assert main([*tiny, "--max-train-steps", "4"]) == 0
+    capsys.readouterr()
+    before = _snapshot(run)
+    words = "is at step 4, past --max-train-steps 2; pass more than 4 steps to continue it (nothing was"
+    err = _refused(capsys, [*tiny, "--resume", "--max-train-steps", "2"], words, run)
+    assert str(run) in err
+    lora = ["-q", "train-lora", "--checkpoint", str(run), "--style", "bold", "--out", str(tmp_path / "ad")]
+    assert main([*lora, "--max-train-steps", "2"]) == 0
+    _refused(capsys, [*lora, "--resume", "--max-train-steps", "1"], "is at step 2, past", tmp_path / "ad")
+    assert main([*tiny, "--resume", "--max-train-steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "step 4, no step trained" in out and "nan" not in out, out
+    assert _snapshot(run) == before
+
+
+def _model_commands(tmp: Path, npz: Path) -> dict[str, list[str]]:
+    o = ["--out", str(tmp / "out")]
+    return {
+        "train-vae": ["train-vae", "--preset", "tiny", *o], "train": ["train", "--preset", "tiny", *o],
+        "sample": ["sample", *o], "evaluate --samples": ["evaluate", "--samples", str(npz)],
+        "evaluate --checkpoint": ["evaluate", "--checkpoint", PIXEL],
+        "train-lora": ["train-lora", "--style", "bold", *o], "merge": ["merge", "--lora", "bold", *o],
+        "extract": ["extract", "--tuned", PIXEL, "--rank", "1", *o],
+        "train-classifier": ["train-classifier", *o], "reconstruct": ["reconstruct", *o],
+        "serve": ["serve"], "demo": ["demo", *o],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("cmd", list(_model_commands(Path(), Path())))
+def test_device_cuda_without_cuda_is_refused_by_every_model_command(tmp_path, capsys, monkeypatch, cmd):
+    """`evaluate --samples --device cuda` exited 0 on a machine without CUDA (the device was only read to
+    sample); every command that runs a model now refuses it up front, before reading or writing."""
+    npz = tmp_path / "s.npz"
+    np.savez(npz, images=np.zeros((2, 28, 28), np.float32), labels=np.array([1, 2]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _refused(capsys, [*_model_commands(tmp_path, npz)[cmd], "--device", "cuda"],
+             "--device cuda: CUDA is not available (use --device cpu or auto)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cache_variable_naming_a_file_is_one_line(tmp_path, capsys, monkeypatch):
+    """LORA4DIFFUSION_CACHE pointing at a file: a NotADirectoryError traceback (downloads) or a late 'cannot
+    write' (encoded latents); now one line naming the variable, before anything is downloaded or encoded."""
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("LORA4DIFFUSION_CACHE", str(cache))
+    words = f"LORA4DIFFUSION_CACHE={cache} is a file, not a folder"
+    _refused(capsys, ["train-classifier", "--data", "download", "--out", str(tmp_path / "c")], words)
+    _refused(capsys, ["train", "--preset", "tiny", "--vae", "vae", "--max-train-steps", "1", "--out",
+                      str(tmp_path / "t")], words)  # fmt: skip
+    monkeypatch.setenv("LORA4DIFFUSION_CACHE", str(cache / "inside"))
+    _refused(capsys, ["train-classifier", "--data", "download", "--out", str(tmp_path / "c")],
+             f"lies inside {cache}, a file")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("flag", ["--italic-trigger", "--bold-trigger"])
+def test_demo_refuses_an_empty_trigger_as_train_lora_does(tmp_path, capsys, flag):
+    """`demo --italic-trigger ''` silently used the default trigger; refused now like `train-lora --trigger
+    ''`, naming the flag, before anything is written."""
+    out = tmp_path / "demo"
+    err = _refused(capsys, ["demo", flag, "", "--out", str(out)], "trigger '' is not a reserved trigger word")
+    assert err.split("error: ", 1)[1].startswith(f"{flag}: ") and not out.exists()
+    _refused(capsys, ["train-lora", "--style", "bold", "--trigger", "", "--out", str(out)],
+             "trigger '' is not a reserved trigger word")

@@ -204,6 +204,19 @@ def test_stream_sends_previews_then_the_result(client):
     ({"prompt": "3", "seed": -5}, 400, "seed"),
     ({"prompt": "3", "colour": "red"}, 400, "unknown field"),
     ({"prompt": 3}, 400, "string"),
+    # what arrived is named in JSON's words: the string "1" is not shown as the number 1
+    ({"prompt": "3", "n": "1"}, 400, 'n must be an integer in 1..16, got the string "1"'),
+    ({"prompt": "3", "n": 2.5}, 400, "got 2.5"),
+    ({"prompt": "3", "steps": True}, 400, "steps must be an integer in 1..200, got true"),
+    ({"prompt": "3", "seed": True}, 400, "seed must be an integer in 0..2147483647, got true"),
+    ({"prompt": "3", "guidance": [1]}, 400, "guidance must be a number in 0..20, got a list"),
+    ({"prompt": "3", "negative": 0}, 400, "negative must be a string, got 0"),
+    ({"prompt": ["3"]}, 400, "prompt must be a string, got a list"),
+    ({"prompt": "3", "loras": []}, 400, 'loras must be an object {"name": weight}, got a list'),
+    ({"prompt": "3", "loras": ""}, 400, 'loras must be an object {"name": weight}, got the string ""'),
+    ({"prompt": "3", "loras": {BOLD: "1"}}, 400, 'must be a number, got the string "1"'),
+    ({"prompts": "3 5"}, 400, "unknown field(s) prompts"),  # never one prompt per character
+    ({"prompt": "3", "n": 10**19}, 400, "n must be an integer in 1..16, got 10000000000000000000"),
 ])
 def test_bad_requests_are_one_line_json_4xx(client, body, status, words):
     r = client.post("/api/generate", json=body)
@@ -224,6 +237,96 @@ def test_protocol_errors_are_json(client):
     assert client.get("/api/generate").status_code == 405
     assert client.get("/api/train/nope").status_code == 404
     assert client.get("/static/../server.py").status_code == 404
+
+
+DEEP = 100_000
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"prompt": "3", "steps": 1e400}', "the number 1e400, out of range (numbers must be finite)"),
+    (b'{"prompt": "3", "guidance": -1E999}', "the number -1E999, out of range"),
+    (b'{"prompt": "3", "steps": ' + b"9" * 5000 + b"}", "an integer of 5000 digits (at most 20)"),
+    (b'{"prompt": "3", "seed": -' + b"1" * 21 + b"}", "an integer of 21 digits (at most 20)"),
+    (b'{"prompt": "3", "guidance": 0.' + b"1" * 100 + b"}", "a number written with 102 characters"),
+    (b'{"prompt": "3", "steps": NaN}', "NaN, which is not a JSON number"),
+    (b'{"prompt": "3", "guidance": -Infinity}', "-Infinity, which is not a JSON number"),
+    (b"[" * DEEP + b"]" * DEEP, "nests lists or objects too deeply (at most 8)"),
+    (b'{"a":' * DEEP + b"1" + b"}" * DEEP, "nests lists or objects too deeply (at most 8)"),
+    (b'{"prompt": "3", "loras": [[[[[[[[[1]]]]]]]]]}', "nests lists or objects too deeply (at most 8)"),
+    (b'{"prompt": "3", "steps": 2, "steps": 3}', 'the key "steps" twice'),
+    (b'{"prompt": "\xff"}', "not UTF-8 (byte 12); JSON is sent as UTF-8"),
+    (b"\xff\xfe{\x00}\x00", "not UTF-8 (byte 0)"),  # UTF-16, which Python's json would read
+    (b'"3"', "must be a JSON object, got the string"),
+    (b"{not json", "not JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+])
+@pytest.mark.parametrize("path", ["/api/generate", "/api/generate/stream", "/api/train"])
+def test_bodies_that_crashed_the_json_parser_are_one_line_400(client, raw, words, path):
+    """Overflowing numbers, 5000-digit integers, NaN, nesting 100,000 deep, a key twice, bytes that are not
+    UTF-8: the client's errors, each a 400 naming it (they were 500s: OverflowError, ValueError,
+    RecursionError), before any field is read."""
+    r = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, (raw[:60], r.status_code, r.text[:200])
+    msg = r.json()["error"]
+    assert words in msg and "\n" not in msg and len(msg) < 300, msg
+
+
+def test_train_requests_name_what_arrived(client, pclient):
+    cases = [
+        (client, {"name": 5, "style": "bold"}, "name must be a string, got 5"),
+        (client, {"name": "x", "style": ["bold"]}, "style must be a string, got a list"),
+        (client, {"name": "x", "style": "bold", "steps": "2"}, 'steps must be an integer in 1..2000, got the'
+                                                                ' string "2"'),
+        (client, {"name": "x", "style": "bold", "rank": True}, "rank must be an integer in 1..64, got true"),
+        (pclient, {"name": "x", "style": "bold", "prior": 0}, "prior must be true or false (--prior is a"
+                                                              " switch), got 0"),
+        (pclient, {"name": "x", "style": "bold", "trigger": 7}, "trigger must be one word (letters, digits),"
+                                                                " got 7"),
+    ]
+    for c, body, words in cases:
+        r = c.post("/api/train", json=body)
+        assert r.status_code == 400 and words in r.json()["error"], (body, r.text)
+
+
+def test_a_body_that_never_arrives_is_dropped_after_the_stated_timeout(app):
+    """Content-Length 1000, 11 bytes sent, then silence: after ServeConfig.body_timeout (30 s by default,
+    1 s here) a 408 with a one-line JSON error, and the server closes the connection; it answers others
+    meanwhile and after. A real uvicorn server on a socket (the test client cannot send a short body)."""
+    import httpx
+    import uvicorn
+
+    from lora4diffusion.web.request import BODY_TIMEOUT_S
+
+    cfg = app.state.serve.cfg
+    assert cfg.body_timeout == BODY_TIMEOUT_S == 30
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    cfg.body_timeout = 1.0
+    try:
+        wait_for(lambda: server.started)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as c:
+            c.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"prompt": ')
+            t0 = time.monotonic()
+            assert httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=10).status_code == 200  # meanwhile
+            data = b""
+            while chunk := c.recv(65536):  # until the server closes the connection
+                data += chunk
+            waited = time.monotonic() - t0
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), head
+        assert 0.5 < waited < 10, waited
+        want = "the request body did not arrive within 1 s (11 bytes of the 1000 declared (Content-Length));"
+        assert json.loads(body) == {"error": want + " connection closed"}
+        assert httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=10).status_code == 200  # and after
+    finally:
+        cfg.body_timeout = BODY_TIMEOUT_S
+        server.should_exit = True
+        thread.join(20)
 
 
 def test_two_requests_at_once_get_what_they_would_get_alone(client, app):
@@ -782,6 +885,46 @@ def test_fuzzed_request_bodies_get_a_one_line_4xx_never_a_500(pclient, body, pat
         msg = r.json()["error"]
         assert msg and "\n" not in msg and "Traceback" not in msg, (path, body, msg)
     elif path == "/api/train":  # a valid training request started a job: stop it at once
+        job = r.json().get("id")
+        if job:
+            pclient.delete(f"/api/train/{job}")
+
+
+# Bodies Python's json module alone turns into exceptions: numbers past float's range or of thousands of
+# digits, NaN / Infinity, nesting far past the recursion limit, keys given twice; spliced into valid requests.
+_HUGE_NUMBERS = st.one_of(
+    st.integers(19, 6000).map(lambda n: "9" * n), st.integers(19, 6000).map(lambda n: "-" + "1" * n),
+    st.sampled_from(["1e400", "-1e400", "1e309", "1.7976931348623159e308", "1e-400", "123456789e999",
+                     "NaN", "Infinity", "-Infinity", "0." + "5" * 80, "2.0", "1e2", "-0"]),
+)
+_NESTED = st.tuples(st.integers(2, 200_000), st.sampled_from(["[", '{"k":']), st.sampled_from(["1", '"x"',
+                                                                                                "[]"]))
+
+
+def _nest(depth: int, opener: str, leaf: str) -> str:
+    closer = "]" if opener == "[" else "}"
+    return opener * depth + leaf + closer * depth
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(key=st.sampled_from(["n", "steps", "guidance", "seed", "loras", "prompt", "rank", "name"]),
+       value=st.one_of(_HUGE_NUMBERS, _NESTED.map(lambda t: _nest(*t))),
+       where=st.sampled_from(["field", "lora weight", "top", "twice"]),
+       path=st.sampled_from(["/api/generate", "/api/train"]))
+def test_fuzzed_overflowing_numbers_and_deep_nesting_get_a_4xx_never_a_500(pclient, key, value, where, path):
+    """A huge or non-finite number, or lists/objects nested up to 200,000 deep, put into a field, a LoRA
+    weight, the whole body, or a key given twice: a 4xx with a one-line JSON error, never a 500."""
+    text = {"field": f'{{"prompt": "seven", "steps": 1, "{key}": {value}}}',
+            "lora weight": f'{{"prompt": "seven", "steps": 1, "loras": {{"pfit": {value}}}}}',
+            "top": value,
+            "twice": f'{{"prompt": "seven", "steps": 1, "{key}": 1, "{key}": {value}}}'}[where]
+    r = pclient.post(path, content=text.encode(), headers={"content-type": "application/json"})
+    assert r.status_code < 500, (path, text[:80], r.status_code, r.text[:200])
+    if r.status_code >= 400:
+        msg = r.json()["error"]
+        assert msg and "\n" not in msg and "Traceback" not in msg and len(msg) < 600, (path, text[:80], msg)
+    elif path == "/api/train":
         job = r.json().get("id")
         if job:
             pclient.delete(f"/api/train/{job}")

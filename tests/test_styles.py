@@ -217,6 +217,22 @@ def test_csv_errors_name_the_row(tmp_path, rows, match):
     assert "\n" not in str(e.value)
 
 
+def test_train_lora_help_describes_the_table_the_reader_reads(tmp_path, capsys):
+    """--help said "rows: label, then 784 pixel values" while the reader wants 'path,label': the help now
+    quotes the reader's own description (styles.CSV_FORMAT), and a table written as it says is read."""
+    from lora4diffusion.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train-lora", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"FILE.csv ({styles.CSV_FORMAT})" in text and "784" not in text
+    assert "'path,label'" in styles.CSV_FORMAT
+    for d in range(2):  # as described: an image path relative to the table, its digit, a header row
+        Image.fromarray(digit()).save(tmp_path / f"{d}.png")
+    (tmp_path / "t.csv").write_text("path,label\n0.png,0\n1.png,1\n")
+    assert load_style_data(str(tmp_path / "t.csv")).labels.tolist() == [0, 1]
+
+
 # --------------------------------------------------------------------------------------------- few-shot
 
 

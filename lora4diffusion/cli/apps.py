@@ -8,10 +8,11 @@ import importlib.util
 import json
 import shutil
 import sys
+from pathlib import Path
 
 from lora4diffusion import quick
 from lora4diffusion.cli.args import per_digit_int, positive_int
-from lora4diffusion.cli.common import Commands, renamed, use_bf16
+from lora4diffusion.cli.common import Commands, claim, renamed, use_bf16
 from lora4diffusion.demo import PromptOptions, format_summary, run_demo
 from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
@@ -92,6 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     sizes = {k: v for k, v in (("per_digit", args.per_digit), ("steps", args.steps)) if v is not None}
+    claim(Path(args.out))  # one writer at a time in --out (a second demo there is refused, naming this one)
     try:
         result = run_demo(
             args.out,

@@ -16,8 +16,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,12 +40,19 @@ Commands = argparse._SubParsersAction  # what ArgumentParser.add_subparsers retu
 # ------------------------------------------------------------------------------------------ output folders
 
 
-def out_dir(path: str | Path, overwrite: bool = False, inputs: tuple[str | Path, ...] = ()) -> Path:
+_CLAIMED: list[runlock.RunLock] = []  # the output folders the running command holds (released by main)
+
+
+def out_dir(path: str | Path, overwrite: bool = False, inputs: tuple[str | Path, ...] = (),
+            command: str = "lora4diffusion process") -> Path:
     """An output directory: may not exist yet or be empty; a file there is refused.
 
     A directory that already holds files is refused unless ``overwrite`` (so a typo never replaces a model,
     an adapter or samples), and so is one that is, or lies inside, one of ``inputs`` (never write over what
-    is being read).
+    is being read). The command then holds the folder's run lock (runlock.py) until it ends
+    (``release_outputs``, called by ``cli.main``): a second command writing there meanwhile is refused with
+    one line naming the first, and the emptiness check is made under the lock, so of two commands started
+    at once on one new folder exactly one writes it.
     """
     p = Path(path)
     if str(path) == "":
@@ -59,43 +65,47 @@ def out_dir(path: str | Path, overwrite: bool = False, inputs: tuple[str | Path,
         if resolved == s or s in resolved.parents:
             raise UserError(f"--out {p} is the input {src}: write to another directory")
     if p.is_dir():
-        runlock.check_free(p)  # a training running there: name it
-    check_empty(p, overwrite)
-    check_writable(p)
+        runlock.check_free(p)  # a command running there: name it
+    lock = claim(p, command)
+    try:
+        try:
+            held = sorted(q.name for q in p.iterdir() if q.name != runlock.LOCK_NAME)
+        except OSError as e:
+            raise UserError(f"--out {p}: cannot read it ({e.strerror or e})") from None
+        if held and not overwrite:
+            names = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise UserError(f"--out {p} already holds files ({names}); pass --overwrite or choose another"
+                            " --out")
+    except BaseException:
+        if lock is not None:
+            _CLAIMED.remove(lock)
+            lock.release()
+        raise
     return p
 
 
-def check_empty(p: Path, overwrite: bool) -> None:
-    """--out holds no files (a stale run lock aside: check_free has said no live process holds it), unless
-    ``overwrite``."""
+def claim(p: Path, command: str = "lora4diffusion process") -> runlock.RunLock | None:
+    """Take output folder ``p``'s run lock for the rest of the command (creating ``p``, after checking it
+    can be written); None on torchrun ranks other than 0, which never write (rank 0 holds it for all)."""
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out {p} is a file, not a directory")
+    check_writable(p)
+    if distributed.env_rank() != 0:
+        return None
+    lock = runlock.RunLock(p, command=command)  # the refusal of a second writer names it
     try:
-        held = sorted(q.name for q in p.iterdir() if q.name != runlock.LOCK_NAME) if p.is_dir() else []
+        lock.acquire()  # UserError naming the holder while another live process holds it
     except OSError as e:
-        raise UserError(f"--out {p}: cannot read it ({e.strerror or e})") from None
-    if held and not overwrite:
-        names = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-        raise UserError(f"--out {p} already holds files ({names}); pass --overwrite or choose another --out")
+        raise UserError(f"--out {p}: cannot create it or its lock ({e.strerror or e})") from None
+    _CLAIMED.append(lock)
+    return lock
 
 
-@contextmanager
-def holding_out(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
-    """Hold --out's run lock (runlock.py) while a command works and writes there: a second process writing
-    into the same folder is refused (one line naming the holder) instead of silently replacing the files.
-    Under the lock the folder is checked again (``check_empty``): another run may have filled it since
-    ``out_dir`` looked. A folder this call created is removed again if nothing was written into it."""
-    created = not out.exists()
-    lock = runlock.RunLock(out, command=command)
-    try:
-        lock.acquire()
-        check_empty(out, overwrite)
-        yield out
-    finally:
-        lock.release()
-        if created:
-            try:
-                out.rmdir()  # only an empty folder: what this run (or a racing one) wrote stays
-            except OSError:
-                pass
+def release_outputs() -> None:
+    """Release the locks ``out_dir`` took, last first (a folder the lock created and nothing was written
+    into goes too: a refused or failed command leaves no empty folder)."""
+    while _CLAIMED:
+        _CLAIMED.pop().release()
 
 
 def check_writable(path: Path) -> None:
@@ -107,7 +117,7 @@ def check_writable(path: Path) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"--out {path}: {probe} is a file, not a directory")
+        raise UserError(f"--out {path}: cannot write there ({probe} is a file, not a directory)")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".lora4diffusion-probe-", dir=probe)
     except OSError as e:

@@ -17,12 +17,12 @@ import torch
 from lora4diffusion import __version__, quick
 from lora4diffusion.cli.apps import add_demo, add_list_info, add_serve
 from lora4diffusion.cli.args import bounded_int
-from lora4diffusion.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, device_args
+from lora4diffusion.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, device_args, release_outputs
 from lora4diffusion.cli.convert import add_extract, add_format_parsers, add_merge, add_peft, add_resize
 from lora4diffusion.cli.evaluate import add_evaluate, add_train_classifier
 from lora4diffusion.cli.sample import add_sample
 from lora4diffusion.cli.train import add_reconstruct, add_train, add_train_lora, add_train_vae
-from lora4diffusion.distributed import keep_freed_memory
+from lora4diffusion.distributed import keep_freed_memory, resolve_device
 from lora4diffusion.errors import UserError
 from lora4diffusion.threads import configure_threads
 from lora4diffusion.training.run import NonFiniteLoss
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads(args.threads)
     quick.shrink(args)  # LORA4DIFFUSION_QUICK: toy sizes (the README test)
     try:
+        if args.command in MODEL_COMMANDS:  # --device cuda without CUDA: refused by every command, up front
+            resolve_device(getattr(args, "device", "auto"))
         return args.func(args)
     except UserError as e:  # names the command: "lora4diffusion sample: error: ..."
         print(f"lora4diffusion {args.command}: error: {e}", file=sys.stderr)
@@ -177,3 +179,5 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`evaluate ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit flush raises again
         return 1
+    finally:
+        release_outputs()  # the output folders' locks (cli/common.out_dir)

@@ -27,7 +27,6 @@ from lora4diffusion.cli.args import (
 from lora4diffusion.cli.common import (
     Commands,
     existing,
-    holding_out,
     log,
     lora_inputs,
     out_dir,
@@ -100,9 +99,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except UserError as e:
         raise UserError(f"--digits: {e}") from None
     model_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
-    out = out_dir(args.out, overwrite=args.overwrite, inputs=existing(model_dir) + lora_inputs(args.lora))
-    with holding_out(out, args.overwrite, "sample"):  # a second `sample --out` there is refused, not merged
-        return sample_into(args, digits, out)
+    # held until the command ends: a second `sample --out` there is refused, not merged (cli.common.out_dir)
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=existing(model_dir) + lora_inputs(args.lora),
+                  command="sample")
+    return sample_into(args, digits, out)
 
 
 def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:

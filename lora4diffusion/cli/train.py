@@ -4,6 +4,7 @@ encode-decode of held-out digits, what train-vae's model keeps)."""
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from lora4diffusion.folders.vae import load_vae
 from lora4diffusion.latents import check_encodable, reconstruct
 from lora4diffusion.plots import save_comparison
 from lora4diffusion.reconstruction import format_reconstruction_report, heldout_digits, reconstruction_report
+from lora4diffusion.styles import CSV_FORMAT
 from lora4diffusion.training.base import train_base
 from lora4diffusion.training.lora import LoRAConfig, default_lora_config, train_lora
 from lora4diffusion.training.prompt_base import train_prompt_base
@@ -99,7 +101,7 @@ def add_train_lora(sub: Commands) -> None:
     tl.add_argument("--checkpoint", metavar="DIR|NAME", help="base model (default: the shipped base)")
     renamed(tl, "--base", "--checkpoint")
     tl.add_argument("--style", required=True, help="bold | thin | italic | FOLDER (subfolders 0-9 of images)"
-                    " | FILE.csv (rows: label, then 784 pixel values 0-255, as the MNIST CSVs)")
+                    f" | FILE.csv ({CSV_FORMAT})")
     tl.add_argument("--out", required=True, help="run directory; the adapter is OUT/adapter.safetensors")
     tl.add_argument("--max-train-steps", type=positive_int, metavar="N",
                     help="training steps (default: 500; on a prompt base 750, or 400 without --trigger)")
@@ -163,6 +165,13 @@ def add_reconstruct(sub: Commands) -> None:
     rc.set_defaults(func=cmd_reconstruct)
 
 
+def _loss(summary: dict) -> str:
+    """The summary's last loss; none when no step ran (``--resume`` of a run at its target, or a stop at
+    once)."""
+    loss = summary["loss"]
+    return f"loss {loss:.4f}" if math.isfinite(loss) else "no step trained"
+
+
 def cmd_train_vae(args: argparse.Namespace) -> int:
     out = train_out(args, inputs=existing(args.data))
     r, status = train_with_signals(
@@ -189,7 +198,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
         return status
     print(
         f"{'interrupted (resumable: --resume)' if r['interrupted'] else 'done'}: step {r['step']}, "
-        f"loss {r['loss']:.4f}, scaling factor {r.get('scaling_factor', float('nan')):.5f}, "
+        f"{_loss(r)}, scaling factor {r.get('scaling_factor', float('nan')):.5f}, "
         f"{r['train_seconds']:.0f} s of training; VAE folder {out}"
     )
     return status
@@ -225,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return status
     state = "interrupted (resumable: --resume)" if summary["interrupted"] else "done"
     print(
-        f"{state}: step {summary['step']}, loss {summary['loss']:.4f}, "
+        f"{state}: step {summary['step']}, {_loss(summary)}, "
         f"{summary['train_seconds']:.0f} s of training; run directory {out}"
     )
     return status

@@ -43,6 +43,7 @@ from lora4diffusion.lora.layers import unload_lora
 from lora4diffusion.lora.prompt_lora import check_trigger_in
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import plot_loss, save_grid, save_trajectory
+from lora4diffusion.runlock import LOCK_NAME
 from lora4diffusion.styles import slant, style_splits
 from lora4diffusion.training.lora import default_lora_config, train_lora
 from lora4diffusion.training.prompt_base import PRESET_NAMES, train_prompt_base
@@ -70,8 +71,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse a file, a non-empty folder (without overwrite) or a place we cannot create or write."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
-    try:
-        if out.is_dir() and any(out.iterdir()) and not overwrite:
+    try:  # the lock of the command writing here (cli/common.claim) is not content
+        if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
             raise UserError(f"--out {out} is not empty; pass --overwrite to replace the demo in it")
     except OSError as e:
         raise UserError(f"--out {out}: cannot read it ({e.strerror or e})") from None

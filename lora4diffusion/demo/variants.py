@@ -90,9 +90,13 @@ class PromptOptions:
 
     def resolved(self) -> tuple[dict[str, str], bool, bool]:
         """(style -> trigger, prior, text encoder), checked: reserved rare words, two different ones."""
-        triggers = {"bold": self.bold_trigger or DEFAULT_TRIGGERS["bold"],
-                    "italic": self.italic_trigger or DEFAULT_TRIGGERS["italic"]}  # fmt: skip
-        triggers = {s: check_trigger(w) for s, w in triggers.items()}
+        given = {"bold": self.bold_trigger, "italic": self.italic_trigger}
+        triggers = {}
+        for style, word in given.items():  # an empty word is refused as train-lora refuses it, not defaulted
+            try:
+                triggers[style] = check_trigger(DEFAULT_TRIGGERS[style] if word is None else word)
+            except UserError as e:
+                raise UserError(f"--{style}-trigger: {e}") from None
         if triggers["bold"] == triggers["italic"]:
             raise UserError(f"--bold-trigger and --italic-trigger are both {triggers['bold']!r}: composing"
                             " the two adapters needs two different trigger words")  # fmt: skip

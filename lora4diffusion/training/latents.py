@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lora4diffusion.checkpoint import load_tensors, save_tensors
-from lora4diffusion.data import default_cache_dir
+from lora4diffusion.data import cache_root
 from lora4diffusion.folders.vae import load_vae, vae_fingerprint
 from lora4diffusion.latents import check_encodable, to_vae_input
 from lora4diffusion.models.unet import UNetConfig
@@ -30,7 +30,9 @@ def latent_unet(vae: str | Path | None, unet_cfg: UNetConfig) -> tuple[VAE, UNet
 
 
 def latent_cache_dir() -> Path:
-    return default_cache_dir().parent / "latents"
+    """``$LORA4DIFFUSION_CACHE/latents`` (default ``~/.cache/lora4diffusion/latents``); data.cache_root
+    refuses a variable naming a file."""
+    return cache_root() / "latents"
 
 
 def cached_latents(

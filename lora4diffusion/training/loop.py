@@ -273,6 +273,8 @@ class Trainer:
             self._saved_step = self.step
         if self._stop_requested():  # stopped while loading: leave the folder as it was
             return self._summary(float("nan"), interrupted=True)
+        if self.step >= self.cfg.steps:  # resumed at its target (prepare_run refuses past it): nothing to do
+            return self._summary(float("nan"), interrupted=False)
         lock = RunLock(self.run_dir)
         if distributed.is_main():
             lock.acquire()  # creates the folder

@@ -21,6 +21,7 @@ from lora4diffusion import distributed
 from lora4diffusion.checkpoint import read_metadata, write_text_atomic
 from lora4diffusion.errors import UserError
 from lora4diffusion.plots import plot_loss
+from lora4diffusion.schema import int_text
 
 STATE_NAME = "train_state.safetensors"
 # TrainConfig fields a resumed run may change freely: how long it runs and how often it reports. Any other
@@ -143,6 +144,19 @@ def _saved_config(path: Path) -> dict:
     return ok
 
 
+def _check_resume_target(state: Path, steps: int) -> None:
+    """--resume to fewer steps than the run has done is refused: it cannot un-train, and going on would cut
+    metrics.csv back to the target and report a loss of nothing. (Resuming a run at exactly its target trains
+    nothing and changes nothing: allowed, so a script may always pass --resume.)"""
+    try:
+        done = int_text(read_metadata(state).get("step"), "step", 0, 2**62)
+    except UserError as e:
+        raise UserError(f"--resume: {state}: malformed metadata ({e})") from None
+    if done > steps:
+        raise UserError(f"--resume: the run in {state.parent} is at step {done}, past --max-train-steps "
+                        f"{steps}; pass more than {done} steps to continue it (nothing was changed)")
+
+
 def prepare_run(
     cfg: TrainConfig,
     out: str | Path,
@@ -188,6 +202,8 @@ def prepare_run(
             )
     cfg = replace(cfg, **given)
     cfg.validate()
+    if resume:
+        _check_resume_target(out / STATE_NAME, cfg.steps)
     device = distributed.resolve_device(device)  # fail before loading anything
     distributed.init(device)  # under torchrun; from here on only rank 0 logs
     return cfg, out, device

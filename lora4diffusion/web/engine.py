@@ -40,6 +40,7 @@ from lora4diffusion.lora.prompt_lora import load_prompt_adapter, prompt_fingerpr
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image
 from lora4diffusion.web.prompt import Conditioning, check_name
+from lora4diffusion.web.request import BODY_TIMEOUT_S, HTTPError
 
 log = logging.getLogger("lora4diffusion")
 STYLES = ("bold", "thin", "italic")
@@ -61,17 +62,12 @@ class ServeConfig:
     max_image_bytes: int = 2 * 2**20  # one image inside the zip, uncompressed
     max_train_steps: int = 2000
     max_rank: int = 64
+    body_timeout: float = BODY_TIMEOUT_S  # seconds for a request's whole body to arrive (then 408, closed)
     local_only: bool = True  # answer only to Host 127.0.0.1/localhost (serve sets False for other binds)
     sampler_batch: int | None = None  # None: Pipeline.generate's default, so `sample` gives the same images
     # train-lora's option strings -> how many values each takes (argparse nargs, 0: a switch), handed in by
     # the CLI's serve from its own parser; None: training.DEFAULT_TRAIN_LORA_FLAGS
     train_lora_options: dict[str, int | str | None] | None = None
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 # --------------------------------------------------------------------------------------------- adapters
@@ -404,21 +400,3 @@ def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None, b
 
 def _quote(text: str) -> str:
     return shlex.quote(text)
-
-
-def int_field(body: dict, key: str, default: int, lo: int, hi: int) -> int:
-    v = body.get(key, default)
-    if v is None:
-        v = default
-    if isinstance(v, bool) or not isinstance(v, int | float) or v != int(v) or not lo <= v <= hi:
-        raise UserError(f"{key} must be an integer in {lo}..{hi}, got {str(v)[:40]}")
-    return int(v)
-
-
-def float_field(body: dict, key: str, default: float, lo: float, hi: float) -> float:
-    v = body.get(key, default)
-    if v is None:
-        v = default
-    if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-        raise UserError(f"{key} must be a number in {lo:g}..{hi:g}, got {str(v)[:40]}")
-    return float(v)

@@ -37,18 +37,18 @@ from lora4diffusion.errors import UserError
 from lora4diffusion.limits import MAX_GUIDANCE
 from lora4diffusion.lora.prompt_lora import missing_triggers
 from lora4diffusion.pipeline import Pipeline
-from lora4diffusion.web.engine import (
-    STYLES,
-    AdapterRegistry,
-    Engine,
+from lora4diffusion.web.engine import STYLES, AdapterRegistry, Engine, Job, ServeConfig, pipe_fingerprint
+from lora4diffusion.web.prompt import check_name, check_weight, encode_prompt, parse_prompt
+from lora4diffusion.web.request import (
     HTTPError,
-    Job,
-    ServeConfig,
+    describe,
     float_field,
     int_field,
-    pipe_fingerprint,
+    object_field,
+    parse_body,
+    read_body,
+    str_field,
 )
-from lora4diffusion.web.prompt import check_name, check_weight, encode_prompt, parse_prompt
 from lora4diffusion.web.training import Training, TrainJob
 
 __all__ = ["ServeConfig", "create_app", "serve"]
@@ -91,25 +91,21 @@ class State:
         unknown = set(body) - {"prompt", "negative", "n", "steps", "guidance", "seed", "loras"}
         if unknown:
             raise UserError(f"unknown field(s) {', '.join(sorted(unknown))}")
-        prompt, negative = body.get("prompt", ""), body.get("negative", "") or ""
-        if not isinstance(prompt, str) or not isinstance(negative, str) or len(prompt) > 2000:
-            raise UserError("prompt and negative must be strings (prompt at most 2000 characters)")
+        prompt, negative = str_field(body, "prompt"), str_field(body, "negative")
         n = int_field(body, "n", 1, 1, cfg.max_per_digit)
         steps = int_field(body, "steps", DEFAULT_STEPS, 1, min(cfg.max_steps, self.pipe.diffusion.timesteps))
         guidance = float_field(body, "guidance", DEFAULT_GUIDANCE, 0.0, MAX_GUIDANCE)
         seed = body.get("seed")
-        if seed is None or seed == -1:
+        if seed is None or (seed == -1 and not isinstance(seed, bool)):  # -1 or null: draw one
             seed = secrets.randbelow(2**31)
         seed = int_field({"seed": seed}, "seed", 0, 0, 2**31 - 1)
-        loras = body.get("loras") or {}
-        if not isinstance(loras, dict):
-            raise UserError('loras must be an object {"name": weight}')
+        loras = object_field(body, "loras", '{"name": weight}')
         parsed = parse_prompt(prompt)
         merged: dict[str, float] = {}
         for name, w in loras.items():
             check_name(name)
             if isinstance(w, bool) or not isinstance(w, int | float):
-                raise UserError(f"weight of adapter {name!r} must be a number")
+                raise UserError(f"weight of adapter {name!r} must be a number, got {describe(w)}")
             merged[name] = check_weight(name, w)
         for name, w in parsed.loras.items():
             if name in merged and merged[name] != w:
@@ -158,21 +154,9 @@ def create_app(cfg: ServeConfig | None = None):
         return JSONResponse({"error": " ".join(str(message).split())[:500]}, status_code=status)
 
     async def read_json(request: Request, limit: int = 2**20) -> dict:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            raise HTTPError(413, f"request body too large (limit {limit // 2**20} MiB)")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise HTTPError(413, f"request body too large (limit {limit // 2**20} MiB)")
-        try:
-            obj = json.loads(body or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"the request body is not JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-        if not isinstance(obj, dict):
-            raise UserError("the request body must be a JSON object")
-        return obj
+        """The body as a JSON object, read and parsed with limits (web/request.py: size, time, depth,
+        numbers); every way it falls short is a 4xx naming it."""
+        return parse_body(await read_body(request, limit, cfg.body_timeout))
 
     async def index(request: Request):
         return FileResponse(STATIC / "index.html")
@@ -253,7 +237,10 @@ def create_app(cfg: ServeConfig | None = None):
         return error(400, str(exc))
 
     async def http_error(request: Request, exc: HTTPError):
-        return error(exc.status, exc.message)
+        response = error(exc.status, exc.message)
+        if exc.close:  # the client may still be sending: end the connection (uvicorn closes it after this)
+            response.headers["connection"] = "close"
+        return response
 
     async def starlette_error(request: Request, exc: HTTPException):
         return error(exc.status_code, exc.detail or "error")

@@ -26,8 +26,9 @@ from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import ADAPTER_FILE
 from lora4diffusion.lora.prompt_lora import check_trigger_in
-from lora4diffusion.web.engine import STYLES, AdapterRegistry, HTTPError, ServeConfig, int_field
+from lora4diffusion.web.engine import STYLES, AdapterRegistry, ServeConfig
 from lora4diffusion.web.prompt import check_name
+from lora4diffusion.web.request import HTTPError, describe, int_field, str_field
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Options of train-lora for prompt models, passed on only where its option table has them (see options()).
@@ -120,7 +121,7 @@ class Training:
         flags, args = self.flags(), []
         for key, flag in PROMPT_OPTIONS.items():
             value = body.get(key)
-            if value in (None, False, ""):
+            if value is None or value is False or value == "":  # not asked for (0 is not false: see below)
                 continue
             if flag not in flags:
                 raise UserError(f"{key}: the installed train-lora has no {flag} option")
@@ -128,7 +129,7 @@ class Training:
                 raise UserError(f"{key} is for prompt models; the loaded base is a label model")
             if key == "trigger":
                 if not isinstance(value, str) or not TRIGGER.fullmatch(value.strip()):
-                    raise UserError(f"trigger must be one word (letters, digits), got {str(value)[:40]!r}")
+                    raise UserError(f"trigger must be one word (letters, digits), got {describe(value)}")
 
                 # a reserved rare word of this base's vocabulary: a 400 now, not a failed job later
                 args += [flag, check_trigger_in(value.strip(), self.tokenizer)]
@@ -139,22 +140,25 @@ class Training:
                 if not text or text.startswith("-") and not _number(text):
                     raise UserError(f"{key}: bad value {text[:40]!r}")
                 args += [flag, text]
+            elif flags[flag] == 0:
+                raise UserError(f"{key} must be true or false ({flag} is a switch), got {describe(value)}")
             else:
-                raise UserError(f"{key}: {flag} takes {'no value' if flags[flag] == 0 else 'a value'}")
+                raise UserError(f"{key}: {flag} takes a value, got {describe(value)}")
         return args
 
     def busy(self) -> TrainJob | None:
         return next((j for j in self.jobs.values() if j.status == "running"), None)
 
     def start(self, body: dict) -> TrainJob:
-        name = check_name(str(body.get("name", "")))
-        style = str(body.get("style", ""))
+        name = check_name(str_field(body, "name", max_chars=64))
+        style = str_field(body, "style", max_chars=64)
         rank = int_field(body, "rank", 4, 1, self.cfg.max_rank)
         steps = int_field(body, "steps", 200, 1, self.cfg.max_train_steps)
         extra = self.prompt_args(body)
-        trigger = str(body.get("trigger") or "").strip().lower()[:32]
+        raw = body.get("trigger")  # checked by prompt_args where it is used; shown in the job as given
+        trigger = raw.strip().lower()[:32] if isinstance(raw, str) else ""
         if style not in (*STYLES, "upload"):
-            raise UserError(f"style must be one of {', '.join(STYLES)} or 'upload', got {style[:40]!r}")
+            raise UserError(f"style must be one of {', '.join(STYLES)} or 'upload', got {describe(style)}")
         with self.lock:
             running = self.busy()
             if running:
