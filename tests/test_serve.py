@@ -89,7 +89,7 @@ def test_prompt_digits(text, digits):
 
 
 def test_prompt_refuses_what_the_label_model_cannot_read():
-    for bad in ("a cat", "9-2", "the"):
+    for bad in ("a cat", "9-2", "the", "\u0663", "\uff17"):  # Arabic-Indic 3, fullwidth 7: ASCII digits only
         with pytest.raises(UserError):
             prompt_digits(bad)
     with pytest.raises(UserError, match="negative"):

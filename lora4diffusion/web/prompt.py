@@ -24,7 +24,8 @@ from lora4diffusion.prompt_syntax import (  # noqa: F401 (re-exported for web/)
 # The tag parsing is shared with the CLI and Pipeline (lora4diffusion.prompt_syntax); the page takes plain
 # adapter names only (parse_prompt's default), never paths.
 WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine".split())}
-_TOKEN = re.compile(r"(\d)\s*-\s*(\d)|(\d)|([a-z]+)")
+# ASCII digits only, as `sample --digits` and the CSV reader ("٣" is not read as a 3)
+_TOKEN = re.compile(r"([0-9])\s*-\s*([0-9])|([0-9])|([a-z]+)")
 _FILLER = {"and", "a", "an", "digit", "digits", "number", "numbers", "the", "of", "to", "then", "or"}
 
 
