@@ -849,7 +849,7 @@ def test_a_refused_command_leaves_no_folder_and_no_lock(tmp_path, capsys):
     """The lock creates --out before the work; a refusal after that (a bad adapter here) removes it again."""
     out = tmp_path / "new" / "out"
     _refused(capsys, ["merge", "--checkpoint", PIXEL, "--lora", "bold-pixel:1e30", "--out", str(out)],
-             "1000")
+             "[-2, 2]")
     _refused(capsys, ["merge", "--checkpoint", PIXEL, "--lora", str(tmp_path / "nope"), "--out", str(out)],
              "nope")
     assert not (tmp_path / "new").exists()

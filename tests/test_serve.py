@@ -209,7 +209,7 @@ def test_stream_sends_previews_then_the_result(client):
     ({"prompt": "3", "n": 2.5}, 400, "got 2.5"),
     ({"prompt": "3", "steps": True}, 400, "steps must be an integer in 1..200, got true"),
     ({"prompt": "3", "seed": True}, 400, "seed must be an integer in 0..2147483647, got true"),
-    ({"prompt": "3", "guidance": [1]}, 400, "guidance must be a number in 0..20, got a list"),
+    ({"prompt": "3", "guidance": [1]}, 400, "guidance must be a number in 0..30, got a list"),
     ({"prompt": "3", "negative": 0}, 400, "negative must be a string, got 0"),
     ({"prompt": ["3"]}, 400, "prompt must be a string, got a list"),
     ({"prompt": "3", "loras": []}, 400, 'loras must be an object {"name": weight}, got a list'),
