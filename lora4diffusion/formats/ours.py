@@ -14,13 +14,13 @@ import logging
 import torch
 
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora.adapters import METHOD_KEY, Adapter, check_adapter, parse_metadata
+from lora4diffusion.lora.adapters import METHOD_KEY, OPTIONS_KEY, Adapter, check_adapter, parse_metadata
 from lora4diffusion.lora.prompt_lora import TRIGGER_KEY, trigger_words  # one parser of the trigger entry
 from lora4diffusion.schema import shown
 
 log = logging.getLogger("lora4diffusion")
 META_KEY = "lora4diffusion"
-_RESERVED = frozenset({*Adapter({}, 1, 1.0).metadata(), METHOD_KEY})  # the settings; the rest: the caller's
+_RESERVED = frozenset({*Adapter({}, 1, 1.0).metadata(), METHOD_KEY, OPTIONS_KEY})  # the rest: the caller's
 
 
 def blob(adapter: Adapter) -> str:
@@ -43,13 +43,12 @@ def from_blob(tensors: dict[str, torch.Tensor], text: str, where: object) -> Ada
         settings = parse_metadata(meta)
     except UserError as e:
         raise UserError(f"{where}: malformed '{META_KEY}' metadata ({e})") from None
-    order = settings.pop("targets")  # the file's tensor order is sorted: restore the model's
-    mods = {k.rsplit(".lora_", 1)[0] for k in tensors}
-    if set(order) == mods:
-        tensors = {f"{m}.{leaf}": tensors[f"{m}.{leaf}"] for m in order for leaf in ("lora_down.weight",
-                                                                                 "lora_up.weight")}
+    order = settings.pop("targets")
     extra = {k: v for k, v in meta.items() if k not in _RESERVED}
-    return check_adapter(Adapter(tensors, extra=extra, **settings), where)
+    adapter = Adapter(tensors, extra=extra, **settings)
+    if set(order) == set(adapter.modules):  # the file's tensor order is sorted: restore the model's
+        adapter.tensors = {f"{m}.{k}": t for m in order for k, t in adapter.module_tensors(m).items()}
+    return check_adapter(adapter, where)
 
 
 def common_rank(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], where: object, name=str) -> int:

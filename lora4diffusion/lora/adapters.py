@@ -67,6 +67,7 @@ _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _RESERVED = ("format", "version", "rank", "alpha", "scale_rule", "targets", "init", "dropout",
              "base_fingerprint")  # required
 METHOD_KEY = "method"  # written for methods other than LoRA only
+OPTIONS_KEY = "options"  # the method's own options (JSON), written only when some differ from the defaults
 
 
 @dataclass
@@ -80,15 +81,23 @@ class Adapter:
     fingerprint: str = UNKNOWN
     extra: dict[str, str] = field(default_factory=dict)  # the caller's metadata (style, steps, ...)
     method: str = "lora"  # the AdapterMethod's kind (layers.METHODS)
+    options: dict = field(default_factory=dict)  # the method's own options (LoKr: factor, ...)
 
     @property
     def modules(self) -> list[str]:
-        first = "." + METHODS[self.method].keys[0]
-        return [k.removesuffix(first) for k in self.tensors if k.endswith(first)]
+        """The adapted module paths, in file order (a module is named by any of its method's keys)."""
+        ends = tuple("." + k for k in METHODS[self.method].keys)
+        found: dict[str, None] = {}
+        for key in self.tensors:
+            end = next((e for e in ends if key.endswith(e)), None)
+            if end is not None:
+                found[key.removesuffix(end)] = None
+        return list(found)
 
     def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
         """One module's tensors by the method's keys (LoRA: lora_down.weight, lora_up.weight)."""
-        return {k: self.tensors[f"{module}.{k}"] for k in METHODS[self.method].keys}
+        keys = METHODS[self.method].keys
+        return {k: self.tensors[f"{module}.{k}"] for k in keys if f"{module}.{k}" in self.tensors}
 
     @property
     def scale(self) -> float:
@@ -105,6 +114,8 @@ class Adapter:
                 "base_fingerprint": self.fingerprint}
         if self.method != "lora":
             meta[METHOD_KEY] = self.method
+        if self.options:
+            meta[OPTIONS_KEY] = json.dumps(self.options, sort_keys=True)
         clash = set(self.extra) & set(meta)
         if clash:
             raise ValueError(f"metadata keys {sorted(clash)} are reserved")
@@ -133,10 +144,11 @@ def base_fingerprint(model: nn.Module) -> str:
 
 def adapter_settings(layers: list[LoRALayer], name: str) -> dict:
     """Adapter ``name``'s method and settings (``metadata()``) on ``layers``, as Adapter fields; a file
-    records one set, so a method, rank, alpha or init differing between layers is refused (dropout: the
-    first layer's)."""
+    records one set, so a method, rank, alpha, init or option differing between layers is refused (dropout:
+    the first layer's)."""
     found = [{"method": layer.adapters[name].kind, **layer.adapters[name].metadata()} for layer in layers]
-    if len({(s["method"], s["rank"], s["alpha"], s["rslora"], s["init"]) for s in found}) > 1:
+    if len({(s["method"], s["rank"], s["alpha"], s["rslora"], s["init"], json.dumps(s.get("options")))
+            for s in found}) > 1:
         raise UserError(f"adapter {name!r} has different rank/alpha/init on different modules; not saveable")
     return found[0]
 
@@ -187,7 +199,6 @@ def _structure(adapter: Adapter, where: str | Path) -> None:
     """Every module has each of the method's tensors (LoRA: A and B), passing the method's own checks (LoRA:
     rank ``adapter.rank`` in the Linear or Conv2d layout)."""
     method = METHODS[adapter.method]
-    first, *rest = method.keys
     if not adapter.tensors:
         raise UserError(f"{where}: the adapter holds no {method.__name__} tensors")
     for key in adapter.tensors:
@@ -195,23 +206,22 @@ def _structure(adapter: Adapter, where: str | Path) -> None:
             raise UserError(f"{where}: unexpected tensor {shown(key, 80)} (an adapter holds only"
                             f" {method.__name__} tensors)")
     for m in adapter.modules:
-        for k in rest:
-            if f"{m}.{k}" not in adapter.tensors:
-                raise UserError(f"{where}: module {m} has {first.split('.')[0]} but no {k.split('.')[0]}")
-        problem = method.problem(adapter.module_tensors(m), adapter.rank)
+        problem = method.problem(adapter.module_tensors(m), adapter.rank, **adapter.options)
         if problem:
             raise UserError(f"{where}: module {m}: {problem}")
-    if len(adapter.modules) * len(method.keys) != len(adapter.tensors):
-        others = "/".join(k.split(".")[0] for k in rest)
-        raise UserError(f"{where}: some {others} tensors have no {first.split('.')[0]}")
 
 
 def check_settings(rank: object, alpha: object, rslora: object = False, dropout: object = 0.0,
-                   init: object = "normal", fingerprint: object = UNKNOWN, method: object = "lora") -> None:
+                   init: object = "normal", fingerprint: object = UNKNOWN, method: object = "lora",
+                   options: object = None) -> None:
     """The one check of an adapter's settings, whichever file (or Python caller) they come from: rank an
     integer in 1..MAX_RANK, alpha a finite number in (0, MAX_ALPHA], rslora a bool, dropout in [0, 1), init
-    a string, the fingerprint 64 hex digits or 'unknown', a known method. A UserError naming the field."""
+    a string, the fingerprint 64 hex digits or 'unknown', a known method and options it has (of the right
+    types). A UserError naming the field."""
     string(method, METHOD_KEY, tuple(METHODS))
+    if not isinstance(options if options is not None else {}, dict):
+        raise UserError(f"options must be a JSON object, got {shown(options)}")
+    METHODS[method].check_options(options or {})
     integer(rank, "rank", 1, MAX_RANK)
     number(alpha, "alpha", 0.0, MAX_ALPHA, lo_open=True)
     boolean(rslora, "rslora")
@@ -229,7 +239,7 @@ def check_adapter(adapter: Adapter, where: str | Path) -> Adapter:
     metadata text -> text, and the structure (every module's tensors, the method's own checks)."""
     try:
         check_settings(adapter.rank, adapter.alpha, adapter.rslora, adapter.dropout, adapter.init,
-                       adapter.fingerprint, adapter.method)
+                       adapter.fingerprint, adapter.method, adapter.options)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     for key, t in adapter.tensors.items():
@@ -269,7 +279,11 @@ def parse_metadata(meta: dict[str, str]) -> dict:
     rule = string(meta["scale_rule"], "scale_rule", ("standard", "rslora"))
     dropout = float_text(meta["dropout"], "dropout", 0.0, 1.0)
     init, fingerprint = meta["init"], meta["base_fingerprint"]
-    check_settings(rank, alpha, rule == "rslora", dropout, init, fingerprint, method)
+    try:
+        options = json.loads(meta.get(OPTIONS_KEY, "{}"))
+    except (ValueError, RecursionError):
+        raise UserError(f"options must be a JSON object, got {shown(meta[OPTIONS_KEY])}") from None
+    check_settings(rank, alpha, rule == "rslora", dropout, init, fingerprint, method, options)
     try:
         targets = json.loads(meta["targets"]) if isinstance(meta["targets"], str) else None
     except (ValueError, RecursionError):  # not JSON, too deep, or an integer of more than 4300 digits
@@ -277,7 +291,7 @@ def parse_metadata(meta: dict[str, str]) -> dict:
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise UserError(f"targets must be a JSON list of module names, got {shown(meta['targets'])}")
     return {"rank": rank, "alpha": alpha, "rslora": rule == "rslora", "init": init, "dropout": dropout,
-            "fingerprint": fingerprint, "method": method, "targets": targets}
+            "fingerprint": fingerprint, "method": method, "options": options, "targets": targets}
 
 
 def read_adapter_metadata(path: str | Path) -> tuple[Path, dict, dict[str, str]]:
@@ -301,8 +315,8 @@ def read_adapter(path: str | Path) -> Adapter:
     """Read and validate an adapter file (or the directory holding ``adapter.safetensors``)."""
     path, settings, meta = read_adapter_metadata(path)
     targets = settings.pop("targets")
-    adapter = Adapter(load_tensors(path), extra={k: v for k, v in meta.items()
-                                                 if k not in (*_RESERVED, METHOD_KEY)}, **settings)
+    extra = {k: v for k, v in meta.items() if k not in (*_RESERVED, METHOD_KEY, OPTIONS_KEY)}
+    adapter = Adapter(load_tensors(path), extra=extra, **settings)
     check_adapter(adapter, path)
     if sorted(targets) != sorted(adapter.modules):
         raise UserError(f"{path}: the metadata's targets ({len(targets)} modules) do not match the tensors"
@@ -328,10 +342,10 @@ def check_fits(model: nn.Module, adapter: Adapter, where: str | Path) -> None:
         if m not in candidates:
             raise UserError(f"{where}: adapter module {shown(m, 80)} does not exist in this model")
         have = {k: tuple(t.shape) for k, t in adapter.module_tensors(m).items()}
-        want = method.shapes(candidates[m], adapter.rank)
+        want = method.shapes(candidates[m], adapter.rank, **adapter.options)
         if have != want:
             raise UserError(f"{where}: module {m}: adapter shapes {'/'.join(map(str, have.values()))},"
-                            f" this model needs {'/'.join(str(want[k]) for k in have)}")
+                            f" this model needs {'/'.join(str(s) for s in want.values())}")
 
 
 def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None = None, weight: float = 1.0,
@@ -368,7 +382,7 @@ def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None 
     check_fits(model, adapter, where)
     init = adapter.init if adapter.init in INITS else "normal"  # only a record; the weights are loaded below
     inject_lora_at(model, adapter.modules, adapter.rank, adapter.alpha, name, init, adapter.rslora,
-                   adapter.dropout, METHODS[adapter.method])
+                   adapter.dropout, METHODS[adapter.method], adapter.options)
     layers = lora_layers(model)
     with torch.no_grad():
         for m in adapter.modules:  # copy_ into the parameters: device and dtype stay the model's

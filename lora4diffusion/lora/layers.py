@@ -7,21 +7,27 @@ sets 0.5), so for adapters i with multipliers m_i the layer computes
 
     h = W0 x + sum_i m_i ΔW_i x                       (a merged adapter is inside W0 instead: W0 += m_i ΔW_i)
 
-LoRA (Hu et al. 2021, eq. 3; lora.py) is the first method: ΔW = (alpha/r) B A, with A = ``lora_down``
-[r, in] random and B = ``lora_up`` [out, r] zero, so an adapted model starts exactly equal to its base
-(rsLoRA, Kalajdzievski 2023: alpha/sqrt(r)).
+The methods (``METHODS``), each starting at ΔW = 0 so an adapted model starts exactly equal to its base:
+- LoRA (Hu et al. 2021, eq. 3; lora.py): ΔW = (alpha/r) B A, A = ``lora_down`` [r, in], B = ``lora_up``
+  [out, r] (rsLoRA, Kalajdzievski 2023: alpha/sqrt(r));
+- DoRA (Liu et al. 2024, eq. 5; dora.py): W0 + ΔW = m (W0 + ΔW_LoRA) / ||W0 + ΔW_LoRA||, m trained;
+- LoHa (FedPara, Hyeon-Woo et al. 2022; loha.py): ΔW = (alpha/r) (W1a W1b) ⊙ (W2a W2b);
+- LoKr (LyCORIS, Yeh et al. 2024; lokr.py): ΔW = (alpha/r) W1 ⊗ W2.
 
 The contract: a new method (DoRA, LoHa, LoKr, ...) is one file with a subclass of ``AdapterMethod`` plus one
 line in ``METHODS``; it implements
-- ``__init__(base, rank, alpha, init, rslora, dropout)``: its tensors, shaped and initialised for the base
-  nn.Linear / nn.Conv2d (ΔW = 0 at first, as LoRA's B = 0), each held in a child module;
-- ``keys`` and ``shapes(base, rank)``: the names of its tensors (its own ``state_dict()`` keys) and their
-  shapes on a base, which adapter files are checked against before any model is touched; ``problem``: the
-  checks a file's tensors must pass on their own;
-- ``delta_weight(m)``: m ΔW in fp32, shaped like the base weight (what merging adds to W0);
-- ``forward(x, m)``: m ΔW x, run in fp32 with autocast off (the default applies ``delta_weight`` with the
+- ``__init__(base, rank, alpha, init, rslora, dropout, **options)``: its tensors, shaped and initialised for
+  the base nn.Linear / nn.Conv2d (ΔW = 0 at first, as LoRA's B = 0), each held in a child module;
+  ``options`` are its own settings (LoKr: ``factor``; DoRA: ``norm_axis``), declared with their defaults;
+- ``keys`` and ``shapes(base, rank, **options)``: the names its tensors may have (its own ``state_dict()``
+  keys) and their shapes on a base, which adapter files are checked against before any model is touched;
+  ``problem``: the checks a file's tensors must pass on their own;
+- ``delta_weight(m, W0)``: m ΔW in fp32, shaped like the base weight (what merging adds to W0); W0 is the
+  base weight without merged adapters (only DoRA's ΔW depends on it);
+- ``forward(x, m, W0)``: m ΔW x, run in fp32 with autocast off (the default applies ``delta_weight`` with the
   base's linear / conv operation; LoRA computes B (A x) instead);
-- ``metadata()``: its settings (rank, alpha, init, rslora, dropout), written into adapter files.
+- ``metadata()``: its settings (rank, alpha, init, rslora, dropout, options), written into adapter files;
+- ``up_keys``: the "B" factor of each A/B pair, which LoRA+ trains with a larger learning rate.
 The wrapper then gives every method, unchanged: multipliers (0 skips the adapter, so the output is the base's
 bit for bit), merging and exact unmerging, enabling, deleting, ``base_state_dict`` and the base fingerprint,
 saving and loading adapter files (adapters.py) and the format exports built on them.
@@ -43,11 +49,15 @@ import torch
 from torch import nn
 
 from lora4diffusion.errors import UserError
+from lora4diffusion.lora.dora import DoRA
+from lora4diffusion.lora.loha import LoHa
+from lora4diffusion.lora.lokr import LoKr
 from lora4diffusion.lora.lora import INITS, LoRA
 from lora4diffusion.lora.method import AdapterMethod
 from lora4diffusion.lora.targets import adaptable_modules, max_rank, resolve_targets
 
-METHODS: dict[str, type[AdapterMethod]] = {LoRA.kind: LoRA}  # adapter files name their method by kind
+# adapter files name their method by kind
+METHODS: dict[str, type[AdapterMethod]] = {m.kind: m for m in (LoRA, DoRA, LoHa, LoKr)}
 
 
 class LoRALayer(nn.Module):
@@ -111,9 +121,15 @@ class LoRALayer(nn.Module):
         if merged:
             self.merge(merged)
 
+    @property
+    def original_weight(self) -> torch.Tensor:
+        """W0 without any merged adapter (what a method whose ΔW depends on W0, DoRA, is relative to)."""
+        w = self._unmerged_weight
+        return self.base_layer.weight if w is None else w
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """m ΔW of adapter ``name`` in fp32, shaped like the base weight."""
-        return self.adapters[name].delta_weight(self.multipliers[name])
+        return self.adapters[name].delta_weight(self.multipliers[name], self.original_weight)
 
     # --- merging: fold the adapters into W0 for inference speed ---
     @property
@@ -169,7 +185,7 @@ class LoRALayer(nn.Module):
             # The adapter runs in fp32 even under bf16 autocast; only the sum with the base output takes that
             # output's dtype.
             with torch.autocast(device_type=x.device.type, enabled=False):
-                out = out + method(x, m).to(out.dtype)
+                out = out + method(x, m, self.original_weight).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
@@ -199,20 +215,21 @@ class LoRAConv2d(LoRALayer):
 # ----- injection -----
 def inject_lora(model: nn.Module, targets: str | Sequence[str], rank: int, alpha: float,
                 name: str = "default", init: str = "normal", rslora: bool = False, dropout: float = 0.0,
-                method: type[AdapterMethod] = LoRA) -> list[str]:
-    """Add adapter ``name`` (a ``method``, LoRA by default) to every matched layer; afterwards only that
-    adapter is trainable.
+                method: type[AdapterMethod] = LoRA, options: dict | None = None) -> list[str]:
+    """Add adapter ``name`` (a ``method``, LoRA by default, with its ``options``) to every matched layer;
+    afterwards only that adapter is trainable.
 
     Returns the adapted module paths. Everything is validated before the model is touched.
     """
     return inject_lora_at(model, resolve_targets(model, targets), rank, alpha, name, init, rslora, dropout,
-                          method)
+                          method, options)
 
 
 def inject_lora_at(model: nn.Module, paths: Sequence[str], rank: int, alpha: float, name: str = "default",
                    init: str = "normal", rslora: bool = False, dropout: float = 0.0,
-                   method: type[AdapterMethod] = LoRA) -> list[str]:
+                   method: type[AdapterMethod] = LoRA, options: dict | None = None) -> list[str]:
     """``inject_lora`` for exact module paths (used when loading an adapter file)."""
+    options = method.check_options(options or {})
     if not isinstance(rank, int) or rank <= 0:
         raise UserError(f"LoRA rank must be a positive integer, got {rank}")
     if not alpha > 0 or not math.isfinite(alpha):
@@ -243,7 +260,7 @@ def inject_lora_at(model: nn.Module, paths: Sequence[str], rank: int, alpha: flo
             parent, _, child = path.rpartition(".")
             layer = LoRALayer(layer)
             setattr(model.get_submodule(parent), child, layer)
-        layer.add_adapter(name, method(layer.base_layer, rank, alpha, init, rslora, dropout))
+        layer.add_adapter(name, method(layer.base_layer, rank, alpha, init, rslora, dropout, **options))
     model.requires_grad_(False)
     for layer in lora_layers(model).values():
         if name in layer.adapters:

@@ -23,10 +23,11 @@ class LoRA(AdapterMethod):
 
     kind = "lora"
     keys = ("lora_down.weight", "lora_up.weight")
+    up_keys = ("lora_up.weight",)
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, init: str = "normal", rslora: bool = False,
-                 dropout: float = 0.0):
-        super().__init__(base, rank, alpha, init, rslora, dropout)
+                 dropout: float = 0.0, **options):
+        super().__init__(base, rank, alpha, init, rslora, dropout, **options)
         if isinstance(base, nn.Linear):
             down = nn.Linear(base.in_features, rank, bias=False)
             up = nn.Linear(rank, base.out_features, bias=False)
@@ -44,10 +45,9 @@ class LoRA(AdapterMethod):
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
         nn.init.zeros_(up.weight)  # B = 0: the adapted model starts as the base model
         self.lora_down, self.lora_up = down, up
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @classmethod
-    def shapes(cls, base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+    def shapes(cls, base: nn.Module, rank: int, **options) -> dict[str, tuple[int, ...]]:
         """Linear: A [r, in], B [out, r]; Conv2d: A [r, in, kh, kw], B [out, r, 1, 1]."""
         w = base.weight
         if isinstance(base, nn.Linear):
@@ -55,22 +55,26 @@ class LoRA(AdapterMethod):
         return {"lora_down.weight": (rank, *w.shape[1:]), "lora_up.weight": (w.shape[0], rank, 1, 1)}
 
     @classmethod
-    def problem(cls, tensors: dict[str, torch.Tensor], rank: int) -> str | None:
+    def problem(cls, tensors: dict[str, torch.Tensor], rank: int, **options) -> str | None:
+        for have, lack in (("down", "up"), ("up", "down")):
+            if f"lora_{lack}.weight" not in tensors:
+                return f"it has lora_{have} but no lora_{lack}"
         a, b = tensors["lora_down.weight"], tensors["lora_up.weight"]
         ok = a.dim() in (2, 4) and b.dim() == a.dim() and a.shape[0] == b.shape[1] == rank
         if not ok or (a.dim() == 4 and tuple(b.shape[2:]) != (1, 1)):
             return f"tensors {tuple(a.shape)}/{tuple(b.shape)} are not a rank-{rank} LoRA pair"
         return None
 
-    def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:
+    def delta_weight(self, multiplier: float = 1.0, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """multiplier * scale * B A in fp32 (conv: [out, r] @ [r, in*kh*kw], viewed as the kernel)."""
         b, a = self.lora_up.weight, self.lora_down.weight
         delta = b.float().flatten(1) @ a.float().flatten(1)
         return (delta * (multiplier * self.scale)).view(b.shape[0], *a.shape[1:])
 
-    def forward(self, x: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, multiplier: float = 1.0,
+                base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """multiplier * scale * B A x, never forming B A. The input is cast to the factors' dtype (fp32, as in
         the seed and PEFT): the small factors and their product keep full precision under bf16 autocast."""
         down = self.lora_down
-        h = self.lora_up(down(self.lora_dropout(x.to(down.weight.dtype))))
+        h = self.lora_up(down(self.input_dropout(x.to(down.weight.dtype))))
         return h * (multiplier * self.scale)
