@@ -84,6 +84,8 @@ def _adapter_facts(path: Path) -> dict:
     layout, _ = detect(path)
     adapter = read_any(path)
     facts: dict = {} if layout == "ours" else {"format": layout}
+    if adapter.method != "lora":
+        facts["method"] = adapter.method
     for key in ("style", "trigger", "rank", "target_spec", "base"):
         value = adapter.rank if key == "rank" else adapter.extra.get(key)
         if value:
@@ -210,7 +212,8 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
     out: dict = {"path": str(p), "kind": kind, "size": _size(p)}
     if kind == "adapter":
         adapter = read_any(p)
-        out.update({"rank": adapter.rank, "alpha": adapter.alpha, "rslora": adapter.rslora,
+        out.update({"method": adapter.method, **({"options": adapter.options} if adapter.options else {}),
+                    "rank": adapter.rank, "alpha": adapter.alpha, "rslora": adapter.rslora,
                     "modules": len(adapter.modules), "fingerprint": adapter.fingerprint,
                     "parameters": sum(t.numel() for t in adapter.tensors.values())})
         meta = _adapter_meta(p)

@@ -15,8 +15,9 @@ from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.formats import detect, read_any, write_lora
 from lora4diffusion.formats.diffusers import export_diffusers, import_diffusers
 from lora4diffusion.lora.adapters import base_fingerprint, export_peft, import_peft, resolve_adapter
-from lora4diffusion.lora.extract import extract_lora, resize_adapter
+from lora4diffusion.lora.extract import convert_to_lora, extract_lora, resize_adapter
 from lora4diffusion.lora.layers import unload_lora
+from lora4diffusion.lora.prompt_lora import TE_PREFIX
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.training.lora import load_base
 
@@ -47,6 +48,10 @@ def add_resize(sub: Commands) -> None:
     rs = sub.add_parser("resize", help="change an adapter's rank by SVD")
     rs.add_argument("--lora", required=True, help="adapter directory or file, or a shipped adapter's name")
     rs.add_argument("--rank", type=rank_int, required=True, help="the new rank")
+    rs.add_argument("--checkpoint", metavar="DIR|NAME",
+                    help="dora/loha/lokr adapters: the base they were trained on, which turning them into a"
+                    " LoRA needs (default: the shipped base)")
+    rs.add_argument("--force", action="store_true", help="with --checkpoint: load onto a different base")
     rs.add_argument("--out", required=True, help="folder for adapter.safetensors")
     overwrite_arg(rs)
     rs.set_defaults(func=cmd_resize)
@@ -132,13 +137,26 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    out = out_dir(args.out, overwrite=args.overwrite, inputs=(resolve_adapter(args.lora),))
-    adapter, errors = resize_adapter(read_any(args.lora), args.rank)  # any layout sample --lora reads
+    source = read_any(args.lora)  # any layout sample --lora reads
+    if source.method == "lora":
+        out = out_dir(args.out, overwrite=args.overwrite, inputs=(resolve_adapter(args.lora),))
+        adapter, errors = resize_adapter(source, args.rank)
+        what = "resized to"
+    else:  # DoRA / LoHa / LoKr -> LoRA: the SVD of each module's ΔW, which for DoRA depends on the base
+        pipe = Pipeline.load(args.checkpoint)
+        out = out_dir(args.out, overwrite=args.overwrite, inputs=(resolve_adapter(args.lora),
+                                                                    args.checkpoint or str(pretrained_dir())))
+        name = pipe.add_lora(source, force=args.force)
+        parts = {"": pipe.unet}
+        if pipe.is_prompt_model:
+            parts[TE_PREFIX] = pipe.text_encoder
+        adapter, errors = convert_to_lora(parts, name, args.rank, source)
+        what = f"converted {source.method} to a LoRA of"
     require_finite(adapter.tensors, "resize")
     adapter.save(out)
     worst = max((v for k, v in errors.items() if k != "overall"), default=0.0)
     print(
-        f"resized to rank {args.rank} in {out}; relative approximation error {errors['overall']:.4g} "
+        f"{what} rank {args.rank} in {out}; relative approximation error {errors['overall']:.4g} "
         f"overall, {worst:.4g} worst module"
     )
     return 0

@@ -35,8 +35,10 @@ from lora4diffusion.cli.common import (
 )
 from lora4diffusion.data import parse_digits
 from lora4diffusion.distributed import resolve_device
+from lora4diffusion.errors import UserError
 from lora4diffusion.folders.vae import load_vae
 from lora4diffusion.latents import check_encodable, reconstruct
+from lora4diffusion.lora.layers import METHODS
 from lora4diffusion.plots import save_comparison
 from lora4diffusion.reconstruction import format_reconstruction_report, heldout_digits, reconstruction_report
 from lora4diffusion.styles import CSV_FORMAT
@@ -117,8 +119,19 @@ def add_train_lora(sub: Commands) -> None:
         help="preset (all-linear, the default | attention | reference | conv, combinable: attention+conv),"
         " module names/suffixes (to_q,to_v) or re:REGEX",
     )
+    tl.add_argument("--method", choices=list(METHODS), default="lora",
+                    help="adapter method: lora (Hu et al.), dora (LoRA plus a trained magnitude, Liu et"
+                    " al.), loha (Hadamard product of two low-rank products), lokr (Kronecker product);"
+                    " default lora")
+    tl.add_argument("--factor", type=int, metavar="F",
+                    help="lokr: split each size into two factors, the smaller at most F (default -1: nearest"
+                    " the square root)")
+    tl.add_argument("--loraplus-lr-ratio", type=finite_float(0.0, 1e3, low_open=True), metavar="R",
+                    help="LoRA+ (Hayou et al. 2024): train the B factor of each A/B pair at R x the learning"
+                    " rate (the paper suggests 16; default 1: off)")
     tl.add_argument("--init", choices=["normal", "kaiming"], default="normal",
-                    help="init of A (B starts at 0)")
+                    help="init of the factors (ΔW starts at 0): normal = the seed's (LyCORIS's for"
+                    " loha/lokr), kaiming = PEFT's")
     tl.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     tl.add_argument("--dropout", type=fraction_float, default=0.0, help="LoRA dropout, in [0, 1)")
     tl.add_argument("--examples-per-digit", type=per_digit_int, metavar="N",
@@ -241,7 +254,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
-    out = train_out(args, inputs=existing(args.checkpoint, args.style, args.data))
+    if args.factor is not None and args.method != "lokr":
+        raise UserError(f"--factor goes with --method lokr (got --method {args.method})")
+    if args.full and (args.method != "lora" or args.loraplus_lr_ratio is not None):
+        raise UserError("--full trains every weight: --method and --loraplus-lr-ratio go with an adapter")
     rank = args.rank or default_lora_config(args.checkpoint).rank
     lora = LoRAConfig(
         rank=rank,
@@ -250,7 +266,12 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         init=args.init,
         rslora=args.rslora,
         dropout=args.dropout,
+        method=args.method,
+        options={} if args.factor is None else {"factor": args.factor},
+        loraplus_lr_ratio=1.0 if args.loraplus_lr_ratio is None else args.loraplus_lr_ratio,
     )
+    lora.check()  # before anything is written
+    out = train_out(args, inputs=existing(args.checkpoint, args.style, args.data))
     r, status = train_with_signals(
         train_lora,
         out,

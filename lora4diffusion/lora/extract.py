@@ -1,4 +1,5 @@
-"""LoRA by truncated SVD: extract an adapter from a fine-tuned model, or resize one to a lower rank.
+"""LoRA by truncated SVD: extract an adapter from a fine-tuned model, resize one to a lower rank, or turn an
+adapter of another method (DoRA, LoHa, LoKr) into a LoRA.
 
 Eckart-Young: the best rank-k approximation of a matrix in Frobenius norm is its SVD truncated to the k
 largest singular values; its relative error is sqrt(sum of the discarded s_i^2 / sum of all s_i^2). A conv
@@ -17,7 +18,7 @@ from torch import nn
 
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import Adapter, base_fingerprint, read_adapter
-from lora4diffusion.lora.layers import base_state_dict
+from lora4diffusion.lora.layers import base_state_dict, lora_layers
 from lora4diffusion.lora.lora import LoRA
 from lora4diffusion.lora.targets import adaptable_modules, resolve_targets
 
@@ -107,8 +108,8 @@ def resize_adapter(source: Adapter | str | Path, new_rank: int) -> tuple[Adapter
     Frobenius errors per module and "overall" (= the discarded singular values' energy share, Eckart-Young).
     """
     adapter = source if isinstance(source, Adapter) else read_adapter(source)
-    if adapter.method != LoRA.kind:
-        raise UserError(f"resizing factors LoRA adapters; this one is {adapter.method}")
+    if adapter.method != LoRA.kind:  # its ΔW may depend on W0 (DoRA): convert_to_lora, on its base
+        raise UserError(f"resizing factors LoRA adapters; this one is {adapter.method} (convert_to_lora)")
     if not isinstance(new_rank, int) or not 1 <= new_rank <= adapter.rank:
         raise UserError(f"new rank must be between 1 and the adapter's rank {adapter.rank}, got {new_rank}")
     new = Adapter({}, new_rank, adapter.alpha, adapter.rslora, adapter.init, adapter.dropout,
@@ -122,3 +123,34 @@ def resize_adapter(source: Adapter | str | Path, new_rank: int) -> tuple[Adapter
         new.tensors[f"{m}.lora_up.weight"] = b2.float().reshape(b.shape[0], new_rank, *b.shape[2:])
         parts[m] = (tail, total)
     return new, _errors(parts)
+
+
+def convert_to_lora(parts: dict[str, nn.Module], name: str, rank: int, source: Adapter,
+                    ) -> tuple[Adapter, dict[str, float]]:
+    """Adapter ``name`` (any method), loaded into the models of ``parts`` (by key prefix: "" for a UNet,
+    "text_encoder." for a text encoder), as a rank-``rank`` LoRA: the truncated SVD of each module's ΔW at
+    multiplier 1 (for DoRA, W' - W0 on this base). alpha = rank (scale 1); ``source`` gives the fingerprint
+    and metadata. Returns the adapter and the relative Frobenius errors (``_errors``)."""
+    if not isinstance(rank, int) or rank <= 0:
+        raise UserError(f"LoRA rank must be a positive integer, got {rank}")
+    tensors, parts_err = {}, {}
+    for prefix, model in parts.items():
+        for path, layer in lora_layers(model).items():
+            if name not in layer.adapters:
+                continue
+            with torch.no_grad():
+                delta = layer.adapters[name].delta_weight(1.0, layer.original_weight).double().flatten(1)
+            if rank > min(delta.shape):
+                raise UserError(f"rank {rank} exceeds the rank of module {prefix}{path} (weight"
+                                f" {tuple(layer.base_layer.weight.shape)})")
+            b, a, tail, total = _named(prefix + path, _low_rank, delta.cpu(), rank, 1.0)
+            shapes = LoRA.shapes(layer.base_layer, rank)
+            tensors[f"{prefix}{path}.lora_down.weight"] = a.float().reshape(shapes["lora_down.weight"])
+            tensors[f"{prefix}{path}.lora_up.weight"] = b.float().reshape(shapes["lora_up.weight"])
+            parts_err[prefix + path] = (tail, total)
+    if not tensors:
+        raise UserError(f"no module holds adapter {name!r}")
+    extra = {**source.extra, "converted_from": source.method}
+    adapter = Adapter(tensors, rank, float(rank), init="extracted", fingerprint=source.fingerprint,
+                      extra=extra)
+    return adapter, _errors(parts_err)

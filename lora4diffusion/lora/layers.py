@@ -353,6 +353,12 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def adapter_parameter_names(model: nn.Module, name: str) -> set[str]:
+    """The names (as ``model.named_parameters()`` gives them) of adapter ``name``'s tensors."""
+    return {f"{path}.{layer.state_key(name, k)}" for path, layer in lora_layers(model).items()
+            if name in layer.adapters for k, _ in layer.adapters[name].named_parameters()}
+
+
 def lora_parameter_count(model: nn.Module, name: str | None = None) -> int:
     """Number of adapter parameters (of adapter ``name``, or of all adapters)."""
     return sum(p.numel() for layer in lora_layers(model).values() for n, method in layer.adapters.items()

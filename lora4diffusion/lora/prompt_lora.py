@@ -70,7 +70,7 @@ def split_adapter(adapter: Adapter) -> tuple[Adapter | None, Adapter | None]:
         if not tensors:
             return None
         return Adapter(tensors, adapter.rank, adapter.alpha, adapter.rslora, adapter.init, adapter.dropout,
-                       UNKNOWN, dict(adapter.extra), adapter.method)
+                       UNKNOWN, dict(adapter.extra), adapter.method, dict(adapter.options))
 
     return (part(lambda k: not k.startswith(TE_PREFIX), lambda k: k),
             part(lambda k: k.startswith(TE_PREFIX), lambda k: k[len(TE_PREFIX):]))

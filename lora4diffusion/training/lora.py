@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.folders.text import load_text_parts
 from lora4diffusion.folders.vae import load_attached_vae
 from lora4diffusion.lora.adapters import base_fingerprint, save_adapter
-from lora4diffusion.lora.layers import inject_lora, lora_summary
+from lora4diffusion.lora.layers import METHODS, adapter_parameter_names, inject_lora, lora_summary
 from lora4diffusion.lora.prompt_lora import (
     TE_TARGETS,
     TRIGGER_KEY,
@@ -54,6 +54,41 @@ class LoRAConfig:
     init: str = "normal"  # the seed's N(0, 1/r); "kaiming" as PEFT
     rslora: bool = False
     dropout: float = 0.0
+    method: str = "lora"  # lora | dora | loha | lokr (lora/layers.py METHODS)
+    options: dict = field(default_factory=dict)  # the method's own options (LoKr: factor, decompose_both)
+    loraplus_lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): each pair's B trains at ratio x lr
+
+    def check(self) -> None:
+        """A UserError for an unknown method, an option it lacks, or a LoRA+ ratio out of (0, 1000]."""
+        if self.method not in METHODS:
+            raise UserError(f"unknown adapter method {self.method!r} (choose from {', '.join(METHODS)})")
+        METHODS[self.method].check_options(self.options)
+        if not 0 < self.loraplus_lr_ratio <= 1e3:
+            raise UserError(f"the LoRA+ lr ratio must be in (0, 1000], got {self.loraplus_lr_ratio}")
+        if self.loraplus_lr_ratio != 1.0 and not METHODS[self.method].up_keys:
+            raise UserError(f"LoRA+ needs A/B pairs; {self.method} has none")
+
+    def record(self) -> dict:
+        """What a run records (and --resume compares): the fields, without the method, options and LoRA+
+        ratio while they are LoRA's defaults, so runs from before they existed resume unchanged."""
+        out = asdict(self)
+        for key, default in (("method", "lora"), ("options", {}), ("loraplus_lr_ratio", 1.0)):
+            if out[key] == default:
+                del out[key]
+        return out
+
+    def lr_scale(self, name: str = "default") -> Callable[[str], float]:
+        """A parameter's learning rate as a multiple of lr: the LoRA+ ratio for the B of each A/B pair of
+        adapter ``name`` (its ``up_keys``), 1 for the rest."""
+        ups = tuple(f".{k.split('.')[0]}.{name}." for k in METHODS[self.method].up_keys)
+        ratio = self.loraplus_lr_ratio
+        return lambda key: ratio if any(u in key for u in ups) else 1.0
+
+    def inject(self, model: nn.Module, targets: str | list[str], name: str = "default") -> list[str]:
+        """Add this adapter (method, rank, alpha, init, options) to ``model`` at ``targets``."""
+        return inject_lora(model, targets, self.rank, self.alpha, name=name, init=self.init,
+                           rslora=self.rslora, dropout=self.dropout, method=METHODS[self.method],
+                           options=self.options)
 
 
 def default_lora_train_config() -> TrainConfig:
@@ -121,6 +156,7 @@ def train_lora(
     """
     prompt = _is_prompt_base(base)
     lora = lora or _default_lora_config(prompt)
+    lora.check()
     if prompt:
         return train_prompt_lora(style, out, base, lora, data, per_digit, resume, full, progress, device,
                                  compile, should_stop, overwrite, allow_changes, trigger=trigger, prior=prior,
@@ -151,19 +187,10 @@ def train_lora(
         summary = {"trainable_params": sum(p.numel() for p in model.parameters()), "share": 1.0}
     else:
         torch.manual_seed(cfg.seed)  # LoRA init
-        inject_lora(
-            model,
-            lora.targets,
-            lora.rank,
-            lora.alpha,
-            name="default",
-            init=lora.init,
-            rslora=lora.rslora,
-            dropout=lora.dropout,
-        )
+        lora.inject(model, lora.targets)
         s = lora_summary(model, "default")
         summary = {"trainable_params": s["lora_params"], "share": s["share"], "modules": s["modules"]}
-        run_info["lora"] = asdict(lora)
+        run_info["lora"] = lora.record()
     log.info(
         "%s: %d trainable parameters (%.2f%% of the base)",
         "full fine-tuning" if full else "LoRA",
@@ -184,7 +211,7 @@ def train_lora(
         model, schedule, images, styled.labels, cfg, out, export,
         preview=lambda m, p: preview_grid(m, schedule, p, vae=vae), run_info=run_info, summary=summary,
         device=device, compile=compile, should_stop=should_stop, resume=resume, allow_changes=allow_changes,
-        progress=progress,
+        progress=progress, lr_scale=None if full or lora.loraplus_lr_ratio == 1.0 else lora.lr_scale(),
     )
 
 
@@ -338,16 +365,16 @@ def train_prompt_lora(
     run_info = {**style_run_info(base_name, fingerprint, style, styled, per_digit, False),
                 "trigger": trigger, "prior": prior, "prior_weight": prior_weight,
                 "text_encoder": text_encoder, "text_encoder_lr": te_lr if text_encoder else None,
-                "lora": asdict(lora)}  # fmt: skip
+                "lora": lora.record()}  # fmt: skip
     if prior_source is not None:
         run_info["prior_data_fingerprint"] = data_fingerprint(prior_source.images, prior_source.labels)
     torch.manual_seed(cfg.seed)  # LoRA init: the UNet's, then the text encoder's
-    kw = dict(name="default", init=lora.init, rslora=lora.rslora, dropout=lora.dropout)
-    inject_lora(unet, lora.targets, lora.rank, lora.alpha, **kw)
+    lora.inject(unet, lora.targets)
     if text_encoder:
-        inject_lora(te, TE_TARGETS, lora.rank, lora.alpha, **kw)
+        lora.inject(te, TE_TARGETS)
+    trainable = adapter_parameter_names(model, "default")
     for key, p in model.named_parameters():  # inject_lora froze the other part's adapter: thaw both
-        p.requires_grad_(".lora_down.default." in key or ".lora_up.default." in key)
+        p.requires_grad_(key in trainable)
     s = lora_summary(model, "default")
     summary = {"trainable_params": s["lora_params"], "share": s["share"], "modules": s["modules"]}
     log.info("LoRA on a prompt base: %d trainable parameters (%.2f%% of the base)%s", s["lora_params"],
@@ -366,14 +393,15 @@ def train_prompt_lora(
         adapter.save(directory)
 
     preview = [f"the digit {trigger + ' ' if trigger else ''}{d}" for d in range(10)]
+    plus = lora.lr_scale()
     return fit_adapter(
         model, TriggerTask(schedule, tokenizer, trigger, prior_images, prior_labels, prior_weight), images,
         styled.labels, cfg, out, export,
         preview=lambda m, p: preview_prompts(m, tokenizer, schedule, vae, p, prompts=preview),
         run_info=run_info, summary=summary, device=device, compile=compile, should_stop=should_stop,
         resume=resume, allow_changes=allow_changes, progress=progress,
-        lr_scale=(lambda k: te_lr / cfg.lr if k.startswith("text_encoder.") else 1.0) if text_encoder
-        else None,
+        lr_scale=(lambda k: (te_lr / cfg.lr if k.startswith("text_encoder.") else 1.0) * plus(k))
+        if text_encoder or lora.loraplus_lr_ratio != 1.0 else None,
     )
 
 
