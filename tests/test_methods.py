@@ -19,8 +19,9 @@ from torch import nn
 
 from lora4diffusion.checkpoint import load_tensors, read_metadata, save_tensors
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora.adapters import load_adapter, read_adapter, save_adapter
+from lora4diffusion.lora.adapters import adapter_from_model, load_adapter, read_adapter, save_adapter
 from lora4diffusion.lora.dora import DoRA
+from lora4diffusion.lora.extract import convert_to_lora
 from lora4diffusion.lora.layers import METHODS, LoRALayer, inject_lora, lora_layers, set_adapter_weight
 from lora4diffusion.lora.loha import LoHa
 from lora4diffusion.lora.lokr import LoKr, factorization, layout
@@ -332,3 +333,32 @@ def test_an_adapter_file_with_bad_options_is_refused(tmp_path):
     with pytest.raises(UserError, match="adapter shapes .* this model needs"):
         load_adapter(fresh, tmp_path / "bad.safetensors")
     assert not lora_layers(fresh)
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+def test_convert_to_lora_is_the_truncated_svd_of_each_delta(kind):
+    """A DoRA / LoHa / LoKr adapter as a LoRA: at full rank it reproduces every module's ΔW (for DoRA,
+    W' - W0 on this base); at rank k its error is Eckart-Young's sqrt(sum of the discarded s_i^2 / sum of all),
+    per module and overall."""
+    model = make_unet()
+    inject_lora(model, "attention", 2, 3.0, name="s", method=METHODS[kind])
+    for layer in lora_layers(model).values():
+        randomize(layer, "s", std=0.05)
+    source = adapter_from_model(model, "s")
+    with torch.no_grad():
+        deltas = {p: layer.delta_weight("s").double().flatten(1) for p, layer in lora_layers(model).items()}
+    full = min(min(d.shape) for d in deltas.values())
+    exact, errors = convert_to_lora({"": model}, "s", full, source)
+    assert exact.method == "lora" and exact.alpha == full and errors["overall"] < 1e-6
+    for p, d in deltas.items():
+        a, b = exact.pair(p)
+        assert torch.allclose((b.double().flatten(1) @ a.double().flatten(1)), d, atol=1e-6, rtol=0)
+    small, errors = convert_to_lora({"": model}, "s", 1, source)
+    tails = totals = 0.0
+    for p, d in deltas.items():
+        s = torch.linalg.svdvals(d)
+        tail, total = float((s[1:] ** 2).sum()), float((s**2).sum())
+        assert errors[p] == pytest.approx((tail / total) ** 0.5, rel=1e-6)
+        tails, totals = tails + tail, totals + total
+    assert errors["overall"] == pytest.approx((tails / totals) ** 0.5, rel=1e-6)
+    assert small.extra["converted_from"] == kind and small.fingerprint == source.fingerprint

@@ -22,6 +22,7 @@ from lora4diffusion.errors import UserError
 from lora4diffusion.limits import MAX_LORA_WEIGHT
 from lora4diffusion.lora.adapters import read_adapter
 from lora4diffusion.lora.layers import base_state_dict, inject_lora, lora_layers
+from lora4diffusion.lora.loha import LoHa
 from lora4diffusion.lora.prompt_lora import TE_TARGETS, prompt_fingerprint
 from lora4diffusion.models.prompt_unet import TextConditionedUNet
 from lora4diffusion.pipeline import Pipeline
@@ -420,3 +421,22 @@ def test_prompt_base_lora_defaults_are_the_searched_recipe(base, adapter, tmp_pa
     a = read_adapter(tmp_path / "r2")
     assert (a.rank, a.alpha) == (2, 2.0) and json.loads(a.extra["train"])["ema_decay"] == 0.5
     assert default_lora_config("pixel-base") == LoRAConfig()
+
+
+def test_a_loha_with_text_encoder_and_loraplus_on_the_prompt_model(base, tmp_path):
+    """Another method on a prompt base: the UNet's and the text encoder's LoHa both train (LoRA+ ratio 4),
+    the file names its method, and it loads back into the pipeline with both parts."""
+    out = tmp_path / "loha"
+    lora = LoRAConfig(rank=2, alpha=2.0, method="loha", loraplus_lr_ratio=4.0)
+    train_lora("bold", out, base=base, lora=lora, trigger="sks", text_encoder=True, **FAST)
+    adapter = read_adapter(out)
+    assert adapter.method == "loha" and adapter.extra["text_encoder"] == "true"
+    te = [m for m in adapter.modules if m.startswith("text_encoder.")]
+    assert te and len(te) < len(adapter.modules)
+    for m in adapter.modules:  # W2a starts at 0 (LyCORIS's init): training moved it in both parts
+        assert adapter.tensors[f"{m}.hada_w2_a.weight"].abs().max() > 0, m
+    pipe = Pipeline.load(base)
+    name = pipe.add_lora(out)
+    for part in (pipe.unet, pipe.text_encoder):
+        layers = [layer for layer in lora_layers(part).values() if name in layer.adapters]
+        assert layers and all(isinstance(layer.adapters[name], LoHa) for layer in layers)
