@@ -338,8 +338,8 @@ def test_an_adapter_file_with_bad_options_is_refused(tmp_path):
 @pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
 def test_convert_to_lora_is_the_truncated_svd_of_each_delta(kind):
     """A DoRA / LoHa / LoKr adapter as a LoRA: at full rank it reproduces every module's ΔW (for DoRA,
-    W' - W0 on this base); at rank k its error is Eckart-Young's sqrt(sum of the discarded s_i^2 / sum of all),
-    per module and overall."""
+    W' - W0 on this base); at rank k its error is Eckart-Young's sqrt(sum of the discarded s_i^2 / sum of
+    all), per module and overall."""
     model = make_unet()
     inject_lora(model, "attention", 2, 3.0, name="s", method=METHODS[kind])
     for layer in lora_layers(model).values():

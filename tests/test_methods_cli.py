@@ -28,8 +28,9 @@ def tiny(tmp_path_factory):
 
 
 def _train(tiny, out, *extra, steps=4):
-    argv = ["-q", "train-lora", "--checkpoint", str(tiny), "--style", "bold", "--batch-size", "8", "--rank", "2",
-            "--device", "cpu", "--no-bf16", "--max-train-steps", str(steps), "--out", str(out), *extra]
+    argv = ["-q", "train-lora", "--checkpoint", str(tiny), "--style", "bold", "--batch-size", "8",
+            "--rank", "2", "--device", "cpu", "--no-bf16", "--max-train-steps", str(steps), "--out", str(out),
+            *extra]
     return main(argv)
 
 
@@ -66,8 +67,9 @@ def test_loraplus_puts_each_b_factor_in_a_group_at_ratio_times_lr(tmp_path):
         lora = LoRAConfig(rank=2, alpha=2.0, targets="attention", method=method, loraplus_lr_ratio=16.0)
         model = UNet(unet_cfg)
         lora.inject(model, lora.targets)
-        trainer = Trainer(model, NoiseSchedule(DiffusionConfig()), torch.zeros(4, 1, 16, 16), torch.arange(4),
-                          cfg, tmp_path / method, export=lambda m, d: None, lr_scale=lora.lr_scale())
+        images, labels = torch.zeros(4, 1, 16, 16), torch.arange(4)
+        trainer = Trainer(model, NoiseSchedule(DiffusionConfig()), images, labels, cfg, tmp_path / method,
+                          export=lambda m, d: None, lr_scale=lora.lr_scale())
         by_scale: dict[float, set[int]] = {}
         for group in trainer.opt.param_groups:
             by_scale.setdefault(group["lr_scale"], set()).update(id(p) for p in group["params"])
