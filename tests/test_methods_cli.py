@@ -60,7 +60,8 @@ def test_train_lora_with_each_method_resumes_bit_for_bit(tiny, tmp_path, extra):
 def test_loraplus_puts_each_b_factor_in_a_group_at_ratio_times_lr(tmp_path):
     """LoRA+ (Hayou et al. 2024): the optimizer's groups hold the up factors (LoRA's B, LoHa's W1a/W2a) at
     ratio x lr and the rest at lr; DoRA's magnitude trains at lr."""
-    cfg = TrainConfig(steps=1, batch_size=4, lr=1e-3, warmup=0, bf16=False, channels_last=False, sample_every=0)
+    cfg = TrainConfig(steps=1, batch_size=4, lr=1e-3, warmup=0, bf16=False, channels_last=False,
+                      sample_every=0)
     unet_cfg = UNetConfig(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
                           attn_levels=(1,), context_dim=32)
     for method, ups in (("lora", ("lora_up",)), ("dora", ("lora_up",)), ("loha", ("hada_w1_a", "hada_w2_a"))):
