@@ -103,3 +103,22 @@ def test_weight_limits_runs_beyond_the_limits():
                                                             ("italic", "3")]  # fmt: skip
     assert [r[0] for r in rows if len(r) == 5] == ["1.25", "50"]
     assert all(0.0 <= float(r[-4]) <= 1.0 and 0.0 <= float(r[-3]) <= 1.0 for r in rows)
+
+
+def test_methods_comparison_smoke(tmp_path):
+    """benchmarks/methods.py: every method matched to the budget, trained, scored and tabled; a second call
+    resumes from runs.jsonl (nothing retrained)."""
+    argv = ("methods.py", "--smoke", "--tasks", "trigger", "--methods", "lora,lokr", "--budgets", "2",
+            "--seeds", "0", "--threads", "1", "--out", str(tmp_path))
+    _run(*argv)
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in runs] == ["lora", "lokr"]
+    budget = runs[0]["params"]
+    for r in runs:
+        assert abs(r["params"] - budget) <= 0.1 * budget  # matched to the LoRA's parameter count
+        assert 0.0 <= r["with"]["accuracy"] <= 1.0 and r["without"]["ink_ratio"] > 0
+        assert r["merge_error"] < 1e-3 and r["steps"] == 2
+    assert runs[1]["options"]["factor"] != 1
+    out = _run(*argv)
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2 and "| trigger | lokr | 2 |" in out
+    assert (tmp_path / "methods.png").stat().st_size > 0
