@@ -528,16 +528,16 @@ class Dense(AdapterMethod):
     kind = "dense"
     keys = ("dense.weight",)
 
-    def __init__(self, base, rank, alpha, init="normal", rslora=False, dropout=0.0):
-        super().__init__(base, rank, alpha, init, rslora, dropout)
+    def __init__(self, base, rank, alpha, init="normal", rslora=False, dropout=0.0, **options):
+        super().__init__(base, rank, alpha, init, rslora, dropout, **options)
         zeros = torch.zeros(base.weight.shape, device=base.weight.device)
         self.dense = nn.ParameterDict({"weight": nn.Parameter(zeros)})
 
     @classmethod
-    def shapes(cls, base, rank):
+    def shapes(cls, base, rank, **options):
         return {"dense.weight": tuple(base.weight.shape)}
 
-    def delta_weight(self, multiplier=1.0):
+    def delta_weight(self, multiplier=1.0, base_weight=None):
         return self.dense["weight"].float() * (multiplier * self.scale)
 
 

@@ -277,6 +277,9 @@ def test_train_requests_name_what_arrived(client, pclient):
         (client, {"name": "x", "style": "bold", "steps": "2"}, 'steps must be an integer in 1..2000, got the'
                                                                 ' string "2"'),
         (client, {"name": "x", "style": "bold", "rank": True}, "rank must be an integer in 1..64, got true"),
+        (client, {"name": "x", "style": "bold", "method": "oft"},
+         'method must be one of lora, dora, loha, lokr, got the string "oft"'),
+        (client, {"name": "x", "style": "bold", "method": 3}, "method must be a string, got 3"),
         (pclient, {"name": "x", "style": "bold", "prior": 0}, "prior must be true or false (--prior is a"
                                                               " switch), got 0"),
         (pclient, {"name": "x", "style": "bold", "trigger": 7}, "trigger must be one word (letters, digits),"
@@ -422,10 +425,11 @@ def wait_train(client, job_id: str, timeout: float = 120) -> dict:
 
 
 def test_training_from_the_page_adds_an_adapter(client, folder):
-    r = client.post("/api/train", json={"name": "tiny_thin", "style": "thin", "rank": 1, "steps": 2})
+    r = client.post("/api/train", json={"name": "tiny_thin", "style": "thin", "rank": 1, "steps": 2,
+                                        "method": "dora"})  # another method than LoRA, from the page
     assert r.status_code == 202, r.text
     job = r.json()
-    assert job["status"] == "running" and job["steps"] == 2
+    assert job["status"] == "running" and job["steps"] == 2 and job["method"] == "dora"
     busy = client.post("/api/train", json={"name": "another", "style": "bold", "steps": 2})
     assert busy.status_code == 409 and "one job at a time" in busy.json()["error"]
     assert client.post("/api/generate", json={"prompt": "4", "steps": 2}).status_code == 200  # still serving
@@ -434,6 +438,7 @@ def test_training_from_the_page_adds_an_adapter(client, folder):
     assert job["progress"] == 1.0 and job["loss"] and job["loss"][-1][0] == 2
     items = {a["name"]: a for a in client.get("/api/adapters").json()["adapters"]}
     assert items["tiny_thin"]["rank"] == 1 and items["tiny_thin"]["fits"] is True
+    assert items["tiny_thin"]["method"] == "dora" and items[BOLD]["method"] == "lora"
     assert items["tiny_thin"]["style"] == "thin" and items["tiny_thin"]["source"] == "folder"
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no staging folder left
     r = client.post("/api/generate", json={"prompt": "4 <lora:tiny_thin:1>", "steps": 2})

@@ -90,6 +90,7 @@ class AdapterInfo:
         return {
             "name": self.name,
             "source": self.source,
+            "method": m.get("method") or "lora",  # our files name methods other than LoRA
             "rank": int(m.get("rank", 0) or 0),
             "alpha": float(m.get("alpha", 0) or 0),
             "targets": m.get("target_spec") or f"{len(targets)} modules",

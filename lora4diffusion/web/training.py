@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import ADAPTER_FILE
+from lora4diffusion.lora.layers import METHODS
 from lora4diffusion.lora.prompt_lora import check_trigger_in
 from lora4diffusion.web.engine import STYLES, AdapterRegistry, ServeConfig
 from lora4diffusion.web.prompt import check_name
@@ -54,7 +55,8 @@ class TrainJob:
     rank: int
     steps: int
     trigger: str
-    work: Path  # staging folder beside the adapters, removed at the end
+    work: Path
+    method: str = "lora"  # staging folder beside the adapters, removed at the end
     extra: list[str] = field(default_factory=list)  # the prompt-model options given to train-lora
     proc: subprocess.Popen | None = None
     status: str = "running"  # running | done | failed | cancelled
@@ -83,7 +85,8 @@ class TrainJob:
         if self.status == "running":
             self.read_curve()
         step = self.steps if self.status == "done" else (int(self.curve[-1][0]) if self.curve else 0)
-        return {"id": self.id, "name": self.name, "style": self.style, "rank": self.rank, "steps": self.steps,
+        return {"id": self.id, "name": self.name, "style": self.style, "method": self.method,
+                "rank": self.rank, "steps": self.steps,
                 "trigger": self.trigger, "options": self.extra,
                 "status": self.status, "error": self.error, "step": step,
                 "progress": round(step / self.steps, 4), "loss": self.curve,
@@ -154,6 +157,9 @@ class Training:
         style = str_field(body, "style", max_chars=64)
         rank = int_field(body, "rank", 4, 1, self.cfg.max_rank)
         steps = int_field(body, "steps", 200, 1, self.cfg.max_train_steps)
+        method = str_field(body, "method", "lora", max_chars=16)
+        if method not in METHODS:
+            raise UserError(f"method must be one of {', '.join(METHODS)}, got {describe(method)}")
         extra = self.prompt_args(body)
         raw = body.get("trigger")  # checked by prompt_args where it is used; shown in the job as given
         trigger = raw.strip().lower()[:32] if isinstance(raw, str) else ""
@@ -167,7 +173,7 @@ class Training:
                 raise UserError(f"an adapter named {name!r} exists already; pick another name")
             self.folder.mkdir(parents=True, exist_ok=True)
             work = Path(tempfile.mkdtemp(prefix=".train-", dir=self.folder))
-            job = TrainJob(secrets.token_hex(6), name, style, rank, steps, trigger, work, extra)
+            job = TrainJob(secrets.token_hex(6), name, style, rank, steps, trigger, work, method, extra)
             try:
                 source = style
                 if style == "upload":
@@ -175,7 +181,7 @@ class Training:
                     source = str(work / "images")
                 cmd = [sys.executable, "-m", "lora4diffusion", "-q", "train-lora", "--style", source,
                        "--rank", str(rank), "--max-train-steps", str(steps), "--out", str(work / "run"),
-                       "--device", self.cfg.device]
+                       "--device", self.cfg.device, "--method", method]
                 if self.cfg.checkpoint:
                     cmd += ["--checkpoint", str(self.cfg.checkpoint)]
                 cmd += extra
@@ -224,7 +230,7 @@ class Training:
             raise UserError(f"training stopped at step {done} of {job.steps}; no adapter installed")
         (staged / "README.md").write_text(
             f"# Adapter `{job.name}`\n\nTrained from `lora4diffusion serve`: style {job.style}, "
-            f"rank {job.rank}, "
+            f"{job.method}, rank {job.rank}, "
             f"{job.steps} steps{', trigger ' + job.trigger if job.trigger else ''}.\n")
         final = self.folder / job.name
         if final.exists():  # taken since the job started (by hand): keep what is there

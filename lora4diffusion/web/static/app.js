@@ -213,7 +213,7 @@ async function loadAdapters() {
       <div class="meta"></div><div class="triggers"></div>`;
     div.querySelector(".name").textContent = a.name;
     div.querySelector(".meta").textContent =
-      `rank ${a.rank} · alpha ${a.alpha} · ${a.targets} · style ${a.style || "?"}` +
+      `${a.method === "lora" ? "" : a.method + " · "}rank ${a.rank} · alpha ${a.alpha} · ${a.targets} · style ${a.style || "?"}` +
       (a.steps ? ` · ${a.steps} steps` : "") + (a.triggers?.length || !isPrompt() ? "" : " · no trigger") +
       (a.source === "shipped" ? " · shipped" : "");
     for (const t of a.triggers || []) {  // click: into the prompt (with the adapter's tag)
@@ -434,6 +434,7 @@ async function startTraining() {
   const body = {
     name: $("train-name").value.trim(), style: $("train-style").value,
     rank: Number($("train-rank").value), steps: Number($("train-steps").value),
+    method: $("train-method").value,
   };
   // prompt-model options: only those the installed train-lora takes (the others are disabled)
   if (!$("train-trigger").disabled && $("train-trigger").value.trim()) body.trigger = $("train-trigger").value.trim();
