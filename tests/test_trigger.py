@@ -440,3 +440,6 @@ def test_a_loha_with_text_encoder_and_loraplus_on_the_prompt_model(base, tmp_pat
     for part in (pipe.unet, pipe.text_encoder):
         layers = [layer for layer in lora_layers(part).values() if name in layer.adapters]
         assert layers and all(isinstance(layer.adapters[name], LoHa) for layer in layers)
+    flag = pipe.generate(["a sks seven"], seed=1, steps=2)[0]  # loaded by add_lora at weight 1
+    tagged = Pipeline.load(base).generate([f"<lora:{out}:1> a sks seven"], seed=1, steps=2)[0]
+    assert torch.equal(tagged, flag)  # a tag loads a LoHa as it loads a LoRA
