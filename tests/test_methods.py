@@ -109,6 +109,12 @@ def test_each_method_equals_peft_forward_and_merged_weight(kind, options):
         ours_out, theirs_out = layer(x[path]), theirs(x[path])
         size = theirs_out.abs().max()
         assert (ours_out - theirs_out).abs().max() <= 1e-6 * size, (kind, path)
+        # the same gradients too (DoRA: the norm a constant in the backward pass, as PEFT)
+        ours_out.square().sum().backward()
+        theirs_out.square().sum().backward()
+        for key, t in layer.adapters["a"].named_parameters():
+            want = peft_tensor(theirs, key).grad.view(t.shape)
+            assert (t.grad - want).abs().max() <= 1e-5 * want.abs().max(), (kind, path, key)
         assert (ours_out - layer.base_layer(x[path])).abs().max() > 1e-2 * size  # the adapter does something
         w0 = layer.base_layer.weight.detach().clone()
         layer.merge()
