@@ -399,3 +399,20 @@ def test_four_methods_mixed_in_one_model_through_files(tmp_path):
     for kind in targets:
         set_adapter_weight(fresh, kind, 0.0)
     assert torch.equal(unet_out(fresh), base_out)
+
+
+def test_dora_on_a_channel_of_zeros_stays_finite():
+    """A base row of zeros (norm 0): the adapter adds nothing there at the start and stays finite when
+    trained, instead of 0/0."""
+    base = nn.Linear(6, 4)
+    with torch.no_grad():
+        base.weight[1] = 0
+    layer = LoRALayer(base)
+    layer.add_adapter("d", DoRA(base, 2, 2.0))
+    x = torch.randn(3, 6)
+    assert torch.equal(layer(x), base(x))
+    randomize(layer, "d")
+    y = layer(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.adapters["d"].parameters())

@@ -86,7 +86,9 @@ class DoRA(LoRA):
         axis = self.opts["norm_axis"]
         w0 = base_weight.float()
         v = w0 + super().delta_weight(1.0)  # W0 + (alpha/r) B A
-        norm = weight_norm(v, axis).detach()  # a constant in the backward pass (§4.3; PEFT)
+        # A constant in the backward pass (§4.3; PEFT). Clamped: a channel whose weights are all zero (norm
+        # 0) would give 0/0; any other norm is left exactly as it is (LyCORIS adds its eps to every norm).
+        norm = weight_norm(v, axis).detach().clamp_min(torch.finfo(v.dtype).eps)
         w = v * along(self.dora_magnitude.weight / norm, v, axis)
         return (w - w0) * multiplier
 
