@@ -56,8 +56,8 @@ def lycoris_module(kind: str, base: nn.Module, t: dict[str, torch.Tensor], rank:
         return LoConModule.make_module_from_state_dict("x", base, t["lora_up"], t["lora_down"], None, alpha,
                                                        scale)
     if kind == "loha":
-        return LohaModule.make_module_from_state_dict("x", base, t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"],
-                                                      t["hada_w2_b"], None, None, alpha, None)
+        return LohaModule.make_module_from_state_dict(
+            "x", base, t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], None, None, alpha, None)
     return LokrModule.make_module_from_state_dict(
         "x", base, t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w2"),
         t.get("lokr_w2_a"), t.get("lokr_w2_b"), None, None, alpha, None)
@@ -79,7 +79,8 @@ def main() -> None:
     pipe = Pipeline.load("base")
     base_unet = pipe.unet.eval()
     g = torch.Generator().manual_seed(0)
-    print("| method | layer | n | forward vs PEFT | forward vs LyCORIS | merged W vs PEFT | merged W vs LyCORIS |")
+    print("| method | layer | n | forward vs PEFT | forward vs LyCORIS | merged W vs PEFT |"
+          " merged W vs LyCORIS |")
     print("|---|---|---|---|---|---|---|")
     eps_rows = []
     for kind in ("dora", "loha", "lokr"):
@@ -117,7 +118,8 @@ def main() -> None:
                 ref = peft_layer.get_base_layer().weight
                 rows["wp"].append((float((merged - ref).abs().max()), float(ref.abs().max())))
                 if kind != "loha":  # lycoris-lora 4.1.3's LohaModule.get_merged_weight scales twice
-                    ref = lyco.get_merged_weight(multiplier=1.0, shape=merged.shape)[0].view(merged.shape)
+                    ref = lyco.get_merged_weight(multiplier=1.0, shape=merged.shape)[0]
+                    ref = ref.view(merged.shape)
                     rows["wl"].append((float((merged - ref).abs().max()), float(ref.abs().max())))
                 peft_layer.unmerge()
             for kind_of, rows in found.items():
