@@ -57,7 +57,8 @@ def lycoris_module(kind: str, base: nn.Module, t: dict[str, torch.Tensor], rank:
                                                        scale)
     if kind == "loha":
         return LohaModule.make_module_from_state_dict(
-            "x", base, t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], None, None, alpha, None)
+            "x", base, t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], None, None, alpha,
+            None)
     return LokrModule.make_module_from_state_dict(
         "x", base, t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w2"),
         t.get("lokr_w2_a"), t.get("lokr_w2_b"), None, None, alpha, None)
@@ -123,7 +124,8 @@ def main() -> None:
                     rows["wl"].append((float((merged - ref).abs().max()), float(ref.abs().max())))
                 peft_layer.unmerge()
             for kind_of, rows in found.items():
-                print(f"| {kind} | {kind_of} | {len(rows['fp'])} | {worst(rows['fp'])} | {worst(rows['fl'])} |"
+                print(f"| {kind} | {kind_of} | {len(rows['fp'])} | {worst(rows['fp'])} |"
+                      f" {worst(rows['fl'])} |"
                       f" {worst(rows['wp'])} | {worst(rows['wl'])} |")
             z = torch.randn(4, *base_unet_input(base_unet), generator=g)
             t = torch.tensor([10, 200, 500, 900])
