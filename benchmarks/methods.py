@@ -15,8 +15,9 @@ bf16, EMA; 400 steps, 750 with a trigger), then sampled at weight 1 (the pipelin
   - accuracy as the digit asked; parameters, adapter file size, training seconds, seconds per step;
   - merge error: max |pixel| between 20 fp32 samples with the adapter merged and unmerged.
 Runs append to OUT/runs.jsonl and are skipped when already there (the script resumes where it stopped).
-At the end: a table of means +- half the range over seeds (OUT/table.md) and a plot of style effect
-against parameters per method (OUT/methods.png). Check it runs on a tiny model with --smoke.
+At the end: a table of means +- half the range over seeds (OUT/table.md), a plot of style effect against
+parameters per method (OUT/methods.png) and, per task, a grid of one digit row per method (seed 0, the first
+budget; the base on top: OUT/grid-TASK.png). Check it runs on a tiny model with --smoke.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from lora4diffusion.diffusion import DEFAULT_STEPS
 from lora4diffusion.lora.layers import METHODS, merge_lora
 from lora4diffusion.lora.targets import adaptable_modules, resolve_targets
 from lora4diffusion.pipeline import Pipeline
+from lora4diffusion.plots import save_grid
 from lora4diffusion.training.lora import LoRAConfig, train_lora
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -166,6 +168,20 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def grids(base: str, runs: list[dict], out: Path, steps: int) -> None:
+    """Per task: digits 0-9 drawn by the base (top row) and by each method's seed-0 adapter of the first
+    budget, the same noise in every row."""
+    first = min(r["budget"] for r in runs)
+    for task in sorted({r["task"] for r in runs}, key=list(TASKS).index):
+        prompts = prompts_for(list(range(10)), TASKS[task][1])
+        rows = [sample(base, None, prompts_for(list(range(10)), None), {"seed": 0, "steps": steps})]
+        for row in METHOD_ROWS:
+            run_dir = out / f"{task}-{row}-r{first}-s0"
+            if (run_dir / "adapter.safetensors").is_file():
+                rows.append(sample(base, run_dir, prompts, {"seed": 0, "steps": steps}))
+        save_grid(torch.cat(rows), 10, out / f"grid-{task}.png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -216,7 +232,8 @@ def main() -> None:
     (out / "table.md").write_text(text + "\n")
     print(text)
     plot(runs, out / "methods.png")
-    print(f"wrote {out / 'table.md'}, {out / 'methods.png'}")
+    grids(base, runs, out, args.sample_steps)
+    print(f"wrote {out / 'table.md'}, {out / 'methods.png'}, {out}/grid-*.png")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -122,3 +124,5 @@ def test_methods_comparison_smoke(tmp_path):
     out = _run(*argv)
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2 and "| trigger | lokr | 2 |" in out
     assert (tmp_path / "methods.png").stat().st_size > 0
+    w, h = Image.open(tmp_path / "grid-trigger.png").size
+    assert 0.25 < h / w < 0.35  # three rows of ten digits: the base, lora, lokr
