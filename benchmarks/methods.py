@@ -23,6 +23,7 @@ budget; the base on top: OUT/grid-TASK.png). Check it runs on a tiny model with 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -82,8 +83,18 @@ def match_budget(unet: torch.nn.Module, row: str, rank: int) -> tuple[LoRAConfig
     return best, count(unet, best), budget
 
 
+_LOADED: dict[str, Pipeline] = {}
+
+
+def fresh(base: str) -> Pipeline:
+    """A copy of the base pipeline, loaded once: nothing carries over from one configuration to the next."""
+    if base not in _LOADED:
+        _LOADED[base] = Pipeline.load(base)
+    return copy.deepcopy(_LOADED[base])
+
+
 def sample(base: str, run: Path | None, prompts: list[str], gen: dict, merge: bool = False) -> torch.Tensor:
-    pipe = Pipeline.load(base)
+    pipe = fresh(base)
     if run is not None:
         pipe.add_lora(run, 1.0)
         if merge:
@@ -202,7 +213,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = str(resolve_checkpoint(args.base))
-    pipe = Pipeline.load(base)
+    pipe = fresh(base)
     if not pipe.is_prompt_model:
         raise SystemExit("the tasks sample from prompts: --base must be a prompt model")
     log = out / "runs.jsonl"
