@@ -1,11 +1,12 @@
-"""Adapter methods head to head: LoRA, LoRA+, DoRA, LoHa and LoKr at equal trainable-parameter budgets.
+"""Adapter methods head to head: LoRA, LoRA+, DoRA, LoHa, LoKr and OFT at equal trainable-parameter budgets.
 
     python benchmarks/methods.py --out runs/methods [--budgets 4,16] [--seeds 0,1,2] \
-        [--tasks bold,italic,trigger,fewshot] [--methods lora,loraplus,dora,loha,lokr] [--per-digit 30]
+        [--tasks bold,italic,trigger,fewshot] [--methods lora,loraplus,dora,loha,lokr,oft] [--per-digit 30]
 
 A budget is named by a LoRA rank r: the trainable parameters of an all-linear LoRA of rank r on the base.
 Every other method takes the configuration whose parameter count is nearest that budget (``match_budget``:
-LoHa and DoRA by rank, LoKr by factor, rank and decompose_both; the counts are printed). Each (task, method,
+LoHa and DoRA by rank, LoKr by factor, rank and decompose_both, OFT by block size; the counts are printed).
+LoRA+ is LoRA with its B at 16x the learning rate (the paper's suggestion). Each (task, method,
 budget, seed) is one ``train_lora`` run at the prompt base's defaults (all-linear, lr 2e-3, batch 64,
 bf16, EMA; 400 steps, 750 with a trigger), then sampled at weight 1 (the pipeline's DDIM steps, guidance
 1.25, the same seed as the base) and scored with the shipped classifier:
@@ -52,9 +53,14 @@ TASKS = {  # name: (style, trigger, examples per digit, what the style effect is
 }
 METHOD_ROWS = {  # row name: (method, LoRA+ ratio)
     "lora": ("lora", 1.0), "loraplus": ("lora", 16.0), "dora": ("dora", 1.0), "loha": ("loha", 1.0),
-    "lokr": ("lokr", 1.0),
+    "lokr": ("lokr", 1.0), "oft": ("oft", 1.0),
 }
 LOKR_FACTORS = (-1, 2, 4, 8, 16)  # not 1: W1 would be a 1x1 scalar and W2 a LoRA of the whole layer
+
+
+def targeted(unet: torch.nn.Module, lora: LoRAConfig) -> list[torch.nn.Module]:
+    layers = adaptable_modules(unet)
+    return [layers[path] for path in resolve_targets(unet, lora.targets)]
 
 
 def count(unet: torch.nn.Module, lora: LoRAConfig) -> int:
@@ -74,10 +80,14 @@ def match_budget(unet: torch.nn.Module, row: str, rank: int) -> tuple[LoRAConfig
         candidates = [LoRAConfig(rank=rank, alpha=float(rank), loraplus_lr_ratio=ratio)]
     elif method in ("dora", "loha"):
         candidates = [LoRAConfig(rank=r, alpha=float(r), method=method) for r in range(1, 2 * rank + 1)]
+    elif method == "oft":  # rank = the block size, which must divide every targeted layer's input size
+        candidates = [LoRAConfig(rank=b, alpha=1.0, method="oft") for b in (2, 4, 8, 16, 32, 64)]
+        candidates = [c for c in candidates if all(not METHODS["oft"].unfit(layer, c.rank)
+                                                   for layer in targeted(unet, c))]
     else:
         candidates = [LoRAConfig(rank=r, alpha=float(r), method="lokr",
                                  options={"factor": f, "decompose_both": d})
-                      for f in LOKR_FACTORS for r in (1, 2, 4, 8, 16, 32) for d in (False, True)]
+                      for f in LOKR_FACTORS for r in (1, 2, 4, 8, 16, 32, 64) for d in (False, True)]
     sized = [(abs(count(unet, c) - budget), c) for c in candidates]
     best = min(sized, key=lambda s: s[0])[1]
     return best, count(unet, best), budget

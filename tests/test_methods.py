@@ -26,6 +26,7 @@ from lora4diffusion.lora.layers import METHODS, LoRALayer, inject_lora, lora_lay
 from lora4diffusion.lora.loha import LoHa
 from lora4diffusion.lora.lokr import LoKr, factorization, layout
 from lora4diffusion.lora.lora import LoRA
+from lora4diffusion.lora.oft import OFT, cayley
 from lora4diffusion.models.unet import UNet, UNetConfig
 
 RANK, ALPHA = 4, 6.0
@@ -69,6 +70,9 @@ def peft_config(kind: str, **options):
         return peft.LoraConfig(lora_alpha=ALPHA, use_dora=True, **common)
     if kind == "loha":
         return peft.LoHaConfig(alpha=ALPHA, **common)
+    if kind == "oft":  # our rank is OFT's block size; Cayley's transform exact, as ours
+        return peft.OFTConfig(r=0, oft_block_size=RANK, use_cayley_neumann=False,
+                              target_modules=common["target_modules"])
     # LyCORIS's scale is 1 when W1 and W2 are both full; PEFT's is always alpha / r
     return peft.LoKrConfig(alpha=options.pop("peft_alpha", ALPHA), decompose_factor=options.get("factor", -1),
                            decompose_both=options.get("decompose_both", False), **common)
@@ -81,11 +85,14 @@ def peft_tensor(layer: nn.Module, key: str) -> torch.Tensor:
         return getattr(layer, {"lora_down": "lora_A", "lora_up": "lora_B"}[child])["default"].weight
     if child == "dora_magnitude":
         return layer.lora_magnitude_vector["default"].weight
+    if child == "oft_r":
+        return layer.oft_R["default"].weight
     return getattr(layer, child)["default"]
 
 
 @pytest.mark.parametrize("kind,options", [
     ("dora", {}), ("loha", {}), ("lokr", {}), ("lokr", {"decompose_both": True}), ("lokr", {"factor": 2}),
+    ("oft", {}),
 ])
 def test_each_method_equals_peft_forward_and_merged_weight(kind, options):
     """Our adapter with PEFT's layer's tensors: the same output (fp32, <= 1e-6 of the output's size) and
@@ -165,7 +172,7 @@ def lycoris_module(kind: str, base: nn.Module, t: dict[str, torch.Tensor], alpha
     return module
 
 
-@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr", "oft"])
 def test_every_method_starts_as_the_base_and_gets_the_wrapper_for_free(kind):
     """ΔW = 0 at start; multiplier 0 = the base bit for bit; merge then unmerge restores W0 exactly; output
     linear in the multiplier (DoRA: along the line W0 -> W'); mixed with a LoRA on the same layers."""
@@ -201,7 +208,7 @@ def test_every_method_starts_as_the_base_and_gets_the_wrapper_for_free(kind):
     set_adapter_weight(net, "m", 0.0)
 
 
-@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr", "oft"])
 def test_every_method_trains_every_tensor(kind):
     """Once trained a little (no factor left at zero), one backward pass reaches each of the method's
     tensors."""
@@ -282,7 +289,7 @@ CFG = UNetConfig(
 X = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
 T, Y = torch.tensor([3, 500]), torch.tensor([1, 10])
 CASES = [("dora", {}), ("dora", {"norm_axis": "in"}), ("loha", {}), ("lokr", {}),
-         ("lokr", {"factor": 2, "decompose_both": True})]
+         ("lokr", {"factor": 2, "decompose_both": True}), ("oft", {})]
 
 
 def make_unet() -> UNet:
@@ -341,7 +348,7 @@ def test_an_adapter_file_with_bad_options_is_refused(tmp_path):
     assert not lora_layers(fresh)
 
 
-@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr", "oft"])
 def test_convert_to_lora_is_the_truncated_svd_of_each_delta(kind):
     """A DoRA / LoHa / LoKr adapter as a LoRA: at full rank it reproduces every module's ΔW (for DoRA,
     W' - W0 on this base); at rank k its error is Eckart-Young's sqrt(sum of the discarded s_i^2 / sum of
@@ -416,3 +423,21 @@ def test_dora_on_a_channel_of_zeros_stays_finite():
     y.sum().backward()
     assert torch.isfinite(y).all()
     assert all(torch.isfinite(p.grad).all() for p in layer.adapters["d"].parameters())
+
+
+def test_oft_turns_the_weight_by_an_orthogonal_matrix():
+    """W' = W0 R^T with R block-diagonal and orthogonal (R R^T = I): every output row keeps its norm; a block
+    size that does not divide the input size is refused before the model changes."""
+    base = nn.Conv2d(8, 16, 3)
+    oft = OFT(base, 4, 1.0)
+    with torch.no_grad():
+        oft.oft_r.weight.normal_(std=0.3)
+    r = cayley(oft.oft_r.weight, 4)
+    assert torch.allclose(r @ r.transpose(1, 2), torch.eye(4).expand_as(r), atol=1e-6)
+    turned = base.weight + oft.delta_weight(1.0, base.weight)
+    assert torch.allclose(turned.flatten(1).norm(dim=1), base.weight.flatten(1).norm(dim=1), rtol=1e-5)
+    assert (turned - base.weight).abs().max() > 1e-3
+    net = Net()
+    with pytest.raises(UserError, match="OFT block size 5 must be >= 2 and divide the layer's input size 24"):
+        inject_lora(net, ["fc"], 5, 1.0, method=OFT)
+    assert not lora_layers(net)

@@ -118,7 +118,7 @@ def test_sample_merge_list_info_resize_with_each_method(tiny, tmp_path, capsys):
     (["--method", "lora", "--factor", "2"], "--factor goes with --method lokr"),
     (["--method", "lokr", "--factor", "0"], "factor must be -1"),
     (["--full", "--method", "dora"], "--full trains every weight"),
-    (["--method", "oft"], "invalid choice"),
+    (["--method", "boft"], "invalid choice"),
 ])
 def test_bad_method_arguments_are_one_line_and_write_nothing(tiny, tmp_path, capsys, argv, message):
     out = tmp_path / "never"

@@ -277,8 +277,8 @@ def test_train_requests_name_what_arrived(client, pclient):
         (client, {"name": "x", "style": "bold", "steps": "2"}, 'steps must be an integer in 1..2000, got the'
                                                                 ' string "2"'),
         (client, {"name": "x", "style": "bold", "rank": True}, "rank must be an integer in 1..64, got true"),
-        (client, {"name": "x", "style": "bold", "method": "oft"},
-         'method must be one of lora, dora, loha, lokr, got the string "oft"'),
+        (client, {"name": "x", "style": "bold", "method": "boft"},
+         'method must be one of lora, dora, loha, lokr, oft, got the string "boft"'),
         (client, {"name": "x", "style": "bold", "method": 3}, "method must be a string, got 3"),
         (pclient, {"name": "x", "style": "bold", "prior": 0}, "prior must be true or false (--prior is a"
                                                               " switch), got 0"),

@@ -121,7 +121,8 @@ def add_train_lora(sub: Commands) -> None:
     )
     tl.add_argument("--method", choices=list(METHODS), default="lora",
                     help="adapter method: lora (Hu et al.), dora (LoRA plus a trained magnitude, Liu et"
-                    " al.), loha (Hadamard product of two low-rank products), lokr (Kronecker product);"
+                    " al.), loha (Hadamard product of two low-rank products), lokr (Kronecker product),"
+                    " oft (W0 turned by a block-diagonal orthogonal matrix; --rank is its block size);"
                     " default lora")
     tl.add_argument("--factor", type=int, metavar="F",
                     help="lokr: split each size into two factors, the smaller at most F (default -1: nearest"

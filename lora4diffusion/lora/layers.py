@@ -12,7 +12,8 @@ The methods (``METHODS``), each starting at ΔW = 0 so an adapted model starts e
   [out, r] (rsLoRA, Kalajdzievski 2023: alpha/sqrt(r));
 - DoRA (Liu et al. 2024, eq. 5; dora.py): W0 + ΔW = m (W0 + ΔW_LoRA) / ||W0 + ΔW_LoRA||, m trained;
 - LoHa (FedPara, Hyeon-Woo et al. 2022; loha.py): ΔW = (alpha/r) (W1a W1b) ⊙ (W2a W2b);
-- LoKr (LyCORIS, Yeh et al. 2024; lokr.py): ΔW = (alpha/r) W1 ⊗ W2.
+- LoKr (LyCORIS, Yeh et al. 2024; lokr.py): ΔW = (alpha/r) W1 ⊗ W2;
+- OFT (Qiu et al. 2023, eq. 2; oft.py): W0 + ΔW = W0 R^T, R block-diagonal orthogonal (Cayley).
 
 The contract: a new method (DoRA, LoHa, LoKr, ...) is one file with a subclass of ``AdapterMethod`` plus one
 line in ``METHODS``; it implements
@@ -54,10 +55,11 @@ from lora4diffusion.lora.loha import LoHa
 from lora4diffusion.lora.lokr import LoKr
 from lora4diffusion.lora.lora import INITS, LoRA
 from lora4diffusion.lora.method import AdapterMethod
+from lora4diffusion.lora.oft import OFT
 from lora4diffusion.lora.targets import adaptable_modules, max_rank, resolve_targets
 
 # adapter files name their method by kind
-METHODS: dict[str, type[AdapterMethod]] = {m.kind: m for m in (LoRA, DoRA, LoHa, LoKr)}
+METHODS: dict[str, type[AdapterMethod]] = {m.kind: m for m in (LoRA, DoRA, LoHa, LoKr, OFT)}
 
 
 class LoRALayer(nn.Module):
@@ -251,6 +253,9 @@ def inject_lora_at(model: nn.Module, paths: Sequence[str], rank: int, alpha: flo
         if rank > max_rank(base):
             raise UserError(f"LoRA rank {rank} exceeds the rank {max_rank(base)} of module {path}"
                             f" (weight {tuple(base.weight.shape)})")
+        unfit = method.unfit(base, rank, **options)
+        if unfit:
+            raise UserError(f"module {path}: {unfit}")
         existing = model.get_submodule(path)
         if isinstance(existing, LoRALayer) and name in existing.adapters:
             raise UserError(f"module {path} already has an adapter named {name!r}")

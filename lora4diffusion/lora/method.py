@@ -72,6 +72,12 @@ class AdapterMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def unfit(cls, base: nn.Module, rank: int, **options: Any) -> str | None:
+        """Why this method cannot adapt ``base`` at ``rank`` (beyond the rank limit every method has); None
+        when it can (OFT: its block size must divide the input size)."""
+        return None
+
+    @classmethod
     def problem(cls, tensors: dict[str, torch.Tensor], rank: int, **options: Any) -> str | None:
         """Why one module's tensors (by ``keys`` name, read from a file) cannot be a rank-``rank`` adapter of
         this method without any base at hand; None when they can."""
