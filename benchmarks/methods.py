@@ -239,7 +239,7 @@ def main() -> None:
         for row, (lora, n, target) in configs.items():
             print(f"budget r={budget} ({target:,} parameters): {row} rank {lora.rank} {lora.options or ''}"
                   f" -> {n:,}", flush=True)
-        for seed in (int(s) for s in args.seeds.split(",")):  # every task and method once before the next seed
+        for seed in (int(s) for s in args.seeds.split(",")):  # every task and method before the next seed
             for task in args.tasks.split(","):
                 for row, (lora, _, _) in configs.items():
                     if (task, row, budget, seed) in done:
