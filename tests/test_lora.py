@@ -537,7 +537,7 @@ class Dense(AdapterMethod):
     def shapes(cls, base, rank):
         return {"dense.weight": tuple(base.weight.shape)}
 
-    def delta_weight(self, multiplier=1.0):
+    def delta_weight(self, multiplier=1.0, base_weight=None):
         return self.dense["weight"].float() * (multiplier * self.scale)
 
 
