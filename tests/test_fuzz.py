@@ -521,6 +521,24 @@ def _lora_file(d: Path, fmt: str) -> None:
     write_lora(adapter_from_model(model), fmt, d, title="fuzz")
 
 
+def _method_file(d: Path, kind: str, fmt: str, options: dict | None = None) -> None:
+    """A DoRA / LoHa / LoKr adapter written as ``fmt``; a kohya (LyCORIS-layout) file without our settings
+    entry, as LyCORIS writes it, so its method, rank, axis and LoKr options are read from the tensors."""
+    from safetensors import safe_open
+
+    from lora4diffusion.formats import write_lora
+    from lora4diffusion.lora.adapters import adapter_from_model
+    from lora4diffusion.lora.layers import METHODS
+
+    model = copy.deepcopy(BASE)
+    inject_lora(model, "attention+conv", 2, 2.0, method=METHODS[kind], options=options)
+    path = write_lora(adapter_from_model(model), fmt, d, title="fuzz")
+    if fmt == "kohya":
+        with safe_open(str(path), "pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if not k.startswith("lora4diffusion")}
+        path.write_bytes(st_save(st_load(path.read_bytes()), metadata=meta))
+
+
 def read_lora_file(d: Path) -> None:
     from lora4diffusion.formats import read_any
 
@@ -627,6 +645,13 @@ READERS = {
     "kohya LoRA file": (lambda d: _lora_file(d, "kohya"), read_lora_file, ("fuzz.safetensors",)),
     "diffusers LoRA file": (lambda d: _lora_file(d, "diffusers"), read_lora_file,
                             ("pytorch_lora_weights.safetensors",)),
+    "LyCORIS LoKr file (kohya layout, no settings entry)": (
+        lambda d: _method_file(d, "lokr", "kohya", {"decompose_both": True}), read_lora_file,
+        ("fuzz.safetensors",)),
+    "LyCORIS DoRA file (kohya layout, no settings entry)": (lambda d: _method_file(d, "dora", "kohya"),
+                                                            read_lora_file, ("fuzz.safetensors",)),
+    "PEFT LoKr folder": (lambda d: _method_file(d, "lokr", "peft"), lambda d: import_peft(d, base_model=BASE),
+                         ("adapter_config.json", "adapter_model.safetensors")),
     "sampling record (`sample --from` a PNG / npz)": (build_sampling_records, read_sampling_records, RECORDS),
 }
 

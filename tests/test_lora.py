@@ -630,7 +630,7 @@ def test_a_new_method_round_trips_through_an_adapter_file(tmp_path, monkeypatch)
     assert all(isinstance(layer.adapters["dense"], Dense) for layer in lora_layers(fresh).values())
     set_adapter_weight(model, "d", 0.5)
     assert torch.equal(out(fresh), out(model))
-    with pytest.raises(UserError, match="PEFT's LoRA files hold LoRA adapters, not dense"):
+    with pytest.raises(UserError, match="PEFT's folders hold LoRA, DoRA, LoHa and LoKr adapters, not dense"):
         export_peft(adapter, tmp_path / "peft")
     for fmt in LORA_FORMATS:  # every foreign layout names LoRA's A/B pairs: refused, nothing written
         with pytest.raises(UserError, match=f"a dense adapter cannot be written as {fmt}"):

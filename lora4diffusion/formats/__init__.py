@@ -4,6 +4,10 @@ Arrows point down: ``formats`` imports ``lora`` and ``models``, never the revers
 entry for reading an adapter of any layout; ``Pipeline.add_lora`` (and so every ``--lora``) hands it to
 ``lora.adapters.load_adapter`` as its reader. Adding a format = a module with ``looks_like(keys)``,
 ``read(path)`` and ``write(adapter, out)`` plus one line in ``LORA_FORMATS`` and ``_FILE_READERS``.
+
+The kohya layout has two writers and readers: kohya-ss's own LoRA files (kohya.py) and LyCORIS's extension
+of them for DoRA, LoHa and LoKr (lycoris.py), told apart by the tensor names (hada_*, lokr_*, dora_scale).
+Which methods each layout holds: ``METHODS_BY_FORMAT``.
 """
 
 from __future__ import annotations
@@ -15,11 +19,25 @@ from safetensors import safe_open
 
 from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
-from lora4diffusion.formats import diffusers_lora, kohya, peft
+from lora4diffusion.formats import diffusers_lora, kohya, lycoris, peft
 from lora4diffusion.lora.adapters import ADAPTER_FILE, FORMAT, Adapter, read_adapter, resolve_adapter
 
 LORA_FORMATS = ("diffusers", "kohya", "peft")
 _FILE_READERS = {"diffusers": diffusers_lora, "kohya": kohya, "peft": peft}
+METHODS_BY_FORMAT = {
+    # diffusers 0.42 loads LoRA pairs only from an SD UNet's files: its kohya converter drops dora_scale
+    # (loaders/lora_pipeline.py lora_state_dict) and refuses hada_* / lokr_* keys
+    # (loaders/lora_conversion_utils.py _convert_non_diffusers_lora_to_diffusers)
+    "diffusers": ("lora",),
+    "kohya": ("lora", "dora", "loha", "lokr"),  # LyCORIS's names for the last three (lycoris.py)
+    "peft": ("lora", "dora", "loha", "lokr"),  # LoraConfig (use_dora), LoHaConfig, LoKrConfig
+}
+_WHY_NOT = {
+    "diffusers": "diffusers loads LoRA pairs only from this layout (it drops a kohya file's dora_scale and"
+                 " refuses hada_/lokr_ keys for an SD UNet); write kohya or peft instead",
+    "kohya": "that layout holds LoRA, DoRA, LoHa and LoKr",
+    "peft": "that layout holds LoRA, DoRA, LoHa and LoKr",
+}
 
 
 def _keys(path: Path) -> list[str]:
@@ -53,7 +71,8 @@ def detect(path: str | Path) -> tuple[str, Path]:
     if read_metadata(path).get("format") == FORMAT:
         return "ours", path
     keys = _keys(path)
-    hits = [name for name, mod in _FILE_READERS.items() if mod.looks_like(keys)]
+    hits = [name for name, mod in _FILE_READERS.items()
+            if mod.looks_like(keys) or (name == "kohya" and lycoris.looks_like(keys))]
     if len(hits) > 1:
         raise UserError(f"{path}: mixed LoRA layouts in one file ({' and '.join(hits)} keys)")
     if not hits:
@@ -65,7 +84,8 @@ def detect(path: str | Path) -> tuple[str, Path]:
         if not (path.parent / "adapter_config.json").is_file():
             raise UserError(f"{path}: PEFT weights without their adapter_config.json beside them")
         return "peft", path.parent
-    kinds = {"diffusers": r"\.lora_[AB]\.", "kohya": r"\.(lora_down|lora_up)\.weight$|\.alpha$"}
+    kinds = {"diffusers": r"\.lora_[AB]\.", "kohya": r"\.(lora_down|lora_up|lora_mid)\.weight$|\.alpha$"
+             r"|\.dora_scale$|\.hada_[wt][12](_[ab])?$|\.lokr_[wt][12](_[ab])?$"}
     stray = [k for k in keys if not re.search(kinds[hits[0]], k)]
     if stray:
         raise UserError(f"{path}: mixed LoRA layouts in one file ({hits[0]} keys and {stray[0]!r})")
@@ -77,26 +97,28 @@ def read_any(path: str | Path) -> Adapter:
     layout, where = detect(path)
     if layout == "ours":
         return read_adapter(where)
+    if layout == "kohya" and lycoris.looks_like(_keys(where)):
+        return lycoris.read(where)
     return _FILE_READERS[layout].read(where)
 
 
 def write_lora(adapter: Adapter, fmt: str, out_dir: str | Path, title: str = "adapter") -> Path:
     """Write ``adapter`` as ``fmt`` (diffusers | kohya | peft) in ``out_dir``; returns the file or folder.
 
-    These layouts name LoRA's A/B pairs (lora_down/lora_up, lora_A/lora_B): another adapter method is refused
-    rather than written under LoRA's names."""
+    A method a layout cannot hold (``METHODS_BY_FORMAT``) is refused rather than written under other names;
+    so is what one layout cannot say of a method (PEFT: DoRA's input norm axis), before anything is written.
+    """
     out_dir = Path(out_dir)
-    if adapter.method != "lora":
-        raise UserError(
-            f"a {adapter.method} adapter cannot be written as {fmt}: that layout holds LoRA pairs only"
-        )
+    if fmt in METHODS_BY_FORMAT and adapter.method not in METHODS_BY_FORMAT[fmt]:
+        raise UserError(f"a {adapter.method} adapter cannot be written as {fmt}: {_WHY_NOT[fmt]}")
     if fmt == "diffusers":
         return diffusers_lora.write(adapter, out_dir)
     if fmt == "kohya":
-        return kohya.write(adapter, out_dir / f"{title}.safetensors", title)
+        writer = kohya.write if adapter.method == "lora" else lycoris.write
+        return writer(adapter, out_dir / f"{title}.safetensors", title)
     if fmt == "peft":
         return peft.write(adapter, out_dir)
     raise UserError(f"unknown LoRA format {fmt!r} (choose {', '.join(LORA_FORMATS)})")
 
 
-__all__ = ["LORA_FORMATS", "detect", "read_any", "write_lora"]
+__all__ = ["LORA_FORMATS", "METHODS_BY_FORMAT", "detect", "read_any", "write_lora"]

@@ -30,13 +30,8 @@ from lora4diffusion.formats.names import (
     te_to_diffusers,
     to_diffusers,
 )
-from lora4diffusion.lora.adapters import (
-    UNKNOWN,
-    Adapter,
-    check_adapter,
-    lora_config_settings,
-    require_float_tensors,
-)
+from lora4diffusion.lora.adapters import UNKNOWN, Adapter, check_adapter, require_float_tensors
+from lora4diffusion.lora.peft_layout import lora_config_settings
 from lora4diffusion.schema import shown
 
 log = logging.getLogger("lora4diffusion")

@@ -11,6 +11,7 @@ Metadata (strings): ``ss_network_module`` = networks.lora, ``ss_network_dim`` = 
 ``ss_tag_frequency`` and ``modelspec.trigger_phrase`` when the adapter has trigger words, ``modelspec.*``,
 and ours: ``lora4diffusion.base_fingerprint`` and the ``lora4diffusion`` settings entry (formats/ours.py).
 rsLoRA has no kohya equivalent: its scale alpha / sqrt(r) is written as the kohya alpha alpha * sqrt(r).
+DoRA, LoHa and LoKr use the same names and metadata in LyCORIS's extension of this layout (lycoris.py).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ KEY_RX = re.compile(r"^(lora_[a-z0-9]+_[^.]+)\.(lora_down\.weight|lora_up\.weigh
 
 def write(adapter: Adapter, path: str | Path, title: str = "") -> Path:
     """Write one kohya LoRA file at ``path``; every module must have a diffusers (hence kohya) name."""
-    alpha = adapter.alpha * math.sqrt(adapter.rank) if adapter.rslora else adapter.alpha
+    alpha = kohya_alpha(adapter)
     tensors, convs = {}, False
     for m in adapter.modules:
         a, b = adapter.pair(m)
@@ -47,8 +48,25 @@ def write(adapter: Adapter, path: str | Path, title: str = "") -> Path:
         tensors[f"{k}.lora_down.weight"], tensors[f"{k}.lora_up.weight"] = a, b
         tensors[f"{k}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         convs = convs or a.dim() == 4
+    args = {"conv_dim": str(adapter.rank), "conv_alpha": repr(float(alpha))} if convs else {}
+    path = Path(path)
+    save_tensors(path, tensors, network_metadata(adapter, title, "networks.lora", args))
+    return path
+
+
+def kohya_alpha(adapter: Adapter) -> float:
+    """The alpha a kohya reader (scale = alpha / r) needs for our scale: rsLoRA's alpha / sqrt(r) is
+    written as alpha * sqrt(r)."""
+    return adapter.alpha * math.sqrt(adapter.rank) if adapter.rslora else adapter.alpha
+
+
+def network_metadata(adapter: Adapter, title: str, network_module: str,
+                     args: dict[str, str]) -> dict[str, str]:
+    """The file's metadata: kohya-ss's ``ss_*`` entries (``ss_network_module``, and ``ss_network_args`` as
+    JSON where ``args`` has any), modelspec, trigger words, and ours (fingerprint and settings entry)."""
+    alpha = kohya_alpha(adapter)
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": str(adapter.rank),
         "ss_network_alpha": repr(float(alpha)),
         "ss_base_model_version": BASE_MODEL_VERSION,
@@ -60,17 +78,30 @@ def write(adapter: Adapter, path: str | Path, title: str = "") -> Path:
         "lora4diffusion.base_fingerprint": adapter.fingerprint,
         ours.META_KEY: ours.blob(adapter),
     }
-    if convs:
-        meta["ss_network_args"] = json.dumps(
-            {"conv_dim": str(adapter.rank), "conv_alpha": repr(float(alpha))}
-        )
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     words = ours.trigger_words(adapter)
     if words:  # kohya's dataset-tag counts; A1111 and civitai show these as the activation words
         meta["ss_tag_frequency"] = json.dumps({"trigger": {w: 1 for w in words}})
         meta["modelspec.trigger_phrase"] = ", ".join(words)
-    path = Path(path)
-    save_tensors(path, tensors, meta)
-    return path
+    return meta
+
+
+def trigger_extra(meta: dict[str, str]) -> dict[str, str]:
+    """Our trigger-words entry from a kohya file's ``modelspec.trigger_phrase`` ({} without one)."""
+    if not meta.get("modelspec.trigger_phrase"):
+        return {}
+    words = [w.strip() for w in meta["modelspec.trigger_phrase"].split(",") if w.strip()]
+    return {ours.TRIGGER_KEY: json.dumps(words)}
+
+
+def check_header(path: Path) -> None:
+    """Every tensor is floats, an ``.alpha`` may be an integer too; from the header, before any is read."""
+    for key, (_shape, dtype) in tensor_header(path).items():
+        ok = FLOAT_DTYPES + INT_DTYPES if key.endswith(".alpha") else FLOAT_DTYPES
+        if dtype not in ok:
+            what = "a number" if key.endswith(".alpha") else "floats (LoRA weights)"
+            raise UserError(f"{path}: tensor {shown(key, 80)} has dtype {dtype}; it must hold {what}")
 
 
 def looks_like(keys: list[str]) -> bool:
@@ -79,7 +110,7 @@ def looks_like(keys: list[str]) -> bool:
     )
 
 
-def _alpha(t: torch.Tensor, key: str, path: Path) -> float:
+def read_alpha(t: torch.Tensor, key: str, path: Path) -> float:
     """A module's ``.alpha``: one number (kohya writes a 0-d float tensor; an integer one is read too, as
     sd-scripts and ComfyUI read it), in our range for alpha (``check_settings``). 0 is kohya's "alpha = r"."""
     if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
@@ -98,11 +129,7 @@ def read(path: str | Path) -> Adapter:
     """A kohya LoRA file as our Adapter (``lora_unet_*`` and the text encoder's ``lora_te_*`` modules)."""
     path = Path(path)
     meta = read_metadata(path)
-    for key, (_shape, dtype) in tensor_header(path).items():  # before any tensor is read
-        ok = FLOAT_DTYPES + INT_DTYPES if key.endswith(".alpha") else FLOAT_DTYPES
-        if dtype not in ok:
-            what = "a number" if key.endswith(".alpha") else "floats (LoRA weights)"
-            raise UserError(f"{path}: tensor {shown(key, 80)} has dtype {dtype}; it must hold {what}")
+    check_header(path)
     raw = load_tensors(path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
@@ -122,7 +149,7 @@ def read(path: str | Path) -> Adapter:
         a, b = p["lora_down.weight"].float(), p["lora_up.weight"].float()
         tensors[f"{mine}.lora_down.weight"], tensors[f"{mine}.lora_up.weight"] = a, b
         pairs[name] = (a, b)
-        alpha = _alpha(p["alpha"], f"{name}.alpha", path) if "alpha" in p else 0.0
+        alpha = read_alpha(p["alpha"], f"{name}.alpha", path) if "alpha" in p else 0.0
         if alpha:
             alphas[name] = alpha
         else:
@@ -151,12 +178,10 @@ def read(path: str | Path) -> Adapter:
             f"{path}: modules have different alphas ({m1}: {a1:g}, {m2}: {a2:g}); one alpha per"
             " adapter is supported"
         )
-    extra = {"source": "kohya"}
-    if meta.get("modelspec.trigger_phrase"):
-        words = [w.strip() for w in meta["modelspec.trigger_phrase"].split(",") if w.strip()]
-        extra[ours.TRIGGER_KEY] = json.dumps(words)
+    extra = {"source": "kohya", **trigger_extra(meta)}
     adapter = Adapter(tensors, rank, next(iter(distinct)), init="kohya", fingerprint=UNKNOWN, extra=extra)
     return check_adapter(adapter, path)
 
 
-__all__ = ["looks_like", "read", "write"]
+__all__ = ["check_header", "kohya_alpha", "looks_like", "network_metadata", "read", "read_alpha",
+           "trigger_extra", "write"]

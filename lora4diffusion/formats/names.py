@@ -79,6 +79,13 @@ def _ours_ok(path: str) -> bool:
     return re.fullmatch(rx, path) is not None
 
 
+def is_conv(path: str) -> bool:
+    """Is our module path one of the UNet's nn.Conv2d layers (a ResBlock's conv1 / conv2 / skip, conv_in,
+    conv_out, a down- or upsampler's conv)? A LoHa's or low-rank LoKr's factors do not show it."""
+    leaf = r"(?:^|\.)(?:conv1|conv2|skip|conv_in|conv_out|conv)$"
+    return _ours_ok(path) and re.search(leaf, path) is not None
+
+
 def to_diffusers(path: str) -> str:
     """Our module path or parameter key -> diffusers' (``down.1.0.attn.ff.1`` -> ``...ff.net.2``)."""
     if not _ours_ok(path):
@@ -251,5 +258,5 @@ def any_from_kohya(name: str) -> str:
 
 
 __all__ = ["KOHYA_TE", "KOHYA_UNET", "TE", "any_from_kohya", "any_to_kohya", "from_diffusers", "from_kohya",
-           "is_text_encoder", "te_from_diffusers", "te_from_kohya", "te_to_diffusers", "te_to_kohya",
-           "to_diffusers", "to_kohya"]
+           "is_conv", "is_text_encoder", "te_from_diffusers", "te_from_kohya", "te_to_diffusers",
+           "te_to_kohya", "to_diffusers", "to_kohya"]

@@ -8,47 +8,18 @@ safetensors metadata entry ``lora4diffusion``; other tools ignore it, our reader
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
 
 from lora4diffusion.errors import UserError
-from lora4diffusion.lora.adapters import METHOD_KEY, OPTIONS_KEY, Adapter, check_adapter, parse_metadata
+from lora4diffusion.lora.adapters import BLOB_KEY, adapter_from_blob, settings_blob
 from lora4diffusion.lora.prompt_lora import TRIGGER_KEY, trigger_words  # one parser of the trigger entry
-from lora4diffusion.schema import shown
 
 log = logging.getLogger("lora4diffusion")
-META_KEY = "lora4diffusion"
-_RESERVED = frozenset({*Adapter({}, 1, 1.0).metadata(), METHOD_KEY, OPTIONS_KEY})  # the rest: the caller's
-
-
-def blob(adapter: Adapter) -> str:
-    return json.dumps(adapter.metadata(), sort_keys=True)
-
-
-def from_blob(tensors: dict[str, torch.Tensor], text: str, where: object) -> Adapter:
-    """An Adapter from our tensor names and the ``lora4diffusion`` metadata entry: the same settings, parsed
-    and checked by the same function as an adapter.safetensors header (``parse_metadata``)."""
-    try:
-        try:
-            meta = json.loads(text)
-        except (ValueError, RecursionError):
-            raise UserError(f"not JSON ({shown(text)})") from None
-        if not isinstance(meta, dict):
-            raise UserError(f"expected a JSON object, got {shown(meta)}")
-        odd = next((k for k, v in meta.items() if not isinstance(v, str)), None)
-        if odd is not None:  # Adapter.metadata() is text -> text, as safetensors metadata
-            raise UserError(f"{shown(odd)} must be text, got {shown(meta[odd])}")
-        settings = parse_metadata(meta)
-    except UserError as e:
-        raise UserError(f"{where}: malformed '{META_KEY}' metadata ({e})") from None
-    order = settings.pop("targets")
-    extra = {k: v for k, v in meta.items() if k not in _RESERVED}
-    adapter = Adapter(tensors, extra=extra, **settings)
-    if set(order) == set(adapter.modules):  # the file's tensor order is sorted: restore the model's
-        adapter.tensors = {f"{m}.{k}": t for m in order for k, t in adapter.module_tensors(m).items()}
-    return check_adapter(adapter, where)
+META_KEY = BLOB_KEY
+blob = settings_blob  # Adapter -> the entry's text
+from_blob = adapter_from_blob  # (our tensors, the entry's text, where) -> Adapter, checked
 
 
 def common_rank(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], where: object, name=str) -> int:

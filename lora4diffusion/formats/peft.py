@@ -1,21 +1,16 @@
 """PEFT's adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), as ``PeftModel`` saves it.
 
-The converters live in ``lora/adapters.py`` (``export_peft`` / ``import_peft``); this module gives them the
-same ``write`` / ``read`` / ``looks_like`` shape as the other formats so ``formats.read_any`` can dispatch.
+The converters live in ``lora/adapters.py`` (``export_peft`` / ``import_peft``; each method's PEFT names and
+config fields in ``lora/peft_layout.py``: LoRA, DoRA, LoHa, LoKr); this module gives them the same ``write`` /
+``read`` / ``looks_like`` shape as the other formats so ``formats.read_any`` can dispatch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lora4diffusion.lora.adapters import (
-    PEFT_CONFIG,
-    PEFT_PREFIX,
-    PEFT_WEIGHTS,
-    Adapter,
-    export_peft,
-    import_peft,
-)
+from lora4diffusion.lora.adapters import Adapter, export_peft, import_peft
+from lora4diffusion.lora.peft_layout import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 
 
 def write(adapter: Adapter, out_dir: str | Path) -> Path:

@@ -11,7 +11,8 @@ is not in the keys: it is chosen when loading (one file can be loaded twice). Ex
 are in ``extract.py``.
 
 PEFT's layout is the same with other names (``base_model.model.<path>.lora_A.weight`` = our down,
-``lora_B`` = our up, same conv layout, same scaling rule), so conversion is renaming plus a config file.
+``lora_B`` = our up, same conv layout, same scaling rule), so conversion is renaming plus a config file;
+DoRA, LoHa and LoKr have their PEFT names and config fields too (peft_layout.py).
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ from lora4diffusion.lora.layers import (
     set_adapter_weight,
 )
 from lora4diffusion.lora.lora import INITS
+from lora4diffusion.lora.method import MAX_ALPHA, MAX_RANK
+from lora4diffusion.lora.peft_layout import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    config_settings,
+    lokr_settings,
+    our_key,
+    our_tensor,
+    peft_config,
+    peft_tensors,
+)
 from lora4diffusion.lora.targets import adaptable_modules
 from lora4diffusion.schema import boolean, float_text, int_text, integer, number, shown, string
 
@@ -59,10 +71,7 @@ FORMAT = "lora4diffusion-adapter"
 VERSION = 1
 ADAPTER_FILE = "adapter.safetensors"
 UNKNOWN = "unknown"  # fingerprint of adapters from elsewhere (PEFT): not checked on load
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel).model (the UNet)
-MAX_RANK = 4096  # far above any MNIST-sized layer; a bigger rank is a broken or hostile file
-MAX_ALPHA = 1e6  # scale alpha/r > 1e6 turns any delta into inf/NaN outputs (alpha 1e30 is not an adapter)
+BLOB_KEY = "lora4diffusion"  # our settings, as one metadata entry of another format's file
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _RESERVED = ("format", "version", "rank", "alpha", "scale_rule", "targets", "init", "dropout",
              "base_fingerprint")  # required
@@ -324,6 +333,36 @@ def read_adapter(path: str | Path) -> Adapter:
     return adapter
 
 
+def settings_blob(adapter: Adapter) -> str:
+    """Our settings as one JSON text (``Adapter.metadata()``), the ``lora4diffusion`` entry other formats'
+    files carry so that ours -> X -> ours is exact."""
+    return json.dumps(adapter.metadata(), sort_keys=True)
+
+
+def adapter_from_blob(tensors: dict[str, torch.Tensor], text: str, where: object) -> Adapter:
+    """An Adapter from our tensor names and a ``settings_blob`` text: the same settings, parsed and checked
+    by the same function as an adapter.safetensors header (``parse_metadata``)."""
+    try:
+        try:
+            meta = json.loads(text)
+        except (ValueError, RecursionError):
+            raise UserError(f"not JSON ({shown(text)})") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"expected a JSON object, got {shown(meta)}")
+        odd = next((k for k, v in meta.items() if not isinstance(v, str)), None)
+        if odd is not None:  # Adapter.metadata() is text -> text, as safetensors metadata
+            raise UserError(f"{shown(odd)} must be text, got {shown(meta[odd])}")
+        settings = parse_metadata(meta)
+    except UserError as e:
+        raise UserError(f"{where}: malformed '{BLOB_KEY}' metadata ({e})") from None
+    order = settings.pop("targets")
+    extra = {k: v for k, v in meta.items() if k not in (*_RESERVED, METHOD_KEY, OPTIONS_KEY)}
+    adapter = Adapter(tensors, extra=extra, **settings)
+    if set(order) == set(adapter.modules):  # the file's tensor order is sorted: restore the model's
+        adapter.tensors = {f"{m}.{k}": t for m in order for k, t in adapter.module_tensors(m).items()}
+    return check_adapter(adapter, where)
+
+
 def default_name(model: nn.Module, path: Path) -> str:
     """An adapter name from its directory (or file) name, unique in ``model``: bold, bold_2, ..."""
     stem = path.parent.name if path.name == ADAPTER_FILE else (path.name if path.is_dir() else path.stem)
@@ -391,104 +430,95 @@ def load_adapter(model: nn.Module, path: str | Path | Adapter, name: str | None 
     return name
 
 
-# ----- PEFT interop -----
+# ----- PEFT interop (each method's names and config fields: peft_layout.py) -----
 def export_peft(source: nn.Module | Adapter | str | Path, out_dir: str | Path, name: str = "default") -> Path:
-    """Write a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
-    ``PeftModel.from_pretrained(UNet(...), out_dir)`` loads onto the same base."""
+    """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) that
+    ``PeftModel.from_pretrained(UNet(...), out_dir)`` loads onto the same base: a LoraConfig for LoRA and
+    DoRA, a LoHaConfig, a LoKrConfig. Our settings ride along as the weights' ``lora4diffusion`` metadata
+    entry (PEFT ignores it) so that ours -> PEFT -> ours is exact. What PEFT cannot hold is refused before
+    anything is written."""
     if isinstance(source, nn.Module):
         adapter = adapter_from_model(source, name)
     else:
         adapter = source if isinstance(source, Adapter) else read_adapter(source)
     out_dir = Path(out_dir)
-    if adapter.method != "lora":
-        raise UserError(f"export-peft: PEFT's LoRA files hold LoRA adapters, not {adapter.method}")
     require_finite(adapter.tensors, "export-peft")
     if not math.isfinite(adapter.alpha):
         raise UserError(f"export-peft: the adapter's alpha is {adapter.alpha}; nothing was written")
-    tensors = {}
-    for m in adapter.modules:
-        a, b = adapter.pair(m)
-        tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = a, b
-    save_tensors(out_dir / PEFT_WEIGHTS, tensors, {"format": "pt"})
-    write_json(out_dir / PEFT_CONFIG, {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "r": adapter.rank, "lora_alpha": adapter.alpha, "use_rslora": adapter.rslora,
-        "target_modules": adapter.modules,  # exact paths: PEFT matches `key == target` first
-        "lora_dropout": adapter.dropout, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
-        "init_lora_weights": "gaussian" if adapter.init == "normal" else True,  # seed's N(0, 1/r) = gaussian
-        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
-    })
+    try:
+        config = peft_config(adapter)
+    except UserError as e:
+        raise UserError(f"export-peft: {e}; nothing was written") from None
+    meta = {"format": "pt", BLOB_KEY: settings_blob(adapter)}
+    save_tensors(out_dir / PEFT_WEIGHTS, peft_tensors(adapter), meta)
+    write_json(out_dir / PEFT_CONFIG, config)
     return out_dir
 
 
-# LoraConfig options beyond plain LoRA (one rank, one alpha, A and B only): refused where they are set
-PEFT_OPTIONS = ("rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save",
-                "target_parameters", "layer_replication", "trainable_token_indices")
-
-
-def lora_config_settings(config: object, rank_default: int | None = None, prefix: str = "") -> dict:
-    """Adapter settings from a PEFT ``LoraConfig`` as JSON: PEFT's adapter_config.json, and diffusers'
-    ``lora_adapter_metadata`` (the same fields). Types as PEFT's LoraConfig takes them (``r`` an integer,
-    ``use_rslora`` true/false, not "no"), ranges as ours (``check_settings``); options we lack are refused.
-    ``rank_default``: the rank when ``r`` is absent (diffusers; PEFT's file always has it). A UserError
-    naming the field (as ``prefix`` + its name: diffusers' ``unet.lora_alpha``); the caller adds the file."""
-    if not isinstance(config, dict):
-        raise UserError(f"expected a JSON object of LoraConfig fields, got {shown(config)}")
-    unsupported = [prefix + k for k in PEFT_OPTIONS if config.get(k)]
-    if config.get("bias", "none") != "none":
-        unsupported.append(prefix + "bias")
-    if unsupported:
-        raise UserError(f"LoRA options {unsupported} are not supported (plain LoRA with one rank and alpha)")
-    rank = integer(config.get("r", rank_default), prefix + "r", 1, MAX_RANK)
-    alpha = config.get("lora_alpha", 8 if rank_default is None else rank)  # PEFT's default; diffusers': r
-    alpha = number(alpha, prefix + "lora_alpha", 0.0, MAX_ALPHA, lo_open=True)
-    rslora = boolean(config.get("use_rslora", False), prefix + "use_rslora")
-    dropout = number(config.get("lora_dropout", 0.0), prefix + "lora_dropout", 0.0, 1.0)
-    if dropout >= 1.0:
-        raise UserError(f"{prefix}lora_dropout must be < 1, got {dropout:g}")
-    init_weights = config.get("init_lora_weights", True)
-    if init_weights not in (True, False, "gaussian") or not isinstance(init_weights, (bool, str)):
-        # pissa, olora, loftq, eva, corda, ... also rewrite the BASE weights: this adapter alone is wrong
-        raise UserError(f"{prefix}init_lora_weights {shown(init_weights)} is not supported (true, false or"
-                        " 'gaussian'; pissa/olora/loftq/eva/corda change the base weights too)")
-    targets = config.get("target_modules")
-    if targets is not None and not isinstance(targets, str) and not (
-        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
-    ):
-        raise UserError(f"{prefix}target_modules must be a string or a list of strings, got {shown(targets)}")
-    init = {"gaussian": "normal", True: "kaiming"}.get(init_weights, "peft")
-    return {"rank": rank, "alpha": alpha, "rslora": rslora, "dropout": dropout, "init": init}
-
-
 def import_peft(peft_dir: str | Path, base_model: nn.Module | None = None) -> Adapter:
-    """Read a PEFT LoRA adapter directory as an Adapter (``.save(dir)`` writes our format). PEFT records no
-    base fingerprint: pass ``base_model`` to record its fingerprint, else the adapter loads unchecked."""
+    """Read a PEFT adapter directory (LoRA, DoRA, LoHa or LoKr) as an Adapter (``.save(dir)`` writes our
+    format). adapter_config.json decides what the adapter is; where the weights also carry our settings
+    entry (written by ``export_peft``) and it says the same, it restores what PEFT does not record (rsLoRA,
+    init, the fingerprint, the caller's metadata). ``base_model``: check every module fits it and record its
+    fingerprint where the file has none (one it has must be this base's)."""
     peft_dir = Path(peft_dir)
     where = peft_dir / PEFT_CONFIG
     config = read_json(where)
-    if config.get("peft_type") != "LORA":
-        raise UserError(f"{peft_dir}: not a PEFT LoRA adapter (peft_type {shown(config.get('peft_type'))})")
     try:
-        settings = lora_config_settings(config)
+        settings = config_settings(config)
     except UserError as e:
         raise UserError(f"{where}: malformed PEFT config ({e})") from None
     weights = peft_dir / PEFT_WEIGHTS
     if not weights.is_file() and (peft_dir / "adapter_model.bin").is_file():
         raise UserError(f"{peft_dir}: only adapter_model.safetensors is read (pickled .bin is not loaded)")
-    key_rx = re.compile(rf"^{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
     require_float_tensors(weights)
-    tensors = {}
+    tensors, modules = {}, {}
     for key, t in load_tensors(weights).items():
-        match = key_rx.match(key)
-        if not match:
-            raise UserError(f"{weights}: unexpected tensor {shown(key, 80)} (plain LoRA A/B weights only)")
-        tensors[f"{match[1]}.lora_{'down' if match[2] == 'A' else 'up'}.weight"] = t.float()
-    fingerprint = base_fingerprint(base_model) if base_model is not None else UNKNOWN
-    adapter = check_adapter(Adapter(tensors, fingerprint=fingerprint, extra={"source": "peft"}, **settings),
-                            weights)
-    if base_model is not None:  # every module must exist in the base with the right shapes
-        check_fits(base_model, adapter, weights)
+        try:
+            module, ours = our_key(key, config["peft_type"])
+        except UserError as e:
+            raise UserError(f"{weights}: {e}") from None
+        tensors[f"{module}.{ours}"] = modules.setdefault(module, {})[ours] = our_tensor(ours, t.float())
+    if settings["method"] == "lokr":  # each module's factors first, then the options that give their shapes
+        _structure(Adapter(tensors, settings["rank"], settings["alpha"], method="lokr"), weights)
+        try:
+            settings = lokr_settings(settings, modules)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    adapter = check_adapter(Adapter(tensors, extra={"source": "peft"}, **settings), weights)
+    ours = _own_settings(adapter, config, read_metadata(weights), weights)
+    if ours is not None:
+        adapter = ours
+    if base_model is not None:
+        mine = base_fingerprint(base_model)
+        if adapter.fingerprint not in (UNKNOWN, mine):
+            raise UserError(f"{weights}: adapter was trained on a different base model (fingerprint"
+                            f" {adapter.fingerprint[:12]}, this base {mine[:12]})")
+        adapter.fingerprint = mine
+        check_fits(base_model, adapter, weights)  # every module must exist in the base with the right shapes
     return adapter
+
+
+def _own_settings(adapter: Adapter, config: dict, meta: dict[str, str], where: Path) -> Adapter | None:
+    """The Adapter our settings entry describes, where the weights carry one and adapter_config.json is what
+    ``export_peft`` writes for it (else None, with a warning if the entry disagrees: the config was edited,
+    and it is what PEFT reads)."""
+    if BLOB_KEY not in meta:
+        return None
+    ours = adapter_from_blob(adapter.tensors, meta[BLOB_KEY], where)
+    try:
+        expected = peft_config(ours)
+    except UserError:
+        expected = {}
+    fields = ("peft_type", "r", "lora_alpha", "alpha", "use_rslora", "use_dora", "decompose_both",
+              "decompose_factor", "rank_pattern", "alpha_pattern")
+    same = all(expected.get(k) == config.get(k) for k in fields) and sorted(ours.modules) == sorted(
+        adapter.modules)
+    if not same:
+        log.warning("%s: its '%s' entry does not match %s (edited?); reading the config, as PEFT does", where,
+                    BLOB_KEY, PEFT_CONFIG)
+        return None
+    return ours
 
 
 def load_peft(model: nn.Module, peft_dir: str | Path, name: str = "default", weight: float = 1.0) -> str:

@@ -17,6 +17,8 @@ One factor starts at zero, so ΔW = 0. Inits: "normal" is LyCORIS's (W1 kaiming-
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+@cache  # pure, and called per module and per candidate option when a file's layout is read back
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """(m, n) with m * n = dimension and m <= n, as LyCORIS splits it: (factor, dimension / factor) when
     ``factor`` divides the dimension; otherwise the divisor pair nearest the square root whose smaller member
@@ -50,9 +53,16 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 def layout(base: nn.Module, rank: int, factor: int, decompose_both: bool,
            full_matrix: bool) -> dict[str, tuple[int, ...]]:
     """The tensors of a rank-``rank`` LoKr on ``base`` and their shapes (LyCORIS's rules, module doc)."""
-    w = base.weight
-    (a, b), (c, d) = factorization(w.shape[0], factor), factorization(w.shape[1], factor)
-    kernel = tuple(w.shape[2:])
+    return layout_for_shape(tuple(base.weight.shape), rank, factor, decompose_both, full_matrix)
+
+
+def layout_for_shape(shape: tuple[int, ...], rank: int, factor: int, decompose_both: bool, full_matrix: bool,
+                     split: Callable[[int, int], tuple[int, int]] = factorization,
+                     ) -> dict[str, tuple[int, ...]]:
+    """``layout`` for a base weight of ``shape`` ([out, in] or [out, in, kh, kw]); ``split`` divides a size
+    into (a, b) (ours and LyCORIS's ``factorization``; readers of PEFT files pass PEFT's)."""
+    (a, b), (c, d) = split(shape[0], factor), split(shape[1], factor)
+    kernel = tuple(shape[2:])
     shapes: dict[str, tuple[int, ...]] = {}
     if decompose_both and rank < max(a, c) / 2 and not full_matrix:
         shapes[W1A], shapes[W1B] = (a, rank), (rank, c)
@@ -114,6 +124,8 @@ class LoKr(AdapterMethod):
                     return f"{name}_a/{name}_b {tuple(lo.shape)}/{tuple(hi.shape)} are not a rank-{rank} pair"
         if tensors.get(W1, torch.zeros(1, 1)).dim() != 2:
             return "lokr_w1 must be a matrix"
+        if tensors.get(W2, torch.zeros(1, 1)).dim() not in (2, 4):
+            return "lokr_w2 must be a matrix (a Linear's) or 4-D (a conv's [b, d, kh, kw])"
         return None
 
     @property

@@ -17,6 +17,9 @@ from torch import nn
 
 from lora4diffusion.errors import UserError
 
+MAX_RANK = 4096  # far above any MNIST-sized layer; a bigger rank is a broken or hostile file
+MAX_ALPHA = 1e6  # scale alpha/r > 1e6 turns any delta into inf/NaN outputs (alpha 1e30 is not an adapter)
+
 
 class Factor(nn.Module):
     """One trainable tensor, as a child module (the wrapper files an adapter's child modules under the
