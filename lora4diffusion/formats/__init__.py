@@ -35,6 +35,7 @@ METHODS_BY_FORMAT = {
 _WHY_NOT = {
     "diffusers": "diffusers loads LoRA pairs only from this layout (it drops a kohya file's dora_scale and"
                  " refuses hada_/lokr_ keys for an SD UNet); write kohya or peft instead",
+    # OFT: LyCORIS's diag-oft and PEFT's OFT files exist, but are not written yet (ours only)
     "kohya": "that layout holds LoRA, DoRA, LoHa and LoKr",
     "peft": "that layout holds LoRA, DoRA, LoHa and LoKr",
 }
@@ -110,7 +111,8 @@ def write_lora(adapter: Adapter, fmt: str, out_dir: str | Path, title: str = "ad
     """
     out_dir = Path(out_dir)
     if fmt in METHODS_BY_FORMAT and adapter.method not in METHODS_BY_FORMAT[fmt]:
-        raise UserError(f"a {adapter.method} adapter cannot be written as {fmt}: {_WHY_NOT[fmt]}")
+        article = "an" if adapter.method[:1] in "aeiou" else "a"
+        raise UserError(f"{article} {adapter.method} adapter cannot be written as {fmt}: {_WHY_NOT[fmt]}")
     if fmt == "diffusers":
         return diffusers_lora.write(adapter, out_dir)
     if fmt == "kohya":
