@@ -6,13 +6,13 @@
 A budget is named by a LoRA rank r: the trainable parameters of an all-linear LoRA of rank r on the base.
 Every other method takes the configuration whose parameter count is nearest that budget (``match_budget``:
 LoHa and DoRA by rank, LoKr by factor, rank and decompose_both, OFT by block size; the counts are printed).
-LoRA+ is LoRA with its B at 16x the learning rate (the paper's suggestion). Each (task, method,
+LoRA+ is LoRA with its B at 4x the learning rate (the paper's 16 diverged at our learning rate). Each (task, method,
 budget, seed) is one ``train_lora`` run at the prompt base's defaults (all-linear, lr 2e-3, batch 64,
 bf16, EMA; 400 steps, 750 with a trigger), then sampled at weight 1 (the pipeline's DDIM steps, guidance
 1.25, the same seed as the base) and scored with the shipped classifier:
-  - bold: ink / the base's; italic: slant - the base's (pixels); trigger: bold with the trigger ``sks``
-    (ink with it, and the leak: ink / base WITHOUT it, which should stay near 1); fewshot: bold from 10
-    examples per digit;
+  - bold: ink / the base's; italic: slant - the base's (pixels); trigger: bold with the trigger ``sks``,
+    prior preservation and the text encoder adapted too (the shipped recipe; ink with the trigger, and the
+    leak: ink / base WITHOUT it, which should stay near 1); fewshot: bold from 10 examples per digit;
   - accuracy as the digit asked; parameters, adapter file size, training seconds, seconds per step;
   - merge error: max |pixel| between 20 fp32 samples with the adapter merged and unmerged.
 Runs append to OUT/runs.jsonl and are skipped when already there (the script resumes where it stopped).
@@ -48,11 +48,12 @@ from trigger_specificity import prompts_for, score  # noqa: E402  (a sibling scr
 TASKS = {  # name: (style, trigger, examples per digit, what the style effect is)
     "bold": ("bold", None, None, "ink_ratio"),
     "italic": ("italic", None, None, "slant_diff"),
-    "trigger": ("bold", "sks", None, "ink_ratio"),
+    "trigger": ("bold", "sks", None, "ink_ratio"),  # the shipped recipe: prior preservation, text encoder too
     "fewshot": ("bold", None, 10, "ink_ratio"),
 }
 METHOD_ROWS = {  # row name: (method, LoRA+ ratio)
-    "lora": ("lora", 1.0), "loraplus": ("lora", 16.0), "dora": ("dora", 1.0), "loha": ("loha", 1.0),
+    # LoRA+ at the paper's ratio 16 diverged at our lr 2e-3 (RESULTS.md): 4 is the row
+    "lora": ("lora", 1.0), "loraplus": ("lora", 4.0), "dora": ("dora", 1.0), "loha": ("loha", 1.0),
     "lokr": ("lokr", 1.0), "oft": ("oft", 1.0),
 }
 LOKR_FACTORS = (-1, 2, 4, 8, 16)  # not 1: W1 would be a 1x1 scalar and W2 a LoRA of the whole layer
@@ -117,8 +118,9 @@ def measure(base: str, task: str, row: str, lora: LoRAConfig, budget: int, seed:
     style, trigger, per_digit, _ = TASKS[task]
     run_dir = out / f"{task}-{row}-r{budget}-s{seed}"
     t0 = time.perf_counter()
-    run = train_lora(style, run_dir, base=base, lora=lora, trigger=trigger, per_digit=per_digit, seed=seed,
-                     steps=args.steps, progress=False, overwrite=True)
+    recipe = {"trigger": trigger, "prior": True, "text_encoder": True} if trigger else {}
+    run = train_lora(style, run_dir, base=base, lora=lora, per_digit=per_digit, seed=seed, steps=args.steps,
+                     progress=False, overwrite=True, **recipe)
     wall = time.perf_counter() - t0
     digits = [d for d in range(10) for _ in range(args.per_digit)]
     labels = torch.tensor(digits)
