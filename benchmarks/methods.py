@@ -1,7 +1,8 @@
-"""Adapter methods head to head: LoRA, LoRA+, DoRA, LoHa, LoKr and OFT at equal trainable-parameter budgets.
+"""Adapter methods head to head: LoRA, LoRA+, DoRA, LoHa, LoKr, OFT at equal trainable-parameter budgets.
 
     python benchmarks/methods.py --out runs/methods [--budgets 4,16] [--seeds 0,1,2] \
-        [--tasks bold,italic,trigger,fewshot] [--methods lora,loraplus,dora,loha,lokr,oft] [--per-digit 30]
+        [--tasks bold,italic,trigger,fewshot] [--methods lora,loraplus,dora,loha,lokr,oft] \
+        [--per-digit 30]
 
 A budget is named by a LoRA rank r: the trainable parameters of an all-linear LoRA of rank r on the base.
 Every other method takes the configuration whose parameter count is nearest that budget (``match_budget``:
