@@ -9,8 +9,8 @@ Every other method takes the configuration whose parameter count is nearest that
 LoHa and DoRA by rank, LoKr by factor, rank and decompose_both, OFT by block size; the counts are printed).
 LoRA+ is LoRA with its B at 4x the learning rate (the paper's 16 diverged at our learning rate). Each
 (task, method, budget, seed) is one ``train_lora`` run at the prompt base's defaults (all-linear, lr 2e-3,
-batch 64, bf16, EMA; 400 steps, 750 with a trigger), then sampled at weight 1 (the pipeline's DDIM steps, guidance
-1.25, the same seed as the base) and scored with the shipped classifier:
+batch 64, bf16, EMA; 400 steps, 750 with a trigger), then sampled at weight 1 (the pipeline's DDIM steps,
+guidance 1.25, the same seed as the base) and scored with the shipped classifier:
   - bold: ink / the base's; italic: slant - the base's (pixels); trigger: bold with the trigger ``sks``,
     prior preservation and the text encoder adapted too (the shipped recipe; ink with the trigger, and the
     leak: ink / base WITHOUT it, which should stay near 1); fewshot: bold from 10 examples per digit;
