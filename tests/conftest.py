@@ -24,15 +24,19 @@ def small_cfg() -> UNetConfig:
 
 
 @pytest.fixture(scope="session")
-def tiny_label_run(tmp_path_factory):
-    """``train_base("tiny")``: a tiny label model at the preset's full length (seconds), built once per
-    session for the tests that only need *a* trained label model (the CLI and LoRA tests); they read it,
-    never write into it."""
+def tiny_label_training(tmp_path_factory):
+    """(run folder, summary) of ``train_base("tiny", run, progress=False)``: a tiny label model at the
+    preset's full length (seconds), trained once per session; test_train checks that training, the CLI and
+    LoRA tests use the model (tiny_label_run). They read it, never write into it."""
     from lora4diffusion.training.base import train_base
 
     run = tmp_path_factory.mktemp("tiny_label_run") / "run"
-    train_base("tiny", run, progress=False)
-    return run
+    return run, train_base("tiny", run, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_label_run(tiny_label_training):
+    return tiny_label_training[0]
 
 
 @pytest.fixture(scope="session")
