@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lora4diffusion.errors import UserError, describe_os_error
 
@@ -218,10 +219,25 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: Pa
     module.load_state_dict(state)
 
 
+class _NoInitialisers(TorchFunctionMode):
+    """Skips weight initialisers (``nn.init.*``, ``Tensor.normal_``, ...) while a shell is built on the meta
+    device: they fill nothing there (shapes and dtypes are the constructor's), and the meta kernels of some
+    (``normal_``: an ``nn.Embedding``) import torch._dynamo, a second of every process's start-up."""
+
+    RANDOM_FILLS = frozenset(getattr(torch.Tensor, n) for n in ("normal_", "uniform_", "exponential_",
+                                                                "log_normal_", "cauchy_", "geometric_",
+                                                                "random_", "bernoulli_"))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init" or func in self.RANDOM_FILLS:
+            return args[0] if args else kwargs["tensor"]  # the tensor, unchanged
+        return func(*args, **(kwargs or {}))
+
+
 def load_weights(module_factory: Callable[[], nn.Module], path: Path) -> nn.Module:
     """Build a module and load ``path`` into it, checking the file's header (names, shapes, dtypes) against
     the module built on the meta device first: nothing is allocated for a file that does not fit."""
-    with torch.device("meta"):
+    with torch.device("meta"), _NoInitialisers():
         shell = module_factory()
     check_against(shell.state_dict(), tensor_header(path), path)
     module = module_factory()

@@ -24,15 +24,42 @@ def small_cfg() -> UNetConfig:
 
 
 @pytest.fixture(scope="session")
-def tiny_prompt_model(tmp_path_factory):
-    """A tiny prompt-conditioned latent model (tiny VAE, tiny UNet + text encoder; seconds), built once per
-    session for the tests that only need *a* prompt model (the serve tests)."""
+def tiny_label_training(tmp_path_factory):
+    """(run folder, summary) of ``train_base("tiny", run, progress=False)``: a tiny label model at the
+    preset's full length (seconds), trained once per session; test_train checks that training, the CLI and
+    LoRA tests use the model (tiny_label_run). They read it, never write into it."""
+    from lora4diffusion.training.base import train_base
+
+    run = tmp_path_factory.mktemp("tiny_label_run") / "run"
+    return run, train_base("tiny", run, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_label_run(tiny_label_training):
+    return tiny_label_training[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """`train-vae --preset tiny` (seconds), built once per session for the tests that only need *a* VAE (the
+    prompt-model, export and demo tests); they read it, never write into it."""
     from lora4diffusion.cli import main
 
-    root = tmp_path_factory.mktemp("tiny_prompt_model")
-    vae, base = str(root / "vae"), root / "base"
-    assert main(["-q", "train-vae", "--preset", "tiny", "--out", vae, "--device", "cpu"]) == 0
-    argv = ["-q", "train", "--conditioning", "text", "--preset", "tiny", "--vae", vae, "--out", str(base)]
+    vae = tmp_path_factory.mktemp("tiny_vae") / "vae"
+    assert main(["-q", "train-vae", "--preset", "tiny", "--out", str(vae), "--device", "cpu"]) == 0
+    return vae
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt_model(tiny_vae, tmp_path_factory):
+    """`train --conditioning text --preset tiny` on ``tiny_vae`` (tiny UNet + text encoder; seconds), built
+    once per session for the tests that only need *a* prompt model (prompt models, the diffusers export,
+    serve); they read it, never write into it."""
+    from lora4diffusion.cli import main
+
+    base = tmp_path_factory.mktemp("tiny_prompt_model") / "base"
+    argv = ["-q", "train", "--conditioning", "text", "--preset", "tiny", "--vae", str(tiny_vae), "--out",
+            str(base)]
     assert main([*argv, "--device", "cpu"]) == 0
     return base
 

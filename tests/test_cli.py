@@ -14,10 +14,8 @@ from lora4diffusion.cli import main
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["-q", "train", "--preset", "tiny", "--out", str(run)]) == 0
-    return run
+def tiny_run(tiny_label_run):
+    return tiny_label_run  # a tiny label run (conftest's, shared); `train` itself: the fresh-clone test
 
 
 def _snapshot(folder):

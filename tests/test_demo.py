@@ -18,7 +18,6 @@ from lora4diffusion.cli import main
 from lora4diffusion.lora.adapters import read_adapter
 from lora4diffusion.lora.prompt_lora import split_adapter, trigger_words
 from lora4diffusion.training.base import train_base
-from lora4diffusion.training.vae import train_vae
 
 CHROMIUM = Path("/usr/bin/chromium")
 SMALL = ["--lora-steps", "2", "--per-digit", "2", "--steps", "3"]
@@ -28,10 +27,8 @@ LABEL_SETS = {"base", "bold_0", "bold_0.5", "bold_1", "italic_1", "mix", "merged
 
 
 @pytest.fixture(scope="module")
-def vae(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "vae"
-    train_vae(out, preset="tiny", progress=False)
-    return out
+def vae(tiny_vae):
+    return tiny_vae  # a tiny VAE (conftest's, shared)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 """A prompt model as a diffusers StableDiffusionPipeline (UNet, text encoder, tokenizer, VAE, scheduler),
 against diffusers itself.
 
-One tiny VAE and one tiny prompt model, trained for a few steps once per module, exported once with the
-CLI; diffusers' StableDiffusionPipeline loads the folder and, from the same initial latents, draws the
-images our Pipeline.generate and `lora4diffusion sample` draw. The measured maxima are printed (pytest -s)
-and recorded in docs/INTEROP.md.
+One tiny VAE and one tiny prompt model, trained for a few steps once per session (conftest.py), exported
+once with the CLI; diffusers' StableDiffusionPipeline loads the folder and, from the same initial latents,
+draws the images our Pipeline.generate and `lora4diffusion sample` draw. The measured maxima are printed
+(pytest -s) and recorded in docs/INTEROP.md.
 """
 
 from __future__ import annotations
@@ -35,13 +35,10 @@ SEED, STEPS = 3, 5
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """(prompt model folder, its StableDiffusionPipeline export)."""
-    root = tmp_path_factory.mktemp("sd")
-    vae, run, out = root / "vae", root / "run", root / "sd"
-    assert main(["-q", "train-vae", "--preset", "tiny", "--out", str(vae), "--device", "cpu"]) == 0
-    assert main(["-q", "train", "--conditioning", "text", "--preset", "tiny", "--vae", str(vae),
-                 "--out", str(run), "--device", "cpu"]) == 0
+def model(tiny_prompt_model, tmp_path_factory):
+    """(prompt model folder, its StableDiffusionPipeline export). The model: `train-vae --preset tiny`, then
+    `train --conditioning text --preset tiny` on it (conftest's tiny_prompt_model, shared)."""
+    run, out = tiny_prompt_model, tmp_path_factory.mktemp("sd") / "sd"
     assert main(["export-diffusers", "--checkpoint", str(run), "--out", str(out)]) == 0
     return run, out
 

@@ -15,10 +15,8 @@ from lora4diffusion.training.lora import LoRAConfig, train_lora
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    run = tmp_path_factory.mktemp("ft") / "base"
-    train_base("tiny", run, progress=False)
-    return run
+def base(tiny_label_run):
+    return tiny_label_run  # train_base("tiny") (conftest's, shared)
 
 
 @pytest.fixture(scope="module")

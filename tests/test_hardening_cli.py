@@ -38,11 +38,36 @@ PIXEL = str(pretrained_dir("pixel-base"))
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A tiny base run (2 steps), a PEFT export of the shipped bold-pixel adapter."""
+    """A tiny base run (2 steps), a PEFT export of the shipped bold-pixel adapter, a few digits (DIGITS)."""
     root = tmp_path_factory.mktemp("hard")
     train_base("tiny", root / "tiny", steps=2, progress=False)
     assert main(["-q", "export-peft", "--lora", "bold-pixel", "--out", str(root / "peft")]) == 0
+    _write_idx(root / DIGITS)
     return root
+
+
+# `train-classifier --data WORK/DIGITS`: the tests of its lock need a writer that runs, not a good classifier;
+# one epoch of the embedded 4,500 digits takes seconds, of these 200 a fraction of one
+DIGITS = "digits"
+
+
+def _write_idx(folder: Path) -> None:
+    """An IDX folder of 200 real training digits and the 500 held-out ones (t10k: 50 of each class, as the
+    held-out split takes), from the embedded subset."""
+    from lora4diffusion.data import load_mnist
+
+    def idx(arr: np.ndarray) -> bytes:
+        magic = 0x801 if arr.ndim == 1 else 0x803
+        return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
+
+    splits = load_mnist("embedded")
+    folder.mkdir()
+    for prefix, digits in (("train", splits.train), ("t10k", splits.heldout)):
+        images, labels = digits.images.numpy(), digits.labels.numpy().astype(np.uint8)
+        if prefix == "train":  # sorted by label: stride through them for every class
+            images, labels = images[::22][:200], labels[::22][:200]
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(idx(np.ascontiguousarray(images)))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx(labels))
 
 
 def _snapshot(folder):
@@ -733,9 +758,9 @@ def _cli(*argv: str) -> list[str]:
 
 
 # (argv without --out, a check that the folder holds that command's output whole)
-TWO_WRITERS = {
-    "train-classifier": (["train-classifier", "--epochs", "1", "--device", "cpu"],
-                         lambda out: load_classifier(out)),
+TWO_WRITERS = {  # "{work}": the module's work folder
+    "train-classifier": (["train-classifier", "--epochs", "1", "--device", "cpu", "--data",
+                          f"{{work}}/{DIGITS}"], lambda out: load_classifier(out)),
     "merge": (["merge", "--checkpoint", PIXEL, "--lora", "bold-pixel"],
               lambda out: load_model(out)),
     "export-peft": (["export-peft", "--lora", "bold-pixel"],
@@ -744,11 +769,12 @@ TWO_WRITERS = {
 
 
 @pytest.mark.parametrize("cmd", list(TWO_WRITERS))
-def test_two_writers_into_one_folder_the_second_is_refused(tmp_path, cmd):
+def test_two_writers_into_one_folder_the_second_is_refused(work, tmp_path, cmd):
     """Two real processes: the first holds --out (paused right after it took the folder's lock), the second
     (even with --overwrite) gets one line naming the first, exit 2, and writes nothing; the first then
     finishes and its files are whole. Before the lock both exited 0 and one's files replaced the other's."""
     argv, check = TWO_WRITERS[cmd]
+    argv = [a.format(work=work) for a in argv]
     out = tmp_path / "out"
     first = subprocess.Popen(_cli(*argv, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
@@ -772,11 +798,12 @@ def test_two_writers_into_one_folder_the_second_is_refused(tmp_path, cmd):
     check(out)  # the first's output, whole
 
 
-def test_two_writers_started_together_exactly_one_writes(tmp_path):
+def test_two_writers_started_together_exactly_one_writes(work, tmp_path):
     """No pause: two train-classifier runs started at once on one new folder. The emptiness check is made
     under the lock, so one writes and the other is refused (in use, or the folder already holds files)."""
     out = tmp_path / "out"
-    argv = _cli("train-classifier", "--epochs", "1", "--device", "cpu", "--out", str(out))
+    argv = _cli("train-classifier", "--epochs", "1", "--device", "cpu", "--data", str(work / DIGITS), "--out",
+                str(out))
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read().strip()) for p in procs]
@@ -794,7 +821,8 @@ def _every_writer(work: Path, tmp: Path) -> dict[str, tuple[list[str], list[str]
     """Every command that writes an output folder: (argv without --out, files it must have written)."""
     diffusers = tmp / "exported-diffusers"
     return {
-        "train-classifier": (["train-classifier", "--epochs", "1"], ["classifier.safetensors"]),
+        "train-classifier": (["train-classifier", "--epochs", "1", "--data", str(work / DIGITS)],
+                             ["classifier.safetensors"]),
         "train-vae": (["train-vae", "--preset", "tiny", "--max-train-steps", "1"], ["model.safetensors"]),
         "train": (["train", "--preset", "tiny", "--max-train-steps", "1"], ["train_state.safetensors"]),
         "train-lora": (["train-lora", "--checkpoint", str(work / "tiny"), "--style", "bold",

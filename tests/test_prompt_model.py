@@ -162,19 +162,10 @@ def test_digit_prompts_cycle_a_family():
 
 
 @pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vae") / "vae"
-    assert main(["-q", "train-vae", "--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_text_model(tiny_vae, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prompt") / "run"
-    argv = ["-q", "train", "--conditioning", "text", "--preset", "tiny", "--vae", str(tiny_vae),
-            "--out", str(out), "--device", "cpu"]
-    assert main(argv) == 0
-    return out
+def tiny_text_model(tiny_prompt_model):
+    """`train --conditioning text --preset tiny --vae TINY_VAE --device cpu` (conftest's tiny_vae and
+    tiny_prompt_model, shared with the other tests that need one)."""
+    return tiny_prompt_model
 
 
 def test_prompt_model_folder_layout_and_loss_decreases(tiny_text_model):

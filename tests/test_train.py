@@ -20,9 +20,8 @@ def _losses(run):
     return [float(r["loss"]) for r in csv.DictReader((run / "metrics.csv").open())]
 
 
-def test_tiny_training_lowers_loss_and_writes_run_dir(tmp_path):
-    summary = train_base("tiny", tmp_path / "run", progress=False)
-    run = tmp_path / "run"
+def test_tiny_training_lowers_loss_and_writes_run_dir(tiny_label_training):
+    run, summary = tiny_label_training  # train_base("tiny", run, progress=False), once per session
     losses = _losses(run)
     assert summary["step"] == 30 and len(losses) == 6
     assert losses[-1] < 0.5 * losses[0]

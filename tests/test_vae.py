@@ -43,11 +43,7 @@ def _randomised(cfg: VAEConfig, seed: int = 0) -> VAE:
     return vae
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    run = tmp_path_factory.mktemp("vae") / "run"
-    assert main(["-q", "train-vae", "--preset", "tiny", "--out", str(run), "--device", "cpu"]) == 0
-    return run
+# tiny_vae: `train-vae --preset tiny --device cpu`, conftest's (once per session, shared)
 
 
 def _snapshot(folder):
