@@ -88,3 +88,13 @@ def random_prompt_lora():
     """random_prompt_lora(base, scale) -> (adapter, prompt fingerprint): a stand-in adapter for a prompt
     base (the serve tests save copies of it with chosen fingerprints and trigger words)."""
     return _random_prompt_lora
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on a busy machine, several OpenMP threads spin for seconds per call."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -77,12 +77,7 @@ CFG = UNetConfig(
 TALLY: dict[str, dict[str, int]] = {}  # reader -> {"ok": n, "UserError": n}: the counts in RELIABILITY.md
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 # ------------------------------------------------------------------ damages

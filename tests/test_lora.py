@@ -67,13 +67,7 @@ T = torch.tensor([3, 500])
 Y = torch.tensor([1, 10])  # a digit and the null label
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on a busy machine, several OpenMP threads spin for seconds per call."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def make_base(seed: int = 0) -> UNet:

@@ -71,12 +71,7 @@ FORWARD_REL = 1e-6  # per adapted layer: max |ours - theirs| / max |theirs| (fp3
 UNET_ABS = 1e-5  # the whole UNet's output, as tests/test_formats.py compares diffusers' UNet with ours
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def make_unet() -> UNet:

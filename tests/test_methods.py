@@ -32,12 +32,7 @@ from lora4diffusion.models.unet import UNet, UNetConfig
 RANK, ALPHA = 4, 6.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 class Net(nn.Module):
