@@ -20,12 +20,22 @@ Runs append to OUT/runs.jsonl and are skipped when already there (the script res
 At the end: a table of means +- half the range over seeds (OUT/table.md), a plot of style effect against
 parameters per method (OUT/methods.png) and, per task, a grid of one digit row per method (seed 0, the first
 budget; the base on top: OUT/grid-TASK.png). Check it runs on a tiny model with --smoke.
+
+Step time is measured apart, on a quiet machine, because the comparison's own runs may share the CPU:
+
+    python benchmarks/methods.py --out runs/methods --timing [--timing-steps 60] [--threads 2]
+
+trains each method at each budget for --timing-steps steps in the two recipes whose cost differs (plain, as
+bold / italic / fewshot; and the trigger recipe: prior preservation and the text encoder), takes the median
+seconds per step over 10-step windows after the first (OUT/timing.jsonl), then goes on as without
+--timing (recorded runs are skipped): the table shows those figures and the training time they imply.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import statistics
@@ -143,17 +153,52 @@ def measure(base: str, task: str, row: str, lora: LoRAConfig, budget: int, seed:
     return result
 
 
+def timing(base: str, out: Path, args: argparse.Namespace) -> list[dict]:
+    """Median seconds per step of each method and budget in the plain and the trigger recipe."""
+    pipe = fresh(base)
+    rows = []
+    for budget in (int(b) for b in args.budgets.split(",")):
+        for row in args.methods.split(","):
+            lora, _, _ = match_budget(pipe.unet, row, budget)
+            for recipe, task in (("plain", "bold"), ("trigger", "trigger")):
+                style, trigger, _, _ = TASKS[task]
+                kw = {"trigger": trigger, "prior": True, "text_encoder": True} if trigger else {}
+                run_dir = out / "timing" / f"{recipe}-{row}-r{budget}"
+                train_lora(style, run_dir, base=base, lora=lora, seed=0, steps=args.timing_steps,
+                           progress=False, overwrite=True, **kw)
+                logged = [(int(line.split(",")[0]), float(line.split(",")[-1]))  # (step, train_seconds)
+                          for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+                windows = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in itertools.pairwise(logged)]
+                per_step = statistics.median(windows) if windows else logged[-1][1] / logged[-1][0]
+                default_steps = 750 if trigger else 400
+                rows.append({"method": row, "budget": budget, "recipe": recipe, "step_seconds": per_step,
+                             "default_steps": default_steps, "train_seconds": per_step * default_steps,
+                             "threads": args.threads, "cpu": cpu_model()})
+                print(json.dumps(rows[-1]), flush=True)
+    (out / "timing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def spread(values: list[float]) -> str:
     mean = statistics.fmean(values)
     half = (max(values) - min(values)) / 2
     return f"{mean:.3f} ± {half:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
-def table(runs: list[dict]) -> str:
-    """Means ± half the range over seeds, one row per (task, method, budget)."""
-    lines = ["| task | method | budget (LoRA r) | params | file KiB | s/step | accuracy | style effect |"
-             " leak (ink / base without trigger) | merge error | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def table(runs: list[dict], timed: list[dict] | None = None) -> str:
+    """Means ± half the range over seeds, one row per (task, method, budget). Step time and training time
+    from ``timed`` (the quiet --timing run) where given, else the runs' own median step time."""
+    quiet = {(t["method"], t["budget"], t["recipe"]): t for t in timed or []}
+    lines = ["| task | method | budget (LoRA r) | params | file KiB | s/step | train s | accuracy |"
+             " style effect | leak (ink / base without trigger) | merge error | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["task"], r["method"], r["budget"]), []).append(r)
@@ -161,8 +206,10 @@ def table(runs: list[dict]) -> str:
                                                                             list(METHOD_ROWS).index(kv[0][1]))):
         effect = TASKS[task][3]
         leak = spread([r["without"]["ink_ratio"] for r in rs]) if "without" in rs[0] else "-"
+        t = quiet.get((method, budget, "trigger" if TASKS[task][1] else "plain"))
+        per_step = t["step_seconds"] if t else statistics.median(r["step_seconds"] for r in rs)
         cells = [task, method, budget, f"{rs[0]['params']:,}", f"{rs[0]['file_bytes'] / 1024:.0f}",
-                 f"{statistics.median(r['step_seconds'] for r in rs):.3f}",
+                 f"{per_step:.3f}", f"{per_step * rs[0]['steps']:.0f}",
                  spread([r["with"]["accuracy"] for r in rs]), spread([r["with"][effect] for r in rs]), leak,
                  f"{max(r['merge_error'] for r in rs):.1e}", len(rs)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
@@ -219,6 +266,8 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny settings: check that the script runs")
+    ap.add_argument("--timing", action="store_true", help="first measure seconds per step (quiet machine)")
+    ap.add_argument("--timing-steps", type=int, default=60)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -229,6 +278,10 @@ def main() -> None:
     pipe = fresh(base)
     if not pipe.is_prompt_model:
         raise SystemExit("the tasks sample from prompts: --base must be a prompt model")
+    if args.timing:
+        timing(base, out, args)
+    timed_log = out / "timing.jsonl"
+    timed = [json.loads(line) for line in timed_log.read_text().splitlines()] if timed_log.is_file() else None
     log = out / "runs.jsonl"
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     done = {(r["task"], r["method"], r["budget"], r["seed"]) for r in runs}
@@ -252,7 +305,7 @@ def main() -> None:
                     with log.open("a") as f:
                         f.write(json.dumps(r) + "\n")
                     print(json.dumps(r), flush=True)
-    text = table(runs)
+    text = table(runs, timed)
     (out / "table.md").write_text(text + "\n")
     print(text)
     plot(runs, out / "methods.png")

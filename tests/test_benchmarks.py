@@ -156,7 +156,7 @@ def test_weight_limits_runs_beyond_the_limits(ran):
 
 def test_methods_comparison_smoke(ran):
     """benchmarks/methods.py: every method matched to the budget, trained, scored and tabled; a second call
-    resumes from runs.jsonl (nothing retrained)."""
+    measures step times (--timing) and resumes from runs.jsonl (nothing retrained)."""
     _, folder = ran("test_methods_comparison_smoke")
     runs = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines()]
     assert [r["method"] for r in runs] == ["lora", "lokr"]
@@ -166,10 +166,19 @@ def test_methods_comparison_smoke(ran):
         assert 0.0 <= r["with"]["accuracy"] <= 1.0 and r["without"]["ink_ratio"] > 0
         assert r["merge_error"] < 1e-3 and r["steps"] == 2
     assert runs[1]["options"]["factor"] != 1
-    again = _run(*(a.format(out=folder) for a in RUNS["test_methods_comparison_smoke"][0]))
+    # again, with step times measured first (--timing): nothing retrained, the table takes those times
+    again = _run(*(a.format(out=folder) for a in RUNS["test_methods_comparison_smoke"][0]), "--timing",
+                 "--timing-steps", "2")
     assert again.returncode == 0, again.stderr[-2000:]
     assert len((folder / "runs.jsonl").read_text().splitlines()) == 2  # nothing retrained
-    assert "| trigger | lokr | 2 |" in again.stdout
+    timed = [json.loads(line) for line in (folder / "timing.jsonl").read_text().splitlines()]
+    assert [(t["method"], t["recipe"]) for t in timed] == [("lora", "plain"), ("lora", "trigger"),
+                                                           ("lokr", "plain"), ("lokr", "trigger")]
+    assert all(t["step_seconds"] > 0 and t["train_seconds"] == t["step_seconds"] * t["default_steps"]
+               for t in timed)
+    row = next(r for r in _rows(again.stdout) if r[:3] == ["trigger", "lokr", "2"])
+    step = next(t["step_seconds"] for t in timed if t["method"] == "lokr" and t["recipe"] == "trigger")
+    assert row[5] == f"{step:.3f}"  # s/step from the timing run, not the comparison's own
     assert (folder / "methods.png").stat().st_size > 0
     w, h = Image.open(folder / "grid-trigger.png").size
     assert 0.25 < h / w < 0.35  # three rows of ten digits: the base, lora, lokr
