@@ -25,12 +25,12 @@ import torch
 from lora4diffusion.captions import caption, family_templates
 from lora4diffusion.classifier import load_classifier
 from lora4diffusion.data import load_mnist
-from lora4diffusion.distributed import bf16_supported
 from lora4diffusion.errors import UserError
 from lora4diffusion.evaluate import evaluate_samples
 from lora4diffusion.lora.layers import set_adapter_weight
 from lora4diffusion.lora.prompt_lora import set_prompt_adapter_weight
 from lora4diffusion.pipeline import Pipeline
+from lora4diffusion.precision import default_precision
 
 WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0)
 GUIDANCE = (0.0, 1.0, 1.25, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 50.0, 100.0, 1e3, 1e6)
@@ -78,11 +78,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    bf16 = bf16_supported(torch.device("cpu"))
+    chosen = default_precision(torch.device("cpu"))
+    bf16 = chosen.bf16
     clf, ref = load_classifier(), load_mnist("embedded")
     digits = [d for d in range(10) for _ in range(args.per_digit)]
     labels = torch.tensor(digits)
-    print(f"CPU: {cpu_model()}, {args.threads} threads, torch {torch.__version__}, bf16 {bf16},"
+    print(f"CPU: {cpu_model()}, {args.threads} threads, torch {torch.__version__}, {chosen},"
           f" {len(digits)} samples per row (seed 0)")
 
     def row(pipe: Pipeline, conds: list, guidance: float) -> str:

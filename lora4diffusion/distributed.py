@@ -138,11 +138,3 @@ def cleanup() -> None:
         dist.destroy_process_group()
     _owned = False
 
-
-def bf16_supported(device: torch.device | None = None) -> bool:
-    if device is not None and device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return (
-        torch.backends.mkldnn.is_available()
-        and getattr(torch.backends.mkldnn, "is_bf16_supported", lambda: True)()
-    )

@@ -207,8 +207,8 @@ def apply_recorded(args: argparse.Namespace, params: dict, where: str,
             fill("per_digit", params.get("per_digit"))
 
 
-def summary_line(params: dict) -> str:
-    """One line: everything the run used (what `sample` prints)."""
+def summary_line(params: dict, why: str | None = None) -> str:
+    """One line: everything the run used (what `sample` prints); ``why``: the reason for its precision."""
     loras = ", ".join(f"{p}:{w:g}" for p, w in params["loras"])
     if params.get("prompts"):  # adapters loaded by <lora:...> tags act as much as --lora ones: name them
         given = {(str(p), w) for p, w in params["loras"]}  # a tag repeating a --lora is that adapter
@@ -219,10 +219,10 @@ def summary_line(params: dict) -> str:
     what = (f"prompts {params['prompts']} x {params['num']}" if params.get("prompts")
             else f"digits {','.join(map(str, params['digits']))} x {params['per_digit']}")
     neg = f", negative {params['negative']!r}" if params.get("negative") is not None else ""
-    bf16 = "on" if params["bf16"] else "off"
+    precision = ("bf16" if params["bf16"] else "fp32") + (f" ({why})" if why else "")
     return (f"sample: model {params['checkpoint'] or 'the shipped base'}, loras {loras}, sampler "
             f"{params['sampler']}, steps {params['steps'] or 'all'}, guidance {params['guidance']:g}, "
-            f"eta {params['eta']:g}, seed {params['seed']}, {what}{neg}, bf16 {bf16} ({params['device']})")
+            f"eta {params['eta']:g}, seed {params['seed']}, {what}{neg}, {precision} on {params['device']}")
 
 
 def a1111_parameters(params: dict, size: int) -> str:

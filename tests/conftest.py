@@ -4,10 +4,16 @@ import pytest
 import torch
 
 from lora4diffusion.models.unet import UNetConfig
+from lora4diffusion.precision import ENV as CPU_BF16_ENV
 
 # CI has 2 cores: use both, unless the caller pinned a thread count (OMP_NUM_THREADS=1 beside a training job).
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(2)
+# bf16 was the CPU default on every CPU when the suite's tolerances and figures were set (on an AMD EPYC with
+# avx512_bf16). Pin it, so that a test leaving --bf16 unsaid means the same on a CPU without native bf16,
+# where precision.py now chooses fp32; the session fixtures and the CLI's subprocesses see it too. The tests
+# of the choice itself (test_precision.py) set or clear it.
+os.environ[CPU_BF16_ENV] = "1"
 
 
 @pytest.fixture

@@ -189,6 +189,7 @@ def test_label_demo_takes_device_and_bf16(demo):
     """--device reaches the sampling pipeline, --no-bf16 the adapters' training config."""
     settings = _metrics(demo)["settings"]
     assert settings["device"] == "cpu" and settings["bf16_training"] is False
+    assert settings["training_precision"] == "fp32 (asked for)"
     for style in ("bold", "italic"):
         train = json.loads(read_adapter(demo / f"lora_{style}").extra["train"])
         assert train["bf16"] is False

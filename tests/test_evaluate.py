@@ -326,4 +326,6 @@ def test_run_scores_a_checkpoint_with_adapters(tmp_path, small_model, capsys, no
     assert off["mean_ink"] == plain["mean_ink"] and off["fid_classifier"] == plain["fid_classifier"]
     assert on["mean_ink"] != plain["mean_ink"]
     assert on["source"]["loras"] == [f"{tmp_path / 'a'}:1"]
-    assert scores("--bf16")["source"]["bf16"] is True and scores("--no-bf16")["source"]["bf16"] is False
+    fp32 = scores("--no-bf16")["source"]
+    assert scores("--bf16")["source"]["bf16"] is True and fp32["bf16"] is False
+    assert fp32["precision"] == "fp32 (asked for)"  # the reason is said

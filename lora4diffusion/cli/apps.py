@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lora4diffusion import quick
 from lora4diffusion.cli.args import per_digit_int, positive_int
-from lora4diffusion.cli.common import Commands, claim, renamed, use_bf16
+from lora4diffusion.cli.common import Commands, claim, renamed
 from lora4diffusion.demo import PromptOptions, format_summary, run_demo
 from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
@@ -126,14 +126,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         " pip install starlette uvicorn")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a port number (0-65535)")
+    resolve_device(args.device)  # --device cuda without CUDA: refused before the model loads
     cfg = ServeConfig(checkpoint=args.checkpoint, adapters=args.adapters, device=args.device,
-                      bf16=use_bf16(args, resolve_device(args.device)), max_queue=args.queue,
+                      bf16=args.bf16, max_queue=args.queue,  # None: the device's default (precision.py)
                       train_lora_options=args.train_lora_options)
     if quick.enabled():  # LORA4DIFFUSION_QUICK (the README test): it starts; no waiting for a browser
         state = create_app(cfg).state.serve  # the model and adapters load; no worker thread was started
         if state.tmp_adapters is not None:
             shutil.rmtree(state.tmp_adapters, ignore_errors=True)
-        print(f"{quick.ENV}: serve would listen on http://{args.host}:{args.port}/ (not started)")
+        print(f"{quick.ENV}: serve would listen on http://{args.host}:{args.port}/, sampling in"
+              f" {state.engine.precision} (not started)")
         return 0
     serve(cfg, host=args.host, port=args.port)
     return 0

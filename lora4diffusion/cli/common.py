@@ -23,16 +23,18 @@ import torch
 
 from lora4diffusion import distributed, runlock
 from lora4diffusion.cli.args import parse_loras
-from lora4diffusion.distributed import bf16_supported
 from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import resolve_adapter
+from lora4diffusion.precision import ENV as CPU_BF16_ENV
+from lora4diffusion.precision import Precision, choose_precision
 from lora4diffusion.training.run import STATE_NAME
 
 log = logging.getLogger("lora4diffusion")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 75
 
-BF16_HELP = ("bf16 autocast (default: on where the device supports it: CUDA with bf16, CPUs with bf16"
-             " kernels; the master weights stay fp32)")
+BF16_HELP = ("bf16 autocast, the master weights fp32 (default: on where the hardware has native bf16: CUDA"
+             " compute capability 8.0+, CPUs with avx512_bf16, amx_bf16 or ARM bf16; fp32 elsewhere, where"
+             f" bf16 is slower; {CPU_BF16_ENV}=1|0 sets the CPU default)")
 DEVICE_HELP = "auto (the default): CUDA if available, else CPU"
 Commands = argparse._SubParsersAction  # what ArgumentParser.add_subparsers returns (add_parser)
 
@@ -207,9 +209,9 @@ def device_args(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help=BF16_HELP)
 
 
-def use_bf16(args: argparse.Namespace, device: torch.device) -> bool:
-    """--bf16/--no-bf16, or (neither given) whether ``device`` has bf16 kernels."""
-    return bf16_supported(device) if args.bf16 is None else bool(args.bf16)
+def precision(args: argparse.Namespace, device: torch.device) -> Precision:
+    """--bf16/--no-bf16, or (neither given) ``device``'s default: precision.py decides, and says why."""
+    return choose_precision(device, getattr(args, "bf16", None))
 
 
 # ------------------------------------------------------------------------------------------ training runs

@@ -20,10 +20,10 @@ from lora4diffusion.cli.args import (
     positive_int,
     seed_int,
 )
-from lora4diffusion.cli.common import Commands, out_dir
+from lora4diffusion.cli.common import Commands, out_dir, precision
 from lora4diffusion.data import parse_digits
 from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from lora4diffusion.distributed import bf16_supported, resolve_device
+from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
 from lora4diffusion.evaluate import evaluate_samples, format_report, load_samples, percent
 from lora4diffusion.pipeline import Pipeline
@@ -56,7 +56,8 @@ def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dic
         raise UserError(f"--digits: {e}") from None
     per_digit = args.per_digit or 100
     device = resolve_device(getattr(args, "device", "auto"))
-    bf16 = bf16_supported(device) if getattr(args, "bf16", None) is None else bool(args.bf16)
+    chosen = precision(args, device)
+    bf16 = chosen.bf16
     pipe = Pipeline.load(args.checkpoint)
     loras = add_loras(pipe, args)
     pipe.to(device)
@@ -77,7 +78,7 @@ def _generate(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dic
                               progress=not getattr(args, "quiet", False))
     settings = {"checkpoint": str(args.checkpoint), "sampler": "ddim", "steps": steps, "guidance": guidance,
                 "seed": seed, "per_digit": per_digit, "digits": digits, "bf16": bf16,
-                "loras": [f"{p}:{w:g}" for p, w, _ in loras],
+                "precision": str(chosen), "loras": [f"{p}:{w:g}" for p, w, _ in loras],
                 "sample_seconds_per_100": round(100 * (time.perf_counter() - t0) / len(labels), 2)}
     if pipe.is_prompt_model:
         settings["family"] = family or "all training templates"
@@ -116,11 +117,12 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     data = (Path(args.data),) if Path(args.data).exists() else ()
     out_dir(args.out, overwrite=args.overwrite, inputs=data)  # refused now, not after the training
     device = resolve_device(getattr(args, "device", "auto"))
-    bf16 = bf16_supported(device) if getattr(args, "bf16", None) is None else bool(args.bf16)
+    chosen = precision(args, device)
+    bf16 = chosen.bf16
     command = (f"lora4diffusion train-classifier --out {args.out} --data {args.data} --epochs {args.epochs}"
                f" --seed {args.seed} --device {device.type} --{'' if bf16 else 'no-'}bf16")
     info = train_classifier(args.out, data=args.data, epochs=args.epochs, seed=args.seed, command=command,
                             device=device, bf16=bf16)
     print(f"held-out accuracy {percent(info['heldout_accuracy'])} on {info['heldout_digits']} digits after "
-          f"{info['train_seconds']:.0f} s; wrote {Path(args.out)}")
+          f"{info['train_seconds']:.0f} s in {chosen}; wrote {Path(args.out)}")
     return 0

@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
             "accepted like every model command's; the arithmetic stays fp32 (merge) / fp64 (extract's SVD)"
         )
     p.commands["demo"]._option_string_actions["--bf16"].help = (
-        "bf16 autocast for the adapters' (and --from-scratch base's) training, default on where the device"
-        " supports it; the demo samples in fp32 so that merged vs unmerged is exact to 1e-5"
+        "bf16 autocast for the adapters' (and --from-scratch base's) training, default on where the hardware"
+        " has native bf16 (as every command: see train --help); the demo samples in fp32 so that merged vs"
+        " unmerged is exact to 1e-5"
     )
     # serve's page starts train-lora runs: it offers the options this train-lora takes (web.training)
     p.commands["serve"].set_defaults(train_lora_options=option_table(p.commands["train-lora"]))

@@ -31,7 +31,7 @@ from lora4diffusion.cli.common import (
     lora_inputs,
     out_dir,
     overwrite_arg,
-    use_bf16,
+    precision,
 )
 from lora4diffusion.data import parse_digits
 from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
@@ -111,7 +111,8 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
     eta = 0.0 if args.eta is None else args.eta
     seed = 0 if args.seed is None else args.seed
     device = resolve_device(args.device)
-    bf16 = use_bf16(args, device)
+    chosen = precision(args, device)
+    bf16 = chosen.bf16
     pipe = Pipeline.load(args.checkpoint)
     prompts = None
     if pipe.is_prompt_model:
@@ -191,6 +192,6 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
     if args.trajectory:  # one row per asked digit (prompt): the first sample of each row of the grid
         rows = len(labels) // per_row
         save_trajectory([x[::per_row] for x in trajectory], out / "trajectory.png", max_rows=rows)
-    print(summary_line(params))  # after the files: a closed stdout (`| head`) loses no work
+    print(summary_line(params, chosen.why))  # after the files: a closed stdout (`| head`) loses no work
     print(f"wrote {len(labels)} samples to {out / 'samples.png'} and {out / 'samples.npz'}")
     return 0

@@ -27,11 +27,11 @@ from lora4diffusion.cli.common import (
     compile_arg,
     existing,
     out_dir,
+    precision,
     renamed,
     run_dir_args,
     train_out,
     train_with_signals,
-    use_bf16,
 )
 from lora4diffusion.data import parse_digits
 from lora4diffusion.distributed import resolve_device
@@ -237,7 +237,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        bf16=args.bf16,  # None: the preset's (on), used where the device supports it
+        bf16=args.bf16,  # None: the device's default (precision.py)
         device=args.device,
         compile=args.compile,
         vae=args.vae,
@@ -320,7 +320,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     vae, _ = load_vae(args.vae)
     check_encodable(vae.cfg, 28, 28)  # MNIST's size, before any data is read
     images, labels = heldout_digits(args.style, args.per_digit, digits, data=args.data)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(args, device)):
+    chosen = precision(args, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=chosen.bf16):
         recons = reconstruct(vae.to(device), images).float()  # raises UserError before anything is written
     report = reconstruction_report(vae, data=args.data) if args.report else None
     originals = images.float() / 255
@@ -332,6 +333,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         write_json(out / "report.json", report)
         print(format_reconstruction_report(report))
     err = float((recons - originals).abs().mean())
-    print(f"reconstructed {len(labels)} digits (mean |error| {err:.4f}); wrote {out / 'reconstructions.png'},"
-          f" originals.npz, reconstructions.npz{', report.json' if report else ''}")
+    report_file = ", report.json" if report else ""
+    print(f"reconstructed {len(labels)} digits in {chosen} (mean |error| {err:.4f}); wrote"
+          f" {out / 'reconstructions.png'}, originals.npz, reconstructions.npz{report_file}")
     return 0

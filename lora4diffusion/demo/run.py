@@ -43,6 +43,7 @@ from lora4diffusion.lora.layers import unload_lora
 from lora4diffusion.lora.prompt_lora import check_trigger_in
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import plot_loss, save_grid, save_trajectory
+from lora4diffusion.precision import choose_precision
 from lora4diffusion.runlock import LOCK_NAME
 from lora4diffusion.styles import slant, style_splits
 from lora4diffusion.training.lora import default_lora_config, train_lora
@@ -200,8 +201,8 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
     ``base``: a model directory, prompt or label model (default: the shipped base); ``from_scratch`` trains a
     prompt base (``scratch_preset``, on ``vae``, default the shipped VAE) into ``out/base`` instead.
     ``prompt_options``: triggers, prior preservation, text-encoder LoRA of the prompt-base adapters.
-    ``device``: auto | cpu | cuda for training and sampling; ``bf16``: autocast in the trainings (None: on
-    where the device supports it); sampling stays fp32 so the merge check is exact.
+    ``device``: auto | cpu | cuda for training and sampling; ``bf16``: autocast in the trainings (None: the
+    device's default, precision.py); sampling stays fp32 so the merge check is exact.
     Bad input raises UserError before anything is written. Ctrl-C during training raises KeyboardInterrupt
     after the training run saved a resumable checkpoint.
     """
@@ -213,6 +214,8 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
         out, base, from_scratch, overwrite, steps, scratch_preset, vae, prompt_options or PromptOptions()
     )
     timings: dict[str, float] = {}
+    trained_in = choose_precision(resolve_device(device), bf16)  # what the training loop will choose
+    log.info("demo: training in %s; sampling in fp32 (merged vs unmerged compared exactly)", trained_in)
 
     def lap(key: str, t0: float) -> None:
         timings[key] = round(time.perf_counter() - t0, 2)
@@ -325,7 +328,8 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
                 "triggers": triggers, "prior": prior, "text_encoder_lora": text_encoder,
                 "lora_steps": lora_steps or adapters["bold"]["steps"], "lora_rank": lora.rank,
                 "lora_targets": lora.targets, "device": str(pipe.device),
-                "bf16_training": bf16 if bf16 is not None else "auto"}  # fmt: skip
+                "bf16_training": bf16 if bf16 is not None else "auto",
+                "training_precision": str(trained_in)}  # fmt: skip
     weights = ["model.safetensors"] + (["text_encoder.safetensors"] if prompt else [])
     base_info = {"path": str(base_dir), "file_bytes": sum((base_dir / w).stat().st_size for w in weights),
                  "params": base_params}  # fmt: skip

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from lora4diffusion import distributed
 from lora4diffusion.diffusion import NoiseSchedule
-from lora4diffusion.distributed import bf16_supported
 from lora4diffusion.errors import UserError
+from lora4diffusion.precision import choose_precision
 from lora4diffusion.runlock import RunLock
 from lora4diffusion.training.run import (
     STATE_NAME,
@@ -161,7 +161,8 @@ class Trainer:
         self.params = {k: p for k, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise UserError("nothing to train: no parameter has requires_grad=True")
-        self.use_bf16 = cfg.bf16 and bf16_supported(self.device)
+        self.precision = choose_precision(self.device, cfg.bf16)  # None: the device's default
+        self.use_bf16 = self.precision.bf16
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         # Decay only matrices/kernels, as is usual for AdamW; norms, biases and embeddings are not decayed.
@@ -299,9 +300,10 @@ class Trainer:
                 writer.writerow(["step", "loss", "lr", "grad_norm", "images_per_s", "train_seconds"])
             tb = tensorboard_writer(self.run_dir)
             log.info(
-                "training on %s%s: global batch %d = %d process(es) x %d, lr %.3g (warm-up %d), step %d->%d",
+                "training on %s in %s: global batch %d = %d process(es) x %d, lr %.3g (warm-up %d),"
+                " step %d->%d",
                 self.device,
-                " (bf16 autocast)" if self.use_bf16 else "",
+                self.precision,
                 cfg.batch_size,
                 self.world,
                 cfg.batch_size // self.world,

@@ -39,6 +39,7 @@ from lora4diffusion.lora.adapters import (
 from lora4diffusion.lora.prompt_lora import load_prompt_adapter, prompt_fingerprint
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image
+from lora4diffusion.precision import choose_precision
 from lora4diffusion.web.prompt import Conditioning, check_name
 from lora4diffusion.web.request import BODY_TIMEOUT_S, HTTPError
 
@@ -52,7 +53,7 @@ class ServeConfig:
     checkpoint: str | None = None  # None: the shipped base
     adapters: str | None = None  # a folder of adapter directories; trained adapters go there too
     device: str = "auto"
-    bf16: bool = False  # bf16 autocast for sampling (the CLI's serve: on where the device supports it)
+    bf16: bool | None = False  # bf16 autocast for sampling; None: the device's default (the CLI's serve)
     max_queue: int = 8  # waiting generation jobs; the next one gets 429
     max_steps: int = 200
     max_per_digit: int = 16
@@ -241,6 +242,7 @@ class Engine:
 
     def __init__(self, cfg: ServeConfig, pipe: Pipeline, registry: AdapterRegistry):
         self.cfg, self.pipe, self.registry = cfg, pipe, registry
+        self.precision = choose_precision(pipe.device, cfg.bf16)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=cfg.max_queue)
         self.model_lock = threading.Lock()  # held while a job samples; tests hold it to fill the queue
         self.loaded: dict[tuple[Path, int], str] = {}  # (file, mtime) -> adapter name inside the UNet
@@ -315,7 +317,7 @@ class Engine:
 
         images, _ = self.pipe.generate(
             labels, steps=job.steps, guidance=job.guidance, seed=job.seed, batch_size=self.cfg.sampler_batch,
-            callback=preview, negative=job.cond.negative, bf16=self.cfg.bf16,
+            callback=preview, negative=job.cond.negative, bf16=self.precision.bf16,
         )
         prompts = job.cond.prompts is not None
         return {
@@ -328,7 +330,7 @@ class Engine:
             "columns": job.cond.columns,
             "warnings": job.warnings,
             "settings": job.settings,
-            "command": sample_command(job.settings, self.registry, self.cfg.checkpoint, self.cfg.bf16),
+            "command": sample_command(job.settings, self.registry, self.cfg.checkpoint, self.precision.bf16),
             "seconds": round(time.perf_counter() - t0, 3),
         }
 

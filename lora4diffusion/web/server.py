@@ -324,7 +324,8 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 7860) -> None:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    print(f"lora4diffusion serve: http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    print(f"lora4diffusion serve: http://{shown}:{port}/, sampling in {engine.precision}  (Ctrl-C to stop)",
+          flush=True)
     try:
         Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
