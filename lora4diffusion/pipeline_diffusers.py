@@ -27,9 +27,11 @@ Where ours differs (each also in docs/API.md):
   the scheduler is always DDIM, in fp32 (``generate(bf16=True)`` is ours);
 - bad input is a one-line ``UserError`` (a ValueError, as diffusers raises): an unknown adapter name for
   ``delete_adapters`` too (diffusers only warns); adapter weights lie within limits.MAX_LORA_WEIGHT;
-- changing a fused adapter's weight (``set_adapters``, ``cross_attention_kwargs={"scale": s}``) refuses it
-  into the model at the new weight; diffusers keeps the old fused weights, and its later unfuse subtracts the
-  new ones. ``disable_lora`` unfuses first.
+- changing a fused adapter's weight (``set_adapters``, ``cross_attention_kwargs={"scale": s}``) fuses it
+  again at the new weight; diffusers keeps the old fused weights, and its later unfuse subtracts the new
+  ones. ``disable_lora`` unfuses first. A call's ``cross_attention_kwargs`` scale lasts that call (diffusers
+  also applies it to the text-encoder part of adapters loaded later); ``fused_loras`` is empty after
+  ``unload_lora_weights`` (diffusers still lists what was folded in).
 - prompts may carry our ``<lora:NAME:W>`` tags (``Pipeline.apply_prompt_tags``); a negative prompt given as
   one string applies to every prompt (diffusers wants a list as long as a list of prompts).
 """

@@ -16,10 +16,13 @@ to 0.3-2e-5 on [0, 1] pixels (printed with pytest -s). So the promise is 5e-5, n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from lora4diffusion.classifier import accuracy, load_classifier
 from lora4diffusion.errors import UserError
 from lora4diffusion.formats import read_any, write_lora
 from lora4diffusion.lora.adapters import resolve_adapter
@@ -258,3 +261,22 @@ def test_label_model_takes_digits_not_text():
             pixel(**bad)
     out = pixel(7, num_images_per_prompt=2, num_inference_steps=2, output_type="np")  # the global RNG
     assert out.images.shape == (2, 28, 28, 1)
+
+
+def test_the_readme_python_block_runs_and_both_faces_draw_the_same_sevens(tmp_path, monkeypatch):
+    """README.md's "Python API" block, run as it stands: ours and the diffusers-shaped call draw the same 3
+    images (bit for bit, up to PIL's uint8), and the project's classifier reads each as the 7 asked for."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Python API"):]
+    start = section.index("```python\n") + len("```python\n")
+    block = section[start:section.index("\n```", start)]
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(block, "README.md (Python API)", "exec"), ns)
+    assert (tmp_path / "sevens.png").is_file() and (tmp_path / "seven.png").is_file()
+    images, pil = ns["images"], ns["out"].images
+    assert images.shape == (3, 28, 28) and len(pil) == 3
+    quantized = (images.numpy() * 255).round().astype(np.uint8)
+    assert all(np.array_equal(np.asarray(im), q) for im, q in zip(pil, quantized, strict=True))
+    assert accuracy(load_classifier(), images, torch.full((3,), 7)) == 1.0
+    assert ns["pipe"].get_list_adapters() == {} and ns["pipe"].tag_adapters == {}  # unload_lora_weights
