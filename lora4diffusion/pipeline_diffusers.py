@@ -160,6 +160,8 @@ class DiffusersMixin:
             if negative_prompt is not None or any(isinstance(p, str) for p in prompts):
                 raise UserError("this is a label model: its prompt is digits (an int or a list of ints)"
                                 " and it takes no negative_prompt")
+            if not all(0 <= d <= 9 for d in prompts):
+                raise UserError(f"a label model draws the digits 0-9, got {prompts!r:.60}")
             cond = torch.as_tensor(wanted, dtype=torch.int64).to(device)
         sampler = self.sampler("ddim", num_inference_steps, eta)
         shape = (self.unet.cfg.in_channels, self.image_size, self.image_size)

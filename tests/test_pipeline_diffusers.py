@@ -256,7 +256,7 @@ def test_bad_input_is_one_line_naming_what_is_known(ours):
 
 def test_label_model_takes_digits_not_text():
     pixel = Pipeline.from_pretrained("pixel-base")
-    for bad in ({"prompt": "a seven"}, {"prompt": [3], "negative_prompt": "1"}):
+    for bad in ({"prompt": "a seven"}, {"prompt": [3], "negative_prompt": "1"}, {"prompt": [3, 12]}):
         with pytest.raises(UserError, match="label model"):
             pixel(**bad)
     out = pixel(7, num_images_per_prompt=2, num_inference_steps=2, output_type="np")  # the global RNG
