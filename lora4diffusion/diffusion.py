@@ -266,8 +266,10 @@ def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: 
 def sample(model: EpsModel, sampler: DDPMSampler | DDIMSampler, labels: Tensor, shape: tuple[int, int, int],
            guidance: float = 1.0, generator: torch.Generator | None = None, trajectory_every: int = 0,
            progress: bool = False, clip: bool = True, uncond: Tensor | None = None,
-           callback: Callable[[int, int, Tensor], None] | None = None) -> tuple[Tensor, list[Tensor]]:
-    """Run ``sampler.timesteps`` from x_T ~ N(0, I); returns (x0 in [-1, 1], [B, *shape] float32, trajectory).
+           callback: Callable[[int, int, Tensor], None] | None = None,
+           x_T: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    """Run ``sampler.timesteps`` from x_T ~ N(0, I) (drawn from ``generator``, or the ``x_T`` [B, *shape]
+    given); returns (x0 in [-1, 1], [B, *shape] float32, trajectory).
 
     ``clip`` False (latent models: latents have no [-1, 1] range) returns the last x unclamped.
     ``labels``: label ids [B]; or, with ``uncond`` (prompt models), the prompts' text contexts [B, L, D] and
@@ -288,7 +290,9 @@ def sample(model: EpsModel, sampler: DDPMSampler | DDIMSampler, labels: Tensor, 
     elif labels.dim() != 1 or labels.dtype != torch.int64:
         raise UserError(f"labels must be a 1-D int64 tensor, got shape {tuple(labels.shape)} {labels.dtype}")
     device = labels.device
-    x = _randn((labels.shape[0], *shape), generator, device)
+    if x_T is not None and tuple(x_T.shape) != (labels.shape[0], *shape):
+        raise UserError(f"initial noise of shape {tuple(x_T.shape)}, expected {(labels.shape[0], *shape)}")
+    x = _randn((labels.shape[0], *shape), generator, device) if x_T is None else x_T.to(device, torch.float32)
     trajectory: list[Tensor] = []
     steps = sampler.timesteps.tolist()
     for i, t in enumerate(tqdm(steps, disable=not progress, desc="sampling", leave=False), start=1):

@@ -42,6 +42,7 @@ from lora4diffusion.lora.prompt_lora import (
     trigger_words,
 )
 from lora4diffusion.models.unet import UNet
+from lora4diffusion.pipeline_diffusers import DiffusersMixin
 from lora4diffusion.prompt_syntax import call_loras, has_tags, parse_prompt
 
 # Digits per sampling batch (x2 rows with guidance), the fastest measured on 2 cores, bf16 (benchmarks/
@@ -52,7 +53,7 @@ LATENT_BATCH = 250
 
 
 @dataclass
-class Pipeline:
+class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weights, set_adapters, ...
     unet: UNet
     diffusion: DiffusionConfig
     config: dict

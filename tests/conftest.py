@@ -70,6 +70,17 @@ def tiny_prompt_model(tiny_vae, tmp_path_factory):
     return base
 
 
+@pytest.fixture(scope="session")
+def shipped_sd_export(tmp_path_factory):
+    """The shipped base (`base`) exported by `export-diffusers` (a StableDiffusionPipeline folder), once per
+    session for the tests that load it into diffusers; they read it, never write into it."""
+    from lora4diffusion.cli import main
+
+    out = tmp_path_factory.mktemp("shipped_sd") / "sd"
+    assert main(["-q", "export-diffusers", "--checkpoint", "base", "--out", str(out)]) == 0
+    return out
+
+
 def _random_prompt_lora(base, scale: float):
     """Random rank-2 all-linear factors on a prompt base's UNet (lora_up ~ N(0, scale^2), seed 0).
     -> (the adapter, recording the UNet's fingerprint; the base's prompt fingerprint, UNet + text encoder)."""

@@ -347,11 +347,9 @@ def test_load_lora_weights_with_text_encoder_modules(model, te_adapter, fmt):
     assert changed > 10 * max(diffs.values())  # the adapter's effect is far above the disagreement
 
 
-def test_the_shipped_base_exports_and_diffusers_draws_what_we_draw(tmp_path):
+def test_the_shipped_base_exports_and_diffusers_draws_what_we_draw(shipped_sd_export):
     """The shipped default base (by name) as a StableDiffusionPipeline: same images from the same x_T."""
-    out = tmp_path / "shipped"
-    assert main(["-q", "export-diffusers", "--checkpoint", "base", "--out", str(out)]) == 0
-    sd = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None,
+    sd = StableDiffusionPipeline.from_pretrained(str(shipped_sd_export), safety_checker=None,
                                                  requires_safety_checker=False).to(torch.float32)
     ours = Pipeline.load()
     assert ours.is_prompt_model
