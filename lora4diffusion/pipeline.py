@@ -106,7 +106,8 @@ class Pipeline:
     def _load(self, path: str | Path, weight: float, force: bool) -> str:
         weight = lora_weight(weight, f"adapter {path}")
         if self.is_prompt_model:  # UNet and text-encoder modules, one fingerprint over both
-            name, adapter = load_prompt_adapter(self.unet, self.text_encoder, path, weight, force, read_any)
+            name, adapter = load_prompt_adapter(self.unet, self.text_encoder, path, weight, force, read_any,
+                                                tokenizer=self.tokenizer)
             self.triggers[name] = trigger_words(adapter)
             return name
         return load_adapter(self.unet, path, weight=weight, force=force, reader=read_any)
