@@ -76,7 +76,7 @@ def kind_of(path: Path) -> str | None:
     except OSError as e:
         raise UserError(f"{path}: cannot read ({describe_os_error(e)})") from None
     if entries.count((".safetensors", "file")) == 1 and all(k != "dir" and s != ".json" for s, k in entries):
-        return "adapter"
+        return kind_of(next(path.glob("*.safetensors")))  # an adapter, or an embedding
     return None
 
 

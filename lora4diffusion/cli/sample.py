@@ -33,6 +33,7 @@ from lora4diffusion.cli.common import (
     overwrite_arg,
     use_bf16,
 )
+from lora4diffusion.cli.embedding import embedding_args
 from lora4diffusion.data import parse_digits
 from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from lora4diffusion.distributed import resolve_device
@@ -80,6 +81,7 @@ def add_sample(sub: Commands) -> None:
     s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
     overwrite_arg(s)
     lora_args(s)
+    embedding_args(s)
     s.set_defaults(func=cmd_sample)
 
 
@@ -120,6 +122,8 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
             prompts = [p for p in args.prompt for _ in range(per_row)]
         else:
             prompts = digit_prompts([d for d in digits for _ in range(per_row)])
+        for emb in args.embedding:  # before the adapters and tags: a tag's bundled token may be the same
+            pipe.add_embedding(emb, force=args.force)
         loras = add_loras(pipe, args)
         # <lora:...> tags load their adapters; bad tags, names and prompts (unknown word, too long) fail
         # here, before any sampling or writing
@@ -133,6 +137,9 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
                         " was trained to act with it", name, words, prompt,
                         f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         labels = [digit_of(p) for p in prompts]
+    elif args.embedding:
+        raise UserError(f"--embedding: {args.checkpoint or 'the shipped base'} is a label model (no text"
+                        " encoder)")
     elif args.prompt or args.negative is not None:
         raise UserError(
             f"{args.checkpoint or 'the shipped base'} is a label model:"
@@ -150,6 +157,7 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
     params = {
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
         "loras": [[str(p), w] for p, w, _ in loras], "force": bool(args.force),
+        "embeddings": list(args.embedding) or None,
         "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta, "seed": seed,
         "digits": None if args.prompt else digits, "per_digit": None if args.prompt else per_row,
         "prompts": list(args.prompt) if args.prompt else None, "num": per_row if args.prompt else None,
