@@ -87,6 +87,8 @@ def _adapter_facts(path: Path) -> dict:
     facts: dict = {} if layout == "ours" else {"format": layout}
     if adapter.method != "lora":
         facts["method"] = adapter.method
+    if adapter.embeddings:
+        facts["tokens"] = " ".join(adapter.embeddings)
     for key in ("style", "trigger", "rank", "target_spec", "base"):
         value = adapter.rank if key == "rank" else adapter.extra.get(key)
         if value:
@@ -230,6 +232,9 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
                     "rank": adapter.rank, "alpha": adapter.alpha, "rslora": adapter.rslora,
                     "modules": len(adapter.modules), "fingerprint": adapter.fingerprint,
                     "parameters": sum(t.numel() for t in adapter.tensors.values())})
+        if adapter.embeddings:  # pivotal tuning: tokens the adapter brings
+            out["embeddings"] = {t: f"{v.shape[0]} vector(s) of width {v.shape[-1]}"
+                                 for t, v in adapter.embeddings.items()}
         meta = _adapter_meta(p)
         for key, text in meta.items():
             if key in ("format", "version") or key in out:
