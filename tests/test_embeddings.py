@@ -149,6 +149,8 @@ def test_diffusers_load_textual_inversion_draws_our_images(embedding, tiny_promp
             "5", "--no-bf16", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
     mine = torch.from_numpy(np.load(out / "samples.npz")["images"])
+    assert main(["-q", "sample", "--from", str(out / "samples.png"), "--out", str(tmp_path / "again")]) == 0
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "again" / "samples.npz")["images"]), mine)
     latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5 * 1_000_003))
     images = sd(prompts, num_inference_steps=4, guidance_scale=2.0, latents=latents, output_type="pt").images
     theirs = crop_to(images, 28, 28)[:, 0]
@@ -221,6 +223,8 @@ def test_pivotal_tuning_bundles_the_token_and_a_tag_brings_it(tiny_prompt_model,
     adapter = read_any(out)
     kohya = read_any(write_lora(adapter, "kohya", tmp_path / "k"))
     assert torch.equal(kohya.embeddings["<bold-pt>"], adapter.embeddings["<bold-pt>"])
+    with pytest.raises(UserError, match="kohya"):  # not dropped silently by a layout that cannot hold it
+        write_lora(adapter, "peft", tmp_path / "p")
     pipe = Pipeline.load(tiny_prompt_model)
     with pytest.raises(UserError, match="unknown token"):
         pipe.generate(["a <bold-pt> seven"], steps=2)

@@ -102,7 +102,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--digits: {e}") from None
     model_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
     # held until the command ends: a second `sample --out` there is refused, not merged (cli.common.out_dir)
-    out = out_dir(args.out, overwrite=args.overwrite, inputs=existing(model_dir) + lora_inputs(args.lora),
+    inputs = existing(model_dir, *args.embedding) + lora_inputs(args.lora)
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=inputs,
                   command="sample")
     return sample_into(args, digits, out)
 

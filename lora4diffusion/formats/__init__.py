@@ -113,6 +113,10 @@ def write_lora(adapter: Adapter, fmt: str, out_dir: str | Path, title: str = "ad
     if fmt in METHODS_BY_FORMAT and adapter.method not in METHODS_BY_FORMAT[fmt]:
         article = "an" if adapter.method[:1] in "aeiou" else "a"
         raise UserError(f"{article} {adapter.method} adapter cannot be written as {fmt}: {_WHY_NOT[fmt]}")
+    if adapter.embeddings and (fmt != "kohya" or adapter.method != "lora"):
+        raise UserError(f"the adapter carries tokens ({', '.join(adapter.embeddings)}, pivotal tuning) that"
+                        " only the kohya layout of a LoRA holds here (A1111's bundle_emb); write --format"
+                        " kohya")
     if fmt == "diffusers":
         return diffusers_lora.write(adapter, out_dir)
     if fmt == "kohya":
