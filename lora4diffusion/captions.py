@@ -34,6 +34,10 @@ STYLE_WORDS = ("bold", "thin", "italic")  # the built-in styles of styles.py
 # "tok" (diffusers' SDXL DreamBooth example), and a few more of the same kind.
 TRIGGER_WORDS = ("sks", "ohwx", "zwx", "tok", "bnha", "xjy", "qwv", "vxk")
 EMPTY_PROMPT = ""
+# Textual inversion's placeholder S* (Gal et al. 2022): a NEW token whose vectors are learned, never a
+# vocabulary word. Written <name> as in diffusers' examples ("<cat-toy>"), so a prompt can never mean a word
+# by it and a placeholder whose embedding is not loaded is recognised as one.
+PLACEHOLDER = re.compile(r"<[a-z0-9][a-z0-9_-]{0,62}>")
 
 # {n} is the numeral, {w} the word. A trigger/style modifier goes right before the digit, or into a
 # trailing "in ... style".
@@ -91,6 +95,19 @@ def check_trigger(trigger: str) -> str:
     return word
 
 
+def check_placeholder(token: str) -> str:
+    """A textual-inversion token: ``<name>``, name of lower-case letters, digits, '-' and '_' (at most 63)."""
+    if not isinstance(token, str) or not PLACEHOLDER.fullmatch(token):
+        raise UserError(f"token {str(token)[:80]!r} is not a placeholder token: write <name> (lower-case"
+                        " letters, digits, '-', '_'), e.g. <bold-ti>")
+    return token
+
+
+def check_modifier(word: str) -> str:
+    """What captions may carry where the style goes: a reserved trigger word or a placeholder token."""
+    return check_placeholder(word) if isinstance(word, str) and word.startswith("<") else check_trigger(word)
+
+
 def check_style(style: str) -> str:
     if style not in STYLE_WORDS:
         raise UserError(f"style word {style!r} is not one of {', '.join(STYLE_WORDS)}")
@@ -137,7 +154,7 @@ def captions_for(
     """One caption per label, drawn with `generator`: family uniformly, then a template in it, then where
     the trigger/style goes; with probability p_empty the caption is the empty prompt (for guidance)."""
     values = _labels_list(labels)
-    trigger = check_trigger(trigger) if trigger is not None else None
+    trigger = check_modifier(trigger) if trigger is not None else None
     style = check_style(style) if style is not None else None
     if not 0.0 <= p_empty <= 1.0:
         raise UserError(f"p_empty must be in [0, 1], got {p_empty}")
@@ -212,8 +229,8 @@ def negative_prompts(negative: str | list[str] | None, n: int) -> list[str]:
 
 
 __all__ = [
-    "DIGIT_WORDS", "EMPTY_PROMPT", "FORMS", "HELD_OUT", "HELD_OUT_TEMPLATES", "NUMERALS", "STYLE_WORDS",
-    "TEMPLATES", "TRIGGER_WORDS", "all_captions", "caption", "caption_words", "captions_for", "check_style",
-    "check_trigger", "digit_of", "digit_prompts", "family_templates", "iter_every_caption",
-    "negative_prompts", "DIGITS_FAMILY",
+    "DIGIT_WORDS", "EMPTY_PROMPT", "FORMS", "HELD_OUT", "HELD_OUT_TEMPLATES", "NUMERALS", "PLACEHOLDER",
+    "STYLE_WORDS", "TEMPLATES", "TRIGGER_WORDS", "all_captions", "caption", "caption_words", "captions_for",
+    "check_modifier", "check_placeholder", "check_style", "check_trigger", "digit_of", "digit_prompts",
+    "family_templates", "iter_every_caption", "negative_prompts", "DIGITS_FAMILY",
 ]

@@ -12,34 +12,61 @@ import difflib
 import os
 from pathlib import Path
 
-from lora4diffusion.checkpoint import path_kind, read_json
+from lora4diffusion.checkpoint import path_kind, read_json, read_metadata, tensor_header
 from lora4diffusion.errors import UserError, describe_os_error
 from lora4diffusion.schema import shown
 
 PRETRAINED = Path(__file__).parent / "pretrained"
 DEFAULT_BASE = "base"  # the prompt-conditioned latent model; "pixel-base" is the label-conditioned pixel one
-KINDS = ("model", "vae", "adapter")
-_FLAG = {"model": "--checkpoint", "vae": "--vae", "adapter": "--lora"}
-_WHAT = {"model": "model", "vae": "VAE", "adapter": "adapter"}
+KINDS = ("model", "vae", "adapter", "embedding")
+_FLAG = {"model": "--checkpoint", "vae": "--vae", "adapter": "--lora", "embedding": "--embedding"}
+_WHAT = {"model": "model", "vae": "VAE", "adapter": "adapter", "embedding": "embedding"}
 # files that make a folder an adapter: ours, PEFT's config, diffusers' LoRA weights (formats/ reads them)
 _ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors")
+# ... and an embedding (textual inversion): ours (train-embedding), diffusers' textual_inversion.py output
+EMBEDDING_FILES = ("embedding.safetensors", "learned_embeds.safetensors")
+EMBEDDING_FORMAT = "lora4diffusion-embedding"
+
+
+def embedding_layout(path: Path) -> str | None:
+    """'ours' | 'a1111' | 'diffusers' for a textual-inversion file, from its header (no tensor read); None
+    for anything else. Ours says so in its metadata; AUTOMATIC1111's holds ``emb_params`` (kohya's name) or
+    ``string_to_param.*``; diffusers' ``learned_embeds`` maps ONE token to its vectors ([D] or [n, D]). A
+    LoRA file always holds pairs of tensors, so a one-tensor file is never one."""
+    if read_metadata(path).get("format") == EMBEDDING_FORMAT:
+        return "ours"
+    header = tensor_header(path)
+    if len(header) != 1:
+        return None
+    key, (shape, _dtype) = next(iter(header.items()))
+    if len(shape) not in (1, 2):
+        return None
+    return "a1111" if key in ("emb_params", "string_to_param.*") else "diffusers"
 
 
 def kind_of(path: Path) -> str | None:
-    """'model' | 'vae' | 'adapter' for a folder or file we can read, else None (looks at names and the
-    config's format only; what the files hold is checked by their readers). An adapter is a .safetensors file,
-    or a folder holding adapter.safetensors, a PEFT adapter_config.json, diffusers'
-    pytorch_lora_weights.safetensors, or (without .json files or subfolders) exactly one .safetensors
-    file: the folders ``--lora`` reads. A folder that may not be looked into is a UserError ("permission
-    denied")."""
+    """'model' | 'vae' | 'adapter' | 'embedding' for a folder or file we can read, else None (looks at names,
+    the config's format and a .safetensors header only; what the files hold is checked by their readers).
+    An embedding is a one-tensor .safetensors file (``embedding_layout``) or a folder holding one of
+    EMBEDDING_FILES. An adapter is any other .safetensors file, or a folder holding adapter.safetensors, a
+    PEFT adapter_config.json, diffusers' pytorch_lora_weights.safetensors, or (without .json files or
+    subfolders) exactly one .safetensors file: the folders ``--lora`` reads. A folder that may not be looked
+    into is a UserError ("permission denied")."""
     path = Path(path)
     kind = path_kind(path)
     if kind == "file":
-        return "adapter" if path.suffix == ".safetensors" else None
+        if path.suffix != ".safetensors":
+            return None
+        try:
+            return "embedding" if embedding_layout(path) else "adapter"
+        except UserError:  # unreadable: its reader says why
+            return "adapter"
     if kind != "dir":
         return None
     if any(path_kind(path / name) == "file" for name in _ADAPTER_FILES):
         return "adapter"
+    if any(path_kind(path / name) == "file" for name in EMBEDDING_FILES):
+        return "embedding"
     if folder_config(path).get("format") == "lora4diffusion-vae":  # a VAE folder holds model.safetensors too
         return "vae"
     if path_kind(path / "model.safetensors") == "file":
@@ -49,7 +76,7 @@ def kind_of(path: Path) -> str | None:
     except OSError as e:
         raise UserError(f"{path}: cannot read ({describe_os_error(e)})") from None
     if entries.count((".safetensors", "file")) == 1 and all(k != "dir" and s != ".json" for s, k in entries):
-        return "adapter"
+        return kind_of(next(path.glob("*.safetensors")))  # an adapter, or an embedding
     return None
 
 
@@ -65,9 +92,10 @@ def folder_config(folder: Path) -> dict:
 def shipped(kind: str) -> dict[str, Path]:
     """The shipped items of ``kind`` by name: models and VAEs are folders of ``pretrained/``, adapters the
     folders of ``pretrained/adapters/``."""
-    if kind == "adapter":
-        root = PRETRAINED / "adapters"
-        return {p.name: p for p in sorted(root.glob("*")) if kind_of(p) == "adapter"} if root.is_dir() else {}
+    if kind in ("adapter", "embedding"):
+        root = PRETRAINED / f"{kind}s"
+        items = sorted(root.glob("*")) if root.is_dir() else []
+        return {(p.stem if p.is_file() else p.name): p for p in items if kind_of(p) == kind}
     found = {p.name: p for p in sorted(PRETRAINED.glob("*")) if p.is_dir() and kind_of(p) == kind}
     return found
 
@@ -103,10 +131,10 @@ def resolve(value: str | Path | None, kind: str, default: str | None = None) -> 
     other = next((k for k in KINDS if k != kind and str(value) in shipped(k)), None)
     if other is not None:  # `--vae pixel-base`: a name we know, of another kind
         known = ", ".join(names) or "none"
-        article = "an" if kind == "adapter" else "a"
+        article = "an" if kind in ("adapter", "embedding") else "a"
         raise UserError(f"{_FLAG[kind]} {value}: {value} is a shipped {_WHAT[other]} (for {_FLAG[other]}),"
                         f" not {article} {what} (shipped {what}s: {known})")
-    missing = "file not found" if kind == "adapter" else "does not exist"
+    missing = "file not found" if kind in ("adapter", "embedding") else "does not exist"
     if "/" in str(value) or os.sep in str(value):  # clearly a path: no name to suggest
         raise UserError(f"{_FLAG[kind]} {value}: {missing}")
     raise UserError(

@@ -20,6 +20,7 @@ from lora4diffusion.folders.model import read_model_config
 from lora4diffusion.folders.text import text_parts
 from lora4diffusion.folders.vae import check_attached_vae, load_vae, read_vae_config
 from lora4diffusion.formats import detect, read_any
+from lora4diffusion.formats.embeddings import embedding_path, read_any_embedding
 from lora4diffusion.lora.adapters import UNKNOWN
 from lora4diffusion.pipeline import Pipeline
 
@@ -86,10 +87,24 @@ def _adapter_facts(path: Path) -> dict:
     facts: dict = {} if layout == "ours" else {"format": layout}
     if adapter.method != "lora":
         facts["method"] = adapter.method
+    if adapter.embeddings:
+        facts["tokens"] = " ".join(adapter.embeddings)
     for key in ("style", "trigger", "rank", "target_spec", "base"):
         value = adapter.rank if key == "rank" else adapter.extra.get(key)
         if value:
             facts[key] = value
+    return facts
+
+
+def _embedding_facts(path: Path) -> dict:
+    """What ``list`` shows of a textual-inversion embedding, read as ``sample --embedding`` reads it."""
+    layout, _ = embedding_path(path)
+    emb = read_any_embedding(path)
+    facts: dict = {} if layout == "ours" else {"format": layout}
+    facts.update(token=emb.token, vectors=emb.num_vectors)
+    for key in ("style", "base"):
+        if emb.extra.get(key):
+            facts[key] = emb.extra[key]
     return facts
 
 
@@ -120,7 +135,8 @@ def entry(path: Path, kind: str, name: str | None = None) -> dict:
     that cannot be read, a ``problem`` saying why (one line)."""
     row = {"name": name or path.name, "kind": kind, "path": str(path), "size": _size(path)}
     try:
-        row.update(_adapter_facts(path) if kind == "adapter" else _folder_facts(path, kind))
+        facts = {"adapter": _adapter_facts, "embedding": _embedding_facts}.get(kind)
+        row.update(facts(path) if facts else _folder_facts(path, kind))
     except UserError as e:
         row["problem"] = str(e)
     except OSError as e:  # a file that changed under us: this row, not the whole listing
@@ -208,7 +224,7 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
         p = names[str(value)]
     kind = kind_of(p)
     if kind is None:
-        raise UserError(f"info {p}: not a model, VAE or adapter folder (nor an adapter file)")
+        raise UserError(f"info {p}: not a model, VAE, adapter or embedding folder (nor such a file)")
     out: dict = {"path": str(p), "kind": kind, "size": _size(p)}
     if kind == "adapter":
         adapter = read_any(p)
@@ -216,6 +232,9 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
                     "rank": adapter.rank, "alpha": adapter.alpha, "rslora": adapter.rslora,
                     "modules": len(adapter.modules), "fingerprint": adapter.fingerprint,
                     "parameters": sum(t.numel() for t in adapter.tensors.values())})
+        if adapter.embeddings:  # pivotal tuning: tokens the adapter brings
+            out["embeddings"] = {t: f"{v.shape[0]} vector(s) of width {v.shape[-1]}"
+                                 for t, v in adapter.embeddings.items()}
         meta = _adapter_meta(p)
         for key, text in meta.items():
             if key in ("format", "version") or key in out:
@@ -228,6 +247,18 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
             out["targets"] = f"{len(out['targets'])} modules ({', '.join(map(str, out['targets'][:3]))}, ...)"
         if checkpoint is not None:
             out["fits"] = _fits(adapter, checkpoint)
+    elif kind == "embedding":
+        emb = read_any_embedding(p)
+        out.update({"format": embedding_path(p)[0], "token": emb.token, "vectors": emb.num_vectors,
+                    "width": int(emb.vectors.shape[1]), "init_word": emb.init_word or "(mean of the words)",
+                    "fingerprint": emb.fingerprint, "parameters": emb.vectors.numel()})
+        for key, text in emb.extra.items():
+            try:
+                out.setdefault(key, json.loads(text) if text[:1] in "[{" else text)
+            except (ValueError, RecursionError):
+                out.setdefault(key, text)
+        if checkpoint is not None:
+            out["fits"] = _embedding_fits(emb, checkpoint)
     elif kind == "model":
         fingerprint = Pipeline.load(p).fingerprint  # the whole model, as sample reads it
         out.update(folder_config(p))
@@ -254,6 +285,20 @@ def _fits(adapter, checkpoint: str) -> str:
     return f"shapes fit but it was trained on another base than {checkpoint} (load with --force)"
 
 
+def _embedding_fits(emb, checkpoint: str) -> str:
+    pipe = Pipeline.load(checkpoint)
+    if not pipe.is_prompt_model:
+        return f"no: {checkpoint} is a label model (no text encoder)"
+    if emb.vectors.shape[1] != pipe.text_encoder.cfg.width:
+        width = pipe.text_encoder.cfg.width
+        return f"no: vectors of width {emb.vectors.shape[1]}, {checkpoint}'s text encoder is {width}"
+    if emb.fingerprint == UNKNOWN:
+        return f"probably: the width fits {checkpoint}; the embedding records no base fingerprint"
+    if emb.fingerprint == pipe.fingerprint:
+        return f"yes: trained on exactly this base ({checkpoint})"
+    return f"the width fits but it was trained on another base than {checkpoint} (load with --force)"
+
+
 def format_info(data: dict, indent: str = "") -> str:
     lines = []
     for key, value in data.items():
@@ -266,7 +311,8 @@ def format_info(data: dict, indent: str = "") -> str:
     return "\n".join(lines)
 
 
-_TITLES = {"model": "models (--checkpoint)", "vae": "VAEs (--vae)", "adapter": "adapters (--lora)"}
+_TITLES = {"model": "models (--checkpoint)", "vae": "VAEs (--vae)", "adapter": "adapters (--lora)",
+           "embedding": "embeddings (--embedding; their tokens work in prompts)"}
 _UNREADABLE = "not readable (each line says why)"
 _NOT_FACTS = ("name", "kind", "path", "size", "problem")
 

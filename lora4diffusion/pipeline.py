@@ -30,9 +30,11 @@ from lora4diffusion.folders.model import load_model
 from lora4diffusion.folders.text import load_text_parts
 from lora4diffusion.folders.vae import load_attached_vae
 from lora4diffusion.formats import read_any
+from lora4diffusion.formats.embeddings import read_any_embedding
 from lora4diffusion.latents import decode_latents
 from lora4diffusion.limits import lora_weight
 from lora4diffusion.lora.adapters import base_fingerprint, load_adapter, resolve_adapter, shipped_adapters
+from lora4diffusion.lora.embeddings import load_embedding
 from lora4diffusion.lora.layers import adapter_names, delete_adapter, lora_layers, set_adapter_weight
 from lora4diffusion.lora.prompt_lora import (
     load_prompt_adapter,
@@ -66,6 +68,8 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
     tag_adapters: dict = field(default_factory=dict)
     # adapters loaded by add_lora (--lora), not by tags: their resolved file -> adapter name
     added: dict = field(default_factory=dict)
+    # textual-inversion tokens loaded by add_embedding (--embedding): token -> the file or name given
+    embeddings: dict = field(default_factory=dict)
 
     @property
     def is_prompt_model(self) -> bool:
@@ -104,10 +108,23 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
             self.added[self._source(path)] = name
         return name
 
+    def add_embedding(self, path: str | Path, force: bool = False) -> str:
+        """Load a textual-inversion embedding (ours, diffusers' or A1111's file, detected; or a shipped
+        embedding's name): its token then works in every prompt. Returns the token. One trained on another
+        base is refused unless ``force``."""
+        if not self.is_prompt_model:
+            raise UserError(f"--embedding {path}: a label model has no text encoder (embeddings go into a"
+                            " prompt model's)")
+        emb = read_any_embedding(path)
+        token = load_embedding(self.text_encoder, self.tokenizer, emb, self.fingerprint, str(path), force)
+        self.embeddings[token] = str(path)
+        return token
+
     def _load(self, path: str | Path, weight: float, force: bool) -> str:
         weight = lora_weight(weight, f"adapter {path}")
         if self.is_prompt_model:  # UNet and text-encoder modules, one fingerprint over both
-            name, adapter = load_prompt_adapter(self.unet, self.text_encoder, path, weight, force, read_any)
+            name, adapter = load_prompt_adapter(self.unet, self.text_encoder, path, weight, force, read_any,
+                                                tokenizer=self.tokenizer)
             self.triggers[name] = trigger_words(adapter)
             return name
         return load_adapter(self.unet, path, weight=weight, force=force, reader=read_any)

@@ -102,8 +102,8 @@ def _first_line(e: Exception) -> str:
 
 
 # The fields `sample` records (cli/sample.py writes them); "device" and "version" only describe the run.
-FIELDS = ("checkpoint", "loras", "force", "sampler", "steps", "guidance", "eta", "seed", "digits",
-          "per_digit", "prompts", "num", "negative", "bf16", "device", "version")
+FIELDS = ("checkpoint", "loras", "embeddings", "force", "sampler", "steps", "guidance", "eta", "seed",
+          "digits", "per_digit", "prompts", "num", "negative", "bf16", "device", "version")
 SAMPLERS = ("ddim", "ddpm")
 
 
@@ -161,6 +161,11 @@ def check_record(params: dict, where: str, numbers: dict[str, Callable[[str], ob
                 out[name] = parse_digits(",".join(map(str, value)))
             except UserError as e:
                 raise UserError(f"{where}: field 'digits': {e}") from None
+        elif name == "embeddings":
+            if not isinstance(value, list) or not all(isinstance(x, str) and x.strip() and "\0" not in x
+                                                      for x in value):
+                raise UserError(f"{bad} a list of embedding files or names, got {_shown(value)}")
+            out[name] = list(value)
         elif name == "prompts":
             if not isinstance(value, list) or not value or not all(isinstance(x, str) for x in value):
                 raise UserError(f"{bad} a non-empty list of prompts (text), got {_shown(value)}")
@@ -193,6 +198,7 @@ def apply_recorded(args: argparse.Namespace, params: dict, where: str,
             setattr(args, name, value)
 
     fill("checkpoint", params.get("checkpoint"))
+    fill("embedding", params.get("embeddings"))
     if not args.lora and params.get("loras"):
         args.lora = [f"{p}:{w!r}" for p, w in params["loras"]]
         args.force = args.force or bool(params.get("force"))

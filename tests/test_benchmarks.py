@@ -41,6 +41,8 @@ RUNS = {
     "test_weight_limits_runs_beyond_the_limits": [
         ("weight_limits.py", "--models", "base", "--per-digit", "1", "--weights", "1,3", "--guidance",
          "1.25,50")],
+    "test_embeddings_comparison_smoke": [
+        ("embeddings.py", "--smoke", "--styles", "bold", "--rows", "ti,pivotal", "--out", "{out}")],
     "test_methods_comparison_smoke": [
         ("methods.py", "--smoke", "--tasks", "trigger", "--methods", "lora,lokr", "--budgets", "2", "--seeds",
          "0", "--out", "{out}")],
@@ -110,6 +112,19 @@ def test_trigger_specificity_smoke(ran):
     for label in ("with", "without"):
         assert 0.0 <= row[label]["accuracy"] <= 1.0 and row[label]["ink_ratio"] > 0
     assert "| unet | off | off |" in out
+
+
+def test_embeddings_comparison_smoke(ran):
+    (out,), folder = ran("test_embeddings_comparison_smoke")
+    rows = json.loads((folder / "results.json").read_text())["rows"]
+    ti, pivotal = rows["bold-ti"], rows["bold-pivotal"]
+    assert ti["identical_without"] is True  # textual inversion alone, without its token: the base bit for bit
+    assert ti["params"] == 64 and ti["file_bytes"] < 4096  # one vector of the base's width 64
+    assert pivotal["params"] > ti["params"] and pivotal["token"] == "<bold-pt>"
+    for row in (ti, pivotal):
+        for label in ("with", "without"):
+            assert 0.0 <= row[label]["accuracy"] <= 1.0 and row[label]["ink_ratio"] > 0
+    assert "| bold | ti | <bold-ti> | 64 |" in out
 
 
 def test_trigger_recipes_smoke(ran):

@@ -19,6 +19,7 @@ from lora4diffusion.cli.apps import add_demo, add_list_info, add_serve
 from lora4diffusion.cli.args import bounded_int
 from lora4diffusion.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, device_args, release_outputs
 from lora4diffusion.cli.convert import add_extract, add_format_parsers, add_merge, add_peft, add_resize
+from lora4diffusion.cli.embedding import add_embedding_formats, add_train_embedding
 from lora4diffusion.cli.evaluate import add_evaluate, add_train_classifier
 from lora4diffusion.cli.sample import add_sample
 from lora4diffusion.cli.train import add_reconstruct, add_train, add_train_lora, add_train_vae
@@ -45,7 +46,7 @@ command. `lora4diffusion COMMAND --help` lists a command's options with their de
 
 # commands that run a model: they take --device and --bf16/--no-bf16 (added in build_parser's last loop)
 MODEL_COMMANDS = ("train-vae", "train", "sample", "evaluate", "train-lora", "merge", "extract",
-                  "train-classifier", "reconstruct", "serve", "demo")
+                  "train-classifier", "reconstruct", "serve", "demo", "train-embedding")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -113,10 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample(sub)
     add_evaluate(sub)
     add_train_lora(sub)
+    add_train_embedding(sub)
     add_merge(sub)
     add_extract(sub)
     add_resize(sub)
     add_format_parsers(sub)
+    add_embedding_formats(sub)
     add_peft(sub)
     add_train_classifier(sub)
     add_reconstruct(sub)

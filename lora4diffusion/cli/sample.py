@@ -33,6 +33,7 @@ from lora4diffusion.cli.common import (
     overwrite_arg,
     precision,
 )
+from lora4diffusion.cli.embedding import embedding_args
 from lora4diffusion.data import parse_digits
 from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from lora4diffusion.distributed import resolve_device
@@ -80,6 +81,7 @@ def add_sample(sub: Commands) -> None:
     s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
     overwrite_arg(s)
     lora_args(s)
+    embedding_args(s)
     s.set_defaults(func=cmd_sample)
 
 
@@ -100,7 +102,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--digits: {e}") from None
     model_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
     # held until the command ends: a second `sample --out` there is refused, not merged (cli.common.out_dir)
-    out = out_dir(args.out, overwrite=args.overwrite, inputs=existing(model_dir) + lora_inputs(args.lora),
+    inputs = existing(model_dir, *args.embedding) + lora_inputs(args.lora)
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=inputs,
                   command="sample")
     return sample_into(args, digits, out)
 
@@ -121,6 +124,8 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
             prompts = [p for p in args.prompt for _ in range(per_row)]
         else:
             prompts = digit_prompts([d for d in digits for _ in range(per_row)])
+        for emb in args.embedding:  # before the adapters and tags: a tag's bundled token may be the same
+            pipe.add_embedding(emb, force=args.force)
         loras = add_loras(pipe, args)
         # <lora:...> tags load their adapters; bad tags, names and prompts (unknown word, too long) fail
         # here, before any sampling or writing
@@ -134,6 +139,9 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
                         " was trained to act with it", name, words, prompt,
                         f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         labels = [digit_of(p) for p in prompts]
+    elif args.embedding:
+        raise UserError(f"--embedding: {args.checkpoint or 'the shipped base'} is a label model (no text"
+                        " encoder)")
     elif args.prompt or args.negative is not None:
         raise UserError(
             f"{args.checkpoint or 'the shipped base'} is a label model:"
@@ -151,6 +159,7 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
     params = {
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
         "loras": [[str(p), w] for p, w, _ in loras], "force": bool(args.force),
+        "embeddings": list(args.embedding) or None,
         "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta, "seed": seed,
         "digits": None if args.prompt else digits, "per_digit": None if args.prompt else per_row,
         "prompts": list(args.prompt) if args.prompt else None, "num": per_row if args.prompt else None,

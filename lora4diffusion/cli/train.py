@@ -12,6 +12,7 @@ import torch
 from lora4diffusion.checkpoint import write_json
 from lora4diffusion.cli.args import (
     batch_int,
+    bounded_int,
     finite_float,
     fraction_float,
     image_size_int,
@@ -159,6 +160,17 @@ def add_train_lora(sub: Commands) -> None:
                     help="prompt bases: LoRA on the text encoder's attention and MLP too (kohya's lora_te)")
     tl.add_argument("--text-encoder-lr", type=learning_rate, metavar="LR",
                     help="learning rate of the text-encoder LoRA (default: --lr)")
+    tl.add_argument("--pivotal", action="store_true",
+                    help="prompt bases: pivotal tuning: a new --token takes the trigger's place and its"
+                    " vectors train with the LoRA; the adapter file carries them (A1111's bundled"
+                    " embeddings)")
+    tl.add_argument("--token", metavar="<NAME>",
+                    help="with --pivotal: the new placeholder token, e.g. \"<bold-ti>\"")
+    tl.add_argument("--init-word", metavar="WORD",
+                    help="with --pivotal: the word the token's vectors start from (default: the mean of the"
+                    " words)")
+    tl.add_argument("--num-vectors", type=bounded_int(1, 14, "a prompt holds 14 tokens"), metavar="N",
+                    help="with --pivotal: vectors of the token (default 1)")
     run_dir_args(tl)
     compile_arg(tl)
     tl.set_defaults(func=cmd_train_lora)
@@ -259,6 +271,14 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         raise UserError(f"--factor goes with --method lokr (got --method {args.method})")
     if args.full and (args.method != "lora" or args.loraplus_lr_ratio is not None):
         raise UserError("--full trains every weight: --method and --loraplus-lr-ratio go with an adapter")
+    pivotal_flags = [f for f, v in (("--token", args.token), ("--init-word", args.init_word),
+                                    ("--num-vectors", args.num_vectors)) if v is not None]
+    if args.pivotal and args.token is None:
+        raise UserError("--pivotal needs --token <name> (the new placeholder token)")
+    if pivotal_flags and not args.pivotal:
+        raise UserError(f"{', '.join(pivotal_flags)} go with --pivotal")
+    pivotal = {"token": args.token, "num_vectors": args.num_vectors or 1, "init_word": args.init_word} \
+        if args.pivotal else None
     rank = args.rank or default_lora_config(args.checkpoint).rank
     lora = LoRAConfig(
         rank=rank,
@@ -300,6 +320,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         prior_weight=args.prior_weight,
         text_encoder=args.text_encoder,
         text_encoder_lr=args.text_encoder_lr,
+        **({"pivotal": pivotal} if pivotal else {}),
     )
     if r is None:
         return status

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.errors import UserError
 from lora4diffusion.formats import diffusers_lora, kohya, lycoris, peft
-from lora4diffusion.lora.adapters import ADAPTER_FILE, FORMAT, Adapter, read_adapter, resolve_adapter
+from lora4diffusion.lora.adapters import ADAPTER_FILE, BUNDLE, FORMAT, Adapter, read_adapter, resolve_adapter
 
 LORA_FORMATS = ("diffusers", "kohya", "peft")
 _FILE_READERS = {"diffusers": diffusers_lora, "kohya": kohya, "peft": peft}
@@ -71,7 +71,7 @@ def detect(path: str | Path) -> tuple[str, Path]:
         raise UserError(f"{path}: only .safetensors LoRA files are read (no pickled .bin/.pt/.ckpt)")
     if read_metadata(path).get("format") == FORMAT:
         return "ours", path
-    keys = _keys(path)
+    keys = [k for k in _keys(path) if not k.startswith(BUNDLE)]  # A1111's bundled embeddings: any layout
     hits = [name for name, mod in _FILE_READERS.items()
             if mod.looks_like(keys) or (name == "kohya" and lycoris.looks_like(keys))]
     if len(hits) > 1:
@@ -113,6 +113,10 @@ def write_lora(adapter: Adapter, fmt: str, out_dir: str | Path, title: str = "ad
     if fmt in METHODS_BY_FORMAT and adapter.method not in METHODS_BY_FORMAT[fmt]:
         article = "an" if adapter.method[:1] in "aeiou" else "a"
         raise UserError(f"{article} {adapter.method} adapter cannot be written as {fmt}: {_WHY_NOT[fmt]}")
+    if adapter.embeddings and (fmt != "kohya" or adapter.method != "lora"):
+        raise UserError(f"the adapter carries tokens ({', '.join(adapter.embeddings)}, pivotal tuning) that"
+                        " only the kohya layout of a LoRA holds here (A1111's bundle_emb); write --format"
+                        " kohya")
     if fmt == "diffusers":
         return diffusers_lora.write(adapter, out_dir)
     if fmt == "kohya":

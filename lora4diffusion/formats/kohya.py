@@ -12,6 +12,7 @@ Metadata (strings): ``ss_network_module`` = networks.lora, ``ss_network_dim`` = 
 and ours: ``lora4diffusion.base_fingerprint`` and the ``lora4diffusion`` settings entry (formats/ours.py).
 rsLoRA has no kohya equivalent: its scale alpha / sqrt(r) is written as the kohya alpha alpha * sqrt(r).
 DoRA, LoHa and LoKr use the same names and metadata in LyCORIS's extension of this layout (lycoris.py).
+A pivotal-tuning adapter's token rides along as A1111 reads it: ``bundle_emb.<token>.string_to_param.*``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ import lora4diffusion.formats.ours as ours
 from lora4diffusion.checkpoint import FLOAT_DTYPES, load_tensors, read_metadata, save_tensors, tensor_header
 from lora4diffusion.errors import UserError
 from lora4diffusion.formats.names import KOHYA_TE, KOHYA_UNET, any_from_kohya, any_to_kohya
-from lora4diffusion.lora.adapters import MAX_ALPHA, UNKNOWN, Adapter, check_adapter
+from lora4diffusion.lora.adapters import (
+    MAX_ALPHA,
+    UNKNOWN,
+    Adapter,
+    bundle_tensors,
+    check_adapter,
+    split_bundled,
+)
 from lora4diffusion.schema import number, shown
 
 log = logging.getLogger("lora4diffusion")
@@ -50,6 +58,7 @@ def write(adapter: Adapter, path: str | Path, title: str = "") -> Path:
         convs = convs or a.dim() == 4
     args = {"conv_dim": str(adapter.rank), "conv_alpha": repr(float(alpha))} if convs else {}
     path = Path(path)
+    tensors.update(bundle_tensors(adapter.embeddings))
     save_tensors(path, tensors, network_metadata(adapter, title, "networks.lora", args))
     return path
 
@@ -130,7 +139,7 @@ def read(path: str | Path) -> Adapter:
     path = Path(path)
     meta = read_metadata(path)
     check_header(path)
-    raw = load_tensors(path)
+    raw, embeddings = split_bundled(load_tensors(path), path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         match = KEY_RX.match(key)
@@ -161,6 +170,7 @@ def read(path: str | Path) -> Adapter:
         adapter = ours.from_blob(tensors, meta[ours.META_KEY], path)
         if adapter.rank != rank:
             raise UserError(f"{path}: the tensors have rank {rank}, the metadata says {adapter.rank}")
+        adapter.embeddings = embeddings
         return adapter
     if missing:
         log.warning(
@@ -179,7 +189,8 @@ def read(path: str | Path) -> Adapter:
             " adapter is supported"
         )
     extra = {"source": "kohya", **trigger_extra(meta)}
-    adapter = Adapter(tensors, rank, next(iter(distinct)), init="kohya", fingerprint=UNKNOWN, extra=extra)
+    adapter = Adapter(tensors, rank, next(iter(distinct)), init="kohya", fingerprint=UNKNOWN, extra=extra,
+                      embeddings=embeddings)
     return check_adapter(adapter, path)
 
 

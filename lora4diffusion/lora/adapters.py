@@ -10,6 +10,11 @@ targets (JSON list of module paths), init, dropout, base_fingerprint, ``method``
 is not in the keys: it is chosen when loading (one file can be loaded twice). Extraction and resizing by SVD
 are in ``extract.py``.
 
+A pivotal-tuning adapter (training/lora.py ``pivotal_token``) also carries its placeholder token's vectors,
+in the layout AUTOMATIC1111 reads from LoRA files (bundled embeddings, extensions-builtin/Lora/networks.py):
+    bundle_emb.<token>.string_to_param.*     [n, D]: the token's vectors (lora/embeddings.py)
+``Adapter.embeddings`` holds them (token -> vectors); loading the adapter puts the token in place.
+
 PEFT's layout is the same with other names (``base_model.model.<path>.lora_A.weight`` = our down,
 ``lora_B`` = our up, same conv layout, same scaling rule), so conversion is renaming plus a config file;
 DoRA, LoHa and LoKr have their PEFT names and config fields too (peft_layout.py).
@@ -77,6 +82,8 @@ _RESERVED = ("format", "version", "rank", "alpha", "scale_rule", "targets", "ini
              "base_fingerprint")  # required
 METHOD_KEY = "method"  # written for methods other than LoRA only
 OPTIONS_KEY = "options"  # the method's own options (JSON), written only when some differ from the defaults
+BUNDLE = "bundle_emb."  # AUTOMATIC1111's prefix of embeddings bundled in a LoRA file
+BUNDLE_PARAM = ".string_to_param.*"
 
 
 @dataclass
@@ -91,6 +98,7 @@ class Adapter:
     extra: dict[str, str] = field(default_factory=dict)  # the caller's metadata (style, steps, ...)
     method: str = "lora"  # the AdapterMethod's kind (layers.METHODS)
     options: dict = field(default_factory=dict)  # the method's own options (LoKr: factor, ...)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # bundled tokens -> [n, D] (pivotal)
 
     @property
     def modules(self) -> list[str]:
@@ -132,8 +140,34 @@ class Adapter:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / ADAPTER_FILE
-        save_tensors(path, {k: v.float() for k, v in self.tensors.items()}, self.metadata())
+        tensors = {**{k: v.float() for k, v in self.tensors.items()}, **bundle_tensors(self.embeddings)}
+        save_tensors(path, tensors, self.metadata())
         return path
+
+
+def bundle_tensors(embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tokens' vectors under A1111's bundled-embedding keys: ``bundle_emb.<token>.string_to_param.*``."""
+    return {f"{BUNDLE}{token}{BUNDLE_PARAM}": v.detach().float().cpu().contiguous()
+            for token, v in embeddings.items()}
+
+
+def split_bundled(tensors: dict[str, torch.Tensor], where: object) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the LoRA tensors, the bundled embeddings by token) of a file's tensors. A1111 names a bundled
+    embedding by its file name ("bold_ti"): a name that is not a placeholder becomes ``<name>``."""
+    rest, embeddings = {}, {}
+    for key, t in tensors.items():
+        if not key.startswith(BUNDLE):
+            rest[key] = t
+            continue
+        name, _, vec = key[len(BUNDLE):].partition(".")
+        if vec not in ("string_to_param.*", "emb_params") or not name:
+            raise UserError(f"{where}: bundled embedding key {shown(key, 80)} is not"
+                            f" {BUNDLE}NAME{BUNDLE_PARAM} (A1111's layout)")
+        token = name if name.startswith("<") else f"<{name.lower()}>"
+        if token in embeddings:
+            raise UserError(f"{where}: embedding {name} is bundled twice")
+        embeddings[token] = t.unsqueeze(0) if t.dim() == 1 else t
+    return rest, embeddings
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -325,7 +359,8 @@ def read_adapter(path: str | Path) -> Adapter:
     path, settings, meta = read_adapter_metadata(path)
     targets = settings.pop("targets")
     extra = {k: v for k, v in meta.items() if k not in (*_RESERVED, METHOD_KEY, OPTIONS_KEY)}
-    adapter = Adapter(load_tensors(path), extra=extra, **settings)
+    tensors, embeddings = split_bundled(load_tensors(path), path)
+    adapter = Adapter(tensors, extra=extra, embeddings=embeddings, **settings)
     check_adapter(adapter, path)
     if sorted(targets) != sorted(adapter.modules):
         raise UserError(f"{path}: the metadata's targets ({len(targets)} modules) do not match the tensors"

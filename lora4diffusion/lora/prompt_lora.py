@@ -13,6 +13,8 @@ Adapter file names: UNet modules keep exactly the names they have in a label mod
 (``down.1.0.attn.attn2.to_q``); text-encoder modules are prefixed ``text_encoder.``
 (``text_encoder.layers.0.self_attn.q_proj``). The base fingerprint of a prompt model covers the UNet AND
 the text encoder (``prompt_fingerprint``): an adapter is refused on a base whose text encoder differs.
+A pivotal-tuning adapter also brings its placeholder token (``Adapter.embeddings``): loading it puts the
+token into the tokenizer and the text encoder (lora/embeddings.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from lora4diffusion.lora.adapters import (
     read_adapter,
     resolve_adapter,
 )
+from lora4diffusion.lora.embeddings import Embedding, load_embedding
 from lora4diffusion.lora.layers import lora_layers, set_adapter_weight
 from lora4diffusion.models.prompt_unet import TextConditionedUNet
 
@@ -92,9 +95,10 @@ def trigger_words(adapter: Adapter) -> list[str]:
 
 def load_prompt_adapter(unet: nn.Module, text_encoder: nn.Module, path, weight: float = 1.0,
                         force: bool = False, reader: Callable | None = None, name: str | None = None,
-                        ) -> tuple[str, Adapter]:
+                        tokenizer=None) -> tuple[str, Adapter]:
     """Load an adapter (any layout ``reader`` reads) into a prompt model's UNet and text encoder under one
-    name; the fingerprint is checked against the whole prompt model. Returns (name, adapter)."""
+    name; the fingerprint is checked against the whole prompt model. Its bundled tokens (pivotal tuning) go
+    into ``tokenizer`` and the text encoder first. Returns (name, adapter)."""
     if isinstance(path, Adapter):
         adapter, where = path, "adapter"
     else:
@@ -112,6 +116,13 @@ def load_prompt_adapter(unet: nn.Module, text_encoder: nn.Module, path, weight: 
         name = "default" if where == "adapter" else default_name(unet, path)
     if te_part is not None:  # check the text-encoder part fits before the UNet is touched
         check_fits(text_encoder, te_part, where)
+    if adapter.embeddings and tokenizer is None:
+        raise UserError(f"{where}: the adapter brings tokens ({', '.join(adapter.embeddings)}): load it with"
+                        " its base's tokenizer")
+    mine = prompt_fingerprint(unet, text_encoder) if adapter.embeddings else UNKNOWN
+    for token, vectors in adapter.embeddings.items():
+        emb = Embedding(token, vectors, adapter.fingerprint)
+        load_embedding(text_encoder, tokenizer, emb, mine, where, force=True)  # fingerprint checked above
     if unet_part is not None:
         load_adapter(unet, unet_part, name, weight)
     if te_part is not None:

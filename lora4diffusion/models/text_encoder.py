@@ -14,6 +14,12 @@ targets read as in kohya's `lora_te_*` files.
 Causal attention, no padding mask, as SD runs CLIP: a position only sees itself and what comes before, so the
 states up to the first end-of-text token do not depend on the padding after it.
 
+Added tokens (textual inversion, Gal et al. 2022): ``added_tokens`` holds the vectors of placeholder tokens
+(Tokenizer.add_token) as their own parameters, apart from the frozen base rows. With any loaded, the token
+embedding reads its rows from [base rows; zero rows for the CLIP ids no prompt produces; added vectors], the
+table diffusers builds when it loads the same embedding, so the ids are CLIPTokenizer's. They are left out of
+the state dict: a model folder, its export and its fingerprint stay the base's.
+
 Default size (width 64, 2 layers, 4 heads of 16, MLP 256; ~0.11 M parameters): prompts here are at most 14
 words from a 44-word vocabulary and only have to carry a digit, a style and a trigger word to the UNet, which
 cross-attends to every position itself. Width 64 is the UNet's default context_dim, so the output plugs in
@@ -25,6 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lora4diffusion.errors import UserError
@@ -145,6 +152,57 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+class AddedTokens(nn.Module):
+    """The vectors of added tokens, in id order from ``first_id`` (the CLIP vocabulary's size): one [n, D]
+    parameter per token, named by its position ("0", "1", ...). Never saved with the model (its state-dict
+    hooks write and read nothing): an embedding file carries them (lora/embeddings.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens: list[str] = []
+        self.first_id: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def vectors(self) -> list[nn.Parameter]:
+        return [self._parameters[str(i)] for i in range(len(self.tokens))]
+
+    def vector(self, token: str) -> nn.Parameter:
+        if token not in self.tokens:
+            raise UserError(f"token {token} is not loaded in this text encoder")
+        return self._parameters[str(self.tokens.index(token))]
+
+    def add(self, token: str, vectors: torch.Tensor, first_id: int) -> nn.Parameter:
+        """Append ``token``'s vectors [n, D] (frozen; a trainer sets requires_grad)."""
+        if self.first_id is not None and first_id != self.first_id:
+            raise UserError(f"token {token}: added tokens start at id {self.first_id}, not {first_id}")
+        self.first_id = first_id
+        param = nn.Parameter(vectors.detach().clone().float(), requires_grad=False)
+        self.register_parameter(str(len(self.tokens)), param)
+        self.tokens.append(token)
+        return param
+
+    def remove_last(self) -> None:
+        del self._parameters[str(len(self.tokens) - 1)]
+        self.tokens.pop()
+        if not self.tokens:
+            self.first_id = None
+
+    def table(self, base: torch.Tensor) -> torch.Tensor:
+        """[base rows; zero rows up to first_id; every token's vectors]: the token embedding of CLIP ids."""
+        gap = base.new_zeros(self.first_id - base.shape[0], base.shape[1])
+        return torch.cat([base, gap, *(v.to(base.dtype) for v in self.vectors)])
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ARG002 - nothing to save
+        return
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # noqa: ARG002 - nothing to load: they come from embedding files
+        return
+
+
 class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
@@ -153,6 +211,7 @@ class TextEncoder(nn.Module):
         self.position_embedding = nn.Embedding(cfg.context_length, cfg.width)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.added_tokens = AddedTokens()  # textual inversion's tokens, when an embedding is loaded
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -177,7 +236,7 @@ class TextEncoder(nn.Module):
                 f" got {tuple(ids.shape)}"
             )
         positions = torch.arange(ids.shape[1], device=ids.device)
-        x = self.token_embedding(ids) + self.position_embedding(positions)
+        x = self.embed_tokens(ids) + self.position_embedding(positions)
         for layer in self.layers:
             x = layer(x)
         x = self.final_layer_norm(x)
@@ -187,5 +246,12 @@ class TextEncoder(nn.Module):
         pooled = x[torch.arange(x.shape[0], device=x.device), first_eos]
         return x, pooled
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token vectors of ``ids``: the base rows (bit for bit the base's path while no token is added),
+        or rows of ``added_tokens.table`` (the same values for every base id)."""
+        if not len(self.added_tokens):
+            return self.token_embedding(ids)
+        return F.embedding(ids, self.added_tokens.table(self.token_embedding.weight))
 
-__all__ = ["TextEncoder", "TextEncoderConfig", "quick_gelu"]
+
+__all__ = ["AddedTokens", "TextEncoder", "TextEncoderConfig", "quick_gelu"]

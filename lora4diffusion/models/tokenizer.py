@@ -21,18 +21,26 @@ never come out of a prompt we accept, so (1) the text encoder only needs W+2 emb
 the rest with zeros), and (2) eos is the largest id in every valid sequence: the pooled end-of-text state is
 the same whether a reader picks it as "first id == eos" (transformers' CLIPTextModel with eos_token_id set)
 or as "argmax of the ids" (the original CLIP / open_clip code and transformers' legacy branch).
+
+Added tokens (textual inversion, Gal et al. 2022; lora/embeddings.py): ``add_token("<bold-ti>", n)`` gives a
+placeholder token n ids after every id of the exported CLIP vocabulary, the ids CLIPTokenizer.add_tokens
+gives it (diffusers' load_textual_inversion: "<bold-ti>", "<bold-ti>_1", ...). It is matched in the
+normalised prompt before CLIP's splitting, as added tokens are, and stands for its n ids. Added tokens are
+not part of the tokenizer's files: they come with the embedding that defines them.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import re
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from lora4diffusion.captions import PLACEHOLDER, check_placeholder
 from lora4diffusion.checkpoint import atomic_write  # lazy: models/ stay free of file plumbing
 from lora4diffusion.errors import UserError
 
@@ -119,11 +127,55 @@ class Tokenizer:
         self.bos_id = len(words)
         self.eos_id = len(words) + 1
         self.pad_id = self.eos_id
+        self.added: dict[str, list[int]] = {}  # placeholder token -> its ids (add_token)
+        self._added_rx: re.Pattern | None = None
+        self._clip_size: int | None = None
 
     @property
     def vocab_size(self) -> int:
         """Number of ids a prompt can produce (words + bos + eos): the text encoder's embedding rows."""
         return len(self.words) + 2
+
+    @property
+    def clip_vocab_size(self) -> int:
+        """Ids of the exported CLIP vocabulary (words, bos, eos, then the BPE-only pieces): the first id an
+        added token gets, as CLIPTokenizer.add_tokens gives it."""
+        if self._clip_size is None:
+            self._clip_size = len(self._clip_vocab())
+        return self._clip_size
+
+    # ---- added tokens (textual inversion) ----
+    def add_token(self, token: str, vectors: int = 1) -> list[int]:
+        """Add placeholder ``token`` standing for ``vectors`` new ids (after every id used so far); returns
+        them. A token already added, or more vectors than a prompt can hold, is a UserError."""
+        token = check_placeholder(token)
+        if token in self.added:
+            raise UserError(f"token {token} is already loaded (one embedding per token)")
+        limit = self.context_length - 2
+        if isinstance(vectors, bool) or not isinstance(vectors, int) or not 1 <= vectors <= limit:
+            raise UserError(f"token {token}: {vectors!r} vectors; a prompt holds 1..{limit}")
+        start = self.clip_vocab_size + sum(len(ids) for ids in self.added.values())
+        self.added[token] = list(range(start, start + vectors))
+        self._added_rx = re.compile("|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)))
+        return self.added[token]
+
+    def remove_token(self, token: str) -> None:
+        """Forget the LAST added token (ids go in order: only the last can go without renumbering)."""
+        if not self.added or list(self.added)[-1] != token:
+            raise UserError(f"token {token} is not the last added token; it cannot be removed")
+        del self.added[token]
+        rx = "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True))
+        self._added_rx = re.compile(rx) if rx else None
+
+    def _pieces(self, text: str) -> list[str]:
+        """CLIP's pieces of normalised text, added tokens split out first (whole, longest first)."""
+        if self._added_rx is None:
+            return split_pieces(text)
+        out, i = [], 0
+        for m in self._added_rx.finditer(text):
+            out += [*split_pieces(text[i : m.start()]), m.group(0)]
+            i = m.end()
+        return out + split_pieces(text[i:])
 
     @property
     def tokens(self) -> list[str]:
@@ -135,24 +187,35 @@ class Tokenizer:
         """The words of one prompt; an unknown word or a too-long prompt is a UserError."""
         if not isinstance(prompt, str):
             raise UserError(f"a prompt must be text, got {type(prompt).__name__}")
-        pieces = split_pieces(normalize(prompt))
+        text = normalize(prompt)
+        pieces = self._pieces(text)
+        known = [*self.words, *self.added]
+        for m in PLACEHOLDER.finditer(PLACEHOLDER.sub(lambda m: " " * len(m.group(0)) if m.group(0) in
+                                                      self.added else m.group(0), text)):
+            near = difflib.get_close_matches(m.group(0), known, n=3, cutoff=0.5)
+            hint = f"nearest: {', '.join(near)}" if near else "no known token is close"
+            raise UserError(f"unknown token {m.group(0)!r} in prompt {prompt!r}: no embedding for it is"
+                            f" loaded ({hint}; load its file with --embedding)")
         for p in pieces:
-            if p not in self._ids:
-                near = difflib.get_close_matches(p, self.words, n=3, cutoff=0.5)
+            if p not in self._ids and p not in self.added:
+                near = difflib.get_close_matches(p, known, n=3, cutoff=0.5)
                 hint = f"nearest: {', '.join(near)}" if near else "no vocabulary word is close"
                 raise UserError(
                     f"unknown word {p!r} in prompt {prompt!r} ({hint}; the words are in {self.source})"
                 )
         limit = self.context_length - 2
-        if len(pieces) > limit:
+        count = sum(len(self.added[p]) if p in self.added else 1 for p in pieces)
+        if count > limit:
             raise UserError(
-                f"prompt {prompt!r} has {len(pieces)} tokens; the limit is {limit}"
+                f"prompt {prompt!r} has {count} tokens; the limit is {limit}"
                 f" (context length {self.context_length} including start and end of text)"
             )
         return pieces
 
     def encode_one(self, prompt: str) -> list[int]:
-        ids = [self.bos_id, *(self._ids[w] for w in self.tokenize(prompt)), self.eos_id]
+        pieces = self.tokenize(prompt)
+        words = [i for w in pieces for i in (self.added[w] if w in self.added else [self._ids[w]])]
+        ids = [self.bos_id, *words, self.eos_id]
         return ids + [self.pad_id] * (self.context_length - len(ids))
 
     def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
@@ -175,11 +238,16 @@ class Tokenizer:
 
     def _decode_one(self, ids: Sequence[int]) -> str:
         out: list[str] = []
+        first = {v[0]: t for t, v in self.added.items()}  # a token's later ids add nothing to the text
+        rest = {i for v in self.added.values() for i in v[1:]}
         for i in ids:
             i = int(i)
             if i == self.eos_id:
                 break
-            if i == self.bos_id:
+            if i == self.bos_id or i in rest:
+                continue
+            if i in first:
+                out.append(first[i])
                 continue
             if not 0 <= i < len(self.words):
                 raise UserError(f"token id {i} is outside this vocabulary (0..{self.vocab_size - 1})")
@@ -238,19 +306,7 @@ class Tokenizer:
         vocab.json, as the tokenizers-backed BPE needs. Words keep their ids; the BPE-only pieces come after
         eos.
         """
-        vocab = {w + END_OF_WORD: i for i, w in enumerate(self.words)}
-        vocab[BOS], vocab[EOS] = self.bos_id, self.eos_id
-        merges: dict[tuple[str, str], str] = {}
-        pieces: set[str] = set()
-        for w in self.words:
-            pieces.update(w[:-1])  # letters that start a merge (never the last one: that carries </w>)
-            for j in range(len(w) - 1, -1, -1):
-                suffix = w[j:] + END_OF_WORD
-                pieces.add(suffix)
-                if j < len(w) - 1:
-                    merges[(w[j], w[j + 1 :] + END_OF_WORD)] = suffix
-        for p in sorted(pieces - set(vocab), key=lambda s: (len(s), s)):
-            vocab[p] = len(vocab)
+        vocab, merges = self._clip_vocab(), self._clip_merges()
         # Shorter results first, as a trained BPE would list them (the order does not change any result).
         ordered = sorted(merges, key=lambda ab: (len(merges[ab]), merges[ab]))
         merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ordered)
@@ -269,6 +325,25 @@ class Tokenizer:
             "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n",
             "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
         }
+
+    def _clip_merges(self) -> dict[tuple[str, str], str]:
+        merges: dict[tuple[str, str], str] = {}
+        for w in self.words:
+            for j in range(len(w) - 2, -1, -1):
+                merges[(w[j], w[j + 1 :] + END_OF_WORD)] = w[j:] + END_OF_WORD
+        return merges
+
+    def _clip_vocab(self) -> dict[str, int]:
+        """vocab.json of ``clip_bpe_files``: words (with </w>), bos, eos, then the BPE-only pieces."""
+        vocab = {w + END_OF_WORD: i for i, w in enumerate(self.words)}
+        vocab[BOS], vocab[EOS] = self.bos_id, self.eos_id
+        pieces: set[str] = set()
+        for w in self.words:
+            pieces.update(w[:-1])  # letters that start a merge (never the last one: that carries </w>)
+            pieces.update(w[j:] + END_OF_WORD for j in range(len(w)))
+        for p in sorted(pieces - set(vocab), key=lambda s: (len(s), s)):
+            vocab[p] = len(vocab)
+        return vocab
 
     def export_clip_bpe(self, out_dir: str | Path) -> None:
         """Write `clip_bpe_files` into out_dir (atomically, file by file)."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora4diffusion.captions import EMPTY_PROMPT, all_captions, captions_for
+from lora4diffusion.captions import EMPTY_PROMPT, all_captions, captions_for, check_placeholder
 from lora4diffusion.catalog import PRETRAINED, resolve_checkpoint
 from lora4diffusion.checkpoint import read_json
 from lora4diffusion.data import Digits, load_mnist, to_model_range
@@ -25,6 +25,7 @@ from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.folders.text import load_text_parts
 from lora4diffusion.folders.vae import load_attached_vae
 from lora4diffusion.lora.adapters import base_fingerprint, save_adapter
+from lora4diffusion.lora.embeddings import add_token, init_vectors
 from lora4diffusion.lora.layers import METHODS, adapter_parameter_names, inject_lora, lora_summary
 from lora4diffusion.lora.prompt_lora import (
     TE_TARGETS,
@@ -142,6 +143,7 @@ def train_lora(
     prior_weight: float = 1.0,
     text_encoder: bool = False,
     text_encoder_lr: float | None = None,
+    pivotal: dict | None = None,
     **overrides,
 ) -> dict:
     """Train a LoRA adapter (or, with ``full=True``, every weight) for ``style`` into run directory ``out``.
@@ -153,6 +155,7 @@ def train_lora(
     state).
     ``trigger``, ``prior``, ``prior_weight``, ``text_encoder``, ``text_encoder_lr``: LoRA on a prompt base
     (lora/prompt_lora.py); a label base refuses them. A prompt base goes to ``train_prompt_lora``.
+    ``pivotal``: {"token", "num_vectors", "init_word"}: pivotal tuning (a new token trained with the LoRA).
     """
     prompt = _is_prompt_base(base)
     lora = lora or _default_lora_config(prompt)
@@ -161,8 +164,9 @@ def train_lora(
         return train_prompt_lora(style, out, base, lora, data, per_digit, resume, full, progress, device,
                                  compile, should_stop, overwrite, allow_changes, trigger=trigger, prior=prior,
                                  prior_weight=prior_weight, text_encoder=text_encoder,
-                                 text_encoder_lr=text_encoder_lr, **overrides)
+                                 text_encoder_lr=text_encoder_lr, pivotal=pivotal, **overrides)
     given = {"--trigger": trigger is not None, "--prior": prior, "--text-encoder": text_encoder,
+             "--pivotal": pivotal is not None,
              "--text-encoder-lr": text_encoder_lr is not None, "--prior-weight": prior_weight != 1.0}
     wrong = [flag for flag, on in given.items() if on]
     if wrong:
@@ -322,14 +326,20 @@ def train_prompt_lora(
     prior_weight: float = 1.0,
     text_encoder: bool = False,
     text_encoder_lr: float | None = None,
+    pivotal: dict | None = None,
     **overrides,
 ) -> dict:
     """LoRA on a prompt base (lora/prompt_lora.py): styled digits captioned with ``trigger`` (or plain
     captions without one), optional prior preservation and text-encoder LoRA. Same run folder, resume and
-    export contract as ``train_lora``; writes ``out/adapter.safetensors``."""
+    export contract as ``train_lora``; writes ``out/adapter.safetensors``.
+
+    ``pivotal`` ({"token": "<bold-ti>", "num_vectors": n, "init_word": w}): pivotal tuning (cloneofsimo/lora,
+    diffusers' advanced DreamBooth --train_text_encoder_ti): a new placeholder token takes the trigger's
+    place in the captions and its vectors (lora/embeddings.py) train together with the LoRA; the adapter
+    file carries them (A1111's bundled embeddings)."""
     if full:
         raise UserError("--full on a prompt base is not supported: train LoRA (or fine-tune with train)")
-    if prior and trigger is None:
+    if prior and trigger is None and pivotal is None:
         raise UserError("--prior needs --trigger: prior preservation keeps trigger-less prompts as the base")
     if not prior and prior_weight != 1.0:
         raise UserError("--prior-weight goes with --prior")
@@ -337,9 +347,17 @@ def train_prompt_lora(
         raise UserError(f"--prior-weight must be in [0, 1000], got {prior_weight}")
     if text_encoder_lr is not None and not text_encoder:
         raise UserError("--text-encoder-lr goes with --text-encoder")
+    if pivotal is not None and trigger is not None:
+        raise UserError("--pivotal: its --token is the trigger; give --token instead of --trigger")
     unet, diffusion, base_config, base_path = load_base(base)
     te, tokenizer = load_text_parts(base_path, base_config)
-    if trigger is not None:
+    fingerprint = prompt_fingerprint(unet, te)  # of the base alone, before a pivotal token exists
+    token_param = None
+    if pivotal is not None:  # the token's vectors, checked before anything is written
+        token_param = add_token(te, tokenizer, check_placeholder(pivotal["token"]), init_vectors(
+            te, tokenizer, pivotal.get("num_vectors", 1), pivotal.get("init_word")))
+        trigger = pivotal["token"]
+    elif trigger is not None:
         trigger = check_trigger_in(trigger, tokenizer)  # before anything is written
     cfg, out, device = prepare_run(
         default_trigger_train_config(trigger), out, resume, device, overwrite=overwrite,
@@ -350,7 +368,6 @@ def train_prompt_lora(
     model = TextConditionedUNet(unet, te)
     for p in model.parameters():  # the whole base is frozen, the text encoder included
         p.requires_grad_(False)
-    fingerprint = prompt_fingerprint(unet, te)
     styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
     vae = load_attached_vae(base_path, base_config)
     if vae is None:
@@ -366,6 +383,9 @@ def train_prompt_lora(
                 "trigger": trigger, "prior": prior, "prior_weight": prior_weight,
                 "text_encoder": text_encoder, "text_encoder_lr": te_lr if text_encoder else None,
                 "lora": lora.record()}  # fmt: skip
+    if pivotal is not None:
+        run_info["pivotal"] = {"token": trigger, "num_vectors": int(token_param.shape[0]),
+                               "init_word": pivotal.get("init_word") or ""}
     if prior_source is not None:
         run_info["prior_data_fingerprint"] = data_fingerprint(prior_source.images, prior_source.labels)
     torch.manual_seed(cfg.seed)  # LoRA init: the UNet's, then the text encoder's
@@ -374,9 +394,12 @@ def train_prompt_lora(
         lora.inject(te, TE_TARGETS)
     trainable = adapter_parameter_names(model, "default")
     for key, p in model.named_parameters():  # inject_lora froze the other part's adapter: thaw both
-        p.requires_grad_(key in trainable)
+        p.requires_grad_(key in trainable or p is token_param)
     s = lora_summary(model, "default")
     summary = {"trainable_params": s["lora_params"], "share": s["share"], "modules": s["modules"]}
+    if token_param is not None:
+        summary["trainable_params"] += token_param.numel()
+        summary["embedding_params"] = token_param.numel()
     log.info("LoRA on a prompt base: %d trainable parameters (%.2f%% of the base)%s", s["lora_params"],
              100 * s["share"], ", text encoder included" if text_encoder else "")
     schedule = NoiseSchedule(diffusion)
@@ -385,6 +408,8 @@ def train_prompt_lora(
 
     def export(m: nn.Module, directory: Path, step: int) -> None:
         adapter = adapter_from_prompt_model(m, fingerprint)
+        if token_param is not None:
+            adapter.embeddings = {trigger: m.text_encoder.added_tokens.vector(trigger).detach()}
         meta = {**adapter_meta(style, step, base_name, styled, cfg, lora), TRIGGER_KEY: preview_words,
                 "text_encoder": text_encoder, "text_encoder_targets": TE_TARGETS if text_encoder else None,
                 "text_encoder_lr": te_lr if text_encoder else None, "prior": prior,

@@ -101,7 +101,7 @@ def remove_stale_temps(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-RUN_FILES = ("train_state", "model", "config", "adapter", "metrics", "loss")
+RUN_FILES = ("train_state", "model", "config", "adapter", "embedding", "metrics", "loss")
 
 
 def trim_metrics(path: Path, step: int) -> None:
