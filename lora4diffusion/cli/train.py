@@ -34,11 +34,13 @@ from lora4diffusion.cli.common import (
     use_bf16,
 )
 from lora4diffusion.data import parse_digits
+from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.vae import load_vae
 from lora4diffusion.latents import check_encodable, reconstruct
 from lora4diffusion.lora.layers import METHODS
+from lora4diffusion.objectives import HUBER_SCHEDULES, LOSSES, PREDICTION_TYPES
 from lora4diffusion.plots import save_comparison
 from lora4diffusion.reconstruction import format_reconstruction_report, heldout_digits, reconstruction_report
 from lora4diffusion.styles import CSV_FORMAT
@@ -84,7 +86,7 @@ def add_train(sub: Commands) -> None:
                    help="train at this size (default 28, native; 32, 48 resized)")
     t.add_argument("--seed", type=seed_int, help="training seed (default 0)")
     t.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
-    t.add_argument("--loss", choices=["mse", "l1"], default="mse", help="l1 is the reference's choice")
+    objective_args(t, lora=False)
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--vae", metavar="DIR|NAME",
                    help="latent diffusion: denoise this VAE's latents (train-vae; default: pixels)")
@@ -159,9 +161,50 @@ def add_train_lora(sub: Commands) -> None:
                     help="prompt bases: LoRA on the text encoder's attention and MLP too (kohya's lora_te)")
     tl.add_argument("--text-encoder-lr", type=learning_rate, metavar="LR",
                     help="learning rate of the text-encoder LoRA (default: --lr)")
+    objective_args(tl, lora=True)
     run_dir_args(tl)
     compile_arg(tl)
     tl.set_defaults(func=cmd_train_lora)
+
+
+def objective_args(p: argparse.ArgumentParser, lora: bool) -> None:
+    """The training-objective options (lora4diffusion/objectives.py), recorded in the model's DiffusionConfig
+    (an adapter's in its metadata). ``lora``: an option left out is the base's."""
+    default = {"prediction": "the base's, which an adapter keeps", "loss": "the base's", "off": "the base's",
+               "dropout": "0"} if lora else {"prediction": "epsilon", "loss": "mse", "off": "off",
+                                             "dropout": "0.1"}
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                   help="what the UNet predicts: epsilon (DDPM) or v_prediction (Salimans & Ho 2022, SD 2.x);"
+                   f" sampling, guidance and export-diffusers follow it (default {default['prediction']})")
+    p.add_argument("--loss", choices=LOSSES, default=None if lora else "mse",
+                   help="loss on the prediction: mse, l1 (the reference's), huber or smooth_l1 (kohya's"
+                   f" pseudo-Huber, see --huber-c) (default {default['loss']})")
+    p.add_argument("--huber-c", type=finite_float(0.0, 1e3, low_open=True), metavar="C",
+                   help=f"huber / smooth_l1: the threshold c (default {DiffusionConfig.huber_c:g}, kohya's)")
+    p.add_argument("--huber-schedule", choices=HUBER_SCHEDULES,
+                   help="huber / smooth_l1: c over the timesteps (default snr, kohya's)")
+    p.add_argument("--min-snr-gamma", type=finite_float(0.0, 1e6), metavar="G",
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023 use 5); 0 = off"
+                   f" (default {default['off']})")
+    p.add_argument("--noise-offset", type=finite_float(0.0, 1.0), metavar="S",
+                   help="offset noise: eps + S * N(0, 1) per image and channel (kohya / diffusers; 0.05-0.1"
+                   f" is usual); 0 = off (default {default['off']})")
+    p.add_argument("--caption-dropout-rate", type=finite_float(0.0, 1.0), metavar="P",
+                   help="prompt models: the share of captions replaced by the empty prompt, guidance's"
+                   f" unconditional branch (kohya's caption_dropout_rate; default {default['dropout']})")
+
+
+def objective_overrides(args: argparse.Namespace) -> dict:
+    """The objective options given on the command line, as DiffusionConfig fields (left out: not given)."""
+    given = {"prediction_type": args.prediction_type, "loss": args.loss, "huber_c": args.huber_c,
+             "huber_schedule": args.huber_schedule, "min_snr_gamma": args.min_snr_gamma,
+             "noise_offset": args.noise_offset}
+    huber = [flag for flag, key in (("--huber-c", "huber_c"), ("--huber-schedule", "huber_schedule"))
+             if given[key] is not None]
+    if huber and args.loss not in ("huber", "smooth_l1"):
+        raise UserError(f"{' and '.join(huber)} go with --loss huber or --loss smooth_l1"
+                        f" (got {'--loss ' + args.loss if args.loss else 'no --loss'})")
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def add_reconstruct(sub: Commands) -> None:
@@ -222,6 +265,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     # label: the pixel or latent base (training/base.py) | text: the prompt-conditioned latent base
     # (training/prompt_base.py)
     train = train_prompt_base if args.conditioning == "text" else train_base
+    objective = objective_overrides(args)
+    if args.caption_dropout_rate is not None and args.conditioning != "text":
+        raise UserError("--caption-dropout-rate goes with --conditioning text (a label model has no captions;"
+                        " its labels are dropped at the fixed 10 %)")
     out = train_out(args, inputs=existing(args.data))
     summary, status = train_with_signals(
         train,
@@ -232,12 +279,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.max_train_steps,
         resume=args.resume,
         image_size=args.image_size,
-        diffusion_overrides={"schedule": args.schedule, "loss": args.loss},
+        diffusion_overrides={"schedule": args.schedule, **objective},
         progress=not args.quiet,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
         bf16=args.bf16,  # None: the preset's (on), used where the device supports it
+        label_dropout=args.caption_dropout_rate,  # None: the preset's (10 % of captions become "")
         device=args.device,
         compile=args.compile,
         vae=args.vae,
@@ -272,6 +320,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         loraplus_lr_ratio=1.0 if args.loraplus_lr_ratio is None else args.loraplus_lr_ratio,
     )
     lora.check()  # before anything is written
+    objective = objective_overrides(args)
     out = train_out(args, inputs=existing(args.checkpoint, args.style, args.data))
     r, status = train_with_signals(
         train_lora,
@@ -300,6 +349,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         prior_weight=args.prior_weight,
         text_encoder=args.text_encoder,
         text_encoder_lr=args.text_encoder_lr,
+        objective=objective,
+        caption_dropout=args.caption_dropout_rate,
     )
     if r is None:
         return status

@@ -168,7 +168,7 @@ def base_run_info(unet_cfg: UNetConfig, diffusion: DiffusionConfig, preset: str,
     """What a base run records for --resume to compare: architecture, schedule, preset, data."""
     return {
         "unet": unet_cfg.to_dict(),
-        "diffusion": asdict(diffusion),
+        "diffusion": diffusion.to_dict(),
         "preset": preset,
         "data": splits.source,
         "data_fingerprint": data_fingerprint(splits.train.images, splits.train.labels),

@@ -12,14 +12,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lora4diffusion.captions import EMPTY_PROMPT, all_captions, captions_for
 from lora4diffusion.catalog import PRETRAINED, resolve_checkpoint
 from lora4diffusion.checkpoint import read_json
 from lora4diffusion.data import Digits, load_mnist, to_model_range
-from lora4diffusion.diffusion import NoiseSchedule
+from lora4diffusion.diffusion import OBJECTIVE_FIELDS, DiffusionConfig, NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.folders.text import load_text_parts
@@ -142,6 +141,8 @@ def train_lora(
     prior_weight: float = 1.0,
     text_encoder: bool = False,
     text_encoder_lr: float | None = None,
+    objective: dict | None = None,
+    caption_dropout: float | None = None,
     **overrides,
 ) -> dict:
     """Train a LoRA adapter (or, with ``full=True``, every weight) for ``style`` into run directory ``out``.
@@ -153,6 +154,10 @@ def train_lora(
     state).
     ``trigger``, ``prior``, ``prior_weight``, ``text_encoder``, ``text_encoder_lr``: LoRA on a prompt base
     (lora/prompt_lora.py); a label base refuses them. A prompt base goes to ``train_prompt_lora``.
+    ``objective``: training-objective options (DiffusionConfig's ``OBJECTIVE_FIELDS``: loss, min_snr_gamma,
+    noise_offset, huber_c, huber_schedule) for this adapter; unnamed ones are the base's, and the prediction
+    type is always the base's (``adapter_diffusion``). ``caption_dropout``: prompt bases only, the share of
+    captions replaced by the empty prompt (TrainConfig.label_dropout; default 0).
     """
     prompt = _is_prompt_base(base)
     lora = lora or _default_lora_config(prompt)
@@ -161,9 +166,11 @@ def train_lora(
         return train_prompt_lora(style, out, base, lora, data, per_digit, resume, full, progress, device,
                                  compile, should_stop, overwrite, allow_changes, trigger=trigger, prior=prior,
                                  prior_weight=prior_weight, text_encoder=text_encoder,
-                                 text_encoder_lr=text_encoder_lr, **overrides)
+                                 text_encoder_lr=text_encoder_lr, objective=objective,
+                                 caption_dropout=caption_dropout, **overrides)
     given = {"--trigger": trigger is not None, "--prior": prior, "--text-encoder": text_encoder,
-             "--text-encoder-lr": text_encoder_lr is not None, "--prior-weight": prior_weight != 1.0}
+             "--text-encoder-lr": text_encoder_lr is not None, "--prior-weight": prior_weight != 1.0,
+             "--caption-dropout-rate": caption_dropout is not None}
     wrong = [flag for flag, on in given.items() if on]
     if wrong:
         raise UserError(f"{', '.join(wrong)}: the base is a label model (no text); these need a prompt base"
@@ -172,7 +179,8 @@ def train_lora(
         default_lora_train_config(), out, resume, device, overwrite=overwrite, allow_changes=allow_changes,
         **overrides,
     )
-    model, diffusion, base_config, base_path = load_base(base)
+    model, base_diffusion, base_config, base_path = load_base(base)
+    diffusion = adapter_diffusion(base_diffusion, objective)
     styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
     vae = load_attached_vae(base_path, base_config)  # a latent base: LoRA learns in its VAE's latent space
     if vae is not None:
@@ -180,7 +188,7 @@ def train_lora(
     else:
         images = to_model_range(styled.images, model.cfg.image_size)
     base_name = _base_name(base, base_path)  # no machine path in shipped adapters
-    run_info = style_run_info(base_name, base_fingerprint(model), style, styled, per_digit, full)
+    run_info = style_run_info(base_name, base_fingerprint(model), style, styled, per_digit, full, diffusion)
     if full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -201,7 +209,7 @@ def train_lora(
     model.train()
 
     def export(m: nn.Module, directory: Path, step: int) -> None:
-        meta = adapter_meta(style, step, base_name, styled, cfg, lora)
+        meta = adapter_meta(style, step, base_name, styled, cfg, lora, diffusion)
         if full:
             save_model(directory, m, diffusion, {"finetune": meta}, vae=vae)
         else:
@@ -216,18 +224,47 @@ def train_lora(
 
 
 def style_run_info(base_name: str, fingerprint: str, style: str, styled: Digits, per_digit: int | None,
-                   full: bool) -> dict:
-    """What every adapter run records for --resume to compare: the base, the style and its data."""
-    return {"base": base_name, "base_fingerprint": fingerprint, "style": style, "data": styled.source,
+                   full: bool, diffusion: DiffusionConfig | None = None) -> dict:
+    """What every adapter run records for --resume to compare: the base, the style and its data, and the
+    training objective of ``diffusion`` (a change is refused unless --allow-changes, as other settings)."""
+    info = {"base": base_name, "base_fingerprint": fingerprint, "style": style, "data": styled.source,
             "data_fingerprint": data_fingerprint(styled.images, styled.labels), "per_digit": per_digit,
             "full": full}
+    if diffusion is not None:
+        info["objective"] = {k: getattr(diffusion, k) for k in OBJECTIVE_FIELDS}
+    return info
+
+
+def adapter_diffusion(base: DiffusionConfig, objective: dict | None) -> DiffusionConfig:
+    """The base's DiffusionConfig with an adapter's own objective options (``OBJECTIVE_FIELDS``).
+
+    The prediction type is the base's: an adapter changes what the frozen network outputs, which must keep
+    meaning what the base's output means to the sampler (eps or v); naming another one is refused.
+    """
+    given = {k: v for k, v in (objective or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(OBJECTIVE_FIELDS))
+    if unknown:
+        raise UserError(f"unknown training objective option(s) {', '.join(unknown)}"
+                        f" (known: {', '.join(OBJECTIVE_FIELDS)})")
+    wanted = given.pop("prediction_type", base.prediction_type)
+    if wanted != base.prediction_type:
+        raise UserError(f"--prediction-type {wanted}: the base predicts {base.prediction_type}, and an"
+                        " adapter trains with its base's prediction type (leave the option out)")
+    return replace(base, **given)
 
 
 def adapter_meta(style: str, step: int, base_name: str, styled: Digits, cfg: TrainConfig,
-                 lora: LoRAConfig) -> dict:
-    """The metadata every trained adapter file carries (its training record)."""
-    return {"style": style, "steps": step, "base": base_name, "data": styled.source, "train": asdict(cfg),
+                 lora: LoRAConfig, diffusion: DiffusionConfig | None = None) -> dict:
+    """The metadata every trained adapter file carries (its training record); ``objective`` (prediction type,
+    loss, weighting, offset noise) only when it is not DDPM's default, so default adapters read as before."""
+    meta = {"style": style, "steps": step, "base": base_name, "data": styled.source, "train": asdict(cfg),
             "target_spec": lora.targets}
+    if diffusion is not None:
+        default = DiffusionConfig()
+        record = {k: getattr(diffusion, k) for k in OBJECTIVE_FIELDS}
+        if any(record[k] != getattr(default, k) for k in OBJECTIVE_FIELDS):
+            meta["objective"] = record
+    return meta
 
 
 def fit_adapter(
@@ -322,11 +359,14 @@ def train_prompt_lora(
     prior_weight: float = 1.0,
     text_encoder: bool = False,
     text_encoder_lr: float | None = None,
+    objective: dict | None = None,
+    caption_dropout: float | None = None,
     **overrides,
 ) -> dict:
     """LoRA on a prompt base (lora/prompt_lora.py): styled digits captioned with ``trigger`` (or plain
     captions without one), optional prior preservation and text-encoder LoRA. Same run folder, resume and
-    export contract as ``train_lora``; writes ``out/adapter.safetensors``."""
+    export contract as ``train_lora``; writes ``out/adapter.safetensors``. ``caption_dropout``: the share
+    of captions (styled and prior) replaced by the empty prompt, kohya's caption_dropout_rate (default 0)."""
     if full:
         raise UserError("--full on a prompt base is not supported: train LoRA (or fine-tune with train)")
     if prior and trigger is None:
@@ -337,10 +377,13 @@ def train_prompt_lora(
         raise UserError(f"--prior-weight must be in [0, 1000], got {prior_weight}")
     if text_encoder_lr is not None and not text_encoder:
         raise UserError("--text-encoder-lr goes with --text-encoder")
-    unet, diffusion, base_config, base_path = load_base(base)
+    unet, base_diffusion, base_config, base_path = load_base(base)
+    diffusion = adapter_diffusion(base_diffusion, objective)
     te, tokenizer = load_text_parts(base_path, base_config)
     if trigger is not None:
         trigger = check_trigger_in(trigger, tokenizer)  # before anything is written
+    if caption_dropout is not None:
+        overrides["label_dropout"] = caption_dropout  # the mask TriggerTask draws replaces captions by ""
     cfg, out, device = prepare_run(
         default_trigger_train_config(trigger), out, resume, device, overwrite=overwrite,
         allow_changes=allow_changes,
@@ -362,7 +405,7 @@ def train_prompt_lora(
         plain = load_mnist(data).train
         prior_images, prior_labels, prior_source = cached_latents(vae, plain.images), plain.labels, plain
     base_name = _base_name(base, base_path)
-    run_info = {**style_run_info(base_name, fingerprint, style, styled, per_digit, False),
+    run_info = {**style_run_info(base_name, fingerprint, style, styled, per_digit, False, diffusion),
                 "trigger": trigger, "prior": prior, "prior_weight": prior_weight,
                 "text_encoder": text_encoder, "text_encoder_lr": te_lr if text_encoder else None,
                 "lora": lora.record()}  # fmt: skip
@@ -385,8 +428,9 @@ def train_prompt_lora(
 
     def export(m: nn.Module, directory: Path, step: int) -> None:
         adapter = adapter_from_prompt_model(m, fingerprint)
-        meta = {**adapter_meta(style, step, base_name, styled, cfg, lora), TRIGGER_KEY: preview_words,
-                "text_encoder": text_encoder, "text_encoder_targets": TE_TARGETS if text_encoder else None,
+        meta = {**adapter_meta(style, step, base_name, styled, cfg, lora, diffusion),
+                TRIGGER_KEY: preview_words, "text_encoder": text_encoder,
+                "text_encoder_targets": TE_TARGETS if text_encoder else None,
                 "text_encoder_lr": te_lr if text_encoder else None, "prior": prior,
                 "prior_weight": prior_weight if prior else None, "conditioning": "text"}  # fmt: skip
         adapter.extra = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
@@ -472,7 +516,5 @@ class TriggerTask:
             px0, pids, pt, pnoise = self._half(trainer, p_images, p_labels, pidx, g, None)
             k = x0.shape[0]
             x0, ids, t, noise = (torch.cat(p) for p in ((x0, px0), (ids, pids), (t, pt), (noise, pnoise)))
-            eps = trainer.net()(schedule.q_sample(x0, t, noise.to(x0.dtype)), t, ids).float()
-            loss_fn = F.mse_loss if schedule.cfg.loss == "mse" else F.l1_loss
-            per_row = loss_fn(eps, noise.float(), reduction="none").flatten(1).mean(1)
+            per_row = schedule.row_losses(trainer.net(), x0, ids, t, noise)
             return per_row[:k].mean() + self.prior_weight * per_row[k:].mean()
