@@ -98,7 +98,11 @@ class DiffusionConfig:
         return out
 
     def objective(self) -> dict:
-        """The keyword arguments of objectives.row_losses / mean_loss (all but the schedule)."""
+        """The training objective's fields (``OBJECTIVE_FIELDS``), what an adapter records of it."""
+        return {k: getattr(self, k) for k in OBJECTIVE_FIELDS}
+
+    def loss_options(self) -> dict:
+        """The keyword arguments of objectives.row_losses / mean_loss."""
         return {"prediction_type": self.prediction_type, "loss": self.loss, "huber_c": self.huber_c,
                 "huber_schedule": self.huber_schedule, "min_snr_gamma": self.min_snr_gamma,
                 "timesteps": self.timesteps}
@@ -188,14 +192,14 @@ class NoiseSchedule:
         model(x_t, t, label), averaged over the batch; dropped labels become NULL_LABEL so the same network
         also learns the unconditional output that classifier-free guidance needs (Ho & Salimans)."""
         out = self._output(model, x0, labels, t, noise, drop)
-        return mean_loss(out, x0, noise, t, self.alphas_cumprod.to(x0.device)[t], **self.cfg.objective())
+        return mean_loss(out, x0, noise, t, self.alphas_cumprod.to(x0.device)[t], **self.cfg.loss_options())
 
     def row_losses(self, model: EpsModel, x0: Tensor, labels: Tensor, t: Tensor, noise: Tensor,
                    drop: Tensor | None = None) -> Tensor:
         """``loss`` per example, [B] (weighted as ``loss`` weighs them): for batches whose parts are weighed
         differently (prior preservation)."""
         out = self._output(model, x0, labels, t, noise, drop)
-        return row_losses(out, x0, noise, t, self.alphas_cumprod.to(x0.device)[t], **self.cfg.objective())
+        return row_losses(out, x0, noise, t, self.alphas_cumprod.to(x0.device)[t], **self.cfg.loss_options())
 
     def training_loss(self, model: EpsModel, x0: Tensor, labels: Tensor,
                       generator: torch.Generator | None = None, p_uncond: float = 0.0) -> Tensor:

@@ -231,7 +231,7 @@ def style_run_info(base_name: str, fingerprint: str, style: str, styled: Digits,
             "data_fingerprint": data_fingerprint(styled.images, styled.labels), "per_digit": per_digit,
             "full": full}
     if diffusion is not None:
-        info["objective"] = {k: getattr(diffusion, k) for k in OBJECTIVE_FIELDS}
+        info["objective"] = diffusion.objective()
     return info
 
 
@@ -259,11 +259,8 @@ def adapter_meta(style: str, step: int, base_name: str, styled: Digits, cfg: Tra
     loss, weighting, offset noise) only when it is not DDPM's default, so default adapters read as before."""
     meta = {"style": style, "steps": step, "base": base_name, "data": styled.source, "train": asdict(cfg),
             "target_spec": lora.targets}
-    if diffusion is not None:
-        default = DiffusionConfig()
-        record = {k: getattr(diffusion, k) for k in OBJECTIVE_FIELDS}
-        if any(record[k] != getattr(default, k) for k in OBJECTIVE_FIELDS):
-            meta["objective"] = record
+    if diffusion is not None and diffusion.objective() != DiffusionConfig().objective():
+        meta["objective"] = diffusion.objective()
     return meta
 
 
