@@ -11,7 +11,9 @@ import torch
 
 from lora4diffusion.checkpoint import write_json
 from lora4diffusion.cli.args import (
+    MAX_COUNT,
     batch_int,
+    bounded_int,
     finite_float,
     fraction_float,
     image_size_int,
@@ -87,6 +89,7 @@ def add_train(sub: Commands) -> None:
     t.add_argument("--seed", type=seed_int, help="training seed (default 0)")
     t.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
     objective_args(t, lora=False)
+    validate_arg(t)
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--vae", metavar="DIR|NAME",
                    help="latent diffusion: denoise this VAE's latents (train-vae; default: pixels)")
@@ -162,6 +165,7 @@ def add_train_lora(sub: Commands) -> None:
     tl.add_argument("--text-encoder-lr", type=learning_rate, metavar="LR",
                     help="learning rate of the text-encoder LoRA (default: --lr)")
     objective_args(tl, lora=True)
+    validate_arg(tl)
     run_dir_args(tl)
     compile_arg(tl)
     tl.set_defaults(func=cmd_train_lora)
@@ -192,6 +196,13 @@ def objective_args(p: argparse.ArgumentParser, lora: bool) -> None:
     p.add_argument("--caption-dropout-rate", type=finite_float(0.0, 1.0), metavar="P",
                    help="prompt models: the share of captions replaced by the empty prompt, guidance's"
                    f" unconditional branch (kohya's caption_dropout_rate; default {default['dropout']})")
+
+
+def validate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--validate-every", type=bounded_int(0, MAX_COUNT), metavar="N",
+                   help="every N steps (and at the end), the loss on 100 held-out digits at fixed timesteps"
+                   " with fixed noise, into OUT/validation.csv and TensorBoard (training/validation.py;"
+                   " default 0: off)")
 
 
 def objective_overrides(args: argparse.Namespace) -> dict:
@@ -286,6 +297,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         bf16=args.bf16,  # None: the preset's (on), used where the device supports it
         label_dropout=args.caption_dropout_rate,  # None: the preset's (10 % of captions become "")
+        validate_every=args.validate_every,
         device=args.device,
         compile=args.compile,
         vae=args.vae,
@@ -351,6 +363,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         text_encoder_lr=args.text_encoder_lr,
         objective=objective,
         caption_dropout=args.caption_dropout_rate,
+        validate_every=args.validate_every,
     )
     if r is None:
         return status

@@ -39,6 +39,7 @@ from lora4diffusion.training.latents import cached_latents
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.prompt_base import preview_prompts
 from lora4diffusion.training.run import TrainConfig, data_fingerprint, prepare_run, seed_value
+from lora4diffusion.training.validation import DiffusionValidation, caption_ids, heldout_inputs, heldout_style
 
 log = logging.getLogger("lora4diffusion")
 
@@ -179,6 +180,7 @@ def train_lora(
         default_lora_train_config(), out, resume, device, overwrite=overwrite, allow_changes=allow_changes,
         **overrides,
     )
+    heldout = heldout_style(style, data) if cfg.validate_every else None  # before any work: may refuse
     model, base_diffusion, base_config, base_path = load_base(base)
     diffusion = adapter_diffusion(base_diffusion, objective)
     styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
@@ -207,6 +209,9 @@ def train_lora(
     )
     schedule = NoiseSchedule(diffusion)
     model.train()
+    validation = None
+    if heldout is not None:
+        validation = DiffusionValidation(schedule, *heldout_inputs(heldout, model.cfg.image_size, vae))
 
     def export(m: nn.Module, directory: Path, step: int) -> None:
         meta = adapter_meta(style, step, base_name, styled, cfg, lora, diffusion)
@@ -220,6 +225,7 @@ def train_lora(
         preview=lambda m, p: preview_grid(m, schedule, p, vae=vae), run_info=run_info, summary=summary,
         device=device, compile=compile, should_stop=should_stop, resume=resume, allow_changes=allow_changes,
         progress=progress, lr_scale=None if full or lora.loraplus_lr_ratio == 1.0 else lora.lr_scale(),
+        validation=validation,
     )
 
 
@@ -282,12 +288,13 @@ def fit_adapter(
     allow_changes: bool,
     progress: bool,
     lr_scale: Callable[[str], float] | None = None,
+    validation=None,
 ) -> dict:
     """What label and prompt LoRA share once the model is adapted: the Trainer (``export(model, directory,
     step)`` writes the adapter), resume, fit, and the parameter counts in the summary."""
     trainer = Trainer(model, task, images, labels, cfg, out, lambda m, d: export(m, d, trainer.step),
                       preview=preview, run_info=run_info, device=device, compile=compile,
-                      should_stop=should_stop, lr_scale=lr_scale)
+                      should_stop=should_stop, lr_scale=lr_scale, validation=validation)
     if resume:
         trainer.resume(allow_changes)
     result = trainer.fit(progress=progress)
@@ -386,6 +393,7 @@ def train_prompt_lora(
         allow_changes=allow_changes,
         **overrides,
     )
+    heldout = heldout_style(style, data) if cfg.validate_every else None  # before any work: may refuse
     te_lr = cfg.lr if text_encoder_lr is None else float(text_encoder_lr)
     model = TextConditionedUNet(unet, te)
     for p in model.parameters():  # the whole base is frozen, the text encoder included
@@ -435,6 +443,10 @@ def train_prompt_lora(
 
     preview = [f"the digit {trigger + ' ' if trigger else ''}{d}" for d in range(10)]
     plus = lora.lr_scale()
+    validation = None
+    if heldout is not None:  # held-out styled digits, captioned as in training (trigger included)
+        x0, labels = heldout_inputs(heldout, unet.cfg.image_size, vae)
+        validation = DiffusionValidation(schedule, x0, caption_ids(tokenizer, labels, trigger))
     return fit_adapter(
         model, TriggerTask(schedule, tokenizer, trigger, prior_images, prior_labels, prior_weight), images,
         styled.labels, cfg, out, export,
@@ -442,7 +454,7 @@ def train_prompt_lora(
         run_info=run_info, summary=summary, device=device, compile=compile, should_stop=should_stop,
         resume=resume, allow_changes=allow_changes, progress=progress,
         lr_scale=(lambda k: (te_lr / cfg.lr if k.startswith("text_encoder.") else 1.0) * plus(k))
-        if text_encoder or lora.loraplus_lr_ratio != 1.0 else None,
+        if text_encoder or lora.loraplus_lr_ratio != 1.0 else None, validation=validation,
     )
 
 
