@@ -368,7 +368,7 @@ def v_prompt(tiny_vae, tmp_path_factory):
     base, sd = root / "base", root / "sd"
     assert main(["-q", "train", "--conditioning", "text", "--preset", "tiny", "--vae", str(tiny_vae),
                  "--prediction-type", "v_prediction", "--max-train-steps", "4", "--batch-size", "8",
-                 "--device", "cpu", "--out", str(base)]) == 0
+                 "--validate-every", "2", "--device", "cpu", "--out", str(base)]) == 0
     assert main(["-q", "export-diffusers", "--checkpoint", str(base), "--out", str(sd)]) == 0
     return base, sd
 
@@ -376,6 +376,7 @@ def v_prompt(tiny_vae, tmp_path_factory):
 def test_an_exported_v_pipeline_draws_what_generate_draws(v_prompt, tmp_path):
     base, sd_dir = v_prompt
     assert read_json(sd_dir / "scheduler" / "scheduler_config.json")["prediction_type"] == "v_prediction"
+    assert [r.split(",")[0] for r in (base / "validation.csv").read_text().splitlines()[1:]] == ["2", "4"]
     sd = StableDiffusionPipeline.from_pretrained(str(sd_dir), safety_checker=None,
                                                  requires_safety_checker=False).to(torch.float32)
     assert sd.scheduler.config.prediction_type == "v_prediction"
@@ -399,11 +400,13 @@ def test_a_trigger_lora_on_a_v_prompt_model_records_its_objective_and_caption_dr
     out = tmp_path / "sks"
     assert main(["-q", "train-lora", "--checkpoint", str(v_prompt[0]), "--style", "bold", "--trigger", "sks",
                  "--caption-dropout-rate", "0.5", "--noise-offset", "0.1", "--max-train-steps", "1",
+                 "--validate-every", "1",
                  "--batch-size", "4", "--rank", "2", "--device", "cpu", "--out", str(out)]) == 0
     meta = read_metadata(out / "adapter.safetensors")
     assert json.loads(meta["train"])["label_dropout"] == 0.5
     assert json.loads(meta["objective"])["prediction_type"] == "v_prediction"
     assert json.loads(meta["objective"])["noise_offset"] == 0.1
+    assert (out / "validation.csv").read_text().splitlines()[1].startswith("1,")  # triggered captions
 
 
 class _Trainer:
