@@ -79,3 +79,14 @@ def test_lora_validation_and_styles_without_held_out_digits(tiny_label_run, tmp_
     assert main([*t, "--style", str(folder), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "--validate-every needs held-out digits" in err and not (tmp_path / "x").exists()
+
+
+def test_vae_validation(tmp_path):
+    out = tmp_path / "vae"
+    assert main(["-q", "train-vae", "--preset", "tiny", "--max-train-steps", "4", "--validate-every", "2",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    lines = (out / VALIDATION_FILE).read_text().splitlines()
+    assert lines[0] == "step,val_loss,val_l1"
+    rows = [[float(c) for c in line.split(",")] for line in lines[1:]]
+    assert [r[0] for r in rows] == [2, 4]
+    assert all(r[1] >= r[2] > 0 for r in rows) and rows[1][2] < rows[0][2]  # L1 + KL >= L1; it learns

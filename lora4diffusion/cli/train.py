@@ -66,6 +66,7 @@ def add_train_vae(sub: Commands) -> None:
     tv.add_argument("--data", default="embedded", help="embedded | download | PATH to IDX files")
     tv.add_argument("--seed", type=seed_int, help="training seed (default 0)")
     tv.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    validate_arg(tv)
     run_dir_args(tv)
     compile_arg(tv)
     tv.set_defaults(func=cmd_train_vae)
@@ -261,6 +262,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         overwrite=args.overwrite,
         allow_changes=args.allow_changes,
+        validate_every=args.validate_every,
     )
     if r is None:
         return status

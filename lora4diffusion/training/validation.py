@@ -15,7 +15,10 @@ not a random draw, is what makes two values comparable). Two numbers come out:
                  and weighting, for comparing objectives (x0's error would be eps's x (1 - abar) / abar, which
                  the noisiest timestep dominates)
 
-plus ``val_loss_tT`` per timestep. The weights validated are the ones exported (the EMA when there is one).
+plus ``val_loss_tT`` per timestep. A VAE (``VAEValidation``) is validated on the same held-out digits, plain
+and in each built-in style, decoded from a fixed draw of its posterior: ``val_loss`` (its training loss, L1 +
+the weighted KL) and ``val_l1`` (the reconstruction's mean |error| on [-1, 1] pixels).
+The weights validated are the ones exported (the EMA when there is one).
 They go to ``validation.csv`` in the run folder and to TensorBoard; on ``--resume`` rows past the resumed step
 are dropped and recomputed, so a resumed run's file is the uninterrupted run's, bit for bit.
 """
@@ -34,9 +37,11 @@ from lora4diffusion.checkpoint import write_text_atomic
 from lora4diffusion.data import Digits, load_mnist, to_model_range
 from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
+from lora4diffusion.latents import to_vae_input
 from lora4diffusion.models.tokenizer import Tokenizer
+from lora4diffusion.models.vae import VAEConfig, kl_divergence
 from lora4diffusion.objectives import row_losses, x0_and_eps
-from lora4diffusion.styles import STYLES, style_splits
+from lora4diffusion.styles import STYLES, apply_style, style_splits
 from lora4diffusion.training.latents import cached_latents
 
 VALIDATION_PER_DIGIT = 10  # 100 digits x 5 timesteps: ~2 s of forwards for the `fast` pixel base on 2 cores
@@ -113,6 +118,32 @@ class DiffusionValidation:
         return {"val_loss": sum(losses) / k, "val_eps_mse": sum(eps_errors) / k, **out}
 
 
+class VAEValidation:
+    """A VAE's held-out loss (module docstring): ``digits`` (a held-out split) -> VALIDATION_PER_DIGIT per
+    class, plain and in each built-in style, with one fixed posterior draw each."""
+
+    def __init__(self, digits: Digits, cfg: VAEConfig, kl_weight: float, batch_size: int = 128):
+        plain = digits.images[heldout_rows(digits.labels)]
+        self.x = to_vae_input(torch.cat([plain] + [apply_style(plain, s) for s in STYLES]), cfg)
+        self.noise = torch.randn((self.x.shape[0], *cfg.latent_shape),
+                                 generator=torch.Generator().manual_seed(VALIDATION_SEED))
+        self.kl_weight, self.batch_size = kl_weight, batch_size
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, device: torch.device, bf16: bool) -> dict[str, float]:
+        l1 = kl = 0.0
+        for i in range(0, self.x.shape[0], self.batch_size):
+            part = slice(i, i + self.batch_size)
+            x, noise = self.x[part].to(device), self.noise[part].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                recon, mean, logvar = model(x, noise)
+            l1 += float((recon.float() - x).abs().flatten(1).mean(1).double().sum())
+            pixels = x.shape[-2] * x.shape[-1]  # the KL per pixel, as VAETask weighs it
+            kl += float(kl_divergence(mean.float(), logvar.float()).double().sum()) / pixels
+        n = self.x.shape[0]
+        return {"val_loss": (l1 + self.kl_weight * kl) / n, "val_l1": l1 / n}
+
+
 def write_validation_row(run_dir: Path, step: int, values: dict[str, float]) -> None:
     """Append one row (step, then the values in their order) to validation.csv, with a header when new."""
     path = run_dir / VALIDATION_FILE
@@ -150,6 +181,8 @@ def _finite(cells: list[str]) -> bool:
         return False
 
 
-__all__ = ["VALIDATION_FILE", "VALIDATION_FRACTIONS", "VALIDATION_PER_DIGIT", "DiffusionValidation",
-           "caption_ids", "heldout_inputs", "heldout_rows", "heldout_style", "trim_validation",
-           "write_validation_row"]
+__all__ = [
+    "VALIDATION_FILE", "VALIDATION_FRACTIONS", "VALIDATION_PER_DIGIT", "DiffusionValidation", "VAEValidation",
+    "caption_ids", "heldout_inputs", "heldout_rows", "heldout_style", "trim_validation",
+    "write_validation_row",
+]
