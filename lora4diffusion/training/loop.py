@@ -8,7 +8,9 @@ Reproducibility and resume: every step draws its batch, timesteps and noise from
 (seed, step), and the data order from (seed, epoch). So nothing but the weights, the EMA, the optimizer state
 and the step needs saving, and a resumed run continues bit-for-bit like an uninterrupted one. A task (the
 loss: ``DiffusionTask`` here, the prompt, VAE and trigger tasks in their modules) is the only part that
-differs between models; the run folder's settings and files are training/run.py's.
+differs between models; the run folder's settings and files are training/run.py's. ``validation`` (the
+held-out loss every ``validate_every`` steps, training/validation.py) draws nothing at random and changes no
+state.
 
 Several processes (torchrun, see distributed.py): the model is wrapped in DistributedDataParallel; each rank
 takes a contiguous slice of the very batch one process would use, with the t/noise/dropout draws one process

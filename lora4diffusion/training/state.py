@@ -148,6 +148,7 @@ def _differences(saved: object, now: object) -> str:
     if not (isinstance(saved, dict) and isinstance(now, dict)):
         return ""
     keys = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
     def value(d: dict, k: str) -> str:
         return repr(d[k]) if k in d else "(default)"
 
