@@ -1,26 +1,37 @@
 """Noise schedule, training loss, DDPM/DDIM samplers and classifier-free guidance, written from the papers.
 
 DDPM = Ho et al. 2020 (eq. 4, 7, 15, Algorithms 1 and 2); DDIM = Song et al. 2021 (eq. 12, 16);
-cosine schedule = Nichol & Dhariwal 2021 (eq. 17); CFG = Ho & Salimans 2022 (eq. 6).
+cosine schedule = Nichol & Dhariwal 2021 (eq. 17); CFG = Ho & Salimans 2022 (eq. 6). The training
+objective's equations (eps or v targets, min-SNR weights, loss functions, offset noise) are objectives.py's.
 
 As in diffusers, the schedule and the samplers are small objects apart from the network: a sampler is told
-its timesteps (``set_timesteps``) and turns (eps, t, x_t) into x_prev (``step``). The model convention is
-``model(x, t, labels) -> eps``; ``labels == NULL_LABEL`` is the learned "no condition" context for CFG.
+its timesteps (``set_timesteps``) and turns (output, t, x_t) into x_prev (``step``). The model convention is
+``model(x, t, labels) -> eps`` (or v, for a model whose DiffusionConfig says ``prediction_type``
+"v_prediction"); ``labels == NULL_LABEL`` is the learned "no condition" context for CFG.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.unet import NULL_LABEL
+from lora4diffusion.objectives import (
+    HUBER_SCHEDULES,
+    LOSSES,
+    PREDICTION_TYPES,
+    mean_loss,
+    offset_noise,
+    row_losses,
+    velocity,
+    x0_and_eps,
+)
 from lora4diffusion.schema import integer, number, shown, string
 
 # Prompt models sample with SD's "leading" timesteps shifted by steps_offset 1 ((n-1) r + 1, ..., 1):
@@ -43,11 +54,22 @@ EpsModel = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 @dataclass
 class DiffusionConfig:
+    """The forward process and the training objective (objectives.py): saved in every model's config.json.
+
+    The fields after ``loss`` are left out of ``to_dict`` while they hold their defaults (DDPM's objective),
+    so models and runs from before they existed read and resume unchanged.
+    """
+
     timesteps: int = 1000
     schedule: str = "linear"  # "linear" (DDPM) or "cosine" (Nichol & Dhariwal, s=0.008, betas <= 0.999)
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    loss: str = "mse"  # "mse" (DDPM's L_simple) or "l1" (the reference implementation's choice)
+    loss: str = "mse"  # mse (DDPM's L_simple) | l1 (the reference implementation's) | huber | smooth_l1
+    prediction_type: str = "epsilon"  # what the network outputs: "epsilon" or "v_prediction" (Salimans & Ho)
+    min_snr_gamma: float = 0.0  # min-SNR-gamma weighting (Hang et al. 2023); 0 = off
+    noise_offset: float = 0.0  # offset noise strength S: eps + S * N(0, 1) per image and channel; 0 = off
+    huber_c: float = 0.1  # huber / smooth_l1 threshold c (kohya's default)
+    huber_schedule: str = "snr"  # c over t: snr (kohya's default) | exponential | constant
 
     def __post_init__(self) -> None:
         self.validate()
@@ -60,7 +82,30 @@ class DiffusionConfig:
         number(self.beta_end, "diffusion config beta_end", 0.0, 1.0)
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise UserError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
-        string(self.loss, "diffusion config loss", ("mse", "l1"))
+        string(self.loss, "diffusion config loss", LOSSES)
+        string(self.prediction_type, "diffusion config prediction_type", PREDICTION_TYPES)
+        number(self.min_snr_gamma, "diffusion config min_snr_gamma", 0.0, 1e6)
+        number(self.noise_offset, "diffusion config noise_offset", 0.0, 1.0)
+        number(self.huber_c, "diffusion config huber_c", 0.0, 1e3, lo_open=True)
+        string(self.huber_schedule, "diffusion config huber_schedule", HUBER_SCHEDULES)
+
+    def to_dict(self) -> dict:
+        """The fields, without the objective options added after ``loss`` while they are at their defaults."""
+        out = asdict(self)
+        for f in fields(self)[OBJECTIVE_SINCE:]:
+            if out[f.name] == f.default:
+                del out[f.name]
+        return out
+
+    def objective(self) -> dict:
+        """The training objective's fields (``OBJECTIVE_FIELDS``), what an adapter records of it."""
+        return {k: getattr(self, k) for k in OBJECTIVE_FIELDS}
+
+    def loss_options(self) -> dict:
+        """The keyword arguments of objectives.row_losses / mean_loss."""
+        return {"prediction_type": self.prediction_type, "loss": self.loss, "huber_c": self.huber_c,
+                "huber_schedule": self.huber_schedule, "min_snr_gamma": self.min_snr_gamma,
+                "timesteps": self.timesteps}
 
     @classmethod
     def from_dict(cls, d: dict) -> DiffusionConfig:
@@ -68,6 +113,11 @@ class DiffusionConfig:
         if unknown:
             raise UserError(f"unknown diffusion config keys: {shown(sorted(unknown), 80)}")
         return cls(**d)
+
+
+OBJECTIVE_SINCE = 5  # DiffusionConfig's fields from prediction_type on: written only when not the default
+# The training objective's fields of DiffusionConfig (the rest is the forward process).
+OBJECTIVE_FIELDS = ("loss", "prediction_type", "min_snr_gamma", "noise_offset", "huber_c", "huber_schedule")
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -105,13 +155,18 @@ class NoiseSchedule:
         abar = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
+    def velocity(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0: a v_prediction model's target (Salimans & Ho 2022)."""
+        return velocity(x0, noise, self.alphas_cumprod.to(x0.device)[t])
+
     def draw_training_inputs(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
                              p_uncond: float = 0.0, device: torch.device | str = "cpu",
                              ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The random part of Algorithm 1 for a batch of ``shape``: (t, eps, label-dropout mask or None).
 
-        Drawn in a fixed order (t, eps, mask) from ``generator``, so a run is reproducible and a distributed
-        run can draw the whole global batch and keep its own rows.
+        Drawn in a fixed order (t, eps, mask, then the offset noise when ``noise_offset`` > 0) from
+        ``generator``, so a run is reproducible and a distributed run can draw the whole global batch and
+        keep its own rows. With ``noise_offset`` S the eps returned is eps + S n (objectives.offset_noise).
         """
         if not 0.0 <= p_uncond <= 1.0:
             raise UserError(f"p_uncond must be in [0, 1], got {p_uncond}")
@@ -121,21 +176,34 @@ class NoiseSchedule:
         drop = None
         if p_uncond > 0:
             drop = (torch.rand(shape[0], generator=generator, device=gen_device) < p_uncond).to(device)
+        if self.cfg.noise_offset > 0:
+            noise = offset_noise(noise, self.cfg.noise_offset, generator)
         return t, noise, drop
+
+    def _output(self, model: EpsModel, x0: Tensor, labels: Tensor, t: Tensor, noise: Tensor,
+                drop: Tensor | None) -> Tensor:
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
+        return model(self.q_sample(x0, t, noise.to(x0.dtype)), t, labels)
 
     def loss(self, model: EpsModel, x0: Tensor, labels: Tensor, t: Tensor, noise: Tensor,
              drop: Tensor | None = None) -> Tensor:
-        """loss(eps_theta(x_t, t, label), eps), mean over everything; dropped labels become NULL_LABEL so the
-        same network also learns the unconditional eps that classifier-free guidance needs (Ho & Salimans)."""
-        if drop is not None:
-            labels = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
-        eps = model(self.q_sample(x0, t, noise.to(x0.dtype)), t, labels).float()
-        loss_fn = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
-        return loss_fn(eps, noise.float())
+        """The training objective (objectives.py: eps or v target, loss function, min-SNR weights) of
+        model(x_t, t, label), averaged over the batch; dropped labels become NULL_LABEL so the same network
+        also learns the unconditional output that classifier-free guidance needs (Ho & Salimans)."""
+        out = self._output(model, x0, labels, t, noise, drop)
+        return mean_loss(out, x0, noise, t, self.alphas_cumprod.to(x0.device)[t], **self.cfg.loss_options())
+
+    def row_losses(self, model: EpsModel, x0: Tensor, labels: Tensor, t: Tensor, noise: Tensor,
+                   drop: Tensor | None = None) -> Tensor:
+        """``loss`` per example, [B] (weighted as ``loss`` weighs them): for batches whose parts are weighed
+        differently (prior preservation)."""
+        out = self._output(model, x0, labels, t, noise, drop)
+        return row_losses(out, x0, noise, t, self.alphas_cumprod.to(x0.device)[t], **self.cfg.loss_options())
 
     def training_loss(self, model: EpsModel, x0: Tensor, labels: Tensor,
                       generator: torch.Generator | None = None, p_uncond: float = 0.0) -> Tensor:
-        """DDPM Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), loss(eps_theta(x_t, t), eps)."""
+        """DDPM Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), the loss of model(x_t, t) against its target."""
         t, noise, drop = self.draw_training_inputs(tuple(x0.shape), generator, p_uncond, x0.device)
         return self.loss(model, x0, labels, t, noise, drop)
 
@@ -150,6 +218,7 @@ class _Sampler:
             raise UserError(f"steps_offset must be 0 or 1, got {steps_offset!r}")
         self.schedule, self.clip_sample, self.spacing = schedule, clip_sample, spacing
         self.steps_offset = steps_offset
+        self.prediction_type = schedule.cfg.prediction_type  # what the model's output is: eps or v
         self.alphas_cumprod = schedule.alphas_cumprod
         self.set_timesteps(schedule.T)
 
@@ -178,19 +247,21 @@ class _Sampler:
         prev = self._prev[t]
         return self.alphas_cumprod[t], self.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
 
-    def predict_x0(self, eps: Tensor, t: int, x: Tensor) -> Tensor:
-        """The model's current guess of the clean image (DDPM eq. 15): what a live preview shows."""
-        return self._predict_x0(eps.float(), self._alphas(int(t))[0], x)
+    def predict_x0(self, output: Tensor, t: int, x: Tensor) -> Tensor:
+        """The model's current guess of the clean image (DDPM eq. 15, or from v): a live preview shows it."""
+        return self._x0_eps(output.float(), self._alphas(int(t))[0], x)[0]
 
     def variance(self, t: int) -> Tensor:
         """beta tilde (DDPM eq. 7) from t to the next kept step; posterior_variance[t] when all T are kept."""
         abar_t, abar_prev = self._alphas(int(t))
         return (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
 
-    def _predict_x0(self, eps: Tensor, abar_t: Tensor, x: Tensor) -> Tensor:
-        # DDPM eq. 15 solved for x0; clipping to the data range [-1, 1] = diffusers' clip_sample=True default.
-        x0 = (x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
-        return x0.clamp(-1, 1) if self.clip_sample else x0
+    def _x0_eps(self, output: Tensor, abar_t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        # The model's output (eps or v) as (x0, eps) (objectives.x0_and_eps); x0 clipped to the data range
+        # [-1, 1] = diffusers' clip_sample=True default; eps is not recomputed from the clipped x0 (diffusers'
+        # use_clipped_model_output=False).
+        x0, eps = x0_and_eps(self.prediction_type, output, x, abar_t)
+        return (x0.clamp(-1, 1) if self.clip_sample else x0), eps
 
 
 class DDPMSampler(_Sampler):
@@ -200,12 +271,12 @@ class DDPMSampler(_Sampler):
                  steps_offset: int = 0):
         super().__init__(schedule, clip_sample, spacing, steps_offset)
 
-    def step(self, eps: Tensor, t: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def step(self, output: Tensor, t: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x_t -> x_prev from the model's output at (x_t, t): eps, or v for a v_prediction model."""
         t = int(t)
-        eps = eps.float()
         abar_t, abar_prev = self._alphas(t)
         alpha_t = abar_t / abar_prev  # = alphas[t] for consecutive steps, the strided alpha otherwise
-        x0 = self._predict_x0(eps, abar_t, x)
+        x0, _ = self._x0_eps(output.float(), abar_t, x)
         # Posterior mean mu~(x_t, x0) of DDPM eq. 7; unclipped, it is algebraically Algorithm 2's mean. The
         # float32 ratios above are diffusers' arithmetic (matched to 1e-6); they cost ~1e-4 near t = 0.
         c0 = abar_prev.sqrt() * (1 - alpha_t) / (1 - abar_t)
@@ -228,11 +299,11 @@ class DDIMSampler(_Sampler):
         self.eta = number(eta, "eta (DDIM's noise: 0 deterministic, 1 DDPM's variance)", 0.0, 1.0)
         super().__init__(schedule, clip_sample, spacing, steps_offset)
 
-    def step(self, eps: Tensor, t: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def step(self, output: Tensor, t: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x_t -> x_prev from the model's output at (x_t, t): eps, or v for a v_prediction model."""
         t = int(t)
-        eps = eps.float()
         abar_t, abar_prev = self._alphas(t)
-        x0 = self._predict_x0(eps, abar_t, x)
+        x0, eps = self._x0_eps(output.float(), abar_t, x)
         sigma = self.eta * self.variance(t).sqrt()  # eq. 16
         # eq. 12: sqrt(abar_prev) * "predicted x0" + "direction pointing to x_t" + sigma * noise.
         x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps
@@ -244,6 +315,9 @@ class DDIMSampler(_Sampler):
 def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: float,
                uncond: Tensor | None = None) -> Tensor:
     """Classifier-free guidance, eps_u + w (eps_c - eps_u), in float32 (Ho & Salimans eq. 6 with their w + 1).
+
+    The same mix of a v model's outputs is the same mix of its eps (eps is affine in v at fixed x_t, t, and
+    the weights sum to 1), so guidance applies to whatever the model outputs, as in diffusers.
 
     ``labels``: the condition, label ids [B] or (prompt models) text contexts [B, L, D]. ``uncond``: what
     eps_u is conditioned on; None = the null label (label models). A prompt model passes the empty prompt's

@@ -43,6 +43,7 @@ RUNS = {
          "1.25,50")],
     "test_embeddings_comparison_smoke": [
         ("embeddings.py", "--smoke", "--styles", "bold", "--rows", "ti,pivotal", "--out", "{out}")],
+    "test_objectives_smoke": [("objectives.py", "--smoke", "--out", "{out}")],
     "test_methods_comparison_smoke": [
         ("methods.py", "--smoke", "--tasks", "trigger", "--methods", "lora,lokr", "--budgets", "2", "--seeds",
          "0", "--out", "{out}")],
@@ -197,3 +198,17 @@ def test_methods_comparison_smoke(ran):
     assert (folder / "methods.png").stat().st_size > 0
     w, h = Image.open(folder / "grid-trigger.png").size
     assert 0.25 < h / w < 0.35  # three rows of ten digits: the base, lora, lokr
+
+
+def test_objectives_smoke(ran):
+    (out,), folder = ran("test_objectives_smoke")
+    rows = _rows(out)
+    assert [(r[0], r[1]) for r in rows] == [("default", "0"), ("v", "0")]
+    for r in rows:
+        assert 0.0 <= float(r[3]) <= 1.0 and float(r[5]) > 0 and 0.0 <= float(r[7]) <= 1.0
+    results = json.loads((folder / "results.json").read_text())
+    assert [p["step"] for p in results["v"]["0"]["points"]] == [15, 30]
+    assert [v["step"] for v in results["v"]["0"]["validation"]] == [15, 30]
+    assert Image.open(folder / "curves.png").size[0] > 0
+    config = json.loads((folder / "v-seed0" / "config.json").read_text())
+    assert config["diffusion"]["prediction_type"] == "v_prediction"

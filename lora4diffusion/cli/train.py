@@ -11,6 +11,7 @@ import torch
 
 from lora4diffusion.checkpoint import write_json
 from lora4diffusion.cli.args import (
+    MAX_COUNT,
     batch_int,
     bounded_int,
     finite_float,
@@ -35,11 +36,13 @@ from lora4diffusion.cli.common import (
     train_with_signals,
 )
 from lora4diffusion.data import parse_digits
+from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.vae import load_vae
 from lora4diffusion.latents import check_encodable, reconstruct
 from lora4diffusion.lora.layers import METHODS
+from lora4diffusion.objectives import HUBER_SCHEDULES, LOSSES, PREDICTION_TYPES
 from lora4diffusion.plots import save_comparison
 from lora4diffusion.reconstruction import format_reconstruction_report, heldout_digits, reconstruction_report
 from lora4diffusion.styles import CSV_FORMAT
@@ -63,6 +66,7 @@ def add_train_vae(sub: Commands) -> None:
     tv.add_argument("--data", default="embedded", help="embedded | download | PATH to IDX files")
     tv.add_argument("--seed", type=seed_int, help="training seed (default 0)")
     tv.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    validate_arg(tv)
     run_dir_args(tv)
     compile_arg(tv)
     tv.set_defaults(func=cmd_train_vae)
@@ -85,7 +89,8 @@ def add_train(sub: Commands) -> None:
                    help="train at this size (default 28, native; 32, 48 resized)")
     t.add_argument("--seed", type=seed_int, help="training seed (default 0)")
     t.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
-    t.add_argument("--loss", choices=["mse", "l1"], default="mse", help="l1 is the reference's choice")
+    objective_args(t, lora=False)
+    validate_arg(t)
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--vae", metavar="DIR|NAME",
                    help="latent diffusion: denoise this VAE's latents (train-vae; default: pixels)")
@@ -171,9 +176,58 @@ def add_train_lora(sub: Commands) -> None:
                     " words)")
     tl.add_argument("--num-vectors", type=bounded_int(1, 14, "a prompt holds 14 tokens"), metavar="N",
                     help="with --pivotal: vectors of the token (default 1)")
+    objective_args(tl, lora=True)
+    validate_arg(tl)
     run_dir_args(tl)
     compile_arg(tl)
     tl.set_defaults(func=cmd_train_lora)
+
+
+def objective_args(p: argparse.ArgumentParser, lora: bool) -> None:
+    """The training-objective options (lora4diffusion/objectives.py), recorded in the model's DiffusionConfig
+    (an adapter's in its metadata). ``lora``: an option left out is the base's."""
+    default = {"prediction": "the base's, which an adapter keeps", "loss": "the base's", "off": "the base's",
+               "dropout": "0"} if lora else {"prediction": "epsilon", "loss": "mse", "off": "off",
+                                             "dropout": "0.1"}
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                   help="what the UNet predicts: epsilon (DDPM) or v_prediction (Salimans & Ho 2022, SD 2.x);"
+                   f" sampling, guidance and export-diffusers follow it (default {default['prediction']})")
+    p.add_argument("--loss", choices=LOSSES, default=None if lora else "mse",
+                   help="loss on the prediction: mse, l1 (the reference's), huber or smooth_l1 (kohya's"
+                   f" pseudo-Huber, see --huber-c) (default {default['loss']})")
+    p.add_argument("--huber-c", type=finite_float(0.0, 1e3, low_open=True), metavar="C",
+                   help=f"huber / smooth_l1: the threshold c (default {DiffusionConfig.huber_c:g}, kohya's)")
+    p.add_argument("--huber-schedule", choices=HUBER_SCHEDULES,
+                   help="huber / smooth_l1: c over the timesteps (default snr, kohya's)")
+    p.add_argument("--min-snr-gamma", type=finite_float(0.0, 1e6), metavar="G",
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023 use 5); 0 = off"
+                   f" (default {default['off']})")
+    p.add_argument("--noise-offset", type=finite_float(0.0, 1.0), metavar="S",
+                   help="offset noise: eps + S * N(0, 1) per image and channel (kohya / diffusers; 0.05-0.1"
+                   f" is usual); 0 = off (default {default['off']})")
+    p.add_argument("--caption-dropout-rate", type=finite_float(0.0, 1.0), metavar="P",
+                   help="prompt models: the share of captions replaced by the empty prompt, guidance's"
+                   f" unconditional branch (kohya's caption_dropout_rate; default {default['dropout']})")
+
+
+def validate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--validate-every", type=bounded_int(0, MAX_COUNT), metavar="N",
+                   help="every N steps (and at the end), the loss on 100 held-out digits at fixed timesteps"
+                   " with fixed noise, into OUT/validation.csv and TensorBoard (training/validation.py;"
+                   " default 0: off)")
+
+
+def objective_overrides(args: argparse.Namespace) -> dict:
+    """The objective options given on the command line, as DiffusionConfig fields (left out: not given)."""
+    given = {"prediction_type": args.prediction_type, "loss": args.loss, "huber_c": args.huber_c,
+             "huber_schedule": args.huber_schedule, "min_snr_gamma": args.min_snr_gamma,
+             "noise_offset": args.noise_offset}
+    huber = [flag for flag, key in (("--huber-c", "huber_c"), ("--huber-schedule", "huber_schedule"))
+             if given[key] is not None]
+    if huber and args.loss not in ("huber", "smooth_l1"):
+        raise UserError(f"{' and '.join(huber)} go with --loss huber or --loss smooth_l1"
+                        f" (got {'--loss ' + args.loss if args.loss else 'no --loss'})")
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def add_reconstruct(sub: Commands) -> None:
@@ -219,6 +273,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         overwrite=args.overwrite,
         allow_changes=args.allow_changes,
+        validate_every=args.validate_every,
     )
     if r is None:
         return status
@@ -234,6 +289,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     # label: the pixel or latent base (training/base.py) | text: the prompt-conditioned latent base
     # (training/prompt_base.py)
     train = train_prompt_base if args.conditioning == "text" else train_base
+    objective = objective_overrides(args)
+    if args.caption_dropout_rate is not None and args.conditioning != "text":
+        raise UserError("--caption-dropout-rate goes with --conditioning text (a label model has no captions;"
+                        " its labels are dropped at the fixed 10 %)")
     out = train_out(args, inputs=existing(args.data))
     summary, status = train_with_signals(
         train,
@@ -244,12 +303,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.max_train_steps,
         resume=args.resume,
         image_size=args.image_size,
-        diffusion_overrides={"schedule": args.schedule, "loss": args.loss},
+        diffusion_overrides={"schedule": args.schedule, **objective},
         progress=not args.quiet,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
         bf16=args.bf16,  # None: the device's default (precision.py)
+        label_dropout=args.caption_dropout_rate,  # None: the preset's (10 % of captions become "")
+        validate_every=args.validate_every,
         device=args.device,
         compile=args.compile,
         vae=args.vae,
@@ -292,6 +353,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         loraplus_lr_ratio=1.0 if args.loraplus_lr_ratio is None else args.loraplus_lr_ratio,
     )
     lora.check()  # before anything is written
+    objective = objective_overrides(args)
     out = train_out(args, inputs=existing(args.checkpoint, args.style, args.data))
     r, status = train_with_signals(
         train_lora,
@@ -321,6 +383,9 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         text_encoder=args.text_encoder,
         text_encoder_lr=args.text_encoder_lr,
         **({"pivotal": pivotal} if pivotal else {}),
+        objective=objective,
+        caption_dropout=args.caption_dropout_rate,
+        validate_every=args.validate_every,
     )
     if r is None:
         return status

@@ -41,7 +41,8 @@ def save_model(
     ``text``: (text encoder, tokenizer) of a prompt model (folders/text.py: text_encoder.safetensors and
     tokenizer/ beside model.safetensors)."""
     directory = Path(directory)
-    config = {"format": FORMAT, "version": VERSION, "unet": model.cfg.to_dict(), "diffusion": vars(diffusion)}
+    config = {"format": FORMAT, "version": VERSION, "unet": model.cfg.to_dict(),
+              "diffusion": diffusion.to_dict()}
     config.update(extra or {})
     if (model.cfg.conditioning == "text") != (text is not None):
         raise UserError("a prompt model is saved with its text encoder and tokenizer, a label model without")

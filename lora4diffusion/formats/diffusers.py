@@ -54,13 +54,13 @@ ctx = context[labels]                                   # encoder_hidden_states 
 x = torch.randn(len(labels), {ch}, {size}, {size})
 scheduler.set_timesteps(20)
 for t in scheduler.timesteps:
-    eps = unet(x, t, encoder_hidden_states=ctx, class_labels=ctx.mean(1)).sample
-    x = scheduler.step(eps, t, x).prev_sample
+    out = unet(x, t, encoder_hidden_states=ctx, class_labels=ctx.mean(1)).sample  # eps, or v: the
+    x = scheduler.step(out, t, x).prev_sample            # scheduler config's prediction_type says which
 images = (x.clamp(-1, 1) + 1) / 2                       # [B, {ch}, {size}, {size}] in [0, 1]
 ```
 
 Classifier-free guidance with weight w: also run the null label (`context[{null}]`) and use
-`eps_null + w * (eps_label - eps_null)`; lora4diffusion samples with w = 1.25 by default. Numbers against
+`out_null + w * (out_label - out_null)`; lora4diffusion samples with w = 1.25 by default. Numbers against
 ours: docs/INTEROP.md in the lora4diffusion repository. `lora4diffusion import-diffusers DIR --out MODEL`
 converts this folder back.
 """

@@ -23,6 +23,7 @@ from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError
 from lora4diffusion.formats.names import from_diffusers, to_diffusers
 from lora4diffusion.models.unet import UNet, UNetConfig
+from lora4diffusion.objectives import PREDICTION_TYPES
 from lora4diffusion.schema import integer, number, shown
 
 DIFFUSERS_VERSION = "0.42.0"  # the version the export is tested against (tests/test_formats.py)
@@ -251,7 +252,8 @@ def scheduler_config(diffusion: DiffusionConfig, prompt_model: bool = False) -> 
     "leading" steps (n-1) r, ..., r, 0 with r = T // n, offset 0, clip x0 to [-1, 1], and the last step
     going to abar = 1 (``set_alpha_to_one``). diffusers' "squaredcos_cap_v2" is our cosine schedule
     (Nichol & Dhariwal eq. 17 with s = 0.008 and betas capped at 0.999). ``prompt_model``: latents are not
-    clipped and the steps are offset by 1 (prompt_model.STEPS_OFFSET), as StableDiffusionPipeline needs."""
+    clipped and the steps are offset by 1 (prompt_model.STEPS_OFFSET), as StableDiffusionPipeline needs.
+    ``prediction_type`` is the model's (epsilon or v_prediction): the scheduler reads the UNet's output so."""
     return {
         "_class_name": "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -264,7 +266,7 @@ def scheduler_config(diffusion: DiffusionConfig, prompt_model: bool = False) -> 
         "clip_sample_range": 1.0,
         "set_alpha_to_one": True,
         "steps_offset": 1 if prompt_model else 0,
-        "prediction_type": "epsilon",
+        "prediction_type": diffusion.prediction_type,
         "thresholding": False,
         "dynamic_thresholding_ratio": 0.995,
         "sample_max_value": 1.0,
@@ -274,7 +276,6 @@ def scheduler_config(diffusion: DiffusionConfig, prompt_model: bool = False) -> 
 
 
 _SCHEDULER_FIXED = [
-    ("prediction_type", "epsilon"),
     ("trained_betas", None),
     ("thresholding", False),
     ("rescale_betas_zero_snr", False),
@@ -292,6 +293,10 @@ def diffusion_from_scheduler(d: dict) -> DiffusionConfig:
     for key, value in _SCHEDULER_FIXED:
         if d.get(key, value) != value:
             raise UserError(f"{where}: {key} {shown(d[key])} is not supported (ours: {value!r})")
+    prediction = d.get("prediction_type", "epsilon")  # "sample" (x0 prediction) we do not have
+    if prediction not in PREDICTION_TYPES:
+        raise UserError(f"{where}: prediction_type {shown(prediction)} is not supported (ours:"
+                        f" {' or '.join(PREDICTION_TYPES)})")
     beta_schedule = d.get("beta_schedule", "linear")
     schedule = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(beta_schedule) \
         if isinstance(beta_schedule, str) else None
@@ -300,7 +305,8 @@ def diffusion_from_scheduler(d: dict) -> DiffusionConfig:
                         " squaredcos_cap_v2)")
     try:  # DiffusionConfig checks each type and range: 999.5 steps are not truncated to 999
         return DiffusionConfig(timesteps=d.get("num_train_timesteps", 1000), schedule=schedule,
-                               beta_start=d.get("beta_start", 1e-4), beta_end=d.get("beta_end", 0.02))
+                               beta_start=d.get("beta_start", 1e-4), beta_end=d.get("beta_end", 0.02),
+                               prediction_type=prediction)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
 

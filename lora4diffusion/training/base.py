@@ -24,6 +24,7 @@ from lora4diffusion.plots import save_grid
 from lora4diffusion.training.latents import cached_latents, latent_unet
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.run import TrainConfig, data_fingerprint, prepare_run
+from lora4diffusion.training.validation import DiffusionValidation, heldout_inputs
 
 
 # ----- the base model: presets and the `train` command's Python API -----
@@ -155,12 +156,16 @@ def train_base(
     if autoencoder is not None:
         run_info["vae"] = vae_fingerprint(autoencoder)  # --resume refuses another VAE
     preview_steps = 5 if preset == "tiny" else 20
+    validation = None
+    if cfg.validate_every:
+        validation = DiffusionValidation(schedule, *heldout_inputs(splits.heldout, unet_cfg.image_size,
+                                                                   autoencoder))
     return fit_base(
         model, schedule, images, splits, cfg, out, preset,
         save=lambda m, directory, extra: save_model(directory, m, diffusion, extra, vae=autoencoder),
         preview=lambda m, p: preview_grid(m, schedule, p, steps=preview_steps, vae=autoencoder),
         run_info=run_info, device=device, compile=compile, should_stop=should_stop, resume=resume,
-        allow_changes=allow_changes, progress=progress,
+        allow_changes=allow_changes, progress=progress, validation=validation,
     )
 
 
@@ -168,7 +173,7 @@ def base_run_info(unet_cfg: UNetConfig, diffusion: DiffusionConfig, preset: str,
     """What a base run records for --resume to compare: architecture, schedule, preset, data."""
     return {
         "unet": unet_cfg.to_dict(),
-        "diffusion": asdict(diffusion),
+        "diffusion": diffusion.to_dict(),
         "preset": preset,
         "data": splits.source,
         "data_fingerprint": data_fingerprint(splits.train.images, splits.train.labels),
@@ -192,10 +197,11 @@ def fit_base(
     resume: bool,
     allow_changes: bool,
     progress: bool,
+    validation=None,
 ) -> dict:
     """What every base shares once its model, task and data are built: the Trainer over the training split,
     an export that saves the model folder with the run's record (settings, preset, data, step, seconds),
-    resume, fit. ``save(model, directory, extra)`` writes the folder."""
+    resume, fit. ``save(model, directory, extra)`` writes the folder; ``validation``: see Trainer."""
 
     def export(m: nn.Module, directory: Path) -> None:
         extra = {
@@ -208,7 +214,8 @@ def fit_base(
         save(m, directory, extra)
 
     trainer = Trainer(model, task, images, splits.train.labels, cfg, out, export, preview=preview,
-                      run_info=run_info, device=device, compile=compile, should_stop=should_stop)
+                      run_info=run_info, device=device, compile=compile, should_stop=should_stop,
+                      validation=validation)
     if resume:
         trainer.resume(allow_changes)
     summary = trainer.fit(progress=progress)

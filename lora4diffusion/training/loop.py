@@ -8,7 +8,9 @@ Reproducibility and resume: every step draws its batch, timesteps and noise from
 (seed, step), and the data order from (seed, epoch). So nothing but the weights, the EMA, the optimizer state
 and the step needs saving, and a resumed run continues bit-for-bit like an uninterrupted one. A task (the
 loss: ``DiffusionTask`` here, the prompt, VAE and trigger tasks in their modules) is the only part that
-differs between models; the run folder's settings and files are training/run.py's.
+differs between models; the run folder's settings and files are training/run.py's. ``validation`` (the
+held-out loss every ``validate_every`` steps, training/validation.py) draws nothing at random and changes no
+state.
 
 Several processes (torchrun, see distributed.py): the model is wrapped in DistributedDataParallel; each rank
 takes a contiguous slice of the very batch one process would use, with the t/noise/dropout draws one process
@@ -50,6 +52,7 @@ from lora4diffusion.training.state import (
     state_tensors,
     write_state,
 )
+from lora4diffusion.training.validation import VALIDATION_FILE, trim_validation, write_validation_row
 
 log = logging.getLogger("lora4diffusion")
 
@@ -134,6 +137,7 @@ class Trainer:
         compile: bool = False,
         should_stop: Callable[[], bool] | None = None,
         lr_scale: Callable[[str], float] | None = None,
+        validation: Callable[[nn.Module, torch.device, bool], dict[str, float]] | None = None,
     ):
         cfg.validate()
         self.device = (
@@ -153,6 +157,7 @@ class Trainer:
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.run_dir = Path(run_dir)
         self.export, self.preview = export, preview
+        self.validation = validation  # every cfg.validate_every steps (training/validation.py)
         self.run_info = run_info or {}
         self.compile = compile
         self.should_stop = should_stop or (lambda: False)
@@ -294,6 +299,10 @@ class Trainer:
             new_file = not metrics_path.exists() or self.step == 0
             if not new_file:  # a killed run may have logged past its last checkpoint, or half a line
                 trim_metrics(metrics_path, self.step)
+            if self.step > 0:
+                trim_validation(self.run_dir, self.step)
+            else:  # a run started over (--overwrite): not the old run's rows
+                (self.run_dir / VALIDATION_FILE).unlink(missing_ok=True)
             mf = metrics_path.open("w" if new_file else "a", newline="")
             writer = csv.writer(mf)
             if new_file:
@@ -358,6 +367,8 @@ class Trainer:
                     mf.flush()
                     if tb:
                         tb.add_scalar("loss", mean_loss, self.step)
+                if main and self._validation_due():
+                    self._validate(tb)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     if main:
                         self.save_checkpoint()
@@ -405,6 +416,27 @@ class Trainer:
             f"{where}; the last good checkpoint (step {self._saved_step}) in {self.run_dir} is kept"
             " (try a lower --lr)"
         )
+
+    def _validation_due(self) -> bool:
+        every = self.cfg.validate_every
+        return bool(self.validation and every and (self.step % every == 0 or self.step == self.cfg.steps))
+
+    def _validate(self, tb) -> None:
+        """The held-out loss of the weights that get exported (the EMA's, if any) into validation.csv and
+        TensorBoard. Eval mode, no gradients, no random draws: the training trajectory is not touched."""
+        if self.ema:
+            self.ema.swap(self.params)
+        self.model.eval()
+        try:
+            values = self.validation(self.model, self.device, self.use_bf16)
+        finally:
+            self.model.train()
+            if self.ema:
+                self.ema.swap(self.params)
+        write_validation_row(self.run_dir, self.step, values)
+        if tb:
+            for key, value in values.items():
+                tb.add_scalar(key.replace("val_", "val/", 1), value, self.step)
 
     def _preview(self) -> None:
         if self.ema:

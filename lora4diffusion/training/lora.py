@@ -12,14 +12,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lora4diffusion.captions import EMPTY_PROMPT, all_captions, captions_for, check_placeholder
 from lora4diffusion.catalog import PRETRAINED, resolve_checkpoint
 from lora4diffusion.checkpoint import read_json
 from lora4diffusion.data import Digits, load_mnist, to_model_range
-from lora4diffusion.diffusion import NoiseSchedule
+from lora4diffusion.diffusion import OBJECTIVE_FIELDS, DiffusionConfig, NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.folders.text import load_text_parts
@@ -41,6 +40,7 @@ from lora4diffusion.training.latents import cached_latents
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.prompt_base import preview_prompts
 from lora4diffusion.training.run import TrainConfig, data_fingerprint, prepare_run, seed_value
+from lora4diffusion.training.validation import DiffusionValidation, caption_ids, heldout_inputs, heldout_style
 
 log = logging.getLogger("lora4diffusion")
 
@@ -144,6 +144,8 @@ def train_lora(
     text_encoder: bool = False,
     text_encoder_lr: float | None = None,
     pivotal: dict | None = None,
+    objective: dict | None = None,
+    caption_dropout: float | None = None,
     **overrides,
 ) -> dict:
     """Train a LoRA adapter (or, with ``full=True``, every weight) for ``style`` into run directory ``out``.
@@ -156,6 +158,10 @@ def train_lora(
     ``trigger``, ``prior``, ``prior_weight``, ``text_encoder``, ``text_encoder_lr``: LoRA on a prompt base
     (lora/prompt_lora.py); a label base refuses them. A prompt base goes to ``train_prompt_lora``.
     ``pivotal``: {"token", "num_vectors", "init_word"}: pivotal tuning (a new token trained with the LoRA).
+    ``objective``: training-objective options (DiffusionConfig's ``OBJECTIVE_FIELDS``: loss, min_snr_gamma,
+    noise_offset, huber_c, huber_schedule) for this adapter; unnamed ones are the base's, and the prediction
+    type is always the base's (``adapter_diffusion``). ``caption_dropout``: prompt bases only, the share of
+    captions replaced by the empty prompt (TrainConfig.label_dropout; default 0).
     """
     prompt = _is_prompt_base(base)
     lora = lora or _default_lora_config(prompt)
@@ -164,10 +170,12 @@ def train_lora(
         return train_prompt_lora(style, out, base, lora, data, per_digit, resume, full, progress, device,
                                  compile, should_stop, overwrite, allow_changes, trigger=trigger, prior=prior,
                                  prior_weight=prior_weight, text_encoder=text_encoder,
-                                 text_encoder_lr=text_encoder_lr, pivotal=pivotal, **overrides)
+                                 text_encoder_lr=text_encoder_lr, pivotal=pivotal, objective=objective,
+                                 caption_dropout=caption_dropout, **overrides)
     given = {"--trigger": trigger is not None, "--prior": prior, "--text-encoder": text_encoder,
              "--pivotal": pivotal is not None,
-             "--text-encoder-lr": text_encoder_lr is not None, "--prior-weight": prior_weight != 1.0}
+             "--text-encoder-lr": text_encoder_lr is not None, "--prior-weight": prior_weight != 1.0,
+             "--caption-dropout-rate": caption_dropout is not None}
     wrong = [flag for flag, on in given.items() if on]
     if wrong:
         raise UserError(f"{', '.join(wrong)}: the base is a label model (no text); these need a prompt base"
@@ -176,7 +184,9 @@ def train_lora(
         default_lora_train_config(), out, resume, device, overwrite=overwrite, allow_changes=allow_changes,
         **overrides,
     )
-    model, diffusion, base_config, base_path = load_base(base)
+    heldout = heldout_style(style, data) if cfg.validate_every else None  # before any work: may refuse
+    model, base_diffusion, base_config, base_path = load_base(base)
+    diffusion = adapter_diffusion(base_diffusion, objective)
     styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
     vae = load_attached_vae(base_path, base_config)  # a latent base: LoRA learns in its VAE's latent space
     if vae is not None:
@@ -184,7 +194,7 @@ def train_lora(
     else:
         images = to_model_range(styled.images, model.cfg.image_size)
     base_name = _base_name(base, base_path)  # no machine path in shipped adapters
-    run_info = style_run_info(base_name, base_fingerprint(model), style, styled, per_digit, full)
+    run_info = style_run_info(base_name, base_fingerprint(model), style, styled, per_digit, full, diffusion)
     if full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -203,9 +213,12 @@ def train_lora(
     )
     schedule = NoiseSchedule(diffusion)
     model.train()
+    validation = None
+    if heldout is not None:
+        validation = DiffusionValidation(schedule, *heldout_inputs(heldout, model.cfg.image_size, vae))
 
     def export(m: nn.Module, directory: Path, step: int) -> None:
-        meta = adapter_meta(style, step, base_name, styled, cfg, lora)
+        meta = adapter_meta(style, step, base_name, styled, cfg, lora, diffusion)
         if full:
             save_model(directory, m, diffusion, {"finetune": meta}, vae=vae)
         else:
@@ -216,22 +229,49 @@ def train_lora(
         preview=lambda m, p: preview_grid(m, schedule, p, vae=vae), run_info=run_info, summary=summary,
         device=device, compile=compile, should_stop=should_stop, resume=resume, allow_changes=allow_changes,
         progress=progress, lr_scale=None if full or lora.loraplus_lr_ratio == 1.0 else lora.lr_scale(),
+        validation=validation,
     )
 
 
 def style_run_info(base_name: str, fingerprint: str, style: str, styled: Digits, per_digit: int | None,
-                   full: bool) -> dict:
-    """What every adapter run records for --resume to compare: the base, the style and its data."""
-    return {"base": base_name, "base_fingerprint": fingerprint, "style": style, "data": styled.source,
+                   full: bool, diffusion: DiffusionConfig | None = None) -> dict:
+    """What every adapter run records for --resume to compare: the base, the style and its data, and the
+    training objective of ``diffusion`` (a change is refused unless --allow-changes, as other settings)."""
+    info = {"base": base_name, "base_fingerprint": fingerprint, "style": style, "data": styled.source,
             "data_fingerprint": data_fingerprint(styled.images, styled.labels), "per_digit": per_digit,
             "full": full}
+    if diffusion is not None:
+        info["objective"] = diffusion.objective()
+    return info
+
+
+def adapter_diffusion(base: DiffusionConfig, objective: dict | None) -> DiffusionConfig:
+    """The base's DiffusionConfig with an adapter's own objective options (``OBJECTIVE_FIELDS``).
+
+    The prediction type is the base's: an adapter changes what the frozen network outputs, which must keep
+    meaning what the base's output means to the sampler (eps or v); naming another one is refused.
+    """
+    given = {k: v for k, v in (objective or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(OBJECTIVE_FIELDS))
+    if unknown:
+        raise UserError(f"unknown training objective option(s) {', '.join(unknown)}"
+                        f" (known: {', '.join(OBJECTIVE_FIELDS)})")
+    wanted = given.pop("prediction_type", base.prediction_type)
+    if wanted != base.prediction_type:
+        raise UserError(f"--prediction-type {wanted}: the base predicts {base.prediction_type}, and an"
+                        " adapter trains with its base's prediction type (leave the option out)")
+    return replace(base, **given)
 
 
 def adapter_meta(style: str, step: int, base_name: str, styled: Digits, cfg: TrainConfig,
-                 lora: LoRAConfig) -> dict:
-    """The metadata every trained adapter file carries (its training record)."""
-    return {"style": style, "steps": step, "base": base_name, "data": styled.source, "train": asdict(cfg),
+                 lora: LoRAConfig, diffusion: DiffusionConfig | None = None) -> dict:
+    """The metadata every trained adapter file carries (its training record); ``objective`` (prediction type,
+    loss, weighting, offset noise) only when it is not DDPM's default, so default adapters read as before."""
+    meta = {"style": style, "steps": step, "base": base_name, "data": styled.source, "train": asdict(cfg),
             "target_spec": lora.targets}
+    if diffusion is not None and diffusion.objective() != DiffusionConfig().objective():
+        meta["objective"] = diffusion.objective()
+    return meta
 
 
 def fit_adapter(
@@ -252,12 +292,13 @@ def fit_adapter(
     allow_changes: bool,
     progress: bool,
     lr_scale: Callable[[str], float] | None = None,
+    validation=None,
 ) -> dict:
     """What label and prompt LoRA share once the model is adapted: the Trainer (``export(model, directory,
     step)`` writes the adapter), resume, fit, and the parameter counts in the summary."""
     trainer = Trainer(model, task, images, labels, cfg, out, lambda m, d: export(m, d, trainer.step),
                       preview=preview, run_info=run_info, device=device, compile=compile,
-                      should_stop=should_stop, lr_scale=lr_scale)
+                      should_stop=should_stop, lr_scale=lr_scale, validation=validation)
     if resume:
         trainer.resume(allow_changes)
     result = trainer.fit(progress=progress)
@@ -327,11 +368,14 @@ def train_prompt_lora(
     text_encoder: bool = False,
     text_encoder_lr: float | None = None,
     pivotal: dict | None = None,
+    objective: dict | None = None,
+    caption_dropout: float | None = None,
     **overrides,
 ) -> dict:
     """LoRA on a prompt base (lora/prompt_lora.py): styled digits captioned with ``trigger`` (or plain
     captions without one), optional prior preservation and text-encoder LoRA. Same run folder, resume and
-    export contract as ``train_lora``; writes ``out/adapter.safetensors``.
+    export contract as ``train_lora``; writes ``out/adapter.safetensors``. ``caption_dropout``: the share
+    of captions (styled and prior) replaced by the empty prompt, kohya's caption_dropout_rate (default 0).
 
     ``pivotal`` ({"token": "<bold-ti>", "num_vectors": n, "init_word": w}): pivotal tuning (cloneofsimo/lora,
     diffusers' advanced DreamBooth --train_text_encoder_ti): a new placeholder token takes the trigger's
@@ -349,7 +393,8 @@ def train_prompt_lora(
         raise UserError("--text-encoder-lr goes with --text-encoder")
     if pivotal is not None and trigger is not None:
         raise UserError("--pivotal: its --token is the trigger; give --token instead of --trigger")
-    unet, diffusion, base_config, base_path = load_base(base)
+    unet, base_diffusion, base_config, base_path = load_base(base)
+    diffusion = adapter_diffusion(base_diffusion, objective)
     te, tokenizer = load_text_parts(base_path, base_config)
     fingerprint = prompt_fingerprint(unet, te)  # of the base alone, before a pivotal token exists
     token_param = None
@@ -359,11 +404,14 @@ def train_prompt_lora(
         trigger = pivotal["token"]
     elif trigger is not None:
         trigger = check_trigger_in(trigger, tokenizer)  # before anything is written
+    if caption_dropout is not None:
+        overrides["label_dropout"] = caption_dropout  # the mask TriggerTask draws replaces captions by ""
     cfg, out, device = prepare_run(
         default_trigger_train_config(trigger), out, resume, device, overwrite=overwrite,
         allow_changes=allow_changes,
         **overrides,
     )
+    heldout = heldout_style(style, data) if cfg.validate_every else None  # before any work: may refuse
     te_lr = cfg.lr if text_encoder_lr is None else float(text_encoder_lr)
     model = TextConditionedUNet(unet, te)
     for p in model.parameters():  # the whole base is frozen, the text encoder included
@@ -379,7 +427,7 @@ def train_prompt_lora(
         plain = load_mnist(data).train
         prior_images, prior_labels, prior_source = cached_latents(vae, plain.images), plain.labels, plain
     base_name = _base_name(base, base_path)
-    run_info = {**style_run_info(base_name, fingerprint, style, styled, per_digit, False),
+    run_info = {**style_run_info(base_name, fingerprint, style, styled, per_digit, False, diffusion),
                 "trigger": trigger, "prior": prior, "prior_weight": prior_weight,
                 "text_encoder": text_encoder, "text_encoder_lr": te_lr if text_encoder else None,
                 "lora": lora.record()}  # fmt: skip
@@ -410,8 +458,9 @@ def train_prompt_lora(
         adapter = adapter_from_prompt_model(m, fingerprint)
         if token_param is not None:
             adapter.embeddings = {trigger: m.text_encoder.added_tokens.vector(trigger).detach()}
-        meta = {**adapter_meta(style, step, base_name, styled, cfg, lora), TRIGGER_KEY: preview_words,
-                "text_encoder": text_encoder, "text_encoder_targets": TE_TARGETS if text_encoder else None,
+        meta = {**adapter_meta(style, step, base_name, styled, cfg, lora, diffusion),
+                TRIGGER_KEY: preview_words, "text_encoder": text_encoder,
+                "text_encoder_targets": TE_TARGETS if text_encoder else None,
                 "text_encoder_lr": te_lr if text_encoder else None, "prior": prior,
                 "prior_weight": prior_weight if prior else None, "conditioning": "text"}  # fmt: skip
         adapter.extra = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
@@ -419,6 +468,10 @@ def train_prompt_lora(
 
     preview = [f"the digit {trigger + ' ' if trigger else ''}{d}" for d in range(10)]
     plus = lora.lr_scale()
+    validation = None
+    if heldout is not None:  # held-out styled digits, captioned as in training (trigger included)
+        x0, labels = heldout_inputs(heldout, unet.cfg.image_size, vae)
+        validation = DiffusionValidation(schedule, x0, caption_ids(tokenizer, labels, trigger))
     return fit_adapter(
         model, TriggerTask(schedule, tokenizer, trigger, prior_images, prior_labels, prior_weight), images,
         styled.labels, cfg, out, export,
@@ -426,7 +479,7 @@ def train_prompt_lora(
         run_info=run_info, summary=summary, device=device, compile=compile, should_stop=should_stop,
         resume=resume, allow_changes=allow_changes, progress=progress,
         lr_scale=(lambda k: (te_lr / cfg.lr if k.startswith("text_encoder.") else 1.0) * plus(k))
-        if text_encoder or lora.loraplus_lr_ratio != 1.0 else None,
+        if text_encoder or lora.loraplus_lr_ratio != 1.0 else None, validation=validation,
     )
 
 
@@ -497,7 +550,5 @@ class TriggerTask:
             px0, pids, pt, pnoise = self._half(trainer, p_images, p_labels, pidx, g, None)
             k = x0.shape[0]
             x0, ids, t, noise = (torch.cat(p) for p in ((x0, px0), (ids, pids), (t, pt), (noise, pnoise)))
-            eps = trainer.net()(schedule.q_sample(x0, t, noise.to(x0.dtype)), t, ids).float()
-            loss_fn = F.mse_loss if schedule.cfg.loss == "mse" else F.l1_loss
-            per_row = loss_fn(eps, noise.float(), reduction="none").flatten(1).mean(1)
+            per_row = schedule.row_losses(trainer.net(), x0, ids, t, noise)
             return per_row[:k].mean() + self.prior_weight * per_row[k:].mean()

@@ -51,6 +51,7 @@ from lora4diffusion.training.base import base_run_info, fit_base
 from lora4diffusion.training.latents import cached_latents, latent_unet
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.run import TrainConfig, prepare_run
+from lora4diffusion.training.validation import DiffusionValidation, caption_ids, heldout_inputs
 
 log = logging.getLogger("lora4diffusion")
 
@@ -205,6 +206,10 @@ def train_prompt_base(
     run_info = base_run_info(unet_cfg, diffusion, preset, splits)
     run_info["text_encoder"] = te_cfg.to_dict()
     run_info["vae"] = vae_fingerprint(autoencoder)  # --resume refuses another VAE
+    validation = None
+    if cfg.validate_every:
+        x0, labels = heldout_inputs(splits.heldout, unet_cfg.image_size, autoencoder)
+        validation = DiffusionValidation(schedule, x0, caption_ids(tokenizer, labels))
     return fit_base(
         model, PromptTask(schedule, tokenizer), images, splits, cfg, out, preset,
         save=lambda m, directory, extra: save_model(directory, m.unet, diffusion, extra, vae=autoencoder,
@@ -212,7 +217,7 @@ def train_prompt_base(
         preview=lambda m, p: preview_prompts(m, tokenizer, schedule, autoencoder, p,
                                              steps=5 if preset == "tiny" else 20),
         run_info=run_info, device=device, compile=compile, should_stop=should_stop, resume=resume,
-        allow_changes=allow_changes, progress=progress,
+        allow_changes=allow_changes, progress=progress, validation=validation,
     )
 
 __all__ = ["PRESET_NAMES", "PromptTask", "preview_prompts", "train_prompt_base"]

@@ -26,7 +26,7 @@ from lora4diffusion.schema import int_text
 STATE_NAME = "train_state.safetensors"
 # TrainConfig fields a resumed run may change freely: how long it runs and how often it reports. Any other
 # change (batch, lr, seed, ...) alters the trajectory, so --resume refuses it unless told to go on.
-RESUME_FREE = ("steps", "log_every", "checkpoint_every", "sample_every")
+RESUME_FREE = ("steps", "log_every", "checkpoint_every", "sample_every", "validate_every")
 # run_info entries that can never change on resume: the weights would not fit, or would mean something else.
 RESUME_FIXED = ("unet", "diffusion", "lora", "vae", "base_fingerprint")  # architecture: resume() refuses
 
@@ -51,6 +51,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 250
     sample_every: int = 500  # 0 disables the periodic sample grid
+    validate_every: int = 0  # held-out loss every N steps (training/validation.py); 0 = off
 
     def validate(self) -> None:
         for name in ("steps", "batch_size"):
@@ -64,6 +65,8 @@ class TrainConfig:
             raise UserError(f"ema decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.label_dropout <= 1:
             raise UserError(f"label dropout must be in [0, 1], got {self.label_dropout}")
+        if self.validate_every < 0:
+            raise UserError(f"validate-every must be >= 0, got {self.validate_every}")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -101,7 +104,7 @@ def remove_stale_temps(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-RUN_FILES = ("train_state", "model", "config", "adapter", "embedding", "metrics", "loss")
+RUN_FILES = ("train_state", "model", "config", "adapter", "embedding", "metrics", "loss", "validation")
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -133,12 +133,27 @@ def read_state(
     except UserError as e:
         raise UserError(f"--resume: {path}: malformed metadata ({e})") from None
     for key in ("unet", "diffusion", "lora", "vae", "text_encoder"):
-        if key in run_info and saved_run.get(key) != json.loads(json.dumps(run_info[key], default=str)):
-            raise UserError(f"--resume: {path} was trained with a different {key} config")
+        now = json.loads(json.dumps(run_info[key], default=str)) if key in run_info else None
+        if key in run_info and saved_run.get(key) != now:
+            raise UserError(f"--resume: {path} was trained with a different {key} config"
+                            f"{_differences(saved_run.get(key), now)}")
     check_resume(path, meta, saved_run, run_info, cfg, allow_changes)
     # every tensor named, shaped and typed as this run needs (a missing optimizer entry included)
     check_against(expected(step > 0), tensor_header(path), path, "this run")
     return step, seconds, load_tensors(path)
+
+
+def _differences(saved: object, now: object) -> str:
+    """' (name saved -> now, ...)' for two config dicts (a key one lacks: its default), or ''."""
+    if not (isinstance(saved, dict) and isinstance(now, dict)):
+        return ""
+    keys = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+    def value(d: dict, k: str) -> str:
+        return repr(d[k]) if k in d else "(default)"
+
+    shown = ", ".join(f"{k} {value(saved, k)} -> {value(now, k)}" for k in keys)
+    return f" ({shown[:300]})" if shown else ""
 
 
 def restore_state(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter], ema,
