@@ -385,7 +385,7 @@ def test_an_exported_v_pipeline_draws_what_generate_draws(v_prompt, tmp_path):
     latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3 * 1_000_003))
     out = sd(prompts, num_inference_steps=5, guidance_scale=2.0, latents=latents, output_type="pt")
     theirs = crop_to(out.images, 28, 28)[:, 0]
-    assert (theirs - mine).abs().max().item() <= 1e-3
+    assert (theirs - mine).abs().max().item() <= 1e-5  # fp32: measured 7.7e-7
     # the same pipeline read as epsilon draws other digits: the prediction type is what makes them agree
     sd.scheduler = DDIMScheduler.from_config({**sd.scheduler.config, "prediction_type": "epsilon"})
     wrong = crop_to(sd(prompts, num_inference_steps=5, guidance_scale=2.0, latents=latents,
