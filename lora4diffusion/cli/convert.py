@@ -11,6 +11,7 @@ from lora4diffusion.catalog import pretrained_dir
 from lora4diffusion.cli.args import add_loras, lora_args, parse_loras, rank_int
 from lora4diffusion.cli.common import Commands, existing, lora_inputs, out_dir, overwrite_arg, renamed
 from lora4diffusion.distributed import resolve_device
+from lora4diffusion.errors import UserError
 from lora4diffusion.finite import require_finite
 from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.formats import detect, read_any, write_lora
@@ -125,7 +126,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         unload_lora(pipe.text_encoder, merge=True)
     pipe.to("cpu")
     require_finite(model.state_dict(), "merge")  # an overflowing scale or adapter: no garbage checkpoint
-    merged_from = [{"adapter": p, "scale": w, "name": n} for p, w, n in loras]
+    merged_from = [{"adapter": p, "scale": w if isinstance(w, float) else str(w), "name": n}
+                   for p, w, n in loras]
     extra = {"merged_from": merged_from, "base": pipe.config.get("base_path")}
     save_model(out, model, pipe.diffusion, extra, vae=pipe.vae, text=pipe.text)  # keeps its VAE / text parts
     print(f"merged {len(loras)} adapter(s) into {out}")
@@ -134,6 +136,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
     loras = parse_loras(args.lora)  # every argument checked before any file is read
+    split = next((p for p, w in loras if not isinstance(w, float)), None)
+    if split is not None:
+        raise UserError(f"--lora {split}: merge-lora takes one weight per adapter (PATH[:WEIGHT]); its"
+                        " text-encoder and UNet weights differ only when sampling")
     out = out_dir(args.out, overwrite=args.overwrite, inputs=lora_inputs(args.lora))
     sources = [Source(read_any(path), weight, path) for path, weight in loras]  # any layout --lora reads
     adapter, errors = merge_adapters(sources, args.method, args.rank)

@@ -41,7 +41,14 @@ from lora4diffusion.errors import UserError
 from lora4diffusion.limits import MAX_GUIDANCE
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image, save_trajectory
-from lora4diffusion.reproduce import SAMPLERS, a1111_parameters, apply_recorded, read_parameters, summary_line
+from lora4diffusion.reproduce import (
+    SAMPLERS,
+    a1111_parameters,
+    apply_recorded,
+    lora_record,
+    read_parameters,
+    summary_line,
+)
 
 # The numeric sampling options and their types: the flags parse with them, and a sampling record read by
 # --from goes through the same ones (reproduce.check_record): a value is checked alike wherever it comes from.
@@ -80,7 +87,7 @@ def add_sample(sub: Commands) -> None:
                    help="also write trajectory.png: the denoising of the first sample of each digit (prompt)")
     s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
     overwrite_arg(s)
-    lora_args(s)
+    lora_args(s, blocks=True)
     embedding_args(s)
     s.set_defaults(func=cmd_sample)
 
@@ -158,7 +165,7 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     params = {
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
-        "loras": [[str(p), w] for p, w, _ in loras], "force": bool(args.force),
+        "loras": [lora_record(p, w) for p, w, _ in loras], "force": bool(args.force),
         "embeddings": list(args.embedding) or None,
         "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta, "seed": seed,
         "digits": None if args.prompt else digits, "per_digit": None if args.prompt else per_row,

@@ -44,7 +44,7 @@ resizing: ``extract.py``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -292,6 +292,15 @@ def set_adapter_weight(model: nn.Module, name: str, weight: float) -> None:
         raise UserError(f"the model has no adapter named {name!r} (have {adapter_names(model)})")
     for layer in layers:
         layer.set_multiplier(name, weight)
+
+
+def set_adapter_weights(model: nn.Module, name: str, weight_of: Callable[[str], float]) -> None:
+    """Set adapter ``name``'s multiplier on each layer to ``weight_of(module path)`` (per-block weights)."""
+    layers = {p: m for p, m in lora_layers(model).items() if name in m.adapters}
+    if not layers:
+        raise UserError(f"the model has no adapter named {name!r} (have {adapter_names(model)})")
+    for path, layer in layers.items():
+        layer.set_multiplier(name, weight_of(path))
 
 
 def _put_back_base(model: nn.Module, path: str, layer: LoRALayer) -> None:
