@@ -103,7 +103,7 @@ def _first_line(e: Exception) -> str:
 
 # The fields `sample` records (cli/sample.py writes them); "device" and "version" only describe the run.
 FIELDS = ("checkpoint", "loras", "embeddings", "force", "sampler", "steps", "guidance", "eta", "seed",
-          "digits", "per_digit", "prompts", "num", "negative", "bf16", "device", "version")
+          "digits", "per_digit", "prompts", "num", "negative", "bf16", "merged", "device", "version")
 SAMPLERS = ("ddim", "ddpm")
 
 
@@ -141,7 +141,7 @@ def check_record(params: dict, where: str, numbers: dict[str, Callable[[str], ob
                 out[name] = None
             if out[name] is None:
                 raise UserError(f"{bad} {getattr(check, 'allowed', 'a number')}, got {_shown(value)}")
-        elif name in ("force", "bf16"):
+        elif name in ("force", "bf16", "merged"):
             if not isinstance(value, bool):
                 raise UserError(f"{bad} true or false, got {_shown(value)}")
             out[name] = value
@@ -234,6 +234,7 @@ def apply_recorded(args: argparse.Namespace, params: dict, where: str,
         args.force = args.force or bool(params.get("force"))
     for name in ("sampler", "steps", "guidance", "eta", "seed", "negative", "bf16"):
         fill(name, params.get(name))
+    args.merged = bool(getattr(args, "merged", False) or params.get("merged"))
     if args.prompt is None and args.digits is None:
         if params.get("prompts"):
             fill("prompt", params["prompts"])
@@ -256,7 +257,8 @@ def summary_line(params: dict, why: str | None = None) -> str:
     what = (f"prompts {params['prompts']} x {params['num']}" if params.get("prompts")
             else f"digits {','.join(map(str, params['digits']))} x {params['per_digit']}")
     neg = f", negative {params['negative']!r}" if params.get("negative") is not None else ""
-    precision = ("bf16" if params["bf16"] else "fp32") + (f" ({why})" if why else "")
+    precision = ("bf16" if params["bf16"] else "fp32") + (f" ({why})" if why else "") + (
+        ", adapters merged" if params.get("merged") else "")
     return (f"sample: model {params['checkpoint'] or 'the shipped base'}, loras {loras}, sampler "
             f"{params['sampler']}, steps {params['steps'] or 'all'}, guidance {params['guidance']:g}, "
             f"eta {params['eta']:g}, seed {params['seed']}, {what}{neg}, {precision} on {params['device']}")

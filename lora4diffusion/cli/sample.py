@@ -83,6 +83,10 @@ def add_sample(sub: Commands) -> None:
                    help=f"classifier-free guidance scale w, 0-{MAX_GUIDANCE:g} (default 1.25; 1 = none)")
     s.add_argument("--eta", type=NUMBERS["eta"], help="DDIM eta in [0, 1] (default 0: deterministic)")
     s.add_argument("--seed", type=NUMBERS["seed"], help="sampling seed (default 0)")
+    s.add_argument("--merged", action="store_true",
+                   help="fold the adapters into the weights while sampling (each step costs the base's) and"
+                   " restore them exactly afterwards; the digits differ from unmerged ones by rounding"
+                   " (docs/RELIABILITY.md), so it is recorded and `--from` redraws the same")
     s.add_argument("--trajectory", action="store_true",
                    help="also write trajectory.png: the denoising of the first sample of each digit (prompt)")
     s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
@@ -170,7 +174,8 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
         "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta, "seed": seed,
         "digits": None if args.prompt else digits, "per_digit": None if args.prompt else per_row,
         "prompts": list(args.prompt) if args.prompt else None, "num": per_row if args.prompt else None,
-        "negative": args.negative, "bf16": bf16, "device": device.type, "version": __version__,
+        "negative": args.negative, "bf16": bf16, "merged": bool(args.merged) or None, "device": device.type,
+        "version": __version__,
     }
     traj_every = max(1, (steps or pipe.diffusion.timesteps) // 10) if args.trajectory else 0
     images, trajectory = pipe.generate(
@@ -180,6 +185,7 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
         guidance=guidance,
         seed=seed,
         eta=eta,
+        merged=bool(args.merged),
         trajectory_every=traj_every,
         bf16=bf16,
         progress=not args.quiet,
