@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 from collections.abc import Callable
@@ -34,8 +35,9 @@ from lora4diffusion.formats.embeddings import read_any_embedding
 from lora4diffusion.latents import decode_latents
 from lora4diffusion.limits import lora_weight
 from lora4diffusion.lora.adapters import base_fingerprint, load_adapter, resolve_adapter, shipped_adapters
+from lora4diffusion.lora.block_weights import AdapterWeight, from_diffusers, from_lbw, uniform
 from lora4diffusion.lora.embeddings import load_embedding
-from lora4diffusion.lora.layers import adapter_names, delete_adapter, lora_layers, set_adapter_weight
+from lora4diffusion.lora.layers import adapter_names, delete_adapter, lora_layers, merged_while
 from lora4diffusion.lora.prompt_lora import (
     load_prompt_adapter,
     missing_triggers,
@@ -45,7 +47,7 @@ from lora4diffusion.lora.prompt_lora import (
 )
 from lora4diffusion.models.unet import UNet
 from lora4diffusion.pipeline_diffusers import DiffusersMixin
-from lora4diffusion.prompt_syntax import call_loras, has_tags, parse_prompt
+from lora4diffusion.prompt_syntax import TagWeight, call_loras, has_tags, parse_prompt
 
 # Digits per sampling batch (x2 rows with guidance), the fastest measured on 2 cores, bf16 (benchmarks/
 # RESULTS.md): the pixel model at 50 (100 rows keep every 28x28 activation under glibc's 32 MiB mmap ceiling;
@@ -70,6 +72,8 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
     added: dict = field(default_factory=dict)
     # textual-inversion tokens loaded by add_embedding (--embedding): token -> the file or name given
     embeddings: dict = field(default_factory=dict)
+    # adapter name -> its AdapterWeight (text encoder, UNet, blocks) as last set (lora/block_weights.py)
+    weights: dict = field(default_factory=dict)
 
     @property
     def is_prompt_model(self) -> bool:
@@ -100,9 +104,10 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
             return cls(unet, diffusion, config, vae, text_encoder, tokenizer)
         return cls(unet, diffusion, config, vae)
 
-    def add_lora(self, path: str | Path, weight: float = 1.0, force: bool = False) -> str:
-        """Load an adapter (ours, PEFT's, diffusers' or kohya's layout: detected) into the UNet at ``weight``;
-        returns its name. ``weight`` lies within limits.MAX_LORA_WEIGHT (as every way a weight arrives)."""
+    def add_lora(self, path: str | Path, weight: float | AdapterWeight = 1.0, force: bool = False) -> str:
+        """Load an adapter (ours, PEFT's, diffusers' or kohya's layout: detected) into the UNet at ``weight``
+        (a number, or an AdapterWeight: text encoder, UNet, blocks); returns its name. Each weight lies
+        within limits.MAX_LORA_WEIGHT (as every way a weight arrives)."""
         name = self._load(path, weight, force)
         if isinstance(path, str | Path):
             self.added[self._source(path)] = name
@@ -120,14 +125,19 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         self.embeddings[token] = str(path)
         return token
 
-    def _load(self, path: str | Path, weight: float, force: bool) -> str:
-        weight = lora_weight(weight, f"adapter {path}")
+    def _load(self, path: str | Path, weight: float | AdapterWeight, force: bool) -> str:
+        steer = weight if isinstance(weight, AdapterWeight) else None
+        weight = lora_weight(weight.unet if steer else weight, f"adapter {path}")
         if self.is_prompt_model:  # UNet and text-encoder modules, one fingerprint over both
             name, adapter = load_prompt_adapter(self.unet, self.text_encoder, path, weight, force, read_any,
                                                 tokenizer=self.tokenizer)
             self.triggers[name] = trigger_words(adapter)
-            return name
-        return load_adapter(self.unet, path, weight=weight, force=force, reader=read_any)
+        else:
+            name = load_adapter(self.unet, path, weight=weight, force=force, reader=read_any)
+        self.weights[name] = uniform(weight)
+        if steer is not None:
+            self.set_lora_weight(name, steer)
+        return name
 
     @staticmethod
     def _source(path: str | Path) -> Path:
@@ -135,14 +145,34 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         and --lora name the same adapter."""
         return resolve_adapter(path).resolve()
 
-    def set_lora_weight(self, name: str, weight: float) -> None:
+    def set_lora_weight(self, name: str, weight: float | dict | AdapterWeight) -> None:
         """Change a loaded adapter's weight (the name add_lora returned); 0 gives the base's images.
-        ``weight`` lies within limits.MAX_LORA_WEIGHT."""
-        weight = lora_weight(weight, f"adapter {name!r}")
-        if self.is_prompt_model:
-            set_prompt_adapter_weight(self.unet, self.text_encoder, name, weight)
-        else:
-            set_adapter_weight(self.unet, name, weight)
+
+        ``weight``: one number for the whole adapter; or, as diffusers' ``set_adapters`` takes it, a dict
+        ``{"text_encoder": a, "unet": u}`` with u a number or ``{"down": b, "mid": c, "up": d}`` (b and d a
+        number or ``{"block_1": x}`` / ``{"block_1": [x0, x1]}``; a part not named is 1); or an
+        ``AdapterWeight`` (lora/block_weights.py: also A1111's TE/UNet and LoRA Block Weight lists). Each
+        resulting multiplier lies within limits.MAX_LORA_WEIGHT."""
+        if isinstance(weight, dict):
+            weight = from_diffusers(weight, self.unet.cfg)
+        elif not isinstance(weight, AdapterWeight):
+            weight = uniform(weight, f"adapter {name!r}")
+        set_prompt_adapter_weight(self.unet, self.text_encoder, name, weight)
+        self.weights[name] = weight
+
+    def lora_weight(self, name: str) -> AdapterWeight:
+        """Adapter ``name``'s weight as last set (text encoder, UNet, blocks)."""
+        if name not in self.weights:
+            return uniform(self._weight(name) or 0.0)
+        return self.weights[name]
+
+    def _steering(self, value: float | TagWeight) -> float | AdapterWeight:
+        """A tag's weight -> what ``set_lora_weight`` takes (a TagWeight's lbw= list is read on this UNet)."""
+        if not isinstance(value, TagWeight):
+            return value
+        if value.lbw is None:
+            return AdapterWeight(value.te, value.unet)
+        return from_lbw(value.te, value.unet, value.lbw, self.unet.cfg)
 
     def remove_lora(self, name: str) -> None:
         """Unload adapter ``name`` (from the text encoder too); once every adapter is removed the model is the
@@ -157,14 +187,19 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         self.tag_adapters = {k: v for k, v in self.tag_adapters.items() if v != name}
         self.added = {k: v for k, v in self.added.items() if v != name}
         self.triggers.pop(name, None)
+        self.weights.pop(name, None)
 
     @property
     def loras(self) -> dict[str, float]:
-        """The loaded adapters and their weights, by name."""
-        weights: dict[str, float] = {}
-        for layer in lora_layers(self.unet).values():
-            weights.update(layer.multipliers)
-        return {n: weights[n] for n in adapter_names(self.unet)}
+        """The loaded adapters and their (UNet) weights, by name; ``lora_weights``: every part's."""
+        return {n: self.lora_weight(n).unet for n in adapter_names(self.unet)}
+
+    @property
+    def lora_weights(self) -> dict[str, AdapterWeight]:
+        """The loaded adapters and their weights: text encoder, UNet and blocks (lora/block_weights.py)."""
+        names = dict.fromkeys([*adapter_names(self.unet), *(adapter_names(self.text_encoder)
+                                                          if self.text_encoder is not None else [])])
+        return {n: self.lora_weight(n) for n in names}
 
     def apply_prompt_tags(self, prompts: list[str], force: bool = False) -> list[str]:
         """Resolve the ``<lora:NAME_OR_PATH[:WEIGHT]>`` tags of one call (prompt_syntax.call_loras): each
@@ -176,7 +211,8 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         (as the web API refuses a tag and a ``loras`` entry that disagree)."""
         if not self.is_prompt_model:
             raise UserError("<lora:...> tags go in prompts of a prompt model; a label model takes --lora")
-        stripped, wanted = call_loras(list(prompts), paths=True)
+        stripped, tagged = call_loras(list(prompts), paths=True)
+        wanted = {key: self._steering(value) for key, value in tagged.items()}  # lbw= read on this UNet
         shipped = shipped_adapters()
         for key in wanted:  # every name resolved before any adapter is loaded
             if key not in self.tag_adapters and path_kind(Path(key)) == "missing" and key not in shipped:
@@ -187,11 +223,10 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         for key, weight in list(wanted.items()):
             name = None if key in self.tag_adapters else self.added.get(self._source(key))
             if name is not None:  # loaded by --lora (add_lora): one adapter, one weight
-                have = self._weight(name)
-                if have != weight:
-                    raise UserError(f"adapter {name!r}: the prompt's tag <lora:{key}:{weight:g}> says"
-                                    f" {weight:g}, --lora (add_lora) says {have:g}; give its weight in one"
-                                    " place")
+                have, want = self.lora_weight(name), self._as_weight(weight)
+                if (have.text_encoder, have.unet, have.blocks) != (want.text_encoder, want.unet, want.blocks):
+                    raise UserError(f"adapter {name!r}: the prompt's tag <lora:{key}:{want}> says"
+                                    f" {want}, --lora (add_lora) says {have}; give its weight in one place")
                 del wanted[key]
         for key, weight in wanted.items():
             if key not in self.tag_adapters:
@@ -214,7 +249,11 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         return missing_triggers(active, [parse_prompt(p, paths=True).text for p in prompts])
 
     def _muted(self) -> set[str]:
-        return {n for m in lora_layers(self.unet).values() for n, w in m.multipliers.items() if w == 0.0}
+        return {n for n, w in self.lora_weights.items() if w.scalar == 0.0}
+
+    @staticmethod
+    def _as_weight(weight: float | AdapterWeight) -> AdapterWeight:
+        return weight if isinstance(weight, AdapterWeight) else uniform(weight)
 
     def to(self, device: str | torch.device) -> Pipeline:
         """Move the UNet (adapters included) to ``device``: auto | cpu | cuda or a torch.device."""
@@ -284,6 +323,7 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         progress: bool = False,
         callback: Callable[[int, int, int, torch.Tensor], None] | None = None,
         negative: str | list[str] | None = None,
+        merged: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Sample one image per label; returns (images [N, H, W] in [0, 1], trajectory of every image).
 
@@ -303,6 +343,10 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         family (captions.digit_prompts). ``negative`` (one string, or one per prompt) replaces the empty
         prompt as the unconditional branch of guidance. A bad prompt raises UserError before any sampling.
         Prompts may carry ``<lora:NAME_OR_PATH[:WEIGHT]>`` tags: see ``apply_prompt_tags``.
+        ``merged``: sample with the adapters folded into the weights (each step then costs the base's), and
+        put the weights back exactly afterwards (``lora.layers.merged_while``). Opt-in: the images differ
+        from unmerged sampling by rounding (fp32: ~1e-5 on a pixel; bf16: visibly, up to 0.46, as W0 + m ΔW
+        is rounded to bf16), so the default keeps the images every earlier record and command promise.
         """
         device = self.device
         contexts = None
@@ -318,33 +362,36 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         self.unet.eval()
         shape = (self.unet.cfg.in_channels, self.image_size, self.image_size)
         out, traj = [], []
-        for b, start in enumerate(range(0, len(labels), batch_size)):
-            g = torch.Generator().manual_seed((seed * 1_000_003 + b) % 2**64)  # manual_seed takes 64 bits
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                cond, uncond = labels[start : start + batch_size], None
-                if contexts is not None:  # the text encoder runs once per batch, not once per step
-                    ids, neg_ids = (c[start : start + batch_size].to(device) for c in contexts)
-                    cond, uncond = self.text_encoder(ids)[0], self.text_encoder(neg_ids)[0]
-                x, t = sample(
-                    self.unet,
-                    s,
-                    cond,
-                    shape,
-                    guidance,
-                    g,
-                    trajectory_every,
-                    progress,
-                    clip=self.vae is None,
-                    uncond=uncond,
-                    callback=None if callback is None else functools.partial(callback, start),
-                )
-            if not torch.isfinite(x).all():  # clamp() below would hide inf as 0/1 and keep NaN: refuse
-                raise UserError(
-                    f"sampling produced non-finite values (NaN/inf) at guidance {guidance:g}: the model or an"
-                    " adapter overflows; lower --guidance or the --lora scales (nothing was written)"
-                )
-            out.append(x.float().cpu())
-            traj.append(t)
+        folded = merged_while((self.unet, self.text_encoder)) if merged else contextlib.nullcontext()
+        with folded:  # the weights do not change during a call: fold the adapters in once (opt-in)
+            for b, start in enumerate(range(0, len(labels), batch_size)):
+                g = torch.Generator().manual_seed((seed * 1_000_003 + b) % 2**64)  # manual_seed takes 64 bits
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    cond, uncond = labels[start : start + batch_size], None
+                    if contexts is not None:  # the text encoder runs once per batch, not once per step
+                        ids, neg_ids = (c[start : start + batch_size].to(device) for c in contexts)
+                        cond, uncond = self.text_encoder(ids)[0], self.text_encoder(neg_ids)[0]
+                    x, t = sample(
+                        self.unet,
+                        s,
+                        cond,
+                        shape,
+                        guidance,
+                        g,
+                        trajectory_every,
+                        progress,
+                        clip=self.vae is None,
+                        uncond=uncond,
+                        callback=None if callback is None else functools.partial(callback, start),
+                    )
+                if not torch.isfinite(x).all():  # clamp() below would hide inf as 0/1 and keep NaN: refuse
+                    raise UserError(
+                        f"sampling produced non-finite values (NaN/inf) at guidance {guidance:g}: the"
+                        " model or an adapter overflows; lower --guidance or the --lora scales (nothing was"
+                        " written)"
+                    )
+                out.append(x.float().cpu())
+                traj.append(t)
         traj = [torch.cat(frames) for frames in zip(*traj, strict=True)] if trajectory_every else []
         if self.vae is not None:  # latent diffusion: the decoder turns the sampled latents into digits
             images = torch.cat([decode_latents(self.vae, x, bf16=bf16) for x in out])

@@ -53,14 +53,14 @@ from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample
 from lora4diffusion.errors import UserError
 from lora4diffusion.formats import read_any
 from lora4diffusion.latents import decode_latents
-from lora4diffusion.limits import MAX_GUIDANCE, lora_weight
+from lora4diffusion.limits import MAX_GUIDANCE
 from lora4diffusion.lora.adapters import load_adapter
+from lora4diffusion.lora.block_weights import AdapterWeight, checked, from_diffusers
 from lora4diffusion.lora.layers import adapter_names as layer_adapters
 from lora4diffusion.lora.layers import (
     enable_lora,
     lora_layers,
     merge_lora,
-    set_adapter_weight,
     unload_lora,
     unmerge_lora,
 )
@@ -253,18 +253,15 @@ class DiffusersMixin:
             raise UserError("cross_attention_kwargs: only {'scale': s} (the adapters' scale for this call) is"
                             " supported")
         scale = _finite(cross_attention_kwargs.get("scale", 1.0), "cross_attention_kwargs scale")
-        before = {name: self._part_weights(name) for name in self.get_active_adapters()}
-        for name, parts in before.items():  # every value checked before any is changed
-            for w in parts.values():
-                lora_weight(w * scale, f"adapter {name!r} at cross_attention_kwargs scale {scale:g}")
-        for name, parts in before.items():
-            for part, w in parts.items():
-                set_adapter_weight(self._parts()[part], name, w * scale)
+        before = {name: self.lora_weight(name) for name in self.get_active_adapters()}
+        scaled = {name: checked(w.scaled(scale), f"adapter {name!r} at cross_attention_kwargs scale"
+                                f" {scale:g}") for name, w in before.items()}  # all checked before any is set
+        for name, w in scaled.items():
+            self.set_lora_weight(name, w)
 
         def restore() -> None:
-            for name, parts in before.items():
-                for part, w in parts.items():
-                    set_adapter_weight(self._parts()[part], name, w)
+            for name, w in before.items():
+                self.set_lora_weight(name, w)
 
         return restore
 
@@ -309,22 +306,20 @@ class DiffusersMixin:
         return f"default_{i}"
 
     def set_adapters(self, adapter_names: str | list[str],
-                     adapter_weights: float | list[float | None] | None = None) -> None:
-        """Make ``adapter_names`` the active adapters at ``adapter_weights`` (one number for all, one per
-        name; None: 1.0); every other loaded adapter is deactivated (weight 0, its weight remembered)."""
+                     adapter_weights: float | dict | list[float | dict | None] | None = None) -> None:
+        """Make ``adapter_names`` the active adapters at ``adapter_weights`` (one value for all, one per
+        name; None: 1.0); every other loaded adapter is deactivated (weight 0, its weight remembered). A value
+        is a number or, as diffusers takes it, ``{"text_encoder": a, "unet": u}`` with u a number or
+        ``{"down": b, "mid": c, "up": d}`` (per block: ``{"block_1": x}`` or ``{"block_1": [x0, x1]}``)."""
         names = self._known(adapter_names, "set_adapters")
         if len(set(names)) != len(names):
             raise UserError(f"set_adapters: a name is given twice in {names}")
         weights = adapter_weights
-        if isinstance(weights, dict) or (isinstance(weights, list | tuple) and any(isinstance(w, dict)
-                                                                                 for w in weights)):
-            raise UserError("set_adapters: per-component weights ({'unet': ..., 'text_encoder': ...}) are not"
-                            " supported here; give one number per adapter")
         if not isinstance(weights, list | tuple):
             weights = [weights] * len(names)
         if len(weights) != len(names):
             raise UserError(f"set_adapters: {len(weights)} weights for {len(names)} adapters")
-        weights = [lora_weight(1.0 if w is None else w, f"set_adapters: adapter {n!r}")
+        weights = [self._adapter_weight(1.0 if w is None else w, f"set_adapters: adapter {n!r}")
                    for n, w in zip(names, weights, strict=True)]
         state = self._adapter_state()
         for other in self._loaded():
@@ -389,21 +384,23 @@ class DiffusersMixin:
         lora_scale = _finite(lora_scale, "fuse_lora lora_scale")
         scaled = {}
         for name in names:
-            for part, w in self._part_weights(name).items():
-                if part in parts:
-                    scaled[(part, name)] = lora_weight(w * lora_scale,
-                                                       f"fuse_lora: adapter {name!r} x lora_scale")
+            w = self.lora_weight(name)
+            te = lora_scale if "text_encoder" in parts else 1.0
+            unet = lora_scale if "unet" in parts else 1.0
+            scaled[name] = checked(AdapterWeight(w.text_encoder * te, w.unet * unet, dict(w.blocks), w.label),
+                                   f"fuse_lora: adapter {name!r} x lora_scale")
         if safe_fusing:
             for part in parts:
                 for path, layer in lora_layers(self._parts()[part]).items():
                     for name in names:
-                        if name in layer.adapters and (part, name) in scaled:
-                            m = layer.adapters[name].delta_weight(scaled[(part, name)], layer.original_weight)
-                            if not torch.isfinite(layer.original_weight + m).all():
+                        if name in layer.adapters:
+                            m = scaled[name].module(path, text_encoder=part == "text_encoder")
+                            delta = layer.adapters[name].delta_weight(m, layer.original_weight)
+                            if not torch.isfinite(layer.original_weight + delta).all():
                                 raise UserError(f"fuse_lora: adapter {name!r} gives non-finite weights in"
                                                 f" {path}")
-        for (part, name), w in scaled.items():
-            set_adapter_weight(self._parts()[part], name, w)
+        for name, w in scaled.items():
+            self.set_lora_weight(name, w)
         for part in parts:
             merge_lora(self._parts()[part], names)
 
@@ -447,20 +444,18 @@ class DiffusersMixin:
         """Every loaded adapter's name, in loading order (UNet, then text-encoder-only ones)."""
         return list(dict.fromkeys(n for model in self._parts().values() for n in layer_adapters(model)))
 
-    def _part_weights(self, name: str) -> dict[str, float]:
-        out = {}
-        for part, model in self._parts().items():
-            for layer in lora_layers(model).values():
-                if name in layer.multipliers:
-                    out[part] = layer.multipliers[name]
-                    break
-        return out
-
     def _switch_off(self, name: str) -> None:
         state = self._adapter_state()
         if name not in state.off:
-            state.off[name] = self._weight(name)
+            state.off[name] = self.lora_weight(name)  # its whole weight (parts, blocks), for set_adapters
             self.set_lora_weight(name, 0.0)
+
+    def _adapter_weight(self, value: object, what: str) -> AdapterWeight:
+        """One adapter's value of set_adapters' ``adapter_weights``: a number or diffusers' dict."""
+        try:
+            return from_diffusers(value, self.unet.cfg)
+        except UserError as e:
+            raise UserError(f"{what}: {e}") from None
 
     def _apply_enabled(self) -> None:
         on = not self.__dict__.setdefault(STATE, AdapterState()).disabled

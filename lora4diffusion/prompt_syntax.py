@@ -4,9 +4,14 @@
 
 As in AUTOMATIC1111: a tag without a weight means weight 1, tags are case-insensitive (``<LORA:...>``), the
 tag is removed from the text before it is tokenized, and the last tag of a name wins within one prompt.
-AUTOMATIC1111's further positional fields (a separate text-encoder multiplier, ``dyn``) are refused rather
-than ignored. Used by ``sample --prompt``, ``Pipeline.generate`` (pipeline.py) and the web page
-(web/prompt.py, which allows plain names only, never paths).
+With ``fields`` (``sample --prompt`` and ``Pipeline``) a tag also takes AUTOMATIC1111's further fields, in
+its order (extensions-builtin/Lora/extra_networks_lora.py): ``<lora:NAME:TE:UNET>``, the first number the
+text encoder's weight and the second the UNet's (it defaults to the first), or named ``te=`` / ``unet=``;
+and the LoRA Block Weight extension's ``lbw=PRESET`` or ``lbw=w1,w2,...`` (17 or 26 numbers; the blocks:
+lora/block_weights.py). Such a tag's weight is a ``TagWeight``. Its other fields (A1111's ``dyn=``, the
+extension's ``start=`` / ``stop=`` / ``step=`` / ``lbwe=``, a third number) are refused rather than
+ignored, one line naming the field. The web page (web/prompt.py: plain names only, never paths) takes
+``<lora:NAME[:WEIGHT]>`` and refuses the further fields the same way.
 """
 
 from __future__ import annotations
@@ -17,15 +22,40 @@ from dataclasses import dataclass, field
 from lora4diffusion.errors import UserError
 from lora4diffusion.limits import lora_weight
 
-TAG = re.compile(r"<lora:([^:<>]*)(?::([^:<>]*))?(?::([^<>]*))?>", re.IGNORECASE)
+TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>", re.IGNORECASE)
 _OPEN = re.compile(r"<\s*lora\b", re.IGNORECASE)  # what is left of a tag that TAG could not read
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NAMED = ("te", "unet", "lbw")  # the named fields a tag takes
+_LBW_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.]{0,31}")  # a block-weight preset's name (ALL, OUTS, ALL0.5)
+_LBW = re.compile(rf"{_LBW_NAME.pattern}|[-+0-9.eE, ]{{1,400}}")  # a preset name or a list of numbers
+NOT_TAKEN = {  # named fields of A1111 and the LoRA Block Weight extension that are not taken, and why
+    "dyn": "A1111's dynamic rank (dyn=) is not supported",
+    **dict.fromkeys(("start", "stop", "step"), "weights act on every step here (the LoRA Block Weight"
+                    " extension's start=, stop=, step= are not supported)"),
+    "lbwe": "the extension's elemental weights (lbwe=) are not supported",
+    "w": "write lbw= for block weights",
+}
+
+
+@dataclass(frozen=True)
+class TagWeight:
+    """A tag's weights beyond one number: the text encoder's, the UNet's, and a block-weight list or preset
+    (``lbw=``; read by lora/block_weights.py, which knows the UNet)."""
+
+    te: float
+    unet: float
+    lbw: str | None = None
+
+    def __str__(self) -> str:  # the tag's fields, as written back into a prompt
+        text = f"{self.te:g}:{self.unet:g}"
+        return f"{text}:lbw={self.lbw}" if self.lbw else text
 
 
 @dataclass
 class Prompt:
     text: str  # the prompt without its tags, whitespace collapsed
-    loras: dict[str, float] = field(default_factory=dict)  # name or path -> weight, in order of appearance
+    # name or path -> weight (a TagWeight when the tag has TE/UNet/block fields), in order of appearance
+    loras: dict[str, float | TagWeight] = field(default_factory=dict)
 
 
 def check_weight(name: str, weight: float) -> float:
@@ -40,17 +70,19 @@ def check_name(name: str) -> str:
     return name
 
 
-def parse_prompt(prompt: str, paths: bool = False) -> Prompt:
+def parse_prompt(prompt: str, paths: bool = False, fields: bool | None = None) -> Prompt:
     """Strip ``<lora:NAME[:WEIGHT]>`` tags; returns the remaining text and the tags' weights.
 
     ``paths`` False (the web page): NAME must be a plain adapter name (``check_name``). True (the CLI and
     Pipeline): NAME may also be a path to an adapter folder or file; it is resolved by the caller.
-    A tag that cannot be read (unclosed, empty name, extra fields, a weight that is not a number) is a
-    UserError naming it.
+    ``fields`` (default: as ``paths``): the further fields (module doc) are read; else refused.
+    A tag that cannot be read (unclosed, empty name, a field not understood, a weight that is not a number)
+    is a UserError naming it.
     """
     if not isinstance(prompt, str):
         raise UserError(f"a prompt must be text, got {type(prompt).__name__}")
-    loras: dict[str, float] = {}
+    fields = paths if fields is None else fields
+    loras: dict[str, float | TagWeight] = {}
     tags = list(TAG.finditer(prompt))
     starts = {m.start() for m in tags}
     for m in _OPEN.finditer(prompt):  # a "<lora" that does not begin a readable tag: quote it as written
@@ -60,42 +92,87 @@ def parse_prompt(prompt: str, paths: bool = False) -> Prompt:
             raise UserError(f"malformed tag {prompt[m.start() : end]!r} in prompt {prompt[:80]!r} (write"
                             " <lora:NAME[:WEIGHT]>)")
     for m in tags:
-        tag, name, weight, extra = m.group(0), m.group(1).strip(), m.group(2), m.group(3)
+        tag, name, rest = m.group(0), m.group(1).strip(), m.group(2)
         if not name:
             raise UserError(f"malformed tag {tag!r}: no adapter name (write <lora:NAME[:WEIGHT]>)")
         if not paths:
             check_name(name)
-        if extra is not None:
-            raise UserError(f"tag {tag!r}: only <lora:NAME[:WEIGHT]> is understood (one weight, no extra"
-                            " fields)")
-        try:
-            w = 1.0 if weight is None or not weight.strip() else float(weight)
-        except ValueError:
-            raise UserError(f"tag {tag!r}: weight {weight.strip()!r} is not a number") from None
+        items = [] if rest is None else rest.split(":")
+        if not fields and (len(items) > 1 or any("=" in item for item in items)):
+            raise UserError(f"tag {tag!r}: only <lora:NAME[:WEIGHT]> is understood here (one weight, no extra"
+                            " fields; text-encoder, UNet and block weights are for sample --prompt and the"
+                            " Python API)")
         loras.pop(name, None)
-        loras[name] = check_weight(name, w)
+        loras[name] = _tag_weight(tag, name, items)
     return Prompt(" ".join(TAG.sub(" ", prompt).split()), loras)
+
+
+def _number(tag: str, what: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"tag {tag!r}: {what} {text.strip()!r} is not a number") from None
+
+
+def _tag_weight(tag: str, name: str, items: list[str]) -> float | TagWeight:
+    """A tag's fields after the name -> its weight: a number (plain tags) or a TagWeight. A1111's rule:
+    positional numbers are TE then UNet (UNet defaults to TE); te= / unet= override them."""
+    positional, named = [], {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            positional.append(item)
+            continue
+        key = key.strip().lower()
+        if key not in NAMED:
+            why = NOT_TAKEN.get(key, f"the fields are {', '.join(NAMED)}")
+            raise UserError(f"tag {tag!r}: field {key[:20]!r} is not taken: {why}")
+        if key in named:
+            raise UserError(f"tag {tag!r}: field {key}= is given twice")
+        named[key] = value.strip()
+    if len(positional) > 2:
+        raise UserError(f"tag {tag!r}: at most two numbers, the text encoder's weight and the UNet's"
+                        f" (<lora:NAME:TE:UNET>; A1111's third, dyn, is not taken), got {len(positional)}")
+    if len(positional) == 2 and not positional[1].strip():
+        raise UserError(f"tag {tag!r}: an empty UNet weight (write <lora:NAME:TE:UNET>)")
+    te = 1.0 if not positional or not positional[0].strip() else _number(tag, "weight", positional[0])
+    if len(positional) < 2 and not named:  # the plain tag: one weight for the whole adapter
+        return check_weight(name, te)
+    if len(positional) > 1 and _LBW_NAME.fullmatch(positional[1].strip()):
+        raise UserError(f"tag {tag!r}: UNet weight {positional[1].strip()!r} is not a number (block weights:"
+                        f" lbw={positional[1].strip()})")
+    unet = _number(tag, "UNet weight", positional[1]) if len(positional) > 1 else te
+    te = _number(tag, "text-encoder weight", named["te"]) if "te" in named else te
+    unet = _number(tag, "UNet weight", named["unet"]) if "unet" in named else (
+        unet if len(positional) > 1 else te)
+    lbw = named.get("lbw")
+    if lbw is not None and not lbw:
+        raise UserError(f"tag {tag!r}: lbw= is empty (a preset name or 17 / 26 numbers)")
+    if lbw is not None and not _LBW.fullmatch(lbw):
+        raise UserError(f"tag {tag!r}: lbw={lbw[:40]} is not a preset name nor a list of numbers")
+    return TagWeight(check_weight(f"{name} (text encoder)", te), check_weight(f"{name} (UNet)", unet), lbw)
 
 
 def has_tags(prompt: str) -> bool:
     return isinstance(prompt, str) and _OPEN.search(prompt) is not None
 
 
-def call_loras(prompts: list[str], paths: bool = True) -> tuple[list[str], dict[str, float]]:
+def call_loras(prompts: list[str], paths: bool = True, fields: bool | None = None,
+               ) -> tuple[list[str], dict[str, float | TagWeight]]:
     """The tags of one sampling call: (stripped prompts, {name: weight}).
 
     Adapters act on the whole batch (their weight is a property of the network, not of a row), so every
     prompt of one call must carry the same tags with the same weights; anything else is refused with a
-    message saying to sample those prompts in separate calls.
+    message saying to sample those prompts in separate calls. ``fields``: as ``parse_prompt``.
     """
-    parsed = [parse_prompt(p, paths=paths) for p in prompts]
+    parsed = [parse_prompt(p, paths=paths, fields=fields) for p in prompts]
     if not parsed:
         return [], {}
     first = parsed[0].loras
     for p, original in zip(parsed, prompts, strict=True):
         if p.loras != first:
-            diff = sorted(set(p.loras.items()) ^ set(first.items()))
-            name = diff[0][0] if diff else "?"
+            diff = sorted({k for k, _ in set(p.loras.items()) ^ set(first.items())})
+            name = diff[0] if diff else "?"
             raise UserError(
                 f"prompts of one call carry different <lora:...> tags (adapter {name!r} in {original[:60]!r}"
                 f" vs {prompts[0][:60]!r}); an adapter's weight applies to the whole batch: sample them in"
@@ -104,5 +181,5 @@ def call_loras(prompts: list[str], paths: bool = True) -> tuple[list[str], dict[
     return [p.text for p in parsed], dict(first)
 
 
-__all__ = ["NAME", "TAG", "Prompt", "call_loras", "check_name", "check_weight", "has_tags",
+__all__ = ["NAME", "TAG", "Prompt", "TagWeight", "call_loras", "check_name", "check_weight", "has_tags",
            "parse_prompt"]

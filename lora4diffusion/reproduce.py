@@ -21,7 +21,7 @@ from lora4diffusion.checkpoint import check_readable, path_kind
 from lora4diffusion.data import parse_digits
 from lora4diffusion.errors import UserError
 from lora4diffusion.limits import lora_weight
-from lora4diffusion.prompt_syntax import call_loras
+from lora4diffusion.prompt_syntax import TagWeight, call_loras
 
 KEY = "lora4diffusion"
 MAX_RECORD_CHARS = 1 << 20  # a record is a few hundred characters; a 1 MiB one is not ours
@@ -103,7 +103,7 @@ def _first_line(e: Exception) -> str:
 
 # The fields `sample` records (cli/sample.py writes them); "device" and "version" only describe the run.
 FIELDS = ("checkpoint", "loras", "embeddings", "force", "sampler", "steps", "guidance", "eta", "seed",
-          "digits", "per_digit", "prompts", "num", "negative", "bf16", "device", "version")
+          "digits", "per_digit", "prompts", "num", "negative", "bf16", "merged", "device", "version")
 SAMPLERS = ("ddim", "ddpm")
 
 
@@ -141,7 +141,7 @@ def check_record(params: dict, where: str, numbers: dict[str, Callable[[str], ob
                 out[name] = None
             if out[name] is None:
                 raise UserError(f"{bad} {getattr(check, 'allowed', 'a number')}, got {_shown(value)}")
-        elif name in ("force", "bf16"):
+        elif name in ("force", "bf16", "merged"):
             if not isinstance(value, bool):
                 raise UserError(f"{bad} true or false, got {_shown(value)}")
             out[name] = value
@@ -180,11 +180,39 @@ def check_record(params: dict, where: str, numbers: dict[str, Callable[[str], ob
     return out
 
 
-def _recorded_lora(item: object, where: str) -> tuple[str, float]:
-    if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and item[0].strip()
-            and "\0" not in item[0]):
-        raise UserError(f"{where} must hold [adapter, weight] pairs, got {_shown(item)}")
-    return item[0], lora_weight(item[1], f"{where}, adapter {_shown(item[0])}")
+def lora_record(path: object, weight: float | TagWeight) -> list:
+    """One --lora as the record holds it: [adapter, weight], or [adapter, TE weight, UNet weight] (A1111's
+    two), or [adapter, TE, UNet, block weights] (``--lora-blocks``: a preset name or numbers)."""
+    if not isinstance(weight, TagWeight):
+        return [str(path), weight]
+    return [str(path), weight.te, weight.unet, *([weight.lbw] if weight.lbw else [])]
+
+
+def _recorded_lora(item: object, where: str) -> tuple[str, float | TagWeight]:
+    ok = (isinstance(item, list) and 2 <= len(item) <= 4 and isinstance(item[0], str) and item[0].strip()
+          and "\0" not in item[0])
+    if not ok or (len(item) == 4 and not (isinstance(item[3], str) and item[3].strip())):
+        raise UserError(f"{where} must hold [adapter, weight] or [adapter, TE weight, UNet weight[, block"
+                        f" weights]] items, got {_shown(item)}")
+    weights = [lora_weight(w, f"{where}, adapter {_shown(item[0])}") for w in item[1:3]]
+    if len(item) == 2:
+        return item[0], weights[0]
+    return item[0], TagWeight(weights[0], weights[1], item[3] if len(item) == 4 else None)
+
+
+def _weight_text(weight: float | TagWeight) -> str:
+    return f"{weight:g}" if isinstance(weight, int | float) else str(weight)
+
+
+def _lora_items(params: dict) -> list[tuple[str, str]]:
+    """(adapter, weight as a tag writes it) of each recorded --lora (record lists or checked tuples)."""
+    out = []
+    for item in params["loras"]:
+        path, *ws = item
+        weight = ws[0] if len(ws) == 1 else ws[0] if isinstance(ws[0], TagWeight) else TagWeight(
+            ws[0], ws[1], ws[2] if len(ws) == 3 else None)
+        out.append((str(path), _weight_text(weight)))
+    return out
 
 
 def apply_recorded(args: argparse.Namespace, params: dict, where: str,
@@ -200,10 +228,13 @@ def apply_recorded(args: argparse.Namespace, params: dict, where: str,
     fill("checkpoint", params.get("checkpoint"))
     fill("embedding", params.get("embeddings"))
     if not args.lora and params.get("loras"):
-        args.lora = [f"{p}:{w!r}" for p, w in params["loras"]]
+        args.lora = [f"{p}:{w.te!r}:{w.unet!r}" if isinstance(w, TagWeight) else f"{p}:{w!r}"
+                     for p, w in params["loras"]]
+        args.lora_blocks = [f"{p}={w.lbw}" for p, w in params["loras"] if isinstance(w, TagWeight) and w.lbw]
         args.force = args.force or bool(params.get("force"))
     for name in ("sampler", "steps", "guidance", "eta", "seed", "negative", "bf16"):
         fill(name, params.get(name))
+    args.merged = bool(getattr(args, "merged", False) or params.get("merged"))
     if args.prompt is None and args.digits is None:
         if params.get("prompts"):
             fill("prompt", params["prompts"])
@@ -215,17 +246,19 @@ def apply_recorded(args: argparse.Namespace, params: dict, where: str,
 
 def summary_line(params: dict, why: str | None = None) -> str:
     """One line: everything the run used (what `sample` prints); ``why``: the reason for its precision."""
-    loras = ", ".join(f"{p}:{w:g}" for p, w in params["loras"])
+    items = _lora_items(params)
+    loras = ", ".join(f"{p}:{w}" for p, w in items)
     if params.get("prompts"):  # adapters loaded by <lora:...> tags act as much as --lora ones: name them
-        given = {(str(p), w) for p, w in params["loras"]}  # a tag repeating a --lora is that adapter
-        tagged = ", ".join(f"{n}:{w:g}" for n, w in call_loras(list(params["prompts"]))[1].items()
-                           if (n, w) not in given)
+        given = set(items)  # a tag repeating a --lora is that adapter
+        tagged = ", ".join(f"{n}:{_weight_text(w)}" for n, w in call_loras(list(params["prompts"]))[1].items()
+                           if (n, _weight_text(w)) not in given)
         loras = ", ".join(x for x in (loras, tagged and f"{tagged} (prompt tags)") if x)
     loras = loras or "none"
     what = (f"prompts {params['prompts']} x {params['num']}" if params.get("prompts")
             else f"digits {','.join(map(str, params['digits']))} x {params['per_digit']}")
     neg = f", negative {params['negative']!r}" if params.get("negative") is not None else ""
-    precision = ("bf16" if params["bf16"] else "fp32") + (f" ({why})" if why else "")
+    precision = ("bf16" if params["bf16"] else "fp32") + (f" ({why})" if why else "") + (
+        ", adapters merged" if params.get("merged") else "")
     return (f"sample: model {params['checkpoint'] or 'the shipped base'}, loras {loras}, sampler "
             f"{params['sampler']}, steps {params['steps'] or 'all'}, guidance {params['guidance']:g}, "
             f"eta {params['eta']:g}, seed {params['seed']}, {what}{neg}, {precision} on {params['device']}")
@@ -233,7 +266,7 @@ def summary_line(params: dict, why: str | None = None) -> str:
 
 def a1111_parameters(params: dict, size: int) -> str:
     """AUTOMATIC1111's "parameters" text: the prompt (LoRAs as <lora:name:w> tags), then the settings."""
-    tags = " ".join(f"<lora:{Path(p).name or p}:{w:g}>" for p, w in params["loras"])
+    tags = " ".join(f"<lora:{Path(p).name or p}:{w}>" for p, w in _lora_items(params))
     prompt = (" | ".join(params["prompts"]) if params.get("prompts")
               else "digits " + ",".join(map(str, params["digits"])))
     lines = [f"{prompt} {tags}".strip()]

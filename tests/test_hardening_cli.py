@@ -140,7 +140,7 @@ BAD_FLAGS = [
     ("--lora", "bold:999", "[-2, 2]", ["sample"]),
     ("--lora", "bold:2.5", "[-2, 2]", ["sample"]),
     ("--lora", "", "is empty", ["sample", "merge"]),  # was "--out ... is the input ."
-    ("--lora", "bold:0.5:0.5", "more than one weight", ["sample"]),  # was "bold:0.5: file not found"
+    ("--lora", "bold:0.5:0.5:0.5", "more than two weights", ["sample"]),  # was "bold:0.5: file not found"
     ("--guidance", "1e6", "<= 30", ["sample", "evaluate"]),  # exited 0 with saturated noise
     ("--guidance", "31", "<= 30", ["sample"]),
     ("--digits", "", "empty digit list", ["sample", "evaluate"]),  # drew 0-9
@@ -615,8 +615,10 @@ BAD_RECORDS = [
     ({"loras": "bold"}, "field 'loras' must be a list of [adapter, weight] pairs, got 'bold'"),  # traceback
     ({"loras": [["bold", 5]]}, "field 'loras', adapter 'bold': the weight must be a finite number in [-2, 2]"
      ),
-    ({"loras": [["bold"]]}, "field 'loras' must hold [adapter, weight] pairs"),
-    ({"loras": [["", 1]]}, "field 'loras' must hold [adapter, weight] pairs"),
+    ({"loras": [["bold"]]}, "field 'loras' must hold [adapter, weight] or [adapter, TE weight, UNet weight"),
+    ({"loras": [["", 1]]}, "field 'loras' must hold [adapter, weight] or"),
+    ({"loras": [["bold", 1, 1, ""]]}, "field 'loras' must hold [adapter, weight] or"),
+    ({"loras": [["bold", 1, 3]]}, "the weight must be a finite number in [-2, 2], got 3"),
     ({"prompts": "t"}, "field 'prompts' must be a non-empty list of prompts (text), got 't'"),
     ({"prompts": []}, "field 'prompts' must be a non-empty list"),
     ({"digits": []}, "field 'digits': empty digit list"),  # drew 0-9

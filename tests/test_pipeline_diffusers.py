@@ -236,7 +236,9 @@ def test_bad_input_is_one_line_naming_what_is_known(ours):
         "already in use": lambda: pipe.load_lora_weights("bold", adapter_name="bold"),
         "3 weights for 2": lambda: pipe.set_adapters(["bold", "italic"], [1.0, 1.0, 1.0]),
         "[-2, 2]": lambda: pipe.set_adapters("bold", 5.0),
-        "per-component": lambda: pipe.set_adapters("bold", {"unet": 1.0}),
+        "unknown component 'vae'": lambda: pipe.set_adapters("bold", {"vae": 1.0}),  # diffusers: warns
+        "down has blocks block_0 ... block_2": lambda: pipe.set_adapters("bold",
+                                                                          {"unet": {"down": {"b1": 1}}}),
         "unknown component": lambda: pipe.fuse_lora(components=["transformer"]),
         "output_type": lambda: ours("a seven", output_type="latents"),
         "shape (2, 4, 8, 8)": lambda: ours(PROMPTS, latents=torch.zeros(1, 4, 8, 8)),

@@ -222,7 +222,8 @@ def test_tags_parse_strip_and_last_wins(parts):
 
 
 @pytest.mark.parametrize("bad", ["<lora:bold:abc> a seven", "<lora:bold a seven", "<lora::1> seven",
-                                 "<lora:bold:1:1> seven", "<lora:bold:inf> 7", "a seven <lora"])
+                                 "<lora:bold:1:1:1> seven", "<lora:bold:inf> 7", "a seven <lora",
+                                 "<lora:bold:1:dyn=4> seven", "<lora:bold:1:start=3> seven"])
 def test_malformed_tags_are_refused(bad):
     with pytest.raises(UserError):
         parse_prompt(bad, paths=True)
@@ -295,7 +296,8 @@ def test_missing_trigger_warns_once(base, adapter, tmp_path, caplog):
     ("<lora:bolt:0.8> a sks seven", "nearest: bold"),
     ("<lora:ADAPTER:x1> a sks seven", "not a number"),
     ("<lora:ADAPTER a sks seven", "malformed tag"),
-    ("<lora:ADAPTER:0.5:1> a seven", "only <lora:NAME[:WEIGHT]>"),
+    ("<lora:ADAPTER:0.5:1:1> a seven", "at most two numbers, the text encoder's weight and the UNet's"),
+    ("<lora:ADAPTER:0.5:OUTS> a seven", "is not a number (block weights: lbw=OUTS)"),
     ("<lora:ADAPTER:4> a sks seven", "the weight must be a finite number in [-2, 2]"),  # was the maximum
     ("<lora:<lora:ADAPTER>> a sks seven", "malformed tag '<lora:<lora:"),
 ])

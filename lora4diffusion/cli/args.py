@@ -1,4 +1,5 @@
-"""The command line's argument types (bounded integers, finite floats) and ``--lora PATH[:SCALE]`` parsing."""
+"""The command line's argument types (bounded integers, finite floats) and ``--lora PATH[:W|:TE:UNET]``
+parsing."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 from lora4diffusion.errors import UserError
 from lora4diffusion.limits import MAX_GUIDANCE, lora_weight
+from lora4diffusion.lora.block_weights import AdapterWeight, from_lbw
 from lora4diffusion.pipeline import Pipeline
+from lora4diffusion.prompt_syntax import TagWeight
 
 # Upper bounds at the door: beyond them a run cannot fit in memory, would never finish, or makes no sense
 # (each message names the limit). Seeds feed torch.Generator.manual_seed, which takes 64-bit values.
@@ -92,35 +95,50 @@ learning_rate = finite_float(0.0, 10.0, low_open=True)
 guidance_float = finite_float(0.0, MAX_GUIDANCE)  # the measured limit (limits.py): beyond it, saturated noise
 
 
-def lora_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    """--lora PATH[:SCALE] (repeatable) and --force."""
+def lora_args(p: argparse.ArgumentParser, required: bool = False, blocks: bool = False) -> None:
+    """--lora PATH[:TE[:UNET]] (repeatable), --force, and with ``blocks`` --lora-blocks PATH=SPEC."""
     p.add_argument(
         "--lora",
         action="append",
         default=[],
         required=required,
-        metavar="PATH[:SCALE]",
-        help="adapter directory or file, or a shipped adapter's name (bold, italic), optionally with a scale;"
-        " repeat to mix adapters",
+        metavar="PATH[:W|:TE:UNET]",
+        help="adapter directory or file, or a shipped adapter's name (bold, italic), optionally with a"
+        " weight, or A1111's two: the text encoder's then the UNet's; repeat to mix adapters",
     )
     p.add_argument("--force", action="store_true", help="load adapters trained on a different base")
+    if blocks:
+        p.add_argument("--lora-blocks", action="append", default=[], metavar="PATH=SPEC",
+                       help="per-block weights of the --lora PATH, as the LoRA Block Weight extension's lbw=:"
+                       " a preset (ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, NONE, ALL0.5) or 17 / 26"
+                       " numbers (BASE, IN.., M00, OUT..; docs/API.md maps them onto our UNet)")
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:WEIGHT`` (the CLI's --lora) -> (path, weight); the weight within the one limit of
-    every adapter weight (limits.MAX_LORA_WEIGHT)."""
-    path, sep, tail = text.rpartition(":")
-    if not sep:
-        return text, 1.0
+def _weights(tail: str) -> list[float] | None:
+    """The trailing ``W`` or ``TE:UNET`` of a --lora argument as numbers; None when they are not numbers."""
     try:
-        weight = float(tail)
+        return [float(x) for x in tail.split(":")]
     except ValueError:
-        return text, 1.0  # a colon inside the path
-    return path, lora_weight(weight, f"--lora {text}")
+        return None
 
 
-def parse_loras(items: list[str]) -> list[tuple[str, float]]:
-    """Each ``--lora PATH[:SCALE]`` -> (path, scale): a path or shipped name, a weight within the limit."""
+def parse_lora_arg(text: str) -> tuple[str, float | TagWeight]:
+    """``PATH``, ``PATH:WEIGHT`` or ``PATH:TE:UNET`` (the CLI's --lora, A1111's order: the text encoder's
+    weight, then the UNet's) -> (path, weight or TagWeight); each weight within the one limit of every
+    adapter weight (limits.MAX_LORA_WEIGHT)."""
+    head, sep, tail = text.rpartition(":")
+    if not sep or _weights(tail) is None:
+        return text, 1.0  # no weight, or a colon inside the path
+    inner, sep2, mid = head.rpartition(":")
+    if sep2 and _weights(mid) is not None and inner:  # PATH:TE:UNET
+        te, unet = lora_weight(float(mid), f"--lora {text}"), lora_weight(float(tail), f"--lora {text}")
+        return inner, TagWeight(te, unet)
+    return head, lora_weight(float(tail), f"--lora {text}")
+
+
+def parse_loras(items: list[str]) -> list[tuple[str, float | TagWeight]]:
+    """Each ``--lora PATH[:W|:TE:UNET]`` -> (path, weight): a path or shipped name, weights within the
+    limit."""
     out = []
     for text in items:
         if not text.strip():
@@ -129,23 +147,47 @@ def parse_loras(items: list[str]) -> list[tuple[str, float]]:
         path, weight = parse_lora_arg(text)
         head, sep, tail = text.rpartition(":")
         if sep and path == text and not Path(text).exists():
-            raise UserError(f"--lora {text}: scale {tail!r} is not a number")
+            raise UserError(f"--lora {text}: weight {tail!r} is not a number")
         if not path.strip():
             raise UserError(f"--lora {text}: no adapter before the weight (write PATH[:WEIGHT])")
         inner, sep2, tail2 = path.rpartition(":")
-        if sep2 and inner and path != text and not Path(path).exists():
-            try:
-                float(tail2)
-            except ValueError:
-                pass
-            else:
-                raise UserError(f"--lora {text}: more than one weight (write PATH[:WEIGHT], e.g."
-                                f" {inner}:{tail})")
+        if sep2 and inner and path != text and not Path(path).exists() and _weights(tail2) is not None:
+            raise UserError(f"--lora {text}: more than two weights (write PATH[:WEIGHT] or PATH:TE:UNET,"
+                            " A1111's text-encoder and UNet weights)")
         out.append((path, weight))
     return out
 
 
-def add_loras(pipe: Pipeline, args: argparse.Namespace) -> list[tuple[str, float, str]]:
-    """Load each ``--lora PATH[:SCALE]`` (``--force``: any base) into ``pipe``; -> [(path, scale, name)]."""
+def parse_lora_blocks(items: list[str], paths: list[str]) -> dict[str, str]:
+    """Each ``--lora-blocks PATH=SPEC`` -> {path: spec}; PATH must be the PATH of one --lora."""
+    out: dict[str, str] = {}
+    for text in items:
+        path, eq, spec = text.rpartition("=")
+        if not eq or not path.strip() or not spec.strip():
+            raise UserError(f"--lora-blocks {text}: write PATH=SPEC (a --lora's PATH, then a preset such as"
+                            " OUTS or 17 / 26 numbers)")
+        if path not in paths:
+            raise UserError(f"--lora-blocks {text}: {path!r} is not the PATH of a --lora (given:"
+                            f" {', '.join(paths) or 'none'})")
+        if path in out:
+            raise UserError(f"--lora-blocks: {path!r} is given twice")
+        out[path] = spec.strip()
+    return out
+
+
+def add_loras(pipe: Pipeline, args: argparse.Namespace) -> list[tuple[str, float | TagWeight, str]]:
+    """Load each ``--lora PATH[:W|:TE:UNET]`` (``--force``: any base; ``--lora-blocks``: its block weights)
+    into ``pipe``; -> [(path, weight, name)], the weight a TagWeight when it is more than one number."""
     loras = parse_loras(args.lora)  # every argument checked before any adapter is read
-    return [(path, weight, pipe.add_lora(path, weight, force=args.force)) for path, weight in loras]
+    blocks = parse_lora_blocks(getattr(args, "lora_blocks", None) or [], [p for p, _ in loras])
+    out = []
+    for path, weight in loras:
+        if path in blocks:
+            te, unet = (weight.te, weight.unet) if isinstance(weight, TagWeight) else (weight, weight)
+            weight = TagWeight(te, unet, blocks[path])
+        steer = weight
+        if isinstance(weight, TagWeight):
+            steer = from_lbw(weight.te, weight.unet, weight.lbw, pipe.unet.cfg) if weight.lbw else \
+                AdapterWeight(weight.te, weight.unet)
+        out.append((path, weight, pipe.add_lora(path, steer, force=args.force)))
+    return out

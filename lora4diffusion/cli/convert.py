@@ -1,5 +1,6 @@
-"""Commands that write a model or an adapter from others: merge, extract (SVD of a fine-tune), resize, and
-conversion to and from other tools' layouts (diffusers folders; diffusers, kohya and PEFT LoRA files)."""
+"""Commands that write a model or an adapter from others: merge, merge-lora (adapters into one adapter),
+extract (SVD of a fine-tune), resize, and conversion to and from other tools' layouts (diffusers folders;
+diffusers, kohya and PEFT LoRA files)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import argparse
 from pathlib import Path
 
 from lora4diffusion.catalog import pretrained_dir
-from lora4diffusion.cli.args import add_loras, lora_args, rank_int
+from lora4diffusion.cli.args import add_loras, lora_args, parse_loras, rank_int
 from lora4diffusion.cli.common import Commands, existing, lora_inputs, out_dir, overwrite_arg, renamed
 from lora4diffusion.distributed import resolve_device
+from lora4diffusion.errors import UserError
 from lora4diffusion.finite import require_finite
 from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.formats import detect, read_any, write_lora
 from lora4diffusion.formats.diffusers import export_diffusers, import_diffusers
 from lora4diffusion.lora.adapters import base_fingerprint, export_peft, import_peft, resolve_adapter
+from lora4diffusion.lora.combine import MERGE_METHODS, Source, merge_adapters
 from lora4diffusion.lora.extract import convert_to_lora, extract_lora, resize_adapter
 from lora4diffusion.lora.layers import unload_lora
 from lora4diffusion.lora.prompt_lora import TE_PREFIX
@@ -29,6 +32,21 @@ def add_merge(sub: Commands) -> None:
     overwrite_arg(m)
     lora_args(m, required=True)
     m.set_defaults(func=cmd_merge)
+
+
+def add_merge_lora(sub: Commands) -> None:
+    ml = sub.add_parser("merge-lora", help="merge LoRA adapters, each at a weight, into one adapter file")
+    ml.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]",
+                    help="an adapter (any layout --lora reads, or a shipped adapter's name) and its weight"
+                    " (default 1); repeat, one per adapter")
+    ml.add_argument("--method", choices=MERGE_METHODS, default="concat",
+                    help="concat: exact, rank = the sum of the ranks (peft's cat); svd: the sum truncated to"
+                    " --rank by SVD, its error printed (kohya's svd_merge_lora)")
+    ml.add_argument("--rank", type=rank_int, help="with --method svd: the merged rank (default: the largest"
+                    " source rank)")
+    ml.add_argument("--out", required=True, help="folder for adapter.safetensors")
+    overwrite_arg(ml)
+    ml.set_defaults(func=cmd_merge_lora)
 
 
 def add_extract(sub: Commands) -> None:
@@ -108,10 +126,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
         unload_lora(pipe.text_encoder, merge=True)
     pipe.to("cpu")
     require_finite(model.state_dict(), "merge")  # an overflowing scale or adapter: no garbage checkpoint
-    merged_from = [{"adapter": p, "scale": w, "name": n} for p, w, n in loras]
+    merged_from = [{"adapter": p, "scale": w if isinstance(w, float) else str(w), "name": n}
+                   for p, w, n in loras]
     extra = {"merged_from": merged_from, "base": pipe.config.get("base_path")}
     save_model(out, model, pipe.diffusion, extra, vae=pipe.vae, text=pipe.text)  # keeps its VAE / text parts
     print(f"merged {len(loras)} adapter(s) into {out}")
+    return 0
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    loras = parse_loras(args.lora)  # every argument checked before any file is read
+    split = next((p for p, w in loras if not isinstance(w, float)), None)
+    if split is not None:
+        raise UserError(f"--lora {split}: merge-lora takes one weight per adapter (PATH[:WEIGHT]); its"
+                        " text-encoder and UNet weights differ only when sampling")
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=lora_inputs(args.lora))
+    sources = [Source(read_any(path), weight, path) for path, weight in loras]  # any layout --lora reads
+    adapter, errors = merge_adapters(sources, args.method, args.rank)
+    require_finite(adapter.tensors, "merge-lora")
+    adapter.save(out)
+    if args.method == "concat":
+        how = "exact: at weight 1 it draws the stacked adapters' images"
+    else:
+        worst = max((v for k, v in errors.items() if k != "overall"), default=0.0)
+        how = f"relative approximation error {errors['overall']:.4g} overall, {worst:.4g} worst module"
+    print(f"merged {len(sources)} adapter(s) by {args.method} into a rank-{adapter.rank} adapter in {out}"
+          f" ({how})")
     return 0
 
 

@@ -18,7 +18,14 @@ from lora4diffusion import __version__, quick
 from lora4diffusion.cli.apps import add_demo, add_list_info, add_serve
 from lora4diffusion.cli.args import bounded_int
 from lora4diffusion.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, device_args, release_outputs
-from lora4diffusion.cli.convert import add_extract, add_format_parsers, add_merge, add_peft, add_resize
+from lora4diffusion.cli.convert import (
+    add_extract,
+    add_format_parsers,
+    add_merge,
+    add_merge_lora,
+    add_peft,
+    add_resize,
+)
 from lora4diffusion.cli.embedding import add_embedding_formats, add_train_embedding
 from lora4diffusion.cli.evaluate import add_evaluate, add_train_classifier
 from lora4diffusion.cli.sample import add_sample
@@ -32,8 +39,8 @@ DESCRIPTION = (
     "The command line: a thin layer over the Python API (training.base.train_base, pipeline.Pipeline, ...)."
 )
 WORKFLOW = """\
-commands in workflow order: train-vae -> train -> sample, evaluate -> train-lora -> merge, extract, resize
-  -> export-*/import-* (diffusers, kohya, PEFT) -> list, info -> demo, serve
+commands in workflow order: train-vae -> train -> sample, evaluate -> train-lora -> merge, merge-lora,
+  extract, resize -> export-*/import-* (diffusers, kohya, PEFT) -> list, info -> demo, serve
 
 examples:
   lora4diffusion sample --digits 3,5,7 --lora bold:0.5 --out samples   # the shipped base + a shipped adapter
@@ -116,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_lora(sub)
     add_train_embedding(sub)
     add_merge(sub)
+    add_merge_lora(sub)
     add_extract(sub)
     add_resize(sub)
     add_format_parsers(sub)

@@ -41,7 +41,14 @@ from lora4diffusion.errors import UserError
 from lora4diffusion.limits import MAX_GUIDANCE
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image, save_trajectory
-from lora4diffusion.reproduce import SAMPLERS, a1111_parameters, apply_recorded, read_parameters, summary_line
+from lora4diffusion.reproduce import (
+    SAMPLERS,
+    a1111_parameters,
+    apply_recorded,
+    lora_record,
+    read_parameters,
+    summary_line,
+)
 
 # The numeric sampling options and their types: the flags parse with them, and a sampling record read by
 # --from goes through the same ones (reproduce.check_record): a value is checked alike wherever it comes from.
@@ -76,11 +83,15 @@ def add_sample(sub: Commands) -> None:
                    help=f"classifier-free guidance scale w, 0-{MAX_GUIDANCE:g} (default 1.25; 1 = none)")
     s.add_argument("--eta", type=NUMBERS["eta"], help="DDIM eta in [0, 1] (default 0: deterministic)")
     s.add_argument("--seed", type=NUMBERS["seed"], help="sampling seed (default 0)")
+    s.add_argument("--merged", action="store_true",
+                   help="fold the adapters into the weights while sampling (each step costs the base's) and"
+                   " restore them exactly afterwards; the digits differ from unmerged ones by rounding"
+                   " (docs/RELIABILITY.md), so it is recorded and `--from` redraws the same")
     s.add_argument("--trajectory", action="store_true",
                    help="also write trajectory.png: the denoising of the first sample of each digit (prompt)")
     s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
     overwrite_arg(s)
-    lora_args(s)
+    lora_args(s, blocks=True)
     embedding_args(s)
     s.set_defaults(func=cmd_sample)
 
@@ -158,12 +169,13 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     params = {
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
-        "loras": [[str(p), w] for p, w, _ in loras], "force": bool(args.force),
+        "loras": [lora_record(p, w) for p, w, _ in loras], "force": bool(args.force),
         "embeddings": list(args.embedding) or None,
         "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta, "seed": seed,
         "digits": None if args.prompt else digits, "per_digit": None if args.prompt else per_row,
         "prompts": list(args.prompt) if args.prompt else None, "num": per_row if args.prompt else None,
-        "negative": args.negative, "bf16": bf16, "device": device.type, "version": __version__,
+        "negative": args.negative, "bf16": bf16, "merged": bool(args.merged) or None, "device": device.type,
+        "version": __version__,
     }
     traj_every = max(1, (steps or pipe.diffusion.timesteps) // 10) if args.trajectory else 0
     images, trajectory = pipe.generate(
@@ -173,6 +185,7 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
         guidance=guidance,
         seed=seed,
         eta=eta,
+        merged=bool(args.merged),
         trajectory_every=traj_every,
         bf16=bf16,
         progress=not args.quiet,

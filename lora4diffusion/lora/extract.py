@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,15 +41,17 @@ def _low_rank(delta: torch.Tensor, rank: int, scale: float,
     return u[:, :rank] * root, root[:, None] * vh[:rank], float((s[rank:] ** 2).sum()), float((s**2).sum())
 
 
-def _named(module: str, fn: Callable, *args):
-    """``fn(*args)``, its UserError prefixed with the module's name."""
+def factor_delta(module: str, delta: torch.Tensor, rank: int, scale: float,
+                 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """``_low_rank`` of module ``module``'s delta [out, in]: (B, A, tail energy, energy); a UserError names
+    the module."""
     try:
-        return fn(*args)
+        return _low_rank(delta, rank, scale)
     except UserError as e:
         raise UserError(f"module {module}: {e}") from None
 
 
-def _errors(parts: dict[str, tuple[float, float]]) -> dict[str, float]:
+def relative_errors(parts: dict[str, tuple[float, float]]) -> dict[str, float]:
     """Relative Frobenius errors ||delta - approx|| / ||delta|| per module and "overall" (0 if delta = 0)."""
     def rel(tail: float, total: float) -> float:
         return math.sqrt(tail / total) if total > 0 else 0.0
@@ -64,9 +65,9 @@ def extract_lora(base_model: nn.Module, tuned_model: nn.Module, rank: int, targe
     """The best rank-``rank`` LoRA of the weight deltas tuned - base in the ``targets`` modules.
 
     Returns the adapter (alpha = rank, so scale 1 and B A = the approximated delta) and the relative
-    errors (see ``_errors``). Changed tensors outside the targets cannot be represented: their whole delta
-    counts in "overall" (it is error the adapter leaves), "uncaptured" says how many there are, and a warning
-    names one.
+    errors (see ``relative_errors``). Changed tensors outside the targets cannot be represented: their whole
+    delta counts in "overall" (it is error the adapter leaves), "uncaptured" says how many there are, and a
+    warning names one.
     """
     if not isinstance(rank, int) or rank <= 0:
         raise UserError(f"LoRA rank must be a positive integer, got {rank}")
@@ -81,7 +82,7 @@ def extract_lora(base_model: nn.Module, tuned_model: nn.Module, rank: int, targe
         if rank > min(w0.shape[0], w0[0].numel()):
             raise UserError(f"rank {rank} exceeds the rank of module {path} (weight {tuple(w0.shape)})")
         delta = (tuned[f"{path}.weight"].double() - w0.double()).flatten(1)
-        b, a, tail, total = _named(path, _low_rank, delta, rank, 1.0)
+        b, a, tail, total = factor_delta(path, delta, rank, 1.0)
         shapes = LoRA.shapes(modules[path], rank)
         tensors[f"{path}.lora_down.weight"] = a.float().reshape(shapes["lora_down.weight"])
         tensors[f"{path}.lora_up.weight"] = b.float().reshape(shapes["lora_up.weight"])
@@ -93,7 +94,7 @@ def extract_lora(base_model: nn.Module, tuned_model: nn.Module, rank: int, targe
                     len(ignored), ignored[0])
     missed = [float((tuned[k].double() - base[k].double()).pow(2).sum()) for k in ignored]
     adapter = Adapter(tensors, rank, float(rank), init="extracted", fingerprint=base_fingerprint(base_model))
-    errors = _errors(parts)
+    errors = relative_errors(parts)
     tail = sum(t for t, _ in parts.values()) + sum(missed)
     total = sum(e for _, e in parts.values()) + sum(missed)
     errors["overall"] = math.sqrt(tail / total) if total > 0 else 0.0
@@ -118,11 +119,11 @@ def resize_adapter(source: Adapter | str | Path, new_rank: int) -> tuple[Adapter
     for m in adapter.modules:
         a, b = adapter.pair(m)
         delta = adapter.scale * (b.double().flatten(1) @ a.double().flatten(1))
-        b2, a2, tail, total = _named(m, _low_rank, delta, new_rank, new.scale)
+        b2, a2, tail, total = factor_delta(m, delta, new_rank, new.scale)
         new.tensors[f"{m}.lora_down.weight"] = a2.float().reshape(new_rank, *a.shape[1:])
         new.tensors[f"{m}.lora_up.weight"] = b2.float().reshape(b.shape[0], new_rank, *b.shape[2:])
         parts[m] = (tail, total)
-    return new, _errors(parts)
+    return new, relative_errors(parts)
 
 
 def convert_to_lora(parts: dict[str, nn.Module], name: str, rank: int, source: Adapter,
@@ -130,7 +131,7 @@ def convert_to_lora(parts: dict[str, nn.Module], name: str, rank: int, source: A
     """Adapter ``name`` (any method), loaded into the models of ``parts`` (by key prefix: "" for a UNet,
     "text_encoder." for a text encoder), as a rank-``rank`` LoRA: the truncated SVD of each module's ΔW at
     multiplier 1 (for DoRA, W' - W0 on this base). alpha = rank (scale 1); ``source`` gives the fingerprint
-    and metadata. Returns the adapter and the relative Frobenius errors (``_errors``)."""
+    and metadata. Returns the adapter and the relative Frobenius errors (``relative_errors``)."""
     if not isinstance(rank, int) or rank <= 0:
         raise UserError(f"LoRA rank must be a positive integer, got {rank}")
     tensors, parts_err = {}, {}
@@ -143,7 +144,7 @@ def convert_to_lora(parts: dict[str, nn.Module], name: str, rank: int, source: A
             if rank > min(delta.shape):
                 raise UserError(f"rank {rank} exceeds the rank of module {prefix}{path} (weight"
                                 f" {tuple(layer.base_layer.weight.shape)})")
-            b, a, tail, total = _named(prefix + path, _low_rank, delta.cpu(), rank, 1.0)
+            b, a, tail, total = factor_delta(prefix + path, delta.cpu(), rank, 1.0)
             shapes = LoRA.shapes(layer.base_layer, rank)
             tensors[f"{prefix}{path}.lora_down.weight"] = a.float().reshape(shapes["lora_down.weight"])
             tensors[f"{prefix}{path}.lora_up.weight"] = b.float().reshape(shapes["lora_up.weight"])
@@ -153,4 +154,4 @@ def convert_to_lora(parts: dict[str, nn.Module], name: str, rank: int, source: A
     extra = {**source.extra, "converted_from": source.method}
     adapter = Adapter(tensors, rank, float(rank), init="extracted", fingerprint=source.fingerprint,
                       extra=extra)
-    return adapter, _errors(parts_err)
+    return adapter, relative_errors(parts_err)

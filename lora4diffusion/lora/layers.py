@@ -44,7 +44,8 @@ resizing: ``extract.py``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -294,6 +295,15 @@ def set_adapter_weight(model: nn.Module, name: str, weight: float) -> None:
         layer.set_multiplier(name, weight)
 
 
+def set_adapter_weights(model: nn.Module, name: str, weight_of: Callable[[str], float]) -> None:
+    """Set adapter ``name``'s multiplier on each layer to ``weight_of(module path)`` (per-block weights)."""
+    layers = {p: m for p, m in lora_layers(model).items() if name in m.adapters}
+    if not layers:
+        raise UserError(f"the model has no adapter named {name!r} (have {adapter_names(model)})")
+    for path, layer in layers.items():
+        layer.set_multiplier(name, weight_of(path))
+
+
 def _put_back_base(model: nn.Module, path: str, layer: LoRALayer) -> None:
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
@@ -323,6 +333,27 @@ def merge_lora(model: nn.Module, names: Sequence[str] | None = None) -> None:
 def unmerge_lora(model: nn.Module) -> None:
     for layer in lora_layers(model).values():
         layer.unmerge()
+
+
+@contextmanager
+def merged_while(models: Sequence[nn.Module | None]) -> Iterator[None]:
+    """Every enabled adapter of ``models`` with a weight other than 0 folded into its layer's weight for the
+    duration (W0 + m ΔW: a forward then costs what the base's does), and afterwards every weight put back
+    exactly as it was: the pre-merge copy is restored (``LoRALayer.unmerge``), then what was merged before
+    (``fuse_lora``) is merged again by the same operations, so the same bits. Inside, outputs differ from
+    unmerged ones by rounding (docs/RELIABILITY.md: W0 + m ΔW is rounded once)."""
+    layers = [layer for model in models if model is not None for layer in lora_layers(model).values()
+              if layer.adapters_enabled]
+    before = [list(layer.merged_adapters) for layer in layers]
+    try:
+        for layer in layers:
+            layer.merge([n for n, m in layer.multipliers.items() if m != 0])
+        yield
+    finally:
+        for layer, fused in zip(layers, before, strict=True):
+            layer.unmerge()
+            if fused:
+                layer.merge(fused)
 
 
 def enable_lora(model: nn.Module, enabled: bool = True) -> None:

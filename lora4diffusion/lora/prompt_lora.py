@@ -39,8 +39,9 @@ from lora4diffusion.lora.adapters import (
     read_adapter,
     resolve_adapter,
 )
+from lora4diffusion.lora.block_weights import AdapterWeight
 from lora4diffusion.lora.embeddings import Embedding, load_embedding
-from lora4diffusion.lora.layers import lora_layers, set_adapter_weight
+from lora4diffusion.lora.layers import adapter_names, lora_layers, set_adapter_weight, set_adapter_weights
 from lora4diffusion.models.prompt_unet import TextConditionedUNet
 
 log = logging.getLogger("lora4diffusion")
@@ -130,14 +131,23 @@ def load_prompt_adapter(unet: nn.Module, text_encoder: nn.Module, path, weight: 
     return name, adapter
 
 
-def set_prompt_adapter_weight(unet: nn.Module, text_encoder: nn.Module, name: str, weight: float) -> None:
+def set_prompt_adapter_weight(unet: nn.Module, text_encoder: nn.Module | None, name: str,
+                              weight: float | AdapterWeight) -> None:
+    """Adapter ``name``'s weight: one number for every module, or an ``AdapterWeight`` (text encoder, UNet,
+    UNet blocks: lora/block_weights.py). ``text_encoder`` None: a label model's UNet alone."""
     found = False
     for part in (unet, text_encoder):
-        if any(name in m.adapters for m in lora_layers(part).values()):
+        if part is None or not any(name in m.adapters for m in lora_layers(part).values()):
+            continue
+        if isinstance(weight, AdapterWeight):
+            te = part is text_encoder
+            set_adapter_weights(part, name, lambda path, te=te: weight.module(path, text_encoder=te))
+        else:
             set_adapter_weight(part, name, weight)
-            found = True
+        found = True
     if not found:
-        raise UserError(f"the model has no adapter named {name!r}")
+        have = [n for part in (unet, text_encoder) if part is not None for n in adapter_names(part)]
+        raise UserError(f"the model has no adapter named {name!r} (have {list(dict.fromkeys(have))})")
 
 
 def missing_triggers(triggers: dict[str, list[str]], prompts: list[str]) -> list[tuple[str, str]]:
