@@ -13,7 +13,16 @@ import json
 import os
 from pathlib import Path
 
-from lora4diffusion.catalog import KINDS, folder_config, kind_of, shipped, suggest
+from lora4diffusion.catalog import (
+    EMBEDDINGS_FOLDER,
+    KINDS,
+    embeddings_in,
+    folder_config,
+    kind_of,
+    named_embeddings,
+    shipped,
+    suggest,
+)
 from lora4diffusion.checkpoint import MAX_JSON_BYTES, WEIGHTS_NAME, path_kind, read_metadata, tensor_header
 from lora4diffusion.errors import UserError, describe_os_error
 from lora4diffusion.folders.model import read_model_config
@@ -172,6 +181,8 @@ def _rows_for(path: Path) -> list[dict]:
             continue
         if kind is not None:
             rows.append(entry(child, kind, str(child)))
+    if path.name != EMBEDDINGS_FOLDER:  # an adapters folder (serve --adapters DIR): its embeddings/ too
+        rows.extend(entry(p, "embedding", str(p)) for p in embeddings_in(path / EMBEDDINGS_FOLDER).values())
     if not rows:
         rows.append(_unreadable(path, f"{path}: holds no model, VAE or adapter (nor does any folder directly"
                                       " in it)"))
@@ -179,14 +190,16 @@ def _rows_for(path: Path) -> list[dict]:
 
 
 def listing(folders: list[str | Path] = ()) -> list[dict]:
-    """The shipped items, then each of ``folders``: the item it is (a model, VAE or adapter folder, an adapter
-    file), or the items directly inside it. An item that cannot be read is a row with a ``problem``; a path
-    that does not exist is a UserError (before anything is read)."""
+    """The shipped items (and the embeddings of ./embeddings, as ``--embedding NAME`` finds them), then each
+    of ``folders``: the item it is (a model, VAE or adapter folder, an adapter or embedding file), or the
+    items directly inside it and inside its embeddings/ folder. An item that cannot be read is a row with a
+    ``problem``; a path that does not exist is a UserError (before anything is read)."""
     paths = [Path(f) for f in folders]
     for p in paths:
         if path_kind(p) == "missing":
             raise UserError(f"{p} does not exist (no such file or folder)")
-    rows = [entry(p, kind, name) for kind in KINDS for name, p in shipped(kind).items()]
+    rows = [entry(p, kind, name) for kind in KINDS
+            for name, p in (named_embeddings() if kind == "embedding" else shipped(kind)).items()]
     for p in paths:
         rows.extend(_rows_for(p))
     return rows
@@ -217,7 +230,7 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
     """
     p = Path(value)
     if not os.path.lexists(p):
-        names = {n: q for k in KINDS for n, q in shipped(k).items()}
+        names = named_embeddings() | {n: q for k in KINDS for n, q in shipped(k).items()}
         if str(value) not in names:
             raise UserError(f"info {value}: not found (no such file or folder, and no shipped item of that"
                             " name)" + suggest(str(value), list(names)))

@@ -252,3 +252,36 @@ def test_captions_place_the_token_where_a_trigger_goes(tiny_prompt_model):
     new_token(te, tok, TOKEN, 1, None)
     task = TriggerTask(None, tok, TOKEN)
     assert any(f"{TOKEN} seven" in c for c in task.row) and any(f"in {TOKEN} style" in c for c in task.row)
+
+
+def test_embeddings_folder_is_found_by_name_as_automatic1111(embedding, tiny_prompt_model, tmp_path,
+                                                              monkeypatch, capsys):
+    """A file in ./embeddings goes by its name: `<name>` in a prompt loads it (no --embedding), as do
+    --embedding NAME and --embedding <NAME>; `list` and `info` show it under that token."""
+    emb = read_embedding(embedding[0])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "embeddings").mkdir()
+    theirs = write_embedding(emb, "a1111", tmp_path / "embeddings")  # bold-ti.safetensors
+    theirs.rename(tmp_path / "embeddings" / "my-ink.safetensors")  # its own token stays <bold-ti>
+    common = ["-q", "sample", "--checkpoint", str(tiny_prompt_model), "--num", "2", "--steps", "3", "--seed",
+              "2", "--no-bf16", "--device", "cpu"]
+    assert main([*common, "--prompt", "a <my-ink> seven", "--out", "byname"]) == 0
+    assert main([*common, "--embedding", str(embedding[0]), "--prompt", f"a {TOKEN} seven", "--out",
+                 "bypath"]) == 0
+    got, want = (np.load(tmp_path / d / "samples.npz")["images"] for d in ("byname", "bypath"))
+    assert np.array_equal(got, want)
+    assert main([*common, "--prompt", "a <my-inc> seven", "--out", "typo"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "nearest: <my-ink>" in err and not (tmp_path / "typo").exists()
+    pipe = Pipeline.load(tiny_prompt_model)
+    assert pipe.add_embedding("my-ink") == "<my-ink>" and pipe.add_embedding("<my-ink>") == "<my-ink>"
+    with pytest.raises(UserError, match="did you mean my-ink"):
+        pipe.add_embedding("my-inc")
+    rows = {r["name"]: r for r in listing()}
+    assert rows["my-ink"]["kind"] == "embedding" and rows["my-ink"]["token"] == "<my-ink>"
+    assert info("my-ink")["token"] == "<my-ink>"
+    # an adapters folder (serve --adapters DIR) lists its embeddings/ too
+    (tmp_path / "adapters" / "embeddings").mkdir(parents=True)
+    write_embedding(emb, "diffusers", tmp_path / "adapters" / "embeddings" / "sharp")
+    rows = {r["name"]: r for r in listing([tmp_path / "adapters"])}
+    assert rows[str(tmp_path / "adapters" / "embeddings" / "sharp")]["token"] == "<sharp>"
