@@ -138,9 +138,9 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
             known = [*self.tokenizer.added, *(f"<{n}>" for n in found)]
             near = difflib.get_close_matches(missing[0], known, n=3, cutoff=0.5)
             hint = f"nearest: {', '.join(near)}" if near else "no known token is close"
-            raise UserError(f"unknown token {missing[0]!r} in the prompt: no embedding of that name is loaded,"
-                            f" nor in an embeddings/ folder ({hint}; load its file with --embedding, or put"
-                            f" it in ./embeddings as {missing[0][1:-1]}.safetensors)")
+            raise UserError(f"unknown token {missing[0]!r} in the prompt: no embedding of that name is"
+                            f" loaded, nor in an embeddings/ folder ({hint}; load its file with --embedding,"
+                            f" or put it in ./embeddings as {missing[0][1:-1]}.safetensors)")
         return [self.add_embedding(found[t[1:-1]], force, token=t) for t in wanted]
 
     def _load(self, path: str | Path, weight: float, force: bool) -> str:
