@@ -26,7 +26,7 @@ from lora4diffusion.catalog import (
 from lora4diffusion.checkpoint import MAX_JSON_BYTES, WEIGHTS_NAME, path_kind, read_metadata, tensor_header
 from lora4diffusion.errors import UserError, describe_os_error
 from lora4diffusion.folders.model import read_model_config
-from lora4diffusion.folders.text import text_parts
+from lora4diffusion.folders.text import embedding_parts, text_parts
 from lora4diffusion.folders.vae import check_attached_vae, load_vae, read_vae_config
 from lora4diffusion.formats import detect, read_any
 from lora4diffusion.formats.embeddings import embedding_path, read_any_embedding
@@ -124,11 +124,15 @@ def _folder_facts(path: Path, kind: str) -> dict:
     if kind == "model":
         unet, _diffusion, cfg = read_model_config(path)
         check_attached_vae(path, cfg)
+        tokens = []
         if unet.conditioning == "text":
             _te, weights, _tokenizer = text_parts(path, cfg)
             tensor_header(weights)
+            tokens = [read_metadata(p).get("token", "?") for p in embedding_parts(path, cfg)]
         facts = {"conditioning": unet.conditioning,
                  "latent": "yes" if isinstance(cfg.get("vae"), dict) or unet.in_channels != 1 else "no"}
+        if tokens:  # a merged pivotal adapter's
+            facts["tokens"] = " ".join(tokens)
     else:
         _vae, cfg = read_vae_config(path)
         facts = {}

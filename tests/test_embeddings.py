@@ -285,3 +285,41 @@ def test_embeddings_folder_is_found_by_name_as_automatic1111(embedding, tiny_pro
     write_embedding(emb, "diffusers", tmp_path / "adapters" / "embeddings" / "sharp")
     rows = {r["name"]: r for r in listing([tmp_path / "adapters"])}
     assert rows[str(tmp_path / "adapters" / "embeddings" / "sharp")]["token"] == "<sharp>"
+
+
+def test_merge_of_a_pivotal_adapter_ships_its_token(tiny_prompt_model, random_prompt_lora, tmp_path):
+    """merge writes the token's vectors beside the merged model (embeddings/piv.safetensors, named in
+    config.json) and leaves the base's file layout as it was; the merged model with the token in the prompt
+    draws what the base + the unmerged pivotal adapter draws (fp32, to rounding)."""
+    import dataclasses
+    import json
+
+    from lora4diffusion.checkpoint import tensor_header
+
+    adapter, fingerprint = random_prompt_lora(tiny_prompt_model, 0.3)
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    pivotal = dataclasses.replace(adapter, fingerprint=fingerprint, embeddings={"<piv>": vectors})
+    pivotal.save(tmp_path / "piv")
+    merged = tmp_path / "merged"
+    assert main(["-q", "merge", "--checkpoint", str(tiny_prompt_model), "--lora", str(tmp_path / "piv"),
+                 "--out", str(merged), "--device", "cpu"]) == 0
+    assert json.loads((merged / "config.json").read_text())["embeddings"] == ["embeddings/piv.safetensors"]
+    for part in ("model.safetensors", "text_encoder.safetensors"):  # the same tensors, names and shapes
+        assert tensor_header(merged / part) == tensor_header(tiny_prompt_model / part)
+    assert (merged / "tokenizer" / "vocab.txt").read_bytes() == \
+        (tiny_prompt_model / "tokenizer" / "vocab.txt").read_bytes()
+    prompts = ["a <piv> seven", "the digit <piv> 3", "a handwritten 5"]
+    base = Pipeline.load(tiny_prompt_model)
+    base.add_lora(tmp_path / "piv")
+    want, _ = base.generate(prompts, steps=4, seed=2)
+    mine = Pipeline.load(merged)
+    assert mine.tokenizer.added == {"<piv>": base.tokenizer.added["<piv>"]}
+    got, _ = mine.generate(prompts, steps=4, seed=2)
+    assert (got - want).abs().max().item() <= 1e-5
+    plain, _ = Pipeline.load(tiny_prompt_model).generate([p.replace("<piv> ", "") for p in prompts], steps=4,
+                                                          seed=2)
+    assert (plain - want).abs().max().item() > 1e-3  # the comparison can fail
+    emb = read_embedding(merged / "embeddings" / "piv.safetensors")
+    assert torch.equal(emb.vectors, vectors) and emb.fingerprint == mine.fingerprint
+    row = next(r for r in listing([merged]) if r["path"] == str(merged))
+    assert row["tokens"] == "<piv>" and "problem" not in row
