@@ -323,3 +323,29 @@ def test_merge_of_a_pivotal_adapter_ships_its_token(tiny_prompt_model, random_pr
     assert torch.equal(emb.vectors, vectors) and emb.fingerprint == mine.fingerprint
     row = next(r for r in listing([merged]) if r["path"] == str(merged))
     assert row["tokens"] == "<piv>" and "problem" not in row
+
+
+def test_pivotal_embedding_lr_is_its_own_recorded_and_resumable(tiny_prompt_model, tmp_path, capsys):
+    """--embedding-lr sets the token's rate apart from the LoRA's (AdamW moves a parameter about lr per step):
+    at 1e-9 the vector stays at its init word's row; the rate is recorded in the adapter and the run, and a
+    resume with another one is refused unless --allow-changes, then the vector moves."""
+    out = tmp_path / "piv"
+    argv = ["-q", "train-lora", "--checkpoint", str(tiny_prompt_model), "--style", "bold", "--pivotal",
+            "--token", "<slow>", "--init-word", "bold", "--rank", "2", "--batch-size", "8",
+            "--examples-per-digit", "2", "--device", "cpu", "--no-bf16", "--out", str(out)]
+    assert main([*argv, "--embedding-lr", "1e-9", "--max-train-steps", "3"]) == 0
+    _, _, cfg = load_model(tiny_prompt_model)
+    te, tok = load_text_parts(tiny_prompt_model, cfg)
+    start = te.token_embedding.weight[tok.words.index("bold")].detach()
+    adapter = read_any(out)
+    assert (adapter.embeddings["<slow>"][0] - start).abs().max() < 1e-7
+    assert adapter.extra["embedding_lr"] == "1e-09"
+    assert any(v != 0 for t in adapter.tensors.values() for v in t.flatten().tolist())  # the LoRA trained
+    again = [*argv, "--embedding-lr", "1e-3", "--max-train-steps", "4", "--resume"]
+    assert main(again) == 2 and "pivotal" in capsys.readouterr().err
+    assert main([*again, "--allow-changes"]) == 0
+    moved = read_any(out).embeddings["<slow>"][0]
+    assert (moved - start).abs().max() > 1e-4 and read_any(out).extra["embedding_lr"] == "0.001"
+    plain = ["-q", "train-lora", "--checkpoint", str(tiny_prompt_model), "--style", "bold"]
+    assert main([*plain, "--embedding-lr", "1e-3", "--out", str(tmp_path / "x")]) == 2  # needs --pivotal
+    assert "go with --pivotal" in capsys.readouterr().err
