@@ -324,6 +324,23 @@ def test_merge_of_a_pivotal_adapter_ships_its_token(tiny_prompt_model, random_pr
     row = next(r for r in listing([merged]) if r["path"] == str(merged))
     assert row["tokens"] == "<piv>" and "problem" not in row
 
+    # export-diffusers writes the token as diffusers' learned_embeds file: load_textual_inversion draws ours
+    from diffusers import StableDiffusionPipeline
+
+    from lora4diffusion.models.vae import crop_to
+
+    sd_dir, back = tmp_path / "sd", tmp_path / "back"
+    assert main(["-q", "export-diffusers", "--checkpoint", str(merged), "--out", str(sd_dir)]) == 0
+    sd = StableDiffusionPipeline.from_pretrained(str(sd_dir), safety_checker=None,
+                                                 requires_safety_checker=False).to(torch.float32)
+    sd.load_textual_inversion(str(sd_dir / "embeddings" / "piv.safetensors"))  # the token is the file's key
+    latents = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(2 * 1_000_003))
+    theirs = sd(prompts, num_inference_steps=4, guidance_scale=2.0, latents=latents, output_type="pt").images
+    ours, _ = mine.generate(prompts, steps=4, seed=2, guidance=2.0)
+    assert (crop_to(theirs, 28, 28)[:, 0] - ours).abs().max().item() <= 1e-5
+    assert main(["-q", "import-diffusers", str(sd_dir), "--out", str(back)]) == 0  # and back, token included
+    assert torch.equal(Pipeline.load(back).generate(prompts, steps=4, seed=2, guidance=2.0)[0], ours)
+
 
 def test_pivotal_embedding_lr_is_its_own_recorded_and_resumable(tiny_prompt_model, tmp_path, capsys):
     """--embedding-lr sets the token's rate apart from the LoRA's (AdamW moves a parameter about lr per step):
