@@ -178,6 +178,8 @@ def _rows_for(path: Path) -> list[dict]:
         return [_unreadable(path, f"{path}: cannot read ({describe_os_error(e)})")]
     rows = []
     for child in children:
+        if child.name == EMBEDDINGS_FOLDER and path.name != EMBEDDINGS_FOLDER:
+            continue  # its items are listed below, each by its name
         try:
             kind = kind_of(child)
         except UserError as e:

@@ -282,9 +282,11 @@ def test_embeddings_folder_is_found_by_name_as_automatic1111(embedding, tiny_pro
     assert info("my-ink")["token"] == "<my-ink>"
     # an adapters folder (serve --adapters DIR) lists its embeddings/ too
     (tmp_path / "adapters" / "embeddings").mkdir(parents=True)
-    write_embedding(emb, "diffusers", tmp_path / "adapters" / "embeddings" / "sharp")
-    rows = {r["name"]: r for r in listing([tmp_path / "adapters"])}
-    assert rows[str(tmp_path / "adapters" / "embeddings" / "sharp")]["token"] == "<sharp>"
+    write_embedding(emb, "diffusers", tmp_path / "adapters" / "embeddings").rename(
+        tmp_path / "adapters" / "embeddings" / "sharp.safetensors")  # the folder's only file: listed once
+    rows = [r for r in listing([tmp_path / "adapters"]) if str(tmp_path / "adapters") in r["path"]]
+    assert [(r["name"], r["token"]) for r in rows] == [
+        (str(tmp_path / "adapters" / "embeddings" / "sharp.safetensors"), "<sharp>")]
 
 
 def test_merge_of_a_pivotal_adapter_ships_its_token(tiny_prompt_model, random_prompt_lora, tmp_path):
