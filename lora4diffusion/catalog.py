@@ -1,8 +1,9 @@
 """Names for the shipped models, VAEs and adapters, and the paths they stand for.
 
-:func:`resolve` is the one place a ``--checkpoint``, ``--vae`` or ``--lora`` value becomes a path: an
-existing path wins; otherwise a shipped name (``base``, ``vae``, ``bold``); otherwise a one-line error that
-suggests the nearest known names (difflib), as git does for a mistyped command. The CLI, ``Pipeline.load``,
+:func:`resolve` is the one place a ``--checkpoint``, ``--vae``, ``--lora`` or ``--embedding`` value becomes a
+path: an existing path wins; otherwise a shipped name (``base``, ``vae``, ``bold``; an embedding's name also
+in an ``embeddings/`` folder, as AUTOMATIC1111 finds them); otherwise a one-line error that suggests the
+nearest known names (difflib), as git does for a mistyped command. The CLI, ``Pipeline.load``,
 the adapter readers and the server all go through it.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 
 from lora4diffusion.checkpoint import path_kind, read_json, read_metadata, tensor_header
@@ -19,6 +21,7 @@ from lora4diffusion.schema import shown
 PRETRAINED = Path(__file__).parent / "pretrained"
 DEFAULT_BASE = "base"  # the prompt-conditioned latent model; "pixel-base" is the label-conditioned pixel one
 KINDS = ("model", "vae", "adapter", "embedding")
+PLACEHOLDER_NAME = re.compile(r"<[^<>]{1,64}>")  # an embedding named by its token
 _FLAG = {"model": "--checkpoint", "vae": "--vae", "adapter": "--lora", "embedding": "--embedding"}
 _WHAT = {"model": "model", "vae": "VAE", "adapter": "adapter", "embedding": "embedding"}
 # files that make a folder an adapter: ours, PEFT's config, diffusers' LoRA weights (formats/ reads them)
@@ -26,6 +29,9 @@ _ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json", "pytorch_lora_we
 # ... and an embedding (textual inversion): ours (train-embedding), diffusers' textual_inversion.py output
 EMBEDDING_FILES = ("embedding.safetensors", "learned_embeds.safetensors")
 EMBEDDING_FORMAT = "lora4diffusion-embedding"
+# AUTOMATIC1111's folder of embeddings: an item's name there (file stem or folder name) is its prompt word,
+# here the token <name>
+EMBEDDINGS_FOLDER = "embeddings"
 
 
 def embedding_layout(path: Path) -> str | None:
@@ -100,6 +106,56 @@ def shipped(kind: str) -> dict[str, Path]:
     return found
 
 
+def embeddings_in(folder: str | Path) -> dict[str, Path]:
+    """The embeddings directly in ``folder`` by name: a one-tensor .safetensors file by its stem, a folder
+    holding one (a train-embedding run, diffusers' output) by its name; {} where there is no such folder. An
+    entry that cannot be read (``kind_of`` raises) is left to its reader to report."""
+    folder = Path(folder)
+    if path_kind(folder) != "dir":
+        return {}
+    found: dict[str, Path] = {}
+    try:
+        items = sorted(folder.iterdir())
+    except OSError:
+        return {}
+    for p in items:
+        try:
+            if p.name.startswith(".") or kind_of(p) != "embedding":
+                continue
+        except UserError:
+            continue
+        found.setdefault(p.stem if path_kind(p) == "file" else p.name, p)
+    return found
+
+
+def embedding_name(item: str | Path) -> str | None:
+    """The name an embedding lying directly in an ``embeddings/`` folder goes by (its file's stem, or its
+    folder's name), as AUTOMATIC1111 names everything in its embeddings folder; None elsewhere."""
+    item = Path(item).absolute()
+    if item.parent.name != EMBEDDINGS_FOLDER:
+        return None
+    return item.stem if path_kind(item) == "file" else item.name
+
+
+def embedding_folders(adapters: str | Path | None = None) -> list[Path]:
+    """Where an embedding is found by its name (first match wins), as AUTOMATIC1111 finds its embeddings:
+    ``adapters``/embeddings (``serve --adapters DIR``), then ./embeddings (the working folder, as A1111's
+    embeddings/ beside its models), then the shipped ones (pretrained/embeddings, beside the shipped
+    adapters)."""
+    first = [Path(adapters) / EMBEDDINGS_FOLDER] if adapters is not None else []
+    return [*first, Path(EMBEDDINGS_FOLDER), PRETRAINED / EMBEDDINGS_FOLDER]
+
+
+def named_embeddings(folders: list[Path] | None = None) -> dict[str, Path]:
+    """Name -> path of every embedding in ``folders`` (default ``embedding_folders()``); an earlier folder's
+    item wins a clash of names."""
+    found: dict[str, Path] = {}
+    for folder in embedding_folders() if folders is None else folders:
+        for name, p in embeddings_in(folder).items():
+            found.setdefault(name, p)
+    return found
+
+
 def suggest(name: str, known: list[str]) -> str:
     """'; did you mean X? (known: a, b, c)' or '; nothing of that kind is shipped'."""
     if not known:
@@ -110,7 +166,8 @@ def suggest(name: str, known: list[str]) -> str:
 
 
 def resolve(value: str | Path | None, kind: str, default: str | None = None) -> Path:
-    """A ``--checkpoint`` / ``--vae`` / ``--lora`` value -> a path: an existing path, else a shipped name.
+    """A ``--checkpoint`` / ``--vae`` / ``--lora`` / ``--embedding`` value -> a path: an existing path, else a
+    shipped name (an embedding's name or its token ``<name>``, also one in ./embeddings: named_embeddings).
 
     ``None`` means ``default`` (a shipped name). An unknown name raises UserError naming the flag and the
     nearest known names.
@@ -124,7 +181,9 @@ def resolve(value: str | Path | None, kind: str, default: str | None = None) -> 
     p = Path(value)
     if path_kind(p) != "missing":
         return p
-    names = shipped(kind)
+    names = named_embeddings() if kind == "embedding" else shipped(kind)
+    if kind == "embedding" and PLACEHOLDER_NAME.fullmatch(str(value)):  # "<bold-ti>": the name bold-ti
+        value = str(value)[1:-1]
     if str(value) in names:
         return names[str(value)]
     what = _WHAT[kind]
@@ -135,10 +194,12 @@ def resolve(value: str | Path | None, kind: str, default: str | None = None) -> 
         raise UserError(f"{_FLAG[kind]} {value}: {value} is a shipped {_WHAT[other]} (for {_FLAG[other]}),"
                         f" not {article} {what} (shipped {what}s: {known})")
     missing = "file not found" if kind in ("adapter", "embedding") else "does not exist"
+    where = f", nor one in {EMBEDDINGS_FOLDER}/" if kind == "embedding" else ""
     if "/" in str(value) or os.sep in str(value):  # clearly a path: no name to suggest
         raise UserError(f"{_FLAG[kind]} {value}: {missing}")
     raise UserError(
-        f"{_FLAG[kind]} {value}: {missing} (no such file or folder, and no shipped {what} of that name)"
+        f"{_FLAG[kind]} {value}: {missing} (no such file or folder, and no shipped {what} of that name"
+        f"{where})"
         + suggest(str(value), list(names))
     )
 

@@ -13,11 +13,20 @@ import json
 import os
 from pathlib import Path
 
-from lora4diffusion.catalog import KINDS, folder_config, kind_of, shipped, suggest
+from lora4diffusion.catalog import (
+    EMBEDDINGS_FOLDER,
+    KINDS,
+    embeddings_in,
+    folder_config,
+    kind_of,
+    named_embeddings,
+    shipped,
+    suggest,
+)
 from lora4diffusion.checkpoint import MAX_JSON_BYTES, WEIGHTS_NAME, path_kind, read_metadata, tensor_header
 from lora4diffusion.errors import UserError, describe_os_error
 from lora4diffusion.folders.model import read_model_config
-from lora4diffusion.folders.text import text_parts
+from lora4diffusion.folders.text import embedding_parts, text_parts
 from lora4diffusion.folders.vae import check_attached_vae, load_vae, read_vae_config
 from lora4diffusion.formats import detect, read_any
 from lora4diffusion.formats.embeddings import embedding_path, read_any_embedding
@@ -115,11 +124,15 @@ def _folder_facts(path: Path, kind: str) -> dict:
     if kind == "model":
         unet, _diffusion, cfg = read_model_config(path)
         check_attached_vae(path, cfg)
+        tokens = []
         if unet.conditioning == "text":
             _te, weights, _tokenizer = text_parts(path, cfg)
             tensor_header(weights)
+            tokens = [read_metadata(p).get("token", "?") for p in embedding_parts(path, cfg)]
         facts = {"conditioning": unet.conditioning,
                  "latent": "yes" if isinstance(cfg.get("vae"), dict) or unet.in_channels != 1 else "no"}
+        if tokens:  # a merged pivotal adapter's
+            facts["tokens"] = " ".join(tokens)
     else:
         _vae, cfg = read_vae_config(path)
         facts = {}
@@ -165,6 +178,8 @@ def _rows_for(path: Path) -> list[dict]:
         return [_unreadable(path, f"{path}: cannot read ({describe_os_error(e)})")]
     rows = []
     for child in children:
+        if child.name == EMBEDDINGS_FOLDER and path.name != EMBEDDINGS_FOLDER:
+            continue  # its items are listed below, each by its name
         try:
             kind = kind_of(child)
         except UserError as e:
@@ -172,6 +187,8 @@ def _rows_for(path: Path) -> list[dict]:
             continue
         if kind is not None:
             rows.append(entry(child, kind, str(child)))
+    if path.name != EMBEDDINGS_FOLDER:  # an adapters folder (serve --adapters DIR): its embeddings/ too
+        rows.extend(entry(p, "embedding", str(p)) for p in embeddings_in(path / EMBEDDINGS_FOLDER).values())
     if not rows:
         rows.append(_unreadable(path, f"{path}: holds no model, VAE or adapter (nor does any folder directly"
                                       " in it)"))
@@ -179,14 +196,16 @@ def _rows_for(path: Path) -> list[dict]:
 
 
 def listing(folders: list[str | Path] = ()) -> list[dict]:
-    """The shipped items, then each of ``folders``: the item it is (a model, VAE or adapter folder, an adapter
-    file), or the items directly inside it. An item that cannot be read is a row with a ``problem``; a path
-    that does not exist is a UserError (before anything is read)."""
+    """The shipped items (and the embeddings of ./embeddings, as ``--embedding NAME`` finds them), then each
+    of ``folders``: the item it is (a model, VAE or adapter folder, an adapter or embedding file), or the
+    items directly inside it and inside its embeddings/ folder. An item that cannot be read is a row with a
+    ``problem``; a path that does not exist is a UserError (before anything is read)."""
     paths = [Path(f) for f in folders]
     for p in paths:
         if path_kind(p) == "missing":
             raise UserError(f"{p} does not exist (no such file or folder)")
-    rows = [entry(p, kind, name) for kind in KINDS for name, p in shipped(kind).items()]
+    rows = [entry(p, kind, name) for kind in KINDS
+            for name, p in (named_embeddings() if kind == "embedding" else shipped(kind)).items()]
     for p in paths:
         rows.extend(_rows_for(p))
     return rows
@@ -217,7 +236,7 @@ def info(value: str | Path, checkpoint: str | None = None) -> dict:
     """
     p = Path(value)
     if not os.path.lexists(p):
-        names = {n: q for k in KINDS for n, q in shipped(k).items()}
+        names = named_embeddings() | {n: q for k in KINDS for n, q in shipped(k).items()}
         if str(value) not in names:
             raise UserError(f"info {value}: not found (no such file or folder, and no shipped item of that"
                             " name)" + suggest(str(value), list(names)))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lora4diffusion.captions import digit_prompts, negative_prompts
-from lora4diffusion.catalog import pretrained_dir, resolve_checkpoint
+from lora4diffusion.catalog import embedding_folders, named_embeddings, pretrained_dir, resolve_checkpoint
 from lora4diffusion.checkpoint import path_kind
 from lora4diffusion.diffusion import (
     DEFAULT_GUIDANCE,
@@ -74,6 +74,8 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
     embeddings: dict = field(default_factory=dict)
     # adapter name -> its AdapterWeight (text encoder, UNet, blocks) as last set (lora/block_weights.py)
     weights: dict = field(default_factory=dict)
+    # where a prompt's unknown token <name> finds its embedding by name (load_prompt_embeddings)
+    embedding_dirs: list = field(default_factory=embedding_folders)
 
     @property
     def is_prompt_model(self) -> bool:
@@ -113,17 +115,38 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
             self.added[self._source(path)] = name
         return name
 
-    def add_embedding(self, path: str | Path, force: bool = False) -> str:
-        """Load a textual-inversion embedding (ours, diffusers' or A1111's file, detected; or a shipped
-        embedding's name): its token then works in every prompt. Returns the token. One trained on another
-        base is refused unless ``force``."""
+    def add_embedding(self, path: str | Path, force: bool = False, token: str | None = None) -> str:
+        """Load a textual-inversion embedding (ours, diffusers' or A1111's file, detected; or an embedding's
+        name, catalog.named_embeddings): its token (``token`` renames it) then works in every prompt. Returns
+        the token. One trained on another base is refused unless ``force``."""
         if not self.is_prompt_model:
             raise UserError(f"--embedding {path}: a label model has no text encoder (embeddings go into a"
                             " prompt model's)")
-        emb = read_any_embedding(path)
+        emb = read_any_embedding(path, token)
         token = load_embedding(self.text_encoder, self.tokenizer, emb, self.fingerprint, str(path), force)
         self.embeddings[token] = str(path)
         return token
+
+    def load_prompt_embeddings(self, prompts: list[str], force: bool = False) -> list[str]:
+        """Load the embeddings the prompts' unknown tokens name, found in ``embedding_dirs`` (./embeddings and
+        the shipped ones): as AUTOMATIC1111, a prompt word that is an embedding's name brings it, here the
+        token <name> for NAME.safetensors or a folder NAME. Returns the tokens loaded; a token found nowhere
+        is a UserError naming the nearest tokens known (loaded, or in those folders)."""
+        if not self.is_prompt_model:
+            return []
+        wanted = self.tokenizer.unknown_tokens([p for p in prompts if isinstance(p, str)])
+        if not wanted:
+            return []
+        found = {name.lower(): p for name, p in reversed(named_embeddings(self.embedding_dirs).items())}
+        missing = [t for t in wanted if t[1:-1] not in found]
+        if missing:
+            known = [*self.tokenizer.added, *(f"<{n}>" for n in found)]
+            near = difflib.get_close_matches(missing[0], known, n=3, cutoff=0.5)
+            hint = f"nearest: {', '.join(near)}" if near else "no known token is close"
+            raise UserError(f"unknown token {missing[0]!r} in the prompt: no embedding of that name is"
+                            f" loaded, nor in an embeddings/ folder ({hint}; load its file with --embedding,"
+                            f" or put it in ./embeddings as {missing[0][1:-1]}.safetensors)")
+        return [self.add_embedding(found[t[1:-1]], force, token=t) for t in wanted]
 
     def _load(self, path: str | Path, weight: float | AdapterWeight, force: bool) -> str:
         steer = weight if isinstance(weight, AdapterWeight) else None
@@ -408,6 +431,7 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         if all(isinstance(p, str) for p in prompts):
             if self.tag_adapters or any(has_tags(p) for p in prompts):
                 prompts = self.apply_prompt_tags(prompts)  # <lora:...> loads/weights adapters, then goes
+            self.load_prompt_embeddings([*prompts, *negative_prompts(negative, len(prompts))])
         if not all(isinstance(p, str) for p in prompts):
             if any(isinstance(p, str) for p in prompts):
                 raise UserError("give prompts (strings) or digits, not a mix")

@@ -22,7 +22,7 @@ from lora4diffusion.training.base import train_base
 CHROMIUM = Path("/usr/bin/chromium")
 SMALL = ["--lora-steps", "2", "--per-digit", "2", "--steps", "3"]
 PROMPT_SETS = {"base", "base_trigger", "bold_0", "bold_0.5", "bold_1", "bold_no_trigger", "italic_1", "both",
-               "merged_bold"}  # fmt: skip
+               "bold_ti", "merged_bold"}  # fmt: skip
 LABEL_SETS = {"base", "bold_0", "bold_0.5", "bold_1", "italic_1", "mix", "merged_bold"}
 
 
@@ -96,11 +96,12 @@ def _metrics(folder: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- prompt base
+
 def test_prompt_report_sections_commands_and_checks(prompt_demo):
     text = _self_contained(prompt_demo)
     for heading in ("Base vs triggered LoRA", "Trigger specificity", "Weight sweep",
-                    "Two triggered adapters in one prompt", "Merging", "Denoising trajectory", "Scores",
-                    "Reproduce each part"):  # fmt: skip
+                    "Two triggered adapters in one prompt", "Textual inversion", "Merging",
+                    "Denoising trajectory", "Scores", "Reproduce each part"):  # fmt: skip
         assert f"<h2>{heading}" in text, heading
     m = _metrics(prompt_demo)
     assert set(m["sets"]) == PROMPT_SETS and m["settings"]["conditioning"] == "text"
@@ -116,6 +117,12 @@ def test_prompt_report_sections_commands_and_checks(prompt_demo):
     assert sets["both"]["prompt"] == "<lora:bold:1> <lora:italic:1> a handwritten sks ohwx seven"
     assert sets["bold_no_trigger"]["prompt"] == "<lora:bold:1> a handwritten seven"
     assert sets["base_trigger"]["prompt"] == "a handwritten sks seven"
+    assert sets["bold_ti"]["prompt"] == "a handwritten <bold-ti> seven"
+    assert " --embedding " in sets["bold_ti"]["command"]
+    assert "--style bold --token '<bold-ti>' --init-word bold --max-train-steps 2" in cmds["bold embedding"]
+    assert m["embeddings"]["bold"]["trainable_params"] == 32 and m["embeddings"]["bold"]["steps"] == 2
+    # textual inversion left the base alone: its prompts, sampled again with the token loaded, are equal
+    assert m["checks"]["embedding_base_equal"] is True and "embedding_bold" in m["timings"]
     assert cmds["base model"].endswith(" --trajectory --out " + shlex.quote(str(prompt_demo / "repro/base")))
     # the train-lora commands carry the demo's defaults: trigger, prior preservation, text-encoder LoRA
     assert "--style bold --trigger sks --prior --text-encoder --max-train-steps 2" in cmds["bold LoRA"]
@@ -154,6 +161,11 @@ def test_prompt_command_reproduces_its_grid(prompt_demo):
     np.testing.assert_allclose(repro["images"], shown["images"], rtol=0, atol=1e-5)
     assert list(repro["labels"]) == list(shown["labels"])
     assert all("a handwritten sks " in p and "<lora:" in p for p in repro["prompts"])
+    ti = "bold embedding (textual inversion), with <bold-ti>"  # train-embedding, then sample --embedding
+    for c in ("bold embedding", ti):
+        assert main(["-q", *shlex.split(cmds[c])[1:]]) == 0
+    np.testing.assert_allclose(np.load(prompt_demo / "repro" / "bold_ti" / "samples.npz")["images"],
+                               np.load(prompt_demo / "samples" / "bold_ti.npz")["images"], rtol=0, atol=1e-5)
 
 
 def test_report_renders_in_headless_chromium(prompt_demo, tmp_path):

@@ -252,3 +252,119 @@ def test_captions_place_the_token_where_a_trigger_goes(tiny_prompt_model):
     new_token(te, tok, TOKEN, 1, None)
     task = TriggerTask(None, tok, TOKEN)
     assert any(f"{TOKEN} seven" in c for c in task.row) and any(f"in {TOKEN} style" in c for c in task.row)
+
+
+def test_embeddings_folder_is_found_by_name_as_automatic1111(embedding, tiny_prompt_model, tmp_path,
+                                                              monkeypatch, capsys):
+    """A file in ./embeddings goes by its name: `<name>` in a prompt loads it (no --embedding), as do
+    --embedding NAME and --embedding <NAME>; `list` and `info` show it under that token."""
+    emb = read_embedding(embedding[0])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "embeddings").mkdir()
+    theirs = write_embedding(emb, "a1111", tmp_path / "embeddings")  # bold-ti.safetensors
+    theirs.rename(tmp_path / "embeddings" / "my-ink.safetensors")  # its own token stays <bold-ti>
+    common = ["-q", "sample", "--checkpoint", str(tiny_prompt_model), "--num", "2", "--steps", "3", "--seed",
+              "2", "--no-bf16", "--device", "cpu"]
+    assert main([*common, "--prompt", "a <my-ink> seven", "--out", "byname"]) == 0
+    assert main([*common, "--embedding", str(embedding[0]), "--prompt", f"a {TOKEN} seven", "--out",
+                 "bypath"]) == 0
+    got, want = (np.load(tmp_path / d / "samples.npz")["images"] for d in ("byname", "bypath"))
+    assert np.array_equal(got, want)
+    assert main([*common, "--prompt", "a <my-inc> seven", "--out", "typo"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "nearest: <my-ink>" in err and not (tmp_path / "typo").exists()
+    pipe = Pipeline.load(tiny_prompt_model)
+    assert pipe.add_embedding("my-ink") == "<my-ink>" and pipe.add_embedding("<my-ink>") == "<my-ink>"
+    with pytest.raises(UserError, match="did you mean my-ink"):
+        pipe.add_embedding("my-inc")
+    rows = {r["name"]: r for r in listing()}
+    assert rows["my-ink"]["kind"] == "embedding" and rows["my-ink"]["token"] == "<my-ink>"
+    assert info("my-ink")["token"] == "<my-ink>"
+    # an adapters folder (serve --adapters DIR) lists its embeddings/ too
+    (tmp_path / "adapters" / "embeddings").mkdir(parents=True)
+    write_embedding(emb, "diffusers", tmp_path / "adapters" / "embeddings").rename(
+        tmp_path / "adapters" / "embeddings" / "sharp.safetensors")  # the folder's only file: listed once
+    rows = [r for r in listing([tmp_path / "adapters"]) if str(tmp_path / "adapters") in r["path"]]
+    assert [(r["name"], r["token"]) for r in rows] == [
+        (str(tmp_path / "adapters" / "embeddings" / "sharp.safetensors"), "<sharp>")]
+
+
+def test_merge_of_a_pivotal_adapter_ships_its_token(tiny_prompt_model, random_prompt_lora, tmp_path):
+    """merge writes the token's vectors beside the merged model (embeddings/piv.safetensors, named in
+    config.json) and leaves the base's file layout as it was; the merged model with the token in the prompt
+    draws what the base + the unmerged pivotal adapter draws (fp32, to rounding)."""
+    import dataclasses
+    import json
+
+    from lora4diffusion.checkpoint import tensor_header
+
+    adapter, fingerprint = random_prompt_lora(tiny_prompt_model, 0.3)
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    pivotal = dataclasses.replace(adapter, fingerprint=fingerprint, embeddings={"<piv>": vectors})
+    pivotal.save(tmp_path / "piv")
+    merged = tmp_path / "merged"
+    assert main(["-q", "merge", "--checkpoint", str(tiny_prompt_model), "--lora", str(tmp_path / "piv"),
+                 "--out", str(merged), "--device", "cpu"]) == 0
+    assert json.loads((merged / "config.json").read_text())["embeddings"] == ["embeddings/piv.safetensors"]
+    for part in ("model.safetensors", "text_encoder.safetensors"):  # the same tensors, names and shapes
+        assert tensor_header(merged / part) == tensor_header(tiny_prompt_model / part)
+    assert (merged / "tokenizer" / "vocab.txt").read_bytes() == \
+        (tiny_prompt_model / "tokenizer" / "vocab.txt").read_bytes()
+    prompts = ["a <piv> seven", "the digit <piv> 3", "a handwritten 5"]
+    base = Pipeline.load(tiny_prompt_model)
+    base.add_lora(tmp_path / "piv")
+    want, _ = base.generate(prompts, steps=4, seed=2)
+    mine = Pipeline.load(merged)
+    assert mine.tokenizer.added == {"<piv>": base.tokenizer.added["<piv>"]}
+    got, _ = mine.generate(prompts, steps=4, seed=2)
+    assert (got - want).abs().max().item() <= 1e-5
+    plain, _ = Pipeline.load(tiny_prompt_model).generate([p.replace("<piv> ", "") for p in prompts], steps=4,
+                                                          seed=2)
+    assert (plain - want).abs().max().item() > 1e-3  # the comparison can fail
+    emb = read_embedding(merged / "embeddings" / "piv.safetensors")
+    assert torch.equal(emb.vectors, vectors) and emb.fingerprint == mine.fingerprint
+    row = next(r for r in listing([merged]) if r["path"] == str(merged))
+    assert row["tokens"] == "<piv>" and "problem" not in row
+
+    # export-diffusers writes the token as diffusers' learned_embeds file: load_textual_inversion draws ours
+    from diffusers import StableDiffusionPipeline
+
+    from lora4diffusion.models.vae import crop_to
+
+    sd_dir, back = tmp_path / "sd", tmp_path / "back"
+    assert main(["-q", "export-diffusers", "--checkpoint", str(merged), "--out", str(sd_dir)]) == 0
+    sd = StableDiffusionPipeline.from_pretrained(str(sd_dir), safety_checker=None,
+                                                 requires_safety_checker=False).to(torch.float32)
+    sd.load_textual_inversion(str(sd_dir / "embeddings" / "piv.safetensors"))  # the token is the file's key
+    latents = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(2 * 1_000_003))
+    theirs = sd(prompts, num_inference_steps=4, guidance_scale=2.0, latents=latents, output_type="pt").images
+    ours, _ = mine.generate(prompts, steps=4, seed=2, guidance=2.0)
+    assert (crop_to(theirs, 28, 28)[:, 0] - ours).abs().max().item() <= 1e-5
+    assert main(["-q", "import-diffusers", str(sd_dir), "--out", str(back)]) == 0  # and back, token included
+    assert torch.equal(Pipeline.load(back).generate(prompts, steps=4, seed=2, guidance=2.0)[0], ours)
+
+
+def test_pivotal_embedding_lr_is_its_own_recorded_and_resumable(tiny_prompt_model, tmp_path, capsys):
+    """--embedding-lr sets the token's rate apart from the LoRA's (AdamW moves a parameter about lr per step):
+    at 1e-9 the vector stays at its init word's row; the rate is recorded in the adapter and the run, and a
+    resume with another one is refused unless --allow-changes, then the vector moves."""
+    out = tmp_path / "piv"
+    argv = ["-q", "train-lora", "--checkpoint", str(tiny_prompt_model), "--style", "bold", "--pivotal",
+            "--token", "<slow>", "--init-word", "bold", "--rank", "2", "--batch-size", "8",
+            "--examples-per-digit", "2", "--device", "cpu", "--no-bf16", "--out", str(out)]
+    assert main([*argv, "--embedding-lr", "1e-9", "--max-train-steps", "3"]) == 0
+    _, _, cfg = load_model(tiny_prompt_model)
+    te, tok = load_text_parts(tiny_prompt_model, cfg)
+    start = te.token_embedding.weight[tok.words.index("bold")].detach()
+    adapter = read_any(out)
+    assert (adapter.embeddings["<slow>"][0] - start).abs().max() < 1e-7
+    assert adapter.extra["embedding_lr"] == "1e-09"
+    assert any(v != 0 for t in adapter.tensors.values() for v in t.flatten().tolist())  # the LoRA trained
+    again = [*argv, "--embedding-lr", "1e-3", "--max-train-steps", "4", "--resume"]
+    assert main(again) == 2 and "pivotal" in capsys.readouterr().err
+    assert main([*again, "--allow-changes"]) == 0
+    moved = read_any(out).embeddings["<slow>"][0]
+    assert (moved - start).abs().max() > 1e-4 and read_any(out).extra["embedding_lr"] == "0.001"
+    plain = ["-q", "train-lora", "--checkpoint", str(tiny_prompt_model), "--style", "bold"]
+    assert main([*plain, "--embedding-lr", "1e-3", "--out", str(tmp_path / "x")]) == 2  # needs --pivotal
+    assert "go with --pivotal" in capsys.readouterr().err

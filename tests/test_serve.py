@@ -861,6 +861,82 @@ def test_missing_trigger_is_a_warning_beside_the_images(pclient):
     assert pclient.post("/api/generate", json={**body, "prompt": "seven"}).json()["warnings"] == []
 
 
+# -------------------------------------------------------------------- embeddings and pivotal adapters
+@pytest.fixture(scope="module")
+def token_sources(prompt_model, prompt_adapters, random_prompt_lora) -> dict[str, Path]:
+    """In the page's adapters folder: ppiv, a pivotal adapter (the stand-in factors + token <piv>, 2 vectors)
+    and embeddings/: ink.safetensors (A1111's layout, its own token <bold-ti>: it goes by <ink>), piv.
+    safetensors (other vectors for <piv>), other-base (trained on another base). Random vectors."""
+    import dataclasses
+
+    from lora4diffusion.formats.embeddings import write_embedding
+    from lora4diffusion.lora.embeddings import Embedding
+
+    adapter, both = random_prompt_lora(prompt_model, 0.5)
+    g = torch.Generator().manual_seed(1)
+    vec = {k: torch.randn(n, 32, generator=g) for k, n in (("piv", 2), ("ink", 1), ("piv2", 2), ("o", 1))}
+    dataclasses.replace(adapter, fingerprint=both, embeddings={"<piv>": vec["piv"]}).save(
+        prompt_adapters / "ppiv")
+    folder = prompt_adapters / "embeddings"
+    ink = write_embedding(Embedding("<bold-ti>", vec["ink"], both), "a1111", folder)
+    ink.rename(folder / "ink.safetensors")
+    Embedding("<piv>", vec["piv2"], both).save(folder / "piv")  # embeddings/piv/embedding.safetensors
+    write_embedding(Embedding("<other-base>", vec["o"], "e" * 64), "a1111", folder)
+    return {"ppiv": prompt_adapters / "ppiv", "ink": folder / "ink.safetensors", "piv": folder / "piv"}
+
+
+def test_info_lists_embeddings_and_pivotal_tokens(pclient, token_sources):
+    info = pclient.get("/api/info").json()
+    embs = {e["token"]: e for e in info["embeddings"]}
+    assert set(embs) == {"<ink>", "<piv>", "<other-base>"} and info["tokens"] == []
+    assert (embs["<ink>"]["name"], embs["<ink>"]["vectors"], embs["<ink>"]["source"]) == ("ink", 1, "folder")
+    assert embs["<ink>"]["fits"] is True and embs["<other-base>"]["fits"] is False
+    adapters = {a["name"]: a for a in pclient.get("/api/adapters").json()["adapters"]}
+    assert adapters["ppiv"]["tokens"] == ["<piv>"] and adapters["pfit"]["tokens"] == []
+
+
+def test_tokens_in_the_prompt_bring_their_embeddings_and_adapters(pclient, papp, prompt_model, token_sources,
+                                                                 tmp_path):
+    """<ink> brings embeddings/ink.safetensors, <lora:ppiv> its bundled <piv>; without the tag <piv> is
+    embeddings/piv's (other vectors): each request draws what the CLI draws with those files alone, whatever
+    the requests before it loaded, and the printed command reproduces it."""
+    from lora4diffusion.cli import main
+
+    body = {"prompt": "a <ink> seven | the digit <piv> 3", "steps": STEPS, "seed": 4, "n": 1}
+    prompts = ["a <ink> seven", "the digit <piv> 3"]
+    r = pclient.post("/api/generate", json={**body, "prompt": body["prompt"] + " <lora:ppiv:0.5>"})
+    tagged = images(r)
+    pipe = prompt_pipe(prompt_model, papp, (token_sources["ppiv"], 0.5))
+    pipe.add_embedding(token_sources["ink"])
+    assert np.array_equal(tagged, as_png_pixels(pipe.generate(prompts, steps=STEPS, seed=4)[0]))
+    untagged = images(pclient.post("/api/generate", json=body))  # <piv>: the embeddings folder's vectors
+    pipe = prompt_pipe(prompt_model, papp)
+    pipe.add_embedding(token_sources["ink"])
+    pipe.add_embedding(token_sources["piv"])
+    assert np.array_equal(untagged, as_png_pixels(pipe.generate(prompts, steps=STEPS, seed=4)[0]))
+    assert not np.array_equal(tagged[1], untagged[1])
+    # again after the other: the tokens' vectors are the request's own
+    r = pclient.post("/api/generate", json={**body, "prompt": body["prompt"] + " <lora:ppiv:0.5>"})
+    assert np.array_equal(images(r), tagged)
+    assert r.json()["settings"]["embeddings"] == {"<ink>": "ink"}
+    args = shlex.split(r.json()["command"])
+    assert "--embedding" in args and "--lora" in args
+    args[args.index("--out") + 1] = str(tmp_path / "s")
+    assert main(["-q", *args[1:]]) == 0
+    assert np.array_equal(as_png_pixels(torch.from_numpy(np.load(tmp_path / "s" / "samples.npz")["images"])),
+                          tagged)
+
+
+@pytest.mark.parametrize("prompt, words", [
+    ("a <inc> seven", ["unknown token '<inc>'", "nearest: <ink>"]),
+    ("a <other-base> seven", ["'other-base'", "another base"]),
+    ("<lora:pfit:1> <lora:ppiv:1> a <bold-ti> seven", ["unknown token '<bold-ti>'"]),  # it goes by <ink>
+])
+def test_tokens_without_a_source_are_one_line_400(pclient, token_sources, prompt, words):
+    r = pclient.post("/api/generate", json={"prompt": prompt, "steps": 1})
+    assert r.status_code == 400 and all(w in r.json()["error"] for w in words), r.text
+
+
 # ------------------------------------------------------------------------------ fuzzed request bodies
 _VALUES = st.one_of(
     st.none(), st.booleans(), st.sampled_from([-5, 0, 1, 2, 3, 10**9, 2**70]),

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lora4diffusion.diffusion import DEFAULT_STEPS
 
@@ -184,6 +185,11 @@ def prompt_server(request, tmp_path_factory, random_prompt_lora):
     adapter, fingerprint = random_prompt_lora(base, 0.05)  # small: the page's digits stay digits
     extra = {"style": "bold", "trigger_words": '["sks"]'}
     dataclasses.replace(adapter, fingerprint=fingerprint, extra=extra).save(adapters / "pstyle")
+    from lora4diffusion.lora.embeddings import Embedding
+    from lora4diffusion.pipeline import Pipeline
+
+    width = Pipeline.load(base).text_encoder.cfg.width  # an embedding the page finds as <ink>
+    Embedding("<ink>", torch.randn(1, width) * 0.01, fingerprint).save(adapters / "embeddings" / "ink")
     with serving(*(["--checkpoint", str(base)] if base else []), "--adapters", str(adapters)) as url:
         yield url, shipped
 
@@ -213,6 +219,12 @@ def drive_prompt_page(url: str, shot: Path, previews_png: Path | None = None) ->
         page.wait_for_selector("#complete li[data-name=sks]")
         page.keyboard.press("Tab")
         assert page.input_value("#prompt") == "a handwritten sks "
+        # ... and after a '<' the embeddings' tokens (embeddings/ink in the adapters folder), also a chip
+        page.type("#prompt", "<")
+        page.wait_for_selector('#complete li[data-name="<ink>"]')
+        page.keyboard.press("Tab")
+        assert page.input_value("#prompt") == "a handwritten sks <ink> "
+        assert page.locator('#embeddings button[data-token="<ink>"]').count() == 1
 
         # a word the text encoder does not know: the tokenizer's one line, next to the prompt box
         page.uncheck("#auto")

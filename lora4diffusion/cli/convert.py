@@ -10,6 +10,7 @@ from pathlib import Path
 from lora4diffusion.catalog import pretrained_dir
 from lora4diffusion.cli.args import add_loras, lora_args, parse_loras, rank_int
 from lora4diffusion.cli.common import Commands, existing, lora_inputs, out_dir, overwrite_arg, renamed
+from lora4diffusion.cli.embedding import embedding_args
 from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
 from lora4diffusion.finite import require_finite
@@ -31,6 +32,7 @@ def add_merge(sub: Commands) -> None:
     m.add_argument("--out", required=True, help="folder for the merged model")
     overwrite_arg(m)
     lora_args(m, required=True)
+    embedding_args(m)  # a pivotal adapter's tokens come with it; --embedding adds textual-inversion ones
     m.set_defaults(func=cmd_merge)
 
 
@@ -118,8 +120,11 @@ def add_peft(sub: Commands) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     base = args.checkpoint if args.checkpoint is not None else pretrained_dir()
-    out = out_dir(args.out, overwrite=args.overwrite, inputs=existing(base) + lora_inputs(args.lora))
+    inputs = existing(base, *args.embedding) + lora_inputs(args.lora)
+    out = out_dir(args.out, overwrite=args.overwrite, inputs=inputs)
     pipe = Pipeline.load(args.checkpoint).to(args.device)  # the merge is fp32 (exact): --bf16 is unused
+    for emb in args.embedding:
+        pipe.add_embedding(emb, force=args.force)
     loras = add_loras(pipe, args)
     model = unload_lora(pipe.unet, merge=True)
     if pipe.is_prompt_model:  # text-encoder LoRA (train-lora --text-encoder) is merged into it as well
@@ -129,8 +134,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     merged_from = [{"adapter": p, "scale": w if isinstance(w, float) else str(w), "name": n}
                    for p, w, n in loras]
     extra = {"merged_from": merged_from, "base": pipe.config.get("base_path")}
-    save_model(out, model, pipe.diffusion, extra, vae=pipe.vae, text=pipe.text)  # keeps its VAE / text parts
-    print(f"merged {len(loras)} adapter(s) into {out}")
+    # keeps its VAE and text parts; added tokens (a pivotal adapter's) go in embeddings/ beside them
+    save_model(out, model, pipe.diffusion, extra, vae=pipe.vae, text=pipe.text)
+    tokens = list(pipe.text_encoder.added_tokens.tokens) if pipe.is_prompt_model else []
+    print(f"merged {len(loras)} adapter(s) into {out}" + (f" (tokens {', '.join(tokens)} in"
+                                                           f" {out}/embeddings)" if tokens else ""))
     return 0
 
 

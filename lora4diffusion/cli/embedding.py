@@ -103,7 +103,7 @@ def cmd_train_embedding(args: argparse.Namespace) -> int:
 
 def cmd_export_embedding(args: argparse.Namespace) -> int:
     _, source = embedding_path(args.embedding)
-    emb = read_any_embedding(source)  # read and checked before --out is touched
+    emb = read_any_embedding(args.embedding)  # read and checked before --out is touched
     out = out_dir(args.out, overwrite=args.overwrite, inputs=(source,))
     out.mkdir(parents=True, exist_ok=True)
     path = write_embedding(emb, args.format, out)

@@ -141,6 +141,9 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
         # <lora:...> tags load their adapters; bad tags, names and prompts (unknown word, too long) fail
         # here, before any sampling or writing
         stripped = pipe.apply_prompt_tags(prompts, force=args.force) if args.prompt else prompts
+        # a token in a prompt brings the embedding of that name from ./embeddings (as A1111's folder)
+        pipe.load_prompt_embeddings(stripped + ([args.negative] if args.negative is not None else []),
+                                    force=args.force)
         pipe.tokenizer.encode(stripped + ([args.negative] if args.negative is not None else []))
         missing = pipe.missing_triggers(stripped)
         if missing:

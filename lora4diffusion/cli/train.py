@@ -178,6 +178,9 @@ def add_train_lora(sub: Commands) -> None:
                     help="with --pivotal: vectors of the token (default 1)")
     objective_args(tl, lora=True)
     validate_arg(tl)
+    tl.add_argument("--embedding-lr", type=learning_rate, metavar="LR",
+                    help="with --pivotal: learning rate of the token's vectors (default: --text-encoder-lr"
+                    " with --text-encoder, else --lr)")
     run_dir_args(tl)
     compile_arg(tl)
     tl.set_defaults(func=cmd_train_lora)
@@ -333,13 +336,14 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     if args.full and (args.method != "lora" or args.loraplus_lr_ratio is not None):
         raise UserError("--full trains every weight: --method and --loraplus-lr-ratio go with an adapter")
     pivotal_flags = [f for f, v in (("--token", args.token), ("--init-word", args.init_word),
-                                    ("--num-vectors", args.num_vectors)) if v is not None]
+                                    ("--num-vectors", args.num_vectors),
+                                    ("--embedding-lr", args.embedding_lr)) if v is not None]
     if args.pivotal and args.token is None:
         raise UserError("--pivotal needs --token <name> (the new placeholder token)")
     if pivotal_flags and not args.pivotal:
         raise UserError(f"{', '.join(pivotal_flags)} go with --pivotal")
-    pivotal = {"token": args.token, "num_vectors": args.num_vectors or 1, "init_word": args.init_word} \
-        if args.pivotal else None
+    pivotal = {"token": args.token, "num_vectors": args.num_vectors or 1, "init_word": args.init_word,
+               "lr": args.embedding_lr} if args.pivotal else None
     rank = args.rank or default_lora_config(args.checkpoint).rank
     lora = LoRAConfig(
         rank=rank,

@@ -90,10 +90,30 @@ the adapter: what the rare word alone does.</p>
 <p>Ink {sets["both"]["ink_ratio"]:.2f}x the base's and slant {sets["both"]["slant_diff"]:+.2f} px against
 the base (bold alone: {sets["bold_1"]["ink_ratio"]:.2f}x, {sets["bold_1"]["slant_diff"]:+.2f} px; italic
 alone: {sets["italic_1"]["ink_ratio"]:.2f}x, {sets["italic_1"]["slant_diff"]:+.2f} px).</p>
+{_embedding_section(m, fig)}
 <h2>Merging</h2>{_row(fig["bold_1"], fig["merged_bold"])}
 <p>W &larr; W + w&middot;B&middot;A in the UNet (and the text encoder), written as a plain checkpoint
 (<code>merged_bold/</code>): max |merged &minus; unmerged| = {ck["merge_max_abs_diff"]:.3g} (tolerance
 {ck["merge_tolerance"]:g}, fp32, DDIM eta 0): {_verdict(ck["merge_ok"])}.</p>
+"""
+
+
+def _embedding_section(m: dict, fig: dict) -> str:
+    """Textual inversion: bold as one new token's vector, the base frozen (Gal et al. 2022)."""
+    emb, sets, ck = m.get("embeddings", {}).get("bold"), m["sets"], m["checks"]
+    if emb is None or "bold_ti" not in sets:
+        return ""
+    ti, lo = sets["bold_ti"], sets["bold_1"]
+    token, trigger = html.escape(emb["token"]), html.escape(m["settings"]["triggers"]["bold"])
+    same = _verdict(ck.get("embedding_base_equal", False))
+    return f"""<h2>Textual inversion</h2>{_row(fig["base"], fig["bold_ti"], fig["bold_1"])}
+<p>A new token <code>{token}</code> learned bold with the whole model frozen: only its vector trained
+({emb["trainable_params"]:,} numbers, {_size(emb["file_bytes"])} on disk, against the LoRA's
+{m["adapters"]["bold"]["trainable_params"]:,}). With the token: ink {ti["ink_ratio"]:.2f}x the base's at
+{_pct(ti["accuracy"])} accuracy (the bold LoRA with <code>{trigger}</code>:
+{lo["ink_ratio"]:.2f}x at {_pct(lo["accuracy"])}). The token can only steer what the frozen model already
+draws. Prompts without it are the base's digits bit for bit: {same}.
+</p>
 """
 
 
@@ -138,6 +158,11 @@ def render_html(m: dict) -> str:
               f"{a['trainable_params']:,}", f"{100 * a['share']:.2f}%",
               f"{_size(a['file_bytes'])} ({100 * a['file_bytes'] / size:.1f}% of the base weights)",
               str(a["steps"]), f"{a['final_loss']:.4f}"] for s, a in m["adapters"].items()]  # fmt: skip
+    cost += [[f"{s} embedding (token {e(a['token'])})", f"{a['trainable_params']:,}",
+              f"{100 * a['share']:.4f}%",
+              f"{_size(a['file_bytes'])} ({100 * a['file_bytes'] / size:.3f}% of the base weights)",
+              str(a["steps"]), f"{a['final_loss']:.4f}"]
+             for s, a in m.get("embeddings", {}).items()]  # fmt: skip
     times = [[e(k.replace("_", " ")), f"{v:.1f} s"] for k, v in m["timings"].items()]
     losses = [_fig(p, f"{k} training loss") for k, p in m["losses"].items() if p]
     no_base_loss = "" if m["losses"]["base"] else '<p class="note">The base directory has no metrics.csv.</p>'

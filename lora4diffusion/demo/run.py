@@ -1,7 +1,7 @@
 """The demo's experiment: check the options, prepare the base (the shipped one, ``--checkpoint`` or trained
-``--from-scratch``), train the bold and italic adapters, sample every grid of ``variants.py`` with the same
-seed, merge bold into the weights, score each set with the project's classifier and write ``metrics.json``
-and the report (``report.py``).
+``--from-scratch``), train the bold and italic adapters (and, on a prompt base, bold as a textual-inversion
+embedding), sample every grid of ``variants.py`` with the same seed, merge bold into the weights, score each
+set with the project's classifier and write ``metrics.json`` and the report (``report.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from lora4diffusion.demo.variants import (
     PROMPT_MIX,
     STYLES,
     TEMPLATE,
+    TI_INIT,
+    TI_TOKEN,
     PromptOptions,
     label_variants,
     prompt_text,
@@ -46,6 +48,7 @@ from lora4diffusion.plots import plot_loss, save_grid, save_trajectory
 from lora4diffusion.precision import choose_precision
 from lora4diffusion.runlock import LOCK_NAME
 from lora4diffusion.styles import slant, style_splits
+from lora4diffusion.training.embedding import train_embedding
 from lora4diffusion.training.lora import default_lora_config, train_lora
 from lora4diffusion.training.prompt_base import PRESET_NAMES, train_prompt_base
 
@@ -64,6 +67,7 @@ OWNED = (
     "samples",
     "repro",
     *(f"lora_{s}" for s in STYLES),
+    "embedding_bold",
     "merged_bold",
 )
 
@@ -253,6 +257,19 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
                            "file_bytes": (run_dir / "adapter.safetensors").stat().st_size,
                            "trigger": triggers.get(style)}  # fmt: skip
 
+    embeddings = {}  # prompt base: bold as a textual-inversion token (one vector trains, the base is frozen)
+    if prompt:
+        t0 = time.perf_counter()
+        log.info("demo: training the bold embedding %s (textual inversion)", TI_TOKEN)
+        run_dir = out / "embedding_bold"
+        r = finished(train_embedding("bold", run_dir, TI_TOKEN, base=base_dir, init_word=TI_INIT,
+                                     steps=lora_steps, progress=progress, device=device, bf16=bf16))
+        lap("embedding_bold", t0)
+        embeddings["bold"] = {"trainable_params": r["trainable_params"], "share": r["share"],
+                              "steps": r["step"], "final_loss": r["loss"],
+                              "train_seconds": round(r["train_seconds"], 2), "token": TI_TOKEN,
+                              "file_bytes": (run_dir / "embedding.safetensors").stat().st_size}  # fmt: skip
+
     # 3. the same digits and seed through every variant; fp32 and eta 0, so the only randomness is x_T.
     # Prompt base: one Pipeline, adapters named by <lora:PATH:W> tags in the prompts (loaded once, weights set
     # per call, untagged ones at 0) -- the code path of `sample --prompt`. Label base: Pipeline.add_lora +
@@ -270,6 +287,8 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
         t0 = time.perf_counter()
         log.info("demo: sampling %s", v.caption)
         if prompt:
+            if v.token and v.token not in pipe.tokenizer.added:  # `sample --embedding`
+                pipe.add_embedding(out / "embedding_bold")
             prompts[v.key] = [prompt_text(d, v, triggers, run_adapters) for d in range(10)]
             inputs = [prompts[v.key][d] for d in digits]
         else:
@@ -301,6 +320,9 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
               "merge_max_abs_diff": float((images["merged_bold"] - images["bold_1"]).abs().max()),
               "merge_tolerance": MERGE_TOLERANCE}  # fmt: skip
     checks["merge_ok"] = checks["merge_max_abs_diff"] <= MERGE_TOLERANCE
+    if prompt:  # textual inversion leaves the base untouched: its prompts draw the base's digits bit for bit
+        again = pipe.generate([prompts["base"][d] for d in digits], **kw)[0]
+        checks["embedding_base_equal"] = bool(torch.equal(again, images["base"]))
 
     t0 = time.perf_counter()  # 4. scores
     sets, reference = _score(images, digits, per_digit, out, {v.key: v.caption for v in variants})
@@ -317,6 +339,9 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
         losses[s] = _plot_csv(
             out / f"lora_{s}" / "metrics.csv", out / "images" / f"loss_{s}.png", f"{s} LoRA"
         )
+    if embeddings:
+        losses["bold embedding"] = _plot_csv(out / "embedding_bold" / "metrics.csv", out / "images" /
+                                             "loss_bold_ti.png", f"bold embedding {TI_TOKEN}")
     lora = default_lora_config(base_dir)  # rank 16 on a prompt base, 4 on a label base
     settings = {"base": str(base_dir), "shipped_base": shipped, "from_scratch": from_scratch,
                 "conditioning": "text" if prompt else "label", "latent": pipe.vae is not None,
@@ -340,8 +365,8 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
             if what == v.caption:
                 sets[v.key]["command"] = cmd
     result = {"settings": settings, "sets": sets, "reference": reference, "checks": checks,
-              "adapters": adapters, "base": base_info, "losses": losses, "commands": commands,
-              "timings": timings}  # fmt: skip
+              "adapters": adapters, "embeddings": embeddings, "base": base_info, "losses": losses,
+              "commands": commands, "timings": timings}  # fmt: skip
     lap("plots", t0)
     timings["total"] = round(time.perf_counter() - t_start, 2)
     write_json(out / "metrics.json", result)

@@ -15,6 +15,10 @@ from lora4diffusion.errors import UserError
 
 STYLES = ("bold", "italic")
 DEFAULT_TRIGGERS = {"bold": "sks", "italic": "ohwx"}  # DreamBooth's and kohya guides' rare identifiers
+# Textual inversion on a prompt base: bold as a new token whose one vector starts at the word "bold"'s row
+# (Gal et al. 2022: only that vector trains). A pivotal row (train-lora --pivotal) is not in the demo: it is a
+# third LoRA training, about half as long again as the whole demo (benchmarks/embeddings.py measures it).
+TI_TOKEN, TI_INIT = "<bold-ti>", "bold"
 # The prompt template of every prompt set: DreamBooth's "a [V] dog" placement ("a handwritten sks seven"),
 # one of the training templates (captions.TEMPLATES["handwritten"]).
 TEMPLATE = "a handwritten {w}"
@@ -35,6 +39,7 @@ class Variant:
     caption: str
     weights: dict = field(default_factory=dict)
     triggered: tuple = ()
+    token: str = ""  # a textual-inversion token the prompt carries (its embedding is loaded)
 
 
 def label_variants() -> list[Variant]:
@@ -62,6 +67,7 @@ def prompt_variants(triggers: dict[str, str]) -> list[Variant]:
         Variant("italic_1", f"italic LoRA, weight 1, with {i}", {"italic": 1.0}, ("italic",)),
         Variant("both", f"bold {PROMPT_MIX[0]:g} + italic {PROMPT_MIX[1]:g}, with {b} {i}",
                 {"bold": PROMPT_MIX[0], "italic": PROMPT_MIX[1]}, ("bold", "italic")),
+        Variant("bold_ti", f"bold embedding (textual inversion), with {TI_TOKEN}", token=TI_TOKEN),
         Variant("merged_bold", f"bold merged into the weights, with {b}", {}, ("bold",)),
     ]  # fmt: skip
 
@@ -69,7 +75,7 @@ def prompt_variants(triggers: dict[str, str]) -> list[Variant]:
 def prompt_text(digit: int, v: Variant, triggers: dict[str, str], adapters: dict[str, str]) -> str:
     """The prompt of ``v`` for one digit: its <lora:...> tags (``adapters``: style -> what the tag names),
     then the template with the variant's trigger words before the digit ("a handwritten sks seven")."""
-    words = " ".join(triggers[s] for s in v.triggered) or None
+    words = " ".join([*(triggers[s] for s in v.triggered), *([v.token] if v.token else [])]) or None
     tags = "".join(f"<lora:{adapters[s]}:{w:g}> " for s, w in v.weights.items())
     return tags + caption(digit, TEMPLATE, words)
 
@@ -119,6 +125,7 @@ def repro_commands(out: Path, base_dir: Path, shipped: bool, variants: list[Vari
     ckpt_opt = "" if shipped else f" --checkpoint {q(base_dir)}"
     gen = f"--steps {kw['steps']} --guidance {kw['guidance']:g} --seed {kw['seed']} --no-bf16"  # demo: fp32
     lora_dir = {s: repro / f"lora_{s}" for s in STYLES}
+    ti_dir = repro / "embedding_bold"
     n = f" --max-train-steps {st['lora_steps']}" if st["lora_steps"] else ""
     if st["bf16_training"] in (True, False):  # the trainings' precision, when the demo was told one
         n += " --bf16" if st["bf16_training"] else " --no-bf16"
@@ -136,6 +143,9 @@ def repro_commands(out: Path, base_dir: Path, shipped: bool, variants: list[Vari
             extra += " --text-encoder" * st["text_encoder_lora"]
         cmds.append([f"{s} LoRA", f"lora4diffusion train-lora{base_opt} --style {s}{extra}{n}"
                      f" --out {q(lora_dir[s])}"])  # fmt: skip
+    if any(v.token for v in variants):
+        cmds.append(["bold embedding", f"lora4diffusion train-embedding{base_opt} --style bold --token"
+                     f" {q(TI_TOKEN)} --init-word {TI_INIT}{n} --out {q(ti_dir)}"])  # fmt: skip
     merged = repro / "merged_bold"
     for v in variants:
         if v.key == "merged_bold":
@@ -143,6 +153,7 @@ def repro_commands(out: Path, base_dir: Path, shipped: bool, variants: list[Vari
                          f" {q(lora_dir['bold'])} --out {q(merged)}"])  # fmt: skip
         where = f" --checkpoint {q(merged)}" if v.key == "merged_bold" else ckpt_opt
         extra = " --trajectory" if v.key == "base" else ""
+        extra += f" --embedding {q(ti_dir)}" if v.token else ""
         if prompt:
             paths = {s: str(lora_dir[s]) for s in STYLES}
             tagged = [prompt_text(d, v, st["triggers"], paths) for d in range(10)]

@@ -4,6 +4,7 @@
     model.safetensors    the (EMA) UNet weights used for sampling
     vae/                 the VAE a latent model denoises the latents of (folders/vae.py)
     text_encoder.safetensors, tokenizer/   a prompt model's text parts (folders/text.py)
+    embeddings/NAME.safetensors            tokens the text encoder knows besides its words (folders/text.py)
 
 The config is validated by the config dataclasses; the weights' names, shapes and dtypes are checked against
 the network built on the meta device before any memory is allocated (checkpoint.load_weights).
@@ -26,6 +27,8 @@ from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.text import save_text_parts
 from lora4diffusion.folders.vae import attach_vae
+from lora4diffusion.lora.adapters import UNKNOWN
+from lora4diffusion.lora.prompt_lora import prompt_fingerprint
 from lora4diffusion.models.unet import UNet, UNetConfig
 from lora4diffusion.schema import shown
 
@@ -46,8 +49,9 @@ def save_model(
     config.update(extra or {})
     if (model.cfg.conditioning == "text") != (text is not None):
         raise UserError("a prompt model is saved with its text encoder and tokenizer, a label model without")
-    if text is not None:
-        config.update(save_text_parts(directory, *text))
+    if text is not None:  # added tokens (a merged pivotal adapter's) record this model's fingerprint
+        fingerprint = prompt_fingerprint(model, text[0]) if len(text[0].added_tokens) else UNKNOWN
+        config.update(save_text_parts(directory, *text, fingerprint=fingerprint))
     if vae is not None:
         config["vae"] = attach_vae(directory, vae)
     save_tensors(directory / WEIGHTS_NAME, {k: v.float() for k, v in model.state_dict().items()})

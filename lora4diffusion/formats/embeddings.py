@@ -9,7 +9,8 @@ embedding file; reading any of them (ours included, detected) and writing the tw
                                             name) or string_to_param.*  our export also writes "name"
 
 AUTOMATIC1111 names an embedding by its file and matches that text in prompts; ours are placeholders written
-``<name>``, so ``bold-ti.safetensors`` is our ``<bold-ti>``. Both writers also store our own metadata as one
+``<name>``, so ``bold-ti.safetensors`` is our ``<bold-ti>``; any embedding in an ``embeddings/`` folder goes
+by its name's token (catalog.embedding_name), as A1111's do. Both writers also store our own metadata as one
 ``lora4diffusion`` entry (the other tools ignore it), so ours -> X -> ours keeps the base fingerprint, the
 init word and the training record. SDXL's two-encoder files (clip_l / clip_g) are refused: one encoder here.
 """
@@ -20,7 +21,7 @@ import json
 from pathlib import Path
 
 from lora4diffusion.captions import check_placeholder
-from lora4diffusion.catalog import EMBEDDING_FILES, embedding_layout, resolve
+from lora4diffusion.catalog import EMBEDDING_FILES, embedding_layout, embedding_name, resolve
 from lora4diffusion.checkpoint import load_tensors, path_kind, read_metadata, save_tensors, tensor_header
 from lora4diffusion.errors import UserError
 from lora4diffusion.finite import require_finite
@@ -86,8 +87,14 @@ def _ours_from_blob(tensor, meta: dict[str, str], where: object) -> Embedding | 
 
 
 def read_any_embedding(path: str | Path, token: str | None = None) -> Embedding:
-    """Read an embedding of any layout (detected); ``token`` renames it (diffusers' ``token=``)."""
-    layout, file = embedding_path(path)
+    """Read an embedding of any layout (detected); ``token`` renames it (diffusers' ``token=``). One lying in
+    an ``embeddings/`` folder (found by its name, ``catalog.resolve``, or by its path) goes by the token
+    <name>, whatever its file says, as AUTOMATIC1111's prompt word is its file's name."""
+    item = resolve(path, "embedding")  # a name that is nothing known: the error naming the nearest ones
+    layout, file = embedding_path(item)
+    name = embedding_name(item)
+    if token is None and name is not None:
+        token = _token(name, item)
     if layout == "ours":
         emb = read_embedding(file)
     else:

@@ -10,6 +10,9 @@ Our prompt model folder (folders/model.py) and the diffusers folder hold the sam
     vae/ (config.json, model.safetensors)    vae/config.json + diffusion_pytorch_model.safetensors
                                               (AutoencoderKL, with our measured scaling_factor)
     config.json "diffusion"                  scheduler/scheduler_config.json (DDIMScheduler)
+    embeddings/NAME.safetensors (tokens)    embeddings/NAME.safetensors ({token: [n, D]}, diffusers'
+                                              learned_embeds layout, one token a file: what
+                                              ``pipe.load_textual_inversion(file)`` reads)
 
 What makes the pipeline compute what ``Pipeline.generate`` computes, step for step (tests/test_export_sd.py):
 - prompt -> ids: CLIPTokenizer padded to model_max_length (16) with eos = our [bos, words, eos, eos...];
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora4diffusion.catalog import EMBEDDINGS_FOLDER
 from lora4diffusion.checkpoint import atomic_write, load_tensors, read_json, save_tensors, write_json
 from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.errors import UserError
@@ -51,11 +55,13 @@ from lora4diffusion.formats.diffusers_unet import (
     unet_config_to_diffusers,
     unet_state_to_diffusers,
 )
+from lora4diffusion.formats.embeddings import read_any_embedding
 from lora4diffusion.formats.transformers_clip import (
     config_from_transformers,
     export_text_encoder,
     from_transformers,
 )
+from lora4diffusion.lora.embeddings import add_token
 from lora4diffusion.models.text_encoder import TextEncoder
 from lora4diffusion.models.tokenizer import Tokenizer
 from lora4diffusion.models.unet import UNet
@@ -148,6 +154,10 @@ def export_sd_pipeline(
         **diffusers_vae.diffusers_config(vae.cfg),
     })
     export_text_encoder(text_encoder, tokenizer, out)  # text_encoder/ and tokenizer/
+    for token in text_encoder.added_tokens.tokens:  # a merged pivotal model's tokens, as diffusers loads them
+        vectors = text_encoder.added_tokens.vector(token).detach().float().cpu().contiguous()
+        file = out / EMBEDDINGS_FOLDER / f"{token[1:-1]}.safetensors"
+        save_tensors(file, {token: vectors}, {"format": "pt"})
     write_json(out / SCHEDULER_DIR / SCHEDULER_CONFIG, scheduler_config(diffusion, prompt_model=True))
     write_json(out / MODEL_INDEX, model_index())
     text = _README.format(
@@ -253,6 +263,9 @@ def _read_sd_pipeline(folder: str | Path) -> tuple[UNet, DiffusionConfig, VAE, T
                         f" {unet_cfg.image_size} do not fit the VAE's latents ({vae_cfg.latent_channels} x"
                         f" {vae_cfg.latent_size})")
     unet = load_unet_weights(unet_cfg, _weights(folder, UNET_DIR, UNET_WEIGHTS))
+    for file in sorted((folder / EMBEDDINGS_FOLDER).glob("*.safetensors")):  # the tokens export wrote
+        emb = read_any_embedding(file)
+        add_token(text_encoder, tokenizer, emb.token, emb.vectors)
     return unet, _scheduler(folder), vae.eval(), text_encoder.eval(), tokenizer
 
 

@@ -151,6 +151,18 @@ def bundle_tensors(embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             for token, v in embeddings.items()}
 
 
+def bundled_tokens(header: dict[str, tuple]) -> dict[str, int]:
+    """Token -> number of vectors of the embeddings an adapter file bundles, from its header alone
+    (``checkpoint.tensor_header``: key -> (shape, dtype)), named as ``split_bundled`` names them."""
+    out = {}
+    for key, (shape, _dtype) in header.items():
+        name = key[len(BUNDLE):].partition(".")[0] if key.startswith(BUNDLE) else ""
+        if name:
+            token = name if name.startswith("<") else f"<{name.lower()}>"
+            out[token] = int(shape[0]) if len(shape) == 2 else 1
+    return out
+
+
 def split_bundled(tensors: dict[str, torch.Tensor], where: object) -> tuple[dict, dict[str, torch.Tensor]]:
     """(the LoRA tensors, the bundled embeddings by token) of a file's tensors. A1111 names a bundled
     embedding by its file name ("bold_ti"): a name that is not a placeholder becomes ``<name>``."""

@@ -167,6 +167,16 @@ class Tokenizer:
         rx = "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True))
         self._added_rx = re.compile(rx) if rx else None
 
+    def unknown_tokens(self, prompts: Sequence[str]) -> list[str]:
+        """The placeholder tokens of ``prompts`` that no loaded embedding defines, in order of appearance:
+        what an embeddings/ folder may supply (pipeline.Pipeline.load_prompt_embeddings)."""
+        found: list[str] = []
+        for p in prompts:
+            for m in PLACEHOLDER.finditer(normalize(p) if isinstance(p, str) else ""):
+                if m.group(0) not in self.added and m.group(0) not in found:
+                    found.append(m.group(0))
+        return found
+
     def _pieces(self, text: str) -> list[str]:
         """CLIP's pieces of normalised text, added tokens split out first (whole, longest first)."""
         if self._added_rx is None:
@@ -195,7 +205,8 @@ class Tokenizer:
             near = difflib.get_close_matches(m.group(0), known, n=3, cutoff=0.5)
             hint = f"nearest: {', '.join(near)}" if near else "no known token is close"
             raise UserError(f"unknown token {m.group(0)!r} in prompt {prompt!r}: no embedding for it is"
-                            f" loaded ({hint}; load its file with --embedding)")
+                            f" loaded ({hint}; load its file with --embedding, or put it in an embeddings/"
+                            f" folder as {m.group(0)[1:-1]}.safetensors)")
         for p in pieces:
             if p not in self._ids and p not in self.added:
                 near = difflib.get_close_matches(p, known, n=3, cutoff=0.5)

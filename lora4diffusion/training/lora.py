@@ -413,6 +413,9 @@ def train_prompt_lora(
     )
     heldout = heldout_style(style, data) if cfg.validate_every else None  # before any work: may refuse
     te_lr = cfg.lr if text_encoder_lr is None else float(text_encoder_lr)
+    # the token's vectors (pivotal): their own rate if given, else the text encoder's (they feed it)
+    emb_lr = None if pivotal is None else float(pivotal["lr"]) if pivotal.get("lr") is not None else \
+        te_lr if text_encoder else cfg.lr
     model = TextConditionedUNet(unet, te)
     for p in model.parameters():  # the whole base is frozen, the text encoder included
         p.requires_grad_(False)
@@ -433,7 +436,7 @@ def train_prompt_lora(
                 "lora": lora.record()}  # fmt: skip
     if pivotal is not None:
         run_info["pivotal"] = {"token": trigger, "num_vectors": int(token_param.shape[0]),
-                               "init_word": pivotal.get("init_word") or ""}
+                               "init_word": pivotal.get("init_word") or "", "lr": emb_lr}
     if prior_source is not None:
         run_info["prior_data_fingerprint"] = data_fingerprint(prior_source.images, prior_source.labels)
     torch.manual_seed(cfg.seed)  # LoRA init: the UNet's, then the text encoder's
@@ -462,7 +465,8 @@ def train_prompt_lora(
                 TRIGGER_KEY: preview_words, "text_encoder": text_encoder,
                 "text_encoder_targets": TE_TARGETS if text_encoder else None,
                 "text_encoder_lr": te_lr if text_encoder else None, "prior": prior,
-                "prior_weight": prior_weight if prior else None, "conditioning": "text"}  # fmt: skip
+                "prior_weight": prior_weight if prior else None, "conditioning": "text",
+                **({"embedding_lr": emb_lr} if emb_lr is not None else {})}  # fmt: skip
         adapter.extra = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
         adapter.save(directory)
 
@@ -472,14 +476,21 @@ def train_prompt_lora(
     if heldout is not None:  # held-out styled digits, captioned as in training (trigger included)
         x0, labels = heldout_inputs(heldout, unet.cfg.image_size, vae)
         validation = DiffusionValidation(schedule, x0, caption_ids(tokenizer, labels, trigger))
+    token_key = next((k for k, p in model.named_parameters() if p is token_param), None)  # pivotal
+
+    def lr_scale(k: str) -> float:
+        if k == token_key:
+            return emb_lr / cfg.lr
+        return (te_lr / cfg.lr if k.startswith("text_encoder.") else 1.0) * plus(k)
+
     return fit_adapter(
         model, TriggerTask(schedule, tokenizer, trigger, prior_images, prior_labels, prior_weight), images,
         styled.labels, cfg, out, export,
         preview=lambda m, p: preview_prompts(m, tokenizer, schedule, vae, p, prompts=preview),
         run_info=run_info, summary=summary, device=device, compile=compile, should_stop=should_stop,
         resume=resume, allow_changes=allow_changes, progress=progress,
-        lr_scale=(lambda k: (te_lr / cfg.lr if k.startswith("text_encoder.") else 1.0) * plus(k))
-        if text_encoder or lora.loraplus_lr_ratio != 1.0 else None, validation=validation,
+        lr_scale=lr_scale if text_encoder or lora.loraplus_lr_ratio != 1.0 or pivotal is not None else None,
+        validation=validation,
     )
 
 

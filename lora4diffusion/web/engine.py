@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from lora4diffusion.captions import digit_of
-from lora4diffusion.checkpoint import read_metadata
+from lora4diffusion.checkpoint import read_metadata, tensor_header
 from lora4diffusion.errors import UserError
 from lora4diffusion.latents import decode_latents
 from lora4diffusion.lora.adapters import (
     ADAPTER_FILE,
     UNKNOWN,
     base_fingerprint,
+    bundled_tokens,
     load_adapter,
     read_adapter,
     shipped_adapters,
@@ -40,6 +41,7 @@ from lora4diffusion.lora.prompt_lora import load_prompt_adapter, prompt_fingerpr
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image
 from lora4diffusion.precision import choose_precision
+from lora4diffusion.web.embeddings import EmbeddingRegistry, place_token
 from lora4diffusion.web.prompt import Conditioning, check_name
 from lora4diffusion.web.request import BODY_TIMEOUT_S, HTTPError
 
@@ -80,6 +82,7 @@ class AdapterInfo:
     meta: dict[str, str]
     fits: bool | None  # None: no fingerprint recorded (e.g. imported from PEFT), shapes are checked on load
     reason: str = ""
+    tokens: dict[str, int] = field(default_factory=dict)  # bundled tokens (pivotal tuning) -> vectors
 
     def public(self) -> dict:
         m = self.meta
@@ -100,6 +103,7 @@ class AdapterInfo:
             "triggers": triggers,
             "trigger": ", ".join(triggers),
             "steps": int(m.get("steps", 0) or 0),
+            "tokens": list(self.tokens),  # a tag of the adapter brings them into prompts
             "fits": self.fits,
             "reason": self.reason,
         }
@@ -151,14 +155,14 @@ class AdapterRegistry:
         if hit and hit[0] == mtime and hit[1].name == name:
             return hit[1]
         try:
-            meta = read_metadata(f)
+            meta, tokens = read_metadata(f), bundled_tokens(tensor_header(f))
         except UserError as e:
             info = AdapterInfo(name, directory, source, {}, False, str(e).split(": ")[-1])
         else:
             fp = meta.get("base_fingerprint", UNKNOWN)
             fits = None if fp == UNKNOWN else fp == self.fingerprint
             reason = "" if fits is not False else f"trained on another base ({fp[:12]})"
-            info = AdapterInfo(name, directory, source, meta, fits, reason)
+            info = AdapterInfo(name, directory, source, meta, fits, reason, tokens)
         self._cache[f] = (mtime, info)
         return info
 
@@ -199,6 +203,8 @@ class Job:
     events: asyncio.Queue
     preview_every: int = 0  # 0: no previews
     warnings: list[str] = field(default_factory=list)  # shown beside the prompt; the images are unaffected
+    # the prompts' added tokens -> where their vectors come from: ("adapter", name) | ("embedding", name)
+    tokens: dict[str, tuple[str, str]] = field(default_factory=dict)
     id: str = field(default_factory=lambda: secrets.token_hex(6))
 
     def emit(self, kind: str, data: dict) -> None:
@@ -240,8 +246,10 @@ def grid_b64(images: torch.Tensor, columns: int) -> str:
 class Engine:
     """The shared model and the one worker thread that runs generation jobs in order."""
 
-    def __init__(self, cfg: ServeConfig, pipe: Pipeline, registry: AdapterRegistry):
-        self.cfg, self.pipe, self.registry = cfg, pipe, registry
+    def __init__(self, cfg: ServeConfig, pipe: Pipeline, registry: AdapterRegistry,
+                 embeddings: EmbeddingRegistry | None = None):
+        self.cfg, self.pipe, self.registry, self.embeddings = cfg, pipe, registry, embeddings
+        self.bundled: dict[str, dict] = {}  # adapter name inside the model -> its bundled tokens' vectors
         self.precision = choose_precision(pipe.device, cfg.bf16)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=cfg.max_queue)
         self.model_lock = threading.Lock()  # held while a job samples; tests hold it to fill the queue
@@ -292,15 +300,31 @@ class Engine:
             # The registry has checked the adapter fits this base (pipe_fingerprint); the loaders then check
             # every module's shape.
             adapter = replace(read_adapter(info.path), fingerprint=UNKNOWN)
-            load_into(self.pipe, adapter, name)
+            # its bundled tokens are put in place per job (place_token), not once for good
+            load_into(self.pipe, replace(adapter, embeddings={}), name)
+            self.bundled[name] = adapter.embeddings
             self.loaded[key] = name
         return self.loaded[key]
+
+    def _place_tokens(self, job: Job) -> None:
+        """Every added token of the job's prompts stands for its own source's vectors (an adapter's bundled
+        ones, or an embedding's), whatever an earlier job put there."""
+        for token, (kind, name) in job.tokens.items():
+            if kind == "adapter":
+                vectors = self.bundled[self._model_name(self.registry.get(name))][token]
+            else:
+                info = self.embeddings.all().get(token) if self.embeddings is not None else None
+                if info is None or info.embedding is None:
+                    raise UserError(f"embedding {name!r} ({token}) is gone from its folder")
+                vectors = info.embedding.vectors
+            place_token(self.pipe.text_encoder, self.pipe.tokenizer, token, vectors)
 
     def run(self, job: Job) -> dict:
         """Sample one job on the shared model: every loaded adapter at this request's weight (0 if absent)."""
         wanted = {self._model_name(self.registry.get(n)): w for n, w in job.loras.items()}
         for name in self.loaded.values():
             self.pipe.set_lora_weight(name, wanted.get(name, 0.0))  # UNet and text encoder
+        self._place_tokens(job)
         labels, ncol, vae = job.cond.labels, len(job.cond.columns), self.pipe.vae
         size = DECODED_SIZE if vae is not None else self.pipe.image_size
         canvas = torch.full((len(labels), size, size), 0.5)
@@ -330,7 +354,8 @@ class Engine:
             "columns": job.cond.columns,
             "warnings": job.warnings,
             "settings": job.settings,
-            "command": sample_command(job.settings, self.registry, self.cfg.checkpoint, self.precision.bf16),
+            "command": sample_command(job.settings, self.registry, self.cfg.checkpoint, self.precision.bf16,
+                                      self.embeddings),
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
@@ -378,7 +403,8 @@ def load_into(pipe: Pipeline, adapter, name: str) -> None:
         load_adapter(pipe.unet, adapter, name=name, weight=0.0)
 
 
-def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None, bf16: bool = False) -> str:
+def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None, bf16: bool = False,
+                   embeddings: EmbeddingRegistry | None = None) -> str:
     """The ``lora4diffusion sample`` command that draws the same images (same seed, layout and batches)."""
     parts = ["lora4diffusion sample"]
     if checkpoint:  # absent: `sample` loads the shipped base, as the server did
@@ -392,10 +418,16 @@ def sample_command(s: dict, registry: AdapterRegistry, checkpoint: str | None, b
         parts += [f"--digits {','.join(map(str, s['digits']))}", f"--per-digit {s['n']}"]
     parts += [f"--steps {s['steps']}", f"--guidance {s['guidance']:g}", f"--seed {s['seed']}"]
     have = registry.all()
-    for name, w in s["loras"].items():
+    # an adapter whose tag is at weight 0 still brings its tokens: --lora NAME:0
+    for name, w in {**{a: 0.0 for a in s.get("token_adapters", [])}, **s["loras"]}.items():
         info = have.get(name)
         where = name if info is None or info.source == "shipped" else _quote(str(info.path))
         parts.append(f"--lora {where}:{w:g}")
+    found = embeddings.all() if embeddings is not None and s.get("embeddings") else {}
+    for token, name in (s.get("embeddings") or {}).items():  # in an embeddings/ folder: it goes by <name>
+        info = found.get(token)
+        where = name if info is None or info.source == "shipped" else _quote(str(info.path.absolute()))
+        parts.append(f"--embedding {where}")
     parts.append("--bf16" if bf16 else "--no-bf16")  # the CLI's default depends on the device: say it
     parts.append("--out samples")
     return " ".join(parts)

@@ -13,6 +13,7 @@ done | error), POST /api/train, GET /api/train/{id}, DELETE /api/train/{id}. Err
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import secrets
@@ -37,6 +38,7 @@ from lora4diffusion.errors import UserError
 from lora4diffusion.limits import MAX_GUIDANCE
 from lora4diffusion.lora.prompt_lora import missing_triggers
 from lora4diffusion.pipeline import Pipeline
+from lora4diffusion.web.embeddings import EmbeddingRegistry, bundled_vectors, request_tokens
 from lora4diffusion.web.engine import STYLES, AdapterRegistry, Engine, Job, ServeConfig, pipe_fingerprint
 from lora4diffusion.web.prompt import check_name, check_weight, encode_prompt, parse_prompt
 from lora4diffusion.web.request import (
@@ -74,7 +76,12 @@ class State:
             folder = self.tmp_adapters = Path(tempfile.mkdtemp(prefix="lora4diffusion-serve-"))
         self.adapters_folder = folder
         self.registry = AdapterRegistry(folder, self.fingerprint)
-        self.engine = Engine(cfg, self.pipe, self.registry)
+        self.embeddings = base_tokenizer = None
+        if self.pipe.is_prompt_model:  # textual inversion: folder/embeddings, ./embeddings, the shipped ones
+            self.embeddings = EmbeddingRegistry(folder, self.fingerprint, self.pipe.text_encoder.cfg.width)
+            base_tokenizer = copy.deepcopy(self.pipe.tokenizer)  # requests are read against the base's tokens
+        self.base_tokenizer = base_tokenizer
+        self.engine = Engine(cfg, self.pipe, self.registry, self.embeddings)
         self.training = Training(cfg, folder, self.registry, self.pipe.tokenizer)
 
     def close(self) -> None:
@@ -111,20 +118,28 @@ class State:
             if name in merged and merged[name] != w:
                 raise UserError(f"adapter {name!r}: the prompt's tag says {w:g}, loras says {merged[name]:g}")
             merged[name] = w
-        for name in merged:
-            self.registry.get(name)  # unknown names and adapters of another base: 400 now, not in the worker
+        infos = {name: self.registry.get(name) for name in merged}  # unknown names, other bases: 400 now
         merged = {k: v for k, v in merged.items() if v != 0}  # weight 0 is the base exactly (skipped branch)
-        tokenizer = self.pipe.tokenizer if self.pipe.is_prompt_model else None  # None: a label model
+        tokenizer, tokens = None, {}  # None: a label model
+        if self.pipe.is_prompt_model:  # <name> brings its embedding, a pivotal adapter's tag its tokens
+            bundled = bundled_vectors({name: info.tokens for name, info in infos.items()})
+            tokenizer, found = request_tokens([parsed.text, negative], self.base_tokenizer, bundled,
+                                              self.embeddings.all())
+            tokens = {t: ("adapter", bundled[t][0]) if t in bundled else ("embedding", found[t])
+                      for t in tokenizer.added if t not in self.base_tokenizer.added}
         cond = encode_prompt(parsed.text, negative, n, tokenizer)
         if len(cond.labels) > cfg.max_images:
             raise UserError(f"{len(cond.labels)} images asked; the limit is {cfg.max_images}")
         settings = {"model": self.kind, "prompt": parsed.text, "negative": cond.negative or "",
                     "digits": cond.digits, "prompts": cond.prompts, "n": n, "steps": steps,
                     "guidance": guidance, "seed": seed, "loras": merged, "sampler": "ddim",
-                    "checkpoint": self.checkpoint_name}
+                    "checkpoint": self.checkpoint_name,
+                    "embeddings": {t: name for t, (kind, name) in tokens.items() if kind == "embedding"},
+                    "token_adapters": sorted({name for kind, name in tokens.values() if kind == "adapter"}
+                                             - set(merged))}
         # A latent model's preview costs a VAE decode per frame: every few steps (fewer frames than pixels).
         every = max(1, steps // (5 if self.pipe.vae is not None else 10)) if preview else 0
-        job = Job(cond, merged, steps, guidance, seed, settings, loop, asyncio.Queue(), every)
+        job = Job(cond, merged, steps, guidance, seed, settings, loop, asyncio.Queue(), every, tokens=tokens)
         job.warnings = self.missing_triggers(merged, cond.prompts or [])
         return job
 
@@ -172,6 +187,10 @@ def create_app(cfg: ServeConfig | None = None):
             "defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "n": 1,
                          "prompt": "a handwritten seven" if prompt_model else "3 5 7"},
             "vocabulary": list(pipe.tokenizer.words) if prompt_model else [],
+            # textual inversion: the base's own tokens, and the embeddings whose <name> a prompt may write
+            "tokens": list(state.base_tokenizer.added) if prompt_model else [],
+            "embeddings": [e.public(e.token in pipe.tokenizer.added) for e in state.embeddings.all().values()]
+            if prompt_model else [],
             "prompt_separator": "|" if prompt_model else None,
             "trigger_words": list(TRIGGER_WORDS) if prompt_model else [],
             "train": state.training.options(prompt_model),

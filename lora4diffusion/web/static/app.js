@@ -94,9 +94,22 @@ function pickDigit(d) {
 }
 
 // ---------------------------------------------------------------- completion
-// Inside <lora: the adapter names; elsewhere (prompt models) the words being typed: adapters' trigger words
-// first, then the tokenizer's vocabulary (the only words the text encoder knows).
+// Inside <lora: the adapter names; after a bare < (prompt models) the added tokens: the embeddings' <name>
+// (a token in the prompt brings its embedding) and pivotal adapters' tokens (which bring the adapter's tag);
+// elsewhere the words being typed: adapters' trigger words first, then the tokenizer's vocabulary (the only
+// words the text encoder knows).
 function insideTag(before) { return before.lastIndexOf("<") > before.lastIndexOf(">"); }
+
+function tokenSources() {
+  const out = (state.info?.tokens || []).map((t) => ({ token: t, kind: "base token" }));
+  for (const e of state.info?.embeddings || []) {
+    if (e.fits !== false) out.push({ token: e.token, kind: `embedding ${e.name}` });
+  }
+  for (const a of state.adapters.filter((x) => x.fits !== false)) {
+    for (const t of a.tokens || []) out.push({ token: t, kind: `with <lora:${a.name}>`, adapter: a.name });
+  }
+  return out;
+}
 
 function suggestions(before) {
   const m = before.match(/<lora:([A-Za-z0-9_-]*)$/i);
@@ -104,6 +117,14 @@ function suggestions(before) {
     return state.adapters.filter((a) => a.name.startsWith(m[1]) && a.fits !== false).map((a) => ({
       text: a.name, kind: a.triggers?.length ? `trigger ${a.triggers.join(", ")}` : "adapter",
       apply: () => complete(a.name),
+    }));
+  }
+  const tok = before.match(/<([A-Za-z0-9_-]*)$/);
+  if (tok) {
+    if (!isPrompt()) return [];
+    const pre = `<${tok[1].toLowerCase()}`;
+    return tokenSources().filter((s) => s.token.startsWith(pre)).slice(0, 8).map((s) => ({
+      text: s.token, kind: s.kind, apply: () => completeToken(s.token, s.adapter),
     }));
   }
   const w = before.match(/(?:^|[^A-Za-z0-9_<:-])([A-Za-z]+)$/);
@@ -163,6 +184,18 @@ function completeWord(word) {
   syncSliders();
 }
 
+function completeToken(token, adapter) {
+  const p = $("prompt");
+  const pos = p.selectionStart, before = p.value.slice(0, pos);
+  const after = p.value.slice(pos).replace(/^[A-Za-z0-9_-]*>?/, "");
+  const head = before.replace(/<[A-Za-z0-9_-]*$/, "") + token + (/^\s/.test(after) ? "" : " ");
+  p.value = head + after;
+  p.selectionStart = p.selectionEnd = head.length;
+  $("complete").hidden = true;
+  if (adapter && !(adapter in parseTags(p.value))) setTag(adapter, 1);  // the token comes with its adapter
+  syncSliders();
+}
+
 // A trigger chip of the adapters panel: the word goes in at the caret (never inside a tag), and the adapter's
 // tag joins at weight 1 if it is not in the prompt yet: a trigger means nothing without its adapter.
 function insertTrigger(word, adapter) {
@@ -173,7 +206,7 @@ function insertTrigger(word, adapter) {
   const head = before + (before && !/\s$/.test(before) ? " " : "") + word;
   p.value = head + (after && !/^\s/.test(after) ? " " : "") + after;
   p.selectionStart = p.selectionEnd = head.length;
-  if (!(adapter in parseTags(p.value))) setTag(adapter, 1);
+  if (adapter && !(adapter in parseTags(p.value))) setTag(adapter, 1);  // none: an embedding's token
   syncSliders();
 }
 
@@ -214,13 +247,14 @@ async function loadAdapters() {
     div.querySelector(".name").textContent = a.name;
     div.querySelector(".meta").textContent =
       `${a.method === "lora" ? "" : a.method + " · "}rank ${a.rank} · alpha ${a.alpha} · ${a.targets} · style ${a.style || "?"}` +
-      (a.steps ? ` · ${a.steps} steps` : "") + (a.triggers?.length || !isPrompt() ? "" : " · no trigger") +
+      (a.steps ? ` · ${a.steps} steps` : "") +
+      (a.triggers?.length || a.tokens?.length || !isPrompt() ? "" : " · no trigger") +
       (a.source === "shipped" ? " · shipped" : "");
-    for (const t of a.triggers || []) {  // click: into the prompt (with the adapter's tag)
+    for (const t of [...(a.triggers || []), ...(a.tokens || [])]) {  // click: into the prompt, with the tag
       const b = document.createElement("button");
       b.className = "trig small";
       b.textContent = t;
-      b.title = `trigger word of ${a.name}: insert it into the prompt`;
+      b.title = `${t.startsWith("<") ? "token" : "trigger word"} of ${a.name}: insert it into the prompt`;
       b.dataset.trigger = t;
       b.dataset.adapter = a.name;
       b.disabled = a.fits === false;
@@ -246,6 +280,25 @@ async function loadAdapters() {
   if (keep) sel.value = keep;
   $("train-status").dataset.folder = folder || "";
   syncSliders();
+}
+
+// The embeddings the prompt may use (GET /api/info): a chip per token; its <name> in the prompt brings it.
+function renderEmbeddings() {
+  const box = $("embeddings"), items = state.info?.embeddings || [];
+  box.innerHTML = "";
+  $("embeddings-panel").hidden = !isPrompt();
+  if (!items.length) { box.textContent = "none (put NAME.safetensors in the adapters folder's embeddings/)"; return; }
+  for (const e of items) {
+    const b = document.createElement("button");
+    b.className = "trig small";
+    b.textContent = e.token;
+    b.dataset.token = e.token;
+    b.disabled = e.fits === false;
+    b.title = e.fits === false ? `${e.name}: ${e.reason}`
+      : `${e.name} (${e.source}; ${e.vectors} vector${e.vectors === 1 ? "" : "s"}${e.style ? `, style ${e.style}` : ""}): insert it into the prompt`;
+    b.addEventListener("click", () => insertTrigger(e.token));
+    box.appendChild(b);
+  }
 }
 
 // ---------------------------------------------------------------- generation
@@ -502,7 +555,8 @@ function setupModel(i) {
     neg.title = "the negative prompt: guidance pushes from it toward the prompt";
     $("negative-hint").textContent = "";
     $("prompt-hint").innerHTML = "text for the text encoder (<code>a handwritten seven</code>), <code>|</code> " +
-      "between prompts (a column each), adapters' trigger words, <code>&lt;lora:name:weight&gt;</code>";
+      "between prompts (a column each), adapters' trigger words, <code>&lt;lora:name:weight&gt;</code>, " +
+      "embeddings' tokens (type <code>&lt;</code>)";
     $("digit-picks").hidden = true;
     $("n-label").textContent = "Images per prompt";
     if ($("prompt").value === "3 5 7") $("prompt").value = i.defaults.prompt;
@@ -549,6 +603,7 @@ async function init() {
       (i.model === "prompt" ? `prompt model (text encoder${i.latent ? ", latent + VAE" : ""})` : i.conditioning) +
       ` · ${i.device}`;
     setupModel(i);
+    renderEmbeddings();
     $("steps").max = i.limits.steps; $("n").max = i.limits.n;
     $("steps").value = i.defaults.steps; $("guidance").value = i.defaults.guidance;
     await loadAdapters();
