@@ -56,14 +56,9 @@ from lora4diffusion.training.state import (
     state_tensors,
     write_state,
 )
-from lora4diffusion.training.validation import (
-    VALIDATION_FILE,
-    trim_validation,
-    write_validation_row,
-)
+from lora4diffusion.training.validation import VALIDATION_FILE, trim_validation, write_validation_row
 
 log = logging.getLogger("lora4diffusion")
-
 
 
 class EMA:
@@ -234,11 +229,12 @@ class Trainer:
         self._export_ema()
         self._saved_step = self.step
 
-    def _export_ema(self) -> None:
+    def _export_ema(self, directory: Path | None = None) -> None:
+        """The export of the EMA's weights (the live ones without an EMA) into ``directory`` (the run's)."""
         if self.ema:
             self.ema.swap(self.params)
         try:
-            self.export(self.model, self.run_dir)
+            self.export(self.model, directory or self.run_dir)
         finally:
             if self.ema:
                 self.ema.swap(self.params)
@@ -503,17 +499,7 @@ class Trainer:
 
     def _export_best(self) -> None:
         """The export, as at a checkpoint (the EMA's weights), into RUN/best/ (training/best.py)."""
-
-        def export(directory: Path) -> None:
-            if self.ema:
-                self.ema.swap(self.params)
-            try:
-                self.export(self.model, directory)
-            finally:
-                if self.ema:
-                    self.ema.swap(self.params)
-
-        write_best(self.run_dir, export, self.best)
+        write_best(self.run_dir, self._export_ema, self.best)
         log.info("step %d: %s; exported to %s", self.step, self.best.describe(), self.run_dir / BEST_DIR)
 
     def _patience_spent(self) -> bool:
