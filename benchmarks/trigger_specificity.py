@@ -11,7 +11,7 @@ noise per sample) by
   - the base, on the plain prompts ("a handwritten seven", ...: the training templates, cycled);
   - the base + adapter at weight 1, on the same prompts WITH the trigger ("a handwritten sks seven") and
     WITHOUT it (the plain prompts),
-and scored with the shipped classifier (`evaluate.evaluate_samples`: accuracy as the digit the prompt names)
+and scored with the shipped classifier (`evaluate.style_scores`: accuracy as the digit the prompt names)
 plus mean ink and slant (`styles.slant`), as ratios / differences to the base's. Targets (bold): with the
 trigger accuracy >= 95 % and ink >= 1.4x the base; without it ink within +-10 % of the base and accuracy
 >= 98 %. With `--second NAME=TRIGGER:DIR` (e.g. italic=zwx:runs/italic), the two adapters are also composed
@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 
-from lora4diffusion.captions import caption, family_templates
+from lora4diffusion.captions import digit_prompts
 from lora4diffusion.diffusion import DEFAULT_STEPS
-from lora4diffusion.evaluate import evaluate_samples
+from lora4diffusion.evaluate import style_scores
 from lora4diffusion.pipeline import Pipeline
-from lora4diffusion.styles import slant
 from lora4diffusion.training.lora import LoRAConfig, train_lora
 
 ROWS = {  # name: (prior, text encoder)
@@ -46,23 +45,12 @@ ROWS = {  # name: (prior, text encoder)
 
 def prompts_for(digits: list[int], trigger: str | None) -> list[str]:
     """The training templates cycled per digit (the k-th sample of a digit takes template k mod T)."""
-    templates = family_templates(None)
-    seen: dict[int, int] = {}
-    out = []
-    for d in digits:
-        k = seen.get(d, 0)
-        seen[d] = k + 1
-        out.append(caption(d, templates[k % len(templates)], trigger))
-    return out
+    return digit_prompts(digits, None, trigger)
 
 
 def score(images: torch.Tensor, labels: torch.Tensor, base: dict | None) -> dict:
-    r = evaluate_samples(images, labels)
-    out = {"accuracy": r["accuracy"], "ink": r["mean_ink"], "slant": slant(images)}
-    if base is not None:
-        out["ink_ratio"] = out["ink"] / base["ink"]
-        out["slant_diff"] = out["slant"] - base["slant"]
-    return out
+    """Accuracy, ink, slant (and ink / slant against ``base``'s): what train-lora --score-every logs."""
+    return style_scores(images, labels, base)
 
 
 def sample(base: str, loras: list[tuple[str, float]], prompts: list[str], gen: dict) -> torch.Tensor:

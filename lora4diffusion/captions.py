@@ -200,10 +200,12 @@ def iter_every_caption() -> Iterator[str]:
 DIGITS_FAMILY = "digit"
 
 
-def digit_prompts(digits: list[int] | torch.Tensor, family: str | None = DIGITS_FAMILY) -> list[str]:
+def digit_prompts(digits: list[int] | torch.Tensor, family: str | None = DIGITS_FAMILY,
+                  trigger: str | None = None) -> list[str]:
     """One prompt per digit from a caption family's templates, cycled per digit (the k-th occurrence of a
     digit takes template k mod T), so N samples of one digit cover the family evenly. family None = every
-    training template; captions.HELD_OUT = the phrasings never seen in training."""
+    training template; captions.HELD_OUT = the phrasings never seen in training. ``trigger``: placed before
+    the digit, as a trigger LoRA was captioned ("a handwritten sks seven")."""
     templates = family_templates(family)
     seen: dict[int, int] = {}
     out = []
@@ -212,7 +214,7 @@ def digit_prompts(digits: list[int] | torch.Tensor, family: str | None = DIGITS_
             raise UserError(f"a digit prompt needs a digit 0-9, got {d!r}")
         k = seen.get(d, 0)
         seen[d] = k + 1
-        out.append(caption(d, templates[k % len(templates)]))
+        out.append(caption(d, templates[k % len(templates)], trigger))
     return out
 
 

@@ -26,6 +26,7 @@ from lora4diffusion.checkpoint import check_readable
 from lora4diffusion.classifier import Classifier, load_classifier, to_input
 from lora4diffusion.data import MNISTSplits, load_mnist
 from lora4diffusion.errors import UserError
+from lora4diffusion.styles import slant
 
 log = logging.getLogger("lora4diffusion")
 
@@ -232,6 +233,23 @@ def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, classifier: Cla
                        "recorded_heldout_accuracy": clf.info.get("heldout_accuracy"),
                        "trained_on": clf.info.get("data_source")},
     }
+
+
+def style_scores(images: torch.Tensor, labels: torch.Tensor, base: dict | None = None,
+                 classifier: Classifier | None = None) -> dict[str, float]:
+    """The few numbers that say whether a style took: ``accuracy`` (the classifier reads the digit asked
+    for), mean ``ink`` and ``slant`` (``styles.slant``) of ``images`` [N, H, W] in [0, 1]; with ``base``
+    (this function's result for the base model's images of the same labels and seeds) also ``ink_ratio``
+    (ink / the base's) and ``slant_diff`` (slant - the base's, px): the style's effect, with the seeds'
+    own variation cancelled. No FID: cheap enough to run while training (``training/scores.py``)."""
+    clf = classifier if classifier is not None else load_classifier()
+    logits, _ = clf.embed(images)  # batched, gradient-free, eval mode
+    out = {"accuracy": float((logits.argmax(1) == labels.to(logits.device)).double().mean()),
+           "ink": float(torch.as_tensor(images).double().mean()), "slant": slant(images)}
+    if base is not None:
+        out["ink_ratio"] = out["ink"] / base["ink"]
+        out["slant_diff"] = out["slant"] - base["slant"]
+    return out
 
 
 def percent(x: float | None) -> str:

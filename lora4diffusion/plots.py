@@ -1,4 +1,4 @@
-"""Pictures: sample grids, denoising strips and loss curves (Pillow; matplotlib only for loss curves)."""
+"""Pictures: sample grids, denoising strips and training curves (Pillow; matplotlib only for the curves)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,69 @@ def plot_loss(steps: list[int], losses: list[float], path: Path, title: str = "t
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased (its first values are not pulled
+    towards 0), so a curve of flat noise shows its trend."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+# Score columns drawn together (one panel each): the classifier's accuracy, the ink ratios, the slants.
+SCORE_PANELS = {"accuracy": ("accuracy", "plain_accuracy"),
+                "ink": ("ink", "ink_ratio", "plain_ink_ratio", "recon_ink_ratio"),
+                "slant (px)": ("slant_diff", "plain_slant_diff")}
+
+
+def plot_training(steps: list[int], losses: list[float], path: Path, validation: dict | None = None,
+                  best_step: int | None = None, title: str = "training") -> None:
+    """The run's curves in one PNG: the training loss (thin) and its smoothed trend, the validation loss
+    (``validation``: {"step": [...], "val_loss": [...], score column: [...]}; None where not measured) on the
+    same log axis, and each group of scores (``SCORE_PANELS``) in a panel below; a dashed line at the best
+    step (``--keep-best``)."""
+    import matplotlib  # heavy (~0.3 s to import) and needed for plots only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    validation = validation or {}
+    vsteps = validation.get("step", [])
+    panels = [(name, [c for c in cols if any(v is not None for v in validation.get(c, []))])
+              for name, cols in SCORE_PANELS.items()]
+    panels = [(name, cols) for name, cols in panels if cols]
+    fig, axes = plt.subplots(1 + len(panels), 1, figsize=(6, 3.2 + 1.9 * len(panels)), dpi=100, sharex=True,
+                             squeeze=False)
+    ax = axes[0][0]
+    if losses:
+        ax.plot(steps, losses, lw=0.6, alpha=0.35, color="C0")
+        ax.plot(steps, smoothed(losses), lw=1.4, color="C0", label="training loss (smoothed)")
+    if any(v is not None for v in validation.get("val_loss", [])):
+        xs, ys = zip(*[(x, y) for x, y in zip(vsteps, validation["val_loss"], strict=True) if y is not None],
+                     strict=True)
+        ax.plot(xs, ys, "o-", ms=3, lw=1.2, color="C3", label="validation loss (held out, fixed t and noise)")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    for (name, cols), row in zip(panels, axes[1:], strict=True):
+        for col in cols:
+            pts = [(x, y) for x, y in zip(vsteps, validation[col], strict=True) if y is not None]
+            row[0].plot(*zip(*pts, strict=True), "o-", ms=3, lw=1.2, label=col)
+        row[0].set_ylabel(name)
+        row[0].legend(fontsize=7)
+    for row in axes:
+        row[0].grid(alpha=0.3)
+        if best_step is not None:
+            row[0].axvline(best_step, ls="--", lw=1, color="gray")
+    axes[-1][0].set_xlabel("step" + ("" if best_step is None else f"   (dashed: best, step {best_step})"))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

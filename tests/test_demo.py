@@ -144,7 +144,10 @@ def test_prompt_report_sections_commands_and_checks(prompt_demo):
         adapter = read_adapter(prompt_demo / f"lora_{style}")
         assert trigger_words(adapter) == [word]  # recorded in the adapter's metadata
         assert split_adapter(adapter)[1] is not None  # a text-encoder part: --text-encoder was on
+        (v,) = a["validation"]  # 2 steps: one validation, at the end, scored with and without the trigger
+        assert v["step"] == 2 and v["val_loss"] > 0 and 0 <= v["plain_accuracy"] <= 1 and v["ink_ratio"] > 0
     assert m["losses"]["base"] and m["losses"]["bold"]
+    assert "<h2>Training loss, validation and where to stop" in text and "without trigger: accuracy" in text
 
 
 def test_prompt_command_reproduces_its_grid(prompt_demo):
@@ -229,6 +232,7 @@ def test_label_report_and_checks(demo):
     for a in m["adapters"].values():
         assert a["steps"] == 2 and 0 < a["share"] < 0.1 and a["file_bytes"] < 0.1 * m["base"]["file_bytes"]
         assert a["trigger"] is None
+        assert [v["step"] for v in a["validation"]] == [2] and "plain_accuracy" not in a["validation"][0]
     assert "--trigger" not in dict(m["commands"])["bold LoRA"]
     assert {"base_load", "lora_bold", "lora_italic", "sample_mix", "evaluate", "total"} <= set(m["timings"])
     assert m["losses"]["base"] and m["losses"]["bold"]  # the tiny run's metrics.csv is plotted

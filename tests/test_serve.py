@@ -426,7 +426,7 @@ def wait_train(client, job_id: str, timeout: float = 120) -> dict:
 
 def test_training_from_the_page_adds_an_adapter(client, folder):
     r = client.post("/api/train", json={"name": "tiny_thin", "style": "thin", "rank": 1, "steps": 2,
-                                        "method": "dora"})  # another method than LoRA, from the page
+                                        "method": "dora", "validate_every": 1})  # not LoRA; validated
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["status"] == "running" and job["steps"] == 2 and job["method"] == "dora"
@@ -436,6 +436,8 @@ def test_training_from_the_page_adds_an_adapter(client, folder):
     job = wait_train(client, job["id"])
     assert job["status"] == "done", job
     assert job["progress"] == 1.0 and job["loss"] and job["loss"][-1][0] == 2
+    assert [v[0] for v in job["validation"]] == [1, 2] and all(v[1] > 0 for v in job["validation"])
+    assert (folder / "tiny_thin" / "validation.csv").is_file()
     items = {a["name"]: a for a in client.get("/api/adapters").json()["adapters"]}
     assert items["tiny_thin"]["rank"] == 1 and items["tiny_thin"]["fits"] is True
     assert items["tiny_thin"]["method"] == "dora" and items[BOLD]["method"] == "lora"
@@ -445,6 +447,8 @@ def test_training_from_the_page_adds_an_adapter(client, folder):
     assert r.status_code == 200 and str(folder / "tiny_thin") in r.json()["command"]
     again = client.post("/api/train", json={"name": "tiny_thin", "style": "thin", "steps": 2})
     assert again.status_code == 400 and "exists" in again.json()["error"]
+    upload = client.post("/api/train", json={"name": "u", "style": "upload", "validate_every": 1})
+    assert upload.status_code == 400 and "held-out" in upload.json()["error"]
 
 
 def test_cancelled_training_leaves_nothing(client, folder):

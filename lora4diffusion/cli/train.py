@@ -47,8 +47,10 @@ from lora4diffusion.plots import save_comparison
 from lora4diffusion.reconstruction import format_reconstruction_report, heldout_digits, reconstruction_report
 from lora4diffusion.styles import CSV_FORMAT
 from lora4diffusion.training.base import train_base
+from lora4diffusion.training.best import parse_metric
 from lora4diffusion.training.lora import LoRAConfig, default_lora_config, train_lora
 from lora4diffusion.training.prompt_base import train_prompt_base
+from lora4diffusion.training.run import MAX_VALIDATION_IMAGES
 from lora4diffusion.training.vae import DEFAULT_KL_WEIGHT, train_vae
 
 
@@ -214,10 +216,55 @@ def objective_args(p: argparse.ArgumentParser, lora: bool) -> None:
 
 
 def validate_arg(p: argparse.ArgumentParser) -> None:
+    """--validate-every and what acts at validations: scores, keeping the best, stopping early."""
     p.add_argument("--validate-every", type=bounded_int(0, MAX_COUNT), metavar="N",
                    help="every N steps (and at the end), the loss on 100 held-out digits at fixed timesteps"
                    " with fixed noise, into OUT/validation.csv and TensorBoard (training/validation.py;"
                    " default 0: off)")
+    p.add_argument("--score-every", type=bounded_int(0, MAX_COUNT), metavar="K",
+                   help="every K-th validation (and the last) also samples --num-validation-images digits"
+                   " with a fixed seed and scores them: accuracy, ink / slant against the base, a trigger's"
+                   " leak (training/scores.py; default 0: off)")
+    p.add_argument("--num-validation-images", type=bounded_int(1, MAX_VALIDATION_IMAGES), metavar="N",
+                   help="images per scoring (default 50: 5 per digit)")
+    p.add_argument("--keep-best", type=metric_arg, metavar="METRIC[:min|max]",
+                   help="also keep the export of the best validation so far in OUT/best/ (with best.json):"
+                   " val_loss, accuracy, ink_ratio, plain_ink_ratio, ... (training/best.py)")
+    p.add_argument("--patience", type=bounded_int(0, MAX_COUNT), metavar="P",
+                   help="with --keep-best: stop (resumable) after P validations without improvement"
+                   " (default 0: never)")
+
+
+def metric_arg(text: str) -> str:
+    """argparse type of --keep-best: a known metric, with min or max if it has no direction of its own."""
+    try:
+        parse_metric(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--keep-best {text!r}: ")) from None
+    return text.strip()
+
+
+def validation_overrides(args: argparse.Namespace) -> dict:
+    """The validation options given on the command line, as TrainConfig fields (None: the run's own)."""
+    return {"validate_every": args.validate_every, "score_every": args.score_every,
+            "validation_images": args.num_validation_images, "keep_best": args.keep_best,
+            "patience": args.patience}
+
+
+def _state(summary: dict) -> str:
+    """How a run ended, for the summary line."""
+    if summary["interrupted"]:
+        return "interrupted (resumable: --resume)"
+    if summary.get("stopped_early"):
+        return f"stopped early ({summary['stopped_early']}; --resume with a larger --patience goes on)"
+    return "done"
+
+
+def _best(summary: dict) -> str:
+    best = summary.get("best")
+    if not best or best.get("step") is None:
+        return ""
+    return f"; best {best['metric']} {best['value']:.6g} at step {best['step']} in {best['dir']}"
 
 
 def objective_overrides(args: argparse.Namespace) -> dict:
@@ -276,14 +323,14 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         overwrite=args.overwrite,
         allow_changes=args.allow_changes,
-        validate_every=args.validate_every,
+        **validation_overrides(args),
     )
     if r is None:
         return status
     print(
-        f"{'interrupted (resumable: --resume)' if r['interrupted'] else 'done'}: step {r['step']}, "
+        f"{_state(r)}: step {r['step']}, "
         f"{_loss(r)}, scaling factor {r.get('scaling_factor', float('nan')):.5f}, "
-        f"{r['train_seconds']:.0f} s of training; VAE folder {out}"
+        f"{r['train_seconds']:.0f} s of training; VAE folder {out}{_best(r)}"
     )
     return status
 
@@ -313,7 +360,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         bf16=args.bf16,  # None: the device's default (precision.py)
         label_dropout=args.caption_dropout_rate,  # None: the preset's (10 % of captions become "")
-        validate_every=args.validate_every,
+        **validation_overrides(args),
         device=args.device,
         compile=args.compile,
         vae=args.vae,
@@ -322,10 +369,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if summary is None:
         return status
-    state = "interrupted (resumable: --resume)" if summary["interrupted"] else "done"
     print(
-        f"{state}: step {summary['step']}, {_loss(summary)}, "
-        f"{summary['train_seconds']:.0f} s of training; run directory {out}"
+        f"{_state(summary)}: step {summary['step']}, {_loss(summary)}, "
+        f"{summary['train_seconds']:.0f} s of training; run directory {out}{_best(summary)}"
     )
     return status
 
@@ -389,15 +435,15 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         **({"pivotal": pivotal} if pivotal else {}),
         objective=objective,
         caption_dropout=args.caption_dropout_rate,
-        validate_every=args.validate_every,
+        **validation_overrides(args),
     )
     if r is None:
         return status
     what = "model" if args.full else "adapter"
     print(
-        f"{'interrupted (resumable: --resume)' if r['interrupted'] else 'done'}: {what} in {out}, "
+        f"{_state(r)}: {what} in {out}, "
         f"step {r['step']}, {r['trainable_params']} trainable parameters ({100 * r['share']:.2f}% of the "
-        f"base), {r['train_seconds']:.0f} s of training"
+        f"base), {r['train_seconds']:.0f} s of training{_best(r)}"
     )
     return status
 

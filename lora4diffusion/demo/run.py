@@ -44,17 +44,31 @@ from lora4diffusion.folders.vae import default_vae_dir, load_vae
 from lora4diffusion.lora.layers import unload_lora
 from lora4diffusion.lora.prompt_lora import check_trigger_in
 from lora4diffusion.pipeline import Pipeline
-from lora4diffusion.plots import plot_loss, save_grid, save_trajectory
+from lora4diffusion.plots import save_grid, save_trajectory
 from lora4diffusion.precision import choose_precision
 from lora4diffusion.runlock import LOCK_NAME
 from lora4diffusion.styles import slant, style_splits
 from lora4diffusion.training.embedding import train_embedding
-from lora4diffusion.training.lora import default_lora_config, train_lora
+from lora4diffusion.training.lora import (
+    default_lora_config,
+    default_lora_train_config,
+    default_trigger_train_config,
+    train_lora,
+)
 from lora4diffusion.training.prompt_base import PRESET_NAMES, train_prompt_base
+from lora4diffusion.training.run import plot_metrics
+from lora4diffusion.training.validation import read_validation
 
 log = logging.getLogger("lora4diffusion")
 
 DEFAULT_PER_DIGIT = 8  # 80 samples per set
+# Each adapter is validated 10 times while it trains (the held-out loss: about one training step's forwards
+# each), every 2nd time with scores (30 samples with and without the trigger, against the base): on a loaded
+# 2-core machine a set of 50 samples cost ~7 steps of a 750-step prompt LoRA, so 11 sets of 30 ~ 6 % of the
+# adapters' time, most of the demo's. The report draws the curves: where the scores stop improving.
+VALIDATIONS = 10
+SCORE_EVERY = 2
+SCORE_IMAGES = 30
 MERGE_TOLERANCE = 1e-4  # merged vs unmerged, fp32, DDIM eta 0: only rounding differs
 # Trigger-specificity targets: a triggered adapter restyles, the same adapter without its trigger leaves the
 # base's digits alone (shown beside the measured values; benchmarks/RESULTS.md).
@@ -143,12 +157,21 @@ def _prepare(out: Path, base, from_scratch: bool, overwrite: bool, steps: int, p
     return base_dir.absolute(), shipped, pipe, vae_dir, resolved
 
 
-def _plot_csv(metrics_csv: Path, png: Path, title: str) -> str | None:
-    rows = list(csv.DictReader(metrics_csv.open())) if metrics_csv.is_file() else []
-    if not rows:
+def _plot_run(run_dir: Path, png: Path) -> str | None:
+    """The run's curves (training loss; validation loss and scores where it validated) as the run folder's
+    loss.png draws them (training.run.plot_metrics)."""
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file() or not list(csv.DictReader(metrics.open())):
         return None
-    plot_loss([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], png, title)
+    plot_metrics(metrics, png)
     return f"images/{png.name}"
+
+
+def _validation_settings(steps: int) -> dict:
+    """``VALIDATIONS`` held-out validations over an adapter's ``steps`` (one at the end when it has fewer
+    steps), each ``SCORE_EVERY``-th scored (training/validation.py, training/scores.py)."""
+    every = steps // VALIDATIONS if steps >= VALIDATIONS else steps
+    return {"validate_every": every, "score_every": SCORE_EVERY, "validation_images": SCORE_IMAGES}
 
 
 def _score(images: dict, labels: list[int], per_digit: int, out: Path, captions: dict) -> tuple[dict, dict]:
@@ -249,13 +272,16 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
         log.info("demo: training the %s LoRA", style)
         run_dir = out / f"lora_{style}"
         kw = lora_kw | {"trigger": triggers.get(style)}
+        n = lora_steps or (default_trigger_train_config(kw["trigger"]) if prompt else
+                           default_lora_train_config()).steps
         r = finished(train_lora(style, run_dir, base=base_dir, steps=lora_steps, progress=progress,
-                                device=device, bf16=bf16, **kw))
+                                device=device, bf16=bf16, **kw, **_validation_settings(n)))
         lap(f"lora_{style}", t0)
         adapters[style] = {"trainable_params": r["trainable_params"], "share": r["share"], "steps": r["step"],
                            "final_loss": r["loss"], "train_seconds": round(r["train_seconds"], 2),
                            "file_bytes": (run_dir / "adapter.safetensors").stat().st_size,
-                           "trigger": triggers.get(style)}  # fmt: skip
+                           "trigger": triggers.get(style),
+                           "validation": [{"step": k, **v} for k, v in read_validation(run_dir)]}  # fmt: skip
 
     embeddings = {}  # prompt base: bold as a textual-inversion token (one vector trains, the base is frozen)
     if prompt:
@@ -334,14 +360,11 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
     lap("evaluate", t0)
 
     t0 = time.perf_counter()  # 5. loss curves, metrics.json, report
-    losses = {"base": _plot_csv(base_dir / "metrics.csv", out / "images" / "loss_base.png", "base model")}
+    losses = {"base": _plot_run(base_dir, out / "images" / "loss_base.png")}
     for s in STYLES:
-        losses[s] = _plot_csv(
-            out / f"lora_{s}" / "metrics.csv", out / "images" / f"loss_{s}.png", f"{s} LoRA"
-        )
+        losses[s] = _plot_run(out / f"lora_{s}", out / "images" / f"loss_{s}.png")
     if embeddings:
-        losses["bold embedding"] = _plot_csv(out / "embedding_bold" / "metrics.csv", out / "images" /
-                                             "loss_bold_ti.png", f"bold embedding {TI_TOKEN}")
+        losses["bold embedding"] = _plot_run(out / "embedding_bold", out / "images" / "loss_bold_ti.png")
     lora = default_lora_config(base_dir)  # rank 16 on a prompt base, 4 on a label base
     settings = {"base": str(base_dir), "shipped_base": shipped, "from_scratch": from_scratch,
                 "conditioning": "text" if prompt else "label", "latent": pipe.vae is not None,
@@ -353,6 +376,7 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
                 "triggers": triggers, "prior": prior, "text_encoder_lora": text_encoder,
                 "lora_steps": lora_steps or adapters["bold"]["steps"], "lora_rank": lora.rank,
                 "lora_targets": lora.targets, "device": str(pipe.device),
+                "validations": VALIDATIONS, "score_every": SCORE_EVERY, "score_images": SCORE_IMAGES,
                 "bf16_training": bf16 if bf16 is not None else "auto",
                 "training_precision": str(trained_in)}  # fmt: skip
     weights = ["model.safetensors"] + (["text_encoder.safetensors"] if prompt else [])

@@ -24,6 +24,7 @@ from lora4diffusion.plots import save_grid
 from lora4diffusion.training.latents import cached_latents, latent_unet
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.run import TrainConfig, data_fingerprint, prepare_run
+from lora4diffusion.training.scores import base_scores, label_drawer
 from lora4diffusion.training.validation import DiffusionValidation, heldout_inputs
 
 
@@ -160,12 +161,14 @@ def train_base(
     if cfg.validate_every:
         validation = DiffusionValidation(schedule, *heldout_inputs(splits.heldout, unet_cfg.image_size,
                                                                    autoencoder))
+    scores = base_scores(label_drawer(schedule, autoencoder), cfg.validation_images, prompts=False) \
+        if cfg.score_every else None
     return fit_base(
         model, schedule, images, splits, cfg, out, preset,
         save=lambda m, directory, extra: save_model(directory, m, diffusion, extra, vae=autoencoder),
         preview=lambda m, p: preview_grid(m, schedule, p, steps=preview_steps, vae=autoencoder),
         run_info=run_info, device=device, compile=compile, should_stop=should_stop, resume=resume,
-        allow_changes=allow_changes, progress=progress, validation=validation,
+        allow_changes=allow_changes, progress=progress, validation=validation, scores=scores,
     )
 
 
@@ -198,10 +201,12 @@ def fit_base(
     allow_changes: bool,
     progress: bool,
     validation=None,
+    scores=None,
 ) -> dict:
     """What every base shares once its model, task and data are built: the Trainer over the training split,
     an export that saves the model folder with the run's record (settings, preset, data, step, seconds),
-    resume, fit. ``save(model, directory, extra)`` writes the folder; ``validation``: see Trainer."""
+    resume, fit. ``save(model, directory, extra)`` writes the folder; ``validation``, ``scores``: see
+    Trainer."""
 
     def export(m: nn.Module, directory: Path) -> None:
         extra = {
@@ -215,7 +220,7 @@ def fit_base(
 
     trainer = Trainer(model, task, images, splits.train.labels, cfg, out, export, preview=preview,
                       run_info=run_info, device=device, compile=compile, should_stop=should_stop,
-                      validation=validation)
+                      validation=validation, scores=scores)
     if resume:
         trainer.resume(allow_changes)
     summary = trainer.fit(progress=progress)

@@ -9,8 +9,11 @@ Reproducibility and resume: every step draws its batch, timesteps and noise from
 and the step needs saving, and a resumed run continues bit-for-bit like an uninterrupted one. A task (the
 loss: ``DiffusionTask`` here, the prompt, VAE and trigger tasks in their modules) is the only part that
 differs between models; the run folder's settings and files are training/run.py's. ``validation`` (the
-held-out loss every ``validate_every`` steps, training/validation.py) draws nothing at random and changes no
-state.
+held-out loss every ``validate_every`` steps, training/validation.py) and ``scores`` (samples scored every
+``score_every``-th validation, training/scores.py) draw nothing from the training generators and change no
+state. With ``keep_best`` the export of the best validation so far goes to RUN/best/ as well (with
+best.json); with ``patience`` the run stops, resumable, after that many validations without improvement
+(training/best.py: both are rebuilt from validation.csv on resume).
 
 Several processes (torchrun, see distributed.py): the model is wrapped in DistributedDataParallel; each rank
 takes a contiguous slice of the very batch one process would use, with the t/noise/dropout draws one process
@@ -35,6 +38,7 @@ from lora4diffusion.diffusion import NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.precision import choose_precision
 from lora4diffusion.runlock import RunLock
+from lora4diffusion.training.best import BEST_DIR, Best, restore_best, write_best
 from lora4diffusion.training.run import (
     STATE_NAME,
     NonFiniteLoss,
@@ -138,6 +142,7 @@ class Trainer:
         should_stop: Callable[[], bool] | None = None,
         lr_scale: Callable[[str], float] | None = None,
         validation: Callable[[nn.Module, torch.device, bool], dict[str, float]] | None = None,
+        scores: Callable[[nn.Module, torch.device, bool], dict[str, float]] | None = None,
     ):
         cfg.validate()
         self.device = (
@@ -158,6 +163,12 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.export, self.preview = export, preview
         self.validation = validation  # every cfg.validate_every steps (training/validation.py)
+        self.scores = scores if cfg.score_every else None  # every cfg.score_every-th validation (scores.py)
+        if cfg.score_every and scores is None:
+            raise UserError("--score-every: this kind of run has no scores")
+        self.best = Best.parse(cfg.keep_best) if cfg.keep_best else None
+        self._check_metric()
+        self.stopped_early: str | None = None  # why the run stopped before cfg.steps (patience), if it did
         self.run_info = run_info or {}
         self.compile = compile
         self.should_stop = should_stop or (lambda: False)
@@ -218,11 +229,12 @@ class Trainer:
         self._export_ema()
         self._saved_step = self.step
 
-    def _export_ema(self) -> None:
+    def _export_ema(self, directory: Path | None = None) -> None:
+        """The export of the EMA's weights (the live ones without an EMA) into ``directory`` (the run's)."""
         if self.ema:
             self.ema.swap(self.params)
         try:
-            self.export(self.model, self.run_dir)
+            self.export(self.model, directory or self.run_dir)
         finally:
             if self.ema:
                 self.ema.swap(self.params)
@@ -303,6 +315,7 @@ class Trainer:
                 trim_validation(self.run_dir, self.step)
             else:  # a run started over (--overwrite): not the old run's rows
                 (self.run_dir / VALIDATION_FILE).unlink(missing_ok=True)
+            self.best = restore_best(self.run_dir, self.cfg.keep_best, self.step)
             mf = metrics_path.open("w" if new_file else "a", newline="")
             writer = csv.writer(mf)
             if new_file:
@@ -321,6 +334,16 @@ class Trainer:
                 self.step,
                 cfg.steps,
             )
+        if self._agree(self._patience_spent()):  # resumed after an early stop, with the same --patience
+            self.stopped_early = self._early_reason()
+            if main:
+                log.warning("stopped early at step %d: %s; nothing trained (a larger --patience, or 0,"
+                            " goes on)", self.step, self.stopped_early)
+            if mf:
+                mf.close()
+            if tb:
+                tb.close()
+            return self._summary(float("nan"), interrupted=False)
         self.net().train()
         bar = tqdm(
             total=cfg.steps, initial=self.step, disable=not (progress and main), desc="train", unit="step"
@@ -367,13 +390,22 @@ class Trainer:
                     mf.flush()
                     if tb:
                         tb.add_scalar("loss", mean_loss, self.step)
-                if main and self._validation_due():
-                    self._validate(tb)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                early = False
+                if self._validation_due():
+                    if main:
+                        self._validate(tb)
+                    early = self._agree(self._patience_spent()) and self.step < cfg.steps
+                if early or self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     if main:
                         self.save_checkpoint()
                         plot_metrics(metrics_path, self.run_dir / "loss.png")
                     distributed.barrier()
+                if early:  # a clean stop at a checkpoint: --resume with a larger --patience goes on
+                    self.stopped_early = self._early_reason()
+                    if main:
+                        log.warning("stopped early at step %d: %s (%s); checkpoint saved", self.step,
+                                    self.stopped_early, self.best.describe())
+                    break
                 if (
                     main
                     and self.preview
@@ -403,6 +435,9 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "interrupted": interrupted,
             "checkpoint": self._saved_step is not None,  # a resumable state exists in run_dir
+            "stopped_early": self.stopped_early,
+            "best": None if self.best is None else {**self.best.record(),
+                                                     "dir": str(self.run_dir / BEST_DIR)},
         }
 
     def _non_finite_message(self, value: float) -> str:
@@ -421,14 +456,23 @@ class Trainer:
         every = self.cfg.validate_every
         return bool(self.validation and every and (self.step % every == 0 or self.step == self.cfg.steps))
 
+    def _score_due(self) -> bool:
+        every = self.cfg.validate_every * self.cfg.score_every
+        return bool(self.scores and (self.step % every == 0 or self.step == self.cfg.steps))
+
     def _validate(self, tb) -> None:
-        """The held-out loss of the weights that get exported (the EMA's, if any) into validation.csv and
-        TensorBoard. Eval mode, no gradients, no random draws: the training trajectory is not touched."""
+        """The held-out loss (and, when due, the scores) of the weights that get exported (the EMA's, if any)
+        into validation.csv and TensorBoard; a new best is exported to RUN/best/. Eval mode, no gradients, no
+        draws from the training generators: the training trajectory is not touched."""
         if self.ema:
             self.ema.swap(self.params)
         self.model.eval()
         try:
-            values = self.validation(self.model, self.device, self.use_bf16)
+            values: dict[str, float | None] = dict(self.validation(self.model, self.device, self.use_bf16))
+            if self.scores is not None:
+                due = self._score_due()
+                got = self.scores(self.model, self.device, self.use_bf16) if due else {}
+                values.update({k: got.get(k) for k in self.scores.columns})
         finally:
             self.model.train()
             if self.ema:
@@ -436,7 +480,42 @@ class Trainer:
         write_validation_row(self.run_dir, self.step, values)
         if tb:
             for key, value in values.items():
-                tb.add_scalar(key.replace("val_", "val/", 1), value, self.step)
+                if value is not None:
+                    name = key.replace("val_", "val/", 1) if key.startswith("val_") else f"score/{key}"
+                    tb.add_scalar(name, value, self.step)
+        if self.best is not None and self.best.update(self.step, values):
+            self._export_best()
+
+    # ----- the best so far and early stopping (training/best.py) -----
+    def _check_metric(self) -> None:
+        """--keep-best names a column this run writes (checked before anything is written)."""
+        columns = getattr(self.validation, "columns", None)
+        if self.best is None or columns is None:
+            return
+        columns = [*columns, *(getattr(self.scores, "columns", []) if self.scores else [])]
+        if self.best.metric not in columns:
+            raise UserError(f"--keep-best {self.best.metric}: this run's validation.csv has no such column"
+                            f" (it has {', '.join(columns)})")
+
+    def _export_best(self) -> None:
+        """The export, as at a checkpoint (the EMA's weights), into RUN/best/ (training/best.py)."""
+        write_best(self.run_dir, self._export_ema, self.best)
+        log.info("step %d: %s; exported to %s", self.step, self.best.describe(), self.run_dir / BEST_DIR)
+
+    def _patience_spent(self) -> bool:
+        p = self.cfg.patience
+        return bool(self.best is not None and p and self.best.waited >= p)
+
+    def _early_reason(self) -> str:
+        b, p = self.best, self.cfg.patience
+        return f"{b.metric} did not improve in {b.waited} validations, --patience {p}"
+
+    def _agree(self, flag: bool) -> bool:
+        """Rank 0's verdict (it validates) for every rank: one all-reduce under torchrun."""
+        if self.world > 1:
+            flag = bool(distributed.mean(torch.tensor(float(flag and distributed.is_main()),
+                                                      device=self.device)) > 0)
+        return flag
 
     def _preview(self) -> None:
         if self.ema:

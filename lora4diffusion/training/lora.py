@@ -40,6 +40,7 @@ from lora4diffusion.training.latents import cached_latents
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.prompt_base import preview_prompts
 from lora4diffusion.training.run import TrainConfig, data_fingerprint, prepare_run, seed_value
+from lora4diffusion.training.scores import label_drawer, prompt_drawer, style_lora_scores
 from lora4diffusion.training.validation import DiffusionValidation, caption_ids, heldout_inputs, heldout_style
 
 log = logging.getLogger("lora4diffusion")
@@ -216,6 +217,10 @@ def train_lora(
     validation = None
     if heldout is not None:
         validation = DiffusionValidation(schedule, *heldout_inputs(heldout, model.cfg.image_size, vae))
+    scores = None
+    if cfg.score_every:  # against the base: the model as built (adapters off), before any step
+        scores = style_lora_scores(label_drawer(schedule, vae), cfg.validation_images, prompts=False)
+        scores.prime(model)
 
     def export(m: nn.Module, directory: Path, step: int) -> None:
         meta = adapter_meta(style, step, base_name, styled, cfg, lora, diffusion)
@@ -229,7 +234,7 @@ def train_lora(
         preview=lambda m, p: preview_grid(m, schedule, p, vae=vae), run_info=run_info, summary=summary,
         device=device, compile=compile, should_stop=should_stop, resume=resume, allow_changes=allow_changes,
         progress=progress, lr_scale=None if full or lora.loraplus_lr_ratio == 1.0 else lora.lr_scale(),
-        validation=validation,
+        validation=validation, scores=scores,
     )
 
 
@@ -293,12 +298,13 @@ def fit_adapter(
     progress: bool,
     lr_scale: Callable[[str], float] | None = None,
     validation=None,
+    scores=None,
 ) -> dict:
     """What label and prompt LoRA share once the model is adapted: the Trainer (``export(model, directory,
     step)`` writes the adapter), resume, fit, and the parameter counts in the summary."""
     trainer = Trainer(model, task, images, labels, cfg, out, lambda m, d: export(m, d, trainer.step),
                       preview=preview, run_info=run_info, device=device, compile=compile,
-                      should_stop=should_stop, lr_scale=lr_scale, validation=validation)
+                      should_stop=should_stop, lr_scale=lr_scale, validation=validation, scores=scores)
     if resume:
         trainer.resume(allow_changes)
     result = trainer.fit(progress=progress)
@@ -483,6 +489,11 @@ def train_prompt_lora(
             return emb_lr / cfg.lr
         return (te_lr / cfg.lr if k.startswith("text_encoder.") else 1.0) * plus(k)
 
+    scores = None
+    if cfg.score_every:  # with and without the trigger, against the base (adapters off) on plain prompts
+        scores = style_lora_scores(prompt_drawer(schedule, tokenizer, vae), cfg.validation_images,
+                                   prompts=True, trigger=trigger)
+        scores.prime(model)
     return fit_adapter(
         model, TriggerTask(schedule, tokenizer, trigger, prior_images, prior_labels, prior_weight), images,
         styled.labels, cfg, out, export,
@@ -490,7 +501,7 @@ def train_prompt_lora(
         run_info=run_info, summary=summary, device=device, compile=compile, should_stop=should_stop,
         resume=resume, allow_changes=allow_changes, progress=progress,
         lr_scale=lr_scale if text_encoder or lora.loraplus_lr_ratio != 1.0 or pivotal is not None else None,
-        validation=validation,
+        validation=validation, scores=scores,
     )
 
 

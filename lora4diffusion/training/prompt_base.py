@@ -51,6 +51,7 @@ from lora4diffusion.training.base import base_run_info, fit_base
 from lora4diffusion.training.latents import cached_latents, latent_unet
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.run import TrainConfig, prepare_run
+from lora4diffusion.training.scores import base_scores, prompt_drawer
 from lora4diffusion.training.validation import DiffusionValidation, caption_ids, heldout_inputs
 
 log = logging.getLogger("lora4diffusion")
@@ -210,6 +211,8 @@ def train_prompt_base(
     if cfg.validate_every:
         x0, labels = heldout_inputs(splits.heldout, unet_cfg.image_size, autoencoder)
         validation = DiffusionValidation(schedule, x0, caption_ids(tokenizer, labels))
+    scores = base_scores(prompt_drawer(schedule, tokenizer, autoencoder), cfg.validation_images,
+                         prompts=True) if cfg.score_every else None
     return fit_base(
         model, PromptTask(schedule, tokenizer), images, splits, cfg, out, preset,
         save=lambda m, directory, extra: save_model(directory, m.unet, diffusion, extra, vae=autoencoder,
@@ -217,7 +220,7 @@ def train_prompt_base(
         preview=lambda m, p: preview_prompts(m, tokenizer, schedule, autoencoder, p,
                                              steps=5 if preset == "tiny" else 20),
         run_info=run_info, device=device, compile=compile, should_stop=should_stop, resume=resume,
-        allow_changes=allow_changes, progress=progress, validation=validation,
+        allow_changes=allow_changes, progress=progress, validation=validation, scores=scores,
     )
 
 __all__ = ["PRESET_NAMES", "PromptTask", "preview_prompts", "train_prompt_base"]

@@ -20,13 +20,18 @@ import torch
 from lora4diffusion import distributed
 from lora4diffusion.checkpoint import read_metadata, write_text_atomic
 from lora4diffusion.errors import UserError
-from lora4diffusion.plots import plot_loss
+from lora4diffusion.plots import plot_training
 from lora4diffusion.schema import int_text
+from lora4diffusion.training.best import SCORE_METRICS, parse_metric
+from lora4diffusion.training.validation import read_validation
 
 STATE_NAME = "train_state.safetensors"
+MAX_VALIDATION_IMAGES = 1000
 # TrainConfig fields a resumed run may change freely: how long it runs and how often it reports. Any other
 # change (batch, lr, seed, ...) alters the trajectory, so --resume refuses it unless told to go on.
-RESUME_FREE = ("steps", "log_every", "checkpoint_every", "sample_every", "validate_every")
+# Keeping the best and stopping early watch the run without changing its weights: free as well.
+RESUME_FREE = ("steps", "log_every", "checkpoint_every", "sample_every", "validate_every", "score_every",
+               "validation_images", "keep_best", "patience")
 # run_info entries that can never change on resume: the weights would not fit, or would mean something else.
 RESUME_FIXED = ("unet", "diffusion", "lora", "vae", "base_fingerprint")  # architecture: resume() refuses
 
@@ -52,6 +57,11 @@ class TrainConfig:
     checkpoint_every: int = 250
     sample_every: int = 500  # 0 disables the periodic sample grid
     validate_every: int = 0  # held-out loss every N steps (training/validation.py); 0 = off
+    score_every: int = 0  # every K-th validation also samples and scores (training/scores.py); 0 = off
+    # images per scoring: 5 per digit, accuracy in steps of 2 %, a few seconds (training/scores.py)
+    validation_images: int = 50
+    keep_best: str = ""  # METRIC[:min|max]: keep RUN/best/ (training/best.py); "" = off
+    patience: int = 0  # stop after P validations of keep_best without improvement; 0 = never
 
     def validate(self) -> None:
         for name in ("steps", "batch_size"):
@@ -65,8 +75,23 @@ class TrainConfig:
             raise UserError(f"ema decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.label_dropout <= 1:
             raise UserError(f"label dropout must be in [0, 1], got {self.label_dropout}")
-        if self.validate_every < 0:
-            raise UserError(f"validate-every must be >= 0, got {self.validate_every}")
+        for name in ("validate_every", "score_every", "patience"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.validation_images <= MAX_VALIDATION_IMAGES:
+            raise UserError(f"num-validation-images must be in 1..{MAX_VALIDATION_IMAGES}, got"
+                            f" {self.validation_images}")
+        needs = [f"--{n.replace('_', '-')}" for n in ("score_every", "keep_best", "patience")
+                 if getattr(self, n)]
+        if needs and not self.validate_every:
+            raise UserError(f"{', '.join(needs)} need(s) --validate-every N (they act at validations)")
+        if self.patience and not self.keep_best:
+            raise UserError("--patience needs --keep-best METRIC: the metric whose improvement it waits for")
+        if self.keep_best:
+            metric, _ = parse_metric(self.keep_best)
+            if metric in SCORE_METRICS and not self.score_every:
+                raise UserError(f"--keep-best {metric}: a score, measured with --score-every K (the"
+                                " validation loss is val_loss)")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -130,9 +155,25 @@ def _finite_cell(text: str) -> bool:
 
 
 def plot_metrics(metrics_path: Path, out: Path) -> None:
+    """loss.png: metrics.csv's training loss, and, where the run validates, validation.csv's loss and scores
+    with the best step of RUN/best/best.json (plots.plot_training)."""
     rows = list(csv.DictReader(metrics_path.open()))
-    if rows:
-        plot_loss([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], out)
+    run_dir = metrics_path.parent
+    table = read_validation(run_dir)
+    if not rows and not table:
+        return
+    validation = {"step": [step for step, _ in table]}
+    for _, row in table:
+        for key in row:
+            validation.setdefault(key, [])
+    for key in list(validation)[1:]:
+        validation[key] = [row.get(key) for _, row in table]
+    try:
+        best_step = json.loads((run_dir / "best" / "best.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        best_step = None
+    plot_training([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], out, validation,
+                  best_step if isinstance(best_step, int) else None, title=f"training: {run_dir.name}")
 
 
 def _saved_config(path: Path) -> dict:

@@ -46,6 +46,7 @@ from lora4diffusion.plots import save_comparison
 from lora4diffusion.styles import STYLES, apply_style
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.run import TrainConfig, prepare_run
+from lora4diffusion.training.scores import ReconstructionScores
 from lora4diffusion.training.validation import VAEValidation
 
 log = logging.getLogger("lora4diffusion")
@@ -189,9 +190,10 @@ def train_vae(
         save_comparison(preview.float() / 255, recons, 10, path)
 
     validation = VAEValidation(splits.heldout, vae_cfg, task.kl_weight) if cfg.validate_every else None
+    scores = ReconstructionScores(splits.heldout) if cfg.score_every else None
     trainer = Trainer(model, task, splits.train.images, splits.train.labels, cfg, out, export,
                       preview=show, run_info=run_info, device=device, compile=compile,
-                      should_stop=should_stop, validation=validation)
+                      should_stop=should_stop, validation=validation, scores=scores)
     if resume:
         trainer.resume(allow_changes)
     summary = trainer.fit(progress=progress)

@@ -25,7 +25,6 @@ are dropped and recomputed, so a resumed run's file is the uninterrupted run's, 
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -92,6 +91,7 @@ class DiffusionValidation:
         self.schedule, self.x0, self.cond, self.batch_size = schedule, x0.float(), cond, batch_size
         self.noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(VALIDATION_SEED))
         self.timesteps = [min(schedule.T - 1, int(f * schedule.T)) for f in VALIDATION_FRACTIONS]
+        self.columns = ["val_loss", "val_eps_mse", *(f"val_loss_t{t}" for t in self.timesteps)]
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, device: torch.device, bf16: bool) -> dict[str, float]:
@@ -128,6 +128,7 @@ class VAEValidation:
         self.noise = torch.randn((self.x.shape[0], *cfg.latent_shape),
                                  generator=torch.Generator().manual_seed(VALIDATION_SEED))
         self.kl_weight, self.batch_size = kl_weight, batch_size
+        self.columns = ["val_loss", "val_l1"]
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, device: torch.device, bf16: bool) -> dict[str, float]:
@@ -144,15 +145,49 @@ class VAEValidation:
         return {"val_loss": (l1 + self.kl_weight * kl) / n, "val_l1": l1 / n}
 
 
-def write_validation_row(run_dir: Path, step: int, values: dict[str, float]) -> None:
-    """Append one row (step, then the values in their order) to validation.csv, with a header when new."""
+def cell(value: float) -> str:
+    """A value as validation.csv holds it, 8 significant digits (and as --keep-best compares it)."""
+    return f"{value:.8g}"
+
+
+def write_validation_row(run_dir: Path, step: int, values: dict[str, float | None]) -> None:
+    """Append one row (step, then the values in their order; None: an empty cell, e.g. the scores of a
+    validation that did not score) to validation.csv, with a header when new. A file with other columns (a
+    run resumed with other --score-every settings) is rewritten once under the union of both headers."""
     path = run_dir / VALIDATION_FILE
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")  # as trim_validation writes it back
-        if new:
-            w.writerow(["step", *values])
-        w.writerow([step, *(f"{v:.8g}" for v in values.values())])
+    lines = path.read_text().splitlines() if path.exists() else []
+    old = lines[0].split(",") if lines else []
+    header = ["step", *values]
+    header += [c for c in old if c not in header]
+    if header == old or set(header) == set(old):
+        header = old
+    else:
+        rows = [dict(zip(old, line.split(","), strict=False)) for line in lines[1:]]
+        text = "".join(",".join(r.get(c, "") for c in header) + "\n" for r in rows)
+        write_text_atomic(path, ",".join(header) + "\n" + text)
+    cells = {"step": str(step), **{k: "" if v is None else cell(v) for k, v in values.items()}}
+    with path.open("a") as f:
+        f.write(",".join(cells.get(c, "") for c in header) + "\n")
+
+
+def read_validation(run_dir: Path, upto: int | None = None) -> list[tuple[int, dict[str, float | None]]]:
+    """validation.csv's well-formed rows (up to step ``upto``): (step, column -> value or None if empty)."""
+    path = run_dir / VALIDATION_FILE
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    header = lines[0].split(",") if lines else []
+    out = []
+    for line in lines[1:]:
+        cells = line.split(",")
+        if not _well_formed(cells, len(header)) or (upto is not None and int(cells[0]) > upto):
+            continue
+        out.append((int(cells[0]), {c: float(v) if v else None for c, v in zip(header[1:], cells[1:],
+                                                                                strict=True)}))
+    return out
 
 
 def trim_validation(run_dir: Path, step: int) -> None:
@@ -169,20 +204,24 @@ def trim_validation(run_dir: Path, step: int) -> None:
     keep = lines[:1]
     for line in lines[1:]:
         cells = line.split(",")
-        if len(cells) == width and cells[0].isdigit() and int(cells[0]) <= step and _finite(cells[1:]):
+        if _well_formed(cells, width) and int(cells[0]) <= step:
             keep.append(line)
     write_text_atomic(path, "".join(f"{line}\n" for line in keep))
 
 
-def _finite(cells: list[str]) -> bool:
+def _well_formed(cells: list[str], width: int) -> bool:
+    """A whole row: a step, then finite numbers or empty cells (not measured at that validation)."""
+    if len(cells) != width or not cells[0].isdigit():
+        return False
     try:
-        return all(math.isfinite(float(c)) for c in cells)
+        return all(math.isfinite(float(c)) for c in cells[1:] if c)
     except ValueError:
         return False
 
 
 __all__ = [
     "VALIDATION_FILE", "VALIDATION_FRACTIONS", "VALIDATION_PER_DIGIT", "DiffusionValidation", "VAEValidation",
-    "caption_ids", "heldout_inputs", "heldout_rows", "heldout_style", "trim_validation",
+    "cell",
+    "caption_ids", "heldout_inputs", "heldout_rows", "heldout_style", "read_validation", "trim_validation",
     "write_validation_row",
 ]

@@ -1,8 +1,9 @@
 """LoRA training for ``serve``: one job at a time, in a subprocess, installed into the adapters folder whole.
 
 The subprocess runs the ``train-lora`` command (``training.lora.train_lora``) with one torch thread, so the
-server's generation keeps working; progress is read from the run's metrics.csv. Uploaded images are unpacked
-without ever using a zip member's name as a path.
+server's generation keeps working; progress is read from the run's metrics.csv, and with ``validate_every``
+(``--validate-every``, built-in styles only) the held-out loss from its validation.csv. Uploaded images are
+unpacked without ever using a zip member's name as a path.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lora4diffusion.errors import UserError
 from lora4diffusion.lora.adapters import ADAPTER_FILE
 from lora4diffusion.lora.layers import METHODS
 from lora4diffusion.lora.prompt_lora import check_trigger_in
+from lora4diffusion.training.validation import VALIDATION_FILE
 from lora4diffusion.web.engine import STYLES, AdapterRegistry, ServeConfig
 from lora4diffusion.web.prompt import check_name
 from lora4diffusion.web.request import HTTPError, describe, int_field, str_field
@@ -66,20 +68,13 @@ class TrainJob:
     images: int = 0
 
     curve: list[list[float]] = field(default_factory=list)  # [step, mean loss] from the run's metrics.csv
+    validate_every: int = 0  # train-lora --validate-every (0: off)
+    validation: list[list[float]] = field(default_factory=list)  # [step, val_loss] from validation.csv
 
     def read_curve(self) -> None:
-        metrics = self.work / "run" / "metrics.csv"
-        if not metrics.is_file():
-            return
-        curve = []
-        try:
-            for line in metrics.read_text().splitlines()[1:]:
-                step, loss = line.split(",")[:2]
-                curve.append([int(step), float(loss)])
-        except (OSError, ValueError):
-            pass  # a row being written: the next poll reads it
-        if len(curve) >= len(self.curve):
-            self.curve = curve
+        self.curve = _read_pairs(self.work / "run" / "metrics.csv", self.curve)
+        if self.validate_every:
+            self.validation = _read_pairs(self.work / "run" / VALIDATION_FILE, self.validation)
 
     def public(self) -> dict:
         if self.status == "running":
@@ -90,6 +85,7 @@ class TrainJob:
                 "trigger": self.trigger, "options": self.extra,
                 "status": self.status, "error": self.error, "step": step,
                 "progress": round(step / self.steps, 4), "loss": self.curve,
+                "validate_every": self.validate_every, "validation": self.validation,
                 "images": self.images, "seconds": round((self.finished or time.time()) - self.started, 1)}
 
 
@@ -160,11 +156,14 @@ class Training:
         method = str_field(body, "method", "lora", max_chars=16)
         if method not in METHODS:
             raise UserError(f"method must be one of {', '.join(METHODS)}, got {describe(method)}")
+        validate_every = int_field(body, "validate_every", 0, 0, self.cfg.max_train_steps)
         extra = self.prompt_args(body)
         raw = body.get("trigger")  # checked by prompt_args where it is used; shown in the job as given
         trigger = raw.strip().lower()[:32] if isinstance(raw, str) else ""
         if style not in (*STYLES, "upload"):
             raise UserError(f"style must be one of {', '.join(STYLES)} or 'upload', got {describe(style)}")
+        if validate_every and style == "upload":
+            raise UserError("validate_every needs held-out digits: a built-in style (an upload has none)")
         with self.lock:
             running = self.busy()
             if running:
@@ -173,7 +172,8 @@ class Training:
                 raise UserError(f"an adapter named {name!r} exists already; pick another name")
             self.folder.mkdir(parents=True, exist_ok=True)
             work = Path(tempfile.mkdtemp(prefix=".train-", dir=self.folder))
-            job = TrainJob(secrets.token_hex(6), name, style, rank, steps, trigger, work, method, extra)
+            job = TrainJob(secrets.token_hex(6), name, style, rank, steps, trigger, work, method, extra,
+                           validate_every=validate_every)
             try:
                 source = style
                 if style == "upload":
@@ -185,6 +185,8 @@ class Training:
                 if self.cfg.checkpoint:
                     cmd += ["--checkpoint", str(self.cfg.checkpoint)]
                 cmd += extra
+                if validate_every:
+                    cmd += ["--validate-every", str(validate_every)]
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
                 # Its own session: a Ctrl-C in the server's terminal reaches the server, which stops the job.
                 job.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
@@ -220,7 +222,7 @@ class Training:
         appears whole or not at all."""
         run, staged = job.work / "run", job.work / job.name
         staged.mkdir()
-        for f in (ADAPTER_FILE, "metrics.csv", "loss.png"):
+        for f in (ADAPTER_FILE, "metrics.csv", "loss.png", VALIDATION_FILE):
             if (run / f).is_file():
                 shutil.copy2(run / f, staged / f)
         if not (staged / ADAPTER_FILE).is_file():
@@ -251,6 +253,21 @@ class Training:
                 except subprocess.TimeoutExpired:
                     job.proc.kill()
             shutil.rmtree(job.work, ignore_errors=True)
+
+
+def _read_pairs(path: Path, before: list[list[float]]) -> list[list[float]]:
+    """[step, first value] of each row of a run's CSV (metrics.csv: the loss; validation.csv: val_loss), or
+    ``before`` while the file is missing or shorter (a row being written: the next poll reads it)."""
+    if not path.is_file():
+        return before
+    pairs = []
+    try:
+        for line in path.read_text().splitlines()[1:]:
+            step, value = line.split(",")[:2]
+            pairs.append([int(step), float(value)])
+    except (OSError, ValueError):
+        pass
+    return pairs if len(pairs) >= len(before) else before
 
 
 def _number(text: str) -> bool:

@@ -488,6 +488,7 @@ async function startTraining() {
     name: $("train-name").value.trim(), style: $("train-style").value,
     rank: Number($("train-rank").value), steps: Number($("train-steps").value),
     method: $("train-method").value,
+    validate_every: $("train-validate").disabled ? 0 : Number($("train-validate").value) || 0,
   };
   // prompt-model options: only those the installed train-lora takes (the others are disabled)
   if (!$("train-trigger").disabled && $("train-trigger").value.trim()) body.trigger = $("train-trigger").value.trim();
@@ -513,8 +514,10 @@ async function pollTraining(id) {
   let job;
   try { job = await api(`/api/train/${id}`); } catch (e) { $("train-status").textContent = e.message; return; }
   $("train-bar").style.width = `${100 * job.progress}%`;
-  drawLoss(job.loss);
-  const last = job.loss.length ? ` · loss ${job.loss[job.loss.length - 1][1].toFixed(4)}` : "";
+  drawLoss(job.loss, job.validation || []);
+  const val = job.validation && job.validation.length ? job.validation[job.validation.length - 1] : null;
+  const last = (job.loss.length ? ` · loss ${job.loss[job.loss.length - 1][1].toFixed(4)}` : "") +
+    (val ? ` · validation ${val[1].toFixed(4)} (step ${val[0]})` : "");
   $("train-status").textContent = `${job.name}: ${job.status} · step ${job.step}/${job.steps}${last} · ${job.seconds} s` +
     (job.error ? ` · ${job.error}` : "");
   if (job.status === "running") { setTimeout(() => pollTraining(id), 1000); return; }
@@ -527,21 +530,26 @@ async function pollTraining(id) {
   }
 }
 
-function drawLoss(curve) {
+// The training loss (orange) and, with "validate every", the held-out loss (red dots) on one scale.
+function drawLoss(curve, validation = []) {
   const c = $("loss"), g = c.getContext("2d");
   g.clearRect(0, 0, c.width, c.height);
-  if (curve.length < 2) return;
-  const xs = curve.map((p) => p[0]), ys = curve.map((p) => p[1]);
+  const all = curve.concat(validation);
+  if (all.length < 2) return;
+  const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  const px = (x) => 4 + ((x - x0) / (x1 - x0 || 1)) * (c.width - 8);
+  const py = (y) => c.height - 4 - ((y - y0) / (y1 - y0 || 1)) * (c.height - 8);
   g.strokeStyle = "#f28c28"; g.lineWidth = 1.5; g.beginPath();
-  curve.forEach(([x, y], i) => {
-    const px = 4 + ((x - x0) / (x1 - x0 || 1)) * (c.width - 8);
-    const py = c.height - 4 - ((y - y0) / (y1 - y0 || 1)) * (c.height - 8);
-    if (i) g.lineTo(px, py); else g.moveTo(px, py);
-  });
+  curve.forEach(([x, y], i) => { if (i) g.lineTo(px(x), py(y)); else g.moveTo(px(x), py(y)); });
   g.stroke();
+  g.strokeStyle = g.fillStyle = "#e0474c"; g.lineWidth = 1; g.beginPath();
+  validation.forEach(([x, y], i) => { if (i) g.lineTo(px(x), py(y)); else g.moveTo(px(x), py(y)); });
+  g.stroke();
+  validation.forEach(([x, y]) => { g.beginPath(); g.arc(px(x), py(y), 2.5, 0, 2 * Math.PI); g.fill(); });
   g.fillStyle = "#9aa0aa"; g.font = "10px sans-serif";
-  g.fillText(`loss ${y1.toFixed(3)}`, 4, 10); g.fillText(y0.toFixed(3), 4, c.height - 4);
+  g.fillText(`loss ${y1.toFixed(3)}` + (validation.length ? " · red: validation" : ""), 4, 10);
+  g.fillText(y0.toFixed(3), 4, c.height - 4);
 }
 
 // ---------------------------------------------------------------- the loaded base's kind
@@ -591,7 +599,11 @@ async function init() {
   $("history-clear").addEventListener("click", () => {
     state.history = []; localStorage.removeItem("l4d-history"); renderHistory();
   });
-  $("train-style").addEventListener("change", () => { $("train-file-row").hidden = $("train-style").value !== "upload"; });
+  $("train-style").addEventListener("change", () => {
+    const upload = $("train-style").value === "upload";
+    $("train-file-row").hidden = !upload;
+    $("train-validate").disabled = upload;  // validation needs held-out digits: the built-in styles have them
+  });
   $("train-start").addEventListener("click", startTraining);
   $("train-cancel").addEventListener("click", () => {
     if (state.train) api(`/api/train/${state.train}`, { method: "DELETE" }).catch((e) => showError(e.message));
