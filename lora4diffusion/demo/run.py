@@ -170,8 +170,10 @@ def _plot_run(run_dir: Path, png: Path) -> str | None:
 def _validation_settings(steps: int) -> dict:
     """``VALIDATIONS`` held-out validations over an adapter's ``steps`` (one at the end when it has fewer
     steps), each ``SCORE_EVERY``-th scored (training/validation.py, training/scores.py)."""
-    every = steps // VALIDATIONS if steps >= VALIDATIONS else steps
-    return {"validate_every": every, "score_every": SCORE_EVERY, "validation_images": SCORE_IMAGES}
+    if steps < VALIDATIONS:  # a toy run (tests, LORA4DIFFUSION_QUICK): one validation, one digit each
+        return {"validate_every": steps, "score_every": SCORE_EVERY, "validation_images": 10}
+    return {"validate_every": steps // VALIDATIONS, "score_every": SCORE_EVERY,
+            "validation_images": SCORE_IMAGES}
 
 
 def _score(images: dict, labels: list[int], per_digit: int, out: Path, captions: dict) -> tuple[dict, dict]:
@@ -376,7 +378,8 @@ def run_demo(out: str | Path, base: str | Path | None = None, from_scratch: bool
                 "triggers": triggers, "prior": prior, "text_encoder_lora": text_encoder,
                 "lora_steps": lora_steps or adapters["bold"]["steps"], "lora_rank": lora.rank,
                 "lora_targets": lora.targets, "device": str(pipe.device),
-                "validations": VALIDATIONS, "score_every": SCORE_EVERY, "score_images": SCORE_IMAGES,
+                "validations": VALIDATIONS, "score_every": SCORE_EVERY,
+                "score_images": _validation_settings(adapters["bold"]["steps"])["validation_images"],
                 "bf16_training": bf16 if bf16 is not None else "auto",
                 "training_precision": str(trained_in)}  # fmt: skip
     weights = ["model.safetensors"] + (["text_encoder.safetensors"] if prompt else [])
