@@ -43,7 +43,8 @@ MAX_CELLS = 64  # each cell is a whole `sample`: 64 of them already take minutes
 PLAIN = ("steps", "guidance", "seed", "eta", "sampler", "digits", "prompt", "prompt_sr")
 PER_ADAPTER = ("lora", "te", "unet", "lbw")
 ALIASES = {"cfg": "guidance"}
-PAD = 6  # pixels around a label and between the grids of a Z axis
+PAD = 6  # pixels around a label
+GAP = 4  # white pixels between cells (and 4 x GAP between the grids of a Z axis)
 
 # Draws one cell: (settings as `sample`'s parsed arguments) -> (images [N, H, W] in [0, 1], images per row,
 # the sampling record `sample` writes).
@@ -209,24 +210,25 @@ def draw_grid(axes: list[Axis], args: argparse.Namespace, loras: list[tuple[str,
     z_h = max((_text_size(probe, label(2, i), font)[1] for i in range(sizes[2])), default=0) + 2 * PAD
     y_w = y_w if len(axes) > 1 else 0
     z_h = z_h if len(axes) > 2 else 0
-    one_w, one_h = y_w + sizes[0] * cw, z_h + x_h + sizes[1] * ch  # one grid (one Z value)
-    canvas = Image.new("L", (sizes[2] * one_w + (sizes[2] - 1) * PAD, one_h), 255)
+    px, py = cw + GAP, ch + GAP  # the pitch of the cells
+    one_w, one_h = y_w + sizes[0] * px - GAP, z_h + x_h + sizes[1] * py - GAP  # one grid (one Z value)
+    canvas = Image.new("L", (sizes[2] * one_w + (sizes[2] - 1) * 4 * GAP, one_h), 255)
     pen = ImageDraw.Draw(canvas)
     cells = []
     for z in range(sizes[2]):
-        left = z * (one_w + PAD)
+        left = z * (one_w + 4 * GAP)
         if z_h:
             pen.text((left + PAD, PAD), label(2, z), fill=0, font=font)
         for x in range(sizes[0]):
             w, _ = _text_size(pen, label(0, x), font)
-            pen.text((left + y_w + x * cw + (cw - w) // 2, z_h + PAD), label(0, x), fill=0, font=font)
+            pen.text((left + y_w + x * px + (cw - w) // 2, z_h + PAD), label(0, x), fill=0, font=font)
         for y in range(sizes[1] if y_w else 0):
             _, h = _text_size(pen, label(1, y), font)
-            pen.text((left + PAD, z_h + x_h + y * ch + (ch - h) // 2), label(1, y), fill=0, font=font)
+            pen.text((left + PAD, z_h + x_h + y * py + (ch - h) // 2), label(1, y), fill=0, font=font)
         for y in range(sizes[1]):
             for x in range(sizes[0]):
                 im, params = drawn[(x, y, z)]
-                box = (left + y_w + x * cw, z_h + x_h + y * ch)
+                box = (left + y_w + x * px, z_h + x_h + y * py)
                 canvas.paste(im, box)
                 cells.append({"cell": [x + 1, y + 1, z + 1][: max(len(axes), 1)],
                               "box": [*box, im.width, im.height], "record": params})

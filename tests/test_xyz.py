@@ -51,7 +51,7 @@ def test_adapter_weight_grid_cells_are_plain_samples(tmp_path):
     assert not np.array_equal(_crop(pixels, cells[(1, 2)]["box"]), _crop(pixels, cells[(2, 2)]["box"]))
     # labels: a margin above and left of the cells, holding dark text on white
     left, top, w, h = cells[(1, 1)]["box"]
-    assert left > 0 and top > 0 and pixels.shape == (top + 2 * h, left + 2 * w)
+    assert left > 0 and top > 0 and pixels.shape == (top + 2 * h + xyz.GAP, left + 2 * w + xyz.GAP)
     assert pixels[:top].min() < 100 and pixels[top:, :left].min() < 100
     assert main(["-q", "sample", "--from", str(g / "grid.png"), "--cell", "2,2", "--out", str(r)]) == 0
     assert np.array_equal(_pixels(r / "samples.png"), plain)
