@@ -45,6 +45,7 @@ PER_ADAPTER = ("lora", "te", "unet", "lbw")
 ALIASES = {"cfg": "guidance"}
 PAD = 6  # pixels around a label
 GAP = 4  # white pixels between cells (and 4 x GAP between the grids of a Z axis)
+MAX_LABEL_WIDTH = 240  # pixels: a longer Y or Z label (a prompt) is shortened
 
 # Draws one cell: (settings as `sample`'s parsed arguments) -> (images [N, H, W] in [0, 1], images per row,
 # the sampling record `sample` writes).
@@ -202,8 +203,12 @@ def draw_grid(axes: list[Axis], args: argparse.Namespace, loras: list[tuple[str,
     font = _font()
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
 
-    def label(n: int, i: int) -> str:
-        return f"{axes[n].label}: {axes[n].values[i]}" if n < len(axes) else ""
+    def label(n: int, i: int) -> str:  # shortened with "..." to the width of a cell (X) or of a grid
+        text = f"{axes[n].label}: {axes[n].values[i]}" if n < len(axes) else ""
+        room = cw if n == 0 else MAX_LABEL_WIDTH
+        while _text_size(probe, text, font)[0] > room and len(text) > 4:
+            text = text[: -4] + "..."
+        return text
 
     x_h = max((_text_size(probe, label(0, i), font)[1] for i in range(sizes[0])), default=0) + 2 * PAD
     y_w = max((_text_size(probe, label(1, i), font)[0] for i in range(sizes[1])), default=0) + 2 * PAD

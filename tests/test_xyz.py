@@ -31,12 +31,14 @@ def _crop(pixels, box):
     return pixels[top : top + h, left : left + w]
 
 
-def test_adapter_weight_grid_cells_are_plain_samples(tmp_path):
+def test_adapter_weight_grid_cells_are_plain_samples(tmp_path, caplog):
     """The shipped base and adapter: cell (weight 0.8, seed 1) is `sample --lora bold:0.8 --seed 1`."""
     common = ["-q", "sample", "--prompt", "the digit 3", "--num", "2", "--steps", "2"]
     g, p, r = tmp_path / "g", tmp_path / "p", tmp_path / "r"
     assert main([*common, "--lora", "bold", "--xyz", "lora:bold=0,0.8", "--xyz", "seed=0,1",
                  "--out", str(g)]) == 0
+    absent = [r for r in caplog.records if "is absent from prompt" in r.getMessage()]
+    assert len(absent) == 1  # said once for the grid, not once per cell
     assert main([*common, "--lora", "bold:0.8", "--seed", "1", "--out", str(p)]) == 0
     pixels, record, a1111 = _grid(g / "grid.png")
     assert record["axes"] == [{"axis": "lora:bold", "values": ["0", "0.8"]},
@@ -137,3 +139,26 @@ def test_bad_cells_are_refused(tiny_label_run, tmp_path, capsys):
     with pytest.raises(SystemExit):  # a grid is not a plain record: --from without --cell says so
         raise SystemExit(main(["sample", "--from", str(g / "grid.png"), "--out", str(tmp_path / "r")]))
     assert "no lora4diffusion sampling record" in capsys.readouterr().err
+
+
+def test_a_bad_block_weight_value_writes_no_grid(tmp_path, capsys):
+    """A bad block-weight spec is refused before any cell is drawn: one line, no grid."""
+    out = tmp_path / "g"
+    argv = ["sample", "--prompt", "sks the digit 3", "--num", "1", "--steps", "1", "--lora", "bold",
+            "--xyz", "lbw:bold=OUTS,BOGUS", "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "BOGUS" in err, err
+    assert not out.exists()
+
+
+def test_long_labels_are_shortened_to_the_cell(tiny_label_run, tmp_path):
+    g = tmp_path / "g"
+    assert main(["-q", "sample", "--checkpoint", str(tiny_label_run), "--digits", "1", "--per-digit", "1",
+                 "--steps", "1", "--xyz", "seed=" + ",".join(str(10**17 + i) for i in range(2)),
+                 "--out", str(g)]) == 0
+    pixels, record, _ = _grid(g / "grid.png")
+    assert record["axes"][0]["values"][1] == str(10**17 + 1)  # the record keeps the whole value
+    left, top, w, _ = next(c["box"] for c in record["cells"] if c["cell"] == [1])
+    assert pixels.shape[1] == 2 * w + xyz.GAP  # the label did not widen the grid

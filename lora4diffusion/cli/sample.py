@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,6 +43,7 @@ from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
 from lora4diffusion.limits import MAX_GUIDANCE
+from lora4diffusion.lora.block_weights import lbw_factors
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image, save_trajectory
 from lora4diffusion.reproduce import (
@@ -128,6 +130,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         per_cell = per_call or 10 * (args.per_digit or 8)
         axes = xyz.parse_axes(args.xyz, NUMBERS, max_cells=min(xyz.MAX_CELLS, MAX_IMAGES // per_cell))
         xyz.check_axes(axes, args, parse_loras(args.lora))
+        for spec in (v for a in axes if a.kind == "lbw" for v in a.values):
+            lbw_factors(spec)  # a block-weight spec checked before any cell is drawn
     model_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
     # held until the command ends: a second `sample --out` there is refused, not merged (cli.common.out_dir)
     inputs = existing(model_dir, *args.embedding) + lora_inputs(args.lora)
@@ -277,10 +281,30 @@ def xyz_into(args: argparse.Namespace, axes: list[xyz.Axis], out: Path) -> int:
         sizes.append(d.size)
         return d.images, d.per_row, d.params
 
-    image, record = xyz.draw_grid(axes, args, loras, cell)
+    once = _Once()  # a warning (an absent trigger word) said once for the grid, not once per cell
+    log.addFilter(once)
+    try:
+        image, record = xyz.draw_grid(axes, args, loras, cell)
+    finally:
+        log.removeFilter(once)
     out.mkdir(parents=True, exist_ok=True)
     info = xyz.grid_pnginfo(record, sizes[0])
     atomic_write(out / "grid.png", lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
     shape = " x ".join(str(len(a.values)) for a in axes)
     print(f"wrote a {shape} grid ({', '.join(a.label for a in axes)}) to {out / 'grid.png'}")
     return 0
+
+
+class _Once(logging.Filter):
+    """Lets each message through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
