@@ -291,3 +291,12 @@ def read_cell(path: str | Path, text: str) -> dict:
     if not isinstance(cells[key], dict):
         raise UserError(f"--from {p}: cell {text}'s record is not a JSON object")
     return cells[key]
+
+
+def is_grid(path: str | Path) -> bool:
+    """Whether ``path`` is a PNG holding a grid record (for a message: `--from GRID` needs `--cell`)."""
+    try:
+        with Image.open(path) as im:
+            return isinstance(im.info.get(GRID_KEY), str)
+    except (OSError, ValueError, SyntaxError, zlib.error, Image.DecompressionBombError):
+        return False

@@ -136,9 +136,9 @@ def test_bad_cells_are_refused(tiny_label_run, tmp_path, capsys):
                                    "--out", str(tmp_path / "r")]))
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
-    with pytest.raises(SystemExit):  # a grid is not a plain record: --from without --cell says so
+    with pytest.raises(SystemExit):  # --from a grid without --cell: says which cell to give
         raise SystemExit(main(["sample", "--from", str(g / "grid.png"), "--out", str(tmp_path / "r")]))
-    assert "no lora4diffusion sampling record" in capsys.readouterr().err
+    assert "is an X/Y/Z grid: add --cell X,Y[,Z]" in capsys.readouterr().err
 
 
 def test_a_bad_block_weight_value_writes_no_grid(tmp_path, capsys):

@@ -111,6 +111,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.cell is not None and args.from_file is None:
         raise UserError("--cell goes with --from GRID.png (a grid written by `sample --xyz`)")
     if args.from_file is not None:  # the recorded settings fill every option not given on this command line
+        if args.cell is None and xyz.is_grid(args.from_file):
+            raise UserError(f"--from {args.from_file} is an X/Y/Z grid: add --cell X,Y[,Z] (counted from 1)")
         record = (xyz.read_cell(args.from_file, args.cell) if args.cell is not None
                   else read_parameters(args.from_file))
         apply_recorded(args, record, f"--from {args.from_file}", NUMBERS)
