@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import torch
 from PIL.PngImagePlugin import PngInfo
 
-from lora4diffusion import __version__
+from lora4diffusion import __version__, xyz
 from lora4diffusion.captions import digit_of, digit_prompts
 from lora4diffusion.catalog import pretrained_dir
 from lora4diffusion.checkpoint import atomic_write
@@ -19,6 +22,7 @@ from lora4diffusion.cli.args import (
     add_loras,
     guidance_float,
     lora_args,
+    parse_loras,
     per_digit_int,
     positive_int,
     seed_int,
@@ -39,6 +43,7 @@ from lora4diffusion.diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
 from lora4diffusion.limits import MAX_GUIDANCE
+from lora4diffusion.lora.block_weights import lbw_factors
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import grid_image, save_trajectory
 from lora4diffusion.reproduce import (
@@ -89,6 +94,12 @@ def add_sample(sub: Commands) -> None:
                    " (docs/RELIABILITY.md), so it is recorded and `--from` redraws the same")
     s.add_argument("--trajectory", action="store_true",
                    help="also write trajectory.png: the denoising of the first sample of each digit (prompt)")
+    s.add_argument("--xyz", action="append", default=[], metavar="AXIS=V1,V2,...",
+                   help="an X/Y/Z grid (A1111's X/Y/Z plot), up to 3 axes: steps, guidance, seed, eta,"
+                   " sampler, digits, prompt, prompt_sr (search,replace1,...), lora:PATH, te:PATH, unet:PATH,"
+                   " lbw:PATH (a --lora PATH); writes grid.png, each cell the `sample` of its settings")
+    s.add_argument("--cell", metavar="X,Y[,Z]",
+                   help="with --from GRID.png: re-draw that cell of a `sample --xyz` grid (counted from 1)")
     s.add_argument("--out", required=True, help="output directory for samples.png and samples.npz")
     overwrite_arg(s)
     lora_args(s, blocks=True)
@@ -97,30 +108,94 @@ def add_sample(sub: Commands) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    if args.cell is not None and args.from_file is None:
+        raise UserError("--cell goes with --from GRID.png (a grid written by `sample --xyz`)")
     if args.from_file is not None:  # the recorded settings fill every option not given on this command line
-        record = read_parameters(args.from_file)
+        if args.cell is None and xyz.is_grid(args.from_file):
+            raise UserError(f"--from {args.from_file} is an X/Y/Z grid: add --cell X,Y[,Z] (counted from 1)")
+        record = (xyz.read_cell(args.from_file, args.cell) if args.cell is not None
+                  else read_parameters(args.from_file))
         apply_recorded(args, record, f"--from {args.from_file}", NUMBERS)
     if args.prompt and args.digits is not None:
         raise UserError("--prompt and --digits: give one of them")
     if args.num is not None and not args.prompt:
         raise UserError("--num goes with --prompt (with --digits, use --per-digit)")
-    if args.prompt and len(args.prompt) * (args.num or 8) > MAX_IMAGES:
+    per_call = len(args.prompt) * (args.num or 8) if args.prompt else 0
+    if per_call > MAX_IMAGES:
         raise UserError(f"{len(args.prompt)} prompts x {args.num or 8} images: over the limit of {MAX_IMAGES}"
                         " images in one `sample` (larger sample sets do not fit in memory)")
-    try:
-        digits = parse_digits("0-9" if args.digits is None else args.digits)
-    except UserError as e:
-        raise UserError(f"--digits: {e}") from None
+    digits = _digits(args)
+    axes = []
+    if args.xyz:  # every axis checked before anything is read or written
+        if args.trajectory:
+            raise UserError("--trajectory goes with a plain `sample`, not --xyz")
+        per_cell = per_call or 10 * (args.per_digit or 8)
+        axes = xyz.parse_axes(args.xyz, NUMBERS, max_cells=min(xyz.MAX_CELLS, MAX_IMAGES // per_cell))
+        xyz.check_axes(axes, args, parse_loras(args.lora))
+        for spec in (v for a in axes if a.kind == "lbw" for v in a.values):
+            lbw_factors(spec)  # a block-weight spec checked before any cell is drawn
     model_dir = args.checkpoint if args.checkpoint is not None else pretrained_dir()
     # held until the command ends: a second `sample --out` there is refused, not merged (cli.common.out_dir)
     inputs = existing(model_dir, *args.embedding) + lora_inputs(args.lora)
     out = out_dir(args.out, overwrite=args.overwrite, inputs=inputs,
                   command="sample")
-    return sample_into(args, digits, out)
+    return xyz_into(args, axes, out) if axes else sample_into(args, digits, out)
+
+
+def _digits(args: argparse.Namespace) -> list[int]:
+    try:
+        return parse_digits("0-9" if args.digits is None else args.digits)
+    except UserError as e:
+        raise UserError(f"--digits: {e}") from None
+
+
+class Drawn(NamedTuple):
+    """One `sample`'s images and what it writes beside them."""
+
+    images: torch.Tensor  # [N, H, W] in [0, 1]
+    trajectory: list
+    labels: list[int]
+    prompts: list[str] | None
+    per_row: int
+    params: dict  # the sampling record (reproduce.py)
+    why: str | None  # why this precision
+    size: int
 
 
 def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
     """The sampling and writing of `sample`, its options checked, under --out's lock."""
+    images, trajectory, labels, prompts, per_row, params, why, size = draw(args, digits)
+    out.mkdir(parents=True, exist_ok=True)
+    record = json.dumps(params, sort_keys=True)
+
+    def write_png(tmp: Path) -> None:  # AUTOMATIC1111's "parameters" text chunk, plus ours for --from
+        info = PngInfo()
+        info.add_text("parameters", a1111_parameters(params, size))
+        info.add_text("lora4diffusion", record)
+        grid_image(images, per_row).save(tmp, format="PNG", pnginfo=info)
+
+    atomic_write(out / "samples.png", write_png)
+    arrays = {"images": images.numpy().astype(np.float32), "labels": np.array(labels, dtype=np.int64),
+              "parameters": np.array(record, dtype=np.str_)}  # fixed-width unicode: no pickle on load
+    if prompts is not None:
+        arrays["prompts"] = np.array(prompts, dtype=np.str_)
+
+    def write_npz(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(out / "samples.npz", write_npz)
+    if args.trajectory:  # one row per asked digit (prompt): the first sample of each row of the grid
+        rows = len(labels) // per_row
+        save_trajectory([x[::per_row] for x in trajectory], out / "trajectory.png", max_rows=rows)
+    print(summary_line(params, why))  # after the files: a closed stdout (`| head`) loses no work
+    print(f"wrote {len(labels)} samples to {out / 'samples.png'} and {out / 'samples.npz'}")
+    return 0
+
+
+def draw(args: argparse.Namespace, digits: list[int]) -> Drawn:
+    """The sampling of `sample` (and of each cell of `sample --xyz`): the model and adapters loaded, every
+    option checked, the images drawn; nothing written."""
     sampler = args.sampler or "ddim"
     eta = 0.0 if args.eta is None else args.eta
     seed = 0 if args.seed is None else args.seed
@@ -194,29 +269,44 @@ def sample_into(args: argparse.Namespace, digits: list[int], out: Path) -> int:
         progress=not args.quiet,
         negative=args.negative,
     )
+    return Drawn(images, trajectory, labels, prompts, per_row, params, chosen.why, pipe.image_size)
+
+
+def xyz_into(args: argparse.Namespace, axes: list[xyz.Axis], out: Path) -> int:
+    """`sample --xyz`: every cell drawn by ``draw`` (as a plain `sample` with its settings), written as one
+    labelled grid.png whose text chunk holds each cell's record (``sample --from grid.png --cell X,Y``)."""
+    loras = parse_loras(args.lora)
+    sizes = []
+
+    def cell(cell_args: argparse.Namespace) -> tuple[torch.Tensor, int, dict]:
+        d = draw(cell_args, _digits(cell_args))
+        sizes.append(d.size)
+        return d.images, d.per_row, d.params
+
+    once = _Once()  # a warning (an absent trigger word) said once for the grid, not once per cell
+    log.addFilter(once)
+    try:
+        image, record = xyz.draw_grid(axes, args, loras, cell)
+    finally:
+        log.removeFilter(once)
     out.mkdir(parents=True, exist_ok=True)
-    record = json.dumps(params, sort_keys=True)
-
-    def write_png(tmp: Path) -> None:  # AUTOMATIC1111's "parameters" text chunk, plus ours for --from
-        info = PngInfo()
-        info.add_text("parameters", a1111_parameters(params, pipe.image_size))
-        info.add_text("lora4diffusion", record)
-        grid_image(images, per_row).save(tmp, format="PNG", pnginfo=info)
-
-    atomic_write(out / "samples.png", write_png)
-    arrays = {"images": images.numpy().astype(np.float32), "labels": np.array(labels, dtype=np.int64),
-              "parameters": np.array(record, dtype=np.str_)}  # fixed-width unicode: no pickle on load
-    if prompts is not None:
-        arrays["prompts"] = np.array(prompts, dtype=np.str_)
-
-    def write_npz(tmp: Path) -> None:
-        with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
-            np.savez(f, **arrays)
-
-    atomic_write(out / "samples.npz", write_npz)
-    if args.trajectory:  # one row per asked digit (prompt): the first sample of each row of the grid
-        rows = len(labels) // per_row
-        save_trajectory([x[::per_row] for x in trajectory], out / "trajectory.png", max_rows=rows)
-    print(summary_line(params, chosen.why))  # after the files: a closed stdout (`| head`) loses no work
-    print(f"wrote {len(labels)} samples to {out / 'samples.png'} and {out / 'samples.npz'}")
+    info = xyz.grid_pnginfo(record, sizes[0])
+    atomic_write(out / "grid.png", lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    shape = " x ".join(str(len(a.values)) for a in axes)
+    print(f"wrote a {shape} grid ({', '.join(a.label for a in axes)}) to {out / 'grid.png'}")
     return 0
+
+
+class _Once(logging.Filter):
+    """Lets each message through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
