@@ -81,7 +81,6 @@ class LoRALayer(nn.Module):
         # per-row multipliers [B] of one call whose prompts carry different adapters (peft's adapter_names=):
         # while set, they replace ``multipliers[name]`` for that adapter (``row_multipliers_while``)
         self.row_multipliers: dict[str, torch.Tensor] = {}
-        self.row_index: dict[str, torch.Tensor] = {}  # the rows whose multiplier is not 0
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
         self._unmerged_weight: torch.Tensor | None = None  # W0 as it was before the first merge
@@ -189,15 +188,10 @@ class LoRALayer(nn.Module):
             rows = self.row_multipliers.get(name)
             if rows is not None and name not in self.merged_adapters:
                 # h_b = W0 x_b + m_b ΔW x_b for each row b: ΔW is linear in m (AdapterMethod.forward), so one
-                # forward at m = 1, scaled row by row, serves the rows that use the adapter (as peft's
-                # adapter_names= runs each adapter on its sub-batch); the other rows keep the base's bits
-                index = _row_index(self.row_index[name], rows.numel(), x.shape[0])
-                if index.numel():
-                    with torch.autocast(device_type=x.device.type, enabled=False):
-                        delta = method(x.index_select(0, index), 1.0, self.original_weight)
-                        scale = rows.repeat(x.shape[0] // rows.numel()).index_select(0, index)
-                        delta = delta * scale.to(delta.dtype).view(-1, *[1] * (delta.dim() - 1))
-                        out = out.index_add(0, index, delta.to(out.dtype))
+                # forward at m = 1 scaled row by row serves the batch; a row with m_b = 0 adds exactly +0
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    delta = method(x, 1.0, self.original_weight)
+                    out = out + (delta * _per_row(rows, delta)).to(out.dtype)
                 continue
             m = self.multipliers[name]
             if m == 0 or name in self.merged_adapters:  # skipping keeps m = 0 bit-identical to the base
@@ -213,15 +207,15 @@ class LoRALayer(nn.Module):
                          for n, a in self.adapters.items())
 
 
-def _row_index(index: torch.Tensor, n: int, b: int) -> torch.Tensor:
-    """The rows of a batch of ``b`` that use an adapter, from its rows ``index`` among the call's ``n``:
-    b = n, or b = k n when the batch is the n rows repeated k times (classifier-free guidance runs
-    [conditional; unconditional], so row j and row n + j are one prompt's and take its adapters)."""
+def _per_row(rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The [n] row multipliers shaped to broadcast over ``delta`` [B, ...]: B = n, or B = k n when the batch
+    is the n rows repeated k times (classifier-free guidance runs [conditional; unconditional], so row b and
+    row n + b are one prompt's and take its adapters)."""
+    n, b = rows.numel(), delta.shape[0]
     if b % n:
         raise RuntimeError(f"a batch of {b} rows for {n} per-row adapter weights")
-    if b == n:
-        return index
-    return (index[None] + n * torch.arange(b // n, device=index.device)[:, None]).flatten()
+    rows = rows.to(device=delta.device, dtype=delta.dtype).repeat(b // n)
+    return rows.view(b, *[1] * (delta.dim() - 1))
 
 
 class LoRALinear(LoRALayer):
@@ -397,15 +391,12 @@ def row_multipliers_while(models: Sequence[nn.Module | None],
                 for name in layer.adapters:
                     rows = weight_of(model, path, name)
                     if rows is not None:
-                        device = layer.base_layer.weight.device  # indices known here: no sync per forward
-                        layer.row_multipliers[name] = torch.tensor(rows, dtype=torch.float32, device=device)
-                        layer.row_index[name] = torch.tensor([i for i, m in enumerate(rows) if m != 0],
-                                                             dtype=torch.int64, device=device)
+                        layer.row_multipliers[name] = torch.tensor(rows, dtype=torch.float32,
+                                                                   device=layer.base_layer.weight.device)
         yield
     finally:
         for layer in layers:
             layer.row_multipliers.clear()
-            layer.row_index.clear()
 
 
 def enable_lora(model: nn.Module, enabled: bool = True) -> None:
