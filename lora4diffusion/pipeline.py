@@ -289,7 +289,8 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
             if name not in names:
                 return None
             te = model is self.text_encoder
-            return [row[name].module(path, text_encoder=te) if name in row else 0.0 for row in rows]
+            weights = [row[name].module(path, text_encoder=te) if name in row else 0.0 for row in rows]
+            return weights if any(weights) else None  # none of these rows: its weight, 0, skips it
 
         return row_multipliers_while((self.unet, self.text_encoder), weight_of)
 

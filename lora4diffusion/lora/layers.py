@@ -30,8 +30,9 @@ line in ``METHODS``; it implements
 - ``metadata()``: its settings (rank, alpha, init, rslora, dropout, options), written into adapter files;
 - ``up_keys``: the "B" factor of each A/B pair, which LoRA+ trains with a larger learning rate.
 The wrapper then gives every method, unchanged: multipliers (0 skips the adapter, so the output is the base's
-bit for bit), merging and exact unmerging, enabling, deleting, ``base_state_dict`` and the base fingerprint,
-saving and loading adapter files (adapters.py) and the format exports built on them.
+bit for bit), per-row multipliers for a batch whose rows carry different adapters (``row_multipliers_while``),
+merging and exact unmerging, enabling, deleting, ``base_state_dict`` and the base fingerprint, saving and
+loading adapter files (adapters.py) and the format exports built on them.
 
 State-dict keys: child C of adapter NAME at module <path> is stored as ``<path>.C.NAME`` (LoRA:
 ``<path>.lora_down.NAME.weight``, ``<path>.lora_up.NAME.weight``); the base weights become
