@@ -37,7 +37,13 @@ from lora4diffusion.limits import lora_weight
 from lora4diffusion.lora.adapters import base_fingerprint, load_adapter, resolve_adapter, shipped_adapters
 from lora4diffusion.lora.block_weights import AdapterWeight, from_diffusers, from_lbw, uniform
 from lora4diffusion.lora.embeddings import load_embedding
-from lora4diffusion.lora.layers import adapter_names, delete_adapter, lora_layers, merged_while
+from lora4diffusion.lora.layers import (
+    adapter_names,
+    delete_adapter,
+    lora_layers,
+    merged_while,
+    row_multipliers_while,
+)
 from lora4diffusion.lora.prompt_lora import (
     load_prompt_adapter,
     missing_triggers,
@@ -47,7 +53,7 @@ from lora4diffusion.lora.prompt_lora import (
 )
 from lora4diffusion.models.unet import UNet
 from lora4diffusion.pipeline_diffusers import DiffusersMixin
-from lora4diffusion.prompt_syntax import TagWeight, call_loras, has_tags, parse_prompt
+from lora4diffusion.prompt_syntax import TagWeight, has_tags, parse_prompt, prompt_loras
 
 # Digits per sampling batch (x2 rows with guidance), the fastest measured on 2 cores, bf16 (benchmarks/
 # RESULTS.md): the pixel model at 50 (100 rows keep every 28x28 activation under glibc's 32 MiB mmap ceiling;
@@ -76,6 +82,8 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
     weights: dict = field(default_factory=dict)
     # where a prompt's unknown token <name> finds its embedding by name (load_prompt_embeddings)
     embedding_dirs: list = field(default_factory=embedding_folders)
+    # the current call's per-prompt adapter weights when its prompts carry different tags (apply_prompt_tags)
+    row_weights: list | None = None
 
     @property
     def is_prompt_model(self) -> bool:
@@ -225,38 +233,66 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         return {n: self.lora_weight(n) for n in names}
 
     def apply_prompt_tags(self, prompts: list[str], force: bool = False) -> list[str]:
-        """Resolve the ``<lora:NAME_OR_PATH[:WEIGHT]>`` tags of one call (prompt_syntax.call_loras): each
-        adapter is loaded once (a path, else a shipped adapter's name) and set to the call's weight; adapters
-        that earlier calls' tags loaded and this call's tags do not name are set to weight 0. Returns the
-        prompts without their tags. Every prompt of a call must carry the same tags (weights apply to the
-        whole batch); a different set or weight is refused. A tag naming an adapter that ``add_lora`` (--lora)
-        loaded is not applied a second time: at the same weight it is that adapter, at another it is refused
-        (as the web API refuses a tag and a ``loras`` entry that disagree)."""
+        """Resolve the ``<lora:NAME_OR_PATH[:WEIGHT]>`` tags of one call (prompt_syntax.prompt_loras): each
+        adapter is loaded once (a path, else a shipped adapter's name); adapters that earlier calls' tags
+        loaded and this call's tags do not name are set to weight 0. Returns the prompts without their tags.
+        When every prompt carries the same tags, the adapters are set to the call's weights. Otherwise each
+        row gets its own (peft's ``adapter_names=``): the tagged adapters' weights are set to 0 and
+        ``row_weights`` holds each prompt's {adapter: AdapterWeight}, which ``generate`` applies row by row.
+        A tag naming an adapter that ``add_lora`` (--lora) loaded is not applied a second time: that adapter
+        acts on every row at its one weight, and a tag giving it another weight is refused (as the web API
+        refuses a tag and a ``loras`` entry that disagree)."""
         if not self.is_prompt_model:
             raise UserError("<lora:...> tags go in prompts of a prompt model; a label model takes --lora")
-        stripped, tagged = call_loras(list(prompts), paths=True)
-        wanted = {key: self._steering(value) for key, value in tagged.items()}  # lbw= read on this UNet
+        self.row_weights = None
+        stripped, tagged = prompt_loras(list(prompts), paths=True)
+        rows = [{key: self._steering(value) for key, value in row.items()} for row in tagged]  # lbw= here
+        keys = list(dict.fromkeys(key for row in rows for key in row))
         shipped = shipped_adapters()
-        for key in wanted:  # every name resolved before any adapter is loaded
+        for key in keys:  # every name resolved before any adapter is loaded
             if key not in self.tag_adapters and path_kind(Path(key)) == "missing" and key not in shipped:
                 known = sorted({*shipped, *self.tag_adapters})
                 near = difflib.get_close_matches(key, known, n=3, cutoff=0.4)
                 hint = f"nearest: {', '.join(near)}" if near else f"known: {', '.join(known) or 'none'}"
                 raise UserError(f"<lora:{key}>: no adapter of that name or path ({hint})")
-        for key, weight in list(wanted.items()):
+        for key in keys:
             name = None if key in self.tag_adapters else self.added.get(self._source(key))
-            if name is not None:  # loaded by --lora (add_lora): one adapter, one weight
-                have, want = self.lora_weight(name), self._as_weight(weight)
+            if name is None:
+                continue
+            have = self.lora_weight(name)  # loaded by --lora (add_lora): one adapter, one weight
+            for row in rows:
+                want = self._as_weight(row.pop(key, have))
                 if (have.text_encoder, have.unet, have.blocks) != (want.text_encoder, want.unet, want.blocks):
                     raise UserError(f"adapter {name!r}: the prompt's tag <lora:{key}:{want}> says"
                                     f" {want}, --lora (add_lora) says {have}; give its weight in one place")
-                del wanted[key]
-        for key, weight in wanted.items():
+        for key in dict.fromkeys(key for row in rows for key in row):
             if key not in self.tag_adapters:
-                self.tag_adapters[key] = self._load(key, weight, force)
+                self.tag_adapters[key] = self._load(key, next(row[key] for row in rows if key in row), force)
+        mixed = any(row != rows[0] for row in rows)
         for key, name in self.tag_adapters.items():
-            self.set_lora_weight(name, wanted.get(key, 0.0))
+            self.set_lora_weight(name, rows[0].get(key, 0.0) if rows and not mixed else 0.0)
+        if mixed:
+            self.row_weights = [{self.tag_adapters[key]: self._as_weight(w) for key, w in row.items()}
+                                for row in rows]
         return stripped
+
+    def _row_adapters(self, start: int, stop: int) -> contextlib.AbstractContextManager:
+        """While sampling rows [start, stop) of a call whose prompts carry different tags: each adapter layer
+        scales its adapters row by row (``lora.layers.row_multipliers_while``); the text encoder's rows and
+        the unconditional half of guidance's doubled batch take their prompt's adapters."""
+        if self.row_weights is None:
+            return contextlib.nullcontext()
+        rows = self.row_weights[start:stop]
+        names = {name for row in self.row_weights for name in row}
+
+        def weight_of(model, path: str, name: str) -> list[float] | None:
+            if name not in names:
+                return None
+            te = model is self.text_encoder
+            weights = [row[name].module(path, text_encoder=te) if name in row else 0.0 for row in rows]
+            return weights if any(weights) else None  # none of these rows: its weight, 0, skips it
+
+        return row_multipliers_while((self.unet, self.text_encoder), weight_of)
 
     def _weight(self, name: str) -> float | None:
         for part in (self.unet, self.text_encoder):
@@ -269,7 +305,13 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         """(adapter, prompt) for loaded adapters (weight != 0 not checked) whose trigger words a prompt
         (without its tags) lacks: the adapter then acts weakly or, with prior preservation, not at all."""
         active = {n: w for n, w in self.triggers.items() if n not in self._muted()}
-        return missing_triggers(active, [parse_prompt(p, paths=True).text for p in prompts])
+        texts = [parse_prompt(p, paths=True).text for p in prompts]
+        rows = self.row_weights
+        if rows is None or len(rows) != len(texts):
+            return missing_triggers(active, texts)
+        return [hit for row, text in zip(rows, texts, strict=True)  # rows with their own adapters
+                for hit in missing_triggers({**active, **{n: self.triggers.get(n, []) for n, w in row.items()
+                                                          if w.scalar != 0.0}}, [text])]
 
     def _muted(self) -> set[str]:
         return {n for n, w in self.lora_weights.items() if w.scalar == 0.0}
@@ -373,6 +415,7 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         """
         device = self.device
         contexts = None
+        self.row_weights = None  # set by this call's tags (apply_prompt_tags) when its rows differ
         if self.is_prompt_model:
             contexts = self._contexts(labels, negative)
             labels = torch.zeros(len(contexts[0]), dtype=torch.int64, device=device)  # only its length counts
@@ -389,7 +432,8 @@ class Pipeline(DiffusersMixin):  # + diffusers' names: __call__, load_lora_weigh
         with folded:  # the weights do not change during a call: fold the adapters in once (opt-in)
             for b, start in enumerate(range(0, len(labels), batch_size)):
                 g = torch.Generator().manual_seed((seed * 1_000_003 + b) % 2**64)  # manual_seed takes 64 bits
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                rows = self._row_adapters(start, start + batch_size)  # prompts with different tags
+                with rows, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     cond, uncond = labels[start : start + batch_size], None
                     if contexts is not None:  # the text encoder runs once per batch, not once per step
                         ids, neg_ids = (c[start : start + batch_size].to(device) for c in contexts)

@@ -32,8 +32,9 @@ Where ours differs (each also in docs/API.md):
   ones. ``disable_lora`` unfuses first. A call's ``cross_attention_kwargs`` scale lasts that call (diffusers
   also applies it to the text-encoder part of adapters loaded later); ``fused_loras`` is empty after
   ``unload_lora_weights`` (diffusers still lists what was folded in).
-- prompts may carry our ``<lora:NAME:W>`` tags (``Pipeline.apply_prompt_tags``); a negative prompt given as
-  one string applies to every prompt (diffusers wants a list as long as a list of prompts).
+- prompts may carry our ``<lora:NAME:W>`` tags (``Pipeline.apply_prompt_tags``), different ones per prompt
+  (each row its own adapters, as peft's ``adapter_names=``; diffusers has no per-row adapters); a negative
+  prompt given as one string applies to every prompt (diffusers wants a list as long as a list of prompts).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class DiffusersMixin:
                     raise UserError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts:"
                                     " give one, or one per prompt")
                 negatives = [n for n in negative_prompt for _ in range(repeat)]
+            self.row_weights = None  # set by this call's tags when its prompts carry different ones
             ids, neg_ids = self._contexts(wanted, negatives)  # tags load and weigh adapters here
             cond = None
         else:
@@ -181,11 +183,13 @@ class DiffusersMixin:
             if self._adapter_state().disabled:  # adapters loaded since (add_lora, tags) are disabled too
                 self._apply_enabled()
             uncond = None
-            if self.is_prompt_model:  # after the scale: diffusers scales the text encoder's LoRA too
-                cond, uncond = self.text_encoder(ids.to(device))[0], self.text_encoder(neg_ids.to(device))[0]
-            self.unet.eval()
-            x, _ = sample(self.unet, sampler, cond, shape, w, step_generator, clip=self.vae is None,
-                          uncond=uncond, x_T=x_T)
+            with self._row_adapters(0, n):  # each row its own adapters (prompts with different tags)
+                if self.is_prompt_model:  # after the scale: diffusers scales the text encoder's LoRA too
+                    cond, uncond = (self.text_encoder(ids.to(device))[0],
+                                    self.text_encoder(neg_ids.to(device))[0])
+                self.unet.eval()
+                x, _ = sample(self.unet, sampler, cond, shape, w, step_generator, clip=self.vae is None,
+                              uncond=uncond, x_T=x_T)
         finally:
             restore()
         if not torch.isfinite(x).all():
@@ -256,12 +260,18 @@ class DiffusersMixin:
         before = {name: self.lora_weight(name) for name in self.get_active_adapters()}
         scaled = {name: checked(w.scaled(scale), f"adapter {name!r} at cross_attention_kwargs scale"
                                 f" {scale:g}") for name, w in before.items()}  # all checked before any is set
+        rows = self.row_weights  # prompts with different tags: each row's weights are scaled too
+        scaled_rows = None if rows is None else [
+            {name: checked(w.scaled(scale), f"adapter {name!r} at cross_attention_kwargs scale {scale:g}")
+             for name, w in row.items()} for row in rows]
         for name, w in scaled.items():
             self.set_lora_weight(name, w)
+        self.row_weights = scaled_rows
 
         def restore() -> None:
             for name, w in before.items():
                 self.set_lora_weight(name, w)
+            self.row_weights = rows
 
         return restore
 

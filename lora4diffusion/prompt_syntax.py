@@ -157,29 +157,37 @@ def has_tags(prompt: str) -> bool:
     return isinstance(prompt, str) and _OPEN.search(prompt) is not None
 
 
+def prompt_loras(prompts: list[str], paths: bool = True, fields: bool | None = None,
+                 ) -> tuple[list[str], list[dict[str, float | TagWeight]]]:
+    """The tags of one sampling call, row by row: (stripped prompts, one {name: weight} per prompt). Prompts
+    of one call may carry different tags: each row then gets its own adapters (Pipeline.generate).
+    ``fields``: as ``parse_prompt``."""
+    parsed = [parse_prompt(p, paths=paths, fields=fields) for p in prompts]
+    return [p.text for p in parsed], [p.loras for p in parsed]
+
+
 def call_loras(prompts: list[str], paths: bool = True, fields: bool | None = None,
                ) -> tuple[list[str], dict[str, float | TagWeight]]:
-    """The tags of one sampling call: (stripped prompts, {name: weight}).
+    """The tags of a call whose prompts all carry the same tags: (stripped prompts, {name: weight}).
 
-    Adapters act on the whole batch (their weight is a property of the network, not of a row), so every
-    prompt of one call must carry the same tags with the same weights; anything else is refused with a
-    message saying to sample those prompts in separate calls. ``fields``: as ``parse_prompt``.
+    For callers that apply one set of weights to the whole batch (records that name one weight per
+    adapter); anything else is refused with a message saying so. ``fields``: as ``parse_prompt``.
     """
-    parsed = [parse_prompt(p, paths=paths, fields=fields) for p in prompts]
-    if not parsed:
+    stripped, rows = prompt_loras(prompts, paths=paths, fields=fields)
+    if not rows:
         return [], {}
-    first = parsed[0].loras
-    for p, original in zip(parsed, prompts, strict=True):
-        if p.loras != first:
-            diff = sorted({k for k, _ in set(p.loras.items()) ^ set(first.items())})
+    first = rows[0]
+    for row, original in zip(rows, prompts, strict=True):
+        if row != first:
+            diff = sorted({k for k, _ in set(row.items()) ^ set(first.items())})
             name = diff[0] if diff else "?"
             raise UserError(
                 f"prompts of one call carry different <lora:...> tags (adapter {name!r} in {original[:60]!r}"
-                f" vs {prompts[0][:60]!r}); an adapter's weight applies to the whole batch: sample them in"
+                f" vs {prompts[0][:60]!r}); here one weight applies to the whole batch: sample them in"
                 " separate calls"
             )
-    return [p.text for p in parsed], dict(first)
+    return stripped, dict(first)
 
 
 __all__ = ["NAME", "TAG", "Prompt", "TagWeight", "call_loras", "check_name", "check_weight", "has_tags",
-           "parse_prompt"]
+           "parse_prompt", "prompt_loras"]

@@ -21,7 +21,7 @@ from lora4diffusion.checkpoint import check_readable, path_kind
 from lora4diffusion.data import parse_digits
 from lora4diffusion.errors import UserError
 from lora4diffusion.limits import lora_weight
-from lora4diffusion.prompt_syntax import TagWeight, call_loras
+from lora4diffusion.prompt_syntax import TagWeight, prompt_loras
 
 KEY = "lora4diffusion"
 MAX_RECORD_CHARS = 1 << 20  # a record is a few hundred characters; a 1 MiB one is not ours
@@ -250,8 +250,9 @@ def summary_line(params: dict, why: str | None = None) -> str:
     loras = ", ".join(f"{p}:{w}" for p, w in items)
     if params.get("prompts"):  # adapters loaded by <lora:...> tags act as much as --lora ones: name them
         given = set(items)  # a tag repeating a --lora is that adapter
-        tagged = ", ".join(f"{n}:{_weight_text(w)}" for n, w in call_loras(list(params["prompts"]))[1].items()
-                           if (n, _weight_text(w)) not in given)
+        rows = prompt_loras(list(params["prompts"]))[1]  # rows may carry different tags: each named once
+        named = dict.fromkeys((n, _weight_text(w)) for row in rows for n, w in row.items())
+        tagged = ", ".join(f"{n}:{w}" for n, w in named if (n, w) not in given)
         loras = ", ".join(x for x in (loras, tagged and f"{tagged} (prompt tags)") if x)
     loras = loras or "none"
     what = (f"prompts {params['prompts']} x {params['num']}" if params.get("prompts")

@@ -63,7 +63,7 @@ from lora4diffusion.folders.model import load_model, save_model
 from lora4diffusion.lora.adapters import export_peft, import_peft, load_adapter, save_adapter
 from lora4diffusion.lora.layers import inject_lora
 from lora4diffusion.models.unet import UNet, UNetConfig
-from lora4diffusion.prompt_syntax import call_loras
+from lora4diffusion.prompt_syntax import prompt_loras
 from lora4diffusion.styles import load_style_data
 from lora4diffusion.training.loop import Trainer
 from lora4diffusion.training.run import STATE_NAME, TrainConfig
@@ -596,7 +596,7 @@ def _checked_only(args, digits, out) -> int:
     """cmd_sample up to the model: what a record put on the command line, tags included, is checked; the
     sampling itself (seconds per case, or hours for a valid record asking 10,000 x 10^9 steps) is not run."""
     if args.prompt:
-        call_loras(list(args.prompt))
+        prompt_loras(list(args.prompt))
     return 0
 
 

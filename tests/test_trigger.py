@@ -346,11 +346,16 @@ def test_pipeline_weights_have_the_one_limit(base, adapter):
     assert pipe.loras == {name: -2.0}
 
 
-def test_two_weights_of_one_adapter_in_one_call_are_refused(base, adapter, tmp_path, capsys):
+def test_two_weights_of_one_adapter_in_one_call_are_each_rows_own(base, adapter, tmp_path, capsys):
+    """Each prompt's rows take its own weight (tests/test_mixed_batch.py checks the images); the summary
+    names both."""
     out = tmp_path / "out"
     code = main(["-q", "sample", "--checkpoint", str(base), "--prompt", f"<lora:{adapter}:0.5> a sks seven",
-                 "--prompt", f"<lora:{adapter}:1> a sks one", "--out", str(out)])
-    assert code == 2 and "separate calls" in capsys.readouterr().err and not out.exists()
+                 "--prompt", f"<lora:{adapter}:1> a sks one", "--num", "2", "--steps", "2", "--out",
+                 str(out)])
+    said = capsys.readouterr().out
+    assert code == 0 and f"{adapter}:0.5, {adapter}:1 (prompt tags)" in said
+    assert (out / "samples.npz").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

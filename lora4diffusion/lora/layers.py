@@ -30,8 +30,9 @@ line in ``METHODS``; it implements
 - ``metadata()``: its settings (rank, alpha, init, rslora, dropout, options), written into adapter files;
 - ``up_keys``: the "B" factor of each A/B pair, which LoRA+ trains with a larger learning rate.
 The wrapper then gives every method, unchanged: multipliers (0 skips the adapter, so the output is the base's
-bit for bit), merging and exact unmerging, enabling, deleting, ``base_state_dict`` and the base fingerprint,
-saving and loading adapter files (adapters.py) and the format exports built on them.
+bit for bit), per-row multipliers for a batch whose rows carry different adapters (``row_multipliers_while``),
+merging and exact unmerging, enabling, deleting, ``base_state_dict`` and the base fingerprint, saving and
+loading adapter files (adapters.py) and the format exports built on them.
 
 State-dict keys: child C of adapter NAME at module <path> is stored as ``<path>.C.NAME`` (LoRA:
 ``<path>.lora_down.NAME.weight``, ``<path>.lora_up.NAME.weight``); the base weights become
@@ -78,6 +79,9 @@ class LoRALayer(nn.Module):
             p.requires_grad_(False)
         self.adapters: dict[str, AdapterMethod] = {}
         self.multipliers: dict[str, float] = {}  # the user's per-adapter multiplier m
+        # per-row multipliers [B] of one call whose prompts carry different adapters (peft's adapter_names=):
+        # while set, they replace ``multipliers[name]`` for that adapter (``row_multipliers_while``)
+        self.row_multipliers: dict[str, torch.Tensor] = {}
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
         self._unmerged_weight: torch.Tensor | None = None  # W0 as it was before the first merge
@@ -182,6 +186,14 @@ class LoRALayer(nn.Module):
         if not self.adapters_enabled:
             return out
         for name, method in self.adapters.items():
+            rows = self.row_multipliers.get(name)
+            if rows is not None and name not in self.merged_adapters:
+                # h_b = W0 x_b + m_b ΔW x_b for each row b: ΔW is linear in m (AdapterMethod.forward), so one
+                # forward at m = 1 scaled row by row serves the batch; a row with m_b = 0 adds exactly +0
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    delta = method(x, 1.0, self.original_weight)
+                    out = out + (delta * _per_row(rows, delta)).to(out.dtype)
+                continue
             m = self.multipliers[name]
             if m == 0 or name in self.merged_adapters:  # skipping keeps m = 0 bit-identical to the base
                 continue
@@ -194,6 +206,17 @@ class LoRALayer(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {type(a).__name__}({a.extra_repr()}), m={self.multipliers[n]:g}"
                          for n, a in self.adapters.items())
+
+
+def _per_row(rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The [n] row multipliers shaped to broadcast over ``delta`` [B, ...]: B = n, or B = k n when the batch
+    is the n rows repeated k times (classifier-free guidance runs [conditional; unconditional], so row b and
+    row n + b are one prompt's and take its adapters)."""
+    n, b = rows.numel(), delta.shape[0]
+    if b % n:
+        raise RuntimeError(f"a batch of {b} rows for {n} per-row adapter weights")
+    rows = rows.to(device=delta.device, dtype=delta.dtype).repeat(b // n)
+    return rows.view(b, *[1] * (delta.dim() - 1))
 
 
 class LoRALinear(LoRALayer):
@@ -354,6 +377,27 @@ def merged_while(models: Sequence[nn.Module | None]) -> Iterator[None]:
             layer.unmerge()
             if fused:
                 layer.merge(fused)
+
+
+@contextmanager
+def row_multipliers_while(models: Sequence[nn.Module | None],
+                          weight_of: Callable[[nn.Module, str, str], list[float] | None]) -> Iterator[None]:
+    """Per-row multipliers for the duration: adapter ``name`` at module ``path`` of ``model`` gets the [B]
+    multipliers ``weight_of(model, path, name)`` (None: its usual multiplier), so one forward serves a batch
+    whose rows carry different adapters (peft's ``adapter_names=``); afterwards they are cleared."""
+    layers = [layer for model in models if model is not None for layer in lora_layers(model).values()]
+    try:
+        for model in models:
+            for path, layer in lora_layers(model).items() if model is not None else ():
+                for name in layer.adapters:
+                    rows = weight_of(model, path, name)
+                    if rows is not None:
+                        layer.row_multipliers[name] = torch.tensor(rows, dtype=torch.float32,
+                                                                   device=layer.base_layer.weight.device)
+        yield
+    finally:
+        for layer in layers:
+            layer.row_multipliers.clear()
 
 
 def enable_lora(model: nn.Module, enabled: bool = True) -> None:
