@@ -108,7 +108,7 @@ def to_grey(im: Image.Image) -> np.ndarray:
 def mnist_like(grey: np.ndarray) -> torch.Tensor | None:
     """A grey picture of one digit (any size, either polarity) -> uint8 [28, 28] as MNIST was made; None if
     it holds no ink. The ink's bounding box is fit in 20x20 keeping the aspect ratio, then translated (by
-    whole pixels, as MNIST) so that its centre of mass lies within half a pixel of the field's centre."""
+    whole pixels, as MNIST) so that its centre of mass lies within half a pixel of pixel (14, 14)."""
     g = np.asarray(grey, dtype=np.float64)
     if g.ndim != 2 or not np.isfinite(g).all():
         return None
@@ -132,7 +132,7 @@ def mnist_like(grey: np.ndarray) -> torch.Tensor | None:
         return None
     ys, xs = torch.arange(size[0], dtype=torch.float64), torch.arange(size[1], dtype=torch.float64)
     cy, cx = float((x.double().sum(1) * ys).sum()) / total, float((x.double().sum(0) * xs).sum()) / total
-    centre = (FIELD - 1) / 2  # 13.5: the middle of pixel indices 0..27
+    centre = FIELD / 2  # pixel (14, 14), as MNIST: the embedded digits' mean centre of mass is (13.99, 14.00)
     top = min(max(round(centre - cy), 0), FIELD - size[0])  # the whole box stays in the field
     left = min(max(round(centre - cx), 0), FIELD - size[1])
     out = torch.zeros(FIELD, FIELD)

@@ -52,7 +52,7 @@ def _big(digit: torch.Tensor, zoom: int = 5, dark_on_light: bool = True, colour:
                                        ((64, 64), (20, 5, 30, 60))])
 def test_ink_fits_the_20x20_box_keeping_aspect_and_is_centred_by_mass(size, box):
     """LeCun et al.'s recipe as a closed form: the ink's box scaled so that its long side is 20 (the short
-    one in proportion), centre of mass within half a pixel of the field's centre 13.5."""
+    one in proportion), centre of mass within half a pixel of MNIST's centre pixel (14, 14)."""
     w, h = size
     im = Image.new("L", size, 240)  # dark ink on light paper: inverted by the border test
     ImageDraw.Draw(im).ellipse(box, fill=10)
@@ -63,7 +63,7 @@ def test_ink_fits_the_20x20_box_keeping_aspect_and_is_centred_by_mass(size, box)
     assert long_side == BOX
     assert abs(short_side - BOX * min(bw, bh) / max(bw, bh)) <= 1.5
     cy, cx = _centre_of_mass(out)
-    assert abs(cy - 13.5) <= 0.5 and abs(cx - 13.5) <= 0.5
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
     assert out.dtype == torch.uint8 and out.max() == 255
 
 
@@ -136,7 +136,7 @@ def test_imagefolder_layout(tmp_path):
     assert data.labels.tolist() == labels.tolist() and data.repeats.tolist() == [1] * 12
     for img in data.images:
         cy, cx = _centre_of_mass(img)
-        assert abs(cy - 13.5) <= 0.5 and abs(cx - 13.5) <= 0.5
+        assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
 
 
 def test_refusals_name_the_file(tmp_path):
@@ -174,7 +174,8 @@ def test_prepare_data_writes_images_sheet_counts_and_one_line_warnings(tmp_path,
     again = read_captioned(out)  # the output is an imagefolder of MNIST-like digits: reading it is a no-op
     first = read_captioned(src)
     assert again.captions == first.captions
-    assert (again.images.int() - first.images.int()).abs().float().mean() < 2
+    for a, b in zip(again.images, first.images, strict=True):  # ink under 10 % of the peak goes: 1 px shifts
+        assert np.corrcoef(a.double().flatten().numpy(), b.double().flatten().numpy())[0, 1] > 0.85
     assert main(["-q", "prepare-data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()
 
