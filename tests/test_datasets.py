@@ -16,6 +16,7 @@ from lora4diffusion.data import load_mnist
 from lora4diffusion.datasets import BOX, FIELD, as_digits, mnist_like, read_captioned
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.tokenizer import Tokenizer
+from lora4diffusion.training.lora import OWN_CAPTIONS, CaptionTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -193,3 +194,32 @@ def test_train_lora_on_a_captioned_folder(tiny_prompt_model, tmp_path, layout, c
     meta = read_metadata(out / "adapter.safetensors")
     assert meta["style"] == "data" and layout in meta["data"]
     assert main([*argv[:-5], "--style", "bold", "--out", str(tmp_path / "r2"), "--device", "cpu"]) == 2
+
+
+def test_caption_task_feeds_each_image_its_own_caption():
+    """The styled half's token ids are the image's caption (dropout: the empty prompt's), not a template."""
+    tokenizer = Tokenizer.load()
+    captions = ["a handwritten sks 7", "sks seven", "the digit 3 in sks style", "a handwritten sks 7"]
+    task = CaptionTask(None, tokenizer, captions, "sks")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.tensor([3, 0, 2, 1, 1])
+    rows = task._captions(task.rows[idx], g, None, OWN_CAPTIONS)
+    assert torch.equal(task.ids[rows], tokenizer.encode([captions[i] for i in idx.tolist()]))
+    drop = torch.tensor([True, False, False, True, False])
+    rows = task._captions(task.rows[idx], g, drop, OWN_CAPTIONS)
+    assert torch.equal(task.ids[rows][drop], tokenizer.encode(["", ""]))
+    assert torch.equal(task.ids[rows][~drop], tokenizer.encode([captions[i] for i in (0, 2, 1)]))
+
+
+def test_a_label_base_refuses_captions_without_a_digit(tiny_label_run, tmp_path, capsys):
+    images, labels = _mnist(3)
+    src = _imagefolder(tmp_path / "hf", images, labels, captions=["sks", "a handwritten sks 2", "sks"])
+    out = tmp_path / "run"
+    assert main(["-q", "train-lora", "--checkpoint", str(tiny_label_run), "--data", str(src), "--out",
+                 str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "0.jpg: caption 'sks' names no digit" in err[0] and "2 such" in err[0], err
+    assert not out.exists()
+    assert main(["-q", "train-embedding", "--style", "x", "--token", "<x>", "--data", str(src), "--out",
+                 str(out)]) == 2
+    assert "not yet an embedding" in capsys.readouterr().err and not out.exists()
