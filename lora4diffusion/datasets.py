@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from lora4diffusion.captions import digit_of
 from lora4diffusion.data import Digits
@@ -149,7 +149,7 @@ def read_digit(path: Path) -> torch.Tensor | None:
                 if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
                     raise UserError(f"{path}: image too large ({im.size[0]}x{im.size[1]}; the limit is"
                                     f" {MAX_IMAGE_PIXELS} pixels)")
-                g = to_grey(im)
+                g = to_grey(ImageOps.exif_transpose(im))  # a phone's photo: upright as its EXIF says
     except UserError:  # a ValueError too: not one of Pillow's
         raise
     except (Image.DecompressionBombError, PermissionError) as e:

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageOps
 from lora4diffusion.checkpoint import read_metadata
 from lora4diffusion.cli import main
 from lora4diffusion.data import load_mnist
-from lora4diffusion.datasets import BOX, FIELD, as_digits, mnist_like, read_captioned
+from lora4diffusion.datasets import BOX, FIELD, as_digits, mnist_like, read_captioned, read_digit
 from lora4diffusion.errors import UserError
 from lora4diffusion.models.tokenizer import Tokenizer
 from lora4diffusion.training.lora import OWN_CAPTIONS, CaptionTask
@@ -223,3 +223,15 @@ def test_a_label_base_refuses_captions_without_a_digit(tiny_label_run, tmp_path,
     assert main(["-q", "train-embedding", "--style", "x", "--token", "<x>", "--data", str(src), "--out",
                  str(out)]) == 2
     assert "not yet an embedding" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
+    """A wide stroke stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to view) reads as the
+    camera showed it: tall."""
+    im = Image.new("L", (200, 100), 250)
+    ImageDraw.Draw(im).rectangle((20, 40, 180, 60), fill=0)  # wide as stored
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "photo.jpg", exif=exif)
+    rows, cols = _bbox(read_digit(tmp_path / "photo.jpg"))
+    assert rows == BOX and cols < 8
