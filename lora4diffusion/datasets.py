@@ -19,6 +19,7 @@ neither names one digit (fine for a prompt base, refused by a label base).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import re
@@ -38,6 +39,7 @@ from lora4diffusion.errors import UserError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 CAPTION_SUFFIXES = (".txt", ".caption")  # kohya reads one (--caption_extension); we take the first found
 METADATA = "metadata.jsonl"
+METADATA_CSV = "metadata.csv"  # imagefolder reads either: columns file_name and text
 KOHYA_FOLDER = re.compile(r"^([0-9]+)_(.+)$")
 FIELD, BOX = 28, 20  # MNIST: a 20x20 box centred by mass in a 28x28 field
 MAX_REPEATS = 1000
@@ -162,7 +164,7 @@ def read_digit(path: Path) -> torch.Tensor | None:
 def layout_of(folder: Path) -> str | None:
     """"imagefolder" (a metadata.jsonl), "kohya" (N_class subfolders) or None."""
     try:
-        if (folder / METADATA).is_file():
+        if (folder / METADATA).is_file() or (folder / METADATA_CSV).is_file():
             return "imagefolder"
         if folder.is_dir() and any(p.is_dir() and KOHYA_FOLDER.match(p.name) for p in folder.iterdir()):
             return "kohya"
@@ -195,15 +197,30 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: cannot read the caption ({e})") from None
 
 
+def _metadata_rows(folder: Path) -> tuple[Path, list[tuple[int, object]]]:
+    """(the table, [(line number, row)]) of metadata.jsonl, else metadata.csv (a header row first)."""
+    table = folder / METADATA
+    if table.is_file():
+        rows = []
+        for n, line in enumerate(_read_text_lines(table), start=1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{table}, line {n}: not JSON ({e.msg})") from None
+        return table, rows
+    table = folder / METADATA_CSV
+    try:
+        reader = csv.DictReader(_read_text_lines(table))
+        return table, [(reader.line_num, row) for row in reader]
+    except csv.Error as e:
+        raise UserError(f"{table}: not a CSV table ({e})") from None
+
+
 def _imagefolder_items(folder: Path) -> list[tuple[Path, str | None, int, str]]:
-    items, table = [], folder / METADATA
-    for n, line in enumerate(_read_text_lines(table), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{table}, line {n}: not JSON ({e.msg})") from None
+    items = []
+    table, rows = _metadata_rows(folder)
+    for n, row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise UserError(f"{table}, line {n}: wants an object with \"file_name\" and \"text\"")
         text = row.get("text")
@@ -233,7 +250,8 @@ def read_captioned(folder: str | Path, trigger: str | None = None, tokenizer=Non
     layout = layout_of(root)
     if layout is None:
         raise UserError(f"dataset {root}: neither kohya's layout (subfolders like '10_sks digit/' holding"
-                        f" images and .txt captions) nor imagefolder's ({METADATA} with file_name and text)")
+                        f" images and .txt captions) nor imagefolder's ({METADATA} or {METADATA_CSV} with"
+                        " file_name and text)")
     try:
         items = (_kohya_items if layout == "kohya" else _imagefolder_items)(root)
     except OSError as e:

@@ -157,6 +157,11 @@ def test_refusals_name_the_file(tmp_path):
     (root / "metadata.jsonl").write_text('{"file_name": "0.jpg", "text": "3"\n')
     with pytest.raises(UserError, match="line 1: not JSON"):
         read_captioned(root)
+    (root / "metadata.jsonl").unlink()  # imagefolder's other table: metadata.csv
+    (root / "metadata.csv").write_text('file_name,text\n0.jpg,"the digit 3, sks"\n2.jpg,sks 4\n')
+    data = read_captioned(root, tokenizer=Tokenizer.load())
+    assert data.files == ["0.jpg", "2.jpg"] and data.captions == ["the digit 3, sks", "sks 4"]
+    assert data.labels.tolist() == [3, 4]
 
 
 def test_prepare_data_writes_images_sheet_counts_and_one_line_warnings(tmp_path, capsys):
