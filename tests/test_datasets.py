@@ -33,8 +33,10 @@ def _centre_of_mass(img: torch.Tensor) -> tuple[float, float]:
 
 
 def _mnist(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """n embedded digits, the digits 0-9 in turn (the split is sorted by digit)."""
     d = load_mnist("embedded").train
-    return d.images[:n], d.labels[:n]
+    idx = torch.stack([(d.labels == i % 10).nonzero()[i // 10, 0] for i in range(n)])
+    return d.images[idx], d.labels[idx]
 
 
 def _big(digit: torch.Tensor, zoom: int = 5, dark_on_light: bool = True, colour: bool = False) -> Image.Image:
@@ -71,14 +73,17 @@ def test_ink_fits_the_20x20_box_keeping_aspect_and_is_centred_by_mass(size, box)
 def test_an_mnist_digit_scanned_back_comes_out_as_itself():
     """An MNIST digit zoomed x5, on white paper or tinted, comes back close to the original (MNIST was made
     by this recipe), and the polarity does not matter."""
-    images, _ = _mnist(8)
+    images, _ = _mnist(10)
     for digit in images:
         outs = [mnist_like(np.asarray(_big(digit, dark_on_light=d, colour=c).convert("L"), dtype=np.float64))
                 for d, c in ((True, False), (False, False), (True, True))]
-        ref = digit.double().flatten()
         for out in outs:
-            r = np.corrcoef(ref.numpy(), out.double().flatten().numpy())[0, 1]
-            assert r > 0.85, r
+            assert abs(max(_bbox(out)) - max(_bbox(digit))) <= 1
+            # the same picture up to MNIST's own whole-pixel rounding of the centre of mass
+            r = max(np.corrcoef(digit.double().flatten().numpy(),
+                                torch.roll(out, (dy, dx), (0, 1)).double().flatten().numpy())[0, 1]
+                    for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+            assert r > 0.9, r
         assert (outs[0].int() - outs[1].int()).abs().max() <= 1  # the inverse scan: the same digit
     assert mnist_like(np.full((40, 40), 255.0)) is None  # blank paper has no ink
 
