@@ -160,6 +160,9 @@ def train_lora(
     state).
     ``trigger``, ``prior``, ``prior_weight``, ``text_encoder``, ``text_encoder_lr``: LoRA on a prompt base
     (lora/prompt_lora.py); a label base refuses them. A prompt base goes to ``train_prompt_lora``.
+    ``data``: an MNIST source, or a captioned image folder (datasets.py: kohya's or imagefolder's layout),
+    whose images are trained as they are (``style`` is then only its name), each repeated as its kohya
+    folder says; a label base needs a digit in every caption or class, a prompt base trains on the captions.
     ``pivotal``: {"token", "num_vectors", "init_word"}: pivotal tuning (a new token trained with the LoRA).
     ``objective``: training-objective options (DiffusionConfig's ``OBJECTIVE_FIELDS``: loss, min_snr_gamma,
     noise_offset, huber_c, huber_schedule) for this adapter; unnamed ones are the base's, and the prediction
