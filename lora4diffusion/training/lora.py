@@ -200,7 +200,8 @@ def train_lora(
         as_digits(captioned, need_labels=True)
     vae = load_attached_vae(base_path, base_config)  # a latent base: LoRA learns in its VAE's latent space
     if vae is not None:
-        images = cached_latents(vae, styled.images)
+        images = cached_latents(vae, styled.images) if captioned is None else \
+            cached_latents(vae, captioned.images)[captioned.expanded()]  # one latent per file (kohya's cache)
     else:
         images = to_model_range(styled.images, model.cfg.image_size)
     base_name = _base_name(base, base_path)  # no machine path in shipped adapters
@@ -458,7 +459,8 @@ def train_prompt_lora(
     vae = load_attached_vae(base_path, base_config)
     if vae is None:
         raise UserError(f"{base_path}: a prompt model without its VAE")
-    images = cached_latents(vae, styled.images)
+    images = cached_latents(vae, styled.images) if captioned is None else \
+        cached_latents(vae, captioned.images)[captioned.expanded()]  # one latent per file, as kohya caches
     prior_images = prior_labels = None
     prior_source = None
     if prior:  # the plain training digits of the base (the class prior of DreamBooth, here real images)
