@@ -230,6 +230,11 @@ def test_a_label_base_refuses_captions_without_a_digit(tiny_label_run, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "0.jpg: caption 'sks' names no digit" in err[0] and "2 such" in err[0], err
     assert not out.exists()
+    good = _kohya(tmp_path / "k", *_mnist())  # every caption or class names its digit
+    assert main(["-q", "train-lora", "--checkpoint", str(tiny_label_run), "--data", str(good), "--out",
+                 str(out), "--max-train-steps", "2", "--device", "cpu"]) == 0
+    assert "kohya" in read_metadata(out / "adapter.safetensors")["data"]
+    out = tmp_path / "emb"
     assert main(["-q", "train-embedding", "--style", "x", "--token", "<x>", "--data", str(src), "--out",
                  str(out)]) == 2
     assert "not yet an embedding" in capsys.readouterr().err and not out.exists()
