@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from lora4diffusion.cli.args import (
     batch_int,
@@ -25,6 +26,8 @@ from lora4diffusion.cli.common import (
     train_out,
     train_with_signals,
 )
+from lora4diffusion.datasets import layout_of
+from lora4diffusion.errors import UserError
 from lora4diffusion.formats.embeddings import (
     EMBEDDING_FORMATS,
     embedding_path,
@@ -84,6 +87,9 @@ def add_embedding_formats(sub: Commands) -> None:
 
 
 def cmd_train_embedding(args: argparse.Namespace) -> int:
+    if layout_of(Path(args.data).expanduser()) is not None:  # its captions would need the token in them
+        raise UserError(f"train-embedding --data {args.data}: a captioned image folder trains a LoRA"
+                        " (train-lora --data), not yet an embedding; give --style FOLDER of 0-9 subfolders")
     out = train_out(args, inputs=existing(args.checkpoint, args.style, args.data))
     r, status = train_with_signals(
         train_embedding, out, args.style, out, args.token, base=args.checkpoint, init_word=args.init_word,

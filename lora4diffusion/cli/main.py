@@ -28,6 +28,7 @@ from lora4diffusion.cli.convert import (
 )
 from lora4diffusion.cli.embedding import add_embedding_formats, add_train_embedding
 from lora4diffusion.cli.evaluate import add_evaluate, add_train_classifier
+from lora4diffusion.cli.prepare import add_prepare_data
 from lora4diffusion.cli.sample import add_sample
 from lora4diffusion.cli.train import add_reconstruct, add_train, add_train_lora, add_train_vae
 from lora4diffusion.distributed import keep_freed_memory, resolve_device
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_sample(sub)
     add_evaluate(sub)
+    add_prepare_data(sub)
     add_train_lora(sub)
     add_train_embedding(sub)
     add_merge(sub)

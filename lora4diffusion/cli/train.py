@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from lora4diffusion.cli.common import (
     train_with_signals,
 )
 from lora4diffusion.data import parse_digits
+from lora4diffusion.datasets import layout_of
 from lora4diffusion.diffusion import DiffusionConfig
 from lora4diffusion.distributed import resolve_device
 from lora4diffusion.errors import UserError
@@ -110,8 +112,9 @@ def add_train_lora(sub: Commands) -> None:
     tl = sub.add_parser("train-lora", help="train a LoRA adapter that teaches the frozen base a style")
     tl.add_argument("--checkpoint", metavar="DIR|NAME", help="base model (default: the shipped base)")
     renamed(tl, "--base", "--checkpoint")
-    tl.add_argument("--style", required=True, help="bold | thin | italic | FOLDER (subfolders 0-9 of images)"
-                    f" | FILE.csv ({CSV_FORMAT})")
+    tl.add_argument("--style", help="bold | thin | italic | FOLDER (subfolders 0-9 of images)"
+                    f" | FILE.csv ({CSV_FORMAT}); with a captioned --data folder, a name (default: the"
+                    " folder's)")
     tl.add_argument("--out", required=True, help="run directory; the adapter is OUT/adapter.safetensors")
     tl.add_argument("--max-train-steps", type=positive_int, metavar="N",
                     help="training steps (default: 500; on a prompt base 750, or 400 without --trigger)")
@@ -146,7 +149,10 @@ def add_train_lora(sub: Commands) -> None:
     tl.add_argument("--examples-per-digit", type=per_digit_int, metavar="N",
                     help="few-shot: train on N examples per digit (default: every example)")
     renamed(tl, "--per-digit", "--examples-per-digit", type=per_digit_int)
-    tl.add_argument("--data", default="embedded", help="MNIST source for the built-in styles")
+    tl.add_argument("--data", default="embedded",
+                    help="MNIST source for the built-in styles (embedded | download | PATH to IDX files), or"
+                    " a captioned image folder: kohya's N_class folders with .txt/.caption captions, or"
+                    " metadata.jsonl (file_name, text); see prepare-data")
     tl.add_argument("--lr", type=learning_rate, help="learning rate (default 2e-3)")
     tl.add_argument("--batch-size", type=batch_int, help="batch (default 64)")
     tl.add_argument("--ema", type=fraction_float,
@@ -377,6 +383,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
+    if args.style is None:
+        if layout_of(Path(args.data).expanduser()) is None:
+            raise UserError("--style is required unless --data names a captioned image folder")
+        args.style = Path(args.data).resolve().name
     if args.factor is not None and args.method != "lokr":
         raise UserError(f"--factor goes with --method lokr (got --method {args.method})")
     if args.full and (args.method != "lora" or args.loraplus_lr_ratio is not None):

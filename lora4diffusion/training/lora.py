@@ -5,6 +5,7 @@ Both go through the one training loop in training/loop.py; only what is trainabl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from lora4diffusion.captions import EMPTY_PROMPT, all_captions, captions_for, ch
 from lora4diffusion.catalog import PRETRAINED, resolve_checkpoint
 from lora4diffusion.checkpoint import read_json
 from lora4diffusion.data import Digits, load_mnist, to_model_range
+from lora4diffusion.datasets import CaptionedImages, as_digits, layout_of, read_captioned
 from lora4diffusion.diffusion import OBJECTIVE_FIELDS, DiffusionConfig, NoiseSchedule
 from lora4diffusion.errors import UserError
 from lora4diffusion.folders.model import load_model, save_model
@@ -34,7 +36,7 @@ from lora4diffusion.lora.prompt_lora import (
     prompt_fingerprint,
 )
 from lora4diffusion.models.prompt_unet import TextConditionedUNet
-from lora4diffusion.styles import load_style_data
+from lora4diffusion.styles import STYLES, load_style_data
 from lora4diffusion.training.base import preview_grid
 from lora4diffusion.training.latents import cached_latents
 from lora4diffusion.training.loop import Trainer
@@ -158,6 +160,9 @@ def train_lora(
     state).
     ``trigger``, ``prior``, ``prior_weight``, ``text_encoder``, ``text_encoder_lr``: LoRA on a prompt base
     (lora/prompt_lora.py); a label base refuses them. A prompt base goes to ``train_prompt_lora``.
+    ``data``: an MNIST source, or a captioned image folder (datasets.py: kohya's or imagefolder's layout),
+    whose images are trained as they are (``style`` is then only its name), each repeated as its kohya
+    folder says; a label base needs a digit in every caption or class, a prompt base trains on the captions.
     ``pivotal``: {"token", "num_vectors", "init_word"}: pivotal tuning (a new token trained with the LoRA).
     ``objective``: training-objective options (DiffusionConfig's ``OBJECTIVE_FIELDS``: loss, min_snr_gamma,
     noise_offset, huber_c, huber_schedule) for this adapter; unnamed ones are the base's, and the prediction
@@ -181,6 +186,9 @@ def train_lora(
     if wrong:
         raise UserError(f"{', '.join(wrong)}: the base is a label model (no text); these need a prompt base"
                         " (train --conditioning text)")
+    captioned = captioned_data(style, data, per_digit)  # before anything is written: may refuse
+    if captioned is not None:
+        as_digits(captioned, need_labels=True)  # a label base needs every digit
     cfg, out, device = prepare_run(
         default_lora_train_config(), out, resume, device, overwrite=overwrite, allow_changes=allow_changes,
         **overrides,
@@ -188,10 +196,12 @@ def train_lora(
     heldout = heldout_style(style, data) if cfg.validate_every else None  # before any work: may refuse
     model, base_diffusion, base_config, base_path = load_base(base)
     diffusion = adapter_diffusion(base_diffusion, objective)
-    styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
+    styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed) if captioned is None else \
+        as_digits(captioned, need_labels=True)
     vae = load_attached_vae(base_path, base_config)  # a latent base: LoRA learns in its VAE's latent space
     if vae is not None:
-        images = cached_latents(vae, styled.images)
+        images = cached_latents(vae, styled.images) if captioned is None else \
+            cached_latents(vae, captioned.images)[captioned.expanded()]  # one latent per file (kohya's cache)
     else:
         images = to_model_range(styled.images, model.cfg.image_size)
     base_name = _base_name(base, base_path)  # no machine path in shipped adapters
@@ -312,6 +322,24 @@ def fit_adapter(
     return result
 
 
+def captioned_data(style: str, data: str, per_digit: int | None, trigger: str | None = None,
+                   tokenizer=None) -> CaptionedImages | None:
+    """The captioned folder (kohya or imagefolder layout, datasets.py) that ``data`` names, read, its
+    warnings logged one line each and its summary line logged; None when ``data`` is an MNIST source."""
+    if not isinstance(data, str | Path) or layout_of(Path(data).expanduser()) is None:
+        return None
+    if style in STYLES:
+        raise UserError(f"--style {style} restyles MNIST digits; a captioned --data folder is the style"
+                        " itself (leave --style out, or give it a name)")
+    if per_digit is not None:
+        raise UserError("--examples-per-digit picks MNIST digits; a captioned --data folder is used whole")
+    found = read_captioned(data, trigger=trigger, tokenizer=tokenizer)
+    for note in found.warnings:
+        log.warning("%s", note)
+    log.info("%s", found.summary())
+    return found
+
+
 # ------------------------------------------------------------------------------------------ prompt bases
 def _is_prompt_base(base: str | Path | None) -> bool:
     path = resolve_checkpoint(base)
@@ -410,6 +438,7 @@ def train_prompt_lora(
         trigger = pivotal["token"]
     elif trigger is not None:
         trigger = check_trigger_in(trigger, tokenizer)  # before anything is written
+    captioned = captioned_data(style, data, per_digit, trigger, tokenizer)  # before anything is written
     if caption_dropout is not None:
         overrides["label_dropout"] = caption_dropout  # the mask TriggerTask draws replaces captions by ""
     cfg, out, device = prepare_run(
@@ -425,11 +454,13 @@ def train_prompt_lora(
     model = TextConditionedUNet(unet, te)
     for p in model.parameters():  # the whole base is frozen, the text encoder included
         p.requires_grad_(False)
-    styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed)
+    styled = load_style_data(style, data=data, per_digit=per_digit, seed=cfg.seed) if captioned is None else \
+        as_digits(captioned, need_labels=False)
     vae = load_attached_vae(base_path, base_config)
     if vae is None:
         raise UserError(f"{base_path}: a prompt model without its VAE")
-    images = cached_latents(vae, styled.images)
+    images = cached_latents(vae, styled.images) if captioned is None else \
+        cached_latents(vae, captioned.images)[captioned.expanded()]  # one latent per file, as kohya caches
     prior_images = prior_labels = None
     prior_source = None
     if prior:  # the plain training digits of the base (the class prior of DreamBooth, here real images)
@@ -440,6 +471,9 @@ def train_prompt_lora(
                 "trigger": trigger, "prior": prior, "prior_weight": prior_weight,
                 "text_encoder": text_encoder, "text_encoder_lr": te_lr if text_encoder else None,
                 "lora": lora.record()}  # fmt: skip
+    if captioned is not None:  # the captions are data too: --resume notices an edited caption file
+        joined = "\n".join(captioned.captions).encode()
+        run_info["captions_fingerprint"] = hashlib.sha256(joined).hexdigest()[:16]
     if pivotal is not None:
         run_info["pivotal"] = {"token": trigger, "num_vectors": int(token_param.shape[0]),
                                "init_word": pivotal.get("init_word") or "", "lr": emb_lr}
@@ -494,9 +528,15 @@ def train_prompt_lora(
         scores = style_lora_scores(prompt_drawer(schedule, tokenizer, vae), cfg.validation_images,
                                    prompts=True, trigger=trigger)
         scores.prime(model)
+    if captioned is None:
+        task, labels = TriggerTask(schedule, tokenizer, trigger, prior_images, prior_labels, prior_weight), \
+            styled.labels
+    else:
+        captions = [captioned.captions[i] for i in captioned.expanded()]
+        task = CaptionTask(schedule, tokenizer, captions, trigger, prior_images, prior_labels, prior_weight)
+        labels = task.rows
     return fit_adapter(
-        model, TriggerTask(schedule, tokenizer, trigger, prior_images, prior_labels, prior_weight), images,
-        styled.labels, cfg, out, export,
+        model, task, images, labels, cfg, out, export,
         preview=lambda m, p: preview_prompts(m, tokenizer, schedule, vae, p, prompts=preview),
         run_info=run_info, summary=summary, device=device, compile=compile, should_stop=should_stop,
         resume=resume, allow_changes=allow_changes, progress=progress,
@@ -574,3 +614,30 @@ class TriggerTask:
             x0, ids, t, noise = (torch.cat(p) for p in ((x0, px0), (ids, pids), (t, pt), (noise, pnoise)))
             per_row = schedule.row_losses(trainer.net(), x0, ids, t, noise)
             return per_row[:k].mean() + self.prior_weight * per_row[k:].mean()
+
+
+OWN_CAPTIONS = "<own captions>"  # CaptionTask's styled half: each image's caption, not a template's
+
+
+class CaptionTask(TriggerTask):
+    """TriggerTask over a captioned folder (datasets.py): each image keeps its own caption (kohya's .txt /
+    .caption files, diffusers' metadata.jsonl text) instead of one drawn from the templates. The Trainer's
+    ``labels`` are each training row's index in the caption table (``rows``); caption dropout (the empty
+    prompt) and prior preservation (template captions of plain digits) are TriggerTask's."""
+
+    def __init__(self, schedule, tokenizer, captions: list[str], trigger: str | None,
+                 prior_images: torch.Tensor | None = None, prior_labels: torch.Tensor | None = None,
+                 prior_weight: float = 1.0):
+        super().__init__(schedule, tokenizer, trigger, prior_images, prior_labels, prior_weight)
+        new = sorted(set(captions) - set(self.row))
+        if new:
+            self.row.update({c: len(self.row) + i for i, c in enumerate(new)})
+            self.ids = torch.cat([self.ids, tokenizer.encode(new)])
+        self.rows = torch.tensor([self.row[c] for c in captions], dtype=torch.int64)
+        self.trigger = OWN_CAPTIONS
+
+    def _captions(self, labels: torch.Tensor, g: torch.Generator, drop, trigger) -> torch.Tensor:
+        if trigger != OWN_CAPTIONS:  # the prior half: template captions without a trigger
+            return super()._captions(labels, g, drop, trigger)
+        rows = labels.cpu()
+        return rows if drop is None else torch.where(drop.cpu(), self.row[EMPTY_PROMPT], rows)
