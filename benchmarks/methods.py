@@ -24,6 +24,7 @@ budget; the base on top: OUT/grid-TASK.png). Check it runs on a tiny model with 
 Step time is measured apart, on a quiet machine, because the comparison's own runs may share the CPU:
 
     python benchmarks/methods.py --out runs/methods --timing [--timing-steps 60] [--threads 2]
+    python benchmarks/methods.py --out runs/methods-timing --timing-only   # the step times alone
 
 trains each method at each budget for --timing-steps steps in the two recipes whose cost differs (plain, as
 bold / italic / fewshot; and the trigger recipe: prior preservation and the text encoder), takes the median
@@ -48,7 +49,7 @@ import torch
 from lora4diffusion.catalog import resolve_checkpoint
 from lora4diffusion.diffusion import DEFAULT_STEPS
 from lora4diffusion.lora.layers import METHODS, merge_lora
-from lora4diffusion.lora.targets import adaptable_modules, resolve_targets
+from lora4diffusion.lora.targets import adaptable_modules, max_rank, resolve_targets
 from lora4diffusion.pipeline import Pipeline
 from lora4diffusion.plots import save_grid
 from lora4diffusion.training.lora import LoRAConfig, train_lora
@@ -100,7 +101,10 @@ def match_budget(unet: torch.nn.Module, row: str, rank: int) -> tuple[LoRAConfig
         candidates = [LoRAConfig(rank=r, alpha=float(r), method="lokr",
                                  options={"factor": f, "decompose_both": d})
                       for f in LOKR_FACTORS for r in (1, 2, 4, 8, 16, 32, 64) for d in (False, True)]
-    sized = [(abs(count(unet, c) - budget), c) for c in candidates]
+    # a rank above a targeted layer's own is refused at injection (lora.layers.inject_lora_at), whatever the
+    # method: LoKr's and OFT's candidates are kept below it too
+    limit = min(max_rank(layer) for layer in targeted(unet, LoRAConfig(rank=rank)))
+    sized = [(abs(count(unet, c) - budget), c) for c in candidates if c.rank <= limit]
     best = min(sized, key=lambda s: s[0])[1]
     return best, count(unet, best), budget
 
@@ -267,6 +271,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny settings: check that the script runs")
     ap.add_argument("--timing", action="store_true", help="first measure seconds per step (quiet machine)")
+    ap.add_argument("--timing-only", action="store_true", help="as --timing, then stop")
     ap.add_argument("--timing-steps", type=int, default=60)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -278,8 +283,10 @@ def main() -> None:
     pipe = fresh(base)
     if not pipe.is_prompt_model:
         raise SystemExit("the tasks sample from prompts: --base must be a prompt model")
-    if args.timing:
+    if args.timing or args.timing_only:
         timing(base, out, args)
+        if args.timing_only:
+            return
     timed_log = out / "timing.jsonl"
     timed = [json.loads(line) for line in timed_log.read_text().splitlines()] if timed_log.is_file() else None
     log = out / "runs.jsonl"
